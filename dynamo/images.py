@@ -1,0 +1,187 @@
+"""Images in: a folder (class sub-folders give labels), a list of paths, or arrays.
+
+An `ImageSet` knows every image's id and label up front, and loads any subset as a batch
+through the model's preprocessing. An unreadable image never stops the run: it comes back
+flagged, with a warning, so the recorder can list it and carry on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = frozenset(ext for ext, _ in Image.registered_extensions().items())
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image could not be decoded and was skipped."""
+
+
+@dataclass
+class ImageSet:
+    """An ordered collection of images with ids and optional labels.
+
+    Attributes
+    ----------
+    ids : list of str
+        Path (or ``array:<index>``) of each image, shape (N,).
+    labels : numpy.ndarray
+        Integer class of each image, shape (N,); -1 where unknown.
+    label_names : list of str or None
+        Name of each class index, or None when the images carry no labels.
+    source : str
+        What the set was built from, for provenance.
+    """
+
+    ids: list[str]
+    labels: np.ndarray
+    label_names: list[str] | None
+    source: str
+    _pixels: np.ndarray | torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def preprocessed(self) -> bool:
+        """True when the images are float tensors already in model input space."""
+        return isinstance(self._pixels, torch.Tensor)
+
+    def load_batch(
+        self, indices: Sequence[int], transform: Callable[[Image.Image], torch.Tensor]
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Load and preprocess images.
+
+        Parameters
+        ----------
+        indices : sequence of int
+            Positions in the set, length B.
+        transform : callable
+            PIL image → tensor (C, H, W); ignored for preprocessed tensors.
+
+        Returns
+        -------
+        pixels : torch.Tensor
+            (B, C, H, W) model input; zeros where an image was unreadable.
+        readable : numpy.ndarray of bool
+            (B,) False for images that could not be decoded.
+        """
+        if self.preprocessed:
+            return self._pixels[list(indices)].float(), np.ones(len(indices), bool)
+        tensors, readable = [], np.ones(len(indices), bool)
+        for slot, index in enumerate(indices):
+            try:
+                tensors.append(transform(self._open(index)))
+            except Exception as error:  # any decoder failure: skip the image, never the run
+                warnings.warn(
+                    f"skipping unreadable image {self.ids[index]}: {error}",
+                    UnreadableImageWarning,
+                    stacklevel=2,
+                )
+                readable[slot] = False
+                tensors.append(None)
+        shape = next((t.shape for t in tensors if t is not None), None)
+        if shape is None:
+            shape = transform(Image.new("RGB", (8, 8))).shape
+        pixels = torch.stack([torch.zeros(shape) if t is None else t for t in tensors])
+        return pixels, readable
+
+    def _open(self, index: int) -> Image.Image:
+        if self._pixels is not None:
+            array = np.asarray(self._pixels[index])
+            return Image.fromarray(array).convert("RGB")
+        with Image.open(self.ids[index]) as image:
+            return image.convert("RGB")
+
+
+def image_set(
+    images: str | Path | Sequence[str | Path] | np.ndarray | torch.Tensor,
+    labels: Sequence[int] | None = None,
+    label_names: Sequence[str] | None = None,
+) -> ImageSet:
+    """Build an `ImageSet` from any supported source.
+
+    Parameters
+    ----------
+    images : path, sequence of paths, numpy.ndarray or torch.Tensor
+        - a folder: if it has sub-folders, each sub-folder is a class (sorted by name; label =
+          position, label name = folder name) and its images (searched recursively) are the
+          class's examples; a flat folder gives unlabelled images;
+        - a sequence of image file paths, in the order given;
+        - uint8 array (N, H, W) or (N, H, W, C): raw pixels, preprocessed like files;
+        - float tensor (N, C, H, W): already preprocessed model input, used as is.
+    labels : sequence of int, optional
+        Labels for a list of paths or arrays, length N.
+    label_names : sequence of str, optional
+        Class names indexed by label.
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder or a listed file does not exist, or a folder holds no images.
+    """
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        if isinstance(images, torch.Tensor) and images.ndim != 4:
+            raise ValueError(f"an image tensor must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if isinstance(images, np.ndarray) and (images.ndim not in (3, 4) or images.dtype != np.uint8):
+            raise ValueError(
+                "an image array must be uint8 (N, H, W) or (N, H, W, C); got "
+                f"{images.dtype} {images.shape}. Pass preprocessed input as a float torch tensor"
+            )
+        n = len(images)
+        ids = [f"array:{i}" for i in range(n)]
+        return ImageSet(ids, _labels(labels, n), _names(label_names), f"array{tuple(images.shape)}", images)
+    if isinstance(images, (str, Path)):
+        return _folder(Path(images))
+    paths = [Path(p) for p in images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} listed image files do not exist, e.g. {missing[:3]}")
+    return ImageSet([str(p) for p in paths], _labels(labels, len(paths)), _names(label_names), "list")
+
+
+def _folder(root: Path) -> ImageSet:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes:
+        ids, labels = [], []
+        for label, folder in enumerate(classes):
+            files = _image_files(folder)
+            ids += files
+            labels += [label] * len(files)
+        names = [folder.name for folder in classes]
+        labels = np.array(labels, dtype=np.int64)
+    else:
+        ids, names = _image_files(root), None
+        labels = np.full(len(ids), -1, dtype=np.int64)
+    if not ids:
+        raise FileNotFoundError(
+            f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...)"
+        )
+    return ImageSet(ids, labels, names, str(root.resolve()))
+
+
+def _image_files(folder: Path) -> list[str]:
+    return sorted(
+        str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def _labels(labels: Sequence[int] | None, n: int) -> np.ndarray:
+    if labels is None:
+        return np.full(n, -1, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (n,):
+        raise ValueError(f"got {labels.shape[0]} labels for {n} images")
+    return labels
+
+
+def _names(label_names: Sequence[str] | None) -> list[str] | None:
+    return None if label_names is None else [str(n) for n in label_names]

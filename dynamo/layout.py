@@ -1,0 +1,139 @@
+"""Token layout of a ViT-family model: which sequence position is which token.
+
+One description serves every timm ViT-family architecture (``vit_*``, ``deit_*``, DINOv2,
+EVA, ...). It is read off the model's own attributes (``num_prefix_tokens``, ``cls_token``,
+``dist_token``, ``num_reg_tokens``, ``patch_embed.grid_size``), never from a per-model table.
+
+timm orders prefix tokens as ``[cls, dist, registers...]`` before the patch tokens, which
+follow in row-major order over the patch grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+TOKEN_KINDS = ("cls", "dist", "register", "patch")
+
+
+class NotAViTError(TypeError):
+    """The model is not a ViT-family transformer that dynamo can record."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each token sits in the residual stream of a ViT.
+
+    Attributes
+    ----------
+    has_cls : bool
+        Whether position 0 is a class token.
+    has_dist : bool
+        Whether a distillation token follows the class token (DeiT distilled).
+    num_registers : int
+        Number of register tokens, after cls/dist and before the patches.
+    grid : tuple of int
+        Patch grid ``(rows, cols)``; patches follow the prefix tokens in row-major order.
+    """
+
+    has_cls: bool
+    has_dist: bool
+    num_registers: int
+    grid: tuple[int, int]
+
+    @property
+    def num_prefix(self) -> int:
+        """Number of tokens before the first patch token."""
+        return int(self.has_cls) + int(self.has_dist) + self.num_registers
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+    def token_kind(self) -> np.ndarray:
+        """Kind of every token, shape (T,), values in ``TOKEN_KINDS``."""
+        kinds = ["cls"] * self.has_cls + ["dist"] * self.has_dist + ["register"] * self.num_registers
+        return np.array(kinds + ["patch"] * self.num_patches, dtype=object).astype(str)
+
+    def patch_rows_cols(self) -> tuple[np.ndarray, np.ndarray]:
+        """Patch row and column of every token, shape (T,) each; -1 for prefix tokens."""
+        rows, cols = np.divmod(np.arange(self.num_patches), self.grid[1])
+        pad = np.full(self.num_prefix, -1)
+        return np.concatenate([pad, rows]), np.concatenate([pad, cols])
+
+    def indices(self, kind: str) -> np.ndarray:
+        """Sequence positions of the tokens of one kind, shape (n,)."""
+        if kind not in TOKEN_KINDS:
+            raise ValueError(f"unknown token kind {kind!r}; expected one of {TOKEN_KINDS}")
+        return np.flatnonzero(self.token_kind() == kind)
+
+    def to_attrs(self) -> dict:
+        """Plain-JSON description, as stored in a trajectory dataset's attrs."""
+        return {
+            "has_cls": self.has_cls,
+            "has_dist": self.has_dist,
+            "num_registers": self.num_registers,
+            "num_prefix_tokens": self.num_prefix,
+            "patch_grid": list(self.grid),
+        }
+
+
+def token_layout(model: nn.Module) -> TokenLayout:
+    """Read the token layout of a timm ViT-family model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A timm model with ``patch_embed``, a sequence ``blocks`` and ``num_prefix_tokens``.
+
+    Returns
+    -------
+    TokenLayout
+
+    Raises
+    ------
+    NotAViTError
+        If the model lacks the parts of a ViT-family transformer (a CNN, say).
+    """
+    check_is_vit(model)
+    has_cls = getattr(model, "cls_token", None) is not None
+    has_dist = getattr(model, "dist_token", None) is not None
+    num_prefix = int(model.num_prefix_tokens)
+    num_registers = num_prefix - int(has_cls) - int(has_dist)
+    declared = getattr(model, "num_reg_tokens", None)
+    if declared is not None and declared != num_registers:
+        raise NotAViTError(
+            f"{type(model).__name__}: num_prefix_tokens={num_prefix} does not add up to "
+            f"cls={has_cls} + dist={has_dist} + num_reg_tokens={declared}; "
+            "dynamo cannot tell which prefix token is which"
+        )
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    return TokenLayout(has_cls, has_dist, num_registers, grid)
+
+
+def check_is_vit(model: nn.Module) -> None:
+    """Raise `NotAViTError` unless the model is a ViT-family transformer dynamo can hook."""
+    name = type(model).__name__
+    missing = [
+        attr for attr in ("patch_embed", "blocks", "num_prefix_tokens") if not hasattr(model, attr)
+    ]
+    if missing:
+        raise NotAViTError(
+            f"{name} is not a ViT-family transformer: it has no {', '.join(missing)}. dynamo "
+            "records timm models whose residual stream is a token sequence passed through "
+            "`model.blocks` (vit_*, deit_*, DINOv2, eva, ...); CNNs and hybrid stage-wise "
+            "models such as Swin are not supported."
+        )
+    if not isinstance(model.blocks, (nn.Sequential, nn.ModuleList)) or len(model.blocks) == 0:
+        raise NotAViTError(
+            f"{name}.blocks is a {type(model.blocks).__name__}, not a non-empty sequence of "
+            "transformer blocks; dynamo cannot record its layers"
+        )
+    if getattr(model.patch_embed, "grid_size", None) is None:
+        raise NotAViTError(f"{name}.patch_embed has no grid_size; cannot lay out patch tokens")

@@ -1,0 +1,178 @@
+"""The trajectory store: a zarr group laid out as dynamo's trajectory dataset.
+
+Layout (see ``design.md``, "The trajectory dataset"):
+
+- ``hidden`` (image, layer, token, feature): the residual stream, chunked one batch of images
+  by one layer, so that writes go a batch at a time and reads go a layer at a time;
+- reduced views ``cls``, ``patch_mean``, ``register_mean`` (image, layer, feature), float32,
+  computed from every token at full precision, before any token subsetting or float16 cast;
+- ``logits`` (image, class) from the model's own head;
+- ``status`` (image) int8: 0 pending, 1 recorded, 2 unreadable (skipped);
+- coords ``image_id``, ``label``, ``label_name``; ``layer``; ``token`` (the position in the
+  model's sequence), ``token_kind``, ``patch_row``, ``patch_col``.
+
+A store is written in blocks of ``batch_size`` images aligned with its chunks; a block's
+``status`` is set only after its data are written, so a store whose writer was killed holds
+only whole, correct blocks, and resuming rewrites exactly the blocks that were not marked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import filelock
+import numpy as np
+import xarray as xr
+import zarr
+
+FORMAT = "dynamo-trajectories/1"
+PENDING, RECORDED, UNREADABLE = 0, 1, 2
+SUMMARY_VARIABLES = ("cls", "patch_mean", "register_mean")
+
+
+class StoreError(RuntimeError):
+    """A path is not a dynamo trajectory store, or is not usable as asked."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was recorded with a different model, images or settings."""
+
+
+class StoreBusyError(StoreError):
+    """Another process is writing the store."""
+
+
+def create_store(path: str | Path, template: xr.Dataset, encoding: dict) -> zarr.Group:
+    """Write a store's metadata and coordinates; data variables stay unwritten (fill value).
+
+    Parameters
+    ----------
+    path : str or Path
+        Where the zarr group goes; must not exist.
+    template : xarray.Dataset
+        Dask-backed dataset with every variable, coord and attr of the finished store.
+    encoding : dict
+        Per-variable zarr encoding (chunks, fill_value, compressors).
+    """
+    template.to_zarr(path, mode="w-", compute=False, encoding=encoding, consolidated=False)
+    return zarr.open_group(str(path), mode="r+")
+
+
+def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
+    """Open a store's zarr group after checking it is a dynamo trajectory store."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no trajectory store at {path}")
+    try:
+        group = zarr.open_group(str(path), mode=mode)
+    except Exception as error:
+        raise StoreError(f"{path} is not a zarr store: {error}") from error
+    if group.attrs.get("format") != FORMAT:
+        raise StoreError(
+            f"{path} is a zarr store but not a dynamo trajectory store (attrs format="
+            f"{group.attrs.get('format')!r}, expected {FORMAT!r}); record one with `dynamo record`"
+        )
+    return group
+
+
+def check_identity(group: zarr.Group, identity: dict, path: str | Path) -> None:
+    """Raise `StoreMismatchError` if the store was recorded with other settings.
+
+    Parameters
+    ----------
+    identity : dict
+        What a resumed recording must share with the store: model source and weights hash,
+        preprocessing, image ids and labels, dtype, layers, tokens, batch size.
+    """
+    stored = group.attrs.get("identity", {})
+    differing = sorted(key for key in identity.keys() | stored.keys() if stored.get(key) != identity.get(key))
+    if differing:
+        details = "; ".join(
+            f"{key}: store has {_short(stored.get(key))}, this run has {_short(identity.get(key))}"
+            for key in differing
+        )
+        raise StoreMismatchError(
+            f"the store at {path} was recorded with different settings ({details}). It is left "
+            "untouched: write to a new --out path, or pass --overwrite to replace it."
+        )
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a trajectory store (refuses anything that is not one)."""
+    open_group(path)
+    shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path):
+    """Hold the store's single-writer lock for the duration of the block.
+
+    The lock is an OS file lock on a hidden sibling file (``.NAME.lock`` beside the store, so
+    the zarr hierarchy stays clean), released by the kernel if the writer dies: a killed run
+    never leaves a stale lock behind.
+
+    Raises
+    ------
+    StoreBusyError
+        If another process holds the lock.
+    """
+    path = Path(path)
+    lock = filelock.FileLock(str(path.with_name(f".{path.name}.lock")), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise StoreBusyError(
+            f"another process is writing {path}; wait for it to finish (or stop it), then run "
+            "the same command again to resume"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def open_trajectories(path: str | Path, recorded_only: bool = True) -> xr.Dataset:
+    """Open a trajectory store lazily (dask-backed) and validate it.
+
+    Parameters
+    ----------
+    path : str or Path
+        A store written by `dynamo.record`.
+    recorded_only : bool
+        Drop images that are not recorded (pending in an interrupted store, or unreadable).
+
+    Returns
+    -------
+    xarray.Dataset
+        The trajectory dataset: ``hidden`` (image, layer, token, feature) and friends; nothing
+        is read into memory until used.
+
+    Raises
+    ------
+    StoreError
+        Not a dynamo store, or missing required variables.
+    """
+    open_group(path)
+    dataset = xr.open_zarr(str(path), consolidated=False)
+    missing = {"hidden", "status"} - set(dataset.data_vars)
+    if missing:
+        raise StoreError(f"store {path} lacks required variables {sorted(missing)}")
+    if not recorded_only:
+        return dataset
+    status = dataset["status"].values
+    if (status == PENDING).any():
+        warnings.warn(
+            f"store {path} is incomplete: {(status == PENDING).sum()} of {status.size} images "
+            "are not recorded yet; run the same `dynamo record` command again to finish it",
+            stacklevel=2,
+        )
+    return dataset.isel(image=np.flatnonzero(status == RECORDED))
