@@ -101,7 +101,7 @@ def _int_list(text: str) -> list[int]:
 def _record(args) -> dict:
     images = args.images or zoo.default_images()
     started = time.perf_counter()
-    dataset = record(
+    record(
         args.model,
         image_set(images),
         args.out,
@@ -118,14 +118,14 @@ def _record(args) -> dict:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    summary = describe(args.out, dataset)
+    summary = describe(args.out)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["text"] += f"\nrecorded in {summary['seconds']} s"
     return summary
 
 
 def _info(args) -> dict:
-    return describe(args.store, open_trajectories(args.store, recorded_only=False))
+    return describe(args.store)
 
 
 def _train_zoo(args) -> dict:
@@ -136,9 +136,10 @@ def _train_zoo(args) -> dict:
     return summary
 
 
-def describe(path: str | Path, dataset) -> dict:
+def describe(path: str | Path) -> dict:
     """Headline facts of a store: model, sizes, completeness, and where it is."""
-    status = open_trajectories(path, recorded_only=False)["status"].values
+    dataset = open_trajectories(path, recorded_only=False)
+    status = dataset["status"].values
     hidden = dataset["hidden"]
     attrs = dataset.attrs
     size_bytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -48,6 +48,11 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def head(self, n: int) -> ImageSet:
+        """The first ``n`` images."""
+        pixels = None if self._pixels is None else self._pixels[:n]
+        return ImageSet(self.ids[:n], self.labels[:n], self.label_names, self.source, pixels)
+
     @property
     def preprocessed(self) -> bool:
         """True when the images are float tensors already in model input space."""

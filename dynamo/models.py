@@ -8,6 +8,7 @@ name from dynamo's own zoo (``dynamo-zoo/vit-digits-reg4``) all behave alike.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import socket
 import sys
@@ -129,7 +130,8 @@ def data_config(model: nn.Module) -> dict:
 
 def _create_timm_model(name: str, pretrained: bool, **timm_kwargs) -> nn.Module:
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
+        family = [m for m in timm.list_models() if m.split("_")[0] == name.split("_")[0]]
+        close = difflib.get_close_matches(name, family or timm.list_models(), n=5, cutoff=0.3)
         raise ModelLoadError(
             f"unknown model {name!r}: neither a timm model name nor a zoo name "
             f"({', '.join(zoo.list_models())}). Similar timm names: {', '.join(close) or 'none'}"
@@ -203,11 +205,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, model)
     try:
+        if filter_fn is not None:
+            state = filter_fn(state, model)
         model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
+    except (RuntimeError, KeyError, ValueError) as error:
         raise ModelLoadError(
             f"checkpoint {path} does not fit {type(model).__name__}: {error}"
         ) from error

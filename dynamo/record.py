@@ -14,6 +14,7 @@ import hashlib
 import json
 import platform
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -118,7 +119,7 @@ def record(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, checkpoint, pretrained)
     images = images if isinstance(images, ImageSet) else image_set(images)
     if limit is not None:
-        images = _first(images, limit)
+        images = images.head(limit)
     plan = _plan(loaded, images, dtype, layers, patch_tokens, seed)
     out = Path(out)
     if out.exists() and overwrite:
@@ -135,11 +136,6 @@ def record(
     with stores.writer_lock(out):
         _record_pending(loaded, images, group, plan, device, progress, out)
     return stores.open_trajectories(out)
-
-
-def _first(images: ImageSet, limit: int) -> ImageSet:
-    pixels = None if images._pixels is None else images._pixels[:limit]
-    return ImageSet(images.ids[:limit], images.labels[:limit], images.label_names, images.source, pixels)
 
 
 def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, seed) -> dict:
@@ -266,6 +262,7 @@ def _record_pending(loaded, images, group, plan, device, progress, out) -> None:
         disable=not progress,
     )
     capture = _Capture(loaded, plan)
+    failed = threading.Event()
     pending_writes: list[Future] = []
     with capture, ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
         next_batch = loader.submit(images.load_batch, range(*blocks[0]), transform) if blocks else None
@@ -274,7 +271,7 @@ def _record_pending(loaded, images, group, plan, device, progress, out) -> None:
             if i + 1 < len(blocks):
                 next_batch = loader.submit(images.load_batch, range(*blocks[i + 1]), transform)
             arrays = capture.run(pixels.to(device), readable)
-            pending_writes.append(writer.submit(_write_block, group, start, stop, arrays, out))
+            pending_writes.append(writer.submit(_write_block, group, start, stop, arrays, out, failed))
             while len(pending_writes) > 1 or (pending_writes and pending_writes[0].done()):
                 pending_writes.pop(0).result()
             bar.update(stop - start)
@@ -289,14 +286,20 @@ def _record_pending(loaded, images, group, plan, device, progress, out) -> None:
         )
 
 
-def _write_block(group, start: int, stop: int, arrays: dict, out) -> None:
-    """Write one block's arrays, then mark its images recorded (so a kill never half-marks)."""
+def _write_block(group, start: int, stop: int, arrays: dict, out, failed: threading.Event) -> None:
+    """Write one block's arrays, then mark its images recorded (so a kill never half-marks).
+
+    After one write has failed (``failed`` is set) later blocks are not attempted.
+    """
+    if failed.is_set():
+        return
     try:
         for name, values in arrays.items():
             if name != "status":
                 group[name][start:stop] = values
         group["status"][start:stop] = arrays["status"]
     except OSError as error:
+        failed.set()
         done = int((group["status"][:] != stores.PENDING).sum())
         reason = "the disk is full" if error.errno == errno.ENOSPC else f"a write failed ({error})"
         raise RecordingError(
