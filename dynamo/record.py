@@ -122,18 +122,24 @@ def record(
         images = images.head(limit)
     plan = _plan(loaded, images, dtype, layers, patch_tokens, seed)
     out = Path(out)
-    if out.exists() and overwrite:
-        group = stores.open_group(out)
-        try:
-            stores.check_identity(group, plan["identity"], out)
-        except stores.StoreMismatchError:
-            stores.remove_store(out)
-    if not out.exists():
-        template, encoding = _template(loaded, images, plan, batch_size, compression)
-        stores.create_store(out, template, encoding)
-    group = stores.open_group(out, mode="r+")
-    stores.check_identity(group, plan["identity"], out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with stores.writer_lock(out):
+        if out.exists() and overwrite:
+            try:
+                stores.check_identity(stores.open_group(out), plan["identity"], out)
+            except stores.StoreMismatchError:
+                stores.remove_store(out)
+        if not out.exists():
+            template, encoding = _template(loaded, images, plan, batch_size, compression)
+            try:
+                stores.create_store(out, template, encoding)
+            except OSError as error:
+                raise RecordingError(
+                    f"could not create the store at {out}: {error}. Nothing was recorded; fix the "
+                    "cause and run the same command again."
+                ) from error
+        group = stores.open_group(out, mode="r+")
+        stores.check_identity(group, plan["identity"], out)
         _record_pending(loaded, images, group, plan, device, progress, out)
     return stores.open_trajectories(out)
 

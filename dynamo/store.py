@@ -46,8 +46,11 @@ class StoreBusyError(StoreError):
     """Another process is writing the store."""
 
 
-def create_store(path: str | Path, template: xr.Dataset, encoding: dict) -> zarr.Group:
+def create_store(path: str | Path, template: xr.Dataset, encoding: dict) -> None:
     """Write a store's metadata and coordinates; data variables stay unwritten (fill value).
+
+    The store is built beside ``path`` and renamed into place, so a store either exists whole
+    or not at all. Call it holding `writer_lock` (which also guards the temporary path).
 
     Parameters
     ----------
@@ -58,8 +61,11 @@ def create_store(path: str | Path, template: xr.Dataset, encoding: dict) -> zarr
     encoding : dict
         Per-variable zarr encoding (chunks, fill_value, compressors).
     """
-    template.to_zarr(path, mode="w-", compute=False, encoding=encoding, consolidated=False)
-    return zarr.open_group(str(path), mode="r+")
+    path = Path(path)
+    building = path.with_name(f".{path.name}.creating")
+    shutil.rmtree(building, ignore_errors=True)  # left by a creation that was killed
+    template.to_zarr(building, mode="w-", compute=False, encoding=encoding, consolidated=False)
+    building.rename(path)
 
 
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group:

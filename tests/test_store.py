@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dynamo
 from dynamo import store as stores
@@ -133,3 +135,30 @@ def test_resume_uses_the_store_batch_size(tmp_path, digits_folder):
     dynamo.record(loaded, digits_folder, out, batch_size=8, progress=False)
     again = dynamo.record(loaded, digits_folder, out, batch_size=5, progress=False)
     assert again["hidden"].data.chunksize[0] == 8 and again.attrs["complete"]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fail_at_write=st.integers(0, 7 * 6 - 1))
+def test_failure_at_any_write_resumes_to_the_same_store(tmp_path_factory, digits_folder, fail_at_write):
+    """Whichever zarr write fails (any array, any block), re-running completes an identical store."""
+    root = tmp_path_factory.mktemp("any")
+    loaded = tiny_model("cls+4reg", img_size=28, depth=3)
+    reference = dynamo.record(loaded, digits_folder, root / "ref.zarr", batch_size=10, progress=False)
+    real_setitem = zarr.Array.__setitem__
+    count = {"writes": 0}
+
+    def failing(array, key, value):
+        count["writes"] += 1
+        if count["writes"] - 1 == fail_at_write:
+            raise OSError(errno.EIO, "simulated I/O failure")
+        return real_setitem(array, key, value)
+
+    zarr.Array.__setitem__ = failing
+    try:
+        with pytest.raises(dynamo.RecordingError, match="run the same command again"):
+            dynamo.record(loaded, digits_folder, root / "s.zarr", batch_size=10, progress=False)
+    finally:
+        zarr.Array.__setitem__ = real_setitem
+    resumed = dynamo.record(loaded, digits_folder, root / "s.zarr", batch_size=10, progress=False)
+    for name in ("hidden", "cls", "register_mean", "logits", "status"):
+        np.testing.assert_array_equal(resumed[name].values, reference[name].values)
