@@ -300,8 +300,10 @@ def _write_block(group, start: int, stop: int, arrays: dict, out, failed: thread
     if failed.is_set():
         return
     try:
+        for slot, values in enumerate(arrays["hidden"]):
+            group["hidden"][start:stop, slot] = values
         for name, values in arrays.items():
-            if name != "status":
+            if name not in ("hidden", "status"):
                 group[name][start:stop] = values
         group["status"][start:stop] = arrays["status"]
     except OSError as error:
@@ -353,14 +355,19 @@ class _Capture:
     def run(self, pixels: torch.Tensor, readable: np.ndarray) -> dict:
         """Run the model on one batch and return the block's arrays for the store.
 
+        Block outputs are kept by reference, not copied: each is one contiguous
+        (B, T, D) array, exactly one ``hidden`` chunk. (timm blocks return new tensors, as
+        ``x = x + f(x)``; the forward_intermediates tests hold the recorder to that.)
+
         Returns
         -------
-        dict of numpy.ndarray
-            ``hidden`` (B, layers, tokens, D), summaries (B, layers, D), ``logits`` (B, C),
-            ``status`` (B,); rows of unreadable images are NaN.
+        dict
+            ``hidden``: list over kept layers of (B, tokens, D) arrays; summaries
+            (B, layers, D); ``logits`` (B, C); ``status`` (B,). Rows of unreadable images
+            are NaN.
         """
         b, d = pixels.shape[0], self.module.embed_dim
-        self.hidden = torch.empty(b, len(self.slot), len(self.tokens), d, dtype=self.dtype)
+        self.hidden = [None] * len(self.slot)
         self.summaries = {
             name: torch.empty(b, len(self.slot), d)
             for name, present in (
@@ -372,11 +379,13 @@ class _Capture:
         }
         with torch.inference_mode():
             logits = self.module(pixels)
-        arrays = {"hidden": self.hidden.numpy(), **{k: v.numpy() for k, v in self.summaries.items()}}
+        arrays = {k: v.numpy() for k, v in self.summaries.items()}
         if self.has_logits:
             arrays["logits"] = logits.float().cpu().numpy()
-        for values in arrays.values():
+        hidden = [state.numpy() for state in self.hidden]
+        for values in [*hidden, *arrays.values()]:
             values[~readable] = np.nan
+        arrays["hidden"] = hidden
         arrays["status"] = np.where(readable, stores.RECORDED, stores.UNREADABLE).astype(np.int8)
         return arrays
 
@@ -391,7 +400,7 @@ class _Capture:
             first = layout.num_prefix - layout.num_registers
             self.summaries["register_mean"][:, slot].copy_(state[:, first : layout.num_prefix].mean(1))
         kept = state if self.all_tokens else state[:, self.tokens.to(state.device)]
-        self.hidden[:, slot].copy_(kept)
+        self.hidden[slot] = kept.to(device="cpu", dtype=self.dtype).contiguous()
 
 
 def _jsonable(value):
