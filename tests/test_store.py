@@ -111,12 +111,12 @@ def test_full_disk_keeps_written_blocks_and_resumes(tmp_path, digits_folder, mon
     out, reference = tmp_path / "s.zarr", tmp_path / "ref.zarr"
     loaded = tiny_model("cls", img_size=32)
     real_setitem = zarr.Array.__setitem__
-    writes = {"hidden": 0}
+    batch_starts = set()
 
     def fill_up_on_third_block(array, key, value):
-        if array.basename == "hidden":
-            writes["hidden"] += 1
-            if writes["hidden"] == 3:
+        if array.basename == "hidden":  # written one layer at a time: key is (image slice, layer)
+            batch_starts.add(key[0].start)
+            if len(batch_starts) == 3:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_setitem(array, key, value)
 

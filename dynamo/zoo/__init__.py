@@ -1,0 +1,94 @@
+"""dynamo's own model zoo: small timm ViTs trained on real handwritten digits, shipped in the package.
+
+Each model is a ``timm.models.vision_transformer.VisionTransformer`` with float16 safetensors
+weights in ``weights/`` and a JSON model card in ``cards/`` (architecture, data config, split,
+training settings, test accuracy, sha256 of the weights). ``images/`` holds the held-out test
+digits and a few public-domain photographs. See README.md in this folder for sources and licences.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ZOO_PREFIX = "dynamo-zoo/"
+DEFAULT_MODEL = "dynamo-zoo/vit-digits-reg4"
+
+_HERE = Path(__file__).parent
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ZOO_PREFIX",
+    "default_images",
+    "list_models",
+    "load_zoo_model",
+    "model_card",
+    "natural_images",
+    "weights_path",
+]
+
+
+def list_models() -> list[str]:
+    """Full names (``dynamo-zoo/...``) of the shipped models, sorted."""
+    return sorted(ZOO_PREFIX + card.stem for card in (_HERE / "cards").glob("*.json"))
+
+
+def _stem(name: str) -> str:
+    stem = name.removeprefix(ZOO_PREFIX)
+    if ZOO_PREFIX + stem not in list_models():
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(list_models())}")
+    return stem
+
+
+def model_card(name: str) -> dict:
+    """The model card of a zoo model, named with or without the ``dynamo-zoo/`` prefix.
+
+    Raises
+    ------
+    ValueError
+        The name is not a shipped model; the message lists those that are.
+    """
+    return json.loads((_HERE / "cards" / f"{_stem(name)}.json").read_text())
+
+
+def weights_path(name: str) -> Path:
+    """The float16 safetensors file of a zoo model."""
+    return _HERE / model_card(name)["weights"]["file"]
+
+
+def load_zoo_model(name: str) -> torch.nn.Module:
+    """Build a zoo model from its card and load its shipped weights, in float32 and eval mode.
+
+    The weights are read with ``safetensors.torch.load_file`` (never unpickled) after their
+    sha256 is checked against the card. ``model.pretrained_cfg`` is the card's, so
+    ``timm.data.resolve_data_config({}, model=model)`` gives the transform it was trained with.
+
+    Raises
+    ------
+    ValueError
+        Unknown name (the message lists the shipped models), or weights that do not match the card.
+    """
+    from dynamo.zoo.train import build_model
+
+    card = model_card(name)
+    path = weights_path(name)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != card["weights"]["sha256"]:
+        raise ValueError(f"{path} has sha256 {digest}, but its card says {card['weights']['sha256']}")
+    model = build_model(card["architecture"]["kwargs"], card["pretrained_cfg"])
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return model.eval()
+
+
+def default_images() -> Path:
+    """The held-out test digits: ``<digit>/<index in load_digits()>.png``, 8×8 grayscale."""
+    return _HERE / "images" / "digits-test"
+
+
+def natural_images() -> Path:
+    """A flat folder of 64×64 RGB photographs from scikit-image (CC0 / public domain)."""
+    return _HERE / "images" / "natural"
