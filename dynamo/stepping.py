@@ -1,0 +1,169 @@
+"""Run a live timm ViT one piece at a time: embedding, any block, final norm and head.
+
+Perturbation experiments, layer swaps and Raptor evaluation all need to enter the residual
+stream at some layer, change it, and carry on through the model's own remaining blocks.
+`BlockStepper` does that for any timm ViT-family model, with the layer numbering of the
+trajectory store: layer 0 is the input to the first block, layer l the output of block l.
+
+The extra arguments a model passes to its blocks (EVA's rotary embedding, an attention mask)
+are captured once from the model's own forward on a blank image of its input size, and passed
+to every block in the same way, so no per-architecture code is needed. (They assume every image
+has the model's default input size, as the recorder's preprocessing gives.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from dynamo.layout import check_is_vit
+from dynamo.models import LoadedModel, data_config
+
+__all__ = ["BlockStepper"]
+
+
+class _Embedded(Exception):
+    """Raised from a pre-hook on the first block to stop the forward once layer 0 exists."""
+
+
+class BlockStepper:
+    """A timm ViT split into embedding, blocks and head, in the trajectory store's layer numbers.
+
+    Parameters
+    ----------
+    model : LoadedModel or torch.nn.Module
+        A timm ViT-family model (``patch_embed``, ``blocks``, ``num_prefix_tokens``); it is used
+        as is (eval mode is the caller's choice) and never modified.
+
+    Examples
+    --------
+    >>> stepper = BlockStepper(dynamo.load_model("dynamo-zoo/vit-digits-reg4"))
+    >>> x = stepper.embed(pixels)                       # layer 0, (B, T, D)
+    >>> states = stepper.run(x, start=0, stop=12)       # layers 0..12, each (B, T, D)
+    >>> logits = stepper.head(states[-1])               # the model's own logits
+    """
+
+    def __init__(self, model: LoadedModel | nn.Module):
+        self.module = model.module if isinstance(model, LoadedModel) else model
+        check_is_vit(self.module)
+        size = data_config(self.module)["input_size"]
+        parameter = next(self.module.parameters())
+        with torch.no_grad():
+            _, self.block_kwargs = self._first_block_input(
+                torch.zeros(1, *size, dtype=parameter.dtype, device=parameter.device)
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.module.blocks)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Layer 0 of preprocessed images: exactly the first block's input in the model's forward.
+
+        Parameters
+        ----------
+        pixels : torch.Tensor
+            (B, C, H, W), preprocessed with the model's own data config.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, T, D): patch embedding, position embedding and prefix tokens, after any pre-norm.
+        """
+        return self._first_block_input(pixels)[0]
+
+    def _first_block_input(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The first block's input and the extra keyword arguments the model passes its blocks."""
+        captured = {}
+
+        def stop(_, args, kwargs):
+            if args:
+                captured["x"], captured["kwargs"] = args[0], kwargs
+            else:
+                (_, captured["x"]), *rest = kwargs.items()
+                captured["kwargs"] = dict(rest)
+            raise _Embedded
+
+        handle = self.module.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.module.forward_features(pixels)
+        except _Embedded:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"{type(self.module).__name__}.forward_features never reached its first block")
+        return captured["x"], captured["kwargs"]
+
+    def step(self, x: torch.Tensor, layer: int, block: int | None = None) -> torch.Tensor:
+        """The state at ``layer`` from the state at ``layer - 1``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, T, D), the residual stream at layer ``layer - 1``.
+        layer : int
+            1..L, the layer to produce.
+        block : int, optional
+            1-based index of the block to apply instead of block ``layer`` (a layer swap).
+        """
+        if not 1 <= layer <= self.num_blocks:
+            raise ValueError(f"layer must be in 1..{self.num_blocks}, got {layer}")
+        index = layer if block is None else block
+        out = self.module.blocks[index - 1](x, **self.block_kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run(
+        self,
+        x: torch.Tensor,
+        start: int,
+        stop: int | None = None,
+        block_for: Callable[[int], int] | Sequence[int] | None = None,
+    ) -> list[torch.Tensor]:
+        """Carry the state at layer ``start`` through the blocks to layer ``stop``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, T, D), the residual stream at layer ``start``.
+        start, stop : int
+            0 <= start <= stop <= L; ``stop`` defaults to L.
+        block_for : callable or sequence, optional
+            Which block produces each layer: ``block_for(layer)`` or ``block_for[layer - 1]``,
+            1-based block indices. Default: the model's own order.
+
+        Returns
+        -------
+        list of torch.Tensor
+            ``stop - start + 1`` states, layers ``start..stop``, each (B, T, D); the first is ``x``.
+        """
+        stop = self.num_blocks if stop is None else stop
+        if not 0 <= start <= stop <= self.num_blocks:
+            raise ValueError(f"need 0 <= start <= stop <= {self.num_blocks}, got {start}, {stop}")
+        states = [x]
+        for layer in range(start + 1, stop + 1):
+            if block_for is None:
+                block = None
+            elif callable(block_for):
+                block = block_for(layer)
+            else:
+                block = block_for[layer - 1]
+            states.append(self.step(states[-1], layer, block))
+        return states
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits from its last layer: its own final norm, pooling and head.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, T, D), the residual stream at layer L (no final norm).
+
+        Returns
+        -------
+        torch.Tensor
+            (B, num_classes).
+        """
+        return self.module.forward_head(self.module.norm(x))
