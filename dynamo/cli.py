@@ -88,6 +88,109 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_train.configure_parser(train)
     train.add_argument("--json", action="store_true")
     train.set_defaults(run=_train_zoo)
+
+    from dynamo import analyze as analyzing
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="dynamics analyses of a store: basins, token motion, update rank (+ live-model ones)",
+        description="Run the dynamics analyses over a trajectory store; write <name>.zarr results, "
+        "PNG figures with phase boundaries marked, and summary.json to --out.",
+    )
+    analyzing.configure_parser(analyze)
+    analyze.add_argument("--json", action="store_true", help="print a JSON summary")
+    analyze.set_defaults(run=_analyze)
+    prof = commands.add_parser(
+        "profile",
+        help="record, phases, dynamics (and Raptor) of a ViT, as a report",
+        description="One command from a model and images to DIR/report.html and DIR/summary.json. "
+        "A re-run resumes: the recording and every finished stage are reused.",
+    )
+    prof.add_argument(
+        "model", nargs="?", default=zoo.DEFAULT_MODEL,
+        help=f"timm or zoo name, or an existing trajectory store (default: {zoo.DEFAULT_MODEL})",
+    )
+    prof.add_argument("--images", help="image folder (class sub-folders give labels); default: the bundled held-out digits")
+    prof.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
+    prof.add_argument("--no-pretrained", action="store_true", help="random weights (tests of mechanics only)")
+    prof.add_argument("--out", required=True, help="output folder")
+    prof.add_argument("--limit", type=int, help="use only the first N images")
+    prof.add_argument("--batch-size", type=int, default=32)
+    prof.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    prof.add_argument("--method", choices=["maxcut", "contiguous"], default="maxcut", help="phase partition method")
+    prof.add_argument("--eps", type=float, default=0.1, help="the paper's max-cut fraction f (default 0.1)")
+    prof.add_argument("--k", type=int, help="number of phases (overrides --eps)")
+    prof.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for boundary stability")
+    prof.add_argument("--only", type=_name_list, help="comma-separated dynamics analyses (default all)")
+    prof.add_argument("--fit-raptor", type=int, metavar="K", help="also fit a K-block Raptor surrogate")
+    prof.add_argument("--raptor-steps", type=int, help="Raptor training steps per stage")
+    prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--overwrite", action="store_true", help="replace a store in --out recorded with other settings")
+    prof.add_argument("--quiet", action="store_true", help="no progress")
+    prof.add_argument("--json", action="store_true", help="print summary.json")
+    prof.set_defaults(run=_profile)
+
+    comp = commands.add_parser(
+        "compare",
+        help="side-by-side report of several profiles or stores",
+        description="Similarity heatmaps in one grid, dynamics curves overlaid on normalised depth, "
+        "and a table of headline numbers, as DIR/compare.html and DIR/compare.json.",
+    )
+    comp.add_argument("paths", nargs="+", help="profile folders (dynamo profile --out) or trajectory stores")
+    comp.add_argument("--out", required=True)
+    comp.add_argument("--labels", type=_name_list, help="comma-separated model labels")
+    comp.add_argument("--quiet", action="store_true")
+    comp.add_argument("--json", action="store_true")
+    comp.set_defaults(run=_compare)
+
+    phases = commands.add_parser(
+        "phases",
+        help="layer similarity of a store and its phases of depth",
+        description="Layer x layer dissimilarity of a trajectory store (default: the paper's mean "
+        "1 - cos over [cls, patch mean]), partitioned into phases by the paper's recursive max-cut "
+        "or an exact contiguous DP, with scores and bootstrap boundary stability.",
+    )
+    phases.add_argument("store")
+    setting = phases.add_mutually_exclusive_group()
+    setting.add_argument("--k", type=int, help="number of phases")
+    setting.add_argument("--eps", type=float, default=0.1, help="the paper's fraction f (0.2/0.1/0.09 -> 2/3/4 phases on DINOv2-B; default 0.1)")
+    phases.add_argument("--method", choices=["maxcut", "contiguous"], default="maxcut")
+    phases.add_argument("--measure", choices=["cosine", "angular", "mse", "cka"], default="cosine")
+    phases.add_argument("--tokens", default="cls+patch_mean", help="token groups joined by +: cls, patch_mean, register_mean, patch, register, all")
+    phases.add_argument("--layers", type=_int_list, help="comma-separated layers (default: block outputs 1..L, as the paper)")
+    phases.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the images for boundary stability (0: none)")
+    phases.add_argument("--seed", type=int, default=0)
+    phases.add_argument("--figure", help="write the heatmap with phase boundaries to this PNG")
+    phases.add_argument("--out", help="write the result (matrix, phases, stability) to this .zarr")
+    phases.add_argument("--quiet", action="store_true", help="no progress bar")
+    phases.add_argument("--json", action="store_true", help="print a JSON summary")
+    phases.set_defaults(run=_phases)
+
+    fit = commands.add_parser(
+        "fit",
+        help="fit a Raptor surrogate (k recurrent blocks) to a trajectory store",
+        description="Fit k shared blocks, applied recurrently with a depth signal, to reproduce the "
+        "L blocks of the recorded ViT (the paper's two-stage recipe), and report R² per layer and "
+        "the surrogate's accuracy with the teacher's head on held-out images. Weights and config go "
+        "to --out; an interrupted fit resumes when the same command is run again.",
+    )
+    fit.add_argument("store")
+    fit.add_argument("--k", type=int, help="number of blocks (default: the partition's length, else 2)")
+    fit.add_argument("--partition", help="phases '1-7,8-12' or thresholds '7' (default: exact contiguous split into k phases)")
+    fit.add_argument("--out", required=True, help="output folder (weights.safetensors, config.json, checkpoint/)")
+    fit.add_argument("--steps", type=int, help="steps per stage-1 block (default 200)")
+    fit.add_argument("--stage2-steps", type=int, help="stage-2 steps (default: --steps)")
+    fit.add_argument("--batch-size", type=int, help="default 16")
+    fit.add_argument("--lr", type=float, help="peak AdamW learning rate (default 2e-3)")
+    fit.add_argument("--mlp", choices=["swiglu", "gelu"], help="block MLP (default swiglu, as the paper)")
+    fit.add_argument("--baselines", type=int, default=0, metavar="N",
+                     help="also fit the uniform partition, N random contiguous partitions and k=1, with the same recipe")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", default="cpu")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.add_argument("--json", action="store_true", help="print a JSON summary")
+    fit.set_defaults(run=_fit)
     return parser
 
 
@@ -133,6 +236,122 @@ def _train_zoo(args) -> dict:
 
     summary = zoo_train.run_from_args(args)
     summary.setdefault("text", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _analyze(args) -> dict:
+    from dynamo import analyze as analyzing
+
+    return analyzing.run_from_args(args)
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _profile(args) -> dict:
+    from dynamo.profile import profile, profile_store
+    from dynamo.store import is_trajectory_store
+
+    options = dict(
+        phase_method=args.method, eps=args.eps, k=args.k, n_boot=args.bootstrap, only=args.only,
+        fit_raptor=args.fit_raptor, raptor_steps=args.raptor_steps, device=args.device, seed=args.seed,
+        progress=not args.quiet, command=" ".join(sys.argv),
+    )
+    if is_trajectory_store(args.model):
+        return profile_store(args.model, args.out, **options)
+    return profile(
+        args.model, args.out, images=args.images, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
+        limit=args.limit, batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, **options,
+    )
+
+
+def _compare(args) -> dict:
+    from dynamo.study import compare
+
+    return compare(args.paths, args.out, labels=args.labels, progress=not args.quiet)
+
+
+def _phases(args) -> dict:
+    from analyses.phases import phase_analysis, phase_summary
+
+    result = phase_analysis(
+        open_trajectories(args.store), args.method, args.eps, args.k, measure=args.measure, tokens=args.tokens,
+        layers=args.layers, n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet,
+    )
+    summary = {"store": str(args.store), **phase_summary(result)}
+    if args.out:
+        result.to_zarr(args.out, mode="w", consolidated=False)
+        summary["out"] = args.out
+        summary["text"] += f"\nresult written to {args.out}"
+    if args.figure:
+        from figures.similarity import similarity_heatmap
+
+        label = f"{args.method} phases, " + (f"k={args.k}" if args.k else f"f={args.eps}")
+        axes = similarity_heatmap(result["dissimilarity"], {label: summary["partition"]})
+        axes.figure.savefig(args.figure, dpi=150, bbox_inches="tight")
+        summary["figure"] = args.figure
+        summary["text"] += f"\nheatmap written to {args.figure}"
+    return summary
+
+
+def _fit(args) -> dict:
+    from dynamo.raptor import RaptorFitter
+    from dynamo.raptor.baselines import partition_baselines
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    given = {name: getattr(args, name) for name in ("k", "partition", "steps", "stage2_steps", "batch_size", "lr", "mlp")}
+    fitter = RaptorFitter(
+        **{name: value for name, value in given.items() if value is not None},
+        seed=args.seed, device=args.device, checkpoint_dir=out / "checkpoint", progress=not args.quiet,
+    )
+    fitter.fit(args.store)
+    fitter.save(out)
+    report = fitter.evaluate(args.store)
+    r2 = report["r2"]
+    summary = {
+        "store": str(args.store),
+        "out": str(out),
+        "k": len(fitter.partition_),
+        "partition": fitter.partition_,
+        "images": report.attrs["images"],
+        "n_images": report.attrs["n_images"],
+        "r2_reference": report.attrs["r2_reference"],
+        "r2_final": report.attrs["r2_final"],
+        "r2_per_layer": r2.sel(group="all").values.round(4).tolist(),
+        "r2_per_layer_by_group": {g: r2.sel(group=g).values.round(4).tolist() for g in r2["group"].values.tolist()},
+        **{key: report.attrs[key] for key in ("accuracy_teacher", "accuracy_surrogate", "accuracy_ratio", "agreement",
+                                              "probe_accuracy_teacher", "probe_accuracy_surrogate") if key in report.attrs},
+    }
+    lines = [
+        f"Raptor k={summary['k']} on {args.store} ({report.attrs['teacher']}), phases {fitter.partition_}",
+        f"evaluated on {summary['n_images']} {summary['images']}; R² (teacher variance) per layer:",
+        "  " + " ".join(f"{layer}:{value:.3f}" for layer, value in enumerate(summary["r2_per_layer"])),
+        f"r2_final {summary['r2_final']:.4f}",
+    ]
+    if "accuracy_ratio" in summary:
+        lines.append(
+            f"accuracy_ratio {summary['accuracy_ratio']:.4f} (surrogate {summary['accuracy_surrogate']:.4f} / "
+            f"teacher {summary['accuracy_teacher']:.4f}), agreement {summary['agreement']:.4f}"
+        )
+    if args.baselines:
+        baselines = partition_baselines(args.store, fitter, random_seeds=args.baselines)
+        summary["baselines"] = {
+            str(name): {
+                "partition": json.loads(str(baselines["partition"].sel(fit=name).item())),
+                "r2_final": float(baselines["r2_final"].sel(fit=name)),
+                "accuracy_ratio": float(baselines["accuracy_ratio"].sel(fit=name)),
+                "r2_per_layer": baselines["r2"].sel(fit=name).values.round(4).tolist(),
+            }
+            for name in baselines["fit"].values
+        }
+        lines.append("baselines (same recipe):")
+        lines += [f"  {name:<10} r2_final {b['r2_final']:.4f}  accuracy_ratio {b['accuracy_ratio']:.4f}  {b['partition']}"
+                  for name, b in summary["baselines"].items()]
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    lines.append(f"saved to {out} in {summary['seconds']} s")
+    summary["text"] = "\n".join(lines)
     return summary
 
 

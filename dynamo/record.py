@@ -328,24 +328,30 @@ class _Capture:
         self.dtype = getattr(torch, plan["dtype"])
         self.has_logits = bool(getattr(loaded.module, "num_classes", 0))
         self.handles = []
+        self.calls = 0
 
     def __enter__(self):
+        """Hook the blocks; layer numbers follow the order of block calls in one forward pass.
+
+        Counting calls (rather than fixing a layer per module) keeps a model whose ``blocks``
+        holds one module several times (weights tied across depth) correct: its one hook fires
+        once per application, at successive layers.
+        """
         blocks = self.module.blocks
         self.handles.append(
             blocks[0].register_forward_pre_hook(
-                lambda _, args, kwargs: self._store(0, args[0] if args else next(iter(kwargs.values()))),
+                lambda _, args, kwargs: self._store(0, args[0] if args else next(iter(kwargs.values())))
+                if self.calls == 0 else None,
                 with_kwargs=True,
             )
         )
-        for index, block in enumerate(blocks, start=1):
-            self.handles.append(
-                block.register_forward_hook(
-                    lambda _, __, output, layer=index: self._store(
-                        layer, output[0] if isinstance(output, tuple) else output
-                    )
-                )
-            )
+        for block in {id(block): block for block in blocks}.values():
+            self.handles.append(block.register_forward_hook(self._block_output))
         return self
+
+    def _block_output(self, _, __, output) -> None:
+        self.calls += 1
+        self._store(self.calls, output[0] if isinstance(output, tuple) else output)
 
     def __exit__(self, *exc):
         for handle in self.handles:
@@ -377,8 +383,14 @@ class _Capture:
             )
             if present
         }
+        self.calls = 0
         with torch.inference_mode():
             logits = self.module(pixels)
+        if self.calls != len(self.module.blocks):
+            raise RecordingError(
+                f"{type(self.module).__name__} called its blocks {self.calls} times in one forward pass, "
+                f"not {len(self.module.blocks)}; dynamo records models that apply each block once, in order"
+            )
         arrays = {k: v.numpy() for k, v in self.summaries.items()}
         if self.has_logits:
             arrays["logits"] = logits.float().cpu().numpy()

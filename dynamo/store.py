@@ -85,6 +85,15 @@ def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     return group
 
 
+def is_trajectory_store(path: str | Path) -> bool:
+    """Whether ``path`` holds a dynamo trajectory store (complete or not)."""
+    try:
+        open_group(path)
+    except StoreError:
+        return False
+    return True
+
+
 def check_identity(group: zarr.Group, identity: dict, path: str | Path) -> None:
     """Raise `StoreMismatchError` if the store was recorded with other settings.
 
@@ -182,3 +191,14 @@ def open_trajectories(path: str | Path, recorded_only: bool = True) -> xr.Datase
             stacklevel=2,
         )
     return dataset.isel(image=np.flatnonzero(status == RECORDED))
+
+
+def save_result(result: xr.Dataset, path: str | Path) -> Path:
+    """Write an analysis result to zarr (replacing ``path``), readable with ``xr.open_zarr(path)``.
+
+    Fixed-width string coordinates are stored as variable-length strings, which zarr v3 specifies
+    (it has no specification for numpy's fixed-width unicode).
+    """
+    strings = {name: coord.astype(object) for name, coord in result.coords.items() if coord.dtype.kind == "U"}
+    result.assign_coords(strings).drop_encoding().to_zarr(path, mode="w")
+    return Path(path)

@@ -114,3 +114,18 @@ def test_store_provenance_attrs(tmp_path, digits_folder):
     assert {"torch", "timm", "zarr", "xarray", "dynamo"} <= set(attrs["versions"])
     assert list(dataset["label"].values[:6]) == [0] * 6 and dataset["label_name"].values[-1] == "9"
     assert dataset["hidden"].data.chunksize == (16, 1, loaded.layout.num_tokens, loaded.module.embed_dim)
+
+
+def test_blocks_tied_across_depth_are_recorded_at_every_layer(tmp_path):
+    """One block module applied at every depth (weights tied): each application is its own layer."""
+    loaded = tiny_model("cls", depth=4)
+    model = loaded.module
+    model.blocks = torch.nn.Sequential(*[model.blocks[0]] * 4)
+    pixels = _pixels(loaded, 3)
+    dataset = dynamo.record(loaded, pixels, tmp_path / "tied.zarr", progress=False)
+    with torch.no_grad():
+        blocks = model.forward_intermediates(pixels, norm=False, intermediates_only=True, output_fmt="NLC")
+    hidden = torch.from_numpy(dataset["hidden"].values)
+    for layer, block_output in enumerate(blocks, start=1):
+        torch.testing.assert_close(hidden[:, layer, 1:], block_output, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hidden[:, 2], hidden[:, 1])

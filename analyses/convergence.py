@@ -1,0 +1,298 @@
+"""Directional convergence and angular basins (Raptor paper, section 5 (i)).
+
+Norms grow with depth, so everything here is measured on the unit sphere, x̂ = x / ‖x‖, with
+depth (the layer) as time:
+
+- convergence γ_ℓ = ⟨x̂_ℓ, x̂_L⟩, the cosine of a token to its own final direction, averaged
+  over the tokens of each kind (cls, dist, register, patch) in each image;
+- class structure per layer, on the cls token's direction (and on the patch mean's): the mean
+  cosine over pairs of images of the same class and of different classes (and the angle whose
+  cosine that is), computed exactly from per-class sums of unit vectors, so it scales linearly
+  in the number of images;
+- basin accuracy: assign each image at layer ℓ to the nearest *final* class centroid by
+  direction; high accuracy at layer ℓ means the image already sits in its class's final basin.
+  For reference, the same with centroids of layer ℓ itself (nearest-centroid separability).
+  Centroids leave the image itself out, so the accuracy is not inflated by its own vector;
+  ties count as broken at random (an image tied between n centroids scores 1/n);
+- a 2-D principal-component projection of the cls token's unit trajectory, for the basin plot.
+
+The paper does not give its basin protocol; these choices (pairwise mean cosine, leave-one-out
+nearest-centroid accuracy, PCA fitted on all layers' unit cls vectors) follow its [INF] notes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from analyses.streaming import (
+    angle_deg,
+    image_blocks,
+    labels_of,
+    plain_strings,
+    layer_states,
+    progress_bar,
+    provenance,
+    read_block,
+    token_groups,
+    unit,
+)
+
+VIEWS = ("cls", "patch_mean")
+
+
+def basins(
+    dataset: xr.Dataset,
+    *,
+    fit_layers: str = "all",
+    n_components: int = 2,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Directional convergence per token kind, class structure per layer and cls paths in 2-D.
+
+    Reads ``hidden`` one chunk (a block of images, one layer) at a time, and the reduced views
+    ``cls`` / ``patch_mean`` a block of images at a time.
+
+    Parameters
+    ----------
+    dataset : xarray.Dataset
+        A trajectory dataset (`dynamo.open_trajectories`).
+    fit_layers : {"all", "final"}
+        Unit cls vectors the projection's principal directions are fitted on: all layers'
+        (early and late positions both spread out) or the last layer's (the basins).
+    n_components : int
+        Dimensions of the projection.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``gamma`` (image, kind, layer): mean cosine of the kind's tokens to their own final
+        direction. With labels, per ``view`` (cls, patch_mean) and layer:
+        ``within_class_cosine``, ``between_class_cosine`` (mean over image pairs),
+        ``within_class_angle``, ``between_class_angle`` (degrees, arccos of those means),
+        ``final_centroid_accuracy``, ``layer_centroid_accuracy`` (fractions). With a cls
+        token: ``projection`` (image, layer, component) and ``explained_variance_ratio``.
+    """
+    if fit_layers not in ("all", "final"):
+        raise ValueError(f"fit_layers must be 'all' or 'final', got {fit_layers!r}")
+    groups = token_groups(dataset)
+    layers = dataset["layer"].values
+    blocks = image_blocks(dataset)
+    gamma = np.zeros((dataset.sizes["image"], len(groups), len(layers)))
+    bar = progress_bar(len(blocks) * len(layers), "basins: convergence", progress)
+    for images in blocks:
+        final = unit(np.asarray(dataset["hidden"].isel(image=images, layer=-1).values, dtype=np.float64))
+        for index, states in enumerate(layer_states(dataset, images)):
+            cosine = np.einsum("itf,itf->it", unit(states), final)
+            for k, positions in enumerate(groups.values()):
+                gamma[images, k, index] = cosine[:, positions].mean(axis=1)
+            bar.update()
+    bar.close()
+
+    result = xr.Dataset(
+        {
+            "gamma": (
+                ("image", "kind", "layer"),
+                gamma.astype(np.float32),
+                {"long_name": "γ: cosine to own final direction", "units": "1",
+                 "description": "mean over the kind's tokens of <x̂_l, x̂_L>, per image"},
+            )
+        },
+        coords={"image": dataset["image"].values, "kind": list(groups), "layer": layers},
+    )
+    for name in ("label", "label_name", "image_id"):
+        if name in dataset.coords:
+            values = np.asarray(dataset[name].values)
+            values = values if values.dtype.kind in "iuf" else plain_strings(values)
+            result = result.assign_coords({name: ("image", values)})
+
+    views = [v for v in VIEWS if v in dataset.data_vars and (v != "cls" or "cls" in groups)]
+    labels = labels_of(dataset)
+    if labels is not None and views:
+        result = result.merge(_class_structure(dataset, views, labels, blocks, progress))
+    if "cls" in views:
+        result = result.merge(_projection(dataset, fit_layers, n_components, blocks))
+    if labels is not None and "logits" in dataset.data_vars:
+        predicted = np.asarray(dataset["logits"].values).argmax(axis=1)
+        result.attrs["model_accuracy"] = float((predicted == labels).mean())
+    result.attrs.update(
+        **provenance(dataset),
+        analysis_detail="directional convergence and angular basins on unit-normalised tokens",
+        class_pairs="mean cosine over image pairs, exact from per-class sums of unit vectors",
+        centroid_accuracy="nearest class centroid by cosine, leaving the image out of its own class centroid",
+        projection_fit=fit_layers,
+    )
+    return result
+
+
+def _class_structure(dataset, views, labels, blocks, progress) -> xr.Dataset:
+    """Within/between-class mean cosines and leave-one-out centroid accuracy per view and layer."""
+    classes, label_index = np.unique(labels, return_inverse=True)
+    n_layers, n_classes = dataset.sizes["layer"], len(classes)
+    counts = np.bincount(label_index, minlength=n_classes).astype(np.float64)
+    sums = {}
+    for view in views:  # per-class sums of unit vectors, (layer, class, feature)
+        total = np.zeros((n_layers, n_classes, dataset.sizes["feature"]))
+        for images in blocks:
+            directions = unit(read_block(dataset, images, view))  # (image, layer, feature)
+            one_hot = np.eye(n_classes)[label_index[images]]
+            total += np.einsum("ic,ilf->lcf", one_hot, directions)
+        sums[view] = total
+
+    within, between, final_accuracy, layer_accuracy = (np.zeros((len(views), n_layers)) for _ in range(4))
+    n_images = counts.sum()
+    bar = progress_bar(len(views) * len(blocks), "basins: class structure", progress)
+    for v, view in enumerate(views):
+        per_class = sums[view]
+        squared = np.einsum("lcf,lcf->lc", per_class, per_class)
+        overall = per_class.sum(axis=1)
+        within[v] = (squared - counts).sum(axis=1) / (counts * (counts - 1)).sum()
+        between[v] = (np.einsum("lf,lf->l", overall, overall) - squared.sum(axis=1)) / (
+            n_images**2 - (counts**2).sum()
+        )
+        correct_final, correct_layer = np.zeros(n_layers), np.zeros(n_layers)
+        for images in blocks:
+            directions = unit(read_block(dataset, images, view))
+            own = label_index[images]
+            final = directions[:, -1]
+            for layer in range(n_layers):
+                correct_final[layer] += _nearest_centroid_credit(directions[:, layer], per_class[-1], final, own).sum()
+                correct_layer[layer] += _nearest_centroid_credit(
+                    directions[:, layer], per_class[layer], directions[:, layer], own
+                ).sum()
+            bar.update()
+        final_accuracy[v], layer_accuracy[v] = correct_final / n_images, correct_layer / n_images
+    bar.close()
+    dims = ("view", "layer")
+    return xr.Dataset(
+        {
+            "within_class_cosine": (dims, within, {"long_name": "mean cosine, same-class pairs"}),
+            "between_class_cosine": (dims, between, {"long_name": "mean cosine, different-class pairs"}),
+            "within_class_angle": (dims, angle_deg(within), {"units": "degree", "long_name": "arccos of mean same-class cosine"}),
+            "between_class_angle": (dims, angle_deg(between), {"units": "degree", "long_name": "arccos of mean different-class cosine"}),
+            "final_centroid_accuracy": (dims, final_accuracy, {"long_name": "nearest final-layer class centroid accuracy (leave-one-out)"}),
+            "layer_centroid_accuracy": (dims, layer_accuracy, {"long_name": "nearest same-layer class centroid accuracy (leave-one-out)"}),
+        },
+        coords={"view": list(views), "layer": dataset["layer"].values},
+    )
+
+
+def _nearest_centroid_credit(directions, class_sums, own_vectors, own_class) -> np.ndarray:
+    """Credit for assigning each image to the class centroid nearest by cosine, itself left out.
+
+    Ties (as at layer 0 of the cls token, identical for every image) are broken at random in
+    expectation: an image tied between n centroids, its own among them, scores 1/n.
+
+    Parameters
+    ----------
+    directions : (image, feature) unit vectors to classify.
+    class_sums : (class, feature) sums of unit vectors over each class's images.
+    own_vectors : (image, feature) each image's own contribution to its class's sum.
+    own_class : (image,) index of each image's class.
+
+    Returns
+    -------
+    numpy.ndarray
+        (image,) in [0, 1]: 1 when its own class's centroid is the only nearest.
+    """
+    rows = np.arange(len(directions))
+    dots = directions @ class_sums.T
+    norms = np.broadcast_to(np.linalg.norm(class_sums, axis=1), dots.shape).copy()
+    own_sum = class_sums[own_class]
+    dots[rows, own_class] -= np.einsum("if,if->i", directions, own_vectors)
+    norms[rows, own_class] = np.sqrt(
+        np.maximum(
+            np.einsum("if,if->i", own_sum, own_sum)
+            - 2 * np.einsum("if,if->i", own_sum, own_vectors)
+            + np.einsum("if,if->i", own_vectors, own_vectors),
+            0.0,
+        )
+    )
+    scores = np.divide(dots, norms, out=np.full_like(dots, -np.inf), where=norms > 1e-12)
+    nearest = scores >= scores.max(axis=1, keepdims=True) - 1e-9
+    return nearest[rows, own_class] / nearest.sum(axis=1)
+
+
+def _projection(dataset, fit_layers, n_components, blocks) -> xr.Dataset:
+    """Principal-component coordinates of every image's unit cls trajectory."""
+    n_features = dataset.sizes["feature"]
+    scatter, total, count = np.zeros((n_features, n_features)), np.zeros(n_features), 0
+    for images in blocks:
+        directions = unit(read_block(dataset, images, "cls"))
+        rows = (directions if fit_layers == "all" else directions[:, -1:]).reshape(-1, n_features)
+        scatter += rows.T @ rows
+        total += rows.sum(axis=0)
+        count += len(rows)
+    mean = total / count
+    covariance = (scatter - count * np.outer(mean, mean)) / count
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    order = np.argsort(eigenvalues)[::-1][:n_components]
+    components = eigenvectors[:, order]
+    components *= np.sign(components[np.abs(components).argmax(axis=0), range(len(order))])  # fixed sign
+    projected = np.concatenate(
+        [(unit(read_block(dataset, images, "cls")) - mean) @ components for images in blocks], axis=0
+    )
+    return xr.Dataset(
+        {
+            "projection": (
+                ("image", "layer", "component"),
+                projected.astype(np.float32),
+                {"long_name": "unit cls direction on principal components", "fit_layers": fit_layers},
+            ),
+            "explained_variance_ratio": (
+                ("component",),
+                eigenvalues[order] / eigenvalues.sum(),
+                {"long_name": "variance fraction of the fitted unit cls vectors"},
+            ),
+        },
+        coords={"component": np.arange(1, len(order) + 1), "layer": dataset["layer"].values},
+    )
+
+
+def half_rise_layer(curve: np.ndarray, layers: np.ndarray) -> float | None:
+    """Layer (linearly interpolated) where a curve rising to 1 first covers half its rise.
+
+    The level is halfway between the curve's first value and 1, so it marks the middle of γ's
+    S-curve whatever γ starts at; None if the curve never gets there.
+    """
+    level = (curve[0] + 1.0) / 2
+    above = np.flatnonzero(curve >= level)
+    if not len(above):
+        return None
+    i = above[0]
+    if i == 0:
+        return float(layers[0])
+    fraction = (level - curve[i - 1]) / (curve[i] - curve[i - 1])
+    return float(layers[i - 1] + fraction * (layers[i] - layers[i - 1]))
+
+
+def headline(result: xr.Dataset) -> dict:
+    """Headline numbers: γ per layer and its half-rise layer per kind, basin accuracy per layer."""
+    layers = result["layer"].values
+    gamma = result["gamma"].mean("image").astype(float)
+    kinds = [str(k) for k in result["kind"].values]
+    numbers = {
+        "gamma_mean": {k: np.round(gamma.sel(kind=k).values, 3).tolist() for k in kinds},
+        "gamma_half_rise_layer": {k: _rounded(half_rise_layer(gamma.sel(kind=k).values, layers)) for k in kinds},
+        "gamma_steepest_block": {k: int(layers[1:][np.diff(gamma.sel(kind=k).values).argmax()]) for k in kinds},
+    }
+    if "final_centroid_accuracy" in result:
+        view = str(result["view"].values[0])
+        at = {name: np.round(result[name].sel(view=view).values.astype(float), 3).tolist() for name in (
+            "final_centroid_accuracy", "layer_centroid_accuracy", "within_class_angle", "between_class_angle")}
+        numbers.update(
+            basin_view=view,
+            basin_accuracy=at["final_centroid_accuracy"],
+            layer_centroid_accuracy=at["layer_centroid_accuracy"],
+            within_class_angle_deg=at["within_class_angle"],
+            between_class_angle_deg=at["between_class_angle"],
+        )
+    if "model_accuracy" in result.attrs:
+        numbers["model_accuracy"] = round(float(result.attrs["model_accuracy"]), 4)
+    return numbers
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

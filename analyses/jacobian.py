@@ -1,0 +1,282 @@
+"""Local linearisation: the top singular values of each block's Jacobian along real trajectories.
+
+A block maps the whole residual stream of an image, X_{l-1} in R^{T x D}, to X_l. Its Jacobian
+J_l = dX_l / dX_{l-1} at the real state is a (T D) x (T D) matrix; its top singular value
+sigma_1 is the most a small perturbation can grow through that block, and log sigma_1 is a
+finite-depth, Lyapunov-like expansion rate. The composed Jacobian from layer l0 to the last
+layer L does the same for a perturbation injected at l0, the small-alpha limit of
+`analyses.perturbation` (its ``gain``): sigma_1 < 1 there turns "self-correcting" into a number.
+
+No Jacobian is ever formed. Each is reached only through Jacobian-vector products
+(`torch.func.jvp`) and vector-Jacobian products (`torch.func.vjp`), and its top singular values
+come from randomized block Krylov iteration (Musco & Musco 2015): block Lanczos on J^T J with
+full reorthogonalisation, then Rayleigh-Ritz. Krylov rather than plain subspace (power)
+iteration because a residual block's spectrum is clustered near 1, where power iteration
+barely moves. It is batched over images: several probe vectors per image ride in one batch
+through the block, so one forward-mode and one reverse-mode pass serve every image at once.
+(scipy's ``svds`` takes such an operator too, but one image at a time.) Attention runs on PyTorch's math kernel while
+differentiating, because the fused kernels have no forward-mode derivative.
+
+Because norms grow with depth, ``norm_growth`` |X_l| / |X_{l-1}| is reported beside sigma_1;
+``relative_expansion`` = log sigma_1 - log norm_growth is the rate for perturbations measured
+relative to the state, as `analyses.perturbation` measures them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from analyses.perturbation import image_coords, last_layer, parameter_of, propagator_for, select_images, states_at
+
+__all__ = ["jacobian_spectrum", "jacobian_summary", "top_singular_values"]
+
+
+def top_singular_values(
+    function: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    k: int = 4,
+    oversample: int = 6,
+    n_iter: int = 6,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Top singular values of the Jacobian of ``function`` at every sample of ``x``.
+
+    Parameters
+    ----------
+    function : callable
+        Maps (N, ...) to (N, ...) sample by sample (sample i of the output depends only on
+        sample i of the input), as a ViT block does for images.
+    x : torch.Tensor
+        (B, ...), the points of linearisation.
+    k : int
+        Number of singular values wanted.
+    oversample : int
+        Extra probe vectors per Krylov block; more makes the k values more accurate.
+    n_iter : int
+        Krylov steps; each costs one JVP and one VJP pass of ``k + oversample`` probes. The
+        estimates approach the true values from below; 6 gives the top value to about 1e-6
+        relative on a random timm block (tests/test_jacobian.py holds it to a full Jacobian).
+    generator : torch.Generator, optional
+        For the random start.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, k) singular values, largest first, of the (n x n) Jacobian per sample, n = x[0].numel().
+    """
+    b, n = x.shape[0], x[0].numel()
+    p = min(k + oversample, n)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n} (the state's size), got {k}")
+    repeated = x.detach().repeat(p, *[1] * (x.dim() - 1))  # probe-major: (p B, ...)
+
+    def as_probes(matrix: torch.Tensor) -> torch.Tensor:  # (B, n, p) -> (p B, ...)
+        return matrix.permute(2, 0, 1).reshape(p * b, *x.shape[1:])
+
+    def as_matrix(probes: torch.Tensor) -> torch.Tensor:  # (p B, ...) -> (B, n, p)
+        return probes.reshape(p, b, n).permute(1, 2, 0)
+
+    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+        _, pullback = torch.func.vjp(function, repeated)
+
+        def jvp(matrix):
+            return as_matrix(torch.func.jvp(function, (repeated,), (as_probes(matrix),))[1].detach())
+
+        def vjp(matrix):
+            return as_matrix(pullback(as_probes(matrix).contiguous())[0].detach())
+
+        start = torch.randn(b, n, p, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+        blocks = [_orthonormal(start, start)]  # orthonormal basis of the Krylov space, block by block
+        images = []  # J applied to each block
+        for step in range(n_iter + 1):
+            images.append(jvp(blocks[-1]))
+            if step == n_iter or p * (step + 2) > n:
+                break
+            grown = vjp(images[-1])  # J^T J on the newest block
+            residual, basis = grown, torch.cat(blocks, dim=2)
+            for _ in range(2):  # full reorthogonalisation, twice (Kahan-Parlett)
+                residual = residual - basis @ (basis.transpose(1, 2) @ residual)
+            blocks.append(_orthonormal(residual, grown))
+        return torch.linalg.svdvals(torch.cat(images, dim=2))[:, :k]
+
+
+def _orthonormal(matrix: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning (B, n, p) ``matrix``, with zero columns where it has no rank left.
+
+    Directions whose singular value is rounding noise relative to ``before`` (the block before
+    reorthogonalisation) are dropped: there the Krylov space has closed (an invariant subspace,
+    as for J = a I), and normalising the noise would bring back directions already in the basis.
+    """
+    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+    scale = before.norm(dim=1).amax(dim=1, keepdim=True)
+    return u * (s > 100 * torch.finfo(matrix.dtype).eps * scale).unsqueeze(1)
+
+
+def jacobian_spectrum(
+    ds: xr.Dataset,
+    model,
+    n_singular: int = 4,
+    layers: Sequence[int] | None = None,
+    composed: bool = False,
+    images: int | Sequence[int] | None = None,
+    oversample: int = 6,
+    n_iter: int = 6,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Top singular values of every block's Jacobian at every image's real state.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Trajectory store with every token; the points of linearisation are its ``hidden``.
+    model : LoadedModel, BlockStepper or surrogate
+        See `analyses.perturbation.propagator_for`; the block producing layer l is
+        ``run(x, l - 1, l)``.
+    n_singular : int
+        Singular values per Jacobian.
+    layers : sequence of int, optional
+        Output layers l of the blocks to linearise, 1..L; default all.
+    composed : bool
+        Also linearise the map from every layer l0 in 0..L-1 to the last layer L (costs about
+        (L+1)/2 times the per-block spectra).
+    images : int, sequence of int, or None
+        See `analyses.perturbation.select_images`; each image costs about 2 (n_iter + 1)
+        passes of (n_singular + oversample) probes through each block.
+    oversample, n_iter : int
+        Randomized block Krylov settings (see `top_singular_values`).
+    batch_size : int
+        Images per pass (each carries n_singular + oversample probes).
+    seed : int
+        Seed of the random probes.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    xarray.Dataset
+        - ``singular_value`` (image, layer, rank): of dX_l / dX_{l-1};
+        - ``expansion_rate`` (image, layer): log sigma_1, natural log per block;
+        - ``norm_growth`` (image, layer): |X_l| / |X_{l-1}| (Frobenius over tokens);
+        - ``relative_expansion`` (image, layer): log sigma_1 - log norm_growth;
+        - with ``composed``: ``singular_value_to_end`` (image, start, rank) of dX_L / dX_start,
+          and ``lyapunov_exponent`` (image, start) = log sigma_1 / (L - start).
+    """
+    propagator = propagator_for(model, ds)
+    ds = select_images(ds, images)
+    L = last_layer(ds)
+    layers = list(range(1, L + 1)) if layers is None else sorted({int(l) for l in layers})
+    if not layers or layers[0] < 1 or layers[-1] > L:
+        raise ValueError(f"layers must lie in 1..{L}, got {layers}")
+    if n_singular < 1:
+        raise ValueError(f"n_singular must be at least 1, got {n_singular}")
+    starts = list(range(L)) if composed else []
+    like = parameter_of(propagator)
+    generator = torch.Generator().manual_seed(seed)
+    n = ds.sizes["image"]
+    per_block = np.full((n, len(layers), n_singular), np.nan, np.float32)
+    growth = np.full((n, len(layers)), np.nan, np.float32)
+    to_end = np.full((n, len(starts), n_singular), np.nan, np.float32)
+
+    batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    bar = tqdm(total=len(batches) * (len(layers) + len(starts)), desc="jacobian", disable=not progress)
+    for batch in batches:
+        for li, layer in enumerate(layers):
+            x = states_at(ds, layer - 1, batch, like)
+            per_block[batch, li] = _spectrum(propagator, x, layer - 1, layer, n_singular, oversample, n_iter, generator)
+            with torch.no_grad():
+                after = propagator.run(x, layer - 1, layer)[-1]
+            growth[batch, li] = (after.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).cpu().numpy()
+            bar.update()
+        for si, start in enumerate(starts):
+            x = states_at(ds, start, batch, like)
+            to_end[batch, si] = _spectrum(propagator, x, start, L, n_singular, oversample, n_iter, generator)
+            bar.update()
+    bar.close()
+
+    coords = {"image": ds["image"].values, "layer": layers, "rank": np.arange(1, n_singular + 1), **image_coords(ds)}
+    result = xr.Dataset(
+        {
+            "singular_value": (
+                ("image", "layer", "rank"),
+                per_block,
+                {"long_name": "singular value of the block Jacobian dX_l / dX_(l-1)"},
+            ),
+            "norm_growth": (("image", "layer"), growth, {"long_name": "|X_l| / |X_(l-1)|, Frobenius over tokens"}),
+        },
+        coords=coords,
+    )
+    result["expansion_rate"] = np.log(result["singular_value"].sel(rank=1, drop=True))
+    result["expansion_rate"].attrs["long_name"] = "log of the top singular value (per block, natural log)"
+    result["relative_expansion"] = result["expansion_rate"] - np.log(result["norm_growth"])
+    result["relative_expansion"].attrs["long_name"] = "log sigma_1 - log norm growth (per block)"
+    if composed:
+        result = result.assign_coords(start=starts)
+        result["singular_value_to_end"] = (
+            ("image", "start", "rank"),
+            to_end,
+            {"long_name": f"singular value of dX_{L} / dX_start"},
+        )
+        result["lyapunov_exponent"] = np.log(result["singular_value_to_end"].sel(rank=1, drop=True)) / (
+            L - result["start"]
+        )
+        result["lyapunov_exponent"].attrs["long_name"] = "finite-depth Lyapunov exponent log sigma_1 / (L - start)"
+    result.attrs = {
+        "analysis": "jacobian_spectrum",
+        "model": ds.attrs.get("model", ""),
+        "propagator": type(propagator).__name__,
+        "num_blocks": L,
+        "method": f"randomized block Krylov on JVP/VJP, {n_singular}+{oversample} probes, {n_iter} steps",
+        "seed": seed,
+    }
+    return result
+
+
+def _spectrum(propagator, x, start, stop, k, oversample, n_iter, generator) -> np.ndarray:
+    """(B, k) top singular values of the map from layer ``start`` to ``stop`` at ``x``."""
+    values = top_singular_values(
+        lambda z: propagator.run(z, start, stop)[-1], x, k=k, oversample=oversample, n_iter=n_iter, generator=generator
+    )
+    return values.float().cpu().numpy()
+
+
+def jacobian_summary(result: xr.Dataset) -> dict:
+    """Headline numbers: median top singular value and expansion rates per layer.
+
+    Returns
+    -------
+    dict
+        ``sigma_1`` and ``relative_expansion`` per layer (median over images), the layer that
+        expands most, ``lyapunov_exponent`` per start where computed, and a ``text`` table.
+    """
+    sigma = result["singular_value"].sel(rank=1).median("image")
+    relative = result["relative_expansion"].median("image")
+    layers = [int(l) for l in result["layer"].values]
+    summary = {
+        "sigma_1": {l: float(sigma.sel(layer=l)) for l in layers},
+        "relative_expansion": {l: float(relative.sel(layer=l)) for l in layers},
+        "most_expanding_layer": int(sigma.idxmax()),
+    }
+    lines = [
+        f"block Jacobians ({result.attrs['model']}), median over images",
+        "  layer        " + " ".join(f"{l:>6d}" for l in layers),
+        "  sigma_1      " + " ".join(f"{v:6.2f}" for v in sigma.values),
+        "  rel. expans. " + " ".join(f"{v:6.2f}" for v in relative.values),
+    ]
+    if "lyapunov_exponent" in result:
+        lyapunov = result["lyapunov_exponent"].median("image")
+        summary["lyapunov_exponent"] = {int(s): float(lyapunov.sel(start=s)) for s in result["start"].values}
+        top = result["singular_value_to_end"].sel(rank=1).median("image")
+        lines += [
+            "  start        " + " ".join(f"{int(s):>6d}" for s in result["start"].values),
+            "  sigma_1(->L) " + " ".join(f"{v:6.2f}" for v in top.values),
+        ]
+    summary["text"] = "\n".join(lines)
+    return summary

@@ -1,0 +1,456 @@
+"""Perturbation recovery: nudge the residual stream at one layer and watch the trajectory.
+
+The paper calls small perturbations of a ViT's trajectory "self-correcting" (section 5 (i) of
+the methods spec) but leaves the protocol unstated. This module makes it a measurement:
+
+1. take the real state X_{l0} of every image at layer l0 from a trajectory store;
+2. add to every token t a perturbation of relative size alpha, delta_t = alpha * |x_t| * u_t,
+   with u_t a unit vector, either an independent random direction per image and token
+   (``"random"``) or one of the top principal directions of the layer's tokens
+   (``"principal"``, the same direction for every token);
+3. carry the clean and the perturbed state through the remaining blocks, with the live model
+   (`dynamo.stepping.BlockStepper`) or any surrogate with the same ``run`` method (a fitted
+   Raptor), and measure at every later layer the angle and the relative distance between the
+   perturbed and the clean token;
+4. the recovery ratio is the relative gap at the last layer over the injected one (alpha):
+   below 1 the trajectory bends back, above 1 the perturbation grows.
+
+Choices the paper leaves open, made here and exposed as parameters: the perturbation size is
+relative to each token's own norm (the spec's suggestion, delta = alpha |x| u); every token is
+perturbed unless ``perturb`` names one token kind; the principal directions are those of the
+perturbed tokens at l0, pooled over the selected images (centred, as PCA does), with their
+sign as scikit-learn fixes it; gaps are measured on the residual stream itself (no final norm).
+
+The helpers `propagator_for`, `select_images` and `states_at` are shared with the other
+live-model analyses (`analyses.jacobian`, `analyses.swap`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from sklearn.decomposition import IncrementalPCA
+from tqdm.auto import tqdm
+
+from dynamo.models import LoadedModel
+from dynamo.stepping import BlockStepper
+
+__all__ = [
+    "perturbation_recovery",
+    "propagator_for",
+    "recovery_summary",
+    "select_images",
+    "states_at",
+]
+
+BASES = ("random", "principal")
+
+
+def propagator_for(model, ds: xr.Dataset):
+    """What carries a state through the remaining layers: the live model or a surrogate.
+
+    Parameters
+    ----------
+    model : LoadedModel, BlockStepper, or any object with ``run(x, start, stop)``
+        A `LoadedModel` must be the one the store was recorded with (same weights sha256);
+        it is wrapped in a `BlockStepper`. Anything else with a ``run`` method (a stepper, a
+        fitted Raptor surrogate) is used as it is.
+    ds : xarray.Dataset
+        The trajectory store the starting states come from.
+
+    Returns
+    -------
+    object
+        Has ``run(x, start, stop) -> list of states`` and, where available, ``head(x)``.
+
+    Raises
+    ------
+    ValueError
+        The store was recorded with other weights, lacks tokens, or ``model`` cannot run.
+    """
+    _check_full_tokens(ds)
+    if isinstance(model, LoadedModel):
+        recorded = ds.attrs.get("weights_sha256")
+        if recorded is not None and recorded != model.weights_sha256:
+            raise ValueError(
+                f"the store was recorded with {ds.attrs.get('model')} (weights sha256 {recorded[:12]}), "
+                f"not with {model.source} (sha256 {model.weights_sha256[:12]}); pass the model the "
+                "store was recorded with, or record a store with this model"
+            )
+        return BlockStepper(model)
+    if callable(getattr(model, "run", None)):
+        return model
+    raise ValueError(
+        f"cannot propagate states with a {type(model).__name__}: pass a dynamo LoadedModel, a "
+        "BlockStepper, or a fitted surrogate with a run(x, start, stop) method"
+    )
+
+
+def _check_full_tokens(ds: xr.Dataset) -> None:
+    """A live model can only continue a state that has all of its tokens."""
+    grid = ds.attrs.get("patch_grid")
+    prefix = ds.attrs.get("num_prefix_tokens")
+    if grid is not None and prefix is not None and ds.sizes["token"] != prefix + int(np.prod(grid)):
+        raise ValueError(
+            f"the store keeps {ds.sizes['token']} of the model's {prefix + int(np.prod(grid))} tokens "
+            "(recorded with --patch-tokens); a live model needs every token: record a store "
+            "without --patch-tokens"
+        )
+
+
+def select_images(ds: xr.Dataset, images: int | Sequence[int] | None) -> xr.Dataset:
+    """The images an analysis runs on.
+
+    Parameters
+    ----------
+    images : int, sequence of int, or None
+        None: all; an int n: n images evenly spaced along ``image`` (stores recorded from class
+        folders are ordered by class, so the first n would often be one class); a sequence:
+        those positions along ``image``.
+    """
+    if images is None:
+        return ds
+    if isinstance(images, (int, np.integer)):
+        if images < 1:
+            raise ValueError(f"images must be at least 1, got {images}")
+        n = ds.sizes["image"]
+        return ds.isel(image=np.unique(np.linspace(0, n - 1, min(int(images), n)).round().astype(int)))
+    return ds.isel(image=list(images))
+
+
+def states_at(ds: xr.Dataset, layer: int, batch: slice, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The stored states of a batch of images at one layer, as a tensor for the propagator.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Trajectory store (lazy).
+    layer : int
+        A layer present in the store.
+    batch : slice
+        Positions along ``image``.
+    like : torch.Tensor, optional
+        A tensor whose dtype and device the states take (a model parameter); float32 on the CPU
+        by default.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, T, D).
+    """
+    if layer not in ds.indexes["layer"]:
+        raise ValueError(
+            f"the store has no layer {layer} (it keeps layers {ds['layer'].values.tolist()}); "
+            "record the store with every layer (no --layers)"
+        )
+    values = ds["hidden"].sel(layer=layer).isel(image=batch).values
+    kwargs = {"dtype": like.dtype, "device": like.device} if like is not None else {"dtype": torch.float32}
+    return torch.as_tensor(values).to(**kwargs)
+
+
+def token_kinds(ds: xr.Dataset) -> np.ndarray:
+    """The store's ``token_kind`` per token, (T,) as a plain unicode array."""
+    return np.array(ds["token_kind"].values.tolist(), dtype=str)
+
+
+def image_coords(ds: xr.Dataset) -> dict:
+    """The store's per-image labels and ids, as coordinates for a result along ``image``."""
+    return {
+        name: ("image", np.array(ds[name].values.tolist()))
+        for name in ("label", "label_name", "image_id")
+        if name in ds.coords
+    }
+
+
+def parameter_of(propagator) -> torch.Tensor | None:
+    """One parameter of the propagator's module, for the dtype and device of its inputs."""
+    for candidate in (getattr(propagator, "module", None), propagator):
+        if isinstance(candidate, torch.nn.Module):
+            return next(candidate.parameters(), None)
+    return None
+
+
+def last_layer(ds: xr.Dataset) -> int:
+    """L, the last layer (output of the last block), from the store's attributes."""
+    return int(ds.attrs.get("num_blocks", ds["layer"].values.max()))
+
+
+def perturbation_recovery(
+    ds: xr.Dataset,
+    model,
+    starts: Sequence[int] | None = None,
+    alphas: Sequence[float] = (0.01, 0.05, 0.1, 0.2),
+    n_directions: int = 4,
+    bases: Sequence[str] = BASES,
+    perturb: str = "all",
+    images: int | Sequence[int] | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Inject perturbations at layer l0 and measure how far every later layer stays from clean.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Trajectory store (`dynamo.open_trajectories`) with every token; the starting states are
+        its ``hidden`` at each l0.
+    model : LoadedModel, BlockStepper or surrogate
+        See `propagator_for`. Clean and perturbed states go through the same propagator.
+    starts : sequence of int, optional
+        Injection layers l0, 0 <= l0 < L. Default: 0..L-1.
+    alphas : sequence of float
+        Relative perturbation sizes, |delta_t| / |x_t| (>= 0; 0 gives the clean run).
+    n_directions : int
+        Random draws, and principal directions (PC 1..n), per basis.
+    bases : sequence of {"random", "principal"}
+    perturb : str
+        Which tokens get a perturbation: ``"all"`` or one token kind (``"cls"``, ``"register"``,
+        ``"patch"``, ...). Gaps are measured on every token kind either way.
+    images : int, sequence of int, or None
+        See `select_images`.
+    batch_size : int
+        Images per propagation (each is run once per alpha in one stacked batch).
+    seed : int
+        Seed of the random directions; each image's draw depends only on (seed, direction,
+        image position), not on the batching.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims ``image``, ``token_kind``, ``start`` (l0), ``alpha``, ``basis``, ``direction``,
+        ``layer`` (0..L; NaN before ``start``):
+
+        - ``distance``: mean over the kind's tokens of |x~_l - x_l| / |x_l| (relative gap);
+        - ``angle``: mean over the kind's tokens of the angle between x~_l and x_l, degrees;
+        - ``recovery`` (no ``layer``): ``distance`` at L over alpha (NaN for alpha = 0);
+        - ``gain`` (image, start, alpha, basis, direction): |X~_L - X_L| / |X~_l0 - X_l0| over
+          all tokens (Frobenius), the absolute growth that Jacobian spectra bound;
+        - ``prediction_kept`` (same dims as ``gain``): whether the head's top-1 class is the
+          clean run's (only if the propagator has a ``head``);
+        - ``explained_variance_ratio`` (start, direction): of the principal directions used.
+    """
+    propagator = propagator_for(model, ds)
+    ds = select_images(ds, images)
+    L = last_layer(ds)
+    starts = list(range(L)) if starts is None else [int(s) for s in starts]
+    alphas = np.asarray(alphas, dtype=float)
+    bases = list(bases)
+    _check_arguments(starts, alphas, n_directions, bases, L)
+    kinds_of_tokens = token_kinds(ds)
+    kinds = list(dict.fromkeys(kinds_of_tokens))
+    if perturb != "all" and perturb not in kinds:
+        raise ValueError(f"perturb must be 'all' or a token kind of this store {kinds}, got {perturb!r}")
+    perturbed = np.ones(len(kinds_of_tokens), bool) if perturb == "all" else kinds_of_tokens == perturb
+    kind_weights = torch.tensor(
+        np.stack([(kinds_of_tokens == k) / (kinds_of_tokens == k).sum() for k in kinds]), dtype=torch.float32
+    )
+    like = parameter_of(propagator)
+    has_head = callable(getattr(propagator, "head", None))
+
+    n = ds.sizes["image"]
+    shape = (n, len(kinds), len(starts), len(alphas), len(bases), n_directions, L + 1)
+    distance = np.full(shape, np.nan, np.float32)
+    angle = np.full(shape, np.nan, np.float32)
+    gain = np.full(shape[:1] + shape[2:-1], np.nan, np.float32)
+    kept = np.zeros(gain.shape, bool)
+    principal = {
+        s: _principal_directions(ds, s, perturbed, n_directions, batch_size) if "principal" in bases else None
+        for s in starts
+    }
+
+    batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    bar = tqdm(total=len(batches) * len(starts), desc="perturbation", disable=not progress)
+    with torch.no_grad():
+        for batch in batches:
+            random_units = _random_directions(ds, batch, n_directions, seed, perturbed)
+            for si, start in enumerate(starts):
+                x0 = states_at(ds, start, batch, like)
+                clean = torch.stack(propagator.run(x0, start, L))  # (S, B, T, D)
+                clean_top1 = propagator.head(clean[-1]).argmax(-1) if has_head else None
+                norms = x0.norm(dim=-1, keepdim=True)
+                for bi, basis in enumerate(bases):
+                    for d in range(n_directions):
+                        if basis == "random":
+                            unit = random_units[d].to(x0)
+                        else:
+                            unit = torch.as_tensor(principal[start][0][d] * perturbed[:, None]).to(x0)
+                        delta = norms * unit  # (B, T, D), per-token |delta_t| = |x_t| before alpha
+                        stacked = (x0[None] + torch.as_tensor(alphas).to(x0)[:, None, None, None] * delta).flatten(0, 1)
+                        states = torch.stack(propagator.run(stacked, start, L))
+                        states = states.unflatten(1, (len(alphas), -1))  # (S, A, B, T, D)
+                        dist, ang = _gaps(states, clean[:, None], kind_weights)
+                        distance[batch, :, si, :, bi, d, start:] = dist.permute(2, 3, 1, 0).numpy()
+                        angle[batch, :, si, :, bi, d, start:] = ang.permute(2, 3, 1, 0).numpy()
+                        injected = (states[0] - clean[0]).flatten(2).norm(dim=-1)
+                        final = (states[-1] - clean[-1]).flatten(2).norm(dim=-1)
+                        gain[batch, si, :, bi, d] = (final / injected).T.cpu().numpy()
+                        if has_head:
+                            top1 = propagator.head(states[-1].flatten(0, 1)).argmax(-1).unflatten(0, (len(alphas), -1))
+                            kept[batch, si, :, bi, d] = (top1 == clean_top1).T.cpu().numpy()
+                bar.update()
+    bar.close()
+
+    dims = ("image", "token_kind", "start", "alpha", "basis", "direction", "layer")
+    coords = {
+        "image": ds["image"].values,
+        "token_kind": kinds,
+        "start": starts,
+        "alpha": alphas,
+        "basis": bases,
+        "direction": np.arange(n_directions),
+        "layer": np.arange(L + 1),
+    }
+    coords.update(image_coords(ds))
+    result = xr.Dataset(
+        {
+            "distance": (dims, distance, {"long_name": "relative gap |x~ - x| / |x|, mean over the kind's tokens"}),
+            "angle": (dims, angle, {"long_name": "angle between perturbed and clean token", "units": "degree"}),
+            "gain": (
+                dims[:1] + dims[2:-1],
+                gain,
+                {"long_name": "|X~_L - X_L| / |X~_l0 - X_l0| over all tokens (absolute growth)"},
+            ),
+        },
+        coords=coords,
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result["recovery"] = (result["distance"].sel(layer=L) / result["alpha"].where(result["alpha"] > 0)).drop_vars(
+            "layer"
+        )
+    result["recovery"].attrs["long_name"] = "relative gap at the last layer / injected relative size alpha"
+    if has_head:
+        result["prediction_kept"] = (dims[:1] + dims[2:-1], kept, {"long_name": "top-1 class equals the clean run's"})
+    if principal[starts[0]] is not None:
+        result["explained_variance_ratio"] = (
+            ("start", "direction"),
+            np.stack([principal[s][1] for s in starts]),
+            {"long_name": "variance ratio of the principal direction among the perturbed tokens at start"},
+        )
+    result.attrs = {
+        "analysis": "perturbation_recovery",
+        "model": ds.attrs.get("model", ""),
+        "propagator": type(propagator).__name__,
+        "perturb": perturb,
+        "seed": seed,
+        "num_blocks": L,
+        "perturbation": "delta_t = alpha * |x_t| * u_t at layer start; u_t random unit (per image, "
+        "token) or principal direction of the perturbed tokens at start",
+    }
+    return result
+
+
+def _check_arguments(starts, alphas, n_directions, bases, L) -> None:
+    if not starts or min(starts) < 0 or max(starts) >= L:
+        raise ValueError(f"starts must lie in 0..{L - 1} (a perturbation needs a later layer), got {starts}")
+    if alphas.size == 0 or (alphas < 0).any() or not np.isfinite(alphas).all():
+        raise ValueError(f"alphas must be finite and >= 0, got {alphas.tolist()}")
+    if n_directions < 1:
+        raise ValueError(f"n_directions must be at least 1, got {n_directions}")
+    unknown = set(bases) - set(BASES)
+    if unknown or not bases:
+        raise ValueError(f"bases must be a non-empty subset of {list(BASES)}, got {bases}")
+
+
+def _random_directions(ds, batch: slice, n_directions: int, seed: int, perturbed: np.ndarray) -> list[torch.Tensor]:
+    """Independent unit vectors per image and token, (B, T, D) per direction; 0 on unperturbed tokens."""
+    t, d = ds.sizes["token"], ds.sizes["feature"]
+    positions = range(batch.start, batch.stop)
+    units = []
+    for direction in range(n_directions):
+        draws = np.stack([np.random.default_rng([seed, direction, p]).standard_normal((t, d)) for p in positions])
+        draws /= np.linalg.norm(draws, axis=-1, keepdims=True)
+        units.append(torch.as_tensor(draws * perturbed[:, None], dtype=torch.float32))
+    return units
+
+
+def _principal_directions(ds, layer: int, perturbed: np.ndarray, n: int, batch_size: int):
+    """Top ``n`` principal directions (n, D) of the perturbed tokens at ``layer``, and their variance ratios.
+
+    Streamed over batches of images (scikit-learn's IncrementalPCA), so a large store is never
+    read whole.
+    """
+    if n > ds.sizes["feature"]:
+        raise ValueError(f"n_directions ({n}) exceeds the width of the residual stream ({ds.sizes['feature']})")
+    pca = IncrementalPCA(n_components=n)
+    hidden = ds["hidden"].sel(layer=layer).isel(token=np.flatnonzero(perturbed))
+    step = max(batch_size, -(-n // int(perturbed.sum())))
+    for i in range(0, ds.sizes["image"], step):
+        tokens = hidden.isel(image=slice(i, i + step)).values.reshape(-1, ds.sizes["feature"])
+        if tokens.shape[0] >= n:
+            with np.errstate(invalid="ignore", divide="ignore"):  # constant tokens: checked below
+                pca.partial_fit(tokens.astype(np.float64))
+    if not pca.var_.sum() > 0:
+        raise ValueError(
+            f"the perturbed tokens at layer {layer} do not vary across images, so they have no "
+            "principal directions; perturb along random directions only (bases=['random'])"
+        )
+    return pca.components_, pca.explained_variance_ratio_
+
+
+def _gaps(states: torch.Tensor, clean: torch.Tensor, kind_weights: torch.Tensor):
+    """Relative distance and angle (degrees) per token kind.
+
+    Parameters
+    ----------
+    states, clean : torch.Tensor
+        (S, A, B, T, D) and (S, 1, B, T, D).
+    kind_weights : torch.Tensor
+        (K, T), each row averaging over one kind's tokens.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        Each (S, A, B, K), float32 on the CPU.
+    """
+    states, clean = states.float().cpu(), clean.float().cpu()
+    clean_norm = clean.norm(dim=-1)
+    distance = (states - clean).norm(dim=-1) / clean_norm
+    # 2 arcsin(|a^ - b^| / 2) is the angle, accurate for small angles where arccos(cos) is not.
+    chord = (states / states.norm(dim=-1, keepdim=True) - clean / clean_norm[..., None]).norm(dim=-1)
+    angle = torch.rad2deg(2 * torch.arcsin((chord / 2).clamp(max=1)))
+    return distance @ kind_weights.T, angle @ kind_weights.T
+
+
+def recovery_summary(result: xr.Dataset, token_kind: str | None = None) -> dict:
+    """Headline numbers: median recovery ratio per basis, start and alpha.
+
+    Parameters
+    ----------
+    result : xarray.Dataset
+        From `perturbation_recovery`.
+    token_kind : str, optional
+        The kind to summarise; default the first kind of the store (``cls`` where there is one).
+
+    Returns
+    -------
+    dict
+        ``recovery[basis][alpha][start]`` (median over images and directions), ``prediction_kept``
+        likewise (mean), and a ``text`` table.
+    """
+    kind = token_kind or str(result["token_kind"].values[0])
+    recovery = result["recovery"].sel(token_kind=kind).median(["image", "direction"])
+    summary = {"token_kind": kind, "recovery": {}, "prediction_kept": {}}
+    lines = [f"perturbation recovery ({result.attrs['model']}, {kind} tokens): median final gap / injected gap"]
+    for basis in result["basis"].values:
+        summary["recovery"][str(basis)] = {
+            float(a): {int(s): float(recovery.sel(basis=basis, alpha=a, start=s)) for s in result["start"].values}
+            for a in result["alpha"].values
+        }
+        lines.append(f"  {basis:9s} l0: " + " ".join(f"{int(s):>5d}" for s in result["start"].values))
+        for a in result["alpha"].values:
+            row = recovery.sel(basis=basis, alpha=a).values
+            lines.append(f"  alpha={a:<5g}     " + " ".join(f"{v:5.2f}" for v in row))
+        if "prediction_kept" in result:
+            kept = result["prediction_kept"].sel(basis=basis).mean(["image", "direction"])
+            summary["prediction_kept"][str(basis)] = {
+                float(a): {int(s): float(kept.sel(alpha=a, start=s)) for s in result["start"].values}
+                for a in result["alpha"].values
+            }
+    summary["text"] = "\n".join(lines)
+    return summary

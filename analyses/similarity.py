@@ -1,0 +1,286 @@
+"""Layer × layer (dis)similarity matrices of a trajectory store, computed chunk by chunk.
+
+Every measure here is returned as a **dissimilarity** (0 on the diagonal, larger = less alike),
+so any of them can feed the phase partitions in `analyses.phases` directly; `to_similarity`
+turns the bounded ones back into similarities for display.
+
+Measures (``measure=``):
+
+- ``"cosine"``: 1 − cos(a_i, a_j), the paper's measure (Raptor notebook
+  ``000_max_cut_dinov2_base``: ``1 - clamp(cosine_similarity(a1, a2, eps=1e-8), -1, 1)``);
+- ``"angular"``: arccos(cos(a_i, a_j)) / π, the angle in units of π (a metric, in [0, 1]);
+- ``"mse"``: mean over features of (a_i − a_j)², the paper's second matrix;
+- ``"cka"``: 1 − linear CKA (Kornblith et al. 2019) between the layers' representations, with
+  the images (or image × token pairs) as samples; computed exactly in feature space from
+  streamed sums, so it runs over stores larger than memory.
+
+Token sets (``tokens=``): names joined by ``+``. Each name is one *group* of vectors per image:
+
+- ``cls``, ``patch_mean``, ``register_mean``: the store's reduced views (one vector per image);
+- any ``token_kind`` (``patch``, ``register``, ``dist``) or ``all``: every such token of
+  ``hidden``, each a vector.
+
+The per-vector measures (cosine, angular, mse) are averaged over the vectors of a group, then
+over the groups, then over the images: with the default ``"cls+patch_mean"`` this is exactly
+the paper's "mean over images of mean over [cls, patch-mean]". CKA is computed per group and
+averaged over groups.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from scipy.linalg import blas
+from tqdm.auto import tqdm
+
+from analyses.streaming import image_blocks, plain_strings
+
+MEASURES = ("cosine", "angular", "mse", "cka")
+REDUCED_VIEWS = ("cls", "patch_mean", "register_mean")
+PER_IMAGE_MEASURES = ("cosine", "angular", "mse")
+PIECE_BYTES = 16 * 2**20  # float64 working set per step, on top of one chunk in its stored dtype
+COSINE_EPS = 1e-8  # as torch.nn.functional.cosine_similarity in the paper's notebook
+
+DESCRIPTIONS = {
+    "cosine": "1 - cos(a_i, a_j)",
+    "angular": "arccos(cos(a_i, a_j)) / pi",
+    "mse": "mean over features of (a_i - a_j)^2",
+    "cka": "1 - linear CKA(layer_i, layer_j)",
+}
+
+
+def layer_similarity(
+    ds: xr.Dataset,
+    measure: str = "cosine",
+    tokens: str = "cls+patch_mean",
+    layers=None,
+    *,
+    per_image: bool = False,
+    progress: bool = True,
+) -> xr.DataArray:
+    """Layer × layer dissimilarity of a trajectory dataset, read a chunk of images at a time.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A trajectory dataset (`dynamo.open_trajectories`); may be larger than memory.
+    measure : {"cosine", "angular", "mse", "cka"}
+        See the module docstring. The default, with the default ``tokens``, is the paper's
+        exact matrix: mean over images of mean over [cls, patch-mean] of 1 − cos.
+    tokens : str
+        Token groups joined by ``+``: reduced views (``cls``, ``patch_mean``,
+        ``register_mean``), token kinds (``patch``, ``register``, ``dist``) or ``all``.
+    layers : sequence of int, optional
+        Layer numbers (``ds.layer`` values) to compare. Default: the block outputs 1..L, as the
+        paper (layer 0, the embedding, is left out of its max-cut). Pass ``ds.layer.values`` to
+        include layer 0.
+    per_image : bool
+        Return one matrix per image, dims (image, layer_i, layer_j), whose mean over images is
+        the default result (cosine, angular and mse only); used for bootstrap stability.
+    progress : bool
+        Show a progress bar over chunks.
+
+    Returns
+    -------
+    xarray.DataArray
+        Named ``{measure}_dissimilarity``, dims (layer_i, layer_j) (or (image, layer_i,
+        layer_j)), coords the layer numbers, float64; attrs ``measure``, ``tokens``,
+        ``orientation="dissimilarity"``, ``description``, ``n_images``, ``model``.
+
+    Raises
+    ------
+    ValueError
+        Unknown measure or token group, layers not in the store, or ``per_image`` with CKA.
+
+    Notes
+    -----
+    The store is read one chunk of images at a time (all chosen layers of that chunk, in the
+    stored dtype) and computed in float64 a few images at a time, so memory is about one chunk
+    of images × layers × tokens × features whatever the number of images, plus for CKA an
+    accumulator of ``(layers × features)² × 8`` bytes per group.
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
+    if per_image and measure not in PER_IMAGE_MEASURES:
+        raise ValueError(
+            f"per_image matrices exist only for {', '.join(PER_IMAGE_MEASURES)}: {measure} is not "
+            "a mean over images; bootstrap stability needs one of those measures"
+        )
+    layers = _layer_numbers(ds, layers)
+    groups = _token_groups(ds, tokens, layers)
+    n_images = ds.sizes["image"]
+    if n_images == 0:
+        raise ValueError("the dataset has no recorded images")
+    source = "hidden" if any(group.name == "hidden" for group in groups) else groups[0].name
+    bar = tqdm(image_blocks(ds, source), desc=f"{measure} similarity", unit="chunk", disable=not progress)
+
+    if measure == "cka":
+        accumulators = [_CrossProducts(len(layers)) for _ in groups]
+        for images in bar:
+            for group, accumulator in zip(groups, accumulators):
+                for piece in _pieces(group, images):
+                    accumulator.add(piece)
+        values = 1.0 - np.mean([accumulator.cka() for accumulator in accumulators], axis=0)
+    else:
+        batches = []
+        for images in bar:
+            per_group = [
+                np.concatenate([_per_image_dissimilarity(piece, measure) for piece in _pieces(group, images)])
+                for group in groups
+            ]
+            matrices = np.mean(per_group, axis=0)  # (image, layer_i, layer_j)
+            batches.append(matrices if per_image else matrices.sum(0))
+        values = np.concatenate(batches) if per_image else np.sum(batches, axis=0) / n_images
+
+    dims = ("layer_i", "layer_j")
+    coords = {"layer_i": layers, "layer_j": layers}
+    if per_image:
+        dims = ("image", *dims)
+        coords["image"] = ds["image"].values
+    diagonal = np.arange(len(layers))
+    values[..., diagonal, diagonal] = 0.0  # exactly, not up to rounding
+    return xr.DataArray(
+        values,
+        dims=dims,
+        coords=coords,
+        name=f"{measure}_dissimilarity",
+        attrs={
+            "measure": measure,
+            "tokens": tokens,
+            "orientation": "dissimilarity",
+            "description": f"{DESCRIPTIONS[measure]}, tokens {tokens}"
+            + ("" if measure == "cka" else ", mean over vectors, groups and images"),
+            "n_images": n_images,
+            "model": ds.attrs.get("model", "unknown model"),
+            "weights_sha256": ds.attrs.get("weights_sha256", ""),
+        },
+    )
+
+
+def to_similarity(dissimilarity: xr.DataArray) -> xr.DataArray:
+    """The similarity matching a bounded dissimilarity: 1 − D (mean cos, CKA, 1 − angle/π).
+
+    Raises
+    ------
+    ValueError
+        For ``mse``, which has no bounded similarity; plot it as a dissimilarity.
+    """
+    measure = dissimilarity.attrs.get("measure")
+    if measure not in ("cosine", "angular", "cka"):
+        raise ValueError(f"{measure!r} has no bounded similarity; use the dissimilarity itself")
+    names = {"cosine": "cosine similarity", "angular": "1 - angle/pi", "cka": "linear CKA"}
+    similarity = 1.0 - dissimilarity
+    similarity.attrs = {**dissimilarity.attrs, "orientation": "similarity", "description": names[measure]}
+    similarity.name = f"{measure}_similarity"
+    return similarity
+
+
+def _layer_numbers(ds: xr.Dataset, layers) -> np.ndarray:
+    available = ds["layer"].values
+    if layers is None:
+        chosen = available[available > 0]
+    else:
+        chosen = np.unique(np.asarray(layers, dtype=int))  # depth order, each once
+        missing = sorted(set(chosen.tolist()) - set(available.tolist()))
+        if missing:
+            raise ValueError(f"layers {missing} are not in the store (it has {available.tolist()})")
+    if len(chosen) < 2:
+        raise ValueError(f"need at least 2 layers to compare, got {chosen.tolist()}")
+    return chosen
+
+
+def _token_groups(ds: xr.Dataset, tokens: str, layers: np.ndarray) -> list[xr.DataArray]:
+    """One lazy array (image, layer, sample, feature) per token group."""
+    kinds = plain_strings(ds["token_kind"].values) if "token_kind" in ds.coords else np.array([])
+    groups = []
+    for name in (part.strip() for part in tokens.split("+")):
+        if name in REDUCED_VIEWS:
+            if name not in ds:
+                raise ValueError(
+                    f"token group {name!r}: this store has no {name} view (the model has no such "
+                    "token); try tokens='patch_mean'"
+                )
+            group = ds[name].sel(layer=layers).expand_dims("sample", axis=2)
+        elif name == "all" or name in set(kinds):
+            if "hidden" not in ds:
+                raise ValueError(f"token group {name!r} needs the `hidden` variable, which is not in the dataset")
+            selected = np.arange(len(kinds)) if name == "all" else np.flatnonzero(kinds == name)
+            group = ds["hidden"].sel(layer=layers).isel(token=selected).rename(token="sample")
+        else:
+            choices = sorted({*REDUCED_VIEWS, "all", *kinds})
+            raise ValueError(f"unknown token group {name!r} in tokens={tokens!r}; choose from {', '.join(choices)}")
+        groups.append(group.transpose("image", "layer", "sample", "feature"))
+    return groups
+
+
+def _pieces(group: xr.DataArray, images: slice):
+    """Read one chunk of images of a group (stored dtype), yield it as float64 a few images at a time.
+
+    Yields
+    ------
+    numpy.ndarray
+        (image, layer, sample, feature), float64, at most about ``PIECE_BYTES``.
+    """
+    block = np.asarray(group.isel(image=images).values)
+    step = max(1, PIECE_BYTES // max(1, block[0].size * 8)) if len(block) else 1
+    for start in range(0, len(block), step):
+        yield block[start : start + step].astype(np.float64)
+
+
+def _per_image_dissimilarity(vectors: np.ndarray, measure: str) -> np.ndarray:
+    """(image, layer, sample, feature) -> (image, layer_i, layer_j), mean over samples."""
+    gram = np.einsum("nlsf,nmsf->nslm", vectors, vectors)
+    squared = np.einsum("nsll->nsl", gram)
+    if measure == "mse":
+        distance = squared[..., :, None] + squared[..., None, :] - 2 * gram
+        return np.maximum(distance, 0.0).mean(1) / vectors.shape[-1]
+    norms = np.sqrt(squared)
+    cosine = np.clip(gram / np.maximum(norms[..., :, None] * norms[..., None, :], COSINE_EPS), -1.0, 1.0)
+    if measure == "cosine":
+        return (1.0 - cosine).mean(1)
+    return (np.arccos(cosine) / np.pi).mean(1)
+
+
+class _CrossProducts:
+    """Streamed sums for linear CKA between every pair of layers (feature-space form).
+
+    Holds S = Σ zᵀz over samples z = [x_1, ..., x_L] (the layers' features side by side), after
+    subtracting the first batch's mean for numerical stability (covariances do not change).
+    Then cov_ij = S_ij / n − m_i m_jᵀ and CKA_ij = ‖cov_ij‖²_F / (‖cov_ii‖_F ‖cov_jj‖_F).
+    S is updated in place by BLAS ``syrk`` (upper triangle only), so the (L·d)² float64
+    accumulator is the only large allocation.
+    """
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.shift = None
+        self.count = 0
+        self.sums = None
+        self.products = None
+
+    def add(self, vectors: np.ndarray) -> None:
+        n, n_layers, n_samples, n_features = vectors.shape
+        rows = vectors.transpose(0, 2, 1, 3).reshape(n * n_samples, n_layers * n_features)
+        if self.shift is None:
+            self.shift = rows.mean(0)
+            self.sums = np.zeros_like(self.shift)
+            self.products = np.zeros((rows.shape[1], rows.shape[1]), order="F")
+        rows = np.asfortranarray(rows - self.shift)
+        self.count += rows.shape[0]
+        self.sums += rows.sum(0)
+        self.products = blas.dsyrk(1.0, rows, beta=1.0, c=self.products, trans=1, overwrite_c=1)
+
+    def cka(self) -> np.ndarray:
+        mean = self.sums / self.count
+        width = self.products.shape[0] // self.n_layers
+        spans = [slice(layer * width, (layer + 1) * width) for layer in range(self.n_layers)]
+        hsic = np.zeros((self.n_layers, self.n_layers))
+        for i, rows in enumerate(spans):
+            for j in range(i, self.n_layers):
+                block = self.products[rows, spans[j]]
+                if i == j:  # only the upper triangle of S is filled
+                    block = np.triu(block) + np.triu(block, 1).T
+                covariance = block / self.count - np.outer(mean[rows], mean[spans[j]])
+                hsic[i, j] = hsic[j, i] = np.sum(covariance**2)
+        scale = np.sqrt(np.diag(hsic))
+        return hsic / np.maximum(np.outer(scale, scale), np.finfo(float).tiny)

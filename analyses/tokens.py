@@ -1,0 +1,169 @@
+"""Token-specific dynamics (Raptor paper, section 5 (ii)).
+
+On the unit sphere, per token kind (cls, dist, register, patch):
+
+- angular speed s_ℓ = arccos⟨x̂_{ℓ+1}, x̂_ℓ⟩ of each token across each block, averaged over the
+  kind's tokens in each image; the paper finds registers slow, patches moderate, and a sharp
+  late reorientation of cls;
+- patch coherence κ_ℓ = mean over patches p of cos(x_{ℓ,p}, mean_p x_{ℓ,p}) (the paper's formula
+  was not recovered; this is its [INF] reading), and the same for the updates
+  Δx_{ℓ,p} = x_{ℓ+1,p} − x_{ℓ,p} (how much the patches move together);
+- the mean norm of each kind per layer (why the analyses work on the sphere).
+
+With a store that keeps only some layers, a "block" step spans every block between two kept
+layers; ``from_layer`` says where each step starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+from analyses.streaming import angle_deg, image_blocks, layer_states, progress_bar, provenance, token_groups, unit
+
+
+def token_dynamics(dataset: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
+    """Angular speed per token kind, patch coherence of states and updates, and norms.
+
+    Reads ``hidden`` one chunk (a block of images, one layer) at a time.
+
+    Parameters
+    ----------
+    dataset : xarray.Dataset
+        A trajectory dataset (`dynamo.open_trajectories`).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``speed`` (image, kind, block), degrees per block; ``norm`` (image, kind, layer); with
+        patch tokens, ``coherence`` (image, layer) and ``update_coherence`` (image, block).
+        ``block`` b is the step from layer ``from_layer`` to layer b.
+    """
+    groups = token_groups(dataset)
+    layers = dataset["layer"].values
+    if len(layers) < 2:
+        raise ValueError("token dynamics need at least two recorded layers; record without --layers")
+    n_images, n_kinds, n_layers = dataset.sizes["image"], len(groups), len(layers)
+    speed = np.zeros((n_images, n_kinds, n_layers - 1))
+    norm = np.zeros((n_images, n_kinds, n_layers))
+    patches = groups.get("patch")
+    coherence = np.zeros((n_images, n_layers))
+    update_coherence = np.zeros((n_images, n_layers - 1))
+    blocks = image_blocks(dataset)
+    bar = progress_bar(len(blocks) * n_layers, "tokens", progress)
+    for images in blocks:
+        previous = None
+        for index, states in enumerate(layer_states(dataset, images)):
+            lengths = np.linalg.norm(states, axis=-1)
+            directions = unit(states)
+            if patches is not None:
+                coherence[images, index] = patch_coherence(states[:, patches])
+            if previous is not None:
+                step = angle_deg(np.einsum("itf,itf->it", directions, previous[1]))
+                for k, positions in enumerate(groups.values()):
+                    speed[images, k, index - 1] = step[:, positions].mean(axis=1)
+                if patches is not None:
+                    update_coherence[images, index - 1] = patch_coherence(states[:, patches] - previous[0][:, patches])
+            for k, positions in enumerate(groups.values()):
+                norm[images, k, index] = lengths[:, positions].mean(axis=1)
+            previous = (states, directions)
+            bar.update()
+    bar.close()
+
+    variables = {
+        "speed": (("image", "kind", "block"), speed.astype(np.float32),
+                  {"units": "degree", "long_name": "angular speed arccos<x̂_l+1, x̂_l>, mean over the kind's tokens"}),
+        "norm": (("image", "kind", "layer"), norm.astype(np.float32),
+                 {"long_name": "mean token norm ‖x_l‖ over the kind's tokens"}),
+    }
+    if patches is not None:
+        variables["coherence"] = (("image", "layer"), coherence.astype(np.float32),
+                                  {"long_name": "κ: mean cosine of patch states to their mean"})
+        variables["update_coherence"] = (("image", "block"), update_coherence.astype(np.float32),
+                                         {"long_name": "κ of updates: mean cosine of patch updates to their mean"})
+    return xr.Dataset(
+        variables,
+        coords={
+            "image": dataset["image"].values,
+            "kind": list(groups),
+            "layer": layers,
+            "block": layers[1:],
+            "from_layer": ("block", layers[:-1]),
+        },
+        attrs={**provenance(dataset), "analysis_detail": "token-specific dynamics on the unit sphere; speeds in degrees per block"},
+    )
+
+
+def patch_coherence(vectors: np.ndarray) -> np.ndarray:
+    """κ: mean cosine of each vector to the mean vector of its set.
+
+    Parameters
+    ----------
+    vectors : numpy.ndarray
+        (image, patch, feature): one set of vectors (patch states or patch updates) per image.
+
+    Returns
+    -------
+    numpy.ndarray
+        (image,) κ in [-1, 1]; 1 when all vectors point the same way.
+    """
+    mean_direction = unit(vectors.mean(axis=1, keepdims=True))
+    return np.einsum("ipf,ipf->ip", unit(vectors), np.broadcast_to(mean_direction, vectors.shape)).mean(axis=1)
+
+
+def speed_jump_ratio(speed: np.ndarray, blocks: np.ndarray, boundaries: Sequence[int]) -> float | None:
+    """Mean |change of speed| across phase boundaries over the mean within phases.
+
+    Parameters
+    ----------
+    speed : (block,) mean speed per block.
+    blocks : (block,) block numbers (block b maps layer b-1 to layer b).
+    boundaries : layers after which a new phase begins.
+
+    Returns
+    -------
+    float or None
+        Above 1 when speed jumps at the boundaries ("near-stationary within a phase, reset at
+        boundaries"); None without boundaries or without a step inside a phase.
+    """
+    change = np.abs(np.diff(speed))
+    crosses = np.isin(blocks[:-1], list(boundaries))  # the step from block b to b+1 crosses b
+    if not crosses.any() or crosses.all():
+        return None
+    return float(change[crosses].mean() / max(change[~crosses].mean(), 1e-12))
+
+
+def headline(result: xr.Dataset, boundaries: Sequence[int] | None = None) -> dict:
+    """Speeds per kind, where cls turns most, coherence per layer, speed jumps at boundaries."""
+    blocks = result["block"].values
+    speed = result["speed"].mean("image").astype(float)
+    kinds = [str(k) for k in result["kind"].values]
+    numbers = {"speed_deg": {k: np.round(speed.sel(kind=k).values, 2).tolist() for k in kinds}}
+    if "cls" in kinds:
+        cls_speed = speed.sel(kind="cls").values
+        turn = int(cls_speed.argmax())
+        late = len(blocks) // 2 + int(cls_speed[len(blocks) // 2 :].argmax())  # the paper's late reorientation
+        numbers.update(
+            cls_turn_block=int(blocks[turn]),
+            cls_turn_deg=round(float(cls_speed[turn]), 2),
+            cls_late_turn_block=int(blocks[late]),
+            cls_late_turn_deg=round(float(cls_speed[late]), 2),
+        )
+        if "patch" in kinds:
+            numbers["cls_over_patch_speed_at_late_turn"] = round(float(cls_speed[late] / speed.sel(kind="patch").values[late]), 2)
+    if "coherence" in result:
+        numbers["coherence"] = np.round(result["coherence"].mean("image").values.astype(float), 3).tolist()
+        numbers["update_coherence"] = np.round(result["update_coherence"].mean("image").values.astype(float), 3).tolist()
+    if boundaries:
+        numbers["speed_jump_ratio"] = {
+            k: _rounded(speed_jump_ratio(speed.sel(kind=k).values, blocks, boundaries)) for k in kinds
+        }
+    return numbers
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

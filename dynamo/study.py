@@ -1,0 +1,241 @@
+"""Comparative studies: many models, seeds or training settings, profiled and set side by side.
+
+>>> from dynamo import study
+>>> folders = study.profile_models(["dynamo-zoo/vit-digits-p0.0", "dynamo-zoo/vit-digits-p0.5"], "sd-study")
+>>> combined = study.load_study(folders)            # one xarray.Dataset with a `model` dimension
+>>> combined["tokens_speed"].sel(kind="cls")        # (model, block), mean over images
+>>> study.compare(folders, "sd-study/compare")      # side-by-side figures, table, HTML + JSON
+
+`load_study` reads what `dynamo profile` wrote (``summary.json`` and each analysis' result) and
+never runs a model. Models of different depths line up on their layer numbers (missing layers
+are NaN); the coordinates ``depth`` and ``block_depth`` give each layer's depth normalised to
+[0, 1] (layer / L), which the comparison figures use as their x axis.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from dynamo.profile import profile, profile_store
+from dynamo.store import is_trajectory_store, save_result
+
+__all__ = ["compare", "load_study", "profile_models", "headline_table"]
+
+# Curves overlaid by `compare`: (variable in the study, selection, y label).
+COMPARED_CURVES = (
+    ("basins_gamma", {"kind": "cls"}, "cls: cos to own final direction (γ)"),
+    ("basins_gamma", {"kind": "patch"}, "patches: cos to own final direction (γ)"),
+    ("tokens_speed", {"kind": "cls"}, "cls angular speed (degree / block)"),
+    ("tokens_speed", {"kind": "patch"}, "patch angular speed (degree / block)"),
+    ("tokens_coherence", {}, "patch coherence κ"),
+    ("rank_rank", {"measure": "stable_rank", "kind": "patch", "space": "sphere"}, "stable rank of patch updates (sphere)"),
+)
+
+
+def profile_models(models: Sequence, out: str | Path, *, images=None, **options) -> list[Path]:
+    """Profile several models into ``out/<label>`` each; resumable like `dynamo.profile.profile`.
+
+    Parameters
+    ----------
+    models : sequence of str or dict
+        Model names (timm or zoo), or dicts with ``model`` and optionally ``checkpoint``,
+        ``pretrained`` and ``label`` (the folder name; default derived from the model name).
+    out : str or Path
+        Parent folder of the profiles.
+    images : optional
+        The images every model sees (default the bundled digits).
+    **options
+        Passed to `dynamo.profile.profile` (``limit``, ``only``, ``fit_raptor``, ...).
+
+    Returns
+    -------
+    list of Path
+        The profile folders, in the order of ``models``.
+    """
+    folders = []
+    for entry in models:
+        spec = {"model": entry} if isinstance(entry, str) else dict(entry)
+        label = spec.pop("label", None) or _slug(spec["model"])
+        folder = Path(out) / label
+        profile(spec.pop("model"), folder, images=images, **spec, **options)
+        folders.append(folder)
+    return folders
+
+
+def load_study(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> xr.Dataset:
+    """Combine profiles into one Dataset with a ``model`` dimension.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        Folders written by `dynamo profile` (each with ``summary.json``).
+    labels : sequence of str, optional
+        Names along ``model``; default each profile's model name (made unique).
+
+    Returns
+    -------
+    xarray.Dataset
+        - ``similarity`` (model, layer_i, layer_j): the phases' layer dissimilarity;
+        - ``<analysis>_<variable>``: every analysis result variable, averaged over images
+          (e.g. ``basins_gamma`` (model, kind, layer), ``tokens_speed`` (model, kind, block));
+        - ``phase_<score>`` (model): the phase-structure scores; ``n_phases``, ``n_images``;
+          ``raptor_r2_final``, ``raptor_accuracy_ratio`` where a surrogate was fitted;
+        - coords ``depth`` (model, layer) and ``block_depth`` (model, block): depth / L;
+        - attrs ``partitions``, ``boundaries`` (JSON, per model), ``profiles`` (the folders).
+    """
+    if not paths:
+        raise ValueError("no profiles to compare")
+    summaries = [_summary(Path(p)) for p in paths]
+    labels = list(labels) if labels is not None else _unique([s["model"] for s in summaries])
+    if len(labels) != len(summaries):
+        raise ValueError(f"{len(labels)} labels for {len(summaries)} profiles")
+    parts = [_one_profile(summary) for summary in summaries]
+    combined = xr.concat(parts, dim=xr.Variable("model", labels), join="outer", coords="all", combine_attrs="drop")
+    return combined.assign_attrs(
+        partitions=json.dumps({label: s["partition"] for label, s in zip(labels, summaries)}),
+        boundaries=json.dumps({label: s["boundaries"] for label, s in zip(labels, summaries)}),
+        profiles=json.dumps([str(p) for p in paths]),
+    )
+
+
+def headline_table(study: xr.Dataset) -> list[dict]:
+    """One row per model of the scalar variables (phase scores, Raptor fit, image count)."""
+    scalars = [name for name, variable in study.data_vars.items() if variable.dims == ("model",)]
+    boundaries = json.loads(study.attrs["boundaries"])
+    rows = []
+    for label in study["model"].values:
+        row = {"model": str(label), "layers": int(study["n_layers"].sel(model=label)),
+               "boundaries": boundaries[str(label)]}
+        for name in scalars:
+            value = float(study[name].sel(model=label))
+            row[name] = None if np.isnan(value) else round(value, 4)
+        rows.append(row)
+    return rows
+
+
+def compare(paths: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None,
+            progress: bool = True) -> dict:
+    """Side-by-side report of several profiles (or stores): figures, table, HTML and JSON.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        Profile folders (`dynamo profile`), or trajectory stores, which are profiled first from
+        the store alone (into ``out/<label>``; analyses that need the live model are skipped).
+    out : str or Path
+        Output folder: ``compare.html``, ``compare.json``, ``study.zarr`` (the `load_study` Dataset), PNG figures.
+    labels : sequence of str, optional
+        Names of the models (default their model names).
+
+    Returns
+    -------
+    dict
+        The content of ``compare.json`` (the headline table, the figures), plus ``text``.
+    """
+    import matplotlib.pyplot as plt
+
+    from figures import compare as compare_figures
+    from figures.report import Section, write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for path in map(Path, paths):
+        if (path / "summary.json").exists():
+            folders.append(path)
+        elif is_trajectory_store(path):
+            folder = out / _slug(path.stem)
+            profile_store(path, folder, progress=progress)
+            folders.append(folder)
+        else:
+            raise ValueError(f"{path} is neither a profile folder (with summary.json) nor a trajectory store")
+    study = load_study(folders, labels)
+    save_result(study, out / "study.zarr")
+    table = headline_table(study)
+    figures = {"similarity_grid": compare_figures.plot_similarity_grid(study)}
+    for variable, selection, ylabel in COMPARED_CURVES:
+        if variable in study and all(dim in study[variable].dims for dim in selection):
+            key = "_".join([variable, *map(str, selection.values())]).replace("rank_rank", "rank")
+            figures[key] = compare_figures.plot_overlaid(study, variable, selection, ylabel)
+    paths_written = {}
+    for key, figure in figures.items():
+        path = out / f"{key}.png"
+        figure.savefig(path, dpi=130, bbox_inches="tight")
+        paths_written[key] = str(path)
+        plt.close(figure)
+    summary = {"models": [str(m) for m in study["model"].values], "table": table, "figures": paths_written,
+               "profiles": [str(f) for f in folders]}
+    (out / "compare.json").write_text(json.dumps(summary, indent=2))
+    write_report(
+        out / "compare.html",
+        "dynamo compare: " + ", ".join(summary["models"]),
+        "Depth normalised to [0, 1] (layer / L) on every curve; dashed lines are phase boundaries.",
+        [Section("Headline numbers", "", [], {row["model"]: {k: v for k, v in row.items() if k != "model"}
+                                                   for row in table}),
+         Section("Similarity and phases", "", [paths_written["similarity_grid"]]),
+         Section("Dynamics, overlaid", "", [p for k, p in paths_written.items() if k != "similarity_grid"])],
+        {"profiles": summary["profiles"]},
+    )
+    summary["text"] = _table_text(table) + f"\nreport: {out / 'compare.html'}"
+    return summary
+
+
+def _summary(folder: Path) -> dict:
+    path = folder / "summary.json"
+    if not path.exists():
+        raise ValueError(f"{folder} has no summary.json; run `dynamo profile ... --out {folder}` first")
+    summary = json.loads(path.read_text())
+    summary["folder"] = folder
+    return summary
+
+
+def _one_profile(summary: dict) -> xr.Dataset:
+    phases = summary["phases"]
+    layers = np.array(phases["layers"])
+    n_layers = summary["layers"] - 1
+    parts = [xr.Dataset({"similarity": (("layer_i", "layer_j"), np.array(phases["similarity"]))},
+                        coords={"layer_i": layers, "layer_j": layers})]
+    for name, entry in summary["dynamics"].items():
+        result = xr.open_zarr(entry["result"])
+        means = result.mean("image") if "image" in result.dims else result
+        parts.append(means.rename({v: f"{name}_{v}" for v in means.data_vars}).drop_vars(
+            [c for c in means.coords if c not in means.dims], errors="ignore").load())
+    scalars = {f"phase_{key}": value for key, value in phases["scores"].items() if key != "n_phases"}
+    scalars.update(n_phases=len(summary["partition"]), n_images=summary["n_images"], n_layers=n_layers)
+    if summary.get("raptor"):
+        scalars.update(raptor_r2_final=summary["raptor"].get("r2_final"),
+                       raptor_accuracy_ratio=summary["raptor"].get("accuracy_ratio"))
+    parts.append(xr.Dataset({k: ((), np.nan if v is None else float(v)) for k, v in scalars.items()}))
+    combined = xr.merge(parts, compat="override", join="outer", combine_attrs="drop")
+    depth = {}
+    for dim, name in (("layer", "depth"), ("block", "block_depth")):
+        if dim in combined.dims:
+            depth[name] = (dim, combined[dim].values / n_layers)
+    return combined.assign_coords(depth)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-")
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return unique
+
+
+def _table_text(table: list[dict]) -> str:
+    keys = ["model", "layers", "n_phases", "boundaries", "phase_contrast", "raptor_r2_final"]
+    lines = ["  ".join(keys)]
+    for row in table:
+        lines.append("  ".join(str(row.get(k)) for k in keys))
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""Layer × layer similarity heatmaps with phase boundaries (the paper's Figures 1, 2 and 4A kind)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import xarray as xr
+
+from analyses.phases import boundaries
+from analyses.similarity import to_similarity
+
+__all__ = ["similarity_grid", "similarity_heatmap"]
+
+BOUNDARY_COLORS = ("magenta", "lime", "orange", "cyan", "red")  # as the paper: 2-phase magenta, 3-phase green
+
+
+def similarity_heatmap(
+    matrix: xr.DataArray,
+    partitions=None,
+    *,
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+    as_similarity: bool = True,
+    annotate: bool | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    colorbar: bool = True,
+) -> plt.Axes:
+    """Draw a layer × layer matrix with dashed lines at phase boundaries.
+
+    Parameters
+    ----------
+    matrix : xarray.DataArray, (layer_i, layer_j)
+        From `analyses.similarity.layer_similarity` (a dissimilarity).
+    partitions : list of list of int, or mapping of str to partition, optional
+        One partition, or several by name (e.g. ``{"2 phases": p2, "3 phases": p3}``, as the
+        paper's Figure 2), each drawn in its own colour with a legend.
+    ax : matplotlib Axes, optional
+        Where to draw; a new figure if not given.
+    title : str, optional
+        Default: the model name and what the matrix is.
+    as_similarity : bool
+        Show 1 − D (cosine similarity, CKA, 1 − angle/π) as the paper's figures do; ignored for
+        MSE, which is shown as it is.
+    annotate : bool, optional
+        Print the values in the cells; default for matrices of at most 16 layers.
+    vmin, vmax : float, optional
+        Colour limits (shared limits make a grid comparable).
+    colorbar : bool
+        Draw a colour bar.
+
+    Returns
+    -------
+    matplotlib Axes
+    """
+    if matrix.dims != ("layer_i", "layer_j"):
+        raise ValueError(f"expected a (layer_i, layer_j) matrix, got dims {matrix.dims}")
+    shown = to_similarity(matrix) if as_similarity and matrix.attrs.get("measure") != "mse" else matrix
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 5.4))
+    layers = matrix["layer_i"].values
+    n = len(layers)
+    image = ax.imshow(shown.values, cmap="viridis", vmin=vmin, vmax=vmax, origin="upper")
+    ax.set_xticks(range(n), [str(layer) for layer in layers])
+    ax.set_yticks(range(n), [str(layer) for layer in layers])
+    ax.set_xlabel("layer (block output)")
+    ax.set_ylabel("layer (block output)")
+    if annotate if annotate is not None else n <= 16:
+        middle = np.nanmean([image.norm.vmin, image.norm.vmax])
+        for i in range(n):
+            for j in range(n):
+                value = shown.values[i, j]
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if value > middle else "white")
+    named = _named_partitions(partitions)
+    for order, ((name, partition), color) in enumerate(zip(named.items(), BOUNDARY_COLORS)):
+        width = 1.6 + 1.6 * (len(named) - 1 - order)  # earlier partitions wider, so shared lines show both
+        positions = np.searchsorted(layers, boundaries(partition)) + 0.5
+        for number, position in enumerate(positions):
+            ax.axvline(position, color=color, linestyle="--", linewidth=width, label=name if number == 0 else None)
+            ax.axhline(position, color=color, linestyle="--", linewidth=width)
+    if len(named) > 1 or (named and next(iter(named)) != ""):
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(named), fontsize=8, frameon=False)
+    description = shown.attrs.get("description", shown.name)
+    if title is None:
+        title = f"{matrix.attrs.get('model', '')}\n{description}, tokens {matrix.attrs.get('tokens', '?')}".strip()
+    ax.set_title(title, fontsize=9)
+    if colorbar:
+        plt.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=description)
+    return ax
+
+
+def similarity_grid(
+    matrices: Mapping[str, xr.DataArray] | Sequence[xr.DataArray],
+    partitions: Mapping[str, object] | Sequence | None = None,
+    *,
+    ncols: int = 3,
+    as_similarity: bool = True,
+    suptitle: str | None = None,
+) -> plt.Figure:
+    """Several models' matrices side by side, on one colour scale, each with its boundaries.
+
+    Parameters
+    ----------
+    matrices : mapping of panel title to matrix, or sequence of matrices
+        Sequences are titled with each matrix's model name.
+    partitions : mapping or sequence, optional
+        One partition per panel (same keys or order as ``matrices``).
+    ncols : int
+        Panels per row.
+    as_similarity : bool
+        As `similarity_heatmap`.
+    suptitle : str, optional
+        Figure title; default names the measure and tokens.
+
+    Returns
+    -------
+    matplotlib Figure
+    """
+    if not isinstance(matrices, Mapping):
+        names = [matrix.attrs.get("model", "matrix") for matrix in matrices]
+        if len(set(names)) < len(names):
+            names = [f"{name} ({index + 1})" for index, name in enumerate(names)]
+        matrices = dict(zip(names, matrices))
+    if not matrices:
+        raise ValueError("no matrices to draw")
+    if partitions is not None and not isinstance(partitions, Mapping):
+        partitions = dict(zip(matrices, partitions))
+    measures = {matrix.attrs.get("measure") for matrix in matrices.values()}
+    if len(measures) > 1:
+        raise ValueError(f"panels of one grid must share a measure, got {sorted(map(str, measures))}")
+    similar = as_similarity and measures != {"mse"}
+    shown = [to_similarity(m) if similar else m for m in matrices.values()]
+    vmin = min(float(np.nanmin(m.values)) for m in shown)
+    vmax = max(float(np.nanmax(m.values)) for m in shown)
+    ncols = min(ncols, len(matrices))
+    nrows = -(-len(matrices) // ncols)
+    figure, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.1 * nrows), squeeze=False, layout="constrained")
+    for ax, (name, matrix) in zip(axes.flat, matrices.items()):
+        partition = partitions.get(name) if partitions else None
+        similarity_heatmap(matrix, partition, ax=ax, title=name, as_similarity=as_similarity,
+                           vmin=vmin, vmax=vmax, colorbar=False, annotate=False)
+    for ax in axes.flat[len(matrices):]:
+        ax.set_visible(False)
+    first = next(iter(matrices.values()))
+    description = shown[0].attrs.get("description", "")
+    figure.colorbar(axes.flat[0].images[0], ax=axes, shrink=0.8, label=description)
+    figure.suptitle(suptitle or f"{description} ({first.attrs.get('tokens', '')}), dashed: phase boundaries")
+    return figure
+
+
+def _named_partitions(partitions) -> dict[str, list[list[int]]]:
+    if partitions is None:
+        return {}
+    if isinstance(partitions, Mapping):
+        return dict(partitions)
+    return {"": partitions}

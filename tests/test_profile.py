@@ -1,0 +1,96 @@
+"""`dynamo profile` and `dynamo compare` end to end on the embedded default (real zoo models, real digits)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import dynamo
+from analyses import phases as phasing
+from analyses.similarity import layer_similarity
+from dynamo import study, zoo
+from dynamo.analyze import ANALYSES
+from dynamo.cli import main
+from dynamo.profile import profile
+
+FAST = dict(limit=40, n_boot=5, only=["basins", "tokens", "rank"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def default_profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    return out, profile(out=out, **FAST)
+
+
+def test_report_files_exist_and_the_page_embeds_every_figure(default_profile):
+    out, summary = default_profile
+    for name in ("report.html", "summary.json", "similarity.png", "similarity.svg"):
+        assert (out / name).stat().st_size > 0, name
+    page = (out / "report.html").read_text()
+    figures = [summary["phases"]["figures"][0]] + [f for entry in summary["dynamics"].values() for f in entry["figures"]]
+    assert len(figures) >= 6
+    assert page.count("data:image/png;base64,") == len(figures)
+    assert summary["model"] == zoo.DEFAULT_MODEL and summary["n_images"] == 40
+    assert summary["weights_sha256"] in page and "Provenance" in page
+
+
+def test_summary_numbers_agree_with_the_analyses_called_directly(default_profile):
+    out, _ = default_profile
+    summary = json.loads((out / "summary.json").read_text())
+    dataset = dynamo.open_trajectories(out / "trajectories.zarr")
+    matrix = layer_similarity(dataset, progress=False)
+    np.testing.assert_allclose(summary["similarity"], matrix.values, atol=1e-6)
+    partition = phasing.partition_matrix(matrix, "maxcut", eps=0.1)
+    assert summary["partition"] == partition
+    assert summary["boundaries"] == phasing.boundaries(partition)
+    assert summary["phases"]["scores"] == pytest.approx(phasing.phase_scores(matrix, partition), nan_ok=True)
+    options = {"progress": False, "boundaries": summary["boundaries"], "seed": 0}
+    for name in ("basins", "tokens", "rank"):
+        direct = ANALYSES[name].run(dataset, None, options)
+        stored = xr.open_zarr(summary["dynamics"][name]["result"], consolidated=False)
+        for variable in direct.data.data_vars:
+            np.testing.assert_allclose(stored[variable].values, direct.data[variable].values, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rerun_reuses_the_store_and_finished_stages(default_profile):
+    out, first = default_profile
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
+    assert set(stamps) == {"phases.json", "dynamics.json"}
+    again = profile(out=out, **FAST)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")} == stamps
+    assert again["partition"] == first["partition"]
+    # other settings recompute that stage only
+    changed = profile(out=out, **{**FAST, "n_boot": 6})
+    assert (out / "stages" / "phases.json").stat().st_mtime_ns != stamps["phases.json"]
+    assert (out / "stages" / "dynamics.json").stat().st_mtime_ns == stamps["dynamics.json"]
+    assert changed["partition"] == first["partition"]
+
+
+def test_a_store_of_another_model_in_the_folder_is_refused(default_profile):
+    out, _ = default_profile
+    with pytest.raises(dynamo.StoreMismatchError):
+        profile("dynamo-zoo/vit-digits-p0.0", out, **FAST)
+
+
+def test_compare_stacks_profiles_along_a_model_dimension(default_profile, tmp_path, capsys):
+    out, _ = default_profile
+    other = tmp_path / "p0.0"
+    profile("dynamo-zoo/vit-digits-p0.0", other, **FAST)
+    combined = study.load_study([out, other])
+    assert list(combined["model"].values) == [zoo.DEFAULT_MODEL, "dynamo-zoo/vit-digits-p0.0"]
+    assert combined["similarity"].dims == ("model", "layer_i", "layer_j")
+    assert combined["tokens_speed"].dims == ("model", "kind", "block")
+    np.testing.assert_allclose(combined["depth"].sel(model=zoo.DEFAULT_MODEL).values, np.arange(13) / 12)
+    p00 = json.loads((other / "summary.json").read_text())
+    np.testing.assert_allclose(combined["similarity"].sel(model="dynamo-zoo/vit-digits-p0.0").values, p00["similarity"])
+    assert float(combined["phase_contrast"].sel(model="dynamo-zoo/vit-digits-p0.0")) == pytest.approx(
+        p00["phases"]["scores"]["contrast"], abs=1e-9)
+    assert main(["compare", str(out), str(other), "--out", str(tmp_path / "cmp"), "--json", "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [row["model"] for row in printed["table"]] == list(combined["model"].values)
+    for path in printed["figures"].values():
+        assert (tmp_path / "cmp" / path.split("/")[-1]).stat().st_size > 0
+    assert (tmp_path / "cmp" / "compare.html").read_text().count("data:image/png") == len(printed["figures"])

@@ -1,0 +1,83 @@
+"""The layer-swap test: exact within tied phases, measurable across them, and clean on the diagonal."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dynamo
+from analyses.swap import layer_swap, phase_relation, swap_summary
+from dynamo.models import weights_sha256
+from tests.conftest import tiny_model
+from tests.test_perturbation import exact_raptor, one_thread, tied_vit  # noqa: F401 (autouse fixture)
+
+PHASES = [[1, 2], [3, 4, 5]]
+
+
+def phase_tied_vit() -> dynamo.LoadedModel:
+    """5 blocks in two phases, each phase one block repeated: blocks (A, A, B, B, B), large updates."""
+    loaded = tiny_model("cls", img_size=32, embed_dim=32, num_heads=2, depth=2)
+    with torch.no_grad():
+        for block in loaded.module.blocks:
+            block.attn.proj.weight.mul_(20)
+            block.mlp.fc2.weight.mul_(20)
+    # copies, not one module twice: the recorder hooks each block of the list
+    first, second = loaded.module.blocks
+    loaded.module.blocks = nn.Sequential(*[copy.deepcopy(b) for b in (first, first, second, second, second)])
+    return dataclasses.replace(loaded, weights_sha256=weights_sha256(loaded.module))
+
+
+@pytest.fixture(scope="module")
+def phase_store(digits_folder, tmp_path_factory):
+    model = phase_tied_vit()
+    path = tmp_path_factory.mktemp("swap") / "phases.zarr"
+    return model, dynamo.record(model, dynamo.image_set(digits_folder), path, batch_size=16, progress=False)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_swaps_within_a_tied_phase_change_nothing_and_across_do(phase_store, width):
+    model, ds = phase_store
+    result = layer_swap(ds, model, width=width, partition=PHASES, progress=False)
+    assert result.sizes == {"target": 5 - width + 1, "source": 5, "group": 3}  # all, cls, patch
+    relation = result["relation"]
+    within, across, clean = (relation == "within"), (relation == "across"), (relation == "clean")
+    assert int(clean.sum()) == (5 if width == 1 else 0) and int(within.sum()) > 0 and int(across.sum()) > 0
+    # a block swapped for an identical one: the very same run
+    np.testing.assert_allclose(result["r2"].where(within | clean).fillna(1).values, 1.0, atol=1e-6)
+    assert float(result["agreement"].where(within | clean).min()) == 1.0
+    # a block from the other phase: a different map, so the last layer moves
+    assert float(result["r2"].sel(group="all").where(across).max()) < 0.999
+    summary = swap_summary(result)
+    assert summary["within"]["r2"] == pytest.approx(1.0, abs=1e-6) and summary["across"]["r2"] < summary["within"]["r2"]
+    assert summary["within"]["n_swaps"] + summary["across"]["n_swaps"] == int((within | across).sum())
+    assert "within" in summary["text"] and 0 <= summary["clean_accuracy"] <= 1
+
+
+def test_phase_relation():
+    assert phase_relation(PHASES, [2], 2) == "clean"
+    assert phase_relation(PHASES, [1], 2) == "within"
+    assert phase_relation(PHASES, [2, 3], 3) == "across"
+    assert phase_relation(PHASES, [3, 4], 5) == "within"
+
+
+def test_phases_default_to_the_stores_own(phase_store):
+    model, ds = phase_store
+    from analyses.phases import find_phases
+
+    result = layer_swap(ds, model, images=8, progress=False)
+    assert result.attrs["partition"] == str(find_phases(ds))
+
+
+def test_clear_errors(phase_store):
+    model, ds = phase_store
+    with pytest.raises(ValueError, match="cover blocks"):
+        layer_swap(ds, model, partition=[[1, 2], [3, 4]], progress=False)
+    with pytest.raises(ValueError, match="width"):
+        layer_swap(ds, model, width=6, partition=PHASES, progress=False)
+    with pytest.raises(ValueError, match="reordered"):
+        layer_swap(ds, exact_raptor(tied_vit()), partition=PHASES, progress=False)
