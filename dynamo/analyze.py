@@ -478,7 +478,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for results, figures and summary.json")
     parser.add_argument(
         "--only",
-        type=_name_list,
+        type=comma_list,
         help=f"comma-separated analyses to run (default all): "
         + "; ".join(f"{name}: {entry.help}" for name, entry in ANALYSES.items()),
     )
@@ -493,7 +493,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase-method", choices=["maxcut", "contiguous"], default="maxcut")
     parser.add_argument(
         "--export",
-        type=_name_list,
+        type=comma_list,
         default=[],
         help="views to export as trials x time x features .npy arrays for other dynamics tools "
         "(cls, patch_mean, register_mean, patch, register, ...)",
@@ -531,7 +531,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     )
 
 
-def _name_list(text: str) -> list[str]:
+def comma_list(text: str) -> list[str]:
+    """Command-line ``a,b,c`` as a list of names."""
     return [part.strip() for part in text.split(",") if part.strip()]
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from dynamo import zoo
+from dynamo.analyze import comma_list
 from dynamo.images import image_set
 from dynamo.layout import NotAViTError
 from dynamo.models import ModelLoadError
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--eps", type=float, default=0.1, help="the paper's max-cut fraction f (default 0.1)")
     prof.add_argument("--k", type=int, help="number of phases (overrides --eps)")
     prof.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for boundary stability")
-    prof.add_argument("--only", type=_name_list, help="comma-separated dynamics analyses (default all)")
+    prof.add_argument("--only", type=comma_list, help="comma-separated dynamics analyses (default all)")
     prof.add_argument("--fit-raptor", type=int, metavar="K", help="also fit a K-block Raptor surrogate")
     prof.add_argument("--raptor-steps", type=int, help="Raptor training steps per stage")
     prof.add_argument("--seed", type=int, default=0)
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("paths", nargs="+", help="profile folders (dynamo profile --out) or trajectory stores")
     comp.add_argument("--out", required=True)
-    comp.add_argument("--labels", type=_name_list, help="comma-separated model labels")
+    comp.add_argument("--labels", type=comma_list, help="comma-separated model labels")
     comp.add_argument("--quiet", action="store_true")
     comp.add_argument("--json", action="store_true")
     comp.set_defaults(run=_compare)
@@ -243,10 +244,6 @@ def _analyze(args) -> dict:
     from dynamo import analyze as analyzing
 
     return analyzing.run_from_args(args)
-
-
-def _name_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _profile(args) -> dict:

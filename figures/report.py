@@ -115,8 +115,17 @@ def _table(numbers: Mapping) -> str:
 
 
 def _format(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
     if isinstance(value, str):
         return value
-    return json.dumps(value, default=str)
+    return json.dumps(_rounded(value), default=str)
+
+
+def _rounded(value):
+    """Floats to 4 significant digits, inside lists and dicts too (the page is for reading)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(item) for item in value]
+    return value

@@ -20,6 +20,15 @@ ARCHITECTURES = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: small models run fastest so (intra-op threads stall on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(kind: str = "cls", **overrides) -> dynamo.LoadedModel:
     """A random-weight model of one token layout, with a 10-class head."""
     name, kwargs = ARCHITECTURES[kind]

@@ -11,7 +11,9 @@ from analyses.jacobian import jacobian_spectrum, jacobian_summary, top_singular_
 from analyses.perturbation import perturbation_recovery
 from dynamo.stepping import BlockStepper
 from tests.conftest import tiny_model
-from tests.test_perturbation import DEPTH, affine_vit, one_thread  # noqa: F401 (autouse fixture)
+from tests.test_perturbation import DEPTH, affine_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("a", [0.6, -1.3])

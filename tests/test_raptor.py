@@ -24,13 +24,7 @@ from tests.conftest import tiny_model
 DEPTH = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and intra-op threads stall on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher(tied: bool) -> dynamo.LoadedModel:

@@ -14,9 +14,11 @@ import dynamo
 from analyses.swap import layer_swap, phase_relation, swap_summary
 from dynamo.models import weights_sha256
 from tests.conftest import tiny_model
-from tests.test_perturbation import exact_raptor, one_thread, tied_vit  # noqa: F401 (autouse fixture)
+from tests.test_perturbation import exact_raptor, tied_vit
 
 PHASES = [[1, 2], [3, 4, 5]]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def phase_tied_vit() -> dynamo.LoadedModel:
