@@ -398,7 +398,8 @@ def _text(summary: dict, out: Path) -> str:
     for name, entry in summary["dynamics"].items():
         scalars = {key: value for key, value in entry.items() if isinstance(value, (int, float, str))
                    and key != "result"}
-        lines.append(f"{name}: " + "; ".join(f"{key} = {_number(value)}" for key, value in scalars.items()))
+        numbers = "; ".join(f"{key} = {_number(value)}" for key, value in scalars.items())
+        lines.append(f"{name}: {numbers or 'per-layer numbers in summary.json'}")
     if summary["raptor"]:
         raptor = summary["raptor"]
         lines.append(f"raptor k={raptor['k']} on {raptor['partition']}: r2_final = {_number(raptor.get('r2_final'))}, "
