@@ -200,5 +200,7 @@ def save_result(result: xr.Dataset, path: str | Path) -> Path:
     (it has no specification for numpy's fixed-width unicode).
     """
     strings = {name: coord.astype(object) for name, coord in result.coords.items() if coord.dtype.kind == "U"}
-    result.assign_coords(strings).drop_encoding().to_zarr(path, mode="w")
+    with warnings.catch_warnings():  # consolidated metadata is zarr-python's extension to v3: intended
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        result.assign_coords(strings).drop_encoding().to_zarr(path, mode="w")
     return Path(path)

@@ -1,0 +1,80 @@
+"""The stochastic-depth study script (examples/stochastic_depth_study.py) in its --fast mode."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import dynamo
+from analyses import phases as phasing
+from dynamo.raptor import RaptorFitter
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "stochastic_depth_study.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("stochastic_depth_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fast_run(script, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd-study")
+    numbers = script.main(["--out", str(out), "--fast", "--quiet"])
+    return out, numbers
+
+
+def test_fast_run_writes_dataset_json_and_figures(fast_run):
+    out, numbers = fast_run
+    saved = json.loads((out / "study.json").read_text())
+    assert set(saved["models"]) == {"p0.0", "random-init"}
+    for path in saved["figures"].values():
+        assert Path(path).stat().st_size > 10_000
+    study = xr.open_zarr(out / "study.zarr")
+    assert study["model"].values.tolist() == ["p0.0", "random-init"]
+    assert study["raptor_r2"].dims == ("model", "k", "layer", "group")
+    assert study["baseline_r2_final"].sizes["fit"] == 4  # fitted, uniform, random 0, k=1
+    assert saved["models"]["p0.0"]["raptor"]["k=2"]["r2_final"] == pytest.approx(
+        float(study["raptor_r2_final"].sel(model="p0.0", k=2)), abs=1e-4)
+
+
+def test_study_numbers_equal_the_analyses_called_directly(fast_run):
+    out, _ = fast_run
+    study = xr.open_zarr(out / "study.zarr").sel(model="p0.0").load()
+    store = out / "p0.0" / "trajectories.zarr"
+    dataset = dynamo.open_trajectories(store)
+    assert dataset.sizes["image"] == int(study["n_images"])
+    direct = phasing.phase_analysis(dataset, "maxcut", eps=0.1, n_boot=0, progress=False)
+    np.testing.assert_allclose(study["similarity"].values, direct["dissimilarity"].values, rtol=1e-6)
+    scores = json.loads(direct.attrs["scores"])
+    assert float(study["phase_contrast"]) == pytest.approx(scores["contrast"])
+    partition = json.loads(str(study["raptor_partition"].sel(k=2).values))
+    assert float(study["partition_silhouette"].sel(k=2)) == pytest.approx(
+        phasing.phase_scores(direct["dissimilarity"], partition)["silhouette"])
+    teacher = dynamo.load_model("dynamo-zoo/vit-digits-p0.0")
+    report = RaptorFitter.load(out / "p0.0" / "raptor" / "k2", teacher=teacher).evaluate(store, probe=False)
+    np.testing.assert_allclose(study["raptor_r2"].sel(k=2).values, report["r2"].sel(group=["all", "cls", "patch"]).values, rtol=1e-6)
+    assert float(study["raptor_accuracy_ratio"].sel(k=2)) == pytest.approx(report.attrs["accuracy_ratio"])
+    logits = dataset["logits"].values
+    assert float(study["vit_accuracy"]) == pytest.approx((logits.argmax(-1) == dataset["label"].values).mean())
+
+
+def test_rerun_reuses_the_fits(script, fast_run):
+    out, _ = fast_run
+    before = (out / "p0.0" / "raptor" / "k2" / "weights.safetensors").stat().st_mtime_ns
+    script.main(["--out", str(out), "--fast", "--quiet"])
+    assert (out / "p0.0" / "raptor" / "k2" / "weights.safetensors").stat().st_mtime_ns == before
+
+
+def test_random_init_model_is_seeded_and_marked_untrained(script):
+    first, second = script.random_init_model(seed=3), script.random_init_model(seed=3)
+    assert not first.pretrained
+    assert first.weights_sha256 == second.weights_sha256
+    assert first.weights_sha256 != script.random_init_model(seed=4).weights_sha256
+    assert first.weights_sha256 != dynamo.load_model("dynamo-zoo/vit-digits-p0.0").weights_sha256
