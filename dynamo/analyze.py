@@ -364,6 +364,8 @@ def analyze(
         "boundary_source": boundary_source,
         "analyses": {},
     }
+    from figures.output import save_figures
+
     for name in names:
         entry = ANALYSES[name]
         result = entry.run(dataset, loaded, options)
@@ -375,10 +377,8 @@ def analyze(
             boundaries=boundaries,
         )
         path = out / f"{name}.zarr"
-        with warnings.catch_warnings():  # consolidated metadata: zarr v3 warns it is not in its spec yet
-            warnings.filterwarnings("ignore", message="Consolidated metadata")
-            save_result(data, path)  # consolidated, so a plain xr.open_zarr(path) reads it
-        figure_paths = [str(p) for p in _save_figures(entry.figures(data, boundaries), out, name)]
+        save_result(data, path)
+        figure_paths = [str(p) for p in save_figures(entry.figures(data, boundaries), out, prefix=f"{name}_").values()]
         summary["analyses"][name] = {"result": str(path), "figures": figure_paths, **_jsonable(result.headline)}
     if export:
         from analyses import export as exporting
@@ -416,18 +416,6 @@ def _live_model(dataset, model, checkpoint, device) -> LoadedModel:
         )
     loaded.module.to(device)
     return loaded
-
-
-def _save_figures(figures: dict, out: Path, name: str) -> list[Path]:
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for key, figure in figures.items():
-        path = out / f"{name}_{key}.png"
-        figure.savefig(path, dpi=130, bbox_inches="tight")
-        plt.close(figure)
-        paths.append(path)
-    return paths
 
 
 def _jsonable(value):

@@ -18,7 +18,7 @@ from dynamo.images import image_set
 from dynamo.layout import NotAViTError
 from dynamo.models import ModelLoadError
 from dynamo.record import RecordingError, record
-from dynamo.store import PENDING, RECORDED, StoreError, open_trajectories
+from dynamo.store import PENDING, RECORDED, StoreError, open_trajectories, save_result
 
 USER_ERRORS = (ModelLoadError, NotAViTError, StoreError, RecordingError, FileNotFoundError, ValueError)
 
@@ -278,7 +278,7 @@ def _phases(args) -> dict:
     )
     summary = {"store": str(args.store), **phase_summary(result)}
     if args.out:
-        result.to_zarr(args.out, mode="w", consolidated=False)
+        save_result(result, args.out)
         summary["out"] = args.out
         summary["text"] += f"\nresult written to {args.out}"
     if args.figure:

@@ -257,6 +257,7 @@ def _cached(out: Path, stage: str, key: dict, compute) -> dict:
 
 def _phases(dataset, out: Path, method: str, eps: float, k: int | None, n_boot: int, seed: int, progress: bool) -> dict:
     from analyses import phases as phasing
+    from figures.output import save_figures
     from figures.similarity import similarity_heatmap
 
     result = phasing.phase_analysis(dataset, method, eps, k, n_boot=n_boot, seed=seed, progress=progress)
@@ -264,8 +265,9 @@ def _phases(dataset, out: Path, method: str, eps: float, k: int | None, n_boot: 
     summary = phasing.phase_summary(result)
     summary.pop("text")
     matrix = result["dissimilarity"]
-    _save(similarity_heatmap(matrix, {f"{method} phases": summary["partition"]}).figure, out / "similarity")
-    return {**summary, "similarity": np.round(matrix.values, 6).tolist(), "figures": [str(out / "similarity.png")]}
+    heatmap = similarity_heatmap(matrix, {f"{method} phases": summary["partition"]}).figure
+    figure = save_figures({"similarity": heatmap}, out, formats=("png", "svg"))["similarity"]
+    return {**summary, "similarity": np.round(matrix.values, 6).tolist(), "figures": [str(figure)]}
 
 
 def _dynamics(store: Path, out: Path, loaded, only, boundaries, device, seed, progress) -> dict:
@@ -278,14 +280,13 @@ def _dynamics(store: Path, out: Path, loaded, only, boundaries, device, seed, pr
 def _raptor(store: Path, out: Path, k: int, phases: dict, steps, device, seed, progress) -> dict:
     from analyses import phases as phasing
     from dynamo.raptor import RaptorFitter
+    from figures.output import save_figures
     from figures.raptor import plot_r2_per_layer
 
     partition = phases["partition"]
     if phases["thresholds"] is None or len(partition) != k:
         # the found phases are not k contiguous blocks: the exact contiguous split into k
-        matrix = xr.DataArray(np.array(phases["similarity"]), dims=("layer_i", "layer_j"),
-                              coords={"layer_i": phases["layers"], "layer_j": phases["layers"]})
-        partition = phasing.contiguous_partition(matrix, k)
+        partition = phasing.contiguous_partition(xr.open_zarr(out / "phases.zarr")["dissimilarity"].load(), k)
     options = {"steps": steps} if steps else {}
     fitter = RaptorFitter(k=k, partition=partition, seed=seed, device=device, progress=progress,
                           checkpoint_dir=out / "raptor" / "checkpoints", **options)
@@ -293,21 +294,13 @@ def _raptor(store: Path, out: Path, k: int, phases: dict, steps, device, seed, p
     fitter.save(out / "raptor")
     report = fitter.evaluate(store)
     save_result(report, out / "raptor" / "evaluation.zarr")
-    figure = out / "raptor" / "r2_per_layer.png"
-    _save(plot_r2_per_layer(report, boundaries=phasing.boundaries(partition)), figure.with_suffix(""))
+    r2_figure = plot_r2_per_layer(report, boundaries=phasing.boundaries(partition))
+    figure = save_figures({"r2_per_layer": r2_figure}, out / "raptor", formats=("png", "svg"))["r2_per_layer"]
     numbers = {key: report.attrs[key] for key in ("r2_final", "accuracy_ratio", "agreement", "accuracy_teacher",
                                                   "accuracy_surrogate", "images") if key in report.attrs}
     return {"k": k, "partition": partition, **numbers,
             "r2_per_layer": np.round(report["r2"].sel(group="all").values, 4).tolist(),
             "figures": [str(figure)]}
-
-
-def _save(figure, stem: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    figure.savefig(stem.with_suffix(".png"), dpi=130, bbox_inches="tight")
-    figure.savefig(stem.with_suffix(".svg"), bbox_inches="tight")
-    plt.close(figure)
 
 
 def _provenance(dataset, command: str | None) -> dict:

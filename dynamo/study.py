@@ -138,9 +138,8 @@ def compare(paths: Sequence[str | Path], out: str | Path, *, labels: Sequence[st
     dict
         The content of ``compare.json`` (the headline table, the figures), plus ``text``.
     """
-    import matplotlib.pyplot as plt
-
     from figures import compare as compare_figures
+    from figures.output import save_figures
     from figures.report import Section, write_report
 
     out = Path(out)
@@ -163,12 +162,7 @@ def compare(paths: Sequence[str | Path], out: str | Path, *, labels: Sequence[st
         if variable in study and all(dim in study[variable].dims for dim in selection):
             key = "_".join([variable, *map(str, selection.values())]).replace("rank_rank", "rank")
             figures[key] = compare_figures.plot_overlaid(study, variable, selection, ylabel)
-    paths_written = {}
-    for key, figure in figures.items():
-        path = out / f"{key}.png"
-        figure.savefig(path, dpi=130, bbox_inches="tight")
-        paths_written[key] = str(path)
-        plt.close(figure)
+    paths_written = {key: str(path) for key, path in save_figures(figures, out).items()}
     summary = {"models": [str(m) for m in study["model"].values], "table": table, "figures": paths_written,
                "profiles": [str(f) for f in folders]}
     (out / "compare.json").write_text(json.dumps(summary, indent=2))

@@ -259,9 +259,9 @@ def draw_figures(study: xr.Dataset, out: Path) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from figures import study as study_figures
+    from figures.output import save_figures
 
     figures = {
         "similarity_row": study_figures.plot_similarity_row(study),
@@ -270,12 +270,7 @@ def draw_figures(study: xr.Dataset, out: Path) -> dict:
         "score_vs_r2": study_figures.plot_score_vs_r2(study, "contrast"),
         "maxcut_vs_random": study_figures.plot_partition_baselines(study),
     }
-    paths = {}
-    for name, figure in figures.items():
-        paths[name] = str(out / f"{name}.png")
-        figure.savefig(paths[name], dpi=120, bbox_inches="tight")
-        plt.close(figure)
-    return paths
+    return {name: str(path) for name, path in save_figures(figures, out, dpi=120).items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,7 +50,7 @@ def plot_r2_per_layer(
     ax.set_ylabel("R² of surrogate vs teacher")
     ax.set_ylim(top=1.0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, handlelength=3.5)
     ax.set_title(title or f"{first.attrs.get('teacher', '')}: Raptor k = {first.attrs.get('k', '?')}, "
                  f"R² per layer (dashed: phase boundaries)", fontsize=9)
     return figure

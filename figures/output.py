@@ -1,0 +1,45 @@
+"""Writing figures to files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+__all__ = ["save_figures"]
+
+
+def save_figures(
+    figures: Mapping[str, plt.Figure],
+    folder: str | Path,
+    prefix: str = "",
+    formats: Sequence[str] = ("png",),
+    dpi: int = 130,
+) -> dict[str, Path]:
+    """Write each figure to ``folder/<prefix><name>.<format>`` and close it.
+
+    Parameters
+    ----------
+    figures : mapping of str to matplotlib Figure
+    folder : str or Path
+        Existing output folder.
+    prefix : str
+        Prepended to every file name.
+    formats : sequence of str
+        File formats, e.g. ``("png", "svg")``; raster ones use ``dpi``.
+    dpi : int
+
+    Returns
+    -------
+    dict of str to Path
+        The file of the first format, by figure name.
+    """
+    written = {}
+    for name, figure in figures.items():
+        stem = Path(folder) / f"{prefix}{name}"
+        for fmt in formats:
+            figure.savefig(stem.with_suffix(f".{fmt}"), dpi=dpi, bbox_inches="tight")
+        plt.close(figure)
+        written[name] = stem.with_suffix(f".{formats[0]}")
+    return written
