@@ -340,6 +340,12 @@ def analyze(
     dataset = open_trajectories(store)
     if dataset.sizes["image"] == 0:
         raise ValueError(f"store {store} has no recorded images; record some with `dynamo record`")
+    if "hidden" not in dataset:
+        raise ValueError(
+            f"store {store} holds only reduced views (recorded with --summaries-only); the dynamics "
+            "analyses follow every token, so record again without --summaries-only. `dynamo phases` "
+            "works on this store."
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

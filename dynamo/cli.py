@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from dynamo import zoo
 from dynamo.analyze import comma_list
+from dynamo.capture import AUTOCAST_DTYPES
 from dynamo.images import image_set
 from dynamo.layout import NotAViTError
 from dynamo.models import ModelLoadError
 from dynamo.record import RecordingError, record
-from dynamo.store import PENDING, RECORDED, StoreError, open_trajectories, save_result
+from dynamo.store import PENDING, RECORDED, SUMMARY_VARIABLES, StoreError, consolidate, open_trajectories, save_result, writer_lock
 
 USER_ERRORS = (ModelLoadError, NotAViTError, StoreError, RecordingError, FileNotFoundError, ValueError)
 
@@ -72,11 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--patch-tokens", type=int, help="keep only N patch tokens, drawn with --seed")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--compression", choices=["none", "zstd"], default="none")
-    rec.add_argument("--device", default="cpu")
+    rec.add_argument("--device", default="cpu", help="torch device; with --shard auto under torchrun, 'cuda' means cuda:$LOCAL_RANK")
+    rec.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="run the forward under torch.autocast with this dtype (GPU speed)")
+    rec.add_argument("--summaries-only", action="store_true", help="store cls / patch-mean / register-mean views and logits, not every token")
+    rec.add_argument("--writers", type=int, default=2, help="threads writing batches to the store (default 2)")
+    rec.add_argument(
+        "--shard",
+        help="record only shard I/N of the store's blocks (0-based; run all N, in parallel, anywhere that sees --out); "
+        "'auto' reads SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/NTASKS",
+    )
     rec.add_argument("--overwrite", action="store_true", help="replace a store recorded with other settings")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     rec.add_argument("--json", action="store_true", help="print a JSON summary")
     rec.set_defaults(run=_record)
+
+    cons = commands.add_parser(
+        "consolidate",
+        help="check that every shard of a recording finished, and mark the store complete",
+        description="Validate a store written by `dynamo record --shard I/N` processes: every image recorded "
+        "(or unreadable) and every recorded block's chunks on disk. Names the shards to run again otherwise.",
+    )
+    cons.add_argument("store")
+    cons.add_argument("--json", action="store_true")
+    cons.set_defaults(run=_consolidate)
 
     info = commands.add_parser("info", help="describe a trajectory store")
     info.add_argument("store")
@@ -204,6 +224,9 @@ def _int_list(text: str) -> list[int]:
 
 def _record(args) -> dict:
     images = args.images or zoo.default_images()
+    device = args.device
+    if device == "cuda" and args.shard == "auto" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     started = time.perf_counter()
     record(
         args.model,
@@ -218,7 +241,11 @@ def _record(args) -> dict:
         seed=args.seed,
         compression=args.compression,
         limit=args.limit,
-        device=args.device,
+        device=device,
+        autocast=args.autocast,
+        summaries_only=args.summaries_only,
+        writers=args.writers,
+        shard=args.shard,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
@@ -226,6 +253,12 @@ def _record(args) -> dict:
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["text"] += f"\nrecorded in {summary['seconds']} s"
     return summary
+
+
+def _consolidate(args) -> dict:
+    with writer_lock(args.store):
+        consolidate(args.store)
+    return describe(args.store)
 
 
 def _info(args) -> dict:
@@ -356,7 +389,6 @@ def describe(path: str | Path) -> dict:
     """Headline facts of a store: model, sizes, completeness, and where it is."""
     dataset = open_trajectories(path, recorded_only=False)
     status = dataset["status"].values
-    hidden = dataset["hidden"]
     attrs = dataset.attrs
     size_bytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     summary = {
@@ -367,11 +399,12 @@ def describe(path: str | Path) -> dict:
         "n_recorded": int((status == RECORDED).sum()),
         "n_pending": int((status == PENDING).sum()),
         "unreadable_images": list(attrs.get("unreadable_images", [])),
-        "layers": int(hidden.sizes["layer"]),
-        "tokens": int(hidden.sizes["token"]),
-        "features": int(hidden.sizes["feature"]),
+        "layers": int(dataset.sizes["layer"]),
+        "tokens": int(dataset.sizes["token"]),
+        "features": int(dataset.sizes["feature"]),
         "token_kinds": {k: int((dataset["token_kind"] == k).sum()) for k in ("cls", "dist", "register", "patch")},
-        "dtype": str(hidden.dtype),
+        "dtype": str(dataset["hidden"].dtype) if "hidden" in dataset else "summaries only",
+        "shards": int(attrs.get("shards", 1)),
         "bytes": size_bytes,
         "complete": bool(attrs.get("complete")),
     }
@@ -380,11 +413,23 @@ def describe(path: str | Path) -> dict:
         f"{summary['store']}: {summary['model']} (weights sha256 {summary['weights_sha256'][:12]})\n"
         f"{summary['n_recorded']}/{summary['n_images']} images recorded"
         f"{', ' + str(len(summary['unreadable_images'])) + ' unreadable (skipped)' if summary['unreadable_images'] else ''}"
-        f"{', INCOMPLETE: run the same record command to resume' if summary['n_pending'] else ''}\n"
-        f"hidden: {summary['layers']} layers x {summary['tokens']} tokens ({kinds}) x "
-        f"{summary['features']} features, {summary['dtype']}, {size_bytes / 1e6:.1f} MB on disk"
+        f"{', INCOMPLETE: ' + _resume_hint(summary['shards']) if summary['n_pending'] else ''}\n"
+        + (
+            f"hidden: {summary['layers']} layers x {summary['tokens']} tokens ({kinds}) x "
+            f"{summary['features']} features, {summary['dtype']}"
+            if "hidden" in dataset
+            else f"reduced views only ({', '.join(v for v in SUMMARY_VARIABLES if v in dataset)}): "
+            f"{summary['layers']} layers x {summary['features']} features"
+        )
+        + f", {size_bytes / 1e6:.1f} MB on disk"
     )
     return summary
+
+
+def _resume_hint(shards: int) -> str:
+    if shards > 1:
+        return f"recorded by {shards} shards; `dynamo consolidate STORE` names the ones to run again"
+    return "run the same record command to resume"
 
 
 if __name__ == "__main__":

@@ -1,22 +1,30 @@
 """Record every token's trajectory through every block of a ViT into a trajectory store.
 
-Forward hooks on ``model.blocks`` capture layer 0 (the input to the first block: patch +
-position embedding + prefix tokens, after any pre-norm) and the output of each block, copying
-each straight into a per-batch host buffer. The model's own forward runs unchanged, so its
-logits are stored as well. Batches are loaded one ahead on a thread and written on another,
-with at most two batches in flight, so memory does not grow with the number of images.
+Forward hooks (`dynamo.capture`) keep layer 0 (the input to the first block: patch + position
+embedding + prefix tokens, after any pre-norm) and the output of each block, reduce the
+summaries on the model's device and bring the states to the host (asynchronously, through
+pinned buffers, on a GPU). The model's own forward runs unchanged, so its logits are stored as
+well. Batches are loaded one ahead on a thread and written on ``writers`` others, with at most
+``writers + 1`` batches on the host, so memory does not grow with the number of images and the
+model waits for the disk only when every writer is busy.
+
+A recording can be split into shards (`dynamo.shards`): N processes fill disjoint blocks of one
+store, each resumable on its own; the last to finish marks the store complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import platform
 import sys
 import threading
+import warnings
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -30,11 +38,14 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from dynamo import store as stores
+from dynamo.capture import AUTOCAST_DTYPES, Capture, CaptureError, CapturedBatch
 from dynamo.images import ImageSet, image_set
 from dynamo.models import LoadedModel, load_model
+from dynamo.shards import Shard, parse_shard, shard_lock
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 COMPRESSION = {"zstd": {"name": "zstd", "configuration": {"level": 1}}, "none": None}
+STORE_LOCK_WAIT_S = 600  # the store lock is held briefly, while a shard sets up or completes the store
 
 
 class RecordingError(RuntimeError):
@@ -52,10 +63,14 @@ def record(
     dtype: str = "float32",
     layers: Sequence[int] | None = None,
     patch_tokens: int | None = None,
+    summaries_only: bool = False,
     seed: int = 0,
     compression: str = "none",
     limit: int | None = None,
     device: str = "cpu",
+    autocast: str | None = None,
+    writers: int = 2,
+    shard: Shard | str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> xr.Dataset:
@@ -75,8 +90,11 @@ def record(
     checkpoint, pretrained
         As in `dynamo.load_model`, when ``model`` is a name.
     batch_size : int
-        Images per forward pass, and the store's chunk length along ``image``. A resumed run
-        uses the store's own batch size, so that blocks line up with what was written.
+        Images per forward pass, and the store's chunk length along ``image``. ``hidden`` is
+        chunked (batch, 1 layer, tokens, features): one write per layer per batch, large
+        enough for disk bandwidth (ViT-B, batch 32, float16: 9.7 MB) and read one layer at a
+        time by the analyses. A resumed run uses the store's own batch size, so that blocks
+        line up with what was written.
     dtype : {"float32", "float16"}
         Storage type of ``hidden``. Reduced views and logits are always float32.
     layers : sequence of int, optional
@@ -84,6 +102,10 @@ def record(
     patch_tokens : int, optional
         Keep only this many patch tokens in ``hidden``, drawn without replacement with ``seed``
         (prefix tokens are always kept); all by default.
+    summaries_only : bool
+        Store only the reduced views (cls, patch mean, register mean) and logits, not
+        ``hidden``: about 1/(2 × tokens) of the bytes. Enough for the similarity matrix and
+        phases on the paper's default tokens; analyses of individual tokens need ``hidden``.
     seed : int
         Seed of the patch-token draw; recorded in the store.
     compression : {"none", "zstd"}
@@ -92,7 +114,18 @@ def record(
     limit : int, optional
         Record only the first ``limit`` images.
     device : str
-        Torch device to run the model on.
+        Torch device to run the model on (``cuda``, ``cuda:1``, ``cpu``...).
+    autocast : {"bfloat16", "float16"}, optional
+        Run the forward under ``torch.autocast`` with this dtype (faster on a GPU; the stored
+        states then differ from a float32 forward by that dtype's rounding). Part of the
+        store's identity: a resumed run must use the same setting.
+    writers : int
+        Threads writing batches to the store. The next batch runs while ``writers`` are being
+        written, so host memory holds at most ``writers + 1`` batches.
+    shard : Shard or "I/N" or "auto", optional
+        Record only shard I of N (a contiguous run of the store's blocks); see
+        `dynamo.shards`. Shards may run at the same time in separate processes or machines
+        sharing ``out``'s filesystem; the last to finish marks the store complete.
     overwrite : bool
         Replace an existing store recorded with other settings instead of refusing.
     progress : bool
@@ -101,14 +134,15 @@ def record(
     Returns
     -------
     xarray.Dataset
-        The store, opened lazily (see `dynamo.open_trajectories`).
+        The store, opened lazily (see `dynamo.open_trajectories`); for a shard whose siblings
+        are still running, only the images recorded so far.
 
     Raises
     ------
     StoreMismatchError
         ``out`` holds a store recorded with another model, images or settings.
     StoreBusyError
-        Another process is writing ``out``.
+        Another process is writing ``out`` (or the same shard of it).
     RecordingError
         The disk filled up or a write failed; what was written is kept for resuming.
     """
@@ -116,35 +150,48 @@ def record(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if compression not in COMPRESSION:
         raise ValueError(f"compression must be one of {sorted(COMPRESSION)}, got {compression!r}")
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, got {autocast!r}")
+    if writers < 1:
+        raise ValueError(f"writers must be at least 1, got {writers}")
+    shard = shard if isinstance(shard, Shard) else parse_shard(shard)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, checkpoint, pretrained)
     images = images if isinstance(images, ImageSet) else image_set(images)
     if limit is not None:
         images = images.head(limit)
-    plan = _plan(loaded, images, dtype, layers, patch_tokens, seed)
+    plan = _plan(loaded, images, dtype, layers, patch_tokens, seed, summaries_only, autocast)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with stores.writer_lock(out):
-        if out.exists() and overwrite:
-            try:
-                stores.check_identity(stores.open_group(out), plan["identity"], out)
-            except stores.StoreMismatchError:
-                stores.remove_store(out)
-        if not out.exists():
-            template, encoding = _template(loaded, images, plan, batch_size, compression)
-            try:
-                stores.create_store(out, template, encoding)
-            except OSError as error:
-                raise RecordingError(
-                    f"could not create the store at {out}: {error}. Nothing was recorded; fix the "
-                    "cause and run the same command again."
-                ) from error
-        group = stores.open_group(out, mode="r+")
-        stores.check_identity(group, plan["identity"], out)
-        _record_pending(loaded, images, group, plan, device, progress, out)
-    return stores.open_trajectories(out)
+    with contextlib.ExitStack() as writing:
+        with stores.writer_lock(out, wait=STORE_LOCK_WAIT_S):
+            if out.exists() and overwrite:
+                try:
+                    stores.check_identity(stores.open_group(out), plan["identity"], out)
+                except stores.StoreMismatchError:
+                    stores.remove_store(out)
+            if not out.exists():
+                template, encoding = _template(loaded, images, plan, batch_size, compression)
+                try:
+                    stores.create_store(out, template, encoding)
+                except OSError as error:
+                    raise RecordingError(
+                        f"could not create the store at {out}: {error}. Nothing was recorded; fix the "
+                        "cause and run the same command again."
+                    ) from error
+            group = stores.open_group(out, mode="r+")
+            stores.check_identity(group, plan["identity"], out)
+            writing.enter_context(shard_lock(out, shard))
+            group.attrs["shards"] = shard.count
+        _record_pending(loaded, images, group, plan, shard, device, autocast, writers, progress, out)
+    with stores.writer_lock(out, wait=STORE_LOCK_WAIT_S):
+        summary = stores.consolidate(out, require_complete=shard.count == 1)
+    with warnings.catch_warnings():
+        if not summary["complete"]:  # siblings still running: expected, not worth a warning
+            warnings.filterwarnings("ignore", message="store .* is incomplete", category=UserWarning)
+        return stores.open_trajectories(out)
 
 
-def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, seed) -> dict:
+def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, seed, summaries_only, autocast) -> dict:
     """Decide which layers and tokens are kept, and what identifies this recording."""
     layout = loaded.layout
     n_layers = loaded.num_blocks + 1
@@ -170,8 +217,14 @@ def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, se
         "dtype": dtype,
         "layers": layers,
         "tokens": tokens.tolist(),
+        # only when set, so that stores recorded before these options existed still resume
+        **({"summaries_only": True} if summaries_only else {}),
+        **({"autocast": autocast} if autocast else {}),
     }
-    return {"layers": layers, "tokens": tokens, "dtype": dtype, "seed": seed, "identity": identity}
+    return {
+        "layers": layers, "tokens": tokens, "dtype": dtype, "seed": seed, "identity": identity,
+        "summaries_only": summaries_only, "autocast": autocast,
+    }
 
 
 def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int, compression: str):
@@ -187,13 +240,12 @@ def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int
     def lazy(shape, dtype, chunks):
         return da.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0, dtype=dtype, chunks=chunks)
 
-    variables = {
-        "hidden": (
+    variables = {"status": (("image",), lazy((n,), np.int8, (batch,)))}
+    if not plan["summaries_only"]:
+        variables["hidden"] = (
             ("image", "layer", "token", "feature"),
             lazy((n, len(layers), len(tokens), width), plan["dtype"], (batch, 1, len(tokens), width)),
-        ),
-        "status": (("image",), lazy((n,), np.int8, (batch,))),
-    }
+        )
     summary_present = {"cls": layout.has_cls, "patch_mean": True, "register_mean": layout.num_registers > 0}
     for name, present in summary_present.items():
         if present:
@@ -233,6 +285,8 @@ def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int
         **layout.to_attrs(),
         "preprocessing": _jsonable(loaded.data_config),
         "dtype": plan["dtype"],
+        "summaries_only": plan["summaries_only"],
+        "autocast": plan["autocast"] or "none",
         "seed": plan["seed"],
         "images_source": images.source,
         "label_names": label_names,
@@ -245,60 +299,77 @@ def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int
     }
     dataset = xr.Dataset(variables, coords=coords, attrs=attrs)
     encoding = {name: {"chunks": dataset[name].data.chunksize} for name in dataset.data_vars}
-    encoding["hidden"]["compressors"] = COMPRESSION[compression]
+    if "hidden" in encoding:
+        encoding["hidden"]["compressors"] = COMPRESSION[compression]
     return dataset, encoding
 
 
-def _record_pending(loaded, images, group, plan, device, progress, out) -> None:
-    """Record every block of images whose status is still pending, then finalize attrs."""
+def _record_pending(loaded, images, group, plan, shard, device, autocast, writers, progress, out) -> None:
+    """Record every block of ``shard`` whose images are still pending."""
     batch = group["status"].chunks[0]
     status = group["status"][:]
-    blocks = [
-        (start, min(start + batch, len(images)))
-        for start in range(0, len(images), batch)
-        if (status[start : start + batch] == stores.PENDING).any()
-    ]
+    n_blocks = -(-len(images) // batch)
+    owned = [(b * batch, min((b + 1) * batch, len(images))) for b in shard.blocks(n_blocks)]
+    blocks = [(start, stop) for start, stop in owned if (status[start:stop] == stores.PENDING).any()]
+    device = torch.device(device)
     module = loaded.module.to(device)
     transform = timm.data.create_transform(**loaded.data_config)
+    pin = device.type == "cuda"
+
+    def load(block):
+        pixels, readable = images.load_batch(range(*block), transform)
+        return (pixels.pin_memory() if pin else pixels), readable
+
     bar = tqdm(
-        total=len(images),
-        initial=int((status != stores.PENDING).sum()),
+        total=sum(stop - start for start, stop in owned),
+        initial=sum(stop - start for start, stop in owned) - sum(stop - start for start, stop in blocks),
         unit="img",
-        desc=f"record {loaded.source}",
+        desc=f"record {loaded.source}" + (f" shard {shard}" if shard.count > 1 else ""),
         disable=not progress,
     )
-    capture = _Capture(loaded, plan)
+    capture = Capture(
+        loaded, plan["layers"], plan["tokens"], plan["dtype"], device,
+        keep_hidden=not plan["summaries_only"], autocast=autocast, slots=writers + 1,
+    )
     failed = threading.Event()
-    pending_writes: list[Future] = []
-    with capture, ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
-        next_batch = loader.submit(images.load_batch, range(*blocks[0]), transform) if blocks else None
-        for i, (start, stop) in enumerate(blocks):
-            pixels, readable = next_batch.result()
-            if i + 1 < len(blocks):
-                next_batch = loader.submit(images.load_batch, range(*blocks[i + 1]), transform)
-            arrays = capture.run(pixels.to(device), readable)
-            pending_writes.append(writer.submit(_write_block, group, start, stop, arrays, out, failed))
-            while len(pending_writes) > 1 or (pending_writes and pending_writes[0].done()):
-                pending_writes.pop(0).result()
-            bar.update(stop - start)
-        for write in pending_writes:
-            write.result()
-    bar.close()
-    status = group["status"][:]
-    if not (status == stores.PENDING).any():
-        group.attrs.update(
-            complete=True,
-            unreadable_images=[images.ids[i] for i in np.flatnonzero(status == stores.UNREADABLE)],
-        )
+    in_flight: deque = deque()
+    try:
+        # leaving this block waits for the writes in flight, so the count below is final
+        with capture, ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(writers) as writer:
+            next_batch = loader.submit(load, blocks[0]) if blocks else None
+            for i, (start, stop) in enumerate(blocks):
+                pixels, readable = next_batch.result()
+                if i + 1 < len(blocks):
+                    next_batch = loader.submit(load, blocks[i + 1])
+                while in_flight and (len(in_flight) > writers or in_flight[0].done()):
+                    in_flight.popleft().result()  # raises a write's error here, in the caller
+                try:
+                    captured = capture.run(pixels.to(device, non_blocking=True), readable)
+                except CaptureError as error:
+                    raise RecordingError(str(error)) from error
+                in_flight.append(writer.submit(_write_block, group, start, stop, captured, failed))
+                bar.update(stop - start)
+            for write in in_flight:
+                write.result()
+    except OSError as error:
+        done = int((group["status"][:] != stores.PENDING).sum())
+        reason = "the disk is full" if error.errno == errno.ENOSPC else f"a write failed ({error})"
+        raise RecordingError(
+            f"recording into {out} stopped: {reason}. The {done} images already recorded are "
+            "kept; free space (or fix the cause) and run the same command again to resume."
+        ) from error
+    finally:
+        bar.close()
 
 
-def _write_block(group, start: int, stop: int, arrays: dict, out, failed: threading.Event) -> None:
+def _write_block(group, start: int, stop: int, captured: CapturedBatch, failed: threading.Event) -> None:
     """Write one block's arrays, then mark its images recorded (so a kill never half-marks).
 
-    After one write has failed (``failed`` is set) later blocks are not attempted.
+    After one write has failed (``failed`` is set) blocks not yet started are skipped.
     """
     if failed.is_set():
         return
+    arrays = captured.arrays()
     try:
         for slot, values in enumerate(arrays["hidden"]):
             group["hidden"][start:stop, slot] = values
@@ -306,113 +377,9 @@ def _write_block(group, start: int, stop: int, arrays: dict, out, failed: thread
             if name not in ("hidden", "status"):
                 group[name][start:stop] = values
         group["status"][start:stop] = arrays["status"]
-    except OSError as error:
+    except OSError:
         failed.set()
-        done = int((group["status"][:] != stores.PENDING).sum())
-        reason = "the disk is full" if error.errno == errno.ENOSPC else f"a write failed ({error})"
-        raise RecordingError(
-            f"recording into {out} stopped: {reason}. The {done} images already recorded are "
-            "kept; free space (or fix the cause) and run the same command again to resume."
-        ) from error
-
-
-class _Capture:
-    """Forward hooks that copy layer 0 and every block output into a per-batch host buffer."""
-
-    def __init__(self, loaded: LoadedModel, plan: dict):
-        self.module = loaded.module
-        self.layout = loaded.layout
-        self.slot = {layer: i for i, layer in enumerate(plan["layers"])}
-        self.tokens = torch.as_tensor(plan["tokens"])
-        self.all_tokens = len(plan["tokens"]) == loaded.layout.num_tokens
-        self.dtype = getattr(torch, plan["dtype"])
-        self.has_logits = bool(getattr(loaded.module, "num_classes", 0))
-        self.handles = []
-        self.calls = 0
-
-    def __enter__(self):
-        """Hook the blocks; layer numbers follow the order of block calls in one forward pass.
-
-        Counting calls (rather than fixing a layer per module) keeps a model whose ``blocks``
-        holds one module several times (weights tied across depth) correct: its one hook fires
-        once per application, at successive layers.
-        """
-        blocks = self.module.blocks
-        self.handles.append(
-            blocks[0].register_forward_pre_hook(
-                lambda _, args, kwargs: self._store(0, args[0] if args else next(iter(kwargs.values())))
-                if self.calls == 0 else None,
-                with_kwargs=True,
-            )
-        )
-        for block in {id(block): block for block in blocks}.values():
-            self.handles.append(block.register_forward_hook(self._block_output))
-        return self
-
-    def _block_output(self, _, __, output) -> None:
-        self.calls += 1
-        self._store(self.calls, output[0] if isinstance(output, tuple) else output)
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def run(self, pixels: torch.Tensor, readable: np.ndarray) -> dict:
-        """Run the model on one batch and return the block's arrays for the store.
-
-        Block outputs are kept by reference, not copied: each is one contiguous
-        (B, T, D) array, exactly one ``hidden`` chunk. (timm blocks return new tensors, as
-        ``x = x + f(x)``; the forward_intermediates tests hold the recorder to that.)
-
-        Returns
-        -------
-        dict
-            ``hidden``: list over kept layers of (B, tokens, D) arrays; summaries
-            (B, layers, D); ``logits`` (B, C); ``status`` (B,). Rows of unreadable images
-            are NaN.
-        """
-        b, d = pixels.shape[0], self.module.embed_dim
-        self.hidden = [None] * len(self.slot)
-        self.summaries = {
-            name: torch.empty(b, len(self.slot), d)
-            for name, present in (
-                ("cls", self.layout.has_cls),
-                ("patch_mean", True),
-                ("register_mean", self.layout.num_registers > 0),
-            )
-            if present
-        }
-        self.calls = 0
-        with torch.inference_mode():
-            logits = self.module(pixels)
-        if self.calls != len(self.module.blocks):
-            raise RecordingError(
-                f"{type(self.module).__name__} called its blocks {self.calls} times in one forward pass, "
-                f"not {len(self.module.blocks)}; dynamo records models that apply each block once, in order"
-            )
-        arrays = {k: v.numpy() for k, v in self.summaries.items()}
-        if self.has_logits:
-            arrays["logits"] = logits.float().cpu().numpy()
-        hidden = [state.numpy() for state in self.hidden]
-        for values in [*hidden, *arrays.values()]:
-            values[~readable] = np.nan
-        arrays["hidden"] = hidden
-        arrays["status"] = np.where(readable, stores.RECORDED, stores.UNREADABLE).astype(np.int8)
-        return arrays
-
-    def _store(self, layer: int, state: torch.Tensor) -> None:
-        if layer not in self.slot:
-            return
-        layout, slot = self.layout, self.slot[layer]
-        if "cls" in self.summaries:
-            self.summaries["cls"][:, slot].copy_(state[:, 0])
-        self.summaries["patch_mean"][:, slot].copy_(state[:, layout.num_prefix :].mean(1))
-        if "register_mean" in self.summaries:
-            first = layout.num_prefix - layout.num_registers
-            self.summaries["register_mean"][:, slot].copy_(state[:, first : layout.num_prefix].mean(1))
-        kept = state if self.all_tokens else state[:, self.tokens.to(state.device)]
-        self.hidden[slot] = kept.to(device="cpu", dtype=self.dtype).contiguous()
+        raise
 
 
 def _jsonable(value):

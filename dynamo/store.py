@@ -128,20 +128,27 @@ def remove_store(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def writer_lock(path: str | Path):
-    """Hold the store's single-writer lock for the duration of the block.
+def writer_lock(path: str | Path, wait: float = 0):
+    """Hold the store's lock for the duration of the block.
 
     The lock is an OS file lock on a hidden sibling file (``.NAME.lock`` beside the store, so
     the zarr hierarchy stays clean), released by the kernel if the writer dies: a killed run
-    never leaves a stale lock behind.
+    never leaves a stale lock behind. Recording holds it while it creates or checks the store
+    and while it marks the store complete; each shard of a recording holds its own lock while
+    it writes (`dynamo.shards.shard_lock`).
+
+    Parameters
+    ----------
+    wait : float
+        Seconds to wait for another holder to let go (0: refuse at once).
 
     Raises
     ------
     StoreBusyError
-        If another process holds the lock.
+        If another process holds the lock (for longer than ``wait``).
     """
     path = Path(path)
-    lock = filelock.FileLock(str(path.with_name(f".{path.name}.lock")), timeout=0)
+    lock = filelock.FileLock(str(path.with_name(f".{path.name}.lock")), timeout=wait)
     try:
         lock.acquire()
     except filelock.Timeout:
@@ -153,6 +160,92 @@ def writer_lock(path: str | Path):
         yield
     finally:
         lock.release()
+
+
+class StoreIncompleteError(StoreError):
+    """Some images of a store are not recorded yet."""
+
+
+def consolidate(path: str | Path, *, require_complete: bool = True) -> dict:
+    """Check that every block of a store is written, and if so mark the store complete.
+
+    A recording written by several shards is finished when the last block is: this is the
+    check each shard runs when it is done (the last one to finish completes the store), and
+    what ``dynamo record --consolidate`` runs to validate a store once all shards have stopped.
+    Call it holding `writer_lock`.
+
+    Every image must be recorded or unreadable (``status``), and every block with a recorded
+    image must have all its chunks on disk (a block is marked only after its chunks are
+    written, so a missing chunk means the store was damaged or copied in part).
+
+    Parameters
+    ----------
+    require_complete : bool
+        Raise if images are pending; otherwise return the counts.
+
+    Returns
+    -------
+    dict
+        ``complete``, ``recorded``, ``unreadable``, ``pending`` (image counts) and
+        ``pending_blocks``: [first image, stop) of each block still to record.
+
+    Raises
+    ------
+    StoreIncompleteError
+        Images are pending and ``require_complete``; the message names the blocks and, for a
+        sharded recording, the shards that own them.
+    StoreError
+        A recorded block's chunks are missing.
+    """
+    group = open_group(path, mode="r+")
+    status = group["status"][:]
+    batch = group["status"].chunks[0]
+    starts = range(0, len(status), batch)
+    pending_blocks = [(s, min(s + batch, len(status))) for s in starts if (status[s : s + batch] == PENDING).any()]
+    summary = {
+        "complete": not pending_blocks,
+        "recorded": int((status == RECORDED).sum()),
+        "unreadable": int((status == UNREADABLE).sum()),
+        "pending": int((status == PENDING).sum()),
+        "pending_blocks": pending_blocks,
+    }
+    if pending_blocks:
+        if require_complete:
+            raise StoreIncompleteError(_pending_message(path, group, pending_blocks, len(starts), batch))
+        return summary
+    written_blocks = sum((status[s : s + batch] == RECORDED).any() for s in starts)
+    for name in ("hidden", *SUMMARY_VARIABLES, "logits"):
+        if name in group:
+            array = group[name]
+            per_block = array.nchunks // len(starts)
+            if array.nchunks_initialized < written_blocks * per_block:
+                raise StoreError(
+                    f"store {path}: `{name}` has {array.nchunks_initialized} chunks on disk but its "
+                    f"{written_blocks} recorded blocks need {written_blocks * per_block}; the store was "
+                    "damaged or copied in part. Record it again into a new --out path."
+                )
+    ids = group["image_id"][:]
+    group.attrs.update(complete=True, unreadable_images=[str(ids[i]) for i in np.flatnonzero(status == UNREADABLE)])
+    return summary
+
+
+def _pending_message(path, group, pending_blocks, n_blocks: int, batch: int) -> str:
+    from dynamo.shards import Shard  # shards builds on this module
+
+    count = int(group.attrs.get("shards", 1))
+    runs = []  # adjacent blocks merged into runs of images
+    for start, stop in pending_blocks:
+        if runs and runs[-1][1] == start:
+            runs[-1][1] = stop
+        else:
+            runs.append([start, stop])
+    images = ", ".join(f"{start}-{stop - 1}" for start, stop in runs[:8])
+    more = f" and {len(runs) - 8} more runs of images" if len(runs) > 8 else ""
+    message = f"store {path} is not complete: images {images}{more} are not recorded."
+    if count > 1:
+        owners = sorted({Shard(0, count).owner(start // batch, n_blocks) for start, _ in pending_blocks})
+        message += f" They belong to shard(s) {', '.join(f'{i}/{count}' for i in owners)}: run those again."
+    return message + " Running the same `dynamo record` command again resumes the recording."
 
 
 def open_trajectories(path: str | Path, recorded_only: bool = True) -> xr.Dataset:
@@ -178,7 +271,8 @@ def open_trajectories(path: str | Path, recorded_only: bool = True) -> xr.Datase
     """
     open_group(path)
     dataset = xr.open_zarr(str(path), consolidated=False)
-    missing = {"hidden", "status"} - set(dataset.data_vars)
+    required = {"status"} if dataset.attrs.get("summaries_only") else {"hidden", "status"}
+    missing = required - set(dataset.data_vars)
     if missing:
         raise StoreError(f"store {path} lacks required variables {sorted(missing)}")
     if not recorded_only:

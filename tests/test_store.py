@@ -65,7 +65,7 @@ def test_second_writer_is_refused(tmp_path, digits_folder):
     loaded = tiny_model("cls", img_size=32)
     dynamo.record(loaded, digits_folder, out, limit=4, progress=False)
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from dynamo.store import writer_lock\nimport time\nwith writer_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(60)"],
+        [sys.executable, "-c", f"from dynamo.shards import Shard, shard_lock\nimport time\nwith shard_lock({str(out)!r}, Shard()):\n    print('locked', flush=True)\n    time.sleep(60)"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -122,7 +122,8 @@ def test_full_disk_keeps_written_blocks_and_resumes(tmp_path, digits_folder, mon
 
     monkeypatch.setattr(zarr.Array, "__setitem__", fill_up_on_third_block)
     with pytest.raises(dynamo.RecordingError, match="disk is full.*16 images already recorded are kept"):
-        dynamo.record(loaded, digits_folder, out, batch_size=8, progress=False)
+        # one writer: with several, a block started before the failure is also kept
+        dynamo.record(loaded, digits_folder, out, batch_size=8, writers=1, progress=False)
     monkeypatch.setattr(zarr.Array, "__setitem__", real_setitem)
     resumed = dynamo.record(loaded, digits_folder, out, batch_size=8, progress=False)
     uninterrupted = dynamo.record(loaded, digits_folder, reference, batch_size=8, progress=False)

@@ -1,0 +1,266 @@
+"""Capture a ViT's residual stream during its own forward pass and bring it to the host.
+
+Forward hooks on ``model.blocks`` see layer 0 (the input to the first block) and the output of
+every block. For each kept layer they
+
+- reduce on the model's device, in float32, from every token: the cls token, the patch mean and
+  the register mean (the store's reduced views), so summaries never need the full states on the
+  host;
+- cast the kept tokens to the storage dtype on the device (float16 halves the bytes moved) and
+  hand them to the host.
+
+How the hand-over works depends on the device:
+
+- CPU: the block's output is one new contiguous (B, T, D) tensor; it is kept by reference, so
+  recording costs no copy.
+- CUDA: every layer is copied into a pinned host buffer on a side stream, asynchronously, while
+  the next blocks compute; a CUDA event marks the end of the batch's copies, and the thread that
+  writes the batch waits on that event, not the GPU. Buffers come from a fixed pool of
+  ``slots``; the GPU waits for the disk only when every slot is still being written.
+
+The model's forward is unchanged (``torch.autocast`` around it where asked), so its logits are
+kept as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dynamo.models import LoadedModel
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+RECORDED, UNREADABLE = 1, 2  # status codes, as dynamo.store
+
+
+class CaptureError(RuntimeError):
+    """The model did not apply its blocks the way a recording needs."""
+
+
+@dataclass
+class CapturedBatch:
+    """One batch's arrays on the host, possibly still arriving from the device.
+
+    Attributes
+    ----------
+    hidden : list of (B, tokens, D) arrays, one per kept layer, in the storage dtype (empty
+        when only summaries are recorded).
+    summaries : dict of (B, layers, D) float32 arrays: ``cls``, ``patch_mean``, ``register_mean``
+        as the layout has them.
+    logits : (B, C) float32 array or None.
+    status : (B,) int8, recorded or unreadable.
+    ready : CUDA event recorded after the batch's last copy, or None on the CPU.
+    """
+
+    hidden: list
+    summaries: dict
+    logits: np.ndarray | None
+    status: np.ndarray
+    ready: torch.cuda.Event | None = None
+
+    def arrays(self) -> dict:
+        """Wait for the device-to-host copies, blank unreadable images (NaN), return every array.
+
+        Returns
+        -------
+        dict
+            ``hidden`` (list over layers), each summary, ``logits`` when present, ``status``.
+        """
+        if self.ready is not None:
+            self.ready.synchronize()
+        unreadable = self.status == UNREADABLE
+        arrays = {**self.summaries, "hidden": self.hidden, "status": self.status}
+        if self.logits is not None:
+            arrays["logits"] = self.logits
+        for values in [*self.hidden, *self.summaries.values(), *([self.logits] if self.logits is not None else [])]:
+            values[unreadable] = np.nan
+        return arrays
+
+
+class Capture:
+    """Hooks that record one batch per `run` into host arrays for the store.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        The model (already on ``device``).
+    layers : list of int
+        Layers to keep (0 = input to block 1).
+    tokens : numpy.ndarray
+        Token positions kept in ``hidden``.
+    dtype : {"float32", "float16"}
+        Storage dtype of ``hidden``.
+    device : torch.device
+        Where the model runs.
+    keep_hidden : bool
+        Bring the states to the host; False records only the reduced views and logits.
+    autocast : {"bfloat16", "float16"} or None
+        Run the forward under ``torch.autocast`` with this dtype (None: the model's own dtype).
+    slots : int
+        Pinned host buffers in the pool (CUDA only): the recorder's ``writers + 1``.
+    """
+
+    def __init__(self, loaded: LoadedModel, layers, tokens, dtype: str, device, *, keep_hidden=True, autocast=None, slots=3):
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, got {autocast!r}")
+        self.module, self.layout = loaded.module, loaded.layout
+        self.num_blocks = loaded.num_blocks
+        self.slot = {layer: i for i, layer in enumerate(layers)}
+        self.device = torch.device(device)
+        self.tokens = torch.as_tensor(np.asarray(tokens), device=self.device)
+        self.all_tokens = len(tokens) == loaded.layout.num_tokens
+        self.dtype = getattr(torch, dtype)
+        self.keep_hidden = keep_hidden
+        self.autocast = autocast
+        self.has_logits = bool(getattr(loaded.module, "num_classes", 0))
+        self.views = [
+            name
+            for name, present in (
+                ("cls", self.layout.has_cls),
+                ("patch_mean", True),
+                ("register_mean", self.layout.num_registers > 0),
+            )
+            if present
+        ]
+        self.on_cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
+        self.pool = _PinnedPool(slots) if self.on_cuda else None
+        self.handles = []
+        self.calls = 0
+        self.batch = 0
+
+    def __enter__(self):
+        """Hook the blocks; layer numbers follow the order of block calls in one forward pass.
+
+        Counting calls (rather than fixing a layer per module) keeps a model whose ``blocks``
+        holds one module several times (weights tied across depth) correct: its one hook fires
+        once per application, at successive layers.
+        """
+        blocks = self.module.blocks
+        self.handles.append(
+            blocks[0].register_forward_pre_hook(
+                lambda _, args, kwargs: self._keep(0, args[0] if args else next(iter(kwargs.values())))
+                if self.calls == 0 else None,
+                with_kwargs=True,
+            )
+        )
+        for block in {id(block): block for block in blocks}.values():
+            self.handles.append(block.register_forward_hook(self._block_output))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _block_output(self, _, __, output) -> None:
+        self.calls += 1
+        self._keep(self.calls, output[0] if isinstance(output, tuple) else output)
+
+    def run(self, pixels: torch.Tensor, readable: np.ndarray) -> CapturedBatch:
+        """Run the model on one batch of pixels (already on the device).
+
+        Raises
+        ------
+        CaptureError
+            The model did not call each of its blocks exactly once.
+        """
+        b, d, n_layers = pixels.shape[0], self.module.embed_dim, len(self.slot)
+        self.states = [None] * n_layers
+        self.reduced = {name: torch.empty(b, n_layers, d, device=self.device) for name in self.views}
+        if self.on_cuda:
+            self.host = self.pool.take(self.batch, b, n_layers, self._kept_shape(b), self.dtype, self.views, d)
+        self.calls = 0
+        self.batch += 1
+        autocast = (
+            torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.autocast])
+            if self.autocast else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            logits = self.module(pixels)
+        if self.calls != self.num_blocks:
+            raise CaptureError(
+                f"{type(self.module).__name__} called its blocks {self.calls} times in one forward pass, "
+                f"not {self.num_blocks}; dynamo records models that apply each block once, in order"
+            )
+        logits = logits.float() if self.has_logits else None
+        status = np.where(readable, RECORDED, UNREADABLE).astype(np.int8)
+        if not self.on_cuda:
+            return CapturedBatch(
+                hidden=[state.numpy() for state in self.states] if self.keep_hidden else [],
+                summaries={name: values.numpy() for name, values in self.reduced.items()},
+                logits=None if logits is None else logits.numpy(),
+                status=status,
+            )
+        host = self.host
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            for name, values in self.reduced.items():
+                host["summaries"][name][:b].copy_(values, non_blocking=True)
+                values.record_stream(self.copy_stream)
+            if logits is not None:
+                if "logits" not in host or host["logits"].shape[1] != logits.shape[1]:
+                    host["logits"] = torch.empty(host["capacity"], logits.shape[1], pin_memory=True)
+                host["logits"][:b].copy_(logits, non_blocking=True)
+                logits.record_stream(self.copy_stream)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return CapturedBatch(
+            hidden=[host["hidden"][slot, :b].numpy() for slot in range(n_layers)] if self.keep_hidden else [],
+            summaries={name: host["summaries"][name][:b].numpy() for name in self.views},
+            logits=None if logits is None else host["logits"][:b].numpy(),
+            status=status,
+            ready=ready,
+        )
+
+    def _kept_shape(self, b: int) -> tuple[int, int, int] | None:
+        if not self.keep_hidden:
+            return None
+        return (b, self.layout.num_tokens if self.all_tokens else len(self.tokens), self.module.embed_dim)
+
+    def _keep(self, layer: int, state: torch.Tensor) -> None:
+        if layer not in self.slot:
+            return
+        slot, first_patch = self.slot[layer], self.layout.num_prefix
+        if "cls" in self.reduced:
+            self.reduced["cls"][:, slot] = state[:, 0]
+        self.reduced["patch_mean"][:, slot] = state[:, first_patch:].float().mean(1)
+        if "register_mean" in self.reduced:
+            first = first_patch - self.layout.num_registers
+            self.reduced["register_mean"][:, slot] = state[:, first:first_patch].float().mean(1)
+        if not self.keep_hidden:
+            return
+        kept = (state if self.all_tokens else state.index_select(1, self.tokens)).to(self.dtype)
+        if not self.on_cuda:
+            self.states[slot] = kept.contiguous()
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            self.host["hidden"][slot, : kept.shape[0]].copy_(kept, non_blocking=True)
+        kept.record_stream(self.copy_stream)
+
+
+class _PinnedPool:
+    """A ring of pinned host buffers, one per batch in flight (CUDA only).
+
+    Slot ``i % slots`` serves batch ``i``; the recorder runs batch ``i`` only once batch
+    ``i - slots`` is written, so a slot is never refilled before its batch is on disk.
+    """
+
+    def __init__(self, slots: int):
+        self.buffers = [None] * slots
+
+    def take(self, batch_index, b, n_layers, kept_shape, dtype, views, width) -> dict:
+        index = batch_index % len(self.buffers)
+        buffer = self.buffers[index]
+        if buffer is None or buffer["capacity"] < b:
+            buffer = {"capacity": b, "summaries": {
+                name: torch.empty(b, n_layers, width, pin_memory=True) for name in views
+            }}
+            if kept_shape is not None:
+                buffer["hidden"] = torch.empty((n_layers, *kept_shape), dtype=dtype, pin_memory=True)
+            self.buffers[index] = buffer
+        return buffer
