@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 import dynamo
@@ -170,3 +171,18 @@ def test_parallel_writers_and_autocast(tmp_path, digits_folder, one_thread):
     assert (low["logits"].values.argmax(1) == one["logits"].values.argmax(1)).mean() > 0.9
     with pytest.raises(dynamo.StoreMismatchError, match="autocast"):
         dynamo.record(model, digits_folder, tmp_path / "bf16.zarr", batch_size=4, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path is tested everywhere)")
+@pytest.mark.parametrize("summaries_only", [False, True])
+def test_gpu_recording_equals_cpu_recording(tmp_path, digits_folder, summaries_only):
+    """Pinned buffers, side-stream copies and device-side summaries give the CPU path's store."""
+    model = tiny_model("cls+4reg", img_size=28)
+    options = dict(batch_size=8, summaries_only=summaries_only, progress=False)
+    cpu = dynamo.record(model, digits_folder, tmp_path / "cpu.zarr", **options)
+    gpu = dynamo.record(model, digits_folder, tmp_path / "gpu.zarr", device="cuda", writers=3, **options)
+    for name in ("cls", "patch_mean", "register_mean", "logits") + (() if summaries_only else ("hidden",)):
+        np.testing.assert_allclose(gpu[name].values, cpu[name].values, rtol=1e-4, atol=1e-4, err_msg=name)
+    half = dynamo.record(model, digits_folder, tmp_path / "half.zarr", device="cuda", dtype="float16",
+                         autocast="float16", **options)
+    np.testing.assert_allclose(half["patch_mean"].values, cpu["patch_mean"].values, rtol=0.05, atol=0.05)
