@@ -22,16 +22,17 @@ nearest-centroid accuracy, PCA fitted on all layers' unit cls vectors) follow it
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import xarray as xr
 
 from analyses.streaming import (
     angle_deg,
-    image_blocks,
+    fold_image_blocks,
     labels_of,
-    plain_strings,
     layer_states,
-    progress_bar,
+    plain_strings,
     provenance,
     read_block,
     token_groups,
@@ -51,7 +52,8 @@ def basins(
     """Directional convergence per token kind, class structure per layer and cls paths in 2-D.
 
     Reads ``hidden`` one chunk (a block of images, one layer) at a time, and the reduced views
-    ``cls`` / ``patch_mean`` a block of images at a time.
+    ``cls`` / ``patch_mean`` a block of images at a time. With a dask.distributed client open, the
+    blocks are tasks on its workers, with the same result (`analyses.streaming.fold_image_blocks`).
 
     Parameters
     ----------
@@ -79,23 +81,21 @@ def basins(
         raise ValueError(f"fit_layers must be 'all' or 'final', got {fit_layers!r}")
     groups = token_groups(dataset)
     layers = dataset["layer"].values
-    blocks = image_blocks(dataset)
-    gamma = np.zeros((dataset.sizes["image"], len(groups), len(layers)))
-    bar = progress_bar(len(blocks) * len(layers), "basins: convergence", progress)
-    for images in blocks:
-        final = unit(np.asarray(dataset["hidden"].isel(image=images, layer=-1).values, dtype=np.float64))
-        for index, states in enumerate(layer_states(dataset, images)):
-            cosine = np.einsum("itf,itf->it", unit(states), final)
-            for k, positions in enumerate(groups.values()):
-                gamma[images, k, index] = cosine[:, positions].mean(axis=1)
-            bar.update()
-    bar.close()
-
+    labels = labels_of(dataset)
+    views = [v for v in VIEWS if v in dataset.data_vars and (v != "cls" or "cls" in groups)]
+    class_views = views if labels is not None else []
+    classes = np.unique(labels) if labels is not None else None
+    projecting = "cls" in views
+    first = fold_image_blocks(
+        partial(_first_pass, groups=groups, class_views=class_views, classes=classes,
+                fit_layers=fit_layers if projecting else None),
+        dataset, description="basins: convergence", progress=progress,
+    )
     result = xr.Dataset(
         {
             "gamma": (
                 ("image", "kind", "layer"),
-                gamma.astype(np.float32),
+                np.concatenate(first["gamma"]).astype(np.float32),
                 {"long_name": "γ: cosine to own final direction", "units": "1",
                  "description": "mean over the kind's tokens of <x̂_l, x̂_L>, per image"},
             )
@@ -108,12 +108,18 @@ def basins(
             values = values if values.dtype.kind in "iuf" else plain_strings(values)
             result = result.assign_coords({name: ("image", values)})
 
-    views = [v for v in VIEWS if v in dataset.data_vars and (v != "cls" or "cls" in groups)]
-    labels = labels_of(dataset)
-    if labels is not None and views:
-        result = result.merge(_class_structure(dataset, views, labels, blocks, progress))
-    if "cls" in views:
-        result = result.merge(_projection(dataset, fit_layers, n_components, blocks))
+    class_sums = {view: first[f"class_sums_{view}"] for view in class_views}
+    projection = _principal_directions(first, n_components) if projecting else None
+    if class_views or projecting:
+        second = fold_image_blocks(
+            partial(_second_pass, class_sums=class_sums, classes=classes, projection=projection),
+            dataset, description="basins: class structure", progress=progress,
+        )
+    if class_views:
+        counts = np.bincount(np.searchsorted(classes, labels), minlength=len(classes)).astype(np.float64)
+        result = result.merge(_class_structure(dataset, class_sums, counts, second))
+    if projecting:
+        result = result.merge(_projection_result(dataset, fit_layers, projection, second))
     if labels is not None and "logits" in dataset.data_vars:
         predicted = np.asarray(dataset["logits"].values).argmax(axis=1)
         result.attrs["model_accuracy"] = float((predicted == labels).mean())
@@ -127,44 +133,78 @@ def basins(
     return result
 
 
-def _class_structure(dataset, views, labels, blocks, progress) -> xr.Dataset:
-    """Within/between-class mean cosines and leave-one-out centroid accuracy per view and layer."""
-    classes, label_index = np.unique(labels, return_inverse=True)
-    n_layers, n_classes = dataset.sizes["layer"], len(classes)
-    counts = np.bincount(label_index, minlength=n_classes).astype(np.float64)
-    sums = {}
-    for view in views:  # per-class sums of unit vectors, (layer, class, feature)
-        total = np.zeros((n_layers, n_classes, dataset.sizes["feature"]))
-        for images in blocks:
-            directions = unit(read_block(dataset, images, view))  # (image, layer, feature)
-            one_hot = np.eye(n_classes)[label_index[images]]
-            total += np.einsum("ic,ilf->lcf", one_hot, directions)
-        sums[view] = total
+def _first_pass(block, groups, class_views, classes, fit_layers) -> dict:
+    """One block's γ, per-class sums of unit views and cls scatter (`fold_image_blocks` partial).
 
+    Returns ``gamma`` [(image, kind, layer)]; per class view ``class_sums_<view>`` (layer,
+    class, feature); with ``fit_layers``, the unit cls rows' ``scatter`` (feature, feature),
+    ``direction_sum`` (feature,) and ``count``.
+    """
+    gamma = np.zeros((block.sizes["image"], len(groups), block.sizes["layer"]))
+    final = unit(np.asarray(block["hidden"].isel(layer=-1).values, dtype=np.float64))
+    for index, states in enumerate(layer_states(block)):
+        cosine = np.einsum("itf,itf->it", unit(states), final)
+        for k, positions in enumerate(groups.values()):
+            gamma[:, k, index] = cosine[:, positions].mean(axis=1)
+    part = {"gamma": [gamma]}
+    if class_views:
+        one_hot = np.eye(len(classes))[_class_index(block, classes)]
+        for view in class_views:
+            part[f"class_sums_{view}"] = np.einsum("ic,ilf->lcf", one_hot, unit(read_block(block, view)))
+    if fit_layers:
+        directions = unit(read_block(block, "cls"))
+        rows = (directions if fit_layers == "all" else directions[:, -1:]).reshape(-1, directions.shape[-1])
+        part.update(scatter=rows.T @ rows, direction_sum=rows.sum(axis=0), count=len(rows))
+    return part
+
+
+def _second_pass(block, class_sums, classes, projection) -> dict:
+    """One block's nearest-centroid credits per view and layer, and its cls projection.
+
+    Returns per view ``correct_final_<view>``, ``correct_layer_<view>`` (layer,); with
+    ``projection`` (mean, components), ``projection`` [(image, layer, component)].
+    """
+    part = {}
+    if class_sums:
+        own = _class_index(block, classes)
+    for view, per_class in class_sums.items():
+        directions = unit(read_block(block, view))
+        final = directions[:, -1]
+        n_layers = directions.shape[1]
+        part[f"correct_final_{view}"] = np.array(
+            [_nearest_centroid_credit(directions[:, layer], per_class[-1], final, own).sum() for layer in range(n_layers)]
+        )
+        part[f"correct_layer_{view}"] = np.array(
+            [_nearest_centroid_credit(directions[:, layer], per_class[layer], directions[:, layer], own).sum()
+             for layer in range(n_layers)]
+        )
+    if projection is not None:
+        mean, components = projection["mean"], projection["components"]
+        part["projection"] = [(unit(read_block(block, "cls")) - mean) @ components]
+    return part
+
+
+def _class_index(block, classes) -> np.ndarray:
+    """Index into ``classes`` of each image's label in a block."""
+    return np.searchsorted(classes, np.asarray(block["label"].values).astype(int))
+
+
+def _class_structure(dataset, class_sums, counts, second) -> xr.Dataset:
+    """Within/between-class mean cosines and leave-one-out centroid accuracy per view and layer."""
+    views = list(class_sums)
+    n_layers = dataset.sizes["layer"]
     within, between, final_accuracy, layer_accuracy = (np.zeros((len(views), n_layers)) for _ in range(4))
     n_images = counts.sum()
-    bar = progress_bar(len(views) * len(blocks), "basins: class structure", progress)
     for v, view in enumerate(views):
-        per_class = sums[view]
+        per_class = class_sums[view]
         squared = np.einsum("lcf,lcf->lc", per_class, per_class)
         overall = per_class.sum(axis=1)
         within[v] = (squared - counts).sum(axis=1) / (counts * (counts - 1)).sum()
         between[v] = (np.einsum("lf,lf->l", overall, overall) - squared.sum(axis=1)) / (
             n_images**2 - (counts**2).sum()
         )
-        correct_final, correct_layer = np.zeros(n_layers), np.zeros(n_layers)
-        for images in blocks:
-            directions = unit(read_block(dataset, images, view))
-            own = label_index[images]
-            final = directions[:, -1]
-            for layer in range(n_layers):
-                correct_final[layer] += _nearest_centroid_credit(directions[:, layer], per_class[-1], final, own).sum()
-                correct_layer[layer] += _nearest_centroid_credit(
-                    directions[:, layer], per_class[layer], directions[:, layer], own
-                ).sum()
-            bar.update()
-        final_accuracy[v], layer_accuracy[v] = correct_final / n_images, correct_layer / n_images
-    bar.close()
+        final_accuracy[v] = second[f"correct_final_{view}"] / n_images
+        layer_accuracy[v] = second[f"correct_layer_{view}"] / n_images
     dims = ("view", "layer")
     return xr.Dataset(
         {
@@ -215,39 +255,35 @@ def _nearest_centroid_credit(directions, class_sums, own_vectors, own_class) -> 
     return nearest[rows, own_class] / nearest.sum(axis=1)
 
 
-def _projection(dataset, fit_layers, n_components, blocks) -> xr.Dataset:
-    """Principal-component coordinates of every image's unit cls trajectory."""
-    n_features = dataset.sizes["feature"]
-    scatter, total, count = np.zeros((n_features, n_features)), np.zeros(n_features), 0
-    for images in blocks:
-        directions = unit(read_block(dataset, images, "cls"))
-        rows = (directions if fit_layers == "all" else directions[:, -1:]).reshape(-1, n_features)
-        scatter += rows.T @ rows
-        total += rows.sum(axis=0)
-        count += len(rows)
-    mean = total / count
-    covariance = (scatter - count * np.outer(mean, mean)) / count
+def _principal_directions(first: dict, n_components: int) -> dict:
+    """Mean, top principal directions (fixed sign) and eigenvalues of the unit cls rows' scatter."""
+    count = first["count"]
+    mean = first["direction_sum"] / count
+    covariance = (first["scatter"] - count * np.outer(mean, mean)) / count
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     order = np.argsort(eigenvalues)[::-1][:n_components]
     components = eigenvectors[:, order]
     components *= np.sign(components[np.abs(components).argmax(axis=0), range(len(order))])  # fixed sign
-    projected = np.concatenate(
-        [(unit(read_block(dataset, images, "cls")) - mean) @ components for images in blocks], axis=0
-    )
+    return {"mean": mean, "components": components, "explained": eigenvalues[order] / eigenvalues.sum()}
+
+
+def _projection_result(dataset, fit_layers, projection, second) -> xr.Dataset:
+    """Principal-component coordinates of every image's unit cls trajectory."""
+    n_components = projection["components"].shape[1]
     return xr.Dataset(
         {
             "projection": (
                 ("image", "layer", "component"),
-                projected.astype(np.float32),
+                np.concatenate(second["projection"]).astype(np.float32),
                 {"long_name": "unit cls direction on principal components", "fit_layers": fit_layers},
             ),
             "explained_variance_ratio": (
                 ("component",),
-                eigenvalues[order] / eigenvalues.sum(),
+                projection["explained"],
                 {"long_name": "variance fraction of the fitted unit cls vectors"},
             ),
         },
-        coords={"component": np.arange(1, len(order) + 1), "layer": dataset["layer"].values},
+        coords={"component": np.arange(1, n_components + 1), "layer": dataset["layer"].values},
     )
 
 

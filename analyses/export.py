@@ -21,8 +21,9 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.diagnostics import ProgressBar
+from tqdm.auto import tqdm
 
-from analyses.streaming import plain_strings, token_groups
+from analyses.streaming import cluster_client, plain_strings, token_groups
 
 REDUCED_VIEWS = ("cls", "patch_mean", "register_mean")
 TOKEN_VIEWS = ("patch", "register", "dist")
@@ -143,7 +144,10 @@ def export_trajectories(
     stem = f"trajectories_{view}{'_sphere' if sphere else ''}{f'_pca{n_components}' if n_components else ''}"
     array_path, meta_path = out / f"{stem}.npy", out / f"{stem}.json"
     target = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float32, shape=array.shape)
-    if progress:
+    client = cluster_client()
+    if client is not None:  # workers compute chunks of trials; this process writes them
+        _store_from_cluster(client, array.data, target, progress)
+    elif progress:
         with ProgressBar(minimum=1):
             da.store(array.data, target, lock=True)
     else:
@@ -160,3 +164,16 @@ def export_trajectories(
     }
     meta_path.write_text(json.dumps(description, default=str))
     return [array_path, meta_path]
+
+
+def _store_from_cluster(client, array: da.Array, target: np.ndarray, progress: bool) -> None:
+    """Write ``array`` into a local ``target`` a chunk of trials at a time, computed on the cluster.
+
+    (``da.store`` would send the memory-mapped target to the workers and write their copies.)
+    """
+    from distributed import as_completed
+
+    edges = np.cumsum((0,) + array.chunks[0])
+    pending = {client.compute(array[a:b]): slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])}
+    for future in tqdm(as_completed(pending), total=len(pending), desc="export", disable=not progress, leave=False):
+        target[pending.pop(future)] = future.result()

@@ -17,17 +17,22 @@ The scatter is accumulated a chunk at a time (per-image Gram matrices UᵢᵀU�
 counts), so memory does not depend on the number of images. Error bars come from a Poisson
 bootstrap over images (each image gets weight ~ Poisson(1) in each replicate; Oza & Russell
 2001, Chamandy et al. 2012), which can be streamed, unlike resampling with replacement. Memory
-is that of the accumulators, 8·F²·(replicates + 1)·(token kinds)·(spaces) bytes per block:
-about 20 MB for F = 64 and 100 replicates, 2.8 GB for F = 768 (use fewer replicates there).
+is that of the accumulators (the running total and one chunk's), twice
+8·F²·(replicates + 1)·(token kinds)·(spaces) bytes per block: about 40 MB for F = 64 and 100
+replicates, 5.7 GB for F = 768 (use fewer replicates there). On a dask.distributed client
+(`analyses.streaming.fold_image_blocks`) the chunks are tasks on the workers and the total is
+summed there; only the spectra come back.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from analyses.streaming import image_blocks, progress_bar, provenance, token_groups, unit
+from analyses.streaming import fold_image_blocks, provenance, token_groups, unit
 
 SPACES = ("raw", "sphere")
 MEASURES = ("stable_rank", "effective_rank", "participation_ratio", "n_directions")
@@ -112,43 +117,23 @@ def update_rank(
     if len(layers) < 2:
         raise ValueError("update rank needs at least two recorded layers; record without --layers")
     groups = token_groups(dataset)
-    n_features, n_replicates = dataset.sizes["feature"], n_bootstrap + 1
-    blocks = image_blocks(dataset)
-    weights = {images.start: _weights(seed, images, n_bootstrap) for images in blocks}
-    hidden = dataset["hidden"]
+    n_features = dataset.sizes["feature"]
+    # each image's position travels with its block, which keys its bootstrap weights
+    positioned = dataset.assign_coords(position=("image", np.arange(dataset.sizes["image"])))
     shape = (len(groups), len(spaces), len(layers) - 1)
-    measures = {name: np.zeros((n_replicates,) + shape) for name in MEASURES}
+    measures = {name: np.zeros((n_bootstrap + 1,) + shape) for name in MEASURES}
     spectrum = np.zeros(shape + (n_features,))
     rows = np.zeros((len(groups), len(layers) - 1), dtype=np.int64)
-
-    bar = progress_bar(len(blocks) * (len(layers) - 1), "rank", progress)
     for step in range(len(layers) - 1):
-        scatter = np.zeros(shape[:2] + (n_replicates, n_features, n_features))
-        sums = np.zeros(shape[:2] + (n_replicates, n_features))
-        counts = np.zeros(shape[:2] + (n_replicates,))
-        for images in blocks:
-            start = np.asarray(hidden.isel(image=images, layer=step).values, dtype=np.float64)
-            end = np.asarray(hidden.isel(image=images, layer=step + 1).values, dtype=np.float64)
-            weight = weights[images.start]  # (replicate, image)
-            for k, positions in enumerate(groups.values()):
-                for s, space in enumerate(spaces):
-                    if space == "raw":
-                        update = end[:, positions] - start[:, positions]
-                    else:
-                        update = unit(end[:, positions]) - unit(start[:, positions])
-                    gram = (update.transpose(0, 2, 1) @ update).reshape(len(update), -1)
-                    scatter[k, s] += (weight @ gram).reshape(n_replicates, n_features, n_features)
-                    sums[k, s] += weight @ update.sum(axis=1)
-                    counts[k, s] += weight.sum(axis=1) * len(positions)
-            bar.update()
-        centred = scatter - np.einsum("ksbf,ksbg->ksbfg", sums, sums) / np.maximum(counts, 1)[..., None, None]
-        with threadpool_limits(limits=1, user_api="blas"):  # a batch of small matrices: threads only contend
-            eigenvalues = np.linalg.eigvalsh(centred)[..., ::-1]  # (kind, space, replicate, direction)
-        for name, value in spectrum_measures(eigenvalues, variance).items():
-            measures[name][..., step] = np.moveaxis(value, -1, 0)
-        spectrum[..., step, :] = np.clip(eigenvalues[:, :, 0], 0.0, None)
-        rows[:, step] = counts[:, 0, 0]
-    bar.close()
+        settings = dict(step=step, groups=groups, spaces=spaces, n_bootstrap=n_bootstrap, seed=seed)
+        folded = fold_image_blocks(
+            partial(_block_scatter, **settings), positioned, finish=partial(_spectra, variance=variance),
+            description=f"rank: block {layers[step + 1]}", progress=progress,
+        )
+        for name in MEASURES:
+            measures[name][..., step] = folded[name]
+        spectrum[..., step, :] = folded["spectrum"]
+        rows[:, step] = folded["rows"]
 
     stacked = np.stack([measures[name] for name in MEASURES], axis=1)  # (replicate, measure, kind, space, block)
     dims = ("measure", "kind", "space", "block")
@@ -182,14 +167,53 @@ def update_rank(
     )
 
 
-def _weights(seed: int, images: slice, n_bootstrap: int) -> np.ndarray:
-    """(replicate, image) weights of one block of images: row 0 all ones, then Poisson(1) draws.
+def _block_scatter(block: xr.Dataset, step: int, groups, spaces, n_bootstrap: int, seed: int) -> dict:
+    """One block's weighted update scatter, row sums and row counts for one step.
+
+    Returns ``scatter`` (kind, space, replicate, feature, feature), ``sums`` (kind, space,
+    replicate, feature) and ``counts`` (kind, space, replicate), replicate 0 unweighted.
+    """
+    hidden = block["hidden"]
+    start = np.asarray(hidden.isel(layer=step).values, dtype=np.float64)
+    end = np.asarray(hidden.isel(layer=step + 1).values, dtype=np.float64)
+    weight = _weights(seed, int(block["position"][0]), block.sizes["image"], n_bootstrap)  # (replicate, image)
+    n_replicates, n_features = n_bootstrap + 1, block.sizes["feature"]
+    scatter = np.zeros((len(groups), len(spaces), n_replicates, n_features, n_features))
+    sums = np.zeros((len(groups), len(spaces), n_replicates, n_features))
+    counts = np.zeros((len(groups), len(spaces), n_replicates))
+    for k, positions in enumerate(groups.values()):
+        for s, space in enumerate(spaces):
+            if space == "raw":
+                update = end[:, positions] - start[:, positions]
+            else:
+                update = unit(end[:, positions]) - unit(start[:, positions])
+            gram = (update.transpose(0, 2, 1) @ update).reshape(len(update), -1)
+            scatter[k, s] = (weight @ gram).reshape(n_replicates, n_features, n_features)
+            sums[k, s] = weight @ update.sum(axis=1)
+            counts[k, s] = weight.sum(axis=1) * len(positions)
+    return {"scatter": scatter, "sums": sums, "counts": counts}
+
+
+def _spectra(folded: dict, variance: float) -> dict:
+    """Rank measures (replicate, kind, space) and the spectrum (kind, space, direction) of a step's folded scatter."""
+    scatter, sums, counts = folded["scatter"], folded["sums"], folded["counts"]
+    centred = scatter - np.einsum("ksbf,ksbg->ksbfg", sums, sums) / np.maximum(counts, 1)[..., None, None]
+    with threadpool_limits(limits=1, user_api="blas"):  # a batch of small matrices: threads only contend
+        eigenvalues = np.linalg.eigvalsh(centred)[..., ::-1]  # (kind, space, replicate, direction)
+    return {
+        **{name: np.moveaxis(value, -1, 0) for name, value in spectrum_measures(eigenvalues, variance).items()},
+        "spectrum": np.clip(eigenvalues[:, :, 0], 0.0, None),
+        "rows": counts[:, 0, 0],
+    }
+
+
+def _weights(seed: int, first: int, n: int, n_bootstrap: int) -> np.ndarray:
+    """(replicate, image) weights of a block of ``n`` images from position ``first``: row 0 all ones, then Poisson(1) draws.
 
     Drawn from a generator keyed by the seed and the block's first image, so an image keeps
     its weights in every block step and the result does not depend on the reading order.
     """
-    n = images.stop - images.start
-    draws = np.random.default_rng([seed, images.start]).poisson(1.0, size=(n_bootstrap, n))
+    draws = np.random.default_rng([seed, first]).poisson(1.0, size=(n_bootstrap, n))
     return np.concatenate([np.ones((1, n)), draws], axis=0)
 
 

@@ -28,12 +28,13 @@ averaged over groups.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import xarray as xr
 from scipy.linalg import blas
-from tqdm.auto import tqdm
 
-from analyses.streaming import image_blocks, plain_strings
+from analyses.streaming import fold_image_blocks, image_blocks, plain_strings
 
 MEASURES = ("cosine", "angular", "mse", "cka")
 REDUCED_VIEWS = ("cls", "patch_mean", "register_mean")
@@ -96,8 +97,10 @@ def layer_similarity(
     -----
     The store is read one chunk of images at a time (all chosen layers of that chunk, in the
     stored dtype) and computed in float64 a few images at a time, so memory is about one chunk
-    of images × layers × tokens × features whatever the number of images, plus for CKA an
-    accumulator of ``(layers × features)² × 8`` bytes per group.
+    of images × layers × tokens × features whatever the number of images, plus for CKA two
+    matrices (the running total and one chunk's) of ``(layers × features)² × 8`` bytes per
+    group. On a dask.distributed client (`analyses.streaming.fold_image_blocks`) each chunk is
+    a task on the workers, with the same result.
     """
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
@@ -112,25 +115,27 @@ def layer_similarity(
     if n_images == 0:
         raise ValueError("the dataset has no recorded images")
     source = "hidden" if any(group.name == "hidden" for group in groups) else groups[0].name
-    bar = tqdm(image_blocks(ds, source), desc=f"{measure} similarity", unit="chunk", disable=not progress)
+    blocks = image_blocks(ds, source)
+    description = f"{measure} similarity"
 
     if measure == "cka":
-        accumulators = [_CrossProducts(len(layers)) for _ in groups]
-        for images in bar:
-            for group, accumulator in zip(groups, accumulators):
-                for piece in _pieces(group, images):
-                    accumulator.add(piece)
-        values = 1.0 - np.mean([accumulator.cka() for accumulator in accumulators], axis=0)
+        # a fixed shift (the first block's mean) keeps the streamed sums well conditioned
+        means = fold_image_blocks(partial(_block_means, tokens=tokens, layers=layers), ds, blocks=blocks[:1], progress=False)
+        shifts = [means[f"mean{g}"] for g in range(len(groups))]
+        totals = fold_image_blocks(
+            partial(_block_cross_products, tokens=tokens, layers=layers, shifts=shifts),
+            ds, blocks=blocks, description=description, progress=progress,
+        )
+        values = 1.0 - np.mean(
+            [_cka(totals[f"count{g}"], totals[f"sums{g}"], totals[f"products{g}"], len(layers)) for g in range(len(groups))],
+            axis=0,
+        )
     else:
-        batches = []
-        for images in bar:
-            per_group = [
-                np.concatenate([_per_image_dissimilarity(piece, measure) for piece in _pieces(group, images)])
-                for group in groups
-            ]
-            matrices = np.mean(per_group, axis=0)  # (image, layer_i, layer_j)
-            batches.append(matrices if per_image else matrices.sum(0))
-        values = np.concatenate(batches) if per_image else np.sum(batches, axis=0) / n_images
+        folded = fold_image_blocks(
+            partial(_block_dissimilarity, measure=measure, tokens=tokens, layers=layers, per_image=per_image),
+            ds, blocks=blocks, description=description, progress=progress,
+        )
+        values = np.concatenate(folded["matrices"]) if per_image else folded["sum"] / n_images
 
     dims = ("layer_i", "layer_j")
     coords = {"layer_i": layers, "layer_j": layers}
@@ -213,18 +218,28 @@ def _token_groups(ds: xr.Dataset, tokens: str, layers: np.ndarray) -> list[xr.Da
     return groups
 
 
-def _pieces(group: xr.DataArray, images: slice):
-    """Read one chunk of images of a group (stored dtype), yield it as float64 a few images at a time.
+def _pieces(group: xr.DataArray):
+    """Read a group of a block of images (stored dtype), yield it as float64 a few images at a time.
 
     Yields
     ------
     numpy.ndarray
         (image, layer, sample, feature), float64, at most about ``PIECE_BYTES``.
     """
-    block = np.asarray(group.isel(image=images).values)
+    block = np.asarray(group.values)
     step = max(1, PIECE_BYTES // max(1, block[0].size * 8)) if len(block) else 1
     for start in range(0, len(block), step):
         yield block[start : start + step].astype(np.float64)
+
+
+def _block_dissimilarity(block: xr.Dataset, measure: str, tokens: str, layers, per_image: bool) -> dict:
+    """One block's per-image matrices (image, layer_i, layer_j), as a list, or their sum."""
+    per_group = [
+        np.concatenate([_per_image_dissimilarity(piece, measure) for piece in _pieces(group)])
+        for group in _token_groups(block, tokens, layers)
+    ]
+    matrices = np.mean(per_group, axis=0)  # (image, layer_i, layer_j)
+    return {"matrices": [matrices]} if per_image else {"sum": matrices.sum(0)}
 
 
 def _per_image_dissimilarity(vectors: np.ndarray, measure: str) -> np.ndarray:
@@ -241,46 +256,56 @@ def _per_image_dissimilarity(vectors: np.ndarray, measure: str) -> np.ndarray:
     return (np.arccos(cosine) / np.pi).mean(1)
 
 
-class _CrossProducts:
-    """Streamed sums for linear CKA between every pair of layers (feature-space form).
+# Linear CKA between every pair of layers, in feature space, from streamed sums. For samples
+# z = [x_1, ..., x_L] (the layers' features side by side) shifted by a fixed vector c (the first
+# block's mean, for numerical stability; covariances do not change), the sums are n, s = Σ(z − c)
+# and S = Σ(z − c)ᵀ(z − c). Then cov_ij = S_ij / n − m_i m_jᵀ with m = s / n, and
+# CKA_ij = ‖cov_ij‖²_F / (‖cov_ii‖_F ‖cov_jj‖_F). S is filled by BLAS ``syrk`` (upper triangle
+# only), so the (L·d)² float64 matrix is the only large allocation per block.
 
-    Holds S = Σ zᵀz over samples z = [x_1, ..., x_L] (the layers' features side by side), after
-    subtracting the first batch's mean for numerical stability (covariances do not change).
-    Then cov_ij = S_ij / n − m_i m_jᵀ and CKA_ij = ‖cov_ij‖²_F / (‖cov_ii‖_F ‖cov_jj‖_F).
-    S is updated in place by BLAS ``syrk`` (upper triangle only), so the (L·d)² float64
-    accumulator is the only large allocation.
-    """
 
-    def __init__(self, n_layers: int):
-        self.n_layers = n_layers
-        self.shift = None
-        self.count = 0
-        self.sums = None
-        self.products = None
+def _rows(vectors: np.ndarray) -> np.ndarray:
+    """(image, layer, sample, feature) -> (image·sample, layer·feature) CKA samples."""
+    n, n_layers, n_samples, n_features = vectors.shape
+    return vectors.transpose(0, 2, 1, 3).reshape(n * n_samples, n_layers * n_features)
 
-    def add(self, vectors: np.ndarray) -> None:
-        n, n_layers, n_samples, n_features = vectors.shape
-        rows = vectors.transpose(0, 2, 1, 3).reshape(n * n_samples, n_layers * n_features)
-        if self.shift is None:
-            self.shift = rows.mean(0)
-            self.sums = np.zeros_like(self.shift)
-            self.products = np.zeros((rows.shape[1], rows.shape[1]), order="F")
-        rows = np.asfortranarray(rows - self.shift)
-        self.count += rows.shape[0]
-        self.sums += rows.sum(0)
-        self.products = blas.dsyrk(1.0, rows, beta=1.0, c=self.products, trans=1, overwrite_c=1)
 
-    def cka(self) -> np.ndarray:
-        mean = self.sums / self.count
-        width = self.products.shape[0] // self.n_layers
-        spans = [slice(layer * width, (layer + 1) * width) for layer in range(self.n_layers)]
-        hsic = np.zeros((self.n_layers, self.n_layers))
-        for i, rows in enumerate(spans):
-            for j in range(i, self.n_layers):
-                block = self.products[rows, spans[j]]
-                if i == j:  # only the upper triangle of S is filled
-                    block = np.triu(block) + np.triu(block, 1).T
-                covariance = block / self.count - np.outer(mean[rows], mean[spans[j]])
-                hsic[i, j] = hsic[j, i] = np.sum(covariance**2)
-        scale = np.sqrt(np.diag(hsic))
-        return hsic / np.maximum(np.outer(scale, scale), np.finfo(float).tiny)
+def _block_means(block: xr.Dataset, tokens: str, layers) -> dict:
+    """Mean CKA sample of each token group over a block (the shift of the streamed sums)."""
+    return {
+        f"mean{g}": np.concatenate([_rows(piece) for piece in _pieces(group)]).mean(0)
+        for g, group in enumerate(_token_groups(block, tokens, layers))
+    }
+
+
+def _block_cross_products(block: xr.Dataset, tokens: str, layers, shifts) -> dict:
+    """One block's ``count<g>``, shifted ``sums<g>`` and shifted ``products<g>`` (upper triangle) per group g."""
+    part = {}
+    for g, group in enumerate(_token_groups(block, tokens, layers)):
+        shift = shifts[g]
+        count, sums = 0, np.zeros_like(shift)
+        products = np.zeros((len(shift), len(shift)), order="F")
+        for piece in _pieces(group):
+            rows = np.asfortranarray(_rows(piece) - shift)
+            count += rows.shape[0]
+            sums += rows.sum(0)
+            products = blas.dsyrk(1.0, rows, beta=1.0, c=products, trans=1, overwrite_c=1)
+        part.update({f"count{g}": count, f"sums{g}": sums, f"products{g}": products})
+    return part
+
+
+def _cka(count: int, sums: np.ndarray, products: np.ndarray, n_layers: int) -> np.ndarray:
+    """(layer_i, layer_j) linear CKA from the folded sums of one token group."""
+    mean = sums / count
+    width = products.shape[0] // n_layers
+    spans = [slice(layer * width, (layer + 1) * width) for layer in range(n_layers)]
+    hsic = np.zeros((n_layers, n_layers))
+    for i, rows in enumerate(spans):
+        for j in range(i, n_layers):
+            block = products[rows, spans[j]]
+            if i == j:  # only the upper triangle of S is filled
+                block = np.triu(block) + np.triu(block, 1).T
+            covariance = block / count - np.outer(mean[rows], mean[spans[j]])
+            hsic[i, j] = hsic[j, i] = np.sum(covariance**2)
+    scale = np.sqrt(np.diag(hsic))
+    return hsic / np.maximum(np.outer(scale, scale), np.finfo(float).tiny)

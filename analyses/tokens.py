@@ -17,17 +17,20 @@ layers; ``from_layer`` says where each step starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import xarray as xr
 
-from analyses.streaming import angle_deg, image_blocks, layer_states, progress_bar, provenance, token_groups, unit
+from analyses.streaming import angle_deg, fold_image_blocks, layer_states, provenance, token_groups, unit
 
 
 def token_dynamics(dataset: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
     """Angular speed per token kind, patch coherence of states and updates, and norms.
 
-    Reads ``hidden`` one chunk (a block of images, one layer) at a time.
+    Reads ``hidden`` one chunk (a block of images, one layer) at a time. With a dask.distributed
+    client open, the blocks are tasks on its workers, with the same result
+    (`analyses.streaming.fold_image_blocks`).
 
     Parameters
     ----------
@@ -47,32 +50,11 @@ def token_dynamics(dataset: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
     layers = dataset["layer"].values
     if len(layers) < 2:
         raise ValueError("token dynamics need at least two recorded layers; record without --layers")
-    n_images, n_kinds, n_layers = dataset.sizes["image"], len(groups), len(layers)
-    speed = np.zeros((n_images, n_kinds, n_layers - 1))
-    norm = np.zeros((n_images, n_kinds, n_layers))
+    folded = fold_image_blocks(partial(_block_dynamics, groups=groups), dataset, description="tokens", progress=progress)
+    speed, norm, coherence, update_coherence = (
+        np.concatenate(folded[name]) for name in ("speed", "norm", "coherence", "update_coherence")
+    )
     patches = groups.get("patch")
-    coherence = np.zeros((n_images, n_layers))
-    update_coherence = np.zeros((n_images, n_layers - 1))
-    blocks = image_blocks(dataset)
-    bar = progress_bar(len(blocks) * n_layers, "tokens", progress)
-    for images in blocks:
-        previous = None
-        for index, states in enumerate(layer_states(dataset, images)):
-            lengths = np.linalg.norm(states, axis=-1)
-            directions = unit(states)
-            if patches is not None:
-                coherence[images, index] = patch_coherence(states[:, patches])
-            if previous is not None:
-                step = angle_deg(np.einsum("itf,itf->it", directions, previous[1]))
-                for k, positions in enumerate(groups.values()):
-                    speed[images, k, index - 1] = step[:, positions].mean(axis=1)
-                if patches is not None:
-                    update_coherence[images, index - 1] = patch_coherence(states[:, patches] - previous[0][:, patches])
-            for k, positions in enumerate(groups.values()):
-                norm[images, k, index] = lengths[:, positions].mean(axis=1)
-            previous = (states, directions)
-            bar.update()
-    bar.close()
 
     variables = {
         "speed": (("image", "kind", "block"), speed.astype(np.float32),
@@ -96,6 +78,32 @@ def token_dynamics(dataset: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
         },
         attrs={**provenance(dataset), "analysis_detail": "token-specific dynamics on the unit sphere; speeds in degrees per block"},
     )
+
+
+def _block_dynamics(block: xr.Dataset, groups: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Speed, norm and coherences of one block of images (`fold_image_blocks` partial)."""
+    n_images, n_layers = block.sizes["image"], block.sizes["layer"]
+    speed = np.zeros((n_images, len(groups), n_layers - 1))
+    norm = np.zeros((n_images, len(groups), n_layers))
+    coherence = np.zeros((n_images, n_layers))
+    update_coherence = np.zeros((n_images, n_layers - 1))
+    patches = groups.get("patch")
+    previous = None
+    for index, states in enumerate(layer_states(block)):
+        lengths = np.linalg.norm(states, axis=-1)
+        directions = unit(states)
+        if patches is not None:
+            coherence[:, index] = patch_coherence(states[:, patches])
+        if previous is not None:
+            step = angle_deg(np.einsum("itf,itf->it", directions, previous[1]))
+            for k, positions in enumerate(groups.values()):
+                speed[:, k, index - 1] = step[:, positions].mean(axis=1)
+            if patches is not None:
+                update_coherence[:, index - 1] = patch_coherence(states[:, patches] - previous[0][:, patches])
+        for k, positions in enumerate(groups.values()):
+            norm[:, k, index] = lengths[:, positions].mean(axis=1)
+        previous = (states, directions)
+    return {"speed": [speed], "norm": [norm], "coherence": [coherence], "update_coherence": [update_coherence]}
 
 
 def patch_coherence(vectors: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from dynamo import zoo
+from dynamo.cluster import connect
 from dynamo.analyze import comma_list
 from dynamo.capture import AUTOCAST_DTYPES
 from dynamo.images import image_set
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        summary = args.run(args)
+        with connect(getattr(args, "cluster", None)):
+            summary = args.run(args)
     except USER_ERRORS as error:
         print(f"dynamo {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PNG figures with phase boundaries marked, and summary.json to --out.",
     )
     analyzing.configure_parser(analyze)
+    _cluster_argument(analyze)
     analyze.add_argument("--json", action="store_true", help="print a JSON summary")
     analyze.set_defaults(run=_analyze)
     prof = commands.add_parser(
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", default="cpu")
     prof.add_argument("--overwrite", action="store_true", help="replace a store in --out recorded with other settings")
     prof.add_argument("--quiet", action="store_true", help="no progress")
+    _cluster_argument(prof)
     prof.add_argument("--json", action="store_true", help="print summary.json")
     prof.set_defaults(run=_profile)
 
@@ -185,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     phases.add_argument("--figure", help="write the heatmap with phase boundaries to this PNG")
     phases.add_argument("--out", help="write the result (matrix, phases, stability) to this .zarr")
     phases.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cluster_argument(phases)
     phases.add_argument("--json", action="store_true", help="print a JSON summary")
     phases.set_defaults(run=_phases)
 
@@ -383,6 +388,16 @@ def _fit(args) -> dict:
     lines.append(f"saved to {out} in {summary['seconds']} s")
     summary["text"] = "\n".join(lines)
     return summary
+
+
+def _cluster_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cluster", metavar="ADDRESS",
+        help="run the store-only analyses on a dask.distributed cluster: a scheduler address "
+        "(tcp://host:port; every worker must read the store at the same path) or local:N for N "
+        "local worker processes. Live-model analyses (perturbation, jacobian, swap, Raptor) "
+        "and recording stay in this process",
+    )
 
 
 def describe(path: str | Path) -> dict:

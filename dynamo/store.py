@@ -270,7 +270,8 @@ def open_trajectories(path: str | Path, recorded_only: bool = True) -> xr.Datase
         Not a dynamo store, or missing required variables.
     """
     open_group(path)
-    dataset = xr.open_zarr(str(path), consolidated=False)
+    # an absolute path, so that dask workers in other directories (or machines) read the same store
+    dataset = xr.open_zarr(str(Path(path).resolve()), consolidated=False)
     required = {"status"} if dataset.attrs.get("summaries_only") else {"hidden", "status"}
     missing = required - set(dataset.data_vars)
     if missing:
