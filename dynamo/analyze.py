@@ -507,7 +507,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
         key: value
         for key, value in vars(args).items()
         if key not in {"store", "out", "only", "model", "checkpoint", "boundaries", "phase_method", "export",
-                       "export_components", "export_sphere", "quiet", "json", "run", "command"}
+                       "export_components", "export_sphere", "quiet", "json", "run", "command", "cluster"}
     }
     return analyze(
         args.store,

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from dynamo.models import LoadedModel
+from dynamo.store import RECORDED, UNREADABLE
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-RECORDED, UNREADABLE = 1, 2  # status codes, as dynamo.store
 
 
 class CaptureError(RuntimeError):
@@ -104,8 +104,6 @@ class Capture:
     """
 
     def __init__(self, loaded: LoadedModel, layers, tokens, dtype: str, device, *, keep_hidden=True, autocast=None, slots=3):
-        if autocast is not None and autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, got {autocast!r}")
         self.module, self.layout = loaded.module, loaded.layout
         self.num_blocks = loaded.num_blocks
         self.slot = {layer: i for i, layer in enumerate(layers)}
@@ -115,7 +113,7 @@ class Capture:
         self.dtype = getattr(torch, dtype)
         self.keep_hidden = keep_hidden
         self.autocast = autocast
-        self.has_logits = bool(getattr(loaded.module, "num_classes", 0))
+        self.num_classes = int(getattr(loaded.module, "num_classes", 0) or 0)
         self.views = [
             name
             for name, present in (
@@ -172,7 +170,9 @@ class Capture:
         self.states = [None] * n_layers
         self.reduced = {name: torch.empty(b, n_layers, d, device=self.device) for name in self.views}
         if self.on_cuda:
-            self.host = self.pool.take(self.batch, b, n_layers, self._kept_shape(b), self.dtype, self.views, d)
+            self.host = self.pool.take(
+                self.batch, b, n_layers, self._kept_shape(b), self.dtype, self.views, d, self.num_classes
+            )
         self.calls = 0
         self.batch += 1
         autocast = (
@@ -186,7 +186,7 @@ class Capture:
                 f"{type(self.module).__name__} called its blocks {self.calls} times in one forward pass, "
                 f"not {self.num_blocks}; dynamo records models that apply each block once, in order"
             )
-        logits = logits.float() if self.has_logits else None
+        logits = logits.float() if self.num_classes else None
         status = np.where(readable, RECORDED, UNREADABLE).astype(np.int8)
         if not self.on_cuda:
             return CapturedBatch(
@@ -202,8 +202,6 @@ class Capture:
                 host["summaries"][name][:b].copy_(values, non_blocking=True)
                 values.record_stream(self.copy_stream)
             if logits is not None:
-                if "logits" not in host or host["logits"].shape[1] != logits.shape[1]:
-                    host["logits"] = torch.empty(host["capacity"], logits.shape[1], pin_memory=True)
                 host["logits"][:b].copy_(logits, non_blocking=True)
                 logits.record_stream(self.copy_stream)
             ready = torch.cuda.Event()
@@ -253,13 +251,15 @@ class _PinnedPool:
     def __init__(self, slots: int):
         self.buffers = [None] * slots
 
-    def take(self, batch_index, b, n_layers, kept_shape, dtype, views, width) -> dict:
+    def take(self, batch_index, b, n_layers, kept_shape, dtype, views, width, n_classes) -> dict:
         index = batch_index % len(self.buffers)
         buffer = self.buffers[index]
         if buffer is None or buffer["capacity"] < b:
             buffer = {"capacity": b, "summaries": {
                 name: torch.empty(b, n_layers, width, pin_memory=True) for name in views
             }}
+            if n_classes:
+                buffer["logits"] = torch.empty(b, n_classes, pin_memory=True)
             if kept_shape is not None:
                 buffer["hidden"] = torch.empty((n_layers, *kept_shape), dtype=dtype, pin_memory=True)
             self.buffers[index] = buffer

@@ -320,9 +320,10 @@ def _record_pending(loaded, images, group, plan, shard, device, autocast, writer
         pixels, readable = images.load_batch(range(*block), transform)
         return (pixels.pin_memory() if pin else pixels), readable
 
+    owned_images = sum(stop - start for start, stop in owned)
     bar = tqdm(
-        total=sum(stop - start for start, stop in owned),
-        initial=sum(stop - start for start, stop in owned) - sum(stop - start for start, stop in blocks),
+        total=owned_images,
+        initial=owned_images - sum(stop - start for start, stop in blocks),
         unit="img",
         desc=f"record {loaded.source}" + (f" shard {shard}" if shard.count > 1 else ""),
         disable=not progress,
