@@ -9,11 +9,11 @@ from analyses.phases import (
     phase_scores,
     thresholds,
 )
-from analyses.similarity import layer_similarity, to_similarity
+from analyses.similarity import layer_similarity
 from analyses.convergence import basins
 from analyses.export import export_trajectories, trajectories
 from analyses.rank import update_rank
 from analyses.tokens import token_dynamics
-from analyses.perturbation import perturbation_recovery, recovery_summary
-from analyses.jacobian import jacobian_spectrum, jacobian_summary, top_singular_values
-from analyses.swap import layer_swap, swap_summary
+from analyses.perturbation import perturbation_recovery
+from analyses.jacobian import jacobian_spectrum, top_singular_values
+from analyses.swap import layer_swap

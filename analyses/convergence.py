@@ -30,20 +30,25 @@ import xarray as xr
 from analyses.streaming import (
     angle_deg,
     fold_image_blocks,
+    image_coords,
     labels_of,
     layer_states,
-    plain_strings,
+    principal_directions,
     provenance,
     read_block,
-    token_groups,
+    rounded,
     unit,
 )
+from dynamo.layout import REDUCED_VIEWS, token_groups
 
-VIEWS = ("cls", "patch_mean")
+DESCRIPTION = (
+    "Directional convergence of each token kind to its final direction, and how early images "
+    "fall into their class's angular basin (cls and patch-mean directions)."
+)
 
 
-def basins(
-    dataset: xr.Dataset,
+def compute(
+    ds: xr.Dataset,
     *,
     fit_layers: str = "all",
     n_components: int = 2,
@@ -57,7 +62,7 @@ def basins(
 
     Parameters
     ----------
-    dataset : xarray.Dataset
+    ds : xarray.Dataset
         A trajectory dataset (`dynamo.open_trajectories`).
     fit_layers : {"all", "final"}
         Unit cls vectors the projection's principal directions are fitted on: all layers'
@@ -70,8 +75,8 @@ def basins(
     Returns
     -------
     xarray.Dataset
-        ``gamma`` (image, kind, layer): mean cosine of the kind's tokens to their own final
-        direction. With labels, per ``view`` (cls, patch_mean) and layer:
+        ``gamma`` (image, token_kind, layer): mean cosine of the kind's tokens to their own
+        final direction. With labels, per ``view`` (cls, patch_mean) and layer:
         ``within_class_cosine``, ``between_class_cosine`` (mean over image pairs),
         ``within_class_angle``, ``between_class_angle`` (degrees, arccos of those means),
         ``final_centroid_accuracy``, ``layer_centroid_accuracy`` (fractions). With a cls
@@ -79,52 +84,50 @@ def basins(
     """
     if fit_layers not in ("all", "final"):
         raise ValueError(f"fit_layers must be 'all' or 'final', got {fit_layers!r}")
-    groups = token_groups(dataset)
-    layers = dataset["layer"].values
-    labels = labels_of(dataset)
-    views = [v for v in VIEWS if v in dataset.data_vars and (v != "cls" or "cls" in groups)]
+    groups = token_groups(ds["token_kind"])
+    layers = ds["layer"].values
+    labels = labels_of(ds)
+    views = [v for v in REDUCED_VIEWS[:2] if v in ds.data_vars and (v != "cls" or "cls" in groups)]  # cls, patch_mean
     class_views = views if labels is not None else []
     classes = np.unique(labels) if labels is not None else None
     projecting = "cls" in views
     first = fold_image_blocks(
         partial(_first_pass, groups=groups, class_views=class_views, classes=classes,
                 fit_layers=fit_layers if projecting else None),
-        dataset, description="basins: convergence", progress=progress,
+        ds, description="basins: convergence", progress=progress,
     )
     result = xr.Dataset(
         {
             "gamma": (
-                ("image", "kind", "layer"),
+                ("image", "token_kind", "layer"),
                 np.concatenate(first["gamma"]).astype(np.float32),
                 {"long_name": "γ: cosine to own final direction", "units": "1",
                  "description": "mean over the kind's tokens of <x̂_l, x̂_L>, per image"},
             )
         },
-        coords={"image": dataset["image"].values, "kind": list(groups), "layer": layers},
+        coords={"image": ds["image"].values, "token_kind": list(groups), "layer": layers,
+                **{name: ("image", values) for name, values in image_coords(ds).items()}},
     )
-    for name in ("label", "label_name", "image_id"):
-        if name in dataset.coords:
-            values = np.asarray(dataset[name].values)
-            values = values if values.dtype.kind in "iuf" else plain_strings(values)
-            result = result.assign_coords({name: ("image", values)})
 
     class_sums = {view: first[f"class_sums_{view}"] for view in class_views}
-    projection = _principal_directions(first, n_components) if projecting else None
+    projection = (
+        principal_directions(first["scatter"], first["direction_sum"], first["count"], n_components) if projecting else None
+    )
     if class_views or projecting:
         second = fold_image_blocks(
             partial(_second_pass, class_sums=class_sums, classes=classes, projection=projection),
-            dataset, description="basins: class structure", progress=progress,
+            ds, description="basins: class structure", progress=progress,
         )
     if class_views:
         counts = np.bincount(np.searchsorted(classes, labels), minlength=len(classes)).astype(np.float64)
-        result = result.merge(_class_structure(dataset, class_sums, counts, second))
+        result = result.merge(_class_structure(ds, class_sums, counts, second))
     if projecting:
-        result = result.merge(_projection_result(dataset, fit_layers, projection, second))
-    if labels is not None and "logits" in dataset.data_vars:
-        predicted = np.asarray(dataset["logits"].values).argmax(axis=1)
+        result = result.merge(_projection_result(ds, fit_layers, projection, second))
+    if labels is not None and "logits" in ds.data_vars:
+        predicted = np.asarray(ds["logits"].values).argmax(axis=1)
         result.attrs["model_accuracy"] = float((predicted == labels).mean())
     result.attrs.update(
-        **provenance(dataset),
+        **provenance(ds),
         analysis_detail="directional convergence and angular basins on unit-normalised tokens",
         class_pairs="mean cosine over image pairs, exact from per-class sums of unit vectors",
         centroid_accuracy="nearest class centroid by cosine, leaving the image out of its own class centroid",
@@ -133,10 +136,13 @@ def basins(
     return result
 
 
+basins = compute
+
+
 def _first_pass(block, groups, class_views, classes, fit_layers) -> dict:
     """One block's γ, per-class sums of unit views and cls scatter (`fold_image_blocks` partial).
 
-    Returns ``gamma`` [(image, kind, layer)]; per class view ``class_sums_<view>`` (layer,
+    Returns ``gamma`` [(image, token_kind, layer)]; per class view ``class_sums_<view>`` (layer,
     class, feature); with ``fit_layers``, the unit cls rows' ``scatter`` (feature, feature),
     ``direction_sum`` (feature,) and ``count``.
     """
@@ -162,7 +168,8 @@ def _second_pass(block, class_sums, classes, projection) -> dict:
     """One block's nearest-centroid credits per view and layer, and its cls projection.
 
     Returns per view ``correct_final_<view>``, ``correct_layer_<view>`` (layer,); with
-    ``projection`` (mean, components), ``projection`` [(image, layer, component)].
+    ``projection`` (`principal_directions`' mean, components, ratios), ``projection`` [(image,
+    layer, component)].
     """
     part = {}
     if class_sums:
@@ -179,7 +186,7 @@ def _second_pass(block, class_sums, classes, projection) -> dict:
              for layer in range(n_layers)]
         )
     if projection is not None:
-        mean, components = projection["mean"], projection["components"]
+        mean, components, _ = projection
         part["projection"] = [(unit(read_block(block, "cls")) - mean) @ components]
     return part
 
@@ -255,21 +262,10 @@ def _nearest_centroid_credit(directions, class_sums, own_vectors, own_class) -> 
     return nearest[rows, own_class] / nearest.sum(axis=1)
 
 
-def _principal_directions(first: dict, n_components: int) -> dict:
-    """Mean, top principal directions (fixed sign) and eigenvalues of the unit cls rows' scatter."""
-    count = first["count"]
-    mean = first["direction_sum"] / count
-    covariance = (first["scatter"] - count * np.outer(mean, mean)) / count
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    order = np.argsort(eigenvalues)[::-1][:n_components]
-    components = eigenvectors[:, order]
-    components *= np.sign(components[np.abs(components).argmax(axis=0), range(len(order))])  # fixed sign
-    return {"mean": mean, "components": components, "explained": eigenvalues[order] / eigenvalues.sum()}
-
-
 def _projection_result(dataset, fit_layers, projection, second) -> xr.Dataset:
     """Principal-component coordinates of every image's unit cls trajectory."""
-    n_components = projection["components"].shape[1]
+    _, components, explained = projection
+    n_components = components.shape[1]
     return xr.Dataset(
         {
             "projection": (
@@ -279,7 +275,7 @@ def _projection_result(dataset, fit_layers, projection, second) -> xr.Dataset:
             ),
             "explained_variance_ratio": (
                 ("component",),
-                projection["explained"],
+                explained,
                 {"long_name": "variance fraction of the fitted unit cls vectors"},
             ),
         },
@@ -304,31 +300,24 @@ def half_rise_layer(curve: np.ndarray, layers: np.ndarray) -> float | None:
     return float(layers[i - 1] + fraction * (layers[i] - layers[i - 1]))
 
 
-def headline(result: xr.Dataset) -> dict:
-    """Headline numbers: γ per layer and its half-rise layer per kind, basin accuracy per layer."""
+def summarize(result: xr.Dataset) -> dict:
+    """Headline numbers: per token kind γ per layer, its half-rise layer and steepest block; basin accuracy per layer."""
     layers = result["layer"].values
     gamma = result["gamma"].mean("image").astype(float)
-    kinds = [str(k) for k in result["kind"].values]
-    numbers = {
-        "gamma_mean": {k: np.round(gamma.sel(kind=k).values, 3).tolist() for k in kinds},
-        "gamma_half_rise_layer": {k: _rounded(half_rise_layer(gamma.sel(kind=k).values, layers)) for k in kinds},
-        "gamma_steepest_block": {k: int(layers[1:][np.diff(gamma.sel(kind=k).values).argmax()]) for k in kinds},
-    }
+    numbers = {}
+    for kind in result["token_kind"].values:
+        curve = gamma.sel(token_kind=kind).values
+        numbers.update({
+            f"gamma_mean_{kind}": rounded(curve),
+            f"gamma_half_rise_layer_{kind}": rounded(half_rise_layer(curve, layers)),
+            f"gamma_steepest_block_{kind}": int(layers[1:][np.diff(curve).argmax()]),
+        })
     if "final_centroid_accuracy" in result:
         view = str(result["view"].values[0])
-        at = {name: np.round(result[name].sel(view=view).values.astype(float), 3).tolist() for name in (
-            "final_centroid_accuracy", "layer_centroid_accuracy", "within_class_angle", "between_class_angle")}
-        numbers.update(
-            basin_view=view,
-            basin_accuracy=at["final_centroid_accuracy"],
-            layer_centroid_accuracy=at["layer_centroid_accuracy"],
-            within_class_angle_deg=at["within_class_angle"],
-            between_class_angle_deg=at["between_class_angle"],
-        )
+        numbers["basin_view"] = view
+        for name, key in (("final_centroid_accuracy", "basin_accuracy"), ("layer_centroid_accuracy", "layer_centroid_accuracy"),
+                          ("within_class_angle", "within_class_angle_deg"), ("between_class_angle", "between_class_angle_deg")):
+            numbers[key] = rounded(result[name].sel(view=view).values.astype(float))
     if "model_accuracy" in result.attrs:
-        numbers["model_accuracy"] = round(float(result.attrs["model_accuracy"]), 4)
+        numbers["model_accuracy"] = rounded(float(result.attrs["model_accuracy"]))
     return numbers
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)

@@ -23,25 +23,26 @@ import xarray as xr
 from dask.diagnostics import ProgressBar
 from tqdm.auto import tqdm
 
-from analyses.streaming import cluster_client, plain_strings, token_groups
+from analyses.streaming import cluster_client, image_coords, principal_directions
+from dynamo.layout import REDUCED_VIEWS, TOKEN_KINDS, token_groups
 
-REDUCED_VIEWS = ("cls", "patch_mean", "register_mean")
-TOKEN_VIEWS = ("patch", "register", "dist")
+DESCRIPTION = "Trajectories as (trial, time, feature) arrays, optionally on the sphere and on principal directions, for other dynamics tools."
+TOKEN_VIEWS = tuple(kind for kind in TOKEN_KINDS if kind != "cls")  # one trial per token (cls: the `cls` view)
 VIEWS = REDUCED_VIEWS + TOKEN_VIEWS
 
 
 def trajectories(
-    dataset: xr.Dataset, view: str = "cls", *, sphere: bool = False, n_components: int | None = None
+    ds: xr.Dataset, view: str = "cls", *, sphere: bool = False, n_components: int | None = None
 ) -> xr.DataArray:
     """A lazy (trial, time, feature) array of trajectories.
 
     Parameters
     ----------
-    dataset : xarray.Dataset
+    ds : xarray.Dataset
         A trajectory dataset (`dynamo.open_trajectories`).
     view : str
         A reduced view (``cls``, ``patch_mean``, ``register_mean``: one trial per image) or a
-        token kind (``patch``, ``register``, ``dist``: one trial per token per image).
+        token kind (``dist``, ``register``, ``patch``: one trial per token per image).
     sphere : bool
         Divide every state by its norm first.
     n_components : int, optional
@@ -57,33 +58,32 @@ def trajectories(
         ``explained_variance_ratio``.
     """
     if view in REDUCED_VIEWS:
-        if view not in dataset.data_vars:
+        if view not in ds.data_vars:
             raise ValueError(f"the store has no {view!r} view; record it again with a current dynamo")
-        array = dataset[view].rename(image="trial", layer="time")
-        per_trial = {"image": ("trial", dataset["image"].values)}
-        image_index = np.arange(dataset.sizes["image"])
+        array = ds[view].rename(image="trial", layer="time")
+        per_trial = {"image": ("trial", ds["image"].values)}
+        image_index = np.arange(ds.sizes["image"])
     elif view in TOKEN_VIEWS:
-        positions = token_groups(dataset).get(view)
-        if positions is None:
-            raise ValueError(f"the store has no {view!r} tokens; its token kinds are {list(token_groups(dataset))}")
-        tokens = dataset["hidden"].isel(token=positions).drop_vars(
-            [c for c in dataset["hidden"].coords if c not in ("image", "layer", "token")]
+        groups = token_groups(ds["token_kind"])
+        if view not in groups:
+            raise ValueError(f"the store has no {view!r} tokens; its token kinds are {list(groups)}")
+        positions = groups[view]
+        tokens = ds["hidden"].isel(token=positions).drop_vars(
+            [c for c in ds["hidden"].coords if c not in ("image", "layer", "token")]
         )
         array = tokens.stack(trial=("image", "token")).transpose("trial", "layer", "feature").rename(layer="time")
         array = array.drop_vars(["trial", "image", "token"]).assign_coords(
-            image=("trial", np.repeat(dataset["image"].values, len(positions))),
-            token=("trial", np.tile(dataset["token"].values[positions], dataset.sizes["image"])),
+            image=("trial", np.repeat(ds["image"].values, len(positions))),
+            token=("trial", np.tile(ds["token"].values[positions], ds.sizes["image"])),
         )
-        image_index = np.repeat(np.arange(dataset.sizes["image"]), len(positions))
+        image_index = np.repeat(np.arange(ds.sizes["image"]), len(positions))
         per_trial = {}
     else:
         raise ValueError(f"unknown view {view!r}; choose from {', '.join(VIEWS)}")
-    array = array.assign_coords(per_trial)
-    for name in ("image_id", "label"):
-        if name in dataset.coords:
-            values = np.asarray(dataset[name].values)
-            values = values if values.dtype.kind in "iuf" else plain_strings(values)
-            array = array.assign_coords({name: ("trial", values[image_index])})
+    coords = image_coords(ds)
+    array = array.assign_coords(per_trial).assign_coords(
+        {name: ("trial", coords[name][image_index]) for name in ("image_id", "label") if name in coords}
+    )
     array = array.astype(np.float32)
     if sphere:
         norm = np.sqrt((array**2).sum("feature"))
@@ -91,8 +91,8 @@ def trajectories(
     array.attrs = {
         "view": view,
         "sphere": sphere,
-        "model": str(dataset.attrs.get("model")),
-        "weights_sha256": str(dataset.attrs.get("weights_sha256")),
+        "model": str(ds.attrs.get("model")),
+        "weights_sha256": str(ds.attrs.get("weights_sha256")),
     }
     if n_components:
         array = _project(array, n_components)
@@ -101,14 +101,10 @@ def trajectories(
 
 def _project(array: xr.DataArray, n_components: int) -> xr.DataArray:
     """Project features on the top principal directions of all (trial, time) rows."""
-    n_features = array.sizes["feature"]
-    if not 0 < n_components <= n_features:
-        raise ValueError(f"n_components must be in 1..{n_features}, got {n_components}")
-    rows = array.data.reshape(-1, n_features).astype(np.float64)
-    mean, scatter, count = da.compute(rows.mean(axis=0), rows.T @ rows, rows.shape[0])
-    eigenvalues, eigenvectors = np.linalg.eigh(scatter / count - np.outer(mean, mean))
-    order = np.argsort(eigenvalues)[::-1][:n_components]
-    basis = eigenvectors[:, order].astype(np.float32)
+    rows = array.data.reshape(-1, array.sizes["feature"]).astype(np.float64)
+    scatter, total = da.compute(rows.T @ rows, rows.sum(axis=0))
+    mean, basis, explained = principal_directions(scatter, total, rows.shape[0], n_components)
+    basis = basis.astype(np.float32)
     projected = xr.DataArray(
         da.einsum("ntf,fc->ntc", array.data - mean.astype(np.float32), basis),
         dims=("trial", "time", "component"),
@@ -117,12 +113,12 @@ def _project(array: xr.DataArray, n_components: int) -> xr.DataArray:
     return projected.assign_attrs(
         array.attrs,
         components=basis.tolist(),
-        explained_variance_ratio=(eigenvalues[order] / eigenvalues.sum()).tolist(),
+        explained_variance_ratio=explained.tolist(),
     )
 
 
 def export_trajectories(
-    dataset: xr.Dataset,
+    ds: xr.Dataset,
     out: str | Path,
     view: str = "cls",
     *,
@@ -138,7 +134,7 @@ def export_trajectories(
         The ``.npy`` array (trial, time, feature) float32 and its ``.json`` description
         (view, dims, time = layers, per-trial image ids, labels and tokens, projection).
     """
-    array = trajectories(dataset, view, sphere=sphere, n_components=n_components)
+    array = trajectories(ds, view, sphere=sphere, n_components=n_components)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"trajectories_{view}{'_sphere' if sphere else ''}{f'_pca{n_components}' if n_components else ''}"

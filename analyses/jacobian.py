@@ -32,9 +32,16 @@ import xarray as xr
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from analyses.perturbation import image_coords, last_layer, parameter_of, propagator_for, select_images, states_at
+from analyses.perturbation import last_layer, parameter_of, select_images, states_at
+from analyses.streaming import image_coords, rounded
+from dynamo.stepping import propagator_for
 
-__all__ = ["jacobian_spectrum", "jacobian_summary", "top_singular_values"]
+__all__ = ["DESCRIPTION", "compute", "jacobian_spectrum", "summarize", "top_singular_values"]
+
+DESCRIPTION = (
+    "Block Jacobians: the top singular values of each block's Jacobian at real states, from JVPs and "
+    "VJPs, as per-block expansion rates (and, composed, the most a perturbation can grow to the last layer)."
+)
 
 
 def top_singular_values(
@@ -118,11 +125,11 @@ def _orthonormal(matrix: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return u * (s > 100 * torch.finfo(matrix.dtype).eps * scale).unsqueeze(1)
 
 
-def jacobian_spectrum(
+def compute(
     ds: xr.Dataset,
     model,
     n_singular: int = 4,
-    layers: Sequence[int] | None = None,
+    blocks: Sequence[int] | None = None,
     composed: bool = False,
     images: int | Sequence[int] | None = None,
     oversample: int = 6,
@@ -137,13 +144,12 @@ def jacobian_spectrum(
     ----------
     ds : xarray.Dataset
         Trajectory store with every token; the points of linearisation are its ``hidden``.
-    model : LoadedModel, BlockStepper or surrogate
-        See `analyses.perturbation.propagator_for`; the block producing layer l is
-        ``run(x, l - 1, l)``.
+    model : LoadedModel, timm ViT, BlockStepper or surrogate
+        See `dynamo.stepping.propagator_for`; block l (producing layer l) is ``run(x, l - 1, l)``.
     n_singular : int
         Singular values per Jacobian.
-    layers : sequence of int, optional
-        Output layers l of the blocks to linearise, 1..L; default all.
+    blocks : sequence of int, optional
+        The blocks to linearise, 1..L (block l produces layer l); default all.
     composed : bool
         Also linearise the map from every layer l0 in 0..L-1 to the last layer L (costs about
         (L+1)/2 times the per-block spectra).
@@ -162,38 +168,38 @@ def jacobian_spectrum(
     Returns
     -------
     xarray.Dataset
-        - ``singular_value`` (image, layer, rank): of dX_l / dX_{l-1};
-        - ``expansion_rate`` (image, layer): log sigma_1, natural log per block;
-        - ``norm_growth`` (image, layer): |X_l| / |X_{l-1}| (Frobenius over tokens);
-        - ``relative_expansion`` (image, layer): log sigma_1 - log norm_growth;
-        - with ``composed``: ``singular_value_to_end`` (image, start, rank) of dX_L / dX_start,
+        - ``singular_value`` (image, block, component): of dX_l / dX_{l-1}, l the block;
+        - ``expansion_rate`` (image, block): log sigma_1, natural log per block;
+        - ``norm_growth`` (image, block): |X_l| / |X_{l-1}| (Frobenius over tokens);
+        - ``relative_expansion`` (image, block): log sigma_1 - log norm_growth;
+        - with ``composed``: ``singular_value_to_end`` (image, start, component) of dX_L / dX_start,
           and ``lyapunov_exponent`` (image, start) = log sigma_1 / (L - start).
     """
     propagator = propagator_for(model, ds)
     ds = select_images(ds, images)
     L = last_layer(ds)
-    layers = list(range(1, L + 1)) if layers is None else sorted({int(l) for l in layers})
-    if not layers or layers[0] < 1 or layers[-1] > L:
-        raise ValueError(f"layers must lie in 1..{L}, got {layers}")
+    blocks = list(range(1, L + 1)) if blocks is None else sorted({int(b) for b in blocks})
+    if not blocks or blocks[0] < 1 or blocks[-1] > L:
+        raise ValueError(f"blocks must lie in 1..{L}, got {blocks}")
     if n_singular < 1:
         raise ValueError(f"n_singular must be at least 1, got {n_singular}")
     starts = list(range(L)) if composed else []
     like = parameter_of(propagator)
     generator = torch.Generator().manual_seed(seed)
     n = ds.sizes["image"]
-    per_block = np.full((n, len(layers), n_singular), np.nan, np.float32)
-    growth = np.full((n, len(layers)), np.nan, np.float32)
+    per_block = np.full((n, len(blocks), n_singular), np.nan, np.float32)
+    growth = np.full((n, len(blocks)), np.nan, np.float32)
     to_end = np.full((n, len(starts), n_singular), np.nan, np.float32)
 
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    bar = tqdm(total=len(batches) * (len(layers) + len(starts)), desc="jacobian", disable=not progress)
+    bar = tqdm(total=len(batches) * (len(blocks) + len(starts)), desc="jacobian", disable=not progress)
     for batch in batches:
-        for li, layer in enumerate(layers):
-            x = states_at(ds, layer - 1, batch, like)
-            per_block[batch, li] = _spectrum(propagator, x, layer - 1, layer, n_singular, oversample, n_iter, generator)
+        for bi, block in enumerate(blocks):
+            x = states_at(ds, block - 1, batch, like)
+            per_block[batch, bi] = _spectrum(propagator, x, block - 1, block, n_singular, oversample, n_iter, generator)
             with torch.no_grad():
-                after = propagator.run(x, layer - 1, layer)[-1]
-            growth[batch, li] = (after.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).cpu().numpy()
+                after = propagator.run(x, block - 1, block)[-1]
+            growth[batch, bi] = (after.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).cpu().numpy()
             bar.update()
         for si, start in enumerate(starts):
             x = states_at(ds, start, batch, like)
@@ -201,30 +207,31 @@ def jacobian_spectrum(
             bar.update()
     bar.close()
 
-    coords = {"image": ds["image"].values, "layer": layers, "rank": np.arange(1, n_singular + 1), **image_coords(ds)}
+    coords = {"image": ds["image"].values, "block": blocks, "component": np.arange(1, n_singular + 1)}
+    coords.update({name: ("image", values) for name, values in image_coords(ds).items()})
     result = xr.Dataset(
         {
             "singular_value": (
-                ("image", "layer", "rank"),
+                ("image", "block", "component"),
                 per_block,
                 {"long_name": "singular value of the block Jacobian dX_l / dX_(l-1)"},
             ),
-            "norm_growth": (("image", "layer"), growth, {"long_name": "|X_l| / |X_(l-1)|, Frobenius over tokens"}),
+            "norm_growth": (("image", "block"), growth, {"long_name": "|X_l| / |X_(l-1)|, Frobenius over tokens"}),
         },
         coords=coords,
     )
-    result["expansion_rate"] = np.log(result["singular_value"].sel(rank=1, drop=True))
+    result["expansion_rate"] = np.log(result["singular_value"].sel(component=1, drop=True))
     result["expansion_rate"].attrs["long_name"] = "log of the top singular value (per block, natural log)"
     result["relative_expansion"] = result["expansion_rate"] - np.log(result["norm_growth"])
     result["relative_expansion"].attrs["long_name"] = "log sigma_1 - log norm growth (per block)"
     if composed:
         result = result.assign_coords(start=starts)
         result["singular_value_to_end"] = (
-            ("image", "start", "rank"),
+            ("image", "start", "component"),
             to_end,
             {"long_name": f"singular value of dX_{L} / dX_start"},
         )
-        result["lyapunov_exponent"] = np.log(result["singular_value_to_end"].sel(rank=1, drop=True)) / (
+        result["lyapunov_exponent"] = np.log(result["singular_value_to_end"].sel(component=1, drop=True)) / (
             L - result["start"]
         )
         result["lyapunov_exponent"].attrs["long_name"] = "finite-depth Lyapunov exponent log sigma_1 / (L - start)"
@@ -247,36 +254,18 @@ def _spectrum(propagator, x, start, stop, k, oversample, n_iter, generator) -> n
     return values.float().cpu().numpy()
 
 
-def jacobian_summary(result: xr.Dataset) -> dict:
-    """Headline numbers: median top singular value and expansion rates per layer.
-
-    Returns
-    -------
-    dict
-        ``sigma_1`` and ``relative_expansion`` per layer (median over images), the layer that
-        expands most, ``lyapunov_exponent`` per start where computed, and a ``text`` table.
-    """
-    sigma = result["singular_value"].sel(rank=1).median("image")
-    relative = result["relative_expansion"].median("image")
-    layers = [int(l) for l in result["layer"].values]
+def summarize(result: xr.Dataset) -> dict:
+    """Headline numbers, medians over images: ``sigma_1`` and ``relative_expansion`` per block,
+    ``most_expanding_block``, and with composed maps ``lyapunov_exponent`` per start."""
+    sigma = result["singular_value"].sel(component=1).median("image")
     summary = {
-        "sigma_1": {l: float(sigma.sel(layer=l)) for l in layers},
-        "relative_expansion": {l: float(relative.sel(layer=l)) for l in layers},
-        "most_expanding_layer": int(sigma.idxmax()),
+        "sigma_1": rounded(sigma.values),
+        "relative_expansion": rounded(result["relative_expansion"].median("image").values),
+        "most_expanding_block": int(sigma.idxmax()),
     }
-    lines = [
-        f"block Jacobians ({result.attrs['model']}), median over images",
-        "  layer        " + " ".join(f"{l:>6d}" for l in layers),
-        "  sigma_1      " + " ".join(f"{v:6.2f}" for v in sigma.values),
-        "  rel. expans. " + " ".join(f"{v:6.2f}" for v in relative.values),
-    ]
     if "lyapunov_exponent" in result:
-        lyapunov = result["lyapunov_exponent"].median("image")
-        summary["lyapunov_exponent"] = {int(s): float(lyapunov.sel(start=s)) for s in result["start"].values}
-        top = result["singular_value_to_end"].sel(rank=1).median("image")
-        lines += [
-            "  start        " + " ".join(f"{int(s):>6d}" for s in result["start"].values),
-            "  sigma_1(->L) " + " ".join(f"{v:6.2f}" for v in top.values),
-        ]
-    summary["text"] = "\n".join(lines)
+        summary["lyapunov_exponent"] = rounded(result["lyapunov_exponent"].median("image").values)
     return summary
+
+
+jacobian_spectrum = compute

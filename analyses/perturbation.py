@@ -21,8 +21,8 @@ perturbed unless ``perturb`` names one token kind; the principal directions are 
 perturbed tokens at l0, pooled over the selected images (centred, as PCA does), with their
 sign as scikit-learn fixes it; gaps are measured on the residual stream itself (no final norm).
 
-The helpers `propagator_for`, `select_images` and `states_at` are shared with the other
-live-model analyses (`analyses.jacobian`, `analyses.swap`).
+The model becomes a propagator in `dynamo.stepping.propagator_for`; the helpers `select_images`
+and `states_at` are shared with the other live-model analyses (`analyses.jacobian`, `analyses.swap`).
 """
 
 from __future__ import annotations
@@ -32,73 +32,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
-from sklearn.decomposition import IncrementalPCA
 from tqdm.auto import tqdm
 
-from dynamo.models import LoadedModel
-from dynamo.stepping import BlockStepper
+from analyses.streaming import image_coords, principal_directions, rounded
+from dynamo.layout import token_groups
+from dynamo.stepping import propagator_for
 
-__all__ = [
-    "perturbation_recovery",
-    "propagator_for",
-    "recovery_summary",
-    "select_images",
-    "states_at",
-]
+__all__ = ["DESCRIPTION", "compute", "perturbation_recovery", "select_images", "states_at", "summarize"]
 
+DESCRIPTION = (
+    "Perturbation recovery: a relative nudge of size alpha at layer l0, carried through the remaining "
+    "blocks, and the gap and angle to the clean trajectory at every later layer, per token kind."
+)
 BASES = ("random", "principal")
-
-
-def propagator_for(model, ds: xr.Dataset):
-    """What carries a state through the remaining layers: the live model or a surrogate.
-
-    Parameters
-    ----------
-    model : LoadedModel, BlockStepper, or any object with ``run(x, start, stop)``
-        A `LoadedModel` must be the one the store was recorded with (same weights sha256);
-        it is wrapped in a `BlockStepper`. Anything else with a ``run`` method (a stepper, a
-        fitted Raptor surrogate) is used as it is.
-    ds : xarray.Dataset
-        The trajectory store the starting states come from.
-
-    Returns
-    -------
-    object
-        Has ``run(x, start, stop) -> list of states`` and, where available, ``head(x)``.
-
-    Raises
-    ------
-    ValueError
-        The store was recorded with other weights, lacks tokens, or ``model`` cannot run.
-    """
-    _check_full_tokens(ds)
-    if isinstance(model, LoadedModel):
-        recorded = ds.attrs.get("weights_sha256")
-        if recorded is not None and recorded != model.weights_sha256:
-            raise ValueError(
-                f"the store was recorded with {ds.attrs.get('model')} (weights sha256 {recorded[:12]}), "
-                f"not with {model.source} (sha256 {model.weights_sha256[:12]}); pass the model the "
-                "store was recorded with, or record a store with this model"
-            )
-        return BlockStepper(model)
-    if callable(getattr(model, "run", None)):
-        return model
-    raise ValueError(
-        f"cannot propagate states with a {type(model).__name__}: pass a dynamo LoadedModel, a "
-        "BlockStepper, or a fitted surrogate with a run(x, start, stop) method"
-    )
-
-
-def _check_full_tokens(ds: xr.Dataset) -> None:
-    """A live model can only continue a state that has all of its tokens."""
-    grid = ds.attrs.get("patch_grid")
-    prefix = ds.attrs.get("num_prefix_tokens")
-    if grid is not None and prefix is not None and ds.sizes["token"] != prefix + int(np.prod(grid)):
-        raise ValueError(
-            f"the store keeps {ds.sizes['token']} of the model's {prefix + int(np.prod(grid))} tokens "
-            "(recorded with --patch-tokens); a live model needs every token: record a store "
-            "without --patch-tokens"
-        )
 
 
 def select_images(ds: xr.Dataset, images: int | Sequence[int] | None) -> xr.Dataset:
@@ -151,20 +97,6 @@ def states_at(ds: xr.Dataset, layer: int, batch: slice, like: torch.Tensor | Non
     return torch.as_tensor(values).to(**kwargs)
 
 
-def token_kinds(ds: xr.Dataset) -> np.ndarray:
-    """The store's ``token_kind`` per token, (T,) as a plain unicode array."""
-    return np.array(ds["token_kind"].values.tolist(), dtype=str)
-
-
-def image_coords(ds: xr.Dataset) -> dict:
-    """The store's per-image labels and ids, as coordinates for a result along ``image``."""
-    return {
-        name: ("image", np.array(ds[name].values.tolist()))
-        for name in ("label", "label_name", "image_id")
-        if name in ds.coords
-    }
-
-
 def parameter_of(propagator) -> torch.Tensor | None:
     """One parameter of the propagator's module, for the dtype and device of its inputs."""
     for candidate in (getattr(propagator, "module", None), propagator):
@@ -178,7 +110,7 @@ def last_layer(ds: xr.Dataset) -> int:
     return int(ds.attrs.get("num_blocks", ds["layer"].values.max()))
 
 
-def perturbation_recovery(
+def compute(
     ds: xr.Dataset,
     model,
     starts: Sequence[int] | None = None,
@@ -198,8 +130,8 @@ def perturbation_recovery(
     ds : xarray.Dataset
         Trajectory store (`dynamo.open_trajectories`) with every token; the starting states are
         its ``hidden`` at each l0.
-    model : LoadedModel, BlockStepper or surrogate
-        See `propagator_for`. Clean and perturbed states go through the same propagator.
+    model : LoadedModel, timm ViT, BlockStepper or surrogate
+        See `dynamo.stepping.propagator_for`. Clean and perturbed states go through the same propagator.
     starts : sequence of int, optional
         Injection layers l0, 0 <= l0 < L. Default: 0..L-1.
     alphas : sequence of float
@@ -242,14 +174,14 @@ def perturbation_recovery(
     alphas = np.asarray(alphas, dtype=float)
     bases = list(bases)
     _check_arguments(starts, alphas, n_directions, bases, L)
-    kinds_of_tokens = token_kinds(ds)
-    kinds = list(dict.fromkeys(kinds_of_tokens))
-    if perturb != "all" and perturb not in kinds:
+    groups = token_groups(ds["token_kind"], pooled=True)
+    kinds = list(groups)[1:]
+    if perturb not in groups:
         raise ValueError(f"perturb must be 'all' or a token kind of this store {kinds}, got {perturb!r}")
-    perturbed = np.ones(len(kinds_of_tokens), bool) if perturb == "all" else kinds_of_tokens == perturb
-    kind_weights = torch.tensor(
-        np.stack([(kinds_of_tokens == k) / (kinds_of_tokens == k).sum() for k in kinds]), dtype=torch.float32
-    )
+    perturbed = np.isin(np.arange(ds.sizes["token"]), groups[perturb])
+    kind_weights = torch.zeros(len(kinds), ds.sizes["token"])
+    for row, kind in zip(kind_weights, kinds):
+        row[groups[kind]] = 1 / groups[kind].size
     like = parameter_of(propagator)
     has_head = callable(getattr(propagator, "head", None))
 
@@ -306,7 +238,7 @@ def perturbation_recovery(
         "direction": np.arange(n_directions),
         "layer": np.arange(L + 1),
     }
-    coords.update(image_coords(ds))
+    coords.update({name: ("image", values) for name, values in image_coords(ds).items()})
     result = xr.Dataset(
         {
             "distance": (dims, distance, {"long_name": "relative gap |x~ - x| / |x|, mean over the kind's tokens"}),
@@ -372,25 +304,25 @@ def _random_directions(ds, batch: slice, n_directions: int, seed: int, perturbed
 def _principal_directions(ds, layer: int, perturbed: np.ndarray, n: int, batch_size: int):
     """Top ``n`` principal directions (n, D) of the perturbed tokens at ``layer``, and their variance ratios.
 
-    Streamed over batches of images (scikit-learn's IncrementalPCA), so a large store is never
-    read whole.
+    Streamed over batches of images (moments summed a batch at a time), so a large store is never
+    read whole; signed as scikit-learn signs PCA components (largest-magnitude entry positive).
     """
-    if n > ds.sizes["feature"]:
-        raise ValueError(f"n_directions ({n}) exceeds the width of the residual stream ({ds.sizes['feature']})")
-    pca = IncrementalPCA(n_components=n)
+    width = ds.sizes["feature"]
+    if n > width:
+        raise ValueError(f"n_directions ({n}) exceeds the width of the residual stream ({width})")
+    scatter, total, count = np.zeros((width, width)), np.zeros(width), 0
     hidden = ds["hidden"].sel(layer=layer).isel(token=np.flatnonzero(perturbed))
-    step = max(batch_size, -(-n // int(perturbed.sum())))
-    for i in range(0, ds.sizes["image"], step):
-        tokens = hidden.isel(image=slice(i, i + step)).values.reshape(-1, ds.sizes["feature"])
-        if tokens.shape[0] >= n:
-            with np.errstate(invalid="ignore", divide="ignore"):  # constant tokens: checked below
-                pca.partial_fit(tokens.astype(np.float64))
-    if not pca.var_.sum() > 0:
+    for i in range(0, ds.sizes["image"], batch_size):
+        tokens = hidden.isel(image=slice(i, i + batch_size)).values.reshape(-1, width).astype(np.float64)
+        scatter, total, count = scatter + tokens.T @ tokens, total + tokens.sum(0), count + len(tokens)
+    _, components, ratio = principal_directions(scatter, total, count, n)
+    mean_square = np.trace(scatter) / count
+    if not mean_square - total @ total / count**2 > 1e-12 * mean_square:  # rounding noise of a constant
         raise ValueError(
             f"the perturbed tokens at layer {layer} do not vary across images, so they have no "
             "principal directions; perturb along random directions only (bases=['random'])"
         )
-    return pca.components_, pca.explained_variance_ratio_
+    return components.T, ratio
 
 
 def _gaps(states: torch.Tensor, clean: torch.Tensor, kind_weights: torch.Tensor):
@@ -417,40 +349,18 @@ def _gaps(states: torch.Tensor, clean: torch.Tensor, kind_weights: torch.Tensor)
     return distance @ kind_weights.T, angle @ kind_weights.T
 
 
-def recovery_summary(result: xr.Dataset, token_kind: str | None = None) -> dict:
-    """Headline numbers: median recovery ratio per basis, start and alpha.
-
-    Parameters
-    ----------
-    result : xarray.Dataset
-        From `perturbation_recovery`.
-    token_kind : str, optional
-        The kind to summarise; default the first kind of the store (``cls`` where there is one).
-
-    Returns
-    -------
-    dict
-        ``recovery[basis][alpha][start]`` (median over images and directions), ``prediction_kept``
-        likewise (mean), and a ``text`` table.
-    """
-    kind = token_kind or str(result["token_kind"].values[0])
-    recovery = result["recovery"].sel(token_kind=kind).median(["image", "direction"])
-    summary = {"token_kind": kind, "recovery": {}, "prediction_kept": {}}
-    lines = [f"perturbation recovery ({result.attrs['model']}, {kind} tokens): median final gap / injected gap"]
-    for basis in result["basis"].values:
-        summary["recovery"][str(basis)] = {
-            float(a): {int(s): float(recovery.sel(basis=basis, alpha=a, start=s)) for s in result["start"].values}
-            for a in result["alpha"].values
-        }
-        lines.append(f"  {basis:9s} l0: " + " ".join(f"{int(s):>5d}" for s in result["start"].values))
-        for a in result["alpha"].values:
-            row = recovery.sel(basis=basis, alpha=a).values
-            lines.append(f"  alpha={a:<5g}     " + " ".join(f"{v:5.2f}" for v in row))
-        if "prediction_kept" in result:
-            kept = result["prediction_kept"].sel(basis=basis).mean(["image", "direction"])
-            summary["prediction_kept"][str(basis)] = {
-                float(a): {int(s): float(kept.sel(alpha=a, start=s)) for s in result["start"].values}
-                for a in result["alpha"].values
-            }
-    summary["text"] = "\n".join(lines)
+def summarize(result: xr.Dataset) -> dict:
+    """Headline numbers: ``recovery_<kind>_<basis>``, the median recovery ratio over images,
+    directions, starts and alphas > 0, and ``prediction_kept_<basis>``, the mean fraction of top-1
+    classes kept (where the propagator has a head)."""
+    summary = {
+        f"recovery_{kind}_{basis}": rounded(float(result["recovery"].sel(token_kind=kind, basis=basis).median()))
+        for kind in result["token_kind"].values for basis in result["basis"].values
+    }
+    if "prediction_kept" in result:
+        summary.update({f"prediction_kept_{basis}": rounded(float(result["prediction_kept"].sel(basis=basis).mean()))
+                        for basis in result["basis"].values})
     return summary
+
+
+perturbation_recovery = compute

@@ -32,8 +32,13 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from analyses.streaming import fold_image_blocks, provenance, token_groups, unit
+from analyses.streaming import fold_image_blocks, provenance, rounded, unit
+from dynamo.layout import token_groups
 
+DESCRIPTION = (
+    "Rank of each block's updates per token kind (stable and effective rank, participation "
+    "ratio, directions for a variance share), raw and on the unit sphere, with bootstrap intervals."
+)
 SPACES = ("raw", "sphere")
 MEASURES = ("stable_rank", "effective_rank", "participation_ratio", "n_directions")
 
@@ -71,8 +76,8 @@ def spectrum_measures(eigenvalues: np.ndarray, variance: float = 0.9) -> dict[st
     return measures
 
 
-def update_rank(
-    dataset: xr.Dataset,
+def compute(
+    ds: xr.Dataset,
     *,
     spaces: tuple[str, ...] = SPACES,
     n_bootstrap: int = 100,
@@ -87,7 +92,7 @@ def update_rank(
 
     Parameters
     ----------
-    dataset : xarray.Dataset
+    ds : xarray.Dataset
         A trajectory dataset (`dynamo.open_trajectories`).
     spaces : tuple of {"raw", "sphere"}
         Updates of the states, and/or of their directions.
@@ -103,23 +108,23 @@ def update_rank(
     Returns
     -------
     xarray.Dataset
-        ``rank`` (measure, kind, space, block): the estimates on all images;
-        ``rank_bootstrap`` (replicate, measure, kind, space, block) when ``n_bootstrap > 0``;
-        ``spectrum`` (kind, space, block, direction): σ², largest first; ``rows``
-        (kind, block): rows of U. ``block`` b is the step from layer ``from_layer`` to b.
+        ``rank`` (measure, token_kind, space, block): the estimates on all images;
+        ``rank_bootstrap`` (replicate, measure, token_kind, space, block) when ``n_bootstrap >
+        0``; ``spectrum`` (token_kind, space, block, component): σ², largest first; ``rows``
+        (token_kind, block): rows of U. ``block`` b is the step from layer ``from_layer`` to b.
     """
     unknown = set(spaces) - set(SPACES)
     if unknown or not spaces:
         raise ValueError(f"spaces must be a subset of {SPACES}, got {spaces!r}")
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
-    layers = dataset["layer"].values
+    layers = ds["layer"].values
     if len(layers) < 2:
         raise ValueError("update rank needs at least two recorded layers; record without --layers")
-    groups = token_groups(dataset)
-    n_features = dataset.sizes["feature"]
+    groups = token_groups(ds["token_kind"])
+    n_features = ds.sizes["feature"]
     # each image's position travels with its block, which keys its bootstrap weights
-    positioned = dataset.assign_coords(position=("image", np.arange(dataset.sizes["image"])))
+    positioned = ds.assign_coords(position=("image", np.arange(ds.sizes["image"])))
     shape = (len(groups), len(spaces), len(layers) - 1)
     measures = {name: np.zeros((n_bootstrap + 1,) + shape) for name in MEASURES}
     spectrum = np.zeros(shape + (n_features,))
@@ -135,13 +140,13 @@ def update_rank(
         spectrum[..., step, :] = folded["spectrum"]
         rows[:, step] = folded["rows"]
 
-    stacked = np.stack([measures[name] for name in MEASURES], axis=1)  # (replicate, measure, kind, space, block)
-    dims = ("measure", "kind", "space", "block")
+    stacked = np.stack([measures[name] for name in MEASURES], axis=1)  # (replicate, measure, token_kind, space, block)
+    dims = ("measure", "token_kind", "space", "block")
     variables = {
         "rank": (dims, stacked[0], {"long_name": "rank measures of the centred update matrix, all images"}),
-        "spectrum": (("kind", "space", "block", "direction"), spectrum,
+        "spectrum": (("token_kind", "space", "block", "component"), spectrum,
                      {"long_name": "eigenvalues σ² of the centred update scatter, largest first"}),
-        "rows": (("kind", "block"), rows, {"long_name": "rows (tokens x images) of the update matrix"}),
+        "rows": (("token_kind", "block"), rows, {"long_name": "rows (tokens x images) of the update matrix"}),
     }
     if n_bootstrap:
         variables["rank_bootstrap"] = (("replicate",) + dims, stacked[1:],
@@ -150,14 +155,14 @@ def update_rank(
         variables,
         coords={
             "measure": list(MEASURES),
-            "kind": list(groups),
+            "token_kind": list(groups),
             "space": list(spaces),
             "block": layers[1:],
             "from_layer": ("block", layers[:-1]),
-            "direction": np.arange(1, n_features + 1),
+            "component": np.arange(1, n_features + 1),
         },
         attrs={
-            **provenance(dataset),
+            **provenance(ds),
             "analysis_detail": "rank of per-block updates, stacked over tokens and images, centred",
             "variance": variance,
             "n_bootstrap": n_bootstrap,
@@ -167,11 +172,14 @@ def update_rank(
     )
 
 
+update_rank = compute
+
+
 def _block_scatter(block: xr.Dataset, step: int, groups, spaces, n_bootstrap: int, seed: int) -> dict:
     """One block's weighted update scatter, row sums and row counts for one step.
 
-    Returns ``scatter`` (kind, space, replicate, feature, feature), ``sums`` (kind, space,
-    replicate, feature) and ``counts`` (kind, space, replicate), replicate 0 unweighted.
+    Returns ``scatter`` (token_kind, space, replicate, feature, feature), ``sums`` (token_kind,
+    space, replicate, feature) and ``counts`` (token_kind, space, replicate), replicate 0 unweighted.
     """
     hidden = block["hidden"]
     start = np.asarray(hidden.isel(layer=step).values, dtype=np.float64)
@@ -195,11 +203,11 @@ def _block_scatter(block: xr.Dataset, step: int, groups, spaces, n_bootstrap: in
 
 
 def _spectra(folded: dict, variance: float) -> dict:
-    """Rank measures (replicate, kind, space) and the spectrum (kind, space, direction) of a step's folded scatter."""
+    """Rank measures (replicate, token_kind, space) and the spectrum (token_kind, space, component) of a step's folded scatter."""
     scatter, sums, counts = folded["scatter"], folded["sums"], folded["counts"]
     centred = scatter - np.einsum("ksbf,ksbg->ksbfg", sums, sums) / np.maximum(counts, 1)[..., None, None]
     with threadpool_limits(limits=1, user_api="blas"):  # a batch of small matrices: threads only contend
-        eigenvalues = np.linalg.eigvalsh(centred)[..., ::-1]  # (kind, space, replicate, direction)
+        eigenvalues = np.linalg.eigvalsh(centred)[..., ::-1]  # (token_kind, space, replicate, component)
     return {
         **{name: np.moveaxis(value, -1, 0) for name, value in spectrum_measures(eigenvalues, variance).items()},
         "spectrum": np.clip(eigenvalues[:, :, 0], 0.0, None),
@@ -218,7 +226,7 @@ def _weights(seed: int, first: int, n: int, n_bootstrap: int) -> np.ndarray:
 
 
 def intervals(result: xr.Dataset, level: float = 0.95) -> xr.DataArray:
-    """Percentile bootstrap interval of ``rank``: (bound, measure, kind, space, block), bound = low/high."""
+    """Percentile bootstrap interval of ``rank``: (bound, measure, token_kind, space, block), bound = low/high."""
     if "rank_bootstrap" not in result:
         raise ValueError("the result has no bootstrap replicates; run update_rank with n_bootstrap > 0")
     tail = (1 - level) / 2
@@ -226,21 +234,20 @@ def intervals(result: xr.Dataset, level: float = 0.95) -> xr.DataArray:
     return bounds.rename(quantile="bound").assign_coords(bound=["low", "high"])
 
 
-def headline(result: xr.Dataset) -> dict:
-    """Stable rank per block for each kind and space (with 95% intervals), and the other measures for patches."""
+def summarize(result: xr.Dataset) -> dict:
+    """Stable rank per block for each kind and space (with 95% interval bounds), and the other measures for patches."""
     numbers = {}
     rank = result["rank"].astype(float)
     bounds = intervals(result) if "rank_bootstrap" in result else None
     for space in result["space"].values:
-        for kind in result["kind"].values:
-            key = f"stable_rank_{space}_{kind}"
-            numbers[key] = np.round(rank.sel(measure="stable_rank", kind=kind, space=space).values, 2).tolist()
+        for kind in result["token_kind"].values:
+            key, where = f"stable_rank_{space}_{kind}", dict(measure="stable_rank", token_kind=kind, space=space)
+            numbers[key] = rounded(rank.sel(where).values)
             if bounds is not None:
-                numbers[key + "_ci95"] = np.round(
-                    bounds.sel(measure="stable_rank", kind=kind, space=space).values.T, 2
-                ).tolist()
-    kind = "patch" if "patch" in result["kind"].values else str(result["kind"].values[-1])
+                for bound in ("low", "high"):
+                    numbers[f"{key}_ci95_{bound}"] = rounded(bounds.sel(where).sel(bound=bound).values)
+    kind = "patch" if "patch" in result["token_kind"].values else str(result["token_kind"].values[-1])
     space = "sphere" if "sphere" in result["space"].values else str(result["space"].values[0])
     for name in ("effective_rank", "participation_ratio", "n_directions"):
-        numbers[f"{name}_{space}_{kind}"] = np.round(rank.sel(measure=name, kind=kind, space=space).values, 2).tolist()
+        numbers[f"{name}_{space}_{kind}"] = rounded(rank.sel(measure=name, token_kind=kind, space=space).values)
     return numbers

@@ -1,8 +1,7 @@
 """Partitions of depth from a layer × layer dissimilarity: the paper's max-cut and an exact DP.
 
-A partition is a ``list[list[int]]`` of layer numbers (1-based block indices when the matrix
-covers blocks 1..L), each phase sorted and the phases ordered by their first layer, e.g.
-``[[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]``.
+Both return a `dynamo.partition.Partition` of the matrix's layer labels (1-based block indices
+when the matrix covers blocks 1..L), e.g. ``[[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]``.
 
 Both methods optimise the same quantity, the weight W[i, j] = D[i, j] of pairs that end up in
 different phases (equivalently, they minimise the within-phase dissimilarity, since the two
@@ -20,6 +19,9 @@ import numpy as np
 import xarray as xr
 from networkx.algorithms.approximation import one_exchange
 
+from dynamo.partition import Partition
+
+DESCRIPTION = "Phases of depth from a layer dissimilarity: the paper's recursive max-cut, or the optimal contiguous split."
 EXACT_MAXCUT_LIMIT = 20  # brute force over 2^(n-1) assignments up to this many layers
 
 
@@ -62,10 +64,9 @@ def as_matrix(dissimilarity) -> tuple[np.ndarray, np.ndarray]:
     return (matrix + matrix.T) / 2, labels.astype(int)
 
 
-def to_partition(groups, labels) -> list[list[int]]:
-    """Index groups -> sorted lists of labels, phases ordered by their first layer."""
-    phases = [sorted(int(labels[i]) for i in group) for group in groups if len(group)]
-    return sorted(phases, key=lambda phase: phase[0])
+def to_partition(groups, labels) -> Partition:
+    """Groups of row indices -> the `Partition` of their labels (empty groups dropped)."""
+    return Partition(np.asarray(labels)[np.asarray(group, dtype=int)] for group in groups if len(group))
 
 
 def exact_maxcut(weights: np.ndarray) -> tuple[float, np.ndarray]:
@@ -128,7 +129,7 @@ def maxcut_partition(
     exact_limit: int = EXACT_MAXCUT_LIMIT,
     restarts: int = 16,
     seed: int = 0,
-) -> list[list[int]]:
+) -> Partition:
     """The paper's recursive max-cut bisection of layers into phases.
 
     With edge weights W = D and ε = eps · ΣW / 2: start from one cluster of all layers with gain
@@ -159,7 +160,7 @@ def maxcut_partition(
 
     Returns
     -------
-    list of list of int
+    Partition
         The phases, as layer labels (the matrix's ``layer_i`` coords, or 1..n).
 
     Raises
@@ -243,7 +244,7 @@ def contiguous_segmentation(weights: np.ndarray, k_max: int, min_size: int = 1) 
     return best, start
 
 
-def contiguous_partition(dissimilarity, k: int, *, min_size: int = 1) -> list[list[int]]:
+def contiguous_partition(dissimilarity, k: int, *, min_size: int = 1) -> Partition:
     """The exact best split of the layers, in their order, into k contiguous phases.
 
     Minimises the total within-phase dissimilarity Σ_phases Σ_{i<j in phase} D[i, j], which is
@@ -261,7 +262,7 @@ def contiguous_partition(dissimilarity, k: int, *, min_size: int = 1) -> list[li
 
     Returns
     -------
-    list of list of int
+    Partition
         The phases as layer labels.
     """
     weights, labels = as_matrix(dissimilarity)

@@ -1,8 +1,8 @@
 """Layer × layer (dis)similarity matrices of a trajectory store, computed chunk by chunk.
 
 Every measure here is returned as a **dissimilarity** (0 on the diagonal, larger = less alike),
-so any of them can feed the phase partitions in `analyses.phases` directly; `to_similarity`
-turns the bounded ones back into similarities for display.
+so any of them can feed the phase partitions in `analyses.phases` directly (figures show the
+bounded ones as similarities, 1 − D).
 
 Measures (``measure=``):
 
@@ -34,10 +34,11 @@ import numpy as np
 import xarray as xr
 from scipy.linalg import blas
 
-from analyses.streaming import fold_image_blocks, image_blocks, plain_strings
+from analyses.streaming import finite, fold_image_blocks, image_blocks
+from dynamo.layout import REDUCED_VIEWS, token_groups
 
+DESCRIPTION = "Layer × layer dissimilarity of the residual stream (cosine, angle, MSE or linear CKA), streamed over the store."
 MEASURES = ("cosine", "angular", "mse", "cka")
-REDUCED_VIEWS = ("cls", "patch_mean", "register_mean")
 PER_IMAGE_MEASURES = ("cosine", "angular", "mse")
 PIECE_BYTES = 16 * 2**20  # float64 working set per step, on top of one chunk in its stored dtype
 COSINE_EPS = 1e-8  # as torch.nn.functional.cosine_similarity in the paper's notebook
@@ -162,24 +163,6 @@ def layer_similarity(
     )
 
 
-def to_similarity(dissimilarity: xr.DataArray) -> xr.DataArray:
-    """The similarity matching a bounded dissimilarity: 1 − D (mean cos, CKA, 1 − angle/π).
-
-    Raises
-    ------
-    ValueError
-        For ``mse``, which has no bounded similarity; plot it as a dissimilarity.
-    """
-    measure = dissimilarity.attrs.get("measure")
-    if measure not in ("cosine", "angular", "cka"):
-        raise ValueError(f"{measure!r} has no bounded similarity; use the dissimilarity itself")
-    names = {"cosine": "cosine similarity", "angular": "1 - angle/pi", "cka": "linear CKA"}
-    similarity = 1.0 - dissimilarity
-    similarity.attrs = {**dissimilarity.attrs, "orientation": "similarity", "description": names[measure]}
-    similarity.name = f"{measure}_similarity"
-    return similarity
-
-
 def _layer_numbers(ds: xr.Dataset, layers) -> np.ndarray:
     available = ds["layer"].values
     if layers is None:
@@ -196,7 +179,7 @@ def _layer_numbers(ds: xr.Dataset, layers) -> np.ndarray:
 
 def _token_groups(ds: xr.Dataset, tokens: str, layers: np.ndarray) -> list[xr.DataArray]:
     """One lazy array (image, layer, sample, feature) per token group."""
-    kinds = plain_strings(ds["token_kind"].values) if "token_kind" in ds.coords else np.array([])
+    positions = token_groups(ds["token_kind"], pooled=True) if "token_kind" in ds.coords else {}
     groups = []
     for name in (part.strip() for part in tokens.split("+")):
         if name in REDUCED_VIEWS:
@@ -206,13 +189,12 @@ def _token_groups(ds: xr.Dataset, tokens: str, layers: np.ndarray) -> list[xr.Da
                     "token); try tokens='patch_mean'"
                 )
             group = ds[name].sel(layer=layers).expand_dims("sample", axis=2)
-        elif name == "all" or name in set(kinds):
+        elif name in positions:
             if "hidden" not in ds:
                 raise ValueError(f"token group {name!r} needs the `hidden` variable, which is not in the dataset")
-            selected = np.arange(len(kinds)) if name == "all" else np.flatnonzero(kinds == name)
-            group = ds["hidden"].sel(layer=layers).isel(token=selected).rename(token="sample")
+            group = ds["hidden"].sel(layer=layers).isel(token=positions[name]).rename(token="sample")
         else:
-            choices = sorted({*REDUCED_VIEWS, "all", *kinds})
+            choices = sorted({*REDUCED_VIEWS, *positions})
             raise ValueError(f"unknown token group {name!r} in tokens={tokens!r}; choose from {', '.join(choices)}")
         groups.append(group.transpose("image", "layer", "sample", "feature"))
     return groups
@@ -229,7 +211,7 @@ def _pieces(group: xr.DataArray):
     block = np.asarray(group.values)
     step = max(1, PIECE_BYTES // max(1, block[0].size * 8)) if len(block) else 1
     for start in range(0, len(block), step):
-        yield block[start : start + step].astype(np.float64)
+        yield finite(block[start : start + step].astype(np.float64), group.isel(image=slice(start, start + step)))
 
 
 def _block_dissimilarity(block: xr.Dataset, measure: str, tokens: str, layers, per_image: bool) -> dict:

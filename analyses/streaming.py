@@ -1,4 +1,4 @@
-"""Reading a trajectory store a chunk at a time, and the small sphere helpers the analyses share.
+"""Reading a trajectory store a chunk at a time, and the small helpers the analyses share.
 
 Store-only analyses walk the store one block of images at a time (the store's own chunks along
 ``image``) and, inside a block, one layer at a time, so memory holds a few chunks, never the
@@ -8,6 +8,7 @@ gives the same statistics as a float32 one up to its rounding.
 `fold_image_blocks` is the one loop over blocks they share: in this process, or, when a
 ``distributed.Client`` is the default client, as tasks on its workers (each reads its own
 chunks; only small per-block partial results travel), with the same numbers either way.
+`principal_directions` is the one PCA of the analyses, from moments summed a block at a time.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 Partial = dict  # str -> numpy array (summed over blocks) or list (concatenated over blocks)
-
-TOKEN_KINDS = ("cls", "dist", "register", "patch")
+IMAGE_COORDS = ("label", "label_name", "image_id")
 
 
 def image_blocks(dataset: xr.Dataset, variable: str = "hidden") -> list[slice]:
@@ -148,12 +148,6 @@ def _unchanged(total: Partial) -> Partial:
     return total
 
 
-def token_groups(dataset: xr.Dataset) -> dict[str, np.ndarray]:
-    """Positions along ``token`` of each token kind present, in the order cls, dist, register, patch."""
-    kinds = plain_strings(dataset["token_kind"].values)
-    return {kind: np.flatnonzero(kinds == kind) for kind in TOKEN_KINDS if (kinds == kind).any()}
-
-
 def layer_states(block: xr.Dataset, variable: str = "hidden") -> Iterator[np.ndarray]:
     """Yield ``variable`` of a block of images, one layer at a time, as float64.
 
@@ -164,17 +158,72 @@ def layer_states(block: xr.Dataset, variable: str = "hidden") -> Iterator[np.nda
     """
     array = block[variable]
     for index in range(block.sizes["layer"]):
-        yield np.asarray(array.isel(layer=index).values, dtype=np.float64)
+        yield finite(np.asarray(array.isel(layer=index).values, dtype=np.float64), array.isel(layer=index))
 
 
 def read_block(block: xr.Dataset, variable: str) -> np.ndarray:
     """A small per-image variable (a reduced view) of a block of images, as float64."""
-    return np.asarray(block[variable].values, dtype=np.float64)
+    return finite(np.asarray(block[variable].values, dtype=np.float64), block[variable])
 
 
-def plain_strings(values) -> np.ndarray:
-    """A fixed-width ``str`` array from any string array (zarr gives numpy's StringDType)."""
-    return np.array([str(v) for v in np.asarray(values).ravel()]).reshape(np.shape(values))
+def finite(values: np.ndarray, where: xr.DataArray) -> np.ndarray:
+    """``values`` (read from ``where``, image first) if all are finite; else a one-line `ValueError`
+    naming the variable, its layer(s) and the images, so a damaged store never yields numbers."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return values
+    images = where["image"].values[bad.reshape(len(values), -1).any(1)]
+    if "layer" in where.dims:
+        axis = where.dims.index("layer")
+        layers = where["layer"].values[bad.any(axis=tuple(i for i in range(bad.ndim) if i != axis))].tolist()
+    else:
+        layers = where["layer"].values.tolist() if "layer" in where.coords else "all"
+    raise ValueError(
+        f"the store holds non-finite values (NaN or inf) in `{where.name}` at layer(s) {layers}, images "
+        f"{images.min()}-{images.max()} ({len(images)} images): re-record them (`dynamo record` the same "
+        "command with --overwrite, or into a new store); if they come back, the model produces them"
+    )
+
+
+def principal_directions(scatter: np.ndarray, total: np.ndarray, count: int, n_components: int):
+    """Principal directions of a set of rows, from moments summed over them a block at a time.
+
+    Parameters
+    ----------
+    scatter : numpy.ndarray, (feature, feature)
+        Sum over the rows x of the outer products x xᵀ.
+    total : numpy.ndarray, (feature,)
+        Sum of the rows.
+    count : int
+        Number of rows.
+    n_components : int
+        Number of directions, 1..feature.
+
+    Returns
+    -------
+    mean : numpy.ndarray, (feature,)
+        Mean row.
+    components : numpy.ndarray, (feature, n_components)
+        Unit principal directions as columns, by decreasing variance, each signed so that its
+        largest-magnitude entry is positive.
+    explained_variance_ratio : numpy.ndarray, (n_components,)
+        Variance along each direction over the total variance (nan when the rows do not vary).
+
+    Raises
+    ------
+    ValueError
+        If ``n_components`` is not in 1..feature.
+    """
+    n_features = len(total)
+    if not 0 < n_components <= n_features:
+        raise ValueError(f"n_components must be in 1..{n_features}, got {n_components}")
+    mean = total / count
+    eigenvalues, eigenvectors = np.linalg.eigh((scatter - count * np.outer(mean, mean)) / count)
+    order = np.argsort(eigenvalues)[::-1][:n_components]
+    components = eigenvectors[:, order]
+    components *= np.sign(components[np.abs(components).argmax(axis=0), range(n_components)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return mean, components, eigenvalues[order] / eigenvalues.sum()
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -194,6 +243,21 @@ def labels_of(dataset: xr.Dataset) -> np.ndarray | None:
         return None
     labels = np.asarray(dataset["label"].values).astype(int)
     return labels if (labels >= 0).all() and len(np.unique(labels)) > 1 else None
+
+
+def image_coords(dataset: xr.Dataset) -> dict[str, np.ndarray]:
+    """The store's per-image coordinates present (``label``, ``label_name``, ``image_id``), as plain (image,) arrays."""
+    coords = {name: np.asarray(dataset[name].values) for name in IMAGE_COORDS if name in dataset.coords}
+    return {name: v if v.dtype.kind in "iuf" else np.array(v.tolist(), dtype=str) for name, v in coords.items()}
+
+
+def rounded(value):
+    """A headline number for `summarize`: floats (also in arrays and lists) to 4 significant digits, nan to None."""
+    if isinstance(value, np.ndarray | list | tuple):
+        return [rounded(item) for item in value]
+    if isinstance(value, float | np.floating):
+        return float(f"{value:.4g}") if np.isfinite(value) else None
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def provenance(dataset: xr.Dataset) -> dict:

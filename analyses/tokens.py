@@ -22,10 +22,17 @@ from functools import partial
 import numpy as np
 import xarray as xr
 
-from analyses.streaming import angle_deg, fold_image_blocks, layer_states, provenance, token_groups, unit
+from analyses.streaming import angle_deg, fold_image_blocks, layer_states, provenance, rounded, unit
+from dynamo.layout import token_groups
+from dynamo.partition import boundaries_of
+
+DESCRIPTION = (
+    "Angular speed of each token kind through depth on the unit sphere, the coherence of the "
+    "patch tokens and of their updates, and token norms."
+)
 
 
-def token_dynamics(dataset: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
+def compute(ds: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
     """Angular speed per token kind, patch coherence of states and updates, and norms.
 
     Reads ``hidden`` one chunk (a block of images, one layer) at a time. With a dask.distributed
@@ -34,7 +41,7 @@ def token_dynamics(dataset: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
 
     Parameters
     ----------
-    dataset : xarray.Dataset
+    ds : xarray.Dataset
         A trajectory dataset (`dynamo.open_trajectories`).
     progress : bool
         Show a progress bar.
@@ -42,24 +49,25 @@ def token_dynamics(dataset: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
     Returns
     -------
     xarray.Dataset
-        ``speed`` (image, kind, block), degrees per block; ``norm`` (image, kind, layer); with
+        ``speed`` (image, token_kind, block), degrees per block; ``norm`` (image, token_kind,
+        layer); with
         patch tokens, ``coherence`` (image, layer) and ``update_coherence`` (image, block).
         ``block`` b is the step from layer ``from_layer`` to layer b.
     """
-    groups = token_groups(dataset)
-    layers = dataset["layer"].values
+    groups = token_groups(ds["token_kind"])
+    layers = ds["layer"].values
     if len(layers) < 2:
         raise ValueError("token dynamics need at least two recorded layers; record without --layers")
-    folded = fold_image_blocks(partial(_block_dynamics, groups=groups), dataset, description="tokens", progress=progress)
+    folded = fold_image_blocks(partial(_block_dynamics, groups=groups), ds, description="tokens", progress=progress)
     speed, norm, coherence, update_coherence = (
         np.concatenate(folded[name]) for name in ("speed", "norm", "coherence", "update_coherence")
     )
     patches = groups.get("patch")
 
     variables = {
-        "speed": (("image", "kind", "block"), speed.astype(np.float32),
+        "speed": (("image", "token_kind", "block"), speed.astype(np.float32),
                   {"units": "degree", "long_name": "angular speed arccos<x̂_l+1, x̂_l>, mean over the kind's tokens"}),
-        "norm": (("image", "kind", "layer"), norm.astype(np.float32),
+        "norm": (("image", "token_kind", "layer"), norm.astype(np.float32),
                  {"long_name": "mean token norm ‖x_l‖ over the kind's tokens"}),
     }
     if patches is not None:
@@ -70,14 +78,17 @@ def token_dynamics(dataset: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
     return xr.Dataset(
         variables,
         coords={
-            "image": dataset["image"].values,
-            "kind": list(groups),
+            "image": ds["image"].values,
+            "token_kind": list(groups),
             "layer": layers,
             "block": layers[1:],
             "from_layer": ("block", layers[:-1]),
         },
-        attrs={**provenance(dataset), "analysis_detail": "token-specific dynamics on the unit sphere; speeds in degrees per block"},
+        attrs={**provenance(ds), "analysis_detail": "token-specific dynamics on the unit sphere; speeds in degrees per block"},
     )
+
+
+token_dynamics = compute
 
 
 def _block_dynamics(block: xr.Dataset, groups: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
@@ -145,33 +156,29 @@ def speed_jump_ratio(speed: np.ndarray, blocks: np.ndarray, boundaries: Sequence
     return float(change[crosses].mean() / max(change[~crosses].mean(), 1e-12))
 
 
-def headline(result: xr.Dataset, boundaries: Sequence[int] | None = None) -> dict:
-    """Speeds per kind, where cls turns most, coherence per layer, speed jumps at boundaries."""
+def summarize(result: xr.Dataset) -> dict:
+    """Speeds per kind, where cls turns most, coherence per layer, speed jumps at the result's phase boundaries."""
     blocks = result["block"].values
     speed = result["speed"].mean("image").astype(float)
-    kinds = [str(k) for k in result["kind"].values]
-    numbers = {"speed_deg": {k: np.round(speed.sel(kind=k).values, 2).tolist() for k in kinds}}
+    kinds = [str(k) for k in result["token_kind"].values]
+    boundaries = boundaries_of(result)
+    numbers = {}
+    for kind in kinds:
+        numbers[f"speed_deg_{kind}"] = rounded(speed.sel(token_kind=kind).values)
+        numbers[f"speed_jump_ratio_{kind}"] = rounded(speed_jump_ratio(speed.sel(token_kind=kind).values, blocks, boundaries))
     if "cls" in kinds:
-        cls_speed = speed.sel(kind="cls").values
+        cls_speed = speed.sel(token_kind="cls").values
         turn = int(cls_speed.argmax())
         late = len(blocks) // 2 + int(cls_speed[len(blocks) // 2 :].argmax())  # the paper's late reorientation
         numbers.update(
             cls_turn_block=int(blocks[turn]),
-            cls_turn_deg=round(float(cls_speed[turn]), 2),
+            cls_turn_deg=rounded(cls_speed[turn]),
             cls_late_turn_block=int(blocks[late]),
-            cls_late_turn_deg=round(float(cls_speed[late]), 2),
+            cls_late_turn_deg=rounded(cls_speed[late]),
         )
         if "patch" in kinds:
-            numbers["cls_over_patch_speed_at_late_turn"] = round(float(cls_speed[late] / speed.sel(kind="patch").values[late]), 2)
+            numbers["cls_over_patch_speed_at_late_turn"] = rounded(cls_speed[late] / speed.sel(token_kind="patch").values[late])
     if "coherence" in result:
-        numbers["coherence"] = np.round(result["coherence"].mean("image").values.astype(float), 3).tolist()
-        numbers["update_coherence"] = np.round(result["update_coherence"].mean("image").values.astype(float), 3).tolist()
-    if boundaries:
-        numbers["speed_jump_ratio"] = {
-            k: _rounded(speed_jump_ratio(speed.sel(kind=k).values, blocks, boundaries)) for k in kinds
-        }
+        numbers["coherence"] = rounded(result["coherence"].mean("image").values.astype(float))
+        numbers["update_coherence"] = rounded(result["update_coherence"].mean("image").values.astype(float))
     return numbers
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)

@@ -8,7 +8,7 @@ Run by hand::
    store by repeating its images ``--copies`` times (`analyses_memory.repeated_store`).
 2. Runs layer similarity (cosine, the paper's), basins, token dynamics and update rank (20
    bootstrap replicates) on it, each configuration in a fresh child process: in-process (the
-   baseline), then on a fresh `dynamo.cluster.local_cluster` (N one-thread worker processes) per N. Each
+   baseline), then on a fresh `dynamo.pipeline.cluster.local_cluster` (N one-thread worker processes) per N. Each
    child reports its wall time, its own peak RSS (the client) and every worker process's peak
    RSS (``client.run`` of ``getrusage``), and saves its results.
 3. Prints time and the ratio to the in-process run per configuration, and checks every
@@ -38,7 +38,7 @@ import xarray as xr
 
 import dynamo
 from dynamo import zoo
-from dynamo.cluster import local_cluster
+from dynamo.pipeline.cluster import local_cluster
 from dynamo.store import save_result
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -35,7 +35,7 @@ import xarray as xr
 import dynamo
 from dynamo import zoo
 
-ANALYZE = ["-m", "dynamo.cli", "analyze", "--only", "basins,tokens,rank", "--bootstrap", "20", "--quiet", "--json"]
+ANALYZE = ["-m", "dynamo.pipeline.cli", "analyze", "--only", "basins,tokens,rank", "--bootstrap", "20", "--quiet", "--json"]
 
 
 def repeated_store(source: Path, out: Path, copies: int) -> Path:

@@ -7,6 +7,7 @@ lazily-opened zarr store; everything else in dynamo reads that store.
 from dynamo.images import ImageSet, image_set
 from dynamo.layout import NotAViTError, TokenLayout, token_layout
 from dynamo.models import LoadedModel, ModelLoadError, load_model
+from dynamo.partition import Partition
 from dynamo.record import RecordingError, record
 from dynamo.store import StoreBusyError, StoreError, StoreMismatchError, open_trajectories
 
@@ -15,6 +16,7 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "NotAViTError",
+    "Partition",
     "RecordingError",
     "StoreBusyError",
     "StoreError",

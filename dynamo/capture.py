@@ -51,6 +51,8 @@ class CapturedBatch:
     summaries : dict of (B, layers, D) float32 arrays: ``cls``, ``patch_mean``, ``register_mean``
         as the layout has them.
     logits : (B, C) float32 array or None.
+    peak : (B, layers) float32: the largest |value| of each image's states at each kept layer,
+        before the storage cast (NaN or inf where the model produced them).
     status : (B,) int8, recorded or unreadable.
     ready : CUDA event recorded after the batch's last copy, or None on the CPU.
     """
@@ -58,6 +60,7 @@ class CapturedBatch:
     hidden: list
     summaries: dict
     logits: np.ndarray | None
+    peak: np.ndarray
     status: np.ndarray
     ready: torch.cuda.Event | None = None
 
@@ -78,6 +81,32 @@ class CapturedBatch:
         for values in [*self.hidden, *self.summaries.values(), *([self.logits] if self.logits is not None else [])]:
             values[unreadable] = np.nan
         return arrays
+
+    def check_finite(self, layers, dtype) -> None:
+        """Raise `CaptureError` if a readable image's states are NaN or inf, or overflow ``dtype``.
+
+        Parameters
+        ----------
+        layers : sequence of int
+            The kept layer numbers, in the order of ``peak``'s columns.
+        dtype : numpy dtype
+            The storage dtype of ``hidden``.
+        """
+        peak = self.peak[self.status != UNREADABLE]  # call after `arrays`, which waits for the copies
+        if not np.isfinite(peak).all():
+            layer = layers[int(np.flatnonzero(~np.isfinite(peak).all(0))[0])]
+            raise CaptureError(
+                f"the model produced non-finite activations (NaN or inf) at layer {layer}: the model or its "
+                "checkpoint is the cause (NaN weights, or a forward that overflows), not the store; check the "
+                "weights, or record without --autocast"
+            )
+        limit = np.finfo(dtype).max
+        if (peak > limit).any():
+            column = int(np.flatnonzero((peak > limit).any(0))[0])  # the first layer that overflows
+            raise CaptureError(
+                f"activations overflow {np.dtype(dtype).name} at layer {layers[column]} (largest |value| "
+                f"{peak[:, column].max():.4g} > {limit:.5g}); refusing to store inf: record with --dtype float32"
+            )
 
 
 class Capture:
@@ -169,6 +198,7 @@ class Capture:
         b, d, n_layers = pixels.shape[0], self.module.embed_dim, len(self.slot)
         self.states = [None] * n_layers
         self.reduced = {name: torch.empty(b, n_layers, d, device=self.device) for name in self.views}
+        self.peak = torch.empty(b, n_layers, device=self.device)
         if self.on_cuda:
             self.host = self.pool.take(
                 self.batch, b, n_layers, self._kept_shape(b), self.dtype, self.views, d, self.num_classes
@@ -193,6 +223,7 @@ class Capture:
                 hidden=[state.numpy() for state in self.states] if self.keep_hidden else [],
                 summaries={name: values.numpy() for name, values in self.reduced.items()},
                 logits=None if logits is None else logits.numpy(),
+                peak=self.peak.numpy(),
                 status=status,
             )
         host = self.host
@@ -204,12 +235,15 @@ class Capture:
             if logits is not None:
                 host["logits"][:b].copy_(logits, non_blocking=True)
                 logits.record_stream(self.copy_stream)
+            host["peak"][:b].copy_(self.peak, non_blocking=True)
+            self.peak.record_stream(self.copy_stream)
             ready = torch.cuda.Event()
             ready.record(self.copy_stream)
         return CapturedBatch(
             hidden=[host["hidden"][slot, :b].numpy() for slot in range(n_layers)] if self.keep_hidden else [],
             summaries={name: host["summaries"][name][:b].numpy() for name in self.views},
             logits=None if logits is None else host["logits"][:b].numpy(),
+            peak=host["peak"][:b].numpy(),
             status=status,
             ready=ready,
         )
@@ -223,6 +257,7 @@ class Capture:
         if layer not in self.slot:
             return
         slot, first_patch = self.slot[layer], self.layout.num_prefix
+        self.peak[:, slot] = state.detach().float().abs().amax(dim=(1, 2))
         if "cls" in self.reduced:
             self.reduced["cls"][:, slot] = state[:, 0]
         self.reduced["patch_mean"][:, slot] = state[:, first_patch:].float().mean(1)
@@ -255,7 +290,7 @@ class _PinnedPool:
         index = batch_index % len(self.buffers)
         buffer = self.buffers[index]
         if buffer is None or buffer["capacity"] < b:
-            buffer = {"capacity": b, "summaries": {
+            buffer = {"capacity": b, "peak": torch.empty(b, n_layers, pin_memory=True), "summaries": {
                 name: torch.empty(b, n_layers, width, pin_memory=True) for name in views
             }}
             if n_classes:

@@ -7,6 +7,9 @@ flagged, with a warning, so the recorder can list it and carry on.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +55,24 @@ class ImageSet:
         """The first ``n`` images."""
         pixels = None if self._pixels is None else self._pixels[:n]
         return ImageSet(self.ids[:n], self.labels[:n], self.label_names, self.source, pixels)
+
+    def digest(self) -> str:
+        """sha256 over the images' contents, labels and class names, and their paths relative to
+        the folder they come from: moving or renaming the folder keeps it, changing a file changes it.
+
+        Files are hashed byte for byte (BLAKE2b, about 1 GB/s); array images by their pixels.
+        """
+        content = hashlib.sha256()
+        if self._pixels is not None:
+            content.update(np.ascontiguousarray(np.asarray(self._pixels)).tobytes())
+            names = self.ids
+        else:
+            root = os.path.commonpath([str(Path(i).resolve().parent) for i in self.ids]) if self.ids else ""
+            names = [os.path.relpath(Path(i).resolve(), root) for i in self.ids]
+            for path in self.ids:
+                content.update(_file_digest(path))
+        listing = json.dumps([names, self.labels.tolist(), self.label_names]).encode()
+        return hashlib.sha256(listing + content.digest()).hexdigest()
 
     @property
     def preprocessed(self) -> bool:
@@ -102,7 +123,31 @@ class ImageSet:
             array = np.asarray(self._pixels[index])
             return Image.fromarray(array).convert("RGB")
         with Image.open(self.ids[index]) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image, scaling 16- and 32-bit integer and [0, 1] float modes to 0..255.
+
+    PIL's own ``convert("RGB")`` clips such images (a 16-bit PNG comes out almost white, a float
+    TIFF black), so they are scaled here: 16-bit values by 255/65535, float values in [0, 1] by 255.
+
+    Raises
+    ------
+    ValueError
+        A float image with values outside [0, 1] (its scale is unknown).
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255 / 65535 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 1):
+            raise ValueError(f"float image with values in [{values.min():.3g}, {values.max():.3g}], not [0, 1]: "
+                             "convert it to 8-bit first")
+        return Image.fromarray(np.round(values * 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 def image_set(
@@ -155,6 +200,13 @@ def _folder(root: Path) -> ImageSet:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if classes and loose:
+        raise ValueError(
+            f"image folder {root} mixes {len(loose)} top-level images ({', '.join(sorted(loose)[:3])}...) with class "
+            f"sub-folders ({', '.join(c.name for c in classes[:3])}); put every image in a class sub-folder, or "
+            "keep the folder flat"
+        )
     if classes:
         ids, labels = [], []
         for label, folder in enumerate(classes):
@@ -177,6 +229,15 @@ def _image_files(folder: Path) -> list[str]:
     return sorted(
         str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
     )
+
+
+def _file_digest(path: str) -> bytes:
+    """BLAKE2b of a file's bytes; a file that cannot be read hashes as its error (it is skipped later)."""
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "blake2b").digest()
+    except OSError as error:
+        return f"unreadable: {error.strerror}".encode()
 
 
 def _labels(labels: Sequence[int] | None, n: int) -> np.ndarray:

@@ -6,16 +6,42 @@ EVA, ...). It is read off the model's own attributes (``num_prefix_tokens``, ``c
 
 timm orders prefix tokens as ``[cls, dist, registers...]`` before the patch tokens, which
 follow in row-major order over the patch grid.
+
+This module is also dynamo's one vocabulary, shared by the store, the analyses, Raptor and the
+figures: the token kinds, the reduced views stored beside ``hidden``, and the names of the
+dimensions results use.
+
+Dimensions
+----------
+image
+    One input image (coords ``image_id``, ``label``, ``label_name`` where known).
+layer
+    0..L: layer 0 is the input to the first block, layer l the output of block l.
+block
+    1..L: the block that produced layer l, for quantities of one step (speed, update rank,
+    Jacobians); a ``phase`` coordinate over it or over ``layer`` carries the partition.
+token
+    Position in the model's sequence, with coordinate ``token_kind``.
+token_kind
+    A per-kind result's dim, values from `TOKEN_KINDS` (plus ``all`` where a result pools them).
+feature
+    One coordinate of the residual stream.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from torch import nn
+
+if TYPE_CHECKING:  # the layout is read from a model, but the vocabulary needs no torch
+    from torch import nn
 
 TOKEN_KINDS = ("cls", "dist", "register", "patch")
+REDUCED_VIEWS = ("cls", "patch_mean", "register_mean")  # per-layer summaries stored beside `hidden`
+ALL_TOKENS = "all"  # the token_kind label of a quantity pooled over every token
 
 
 class NotAViTError(TypeError):
@@ -84,6 +110,33 @@ class TokenLayout:
         }
 
 
+def token_kinds(token_kind) -> np.ndarray:
+    """A store's or result's ``token_kind`` values as a plain ``str`` array (zarr may give StringDType)."""
+    values = np.asarray(getattr(token_kind, "values", token_kind))
+    return np.array([str(v) for v in values.ravel()], dtype=str).reshape(values.shape)
+
+
+def token_groups(token_kind, *, pooled: bool = False) -> dict[str, np.ndarray]:
+    """Positions along ``token`` of each token kind present, in `TOKEN_KINDS` order.
+
+    Parameters
+    ----------
+    token_kind : array-like of str or xarray.DataArray, (T,)
+        The kind of every token (a store's ``token_kind`` coordinate).
+    pooled : bool
+        Put ``all`` (every token) first.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        Kind -> sorted positions; kinds with no token are left out.
+    """
+    kinds = token_kinds(token_kind)
+    groups = {ALL_TOKENS: np.arange(kinds.size)} if pooled else {}
+    groups.update({kind: np.flatnonzero(kinds == kind) for kind in TOKEN_KINDS if (kinds == kind).any()})
+    return groups
+
+
 def token_layout(model: nn.Module) -> TokenLayout:
     """Read the token layout of a timm ViT-family model.
 
@@ -130,6 +183,8 @@ def check_is_vit(model: nn.Module) -> None:
             "`model.blocks` (vit_*, deit_*, DINOv2, eva, ...); CNNs and hybrid stage-wise "
             "models such as Swin are not supported."
         )
+    from torch import nn
+
     if not isinstance(model.blocks, (nn.Sequential, nn.ModuleList)) or len(model.blocks) == 0:
         raise NotAViTError(
             f"{name}.blocks is a {type(model.blocks).__name__}, not a non-empty sequence of "

@@ -7,7 +7,6 @@ name from dynamo's own zoo (``dynamo-zoo/vit-digits-reg4``) all behave alike.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import socket
@@ -15,11 +14,11 @@ import sys
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import timm
 import timm.data
 import torch
+from huggingface_hub import constants as hub
 from torch import nn
 
 from dynamo import zoo
@@ -137,10 +136,10 @@ def _create_timm_model(name: str, pretrained: bool, **timm_kwargs) -> nn.Module:
             f"({', '.join(zoo.list_models())}). Similar timm names: {', '.join(close) or 'none'}"
         )
     offline = pretrained and not _hub_reachable()
-    context = _hub_offline() if offline else contextlib.nullcontext()
+    # huggingface_hub reads HF_HUB_OFFLINE at every request: offline, cached weights load, missing ones fail at once
+    saved, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE or offline
     try:
-        with context:
-            return timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        return timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     except (OSError, RuntimeError, ValueError) as error:
         if not pretrained:
             raise
@@ -150,26 +149,19 @@ def _create_timm_model(name: str, pretrained: bool, **timm_kwargs) -> nn.Module:
             f"--checkpoint FILE (python: checkpoint=), use --no-pretrained for random weights "
             f"(mechanics only), or use the bundled model {zoo.DEFAULT_MODEL}."
         ) from error
+    finally:
+        hub.HF_HUB_OFFLINE = saved
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether a TCP connection to the Hugging Face hub endpoint opens within the timeout."""
-    from huggingface_hub import constants
-
-    url = urllib.parse.urlparse(constants.ENDPOINT)
+    url = urllib.parse.urlparse(hub.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout_s):
             return True
     except OSError:
         return False
-
-
-def _hub_offline():
-    """Put huggingface_hub in offline mode: cached weights load, missing ones fail at once."""
-    from huggingface_hub import constants
-
-    return mock.patch.object(constants, "HF_HUB_OFFLINE", True)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:

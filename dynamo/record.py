@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import platform
 import sys
 import threading
@@ -41,7 +39,8 @@ from dynamo import store as stores
 from dynamo.capture import AUTOCAST_DTYPES, Capture, CaptureError, CapturedBatch
 from dynamo.images import ImageSet, image_set
 from dynamo.models import LoadedModel, load_model
-from dynamo.shards import Shard, parse_shard, shard_lock
+from dynamo.shards import Shard, check_no_shard_running, consolidate, parse_shard, shard_lock
+from dynamo.store import jsonable
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 COMPRESSION = {"zstd": {"name": "zstd", "configuration": {"level": 1}}, "none": None}
@@ -168,6 +167,7 @@ def record(
                 try:
                     stores.check_identity(stores.open_group(out), plan["identity"], out)
                 except stores.StoreMismatchError:
+                    check_no_shard_running(out)  # a running writer holds its shard lock: never delete under it
                     stores.remove_store(out)
             if not out.exists():
                 template, encoding = _template(loaded, images, plan, batch_size, compression)
@@ -180,11 +180,14 @@ def record(
                     ) from error
             group = stores.open_group(out, mode="r+")
             stores.check_identity(group, plan["identity"], out)
+            for _, _, start, stop in stores.missing_chunks(out, group):  # damaged blocks: record them again
+                group["status"][start:stop] = stores.PENDING
+                group.attrs["complete"] = False
             writing.enter_context(shard_lock(out, shard))
             group.attrs["shards"] = shard.count
         _record_pending(loaded, images, group, plan, shard, device, autocast, writers, progress, out)
     with stores.writer_lock(out, wait=STORE_LOCK_WAIT_S):
-        summary = stores.consolidate(out, require_complete=shard.count == 1)
+        summary = consolidate(out, require_complete=shard.count == 1)
     with warnings.catch_warnings():
         if not summary["complete"]:  # siblings still running: expected, not worth a warning
             warnings.filterwarnings("ignore", message="store .* is incomplete", category=UserWarning)
@@ -204,14 +207,12 @@ def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, se
             raise ValueError(f"patch_tokens must be in 1..{layout.num_patches}, got {patch_tokens}")
         chosen = np.random.default_rng(seed).choice(layout.num_patches, patch_tokens, replace=False)
         tokens = np.concatenate([tokens[: layout.num_prefix], layout.num_prefix + np.sort(chosen)])
-    image_digest = hashlib.sha256(
-        json.dumps([images.ids, images.labels.tolist(), images.label_names]).encode()
-    ).hexdigest()
+    image_digest = images.digest()
     identity = {
         "model": loaded.source,
         "checkpoint": loaded.checkpoint,
         "weights_sha256": loaded.weights_sha256,
-        "preprocessing": _jsonable(loaded.data_config),
+        "preprocessing": jsonable(loaded.data_config),
         "images_sha256": image_digest,
         "n_images": len(images),
         "dtype": dtype,
@@ -283,7 +284,7 @@ def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int
         "image_size": list(loaded.data_config["input_size"][1:]),
         "patch_size": list(module.patch_embed.patch_size),
         **layout.to_attrs(),
-        "preprocessing": _jsonable(loaded.data_config),
+        "preprocessing": jsonable(loaded.data_config),
         "dtype": plan["dtype"],
         "summaries_only": plan["summaries_only"],
         "autocast": plan["autocast"] or "none",
@@ -312,7 +313,7 @@ def _record_pending(loaded, images, group, plan, shard, device, autocast, writer
     owned = [(b * batch, min((b + 1) * batch, len(images))) for b in shard.blocks(n_blocks)]
     blocks = [(start, stop) for start, stop in owned if (status[start:stop] == stores.PENDING).any()]
     device = torch.device(device)
-    module = loaded.module.to(device)
+    loaded.module.to(device)
     transform = timm.data.create_transform(**loaded.data_config)
     pin = device.type == "cuda"
 
@@ -348,7 +349,7 @@ def _record_pending(loaded, images, group, plan, shard, device, autocast, writer
                     captured = capture.run(pixels.to(device, non_blocking=True), readable)
                 except CaptureError as error:
                     raise RecordingError(str(error)) from error
-                in_flight.append(writer.submit(_write_block, group, start, stop, captured, failed))
+                in_flight.append(writer.submit(_write_block, group, start, stop, captured, failed, plan))
                 bar.update(stop - start)
             for write in in_flight:
                 write.result()
@@ -363,14 +364,20 @@ def _record_pending(loaded, images, group, plan, shard, device, autocast, writer
         bar.close()
 
 
-def _write_block(group, start: int, stop: int, captured: CapturedBatch, failed: threading.Event) -> None:
-    """Write one block's arrays, then mark its images recorded (so a kill never half-marks).
+def _write_block(group, start: int, stop: int, captured: CapturedBatch, failed: threading.Event, plan: dict) -> None:
+    """Check one block's states are finite and fit the storage dtype, write its arrays, then mark
+    its images recorded (so a kill never half-marks).
 
     After one write has failed (``failed`` is set) blocks not yet started are skipped.
     """
     if failed.is_set():
         return
     arrays = captured.arrays()
+    try:
+        captured.check_finite(plan["layers"], np.float32 if plan["summaries_only"] else DTYPES[plan["dtype"]])
+    except CaptureError as error:
+        failed.set()
+        raise RecordingError(str(error)) from None
     try:
         for slot, values in enumerate(arrays["hidden"]):
             group["hidden"][start:stop, slot] = values
@@ -381,11 +388,6 @@ def _write_block(group, start: int, stop: int, captured: CapturedBatch, failed: 
     except OSError:
         failed.set()
         raise
-
-
-def _jsonable(value):
-    """Tuples → lists and numpy scalars → Python, so a value round-trips through JSON attrs."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
 def _versions() -> dict:

@@ -9,7 +9,8 @@ Each shard holds its own lock (``.NAME.locks/shard-I-of-N.lock`` beside the stor
 writes, so running the same shard twice is refused, and resuming a shard is running its command
 again. Shards of different layouts (say 0/2 and 1/4) would overlap, so a run refuses to start
 while a shard of another layout holds its lock; once they are done, any layout (or a single
-process) may finish what is left.
+process) may finish what is left. `consolidate` checks that every shard's blocks are on disk
+and marks the store complete.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import filelock
+import numpy as np
 
-from dynamo.store import StoreBusyError
+from dynamo.store import PENDING, RECORDED, UNREADABLE, StoreBusyError, StoreError, check_store, open_group
 
 # (index, count) variables set by common launchers, checked in this order
 LAUNCHER_VARIABLES = (
@@ -97,19 +99,7 @@ def shard_lock(store: str | Path, shard: Shard):
     folder = lock_folder(store)
     folder.mkdir(parents=True, exist_ok=True)
     own = folder / f"shard-{shard.index}-of-{shard.count}.lock"
-    for other in sorted(folder.glob("shard-*-of-*.lock")):
-        if other.name.endswith(f"-of-{shard.count}.lock"):
-            continue
-        probe = filelock.FileLock(str(other), timeout=0)
-        try:
-            probe.acquire()
-        except filelock.Timeout:
-            raise StoreBusyError(
-                f"shard {_name(other)} is writing {store}; shards of one store must share one layout "
-                f"while they run: use --shard I/{_name(other).split('/')[1]}, or wait for it to finish"
-            ) from None
-        probe.release()
-        other.unlink(missing_ok=True)
+    check_no_shard_running(store, except_count=shard.count)
     lock = filelock.FileLock(str(own), timeout=0)
     try:
         lock.acquire()
@@ -125,6 +115,103 @@ def shard_lock(store: str | Path, shard: Shard):
         lock.release()
 
 
+def check_no_shard_running(store: str | Path, except_count: int | None = None) -> None:
+    """Raise `StoreBusyError` if a shard (of a layout other than ``except_count`` shards) writes ``store``.
+
+    Lock files of shards that have stopped are removed. Call it holding the store's `writer_lock`,
+    so that no shard can start meanwhile: before replacing a store (``--overwrite``), and before a
+    shard of one layout starts while shards of another might run.
+    """
+    for other in sorted(lock_folder(store).glob("shard-*-of-*.lock")):
+        if except_count is not None and other.name.endswith(f"-of-{except_count}.lock"):
+            continue
+        probe = filelock.FileLock(str(other), timeout=0)
+        try:
+            probe.acquire()
+        except filelock.Timeout:
+            count = _name(other).split("/")[1]
+            advice = ("shards of one store must share one layout while they run: use "
+                      f"--shard I/{count}, or wait for it to finish") if except_count else \
+                "wait for it to finish (or stop it) before replacing the store"
+            raise StoreBusyError(f"shard {_name(other)} is writing {store}; {advice}") from None
+        probe.release()
+        other.unlink(missing_ok=True)
+
+
 def _name(lock_file: Path) -> str:
     index, count = re.fullmatch(r"shard-(\d+)-of-(\d+)\.lock", lock_file.name).groups()
     return f"{index}/{count}"
+
+
+class StoreIncompleteError(StoreError):
+    """Some images of a store are not recorded yet."""
+
+
+def consolidate(path: str | Path, *, require_complete: bool = True) -> dict:
+    """Check that every block of a store is written, and if so mark the store complete.
+
+    A recording written by several shards is finished when the last block is: this is the
+    check each shard runs when it is done (the last one to finish completes the store), and
+    what ``dynamo record --consolidate`` runs to validate a store once all shards have stopped.
+    Call it holding `writer_lock`.
+
+    Every image must be recorded or unreadable (``status``), and every block with a recorded
+    image must have all its chunks on disk (a block is marked only after its chunks are
+    written, so a missing chunk means the store was damaged or copied in part).
+
+    Parameters
+    ----------
+    require_complete : bool
+        Raise if images are pending; otherwise return the counts.
+
+    Returns
+    -------
+    dict
+        ``complete``, ``recorded``, ``unreadable``, ``pending`` (image counts) and
+        ``pending_blocks``: [first image, stop) of each block still to record.
+
+    Raises
+    ------
+    StoreIncompleteError
+        Images are pending and ``require_complete``; the message names the blocks and, for a
+        sharded recording, the shards that own them.
+    StoreDamagedError
+        A recorded block's chunks are missing.
+    """
+    group = open_group(path, mode="r+")
+    status = group["status"][:]
+    batch = group["status"].chunks[0]
+    starts = range(0, len(status), batch)
+    pending_blocks = [(s, min(s + batch, len(status))) for s in starts if (status[s : s + batch] == PENDING).any()]
+    summary = {
+        "complete": not pending_blocks,
+        "recorded": int((status == RECORDED).sum()),
+        "unreadable": int((status == UNREADABLE).sum()),
+        "pending": int((status == PENDING).sum()),
+        "pending_blocks": pending_blocks,
+    }
+    if pending_blocks:
+        if require_complete:
+            raise StoreIncompleteError(_pending_message(path, group, pending_blocks, len(starts), batch))
+        return summary
+    check_store(path, group)
+    ids = group["image_id"][:]
+    group.attrs.update(complete=True, unreadable_images=[str(ids[i]) for i in np.flatnonzero(status == UNREADABLE)])
+    return summary
+
+
+def _pending_message(path, group, pending_blocks, n_blocks: int, batch: int) -> str:
+    count = int(group.attrs.get("shards", 1))
+    runs = []  # adjacent blocks merged into runs of images
+    for start, stop in pending_blocks:
+        if runs and runs[-1][1] == start:
+            runs[-1][1] = stop
+        else:
+            runs.append([start, stop])
+    images = ", ".join(f"{start}-{stop - 1}" for start, stop in runs[:8])
+    more = f" and {len(runs) - 8} more runs of images" if len(runs) > 8 else ""
+    message = f"store {path} is not complete: images {images}{more} are not recorded."
+    if count > 1:
+        owners = sorted({Shard(0, count).owner(start // batch, n_blocks) for start, _ in pending_blocks})
+        message += f" They belong to shard(s) {', '.join(f'{i}/{count}' for i in owners)}: run those again."
+    return message + " Running the same `dynamo record` command again resumes the recording."

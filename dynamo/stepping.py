@@ -9,19 +9,25 @@ The extra arguments a model passes to its blocks (EVA's rotary embedding, an att
 are captured once from the model's own forward on a blank image of its input size, and passed
 to every block in the same way, so no per-architecture code is needed. (They assume every image
 has the model's default input size, as the recorder's preprocessing gives.)
+
+`propagator_for` is the one place that turns a model into what the live-model analyses push
+states through: a `LoadedModel` or timm module becomes a `BlockStepper`; anything else with
+``run(x, start, stop)`` and ``head(x)`` (a fitted Raptor) is used as it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
+import xarray as xr
 from torch import nn
 
 from dynamo.layout import check_is_vit
 from dynamo.models import LoadedModel, data_config
 
-__all__ = ["BlockStepper"]
+__all__ = ["BlockStepper", "propagator_for"]
 
 
 class _Embedded(Exception):
@@ -167,3 +173,51 @@ class BlockStepper:
             (B, num_classes).
         """
         return self.module.forward_head(self.module.norm(x))
+
+
+def propagator_for(model, ds: xr.Dataset):
+    """What carries a store's states through the remaining layers: the live model or a surrogate.
+
+    Parameters
+    ----------
+    model : LoadedModel, torch.nn.Module, BlockStepper, or any object with ``run(x, start, stop)``
+        A `LoadedModel` must be the one the store was recorded with (same weights sha256); it
+        and a timm ViT module are wrapped in a `BlockStepper`. Anything with a ``run`` method (a
+        stepper, a fitted Raptor surrogate) is used as it is.
+    ds : xarray.Dataset
+        The trajectory store the starting states come from; it must keep every token.
+
+    Returns
+    -------
+    object
+        Has ``run(x, start, stop) -> list of states`` and, where available, ``head(x)``.
+
+    Raises
+    ------
+    ValueError
+        The store was recorded with other weights, lacks tokens, or ``model`` cannot run.
+    """
+    grid, prefix = ds.attrs.get("patch_grid"), ds.attrs.get("num_prefix_tokens")
+    if grid is not None and prefix is not None and ds.sizes["token"] != prefix + int(np.prod(grid)):
+        raise ValueError(
+            f"the store keeps {ds.sizes['token']} of the model's {prefix + int(np.prod(grid))} tokens "
+            "(recorded with --patch-tokens); a live model needs every token: record a store "
+            "without --patch-tokens"
+        )
+    if isinstance(model, LoadedModel):
+        recorded = ds.attrs.get("weights_sha256")
+        if recorded is not None and recorded != model.weights_sha256:
+            raise ValueError(
+                f"the store was recorded with {ds.attrs.get('model')} (weights sha256 {recorded[:12]}), "
+                f"not with {model.source} (sha256 {model.weights_sha256[:12]}); pass the model the "
+                "store was recorded with, or record a store with this model"
+            )
+        return BlockStepper(model)
+    if callable(getattr(model, "run", None)):
+        return model
+    if isinstance(model, nn.Module):
+        return BlockStepper(model)
+    raise ValueError(
+        f"cannot propagate states with a {type(model).__name__}: pass a dynamo LoadedModel, a timm "
+        "ViT, a BlockStepper, or a fitted surrogate with a run(x, start, stop) method"
+    )

@@ -29,9 +29,15 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from dynamo.layout import REDUCED_VIEWS, TOKEN_KINDS
+
 FORMAT = "dynamo-trajectories/1"
 PENDING, RECORDED, UNREADABLE = 0, 1, 2
-SUMMARY_VARIABLES = ("cls", "patch_mean", "register_mean")
+
+
+def jsonable(value):
+    """Tuples → lists and numpy scalars/arrays → Python, so a value round-trips through JSON (attrs, configs)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 class StoreError(RuntimeError):
@@ -40,6 +46,10 @@ class StoreError(RuntimeError):
 
 class StoreMismatchError(StoreError):
     """An existing store was recorded with a different model, images or settings."""
+
+
+class StoreDamagedError(StoreError):
+    """Recorded data are missing from disk, or do not have the shape and dtype the store declares."""
 
 
 class StoreBusyError(StoreError):
@@ -162,93 +172,56 @@ def writer_lock(path: str | Path, wait: float = 0):
         lock.release()
 
 
-class StoreIncompleteError(StoreError):
-    """Some images of a store are not recorded yet."""
+def missing_chunks(path: str | Path, group: zarr.Group) -> list[tuple[str, int, int, int]]:
+    """Chunks of recorded images that are not on disk: ``(variable, layer index, first image, stop)``.
 
-
-def consolidate(path: str | Path, *, require_complete: bool = True) -> dict:
-    """Check that every block of a store is written, and if so mark the store complete.
-
-    A recording written by several shards is finished when the last block is: this is the
-    check each shard runs when it is done (the last one to finish completes the store), and
-    what ``dynamo record --consolidate`` runs to validate a store once all shards have stopped.
-    Call it holding `writer_lock`.
-
-    Every image must be recorded or unreadable (``status``), and every block with a recorded
-    image must have all its chunks on disk (a block is marked only after its chunks are
-    written, so a missing chunk means the store was damaged or copied in part).
-
-    Parameters
-    ----------
-    require_complete : bool
-        Raise if images are pending; otherwise return the counts.
-
-    Returns
-    -------
-    dict
-        ``complete``, ``recorded``, ``unreadable``, ``pending`` (image counts) and
-        ``pending_blocks``: [first image, stop) of each block still to record.
-
-    Raises
-    ------
-    StoreIncompleteError
-        Images are pending and ``require_complete``; the message names the blocks and, for a
-        sharded recording, the shards that own them.
-    StoreError
-        A recorded block's chunks are missing.
+    A block's ``status`` is set only after its chunks are written, so a missing chunk of a
+    recorded block means the store was damaged or copied in part (zarr would silently read its
+    fill value). One ``stat`` per chunk: milliseconds for thousands of chunks.
     """
-    group = open_group(path, mode="r+")
     status = group["status"][:]
-    batch = group["status"].chunks[0]
-    starts = range(0, len(status), batch)
-    pending_blocks = [(s, min(s + batch, len(status))) for s in starts if (status[s : s + batch] == PENDING).any()]
-    summary = {
-        "complete": not pending_blocks,
-        "recorded": int((status == RECORDED).sum()),
-        "unreadable": int((status == UNREADABLE).sum()),
-        "pending": int((status == PENDING).sum()),
-        "pending_blocks": pending_blocks,
-    }
-    if pending_blocks:
-        if require_complete:
-            raise StoreIncompleteError(_pending_message(path, group, pending_blocks, len(starts), batch))
-        return summary
-    written_blocks = sum((status[s : s + batch] == RECORDED).any() for s in starts)
-    for name in ("hidden", *SUMMARY_VARIABLES, "logits"):
-        if name in group:
-            array = group[name]
-            per_block = array.nchunks // len(starts)
-            if array.nchunks_initialized < written_blocks * per_block:
-                raise StoreError(
-                    f"store {path}: `{name}` has {array.nchunks_initialized} chunks on disk but its "
-                    f"{written_blocks} recorded blocks need {written_blocks * per_block}; the store was "
-                    "damaged or copied in part. Record it again into a new --out path."
-                )
-    ids = group["image_id"][:]
-    group.attrs.update(complete=True, unreadable_images=[str(ids[i]) for i in np.flatnonzero(status == UNREADABLE)])
-    return summary
+    missing = []
+    for name in ("hidden", *REDUCED_VIEWS, "logits"):
+        if name not in group:
+            continue
+        array = group[name]
+        batch = array.chunks[0]
+        for coords in array._iter_chunk_coords():
+            start = coords[0] * batch
+            if (status[start:start + batch] == RECORDED).any():
+                if not (Path(path) / name / array.metadata.encode_chunk_key(coords)).exists():
+                    layer = coords[1] * array.chunks[1] if array.ndim > 2 else -1
+                    missing.append((name, layer, start, min(start + batch, len(status))))
+    return missing
 
 
-def _pending_message(path, group, pending_blocks, n_blocks: int, batch: int) -> str:
-    from dynamo.shards import Shard  # shards builds on this module
+def check_store(path: str | Path, group: zarr.Group) -> None:
+    """Raise `StoreDamagedError` naming the variable, layer and images of the first damage found.
 
-    count = int(group.attrs.get("shards", 1))
-    runs = []  # adjacent blocks merged into runs of images
-    for start, stop in pending_blocks:
-        if runs and runs[-1][1] == start:
-            runs[-1][1] = stop
-        else:
-            runs.append([start, stop])
-    images = ", ".join(f"{start}-{stop - 1}" for start, stop in runs[:8])
-    more = f" and {len(runs) - 8} more runs of images" if len(runs) > 8 else ""
-    message = f"store {path} is not complete: images {images}{more} are not recorded."
-    if count > 1:
-        owners = sorted({Shard(0, count).owner(start // batch, n_blocks) for start, _ in pending_blocks})
-        message += f" They belong to shard(s) {', '.join(f'{i}/{count}' for i in owners)}: run those again."
-    return message + " Running the same `dynamo record` command again resumes the recording."
+    Checks that ``hidden`` has the dtype and shape the attrs declare and that every recorded
+    block's chunks are on disk (`missing_chunks`).
+    """
+    if "hidden" in group:
+        hidden, attrs = group["hidden"], group.attrs
+        expected = (group["status"].shape[0], len(attrs["identity"]["layers"]), len(attrs["identity"]["tokens"]),
+                    int(attrs["embed_dim"]))
+        if hidden.shape != expected or str(hidden.dtype) != attrs["dtype"]:
+            raise StoreDamagedError(
+                f"store {path} is damaged: `hidden` is {hidden.dtype} {hidden.shape}, its attrs declare "
+                f"{attrs['dtype']} {expected}; record it again into a new --out path"
+            )
+    missing = missing_chunks(path, group)
+    if missing:
+        name, layer, start, stop = missing[0]
+        where = f"layer {int(group['layer'][layer])}, " if layer >= 0 else ""
+        raise StoreDamagedError(
+            f"store {path} is damaged: `{name}` {where}images {start}-{stop - 1} are recorded but their data are "
+            f"not on disk ({len(missing)} chunk(s) in all); run the same `dynamo record` command again to "
+            "re-record exactly those images"
+        )
 
 
-def open_trajectories(path: str | Path, recorded_only: bool = True) -> xr.Dataset:
+def open_trajectories(path: str | Path, recorded_only: bool = True, validate: bool = True) -> xr.Dataset:
     """Open a trajectory store lazily (dask-backed) and validate it.
 
     Parameters
@@ -257,6 +230,8 @@ def open_trajectories(path: str | Path, recorded_only: bool = True) -> xr.Datase
         A store written by `dynamo.record`.
     recorded_only : bool
         Drop images that are not recorded (pending in an interrupted store, or unreadable).
+    validate : bool
+        Check the store first (`check_store`); off only to describe a damaged store.
 
     Returns
     -------
@@ -268,8 +243,12 @@ def open_trajectories(path: str | Path, recorded_only: bool = True) -> xr.Datase
     ------
     StoreError
         Not a dynamo store, or missing required variables.
+    StoreDamagedError
+        Recorded data missing from disk, or not of the declared shape and dtype (`check_store`).
     """
-    open_group(path)
+    group = open_group(path)
+    if validate:
+        check_store(path, group)
     # an absolute path, so that dask workers in other directories (or machines) read the same store
     dataset = xr.open_zarr(str(Path(path).resolve()), consolidated=False)
     required = {"status"} if dataset.attrs.get("summaries_only") else {"hidden", "status"}
@@ -288,14 +267,112 @@ def open_trajectories(path: str | Path, recorded_only: bool = True) -> xr.Datase
     return dataset.isel(image=np.flatnonzero(status == RECORDED))
 
 
-def save_result(result: xr.Dataset, path: str | Path) -> Path:
-    """Write an analysis result to zarr (replacing ``path``), readable with ``xr.open_zarr(path)``.
+RESULT_KIND = "dynamo_result"  # attrs key that marks an analysis result and names its kind
 
+
+def check_output(path: str | Path, inputs=()) -> Path:
+    """Refuse an output path that would overwrite or write into data it must not touch.
+
+    Parameters
+    ----------
+    path : str or Path
+        A result file or folder about to be written.
+    inputs : sequence of str or Path
+        The paths the command reads (a store), which it must never replace.
+
+    Raises
+    ------
+    StoreError
+        ``path`` is a trajectory store, lies inside one, or is one of the inputs.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    if any(resolved == Path(source).resolve() for source in inputs):
+        raise StoreError(f"--out {path} is this command's own input; write the result to another path")
+    for folder in (resolved, *resolved.parents):
+        if (folder / "zarr.json").exists() and is_trajectory_store(folder):
+            where = "is" if folder == resolved else f"lies inside {folder}, which is"
+            raise StoreError(f"--out {path} {where} a trajectory store, which a result never replaces; "
+                             "write the result to another path")
+    return path
+
+
+def save_result(result: xr.Dataset, path: str | Path, inputs=()) -> Path:
+    """Write an analysis result to zarr, readable with ``xr.open_zarr(path)``.
+
+    The result is marked with its kind (attrs ``dynamo_result``: its ``analysis`` attr, else
+    ``"result"``) and replaces only a result of the same kind: never a trajectory store, a path
+    inside one, an input (`check_output`), another kind of result or anything else.
     Fixed-width string coordinates are stored as variable-length strings, which zarr v3 specifies
     (it has no specification for numpy's fixed-width unicode).
     """
+    path = check_output(path, inputs)
+    kind = str(result.attrs.get("analysis", "result"))
+    if path.exists():
+        try:
+            existing = zarr.open_group(str(path), mode="r").attrs.get(RESULT_KIND)
+        except Exception:  # not zarr at all
+            existing = None
+        if existing != kind:
+            found = f"a {existing!r} result" if existing else "not a dynamo result"
+            raise StoreError(f"--out {path} exists and is {found}; a {kind!r} result replaces only its own kind: "
+                             "choose another path or delete it")
     strings = {name: coord.astype(object) for name, coord in result.coords.items() if coord.dtype.kind == "U"}
     with warnings.catch_warnings():  # consolidated metadata is zarr-python's extension to v3: intended
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        result.assign_coords(strings).drop_encoding().to_zarr(path, mode="w")
-    return Path(path)
+        result.assign_coords(strings).assign_attrs({RESULT_KIND: kind}).drop_encoding().to_zarr(path, mode="w")
+    return path
+
+
+def describe(path: str | Path) -> dict:
+    """Headline facts of a store: model, sizes, completeness, and where it is."""
+    dataset = open_trajectories(path, recorded_only=False, validate=False)
+    try:
+        check_store(path, open_group(path))
+        damage = None
+    except StoreDamagedError as error:
+        damage = str(error)
+    status = dataset["status"].values
+    attrs = dataset.attrs
+    size_bytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    summary = {
+        "store": str(path),
+        "model": attrs["model"],
+        "weights_sha256": attrs["weights_sha256"],
+        "n_images": int(status.size),
+        "n_recorded": int((status == RECORDED).sum()),
+        "n_pending": int((status == PENDING).sum()),
+        "unreadable_images": list(attrs.get("unreadable_images", [])),
+        "layers": int(dataset.sizes["layer"]),
+        "tokens": int(dataset.sizes["token"]),
+        "features": int(dataset.sizes["feature"]),
+        "token_kinds": {k: int((dataset["token_kind"] == k).sum()) for k in TOKEN_KINDS},
+        "dtype": str(dataset["hidden"].dtype) if "hidden" in dataset else "summaries only",
+        "shards": int(attrs.get("shards", 1)),
+        "bytes": size_bytes,
+        "complete": bool(attrs.get("complete")) and damage is None,
+        "damage": damage,
+    }
+    kinds = ", ".join(f"{n} {k}" for k, n in summary["token_kinds"].items() if n)
+    summary["text"] = (
+        f"{summary['store']}: {summary['model']} (weights sha256 {summary['weights_sha256'][:12]})\n"
+        f"{summary['n_recorded']}/{summary['n_images']} images recorded"
+        f"{', ' + str(len(summary['unreadable_images'])) + ' unreadable (skipped)' if summary['unreadable_images'] else ''}"
+        f"{', INCOMPLETE: ' + _resume_hint(summary['shards']) if summary['n_pending'] else ''}\n"
+        + (
+            f"hidden: {summary['layers']} layers x {summary['tokens']} tokens ({kinds}) x "
+            f"{summary['features']} features, {summary['dtype']}"
+            if "hidden" in dataset
+            else f"reduced views only ({', '.join(v for v in REDUCED_VIEWS if v in dataset)}): "
+            f"{summary['layers']} layers x {summary['features']} features"
+        )
+        + f", {size_bytes / 1e6:.1f} MB on disk"
+        + (f"\nDAMAGED: {damage}" if damage else "")
+    )
+    return summary
+
+
+def _resume_hint(shards: int) -> str:
+    if shards > 1:
+        return f"recorded by {shards} shards; `dynamo consolidate STORE` names the ones to run again"
+    return "run the same record command to resume"

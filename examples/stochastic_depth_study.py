@@ -15,8 +15,9 @@ same architecture (seeded random init), on the 360 bundled held-out digits:
    re-run reuses them), and the same recipe on the uniform and random contiguous partitions
    (`dynamo.raptor.partition_baselines`, cached per model and k); R² per layer (cls and patch
    tokens) and accuracy ratio on each fit's held-out images;
-4. one xarray Dataset with a ``model`` dimension (``OUT/study.zarr``), the numbers and Spearman
-   rank correlations of each phase-structure score with Raptor's final-layer R² (``OUT/study.json``),
+4. one xarray Dataset with a ``model`` dimension (``OUT/study.zarr``, variables as `study_model`),
+   the numbers and Spearman rank correlations of each phase-structure score with Raptor's
+   final-layer R² (``OUT/study.json``),
    and the paper's figure kinds (``OUT/*.png``, drawn by `figures.study`).
 
 Usage::
@@ -46,8 +47,9 @@ from scipy.stats import spearmanr
 import dynamo
 from analyses import phases as phasing
 from dynamo import zoo
-from dynamo.models import LoadedModel, data_config, weights_sha256
 from dynamo.layout import token_layout
+from dynamo.models import LoadedModel, data_config, weights_sha256
+from dynamo.partition import Partition, from_result
 from dynamo.raptor import RaptorFitter, partition_baselines
 from dynamo.store import save_result
 from dynamo.zoo.train import build_model
@@ -80,19 +82,15 @@ def study_models(names: list[str], seed: int) -> dict[str, tuple[float, LoadedMo
     return models
 
 
-def raptor_partition(dissimilarity: xr.DataArray, k: int) -> tuple[list[list[int]], str]:
+def raptor_partition(dissimilarity: xr.DataArray, k: int) -> tuple[Partition, str]:
     """The max-cut partition with k phases, or the exact contiguous one where max-cut is not k contiguous phases."""
     partition = phasing.partition_matrix(dissimilarity, "maxcut", k=k)
-    try:
-        phasing.thresholds(partition)
-        if len(partition) == k:
-            return partition, "maxcut"
-    except ValueError:
-        pass
+    if partition.is_contiguous and len(partition) == k:
+        return partition, "maxcut"
     return phasing.contiguous_partition(dissimilarity, k), "contiguous"
 
 
-def fitted(store: Path, folder: Path, teacher: LoadedModel, partition, recipe: dict) -> RaptorFitter:
+def fitted(store: Path, folder: Path, teacher: LoadedModel, partition: Partition, recipe: dict) -> RaptorFitter:
     """A Raptor fit on ``partition``: loaded from ``folder`` if saved there with the same recipe, else fitted (resumably)."""
     config = folder / "config.json"
     if config.exists():
@@ -111,24 +109,37 @@ def baselines(store: Path, path: Path, fitter: RaptorFitter, teacher, reuse, ran
         if cached.attrs.get("study_key") == json.dumps(key):
             return cached
     result = partition_baselines(store, fitter, random_seeds=random_seeds, teacher=teacher, reuse=reuse)
-    result.attrs["study_key"] = json.dumps(key)
+    result.attrs.update(analysis="partition_baselines", study_key=json.dumps(key))
     save_result(result, path)
     return result
 
 
 def study_model(label: str, loaded: LoadedModel, out: Path, args) -> xr.Dataset:
-    """Everything for one model, as a Dataset without the ``model`` dimension."""
+    """Everything for one model, as a Dataset without the ``model`` dimension.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``similarity`` (layer_i, layer_j): the layer dissimilarity (1 - mean cos); ``phase_<score>``
+        and ``n_phases`` of its max-cut phases at ``--eps`` (coordinate ``phase_partition``, e.g.
+        ``"[1-3][4-12]"``); per ``k``: ``partition_<score>`` of the partition Raptor is fitted on
+        (coordinate ``partition_method``), ``raptor_r2`` (k, layer, token_kind) and the fit's
+        ``raptor_r2_final``, accuracies and agreement; per ``fit`` (fitted, uniform, random i,
+        k=1): ``baseline_r2`` (k, fit, layer), ``baseline_r2_final``, ``baseline_accuracy_ratio``
+        (k, fit), and every fit's partition as the coordinate ``phase`` (k, fit, layer):
+        ``from_result(result.sel(k=k, fit="fitted"))`` is Raptor's.
+    """
     folder = out / label
     store = folder / "trajectories.zarr"
     dataset = dynamo.record(loaded, zoo.default_images(), store, limit=args.limit, progress=not args.quiet)
-    phases = phasing.phase_analysis(dataset, "maxcut", eps=args.eps, n_boot=0, progress=False)
-    save_result(phases, folder / "phases.zarr")
+    phases = phasing.phase_analysis(dataset, "maxcut", eps=args.eps, n_bootstrap=0, progress=False)
+    save_result(phases.assign_attrs(analysis="phases"), folder / "phases.zarr")
     matrix = phases["dissimilarity"]
     logits = np.asarray(dataset["logits"].values)
     labels = np.asarray(dataset["label"].values)
     recipe = {"steps": args.steps, "seed": args.seed, "progress": not args.quiet, "validate_every": args.steps}
     num_layers = loaded.num_blocks
-    k1 = fitted(store, folder / "raptor" / "k1", loaded, [list(range(1, num_layers + 1))], recipe)
+    k1 = fitted(store, folder / "raptor" / "k1", loaded, Partition.uniform(num_layers, 1), recipe)
     partitions, methods, reports, rows = {}, {}, {}, []
     for k in args.ks:
         partitions[k], methods[k] = raptor_partition(matrix, k)
@@ -138,17 +149,16 @@ def study_model(label: str, loaded: LoadedModel, out: Path, args) -> xr.Dataset:
                "random_seeds": args.random_seeds, "weights_sha256": loaded.weights_sha256, "n_images": int(dataset.sizes["image"])}
         rows.append(baselines(store, folder / "raptor" / f"baselines_k{k}.zarr", fitter, loaded, [k1], args.random_seeds, key))
     ks = list(args.ks)
-    scores = json.loads(phases.attrs["scores"])
     per_k_scores = {k: phasing.phase_scores(matrix, partitions[k]) for k in ks}
-    baseline = xr.concat(rows, dim=xr.Variable("k", ks), combine_attrs="drop")
+    baseline = xr.concat(rows, dim=xr.Variable("k", ks), coords="all", combine_attrs="drop")
     return xr.Dataset(
         {
-            "similarity": matrix.drop_attrs(),
+            "similarity": matrix.drop_attrs().assign_attrs(measure=matrix.attrs["measure"], tokens=matrix.attrs["tokens"]),
             "vit_accuracy": ((), float((logits.argmax(-1) == labels).mean())),
-            **{f"phase_{name}": ((), float(scores[name])) for name in SCORES},
-            "n_phases": ((), len(json.loads(phases.attrs["partition"]))),
+            **{f"phase_{name}": ((), float(phases["scores"].sel(score=name))) for name in SCORES},
+            "n_phases": ((), len(from_result(phases))),
             **{f"partition_{name}": (("k",), [per_k_scores[k][name] for k in ks]) for name in SCORES},
-            "raptor_r2": (("k", "layer", "group"), np.stack([reports[k]["r2"].sel(group=["all", "cls", "patch"]).values for k in ks])),
+            "raptor_r2": (("k", "layer", "token_kind"), np.stack([reports[k]["r2"].values for k in ks])),
             **{f"raptor_{name}": (("k",), [reports[k].attrs[name] for k in ks])
                for name in ("r2_final", "accuracy_ratio", "accuracy_teacher", "accuracy_surrogate", "agreement")},
             "baseline_r2": baseline["r2"],
@@ -156,11 +166,10 @@ def study_model(label: str, loaded: LoadedModel, out: Path, args) -> xr.Dataset:
             "baseline_accuracy_ratio": baseline["accuracy_ratio"],
         },
         coords={
-            "k": ks, "group": ["all", "cls", "patch"], "layer": reports[ks[0]]["layer"].values,
-            "fit": baseline["fit"].values, "baseline_partition": baseline["partition"],
-            "raptor_partition": (("k",), [json.dumps(partitions[k]) for k in ks]),
+            "k": ks, "token_kind": reports[ks[0]]["token_kind"].values, "layer": reports[ks[0]]["layer"].values,
+            "fit": baseline["fit"].values, "phase": baseline["phase"],
             "partition_method": (("k",), [methods[k] for k in ks]),
-            "phase_partition": phases.attrs["partition"],
+            "phase_partition": str(from_result(phases)),
             "n_images": int(dataset.sizes["image"]), "n_heldout": int(reports[ks[0]].attrs["n_images"]),
         },
     )
@@ -217,7 +226,7 @@ def run_study(args) -> tuple[xr.Dataset, dict]:
     study = xr.concat(parts, dim=xr.Variable("model", list(args.models)), coords="all", join="outer")
     correlations = rank_correlations(study)
     settings = {key: value for key, value in vars(args).items() if key not in ("quiet", "out")}
-    study.attrs.update(correlations=json.dumps(correlations), settings=json.dumps(settings),
+    study.attrs.update(analysis="stochastic_depth_study", correlations=json.dumps(correlations), settings=json.dumps(settings),
                        description="stochastic-depth study: phases and Raptor fits per model (examples/stochastic_depth_study.py)")
     save_result(study, out / "study.zarr")
     numbers = study_numbers(study, correlations, settings, seconds, time.perf_counter() - started)
@@ -237,13 +246,13 @@ def study_numbers(study: xr.Dataset, correlations: dict, settings: dict, seconds
             **{f"phase_{name}": round(float(row[f"phase_{name}"]), 4) for name in SCORES},
             "raptor": {
                 f"k={k}": {
-                    "partition": str(row["raptor_partition"].sel(k=k).values),
+                    "partition": str(from_result(row.sel(k=k, fit="fitted"))),
                     "partition_method": str(row["partition_method"].sel(k=k).values),
                     **{name: round(float(row[f"partition_{name}"].sel(k=k)), 4) for name in SCORES},
                     **{name: round(float(row[f"raptor_{name}"].sel(k=k)), 4)
                        for name in ("r2_final", "accuracy_ratio", "accuracy_teacher", "accuracy_surrogate", "agreement")},
-                    "r2_final_cls": round(float(row["raptor_r2"].sel(k=k, group="cls").isel(layer=-1)), 4),
-                    "r2_final_patch": round(float(row["raptor_r2"].sel(k=k, group="patch").isel(layer=-1)), 4),
+                    "r2_final_cls": round(float(row["raptor_r2"].sel(k=k, token_kind="cls").isel(layer=-1)), 4),
+                    "r2_final_patch": round(float(row["raptor_r2"].sel(k=k, token_kind="patch").isel(layer=-1)), 4),
                     "baselines_r2_final": {str(f): round(float(v), 4) for f, v in
                                            zip(row["fit"].values, row["baseline_r2_final"].sel(k=k).values)},
                 }

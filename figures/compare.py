@@ -1,13 +1,16 @@
-"""Comparison figures: several profiled models side by side, depth normalised to [0, 1]."""
+"""Comparison figures: several profiled models side by side, depth normalised to [0, 1].
+
+Each model's partition is read from the study's ``phase`` coordinate (model, layer): one
+`dynamo.partition.assign_phases` coordinate per model, NaN past a shallower model's last layer.
+"""
 
 from __future__ import annotations
-
-import json
 
 import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
+from dynamo.partition import boundaries_of, from_result
 from figures.similarity import similarity_grid
 
 __all__ = ["plot_overlaid", "plot_similarity_grid"]
@@ -19,9 +22,9 @@ def plot_similarity_grid(study: xr.Dataset) -> plt.Figure:
     Parameters
     ----------
     study : xarray.Dataset
-        From `dynamo.study.load_study` (``similarity`` (model, layer_i, layer_j)).
+        From `dynamo.pipeline.study.load_study` (``similarity`` (model, layer_i, layer_j)).
     """
-    partitions = json.loads(study.attrs["partitions"])
+    partitions = {str(model): from_result(_phase(study, model)) for model in study["model"].values}
     matrices = {}
     for model in study["model"].values:
         matrix = study["similarity"].sel(model=model).dropna("layer_i", how="all").dropna("layer_j", how="all")
@@ -36,11 +39,11 @@ def plot_overlaid(study: xr.Dataset, variable: str, selection: dict, ylabel: str
     Parameters
     ----------
     study : xarray.Dataset
-        From `dynamo.study.load_study`.
+        From `dynamo.pipeline.study.load_study`.
     variable : str
         A study variable with a ``layer`` or ``block`` dimension (after ``selection``).
     selection : dict
-        Coordinates to select (e.g. ``{"kind": "cls"}``).
+        Coordinates to select (e.g. ``{"token_kind": "cls"}``).
     ylabel : str
         Label of the y axis (what the curve measures, with units).
     """
@@ -50,7 +53,6 @@ def plot_overlaid(study: xr.Dataset, variable: str, selection: dict, ylabel: str
     extra = [dim for dim in data.dims if dim not in ("model", depth_dim)]
     if extra:
         raise ValueError(f"{variable} with {selection} still has dims {extra}; select them too")
-    boundaries = json.loads(study.attrs["boundaries"])
     figure, ax = plt.subplots(figsize=(6.4, 4.0))
     for index, model in enumerate(study["model"].values):
         color = plt.cm.tab10(index % 10)
@@ -59,7 +61,7 @@ def plot_overlaid(study: xr.Dataset, variable: str, selection: dict, ylabel: str
         keep = np.isfinite(curve.values) & np.isfinite(depth.values)
         ax.plot(depth.values[keep], curve.values[keep], marker="o", markersize=3, color=color, label=str(model))
         n_layers = float(study["n_layers"].sel(model=model))
-        for boundary in boundaries[str(model)]:
+        for boundary in boundaries_of(_phase(study, model)):
             ax.axvline(boundary / n_layers, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
     ax.set_xlabel("depth (layer / L)")
     ax.set_ylabel(ylabel)
@@ -69,3 +71,8 @@ def plot_overlaid(study: xr.Dataset, variable: str, selection: dict, ylabel: str
     ax.grid(alpha=0.3)
     return figure
 
+
+
+def _phase(study: xr.Dataset, model) -> xr.DataArray:
+    """One model's ``phase`` coordinate over the layers it has."""
+    return study["phase"].sel(model=model).dropna("layer")

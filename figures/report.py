@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,16 +41,17 @@ class Section:
     title : str
     text : str
         A paragraph saying what the section shows and how to read it (plain text).
-    figures : sequence of Path
-        PNG files, embedded in order; each captioned with its file name.
-    numbers : mapping
-        Headline numbers, shown as a two-column table (lists and dicts are shown compactly).
+    figures : sequence of (Path, str)
+        PNG files and their one-sentence captions, embedded in order.
+    numbers : mapping of str to str, or of str to mapping of str to str
+        Headline numbers, already formatted, as a table of one row per quantity; with mappings
+        as values, one column per inner key (e.g. one per model).
     """
 
     title: str
     text: str = ""
-    figures: Sequence[Path] = field(default_factory=list)
-    numbers: Mapping = field(default_factory=dict)
+    figures: Sequence[tuple[Path, str]] = field(default_factory=list)
+    numbers: Mapping[str, str] = field(default_factory=dict)
 
 
 def write_report(path: str | Path, title: str, lede: str, sections: Sequence[Section], provenance: Mapping) -> Path:
@@ -66,7 +66,7 @@ def write_report(path: str | Path, title: str, lede: str, sections: Sequence[Sec
     lede : str
         One line under the title.
     sections : sequence of Section
-    provenance : mapping
+    provenance : mapping of str to str
         Model, weights hash, images, versions, command line, ...: shown as the last table.
 
     Returns
@@ -92,12 +92,12 @@ def write_report(path: str | Path, title: str, lede: str, sections: Sequence[Sec
             parts.append(f"<p>{html.escape(section.text)}</p>")
         if section.numbers:
             parts.append(_table(section.numbers))
-        for figure in section.figures:
+        for figure, caption in section.figures:
             figure = Path(figure)
             data = base64.b64encode(figure.read_bytes()).decode("ascii")
             parts.append(
-                f'<figure><img alt="{html.escape(figure.stem)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(figure.name)}</figcaption></figure>"
+                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(caption)} <code>{html.escape(figure.name)}</code></figcaption></figure>"
             )
     parts.append('<h2 id="provenance">Provenance</h2>')
     parts.append(_table(provenance))
@@ -107,25 +107,13 @@ def write_report(path: str | Path, title: str, lede: str, sections: Sequence[Sec
 
 
 def _table(numbers: Mapping) -> str:
+    columns = list(dict.fromkeys(key for value in numbers.values() if isinstance(value, Mapping) for key in value))
+    header = "<tr><th></th>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in columns) + "</tr>" if columns else ""
     rows = "".join(
-        f'<tr><th>{html.escape(str(key))}</th><td class="value">{html.escape(_format(value))}</td></tr>'
+        f"<tr><th>{html.escape(str(key))}</th>"
+        + "".join(f'<td class="value">{html.escape(str(cell))}</td>'
+                  for cell in ([value.get(c, "") for c in columns] if columns else [value]))
+        + "</tr>"
         for key, value in numbers.items()
     )
-    return f"<table>{rows}</table>"
-
-
-def _format(value) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(_rounded(value), default=str)
-
-
-def _rounded(value):
-    """Floats to 4 significant digits, inside lists and dicts too (the page is for reading)."""
-    if isinstance(value, float):
-        return float(f"{value:.4g}")
-    if isinstance(value, dict):
-        return {key: _rounded(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_rounded(item) for item in value]
-    return value
+    return f"<table>{header}{rows}</table>"

@@ -8,35 +8,54 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
-from analyses.phases import boundaries
-from analyses.similarity import to_similarity
+from dynamo.partition import Partition, from_result
 
-__all__ = ["similarity_grid", "similarity_heatmap"]
+__all__ = ["similarity_grid", "similarity_heatmap", "to_similarity"]
 
 BOUNDARY_COLORS = ("magenta", "lime", "orange", "cyan", "red")  # as the paper: 2-phase magenta, 3-phase green
+SIMILARITIES = {"cosine": "cosine similarity", "angular": "1 - angle/pi", "cka": "linear CKA"}
+
+
+def to_similarity(dissimilarity: xr.DataArray) -> xr.DataArray:
+    """The similarity matching a bounded dissimilarity, for display: 1 − D (mean cos, CKA, 1 − angle/π).
+
+    Raises
+    ------
+    ValueError
+        For ``mse``, which has no bounded similarity; plot it as a dissimilarity.
+    """
+    measure = dissimilarity.attrs.get("measure")
+    if measure not in SIMILARITIES:
+        raise ValueError(f"{measure!r} has no bounded similarity; use the dissimilarity itself")
+    similarity = 1.0 - dissimilarity
+    similarity.attrs = {**dissimilarity.attrs, "orientation": "similarity", "description": SIMILARITIES[measure]}
+    similarity.name = f"{measure}_similarity"
+    return similarity
 
 
 def similarity_heatmap(
-    matrix: xr.DataArray,
+    dissimilarity: xr.DataArray | xr.Dataset,
     partitions=None,
-    *,
     ax: plt.Axes | None = None,
+    *,
     title: str | None = None,
     as_similarity: bool = True,
     annotate: bool | None = None,
     vmin: float | None = None,
     vmax: float | None = None,
     colorbar: bool = True,
-) -> plt.Axes:
+) -> plt.Figure:
     """Draw a layer × layer matrix with dashed lines at phase boundaries.
 
     Parameters
     ----------
-    matrix : xarray.DataArray, (layer_i, layer_j)
-        From `analyses.similarity.layer_similarity` (a dissimilarity).
-    partitions : list of list of int, or mapping of str to partition, optional
+    dissimilarity : xarray.DataArray (layer_i, layer_j), or xarray.Dataset
+        From `analyses.similarity.layer_similarity`, or a `analyses.phases.phase_analysis`
+        result (its ``dissimilarity``, with its partition).
+    partitions : Partition, list of list of int, or mapping of str to partition, optional
         One partition, or several by name (e.g. ``{"2 phases": p2, "3 phases": p3}``, as the
-        paper's Figure 2), each drawn in its own colour with a legend.
+        paper's Figure 2), each drawn in its own colour with a legend. Default: the partition
+        the result carries (its ``phase`` coordinate), if any; ``{}`` draws none.
     ax : matplotlib Axes, optional
         Where to draw; a new figure if not given.
     title : str, optional
@@ -53,8 +72,10 @@ def similarity_heatmap(
 
     Returns
     -------
-    matplotlib Axes
+    matplotlib Figure
     """
+    partitions = from_result(dissimilarity) if partitions is None else partitions
+    matrix = dissimilarity["dissimilarity"] if isinstance(dissimilarity, xr.Dataset) else dissimilarity
     if matrix.dims != ("layer_i", "layer_j"):
         raise ValueError(f"expected a (layer_i, layer_j) matrix, got dims {matrix.dims}")
     shown = to_similarity(matrix) if as_similarity and matrix.attrs.get("measure") != "mse" else matrix
@@ -77,7 +98,7 @@ def similarity_heatmap(
     named = _named_partitions(partitions)
     for order, ((name, partition), color) in enumerate(zip(named.items(), BOUNDARY_COLORS)):
         width = 1.6 + 1.6 * (len(named) - 1 - order)  # earlier partitions wider, so shared lines show both
-        positions = np.searchsorted(layers, boundaries(partition)) + 0.5
+        positions = np.searchsorted(layers, Partition(partition).boundaries) + 0.5
         for number, position in enumerate(positions):
             ax.axvline(position, color=color, linestyle="--", linewidth=width, label=name if number == 0 else None)
             ax.axhline(position, color=color, linestyle="--", linewidth=width)
@@ -89,11 +110,11 @@ def similarity_heatmap(
     ax.set_title(title, fontsize=9)
     if colorbar:
         plt.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=description)
-    return ax
+    return ax.figure
 
 
 def similarity_grid(
-    matrices: Mapping[str, xr.DataArray] | Sequence[xr.DataArray],
+    matrices: Mapping[str, xr.DataArray | xr.Dataset] | Sequence[xr.DataArray | xr.Dataset],
     partitions: Mapping[str, object] | Sequence | None = None,
     *,
     ncols: int = 3,
@@ -105,9 +126,11 @@ def similarity_grid(
     Parameters
     ----------
     matrices : mapping of panel title to matrix, or sequence of matrices
-        Sequences are titled with each matrix's model name.
+        Matrices or phase-analysis results, as `similarity_heatmap`; sequences are titled with
+        each matrix's model name.
     partitions : mapping or sequence, optional
-        One partition per panel (same keys or order as ``matrices``).
+        One partition per panel (same keys or order as ``matrices``); default the partition
+        each result carries.
     ncols : int
         Panels per row.
     as_similarity : bool
@@ -126,8 +149,11 @@ def similarity_grid(
         matrices = dict(zip(names, matrices))
     if not matrices:
         raise ValueError("no matrices to draw")
-    if partitions is not None and not isinstance(partitions, Mapping):
+    if partitions is None:
+        partitions = {name: from_result(matrix) for name, matrix in matrices.items()}
+    elif not isinstance(partitions, Mapping):
         partitions = dict(zip(matrices, partitions))
+    matrices = {name: m["dissimilarity"] if isinstance(m, xr.Dataset) else m for name, m in matrices.items()}
     measures = {matrix.attrs.get("measure") for matrix in matrices.values()}
     if len(measures) > 1:
         raise ValueError(f"panels of one grid must share a measure, got {sorted(map(str, measures))}")
@@ -139,8 +165,7 @@ def similarity_grid(
     nrows = -(-len(matrices) // ncols)
     figure, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.1 * nrows), squeeze=False, layout="constrained")
     for ax, (name, matrix) in zip(axes.flat, matrices.items()):
-        partition = partitions.get(name) if partitions else None
-        similarity_heatmap(matrix, partition, ax=ax, title=name, as_similarity=as_similarity,
+        similarity_heatmap(matrix, partitions.get(name), ax=ax, title=name, as_similarity=as_similarity,
                            vmin=vmin, vmax=vmax, colorbar=False, annotate=False)
     for ax in axes.flat[len(matrices):]:
         ax.set_visible(False)

@@ -1,7 +1,8 @@
 """Figures of the stochastic-depth study (``examples/stochastic_depth_study.py``), the paper's kinds.
 
-Every function takes the study Dataset (dims ``model``, ``k``, ``layer``, ``group``, ``fit``; see
-the script) and returns a matplotlib Figure; none runs a model or fits anything.
+Every function takes the study Dataset (dims ``model``, ``k``, ``layer``, ``token_kind``, ``fit``;
+each fit's partition as the coordinate ``phase`` (model, k, fit, layer); see the script's
+``study_model``) and returns a matplotlib Figure; none runs a model or fits anything.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
+from dynamo.partition import from_result
 from figures.similarity import similarity_grid
+from figures.style import axes
 
 __all__ = [
     "plot_accuracy_vs_drop_rate",
@@ -35,48 +38,47 @@ def _colors(study: xr.Dataset) -> dict:
 
 
 def plot_similarity_row(study: xr.Dataset, k: int | None = None) -> plt.Figure:
-    """Layer similarity of every model in one row, boundaries of the Raptor partition with ``k`` phases (default the first k)."""
+    """Layer similarity of every model in one row (a new figure), dashed at the Raptor partition with ``k`` phases (default the first k)."""
     k = int(study["k"].values[0]) if k is None else k
     matrices, partitions = {}, {}
     for label in study["model"].values.tolist():
-        matrix = study["similarity"].sel(model=label).drop_vars([c for c in study.coords if c not in ("layer_i", "layer_j")],
-                                                                errors="ignore")
-        matrix.attrs.update(measure="cosine", description="mean cosine similarity", tokens="cls+patch_mean")
         name = model_name(study, label)
-        matrices[name] = matrix
-        partitions[name] = json.loads(str(study["raptor_partition"].sel(model=label, k=k).values))
-    return similarity_grid(matrices, partitions, ncols=len(matrices),
-                           suptitle=f"Layer similarity per drop rate (cls + mean patch, cosine); dashed: k = {k} Raptor phases")
+        matrices[name] = study["similarity"].sel(model=label)
+        partitions[name] = from_result(study.sel(model=label, k=k, fit="fitted"))
+    attrs = study["similarity"].attrs
+    return similarity_grid(matrices, partitions, ncols=len(matrices), suptitle=f"Layer similarity per drop rate "
+                           f"({attrs['measure']}, tokens {attrs['tokens']}); dashed: k = {k} Raptor phases")
 
 
-def plot_r2_per_drop_rate(study: xr.Dataset) -> plt.Figure:
+def plot_r2_per_drop_rate(study: xr.Dataset, fig: plt.Figure | None = None) -> plt.Figure:
     """Raptor R² per layer, cls and patch tokens (columns), one row per k, one line per model."""
     ks = study["k"].values.tolist()
     colors = _colors(study)
-    figure, axes = plt.subplots(len(ks), 2, figsize=(11, 3.6 * len(ks)), squeeze=False, sharex=True, layout="constrained")
+    figure = fig or plt.figure(figsize=(11, 3.6 * len(ks)), layout="constrained")
+    grid = figure.subplots(len(ks), 2, squeeze=False, sharex=True)
     for row, k in enumerate(ks):
-        for column, group in enumerate(("cls", "patch")):
-            ax = axes[row, column]
+        for column, kind in enumerate(("cls", "patch")):
+            ax = grid[row, column]
             for label in study["model"].values.tolist():
-                curve = study["raptor_r2"].sel(model=label, k=k, group=group)
+                curve = study["raptor_r2"].sel(model=label, k=k, token_kind=kind)
                 ax.plot(curve["layer"], curve, marker="o", markersize=3, color=colors[label], label=model_name(study, label))
-            ax.set_title(f"Raptor k = {k}: R², {group} tokens", fontsize=10)
+            ax.set_title(f"Raptor k = {k}: R², {kind} tokens", fontsize=10)
             ax.set_ylabel("R² of rollout vs ViT")
-            ax.set_ylim(max(-1.0, float(study["raptor_r2"].sel(k=k, group=group).min()) - 0.05), 1.02)
+            ax.set_ylim(max(-1.0, float(study["raptor_r2"].sel(k=k, token_kind=kind).min()) - 0.05), 1.02)
             ax.grid(alpha=0.3)
-    for ax in axes[-1]:
+    for ax in grid[-1]:
         ax.set_xlabel("layer (0 = embedding, l = output of block l)")
-    axes[0, 0].legend(fontsize=7)
+    grid[0, 0].legend(fontsize=7)
     figure.suptitle(f"Raptor rollout R² per layer per drop rate (held-out images, n = {int(study['n_heldout'].max())})")
     return figure
 
 
-def plot_accuracy_vs_drop_rate(study: xr.Dataset) -> plt.Figure:
+def plot_accuracy_vs_drop_rate(study: xr.Dataset, ax=None) -> plt.Figure:
     """ViT accuracy and Raptor accuracy (per k) against drop rate; the untrained model as a separate marker."""
     rates = study["drop_rate"].values
     trained = np.isfinite(rates)
     order = np.argsort(rates[trained])
-    figure, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    figure, ax = axes(ax, figsize=(6.4, 4.2))
     x = rates[trained][order]
     ax.plot(x, study["vit_accuracy"].values[trained][order], "k-o", label=f"ViT (all {int(study['n_images'].max())} images)")
     for index, k in enumerate(study["k"].values.tolist()):
@@ -96,12 +98,12 @@ def plot_accuracy_vs_drop_rate(study: xr.Dataset) -> plt.Figure:
     return figure
 
 
-def plot_score_vs_r2(study: xr.Dataset, score: str = "contrast") -> plt.Figure:
+def plot_score_vs_r2(study: xr.Dataset, score: str = "contrast", ax=None) -> plt.Figure:
     """A phase-structure score of each Raptor partition against Raptor's final-layer R², with Spearman rho."""
     correlations = json.loads(study.attrs["correlations"])[score]
     colors = _colors(study)
     markers = "os^Dv"
-    figure, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    figure, ax = axes(ax, figsize=(6.4, 4.4))
     for index, k in enumerate(study["k"].values.tolist()):
         for label in study["model"].values.tolist():
             ax.scatter(float(study[f"partition_{score}"].sel(model=label, k=k)), float(study["raptor_r2_final"].sel(model=label, k=k)),
@@ -120,13 +122,14 @@ def plot_score_vs_r2(study: xr.Dataset, score: str = "contrast") -> plt.Figure:
     return figure
 
 
-def plot_partition_baselines(study: xr.Dataset) -> plt.Figure:
+def plot_partition_baselines(study: xr.Dataset, fig: plt.Figure | None = None) -> plt.Figure:
     """Final R² of Raptor on the max-cut (fitted) partition against uniform, random and k = 1, per model, one panel per k."""
     ks = study["k"].values.tolist()
     labels = study["model"].values.tolist()
-    figure, axes = plt.subplots(1, len(ks), figsize=(5.6 * len(ks), 4.2), squeeze=False, sharey=True, layout="constrained")
+    figure = fig or plt.figure(figsize=(5.6 * len(ks), 4.2), layout="constrained")
+    panels = figure.subplots(1, len(ks), squeeze=False, sharey=True)
     styles = {"fitted": ("*", "crimson", 140), "uniform": ("s", "tab:blue", 90), "k=1": ("x", "black", 40)}
-    for ax, k in zip(axes[0], ks):
+    for ax, k in zip(panels[0], ks):
         shown = set()
         for position, label in enumerate(labels):
             for fit in study["fit"].values.tolist():
@@ -141,5 +144,5 @@ def plot_partition_baselines(study: xr.Dataset) -> plt.Figure:
         ax.set_title(f"k = {k}: Raptor final R², max-cut vs baseline partitions\n(a baseline equal to the max-cut partition sits on its star)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0, 0].set_ylabel("R² at the last layer (all tokens, held-out)")
+    panels[0, 0].set_ylabel("R² at the last layer (all tokens, held-out)")
     return figure

@@ -12,8 +12,9 @@ from dask.callbacks import Callback
 
 import dynamo
 from analyses import convergence, export, rank, tokens
-from dynamo import analyze as analyzing
-from dynamo.cli import main
+from dynamo.partition import boundaries_of
+from dynamo.pipeline import analyze as analyzing
+from dynamo.pipeline.cli import main
 from tests.conftest import tiny_model
 from tests.synthetic import one_blas_thread  # noqa: F401 (autouse fixture)
 
@@ -30,7 +31,7 @@ def digits_store(digits_folder, tmp_path_factory):
 
 def test_analyze_writes_results_figures_and_summary(digits_store, tmp_path):
     out = tmp_path / "out"
-    summary = analyzing.analyze(digits_store, out, only=STORE_ONLY, boundaries=[4, 8], bootstrap=8, progress=False)
+    summary = analyzing.analyze(digits_store, out, only=STORE_ONLY, boundaries=[4, 8], n_bootstrap=8, progress=False)
     written = json.loads((out / "summary.json").read_text())
     assert written["boundaries"] == [4, 8] and written["n_images"] == 60
     assert set(written["analyses"]) == set(STORE_ONLY)
@@ -40,7 +41,7 @@ def test_analyze_writes_results_figures_and_summary(digits_store, tmp_path):
         for figure in entry["figures"]:
             with open(figure, "rb") as handle:
                 assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
-        assert xr.open_zarr(entry["result"], consolidated=False).attrs["boundaries"] == [4, 8]
+        assert boundaries_of(xr.open_zarr(entry["result"], consolidated=False)) == [4, 8]
     stored = xr.open_zarr(out / "basins.zarr")
     direct = convergence.basins(dataset, progress=False)
     np.testing.assert_allclose(stored["gamma"].values, direct["gamma"].values)
@@ -51,8 +52,8 @@ def test_analyze_writes_results_figures_and_summary(digits_store, tmp_path):
         stored_rank["rank"].values, rank.update_rank(dataset, n_bootstrap=0, progress=False)["rank"].values
     )
     assert len(stored_rank["replicate"]) == 8
-    assert written["analyses"]["tokens"]["speed_deg"]["cls"] == pytest.approx(
-        tokens.headline(tokens.token_dynamics(dataset, progress=False))["speed_deg"]["cls"]
+    assert written["analyses"]["tokens"]["speed_deg_cls"] == pytest.approx(
+        tokens.summarize(tokens.token_dynamics(dataset, progress=False))["speed_deg_cls"]
     )
     assert "cls_late_turn_block" in summary["text"]
 
@@ -115,7 +116,8 @@ def test_user_errors_exit_2_with_one_line(digits_store, tmp_path, capsys):
 
 def test_registry_entries_are_complete():
     for name, entry in analyzing.ANALYSES.items():
-        assert callable(entry.run) and callable(entry.figures) and entry.help, name
+        assert callable(entry.run) and entry.figures and entry.description, name
+        assert all(callable(spec.plot) and spec.caption.endswith(".") for spec in entry.figures), name
 
 
 @pytest.mark.parametrize("layout", ["gap", "cls+dist"])
@@ -123,8 +125,8 @@ def test_other_token_layouts_run_end_to_end(layout, digits_folder, tmp_path):
     """Random-weight models (mechanics only): no cls token (global pooling), or a distillation token."""
     store = tmp_path / f"{layout}.zarr"
     dynamo.record(tiny_model(layout), digits_folder, store, limit=20, batch_size=8, progress=False)
-    summary = analyzing.analyze(store, tmp_path / "out", only=STORE_ONLY, boundaries=[2], bootstrap=3, progress=False)
-    kinds = set(xr.open_zarr(tmp_path / "out" / "tokens.zarr")["kind"].values)
+    summary = analyzing.analyze(store, tmp_path / "out", only=STORE_ONLY, boundaries=[2], n_bootstrap=3, progress=False)
+    kinds = set(xr.open_zarr(tmp_path / "out" / "tokens.zarr")["token_kind"].values)
     assert kinds == ({"patch"} if layout == "gap" else {"cls", "dist", "patch"})
     figures = [name for entry in summary["analyses"].values() for name in entry["figures"]]
     assert any(name.endswith("basins_class_structure.png") for name in figures)

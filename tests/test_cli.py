@@ -10,12 +10,12 @@ import numpy as np
 
 import dynamo
 from dynamo import zoo
-from dynamo.cli import main
+from dynamo.pipeline.cli import main
 
 
 def test_record_then_info_json(tmp_path, digits_folder):
     out = tmp_path / "s.zarr"
-    command = [sys.executable, "-m", "dynamo.cli", "record", "vit_tiny_patch16_224", "--no-pretrained",
+    command = [sys.executable, "-m", "dynamo.pipeline.cli", "record", "vit_tiny_patch16_224", "--no-pretrained",
                "--images", str(digits_folder), "--out", str(out), "--limit", "12", "--batch-size", "8",
                "--dtype", "float16", "--quiet", "--json"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -25,7 +25,7 @@ def test_record_then_info_json(tmp_path, digits_folder):
     assert summary["layers"] == 13
     dataset = dynamo.open_trajectories(out)
     assert dataset["hidden"].dtype == np.float16 and dataset.sizes["image"] == 12
-    info = subprocess.run([sys.executable, "-m", "dynamo.cli", "info", str(out)], capture_output=True, text=True, check=True)
+    info = subprocess.run([sys.executable, "-m", "dynamo.pipeline.cli", "info", str(out)], capture_output=True, text=True, check=True)
     assert "12/12 images recorded" in info.stdout and "vit_tiny_patch16_224" in info.stdout
 
 

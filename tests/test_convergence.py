@@ -40,7 +40,7 @@ def test_gamma_matches_brute_force_per_token_mean():
     kinds = np.array(KINDS)
     for kind in ("cls", "register", "patch"):
         expected = cosine[:, :, kinds == kind].mean(axis=2)
-        np.testing.assert_allclose(result["gamma"].sel(kind=kind).values, expected, atol=1e-5)
+        np.testing.assert_allclose(result["gamma"].sel(token_kind=kind).values, expected, atol=1e-5)
 
 
 def test_class_angles_and_centroid_accuracy_match_pairwise_brute_force():
@@ -90,7 +90,7 @@ def test_half_rise_layer_and_unlabelled_store():
     dataset, _, _ = _random_dataset()
     result = convergence.basins(dataset.drop_vars(["label", "label_name"]), progress=False)
     assert "gamma" in result and "final_centroid_accuracy" not in result
-    assert "basin_accuracy" not in convergence.headline(result)
+    assert "basin_accuracy" not in convergence.summarize(result)
     with pytest.raises(ValueError, match="fit_layers"):
         convergence.basins(dataset, fit_layers="middle")
 

@@ -13,8 +13,8 @@ import dynamo
 from analyses import convergence, export, phases, rank, similarity, tokens
 from analyses.streaming import image_blocks
 from dynamo import zoo
-from dynamo.cli import main
-from dynamo.cluster import local_cluster
+from dynamo.pipeline.cli import main
+from dynamo.pipeline.cluster import local_cluster
 from tests.synthetic import one_blas_thread  # noqa: F401 (autouse fixture)
 
 
@@ -49,7 +49,7 @@ CASES = {
     "cosine": lambda ds: similarity.layer_similarity(ds, "cosine", progress=False),
     "cosine_per_image": lambda ds: similarity.layer_similarity(ds, "cosine", per_image=True, progress=False),
     "cka": lambda ds: similarity.layer_similarity(ds, "cka", "cls+patch", progress=False),
-    "phases": lambda ds: phases.phase_analysis(ds, n_boot=20, progress=False),
+    "phases": lambda ds: phases.phase_analysis(ds, n_bootstrap=20, progress=False),
     "basins": lambda ds: convergence.basins(ds, progress=False),
     "tokens": lambda ds: tokens.token_dynamics(ds, progress=False),
     "rank": lambda ds: rank.update_rank(ds, n_bootstrap=4, progress=False),

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import dynamo
-from analyses.perturbation import _gaps, perturbation_recovery, recovery_summary, select_images
+from analyses.perturbation import _gaps, perturbation_recovery, select_images, summarize
 from dynamo.models import weights_sha256
 from tests.conftest import tiny_model
 
@@ -124,8 +124,9 @@ def test_zero_perturbation_gives_zero_gap(digits_folder, tmp_path):
     assert zero["prediction_kept"].all()
     assert np.isnan(zero["recovery"]).all()
     assert float(result["distance"].sel(alpha=0.1, start=0, layer=0).min()) == pytest.approx(0.1, rel=1e-4)
-    summary = recovery_summary(result)
-    assert set(summary["recovery"]) == {"random", "principal"} and "l0" in summary["text"]
+    summary = summarize(result)
+    assert {"recovery_cls_random", "recovery_cls_principal", "recovery_register_random", "prediction_kept_random"} <= set(summary)
+    assert summary["recovery_patch_principal"] > 0 and summary["prediction_kept_principal"] <= 1
 
 
 def test_only_one_token_kind_perturbed(affine_store):
@@ -166,8 +167,8 @@ def exact_raptor(teacher: dynamo.LoadedModel):
     surrogate = Raptor([], num_layers=DEPTH, block_config=config, teacher=BlockStepper(teacher))
     ours, theirs = surrogate.blocks[0], teacher.module.blocks[0]
     with torch.no_grad():
-        for mine, source in [(ours.norm1, theirs.norm1), (ours.norm2, theirs.norm2), (ours.fc1, theirs.mlp.fc1),
-                             (ours.fc2, theirs.mlp.fc2), (ours.attn.out_proj, theirs.attn.proj)]:
+        for mine, source in [(ours.norm1, theirs.norm1), (ours.norm2, theirs.norm2), (ours.mlp.fc1, theirs.mlp.fc1),
+                             (ours.mlp.fc2, theirs.mlp.fc2), (ours.attn.out_proj, theirs.attn.proj)]:
             mine.weight.copy_(source.weight)
             mine.bias.copy_(source.bias)
         ours.attn.in_proj_weight.copy_(theirs.attn.qkv.weight)
@@ -214,7 +215,7 @@ def test_dynamo_analyze_runs_the_live_analyses(digits_folder, tmp_path, capsys):
 
     import xarray as xr
 
-    from dynamo.cli import main
+    from dynamo.pipeline.cli import main
 
     store = tmp_path / "digits.zarr"
     dynamo.record("dynamo-zoo/vit-digits-reg4", digits_folder, store, limit=6, progress=False)
@@ -233,7 +234,7 @@ def test_dynamo_analyze_runs_the_live_analyses(digits_folder, tmp_path, capsys):
     recovery = xr.open_zarr(entries["perturbation"]["result"], consolidated=False)["recovery"]
     assert recovery.sizes["start"] == 3 and list(recovery["propagator"].values) == ["ViT", "Raptor"]
     assert any(path.endswith("perturbation_comparison_principal.png") for path in entries["perturbation"]["figures"])
-    assert set(entries["perturbation"]["median_recovery"]["Raptor"]) == {"random", "principal"}
+    assert {"Raptor_recovery_cls_random", "Raptor_recovery_cls_principal"} <= set(entries["perturbation"])
     assert len(entries["jacobian"]["sigma_1"]) == 12
-    assert entries["swap"]["partition"] == "[[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]"
-    assert entries["swap"]["within"]["n_swaps"] == 24 and entries["swap"]["across"]["n_swaps"] == 108
+    assert entries["swap"]["partition"] == "[1-3][4-6][7-9][10-12]"
+    assert entries["swap"]["within_n_swaps"] == 24 and entries["swap"]["across_n_swaps"] == 108

@@ -46,10 +46,10 @@ def test_planted_rank_r_updates_give_rank_r():
     hidden = np.concatenate([start, start + np.cumsum(np.concatenate(steps, axis=1), axis=1)], axis=1)
     result = rank.update_rank(contract_dataset(hidden, KINDS, chunk=8), spaces=("raw",), n_bootstrap=0,
                               progress=False)
-    spectrum = result["spectrum"].sel(space="raw").values  # (kind, block, direction)
+    spectrum = result["spectrum"].sel(space="raw").values  # (token_kind, block, component)
     nonzero = (spectrum > 1e-6 * spectrum[..., :1]).sum(axis=-1)
     assert (nonzero == planted).all()
-    measures = result["rank"].sel(space="raw")  # (measure, kind, block)
+    measures = result["rank"].sel(space="raw")  # (measure, token_kind, block)
     np.testing.assert_allclose(measures.values, planted, rtol=1e-4)
 
 
@@ -65,11 +65,11 @@ def test_streamed_spectrum_matches_numpy_svd_raw_and_sphere():
                 updates = (states[:, block] - states[:, block - 1])[:, kinds == kind].reshape(-1, 6)
                 singular = np.linalg.svd(updates - updates.mean(axis=0), compute_uv=False)
                 np.testing.assert_allclose(
-                    result["spectrum"].sel(kind=kind, space=space, block=block).values, singular**2, atol=1e-8
+                    result["spectrum"].sel(token_kind=kind, space=space, block=block).values, singular**2, atol=1e-8
                 )
                 stable = (singular**2).sum() / singular[0] ** 2
-                assert result["rank"].sel(measure="stable_rank", kind=kind, space=space, block=block) == pytest.approx(stable)
-    assert (result["rows"].sel(kind="patch").values == 10 * 12).all()
+                assert result["rank"].sel(measure="stable_rank", token_kind=kind, space=space, block=block) == pytest.approx(stable)
+    assert (result["rows"].sel(token_kind="patch").values == 10 * 12).all()
 
 
 def test_bootstrap_is_seeded_chunking_free_and_narrows_with_more_images():
@@ -79,8 +79,8 @@ def test_bootstrap_is_seeded_chunking_free_and_narrows_with_more_images():
         hidden = rng.normal(size=(n_images, 3, len(KINDS), 5)) * np.array([3.0, 2.0, 1.0, 1.0, 0.5])
         result = rank.update_rank(contract_dataset(hidden, KINDS, chunk=chunk), n_bootstrap=40, seed=seed,
                                   progress=False)
-        bounds = rank.intervals(result).sel(measure="stable_rank", kind="patch", space="raw")
-        point = result["rank"].sel(measure="stable_rank", kind="patch", space="raw")
+        bounds = rank.intervals(result).sel(measure="stable_rank", token_kind="patch", space="raw")
+        point = result["rank"].sel(measure="stable_rank", token_kind="patch", space="raw")
         assert ((bounds.sel(bound="low") <= point + 0.05) & (point - 0.05 <= bounds.sel(bound="high"))).all()
         return float((bounds.sel(bound="high") - bounds.sel(bound="low")).mean()), result
 

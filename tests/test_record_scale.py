@@ -14,9 +14,9 @@ import zarr
 
 import dynamo
 from analyses.similarity import layer_similarity
-from dynamo import store as stores
-from dynamo.cli import main
-from dynamo.shards import Shard, parse_shard, shard_lock
+from dynamo import shards
+from dynamo.pipeline.cli import main
+from dynamo.shards import Shard, parse_shard
 from tests.conftest import tiny_model
 
 MODEL = "dynamo-zoo/vit-digits-reg4"
@@ -33,7 +33,7 @@ def images_with_a_corrupt_file(tmp_path_factory, digits_folder):
 
 
 def _record_command(images, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "dynamo.cli", "record", MODEL, "--images", str(images), "--out", str(out),
+    return [sys.executable, "-m", "dynamo.pipeline.cli", "record", MODEL, "--images", str(images), "--out", str(out),
             "--batch-size", "8", "--quiet", *extra]
 
 
@@ -78,8 +78,8 @@ def test_a_failed_shard_resumes_and_the_last_shard_completes_the_store(tmp_path,
 
     partial = dynamo.record(model, digits_folder, out, batch_size=8, shard="1/2", progress=False)
     assert partial.sizes["image"] < 60 and not partial.attrs["complete"]
-    with pytest.raises(stores.StoreIncompleteError, match=r"not complete: images [-\d, ]+ are not recorded.*shard\(s\) 0/2"):
-        stores.consolidate(out)
+    with pytest.raises(shards.StoreIncompleteError, match=r"not complete: images [-\d, ]+ are not recorded.*shard\(s\) 0/2"):
+        shards.consolidate(out)
     assert main(["consolidate", str(out)]) == 2
 
     finished = dynamo.record(model, digits_folder, out, batch_size=8, shard="0/2", progress=False)
@@ -91,11 +91,11 @@ def test_a_failed_shard_resumes_and_the_last_shard_completes_the_store(tmp_path,
 def test_consolidate_finds_a_missing_chunk(tmp_path, digits_folder):
     out = tmp_path / "s.zarr"
     dynamo.record(tiny_model("cls", img_size=32), digits_folder, out, batch_size=16, progress=False)
-    stores.consolidate(out)
+    shards.consolidate(out)
     chunk = sorted(p for p in (out / "hidden").rglob("*") if p.is_file() and p.name != "zarr.json")[5]
     chunk.unlink()
-    with pytest.raises(dynamo.StoreError, match="`hidden` has .* chunks on disk"):
-        stores.consolidate(out)
+    with pytest.raises(dynamo.StoreError, match=r"damaged: `hidden` layer \d+, images \d+-\d+ are recorded but their data are not on disk"):
+        shards.consolidate(out)
 
 
 def test_shards_of_another_layout_and_the_same_shard_are_refused(tmp_path, digits_folder):

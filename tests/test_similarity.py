@@ -14,8 +14,8 @@ from scipy.stats import ortho_group
 
 import dynamo
 from analyses.phases import boundaries, maxcut_partition
-from analyses.similarity import layer_similarity, to_similarity
-from figures.similarity import similarity_grid, similarity_heatmap
+from analyses.similarity import layer_similarity
+from figures.similarity import similarity_grid, similarity_heatmap, to_similarity
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_bad_requests_name_the_problem(store):
 def test_heatmap_draws_boundaries_and_names_the_model(store, tmp_path):
     matrix = layer_similarity(store, progress=False)
     two, three = maxcut_partition(matrix, k=2), maxcut_partition(matrix, k=3)
-    ax = similarity_heatmap(matrix, {"2 phases": two, "3 phases": three})
+    ax = similarity_heatmap(matrix, {"2 phases": two, "3 phases": three}).axes[0]
     dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
     assert len(dashed) == 2 * (len(boundaries(two)) + len(boundaries(three)))
     assert "dynamo-zoo/vit-digits-reg4" in ax.get_title()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import xarray as xr
 
 from dynamo.models import data_config
-from dynamo.stepping import BlockStepper
+from dynamo.stepping import BlockStepper, propagator_for
 from tests.conftest import ARCHITECTURES, tiny_model
 
 
@@ -41,3 +42,13 @@ def test_block_for_swaps_layers():
         torch.testing.assert_close(stepper.run(x, 0, 3, block_for=lambda layer: [1, 1, 3][layer - 1])[-1], by_hand)
     with pytest.raises(ValueError, match="start <= stop"):
         stepper.run(x, start=3, stop=2)
+
+
+def test_propagator_for_takes_a_model_a_timm_module_or_anything_that_runs():
+    loaded, blank = tiny_model("cls"), xr.Dataset()
+    assert isinstance(propagator_for(loaded, blank), BlockStepper)
+    assert isinstance(propagator_for(loaded.module, blank), BlockStepper)
+    stepper = BlockStepper(loaded)
+    assert propagator_for(stepper, blank) is stepper
+    with pytest.raises(ValueError, match="cannot propagate"):
+        propagator_for(object(), blank)

@@ -10,6 +10,7 @@ import xarray as xr
 
 import dynamo
 from analyses import phases as phasing
+from dynamo.partition import from_result
 from dynamo.raptor import RaptorFitter
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "stochastic_depth_study.py"
@@ -38,7 +39,7 @@ def test_fast_run_writes_dataset_json_and_figures(fast_run):
         assert Path(path).stat().st_size > 10_000
     study = xr.open_zarr(out / "study.zarr")
     assert study["model"].values.tolist() == ["p0.0", "random-init"]
-    assert study["raptor_r2"].dims == ("model", "k", "layer", "group")
+    assert study["raptor_r2"].dims == ("model", "k", "layer", "token_kind")
     assert study["baseline_r2_final"].sizes["fit"] == 4  # fitted, uniform, random 0, k=1
     assert saved["models"]["p0.0"]["raptor"]["k=2"]["r2_final"] == pytest.approx(
         float(study["raptor_r2_final"].sel(model="p0.0", k=2)), abs=1e-4)
@@ -50,17 +51,18 @@ def test_study_numbers_equal_the_analyses_called_directly(fast_run):
     store = out / "p0.0" / "trajectories.zarr"
     dataset = dynamo.open_trajectories(store)
     assert dataset.sizes["image"] == int(study["n_images"])
-    direct = phasing.phase_analysis(dataset, "maxcut", eps=0.1, n_boot=0, progress=False)
+    direct = phasing.phase_analysis(dataset, "maxcut", eps=0.1, n_bootstrap=0, progress=False)
     np.testing.assert_allclose(study["similarity"].values, direct["dissimilarity"].values, rtol=1e-6)
-    scores = json.loads(direct.attrs["scores"])
-    assert float(study["phase_contrast"]) == pytest.approx(scores["contrast"])
-    partition = json.loads(str(study["raptor_partition"].sel(k=2).values))
+    assert float(study["phase_contrast"]) == pytest.approx(float(direct["scores"].sel(score="contrast")))
+    assert str(study["phase_partition"].values) == str(from_result(direct))
+    partition = from_result(study.sel(k=2, fit="fitted"))
     assert float(study["partition_silhouette"].sel(k=2)) == pytest.approx(
         phasing.phase_scores(direct["dissimilarity"], partition)["silhouette"])
     teacher = dynamo.load_model("dynamo-zoo/vit-digits-p0.0")
     report = RaptorFitter.load(out / "p0.0" / "raptor" / "k2", teacher=teacher).evaluate(store, probe=False)
-    np.testing.assert_allclose(study["raptor_r2"].sel(k=2).values, report["r2"].sel(group=["all", "cls", "patch"]).values, rtol=1e-6)
+    np.testing.assert_allclose(study["raptor_r2"].sel(k=2).values, report["r2"].values, rtol=1e-6)
     assert float(study["raptor_accuracy_ratio"].sel(k=2)) == pytest.approx(report.attrs["accuracy_ratio"])
+    assert from_result(report) == partition
     logits = dataset["logits"].values
     assert float(study["vit_accuracy"]) == pytest.approx((logits.argmax(-1) == dataset["label"].values).mean())
 

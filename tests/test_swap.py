@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import dynamo
-from analyses.swap import layer_swap, phase_relation, swap_summary
+from analyses.swap import layer_swap, phase_relation, summarize
+from dynamo.partition import from_result
 from dynamo.models import weights_sha256
 from tests.conftest import tiny_model
 from tests.test_perturbation import exact_raptor, tied_vit
@@ -45,7 +46,8 @@ def phase_store(digits_folder, tmp_path_factory):
 def test_swaps_within_a_tied_phase_change_nothing_and_across_do(phase_store, width):
     model, ds = phase_store
     result = layer_swap(ds, model, width=width, partition=PHASES, progress=False)
-    assert result.sizes == {"target": 5 - width + 1, "source": 5, "group": 3}  # all, cls, patch
+    assert result.sizes == {"target": 5 - width + 1, "block": 5, "token_kind": 3}  # all, cls, patch
+    assert from_result(result) == PHASES
     relation = result["relation"]
     within, across, clean = (relation == "within"), (relation == "across"), (relation == "clean")
     assert int(clean.sum()) == (5 if width == 1 else 0) and int(within.sum()) > 0 and int(across.sum()) > 0
@@ -53,11 +55,11 @@ def test_swaps_within_a_tied_phase_change_nothing_and_across_do(phase_store, wid
     np.testing.assert_allclose(result["r2"].where(within | clean).fillna(1).values, 1.0, atol=1e-6)
     assert float(result["agreement"].where(within | clean).min()) == 1.0
     # a block from the other phase: a different map, so the last layer moves
-    assert float(result["r2"].sel(group="all").where(across).max()) < 0.999
-    summary = swap_summary(result)
-    assert summary["within"]["r2"] == pytest.approx(1.0, abs=1e-6) and summary["across"]["r2"] < summary["within"]["r2"]
-    assert summary["within"]["n_swaps"] + summary["across"]["n_swaps"] == int((within | across).sum())
-    assert "within" in summary["text"] and 0 <= summary["clean_accuracy"] <= 1
+    assert float(result["r2"].sel(token_kind="all").where(across).max()) < 0.999
+    summary = summarize(result)
+    assert summary["within_r2"] == pytest.approx(1.0, abs=1e-6) and summary["across_r2"] < summary["within_r2"]
+    assert summary["within_n_swaps"] + summary["across_n_swaps"] == int((within | across).sum())
+    assert summary["partition"] == "[1-2][3-5]" and 0 <= summary["clean_accuracy"] <= 1
 
 
 def test_phase_relation():
@@ -72,7 +74,7 @@ def test_phases_default_to_the_stores_own(phase_store):
     from analyses.phases import find_phases
 
     result = layer_swap(ds, model, images=8, progress=False)
-    assert result.attrs["partition"] == str(find_phases(ds))
+    assert from_result(result) == find_phases(ds)
 
 
 def test_clear_errors(phase_store):

@@ -19,13 +19,12 @@ def test_rotation_only_trajectories_give_the_analytic_angular_speed():
     angles = np.radians([20.0, 3.0, 3.0, 8.0, 8.0, 8.0, 8.0])
     hidden = rotation_trajectories(5, 6, 12, angles)
     result = tokens.token_dynamics(contract_dataset(hidden, KINDS, chunk=2), progress=False)
-    np.testing.assert_allclose(result["speed"].sel(kind="cls").values, 20.0, atol=1e-3)
-    np.testing.assert_allclose(result["speed"].sel(kind="register").values, 3.0, atol=2e-3)
-    np.testing.assert_allclose(result["speed"].sel(kind="patch").values, 8.0, atol=1e-3)
+    np.testing.assert_allclose(result["speed"].sel(token_kind="cls").values, 20.0, atol=1e-3)
+    np.testing.assert_allclose(result["speed"].sel(token_kind="register").values, 3.0, atol=2e-3)
+    np.testing.assert_allclose(result["speed"].sel(token_kind="patch").values, 8.0, atol=1e-3)
     # norms grow as 1 + l but speeds are on the sphere
-    np.testing.assert_allclose(result["norm"].sel(kind="patch").mean("image").values, 1.0 + np.arange(6), rtol=1e-5)
-    headline = tokens.headline(result)
-    assert headline["speed_deg"]["cls"] == pytest.approx([20.0] * 5, abs=1e-2)
+    np.testing.assert_allclose(result["norm"].sel(token_kind="patch").mean("image").values, 1.0 + np.arange(6), rtol=1e-5)
+    assert tokens.summarize(result)["speed_deg_cls"] == pytest.approx([20.0] * 5, abs=1e-2)
 
 
 def test_speed_and_coherence_match_brute_force():
@@ -35,7 +34,7 @@ def test_speed_and_coherence_match_brute_force():
     hidden = hidden.astype(np.float32).astype(np.float64)
     direction = _unit(hidden)
     step = np.degrees(np.arccos(np.clip(np.sum(direction[:, 1:] * direction[:, :-1], axis=-1), -1, 1)))
-    np.testing.assert_allclose(result["speed"].sel(kind="patch").values, step[:, :, 3:].mean(axis=2), atol=1e-4)
+    np.testing.assert_allclose(result["speed"].sel(token_kind="patch").values, step[:, :, 3:].mean(axis=2), atol=1e-4)
     patches = hidden[:, :, 3:]
     for image in range(6):
         for layer in range(4):

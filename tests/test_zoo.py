@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 
 import numpy as np
@@ -135,6 +136,27 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
     assert files[0].read_bytes() == files[1].read_bytes()  # the file, hence its sha256, too
     assert card["data"]["n_train_used"] == 96 and card["name"] == "vit-digits-p0.1-s3"
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, strict)
+
+
+def test_schedule_is_the_former_one_a_step_later_in_warm_up():
+    """timm's warm-up + cosine, as the trainer sets it before each update: the former hand-written
+    schedule's values (to rounding) from the end of the warm-up on; during it, the step before's."""
+    config, total, warmup = train.TrainConfig(), 100, 10
+
+    def former(step: int) -> float:
+        if step < warmup:
+            return config.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = train.schedule(optimizer, total, warmup, config.min_lr)
+    values = []
+    for step in range(total):
+        scheduler.step_update(step)
+        values.append(optimizer.param_groups[0]["lr"])
+    assert values[0] == 0 and values[1:warmup] == pytest.approx([former(step - 1) for step in range(1, warmup)], rel=1e-12)
+    assert values[warmup:] == pytest.approx([former(step) for step in range(warmup, total)], rel=1e-12)
 
 
 def test_command_line_trains_writes_and_summarises(tmp_path):

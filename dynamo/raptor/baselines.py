@@ -7,31 +7,23 @@ similarity structure are better places to share blocks than arbitrary ones with 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from dynamo.models import LoadedModel
+from dynamo.partition import Partition, from_result
 from dynamo.raptor.fit import RaptorFitter
 
-__all__ = ["partition_baselines", "random_contiguous_partition", "uniform_partition"]
+__all__ = ["partition_baselines"]
 
-
-def uniform_partition(num_layers: int, k: int) -> list[list[int]]:
-    """Blocks 1..L cut into k contiguous phases of (nearly) equal length, longer ones first."""
-    return [phase.tolist() for phase in np.array_split(np.arange(1, num_layers + 1), k)]
-
-
-def random_contiguous_partition(num_layers: int, k: int, seed: int) -> list[list[int]]:
-    """Blocks 1..L cut into k contiguous phases at k - 1 cut points drawn uniformly without replacement."""
-    cuts = np.sort(np.random.default_rng(seed).choice(np.arange(1, num_layers), size=k - 1, replace=False))
-    return [phase.tolist() for phase in np.split(np.arange(1, num_layers + 1), cuts)]
+PARTITION_PARAMS = ("k", "partition", "progress", "checkpoint_dir")  # what a baseline may change
 
 
 def partition_baselines(
-    store,
+    ds: xr.Dataset | str | Path,
     fitted: RaptorFitter,
     random_seeds: int = 3,
     teacher: LoadedModel | None = None,
@@ -41,59 +33,62 @@ def partition_baselines(
 
     Parameters
     ----------
-    store : str or Path
-        The store ``fitted`` was fitted on.
+    ds : xarray.Dataset, str or Path
+        The trajectory dataset ``fitted`` was fitted on, or its store's path.
     fitted : RaptorFitter
         A fitted surrogate (its parameters are reused; only the partition changes).
     random_seeds : int
-        Number of random contiguous partitions (seeds 0..n-1).
+        Number of random contiguous partitions (`Partition.random_contiguous`, seeds 0..n-1).
     teacher : LoadedModel, optional
         As in `RaptorFitter.fit`.
     reuse : sequence of RaptorFitter
-        Surrogates already fitted on this store with the same recipe (e.g. the k = 1 fit); a
+        Surrogates already fitted on this dataset with the same recipe (e.g. the k = 1 fit); a
         baseline whose partition one of them (or ``fitted``) has is not fitted again.
 
     Returns
     -------
     xarray.Dataset
         Dims ``fit`` ("fitted", "uniform", "random 0", ..., "k=1") and ``layer``: ``r2`` (fit,
-        layer) on all tokens; ``r2_final``, ``accuracy_ratio``, ``agreement`` (fit); coord
-        ``partition`` (fit) as JSON text. Evaluated on the held-out images, as `RaptorFitter.evaluate`.
-        A baseline whose partition equals the fitted one (or a reused one) repeats its row: the
-        recipe is deterministic given the seed, so refitting would give the same surrogate.
+        layer) on all tokens; ``r2_final``, ``accuracy_ratio``, ``agreement`` (fit); coordinate
+        ``phase`` (fit, layer), each fit's partition (``dynamo.partition.from_result(result.sel(fit=name))``
+        reads one back). Evaluated on the held-out images, as `RaptorFitter.evaluate`. A baseline
+        whose partition equals the fitted one (or a reused one) repeats its row: the recipe is
+        deterministic given the seed, so refitting would give the same surrogate.
     """
-    num_layers = fitted.model_.num_layers
-    k = len(fitted.partition_)
-    params = {**fitted.get_params(), "checkpoint_dir": None}
-    candidates = {"uniform": uniform_partition(num_layers, k)}
-    candidates.update({f"random {seed}": random_contiguous_partition(num_layers, k, seed) for seed in range(random_seeds)})
+    num_layers, k = fitted.model_.num_layers, len(fitted.partition_)
+    candidates = {"uniform": Partition.uniform(num_layers, k)}
+    candidates.update({f"random {seed}": Partition.random_contiguous(num_layers, k, seed) for seed in range(random_seeds)})
     if k > 1:
-        candidates["k=1"] = [list(range(1, num_layers + 1))]
-    recipe = {key: value for key, value in params.items() if key not in ("k", "partition", "progress")}
-    for other in reuse:
-        other_recipe = {key: value for key, value in other.get_params().items() if key not in ("k", "partition", "progress", "checkpoint_dir")}
-        if other_recipe != {key: value for key, value in recipe.items() if key != "checkpoint_dir"}:
-            raise ValueError("a surrogate passed in reuse was fitted with another recipe; fit it with the same parameters")
-    known = {json.dumps(f.partition_): f.evaluate(store, probe=False) for f in (*reuse, fitted)}
-    reports = {"fitted": known[json.dumps(fitted.partition_)]}
+        candidates["k=1"] = Partition.uniform(num_layers, 1)
+    recipe = _recipe(fitted)
+    if any(_recipe(other) != recipe for other in reuse):
+        raise ValueError("a surrogate passed in reuse was fitted with another recipe; fit it with the same parameters")
+    known = {str(f.partition_): f.evaluate(ds, probe=False) for f in (*reuse, fitted)}
+    reports = {"fitted": known[str(fitted.partition_)]}
     for name, partition in candidates.items():
-        key = json.dumps(partition)
-        if key not in known:
-            baseline = RaptorFitter(**{**params, "k": None, "partition": partition}).fit(store, teacher=teacher)
-            known[key] = baseline.evaluate(store, probe=False)
-        reports[name] = known[key]
+        if str(partition) not in known:
+            baseline = RaptorFitter(**recipe, partition=partition, progress=fitted.progress).fit(ds, teacher=teacher)
+            known[str(partition)] = baseline.evaluate(ds, probe=False)
+        reports[name] = known[str(partition)]
     names = list(reports)
+    layers = reports["fitted"]["layer"].values
     return xr.Dataset(
         {
-            "r2": (("fit", "layer"), np.stack([reports[n]["r2"].sel(group="all").values for n in names])),
+            "r2": (("fit", "layer"), np.stack([reports[n]["r2"].sel(token_kind="all").values for n in names])),
             "r2_final": (("fit",), np.array([reports[n].attrs["r2_final"] for n in names])),
             "accuracy_ratio": (("fit",), np.array([reports[n].attrs.get("accuracy_ratio", np.nan) for n in names])),
             "agreement": (("fit",), np.array([reports[n].attrs.get("agreement", np.nan) for n in names])),
         },
         coords={
             "fit": names,
-            "layer": reports["fitted"]["layer"].values,
-            "partition": ("fit", [reports[n].attrs["partition"] for n in names]),
+            "layer": layers,
+            "phase": (("fit", "layer"), np.stack([from_result(reports[n]).phase_of(layers) for n in names])),
         },
-        attrs={"k": k, "description": "Raptor with the same recipe on the fitted partition and on baselines", "r2_reference": "target"},
+        attrs={"model": reports["fitted"].attrs["model"], "k": k, "r2_reference": "target",
+               "description": "Raptor with the same recipe on the fitted partition and on baselines"},
     )
+
+
+def _recipe(fitter: RaptorFitter) -> dict:
+    """A fitter's parameters but those a baseline changes."""
+    return {name: value for name, value in fitter.get_params().items() if name not in PARTITION_PARAMS}

@@ -1,10 +1,10 @@
 """The Raptor block: a pre-LayerNorm transformer block conditioned on its depth.
 
 Follows the paper's code (``KempnerInstitute/raptor``, ``block.py``; spec section 2.2): LayerNorm,
-multi-head attention, LayerScale; LayerNorm, MLP (SwiGLU by default, GELU optional), LayerScale;
-and the depth scaling ("t_scale") that makes the recurrent system non-autonomous: a small MLP of
-the target layer index t (a raw float, 1..L) gives three gains ``s1, s2, s3`` (each of the model
-width), initialised near 1, applied as
+multi-head attention, LayerScale; LayerNorm, MLP (timm's packed SwiGLU by default, GELU
+optional), LayerScale; and the depth scaling ("t_scale") that makes the recurrent system
+non-autonomous: a small MLP of the target layer index t (a raw float, 1..L) gives three gains
+``s1, s2, s3`` (each of the model width), initialised near 1, applied as
 
     x <- x + s1 * LS1(Attn(LN1(x)))
     x <- x + s2 * LS2(MLP(LN2(x)))
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerScale, Mlp, SwiGLUPacked
 from torch import nn
 
 __all__ = ["DepthScaling", "RaptorBlock"]
 
 MLP_KINDS = ("swiglu", "gelu")
+# parameter names of fits saved before the block used timm's layers -> their names now
+RENAMED = {"fc1.": "mlp.fc1.", "fc2.": "mlp.fc2.", "gamma1": "ls1.gamma", "gamma2": "ls2.gamma"}
 
 
 class DepthScaling(nn.Module):
@@ -62,6 +65,8 @@ class RaptorBlock(nn.Module):
         MLP hidden width over D. With ``mlp="swiglu"`` the first linear maps D -> 2 * hidden, as
         in the paper (so a SwiGLU block has about 1.33x the MLP MACs of a GELU one).
     mlp : {"swiglu", "gelu"}
+        `timm.layers.SwiGLUPacked` (SiLU of the first half of ``fc1`` gates the second) or
+        `timm.layers.Mlp`.
     layerscale_init : float
         Initial LayerScale value (the paper: 1e-5, so a fresh block is close to the identity).
     depth_hidden : int
@@ -87,24 +92,14 @@ class RaptorBlock(nn.Module):
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         hidden = int(dim * mlp_ratio)
-        self.mlp_kind = mlp
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.gamma1 = nn.Parameter(torch.full((dim,), float(layerscale_init)))
+        self.ls1 = LayerScale(dim, float(layerscale_init))
         self.norm2 = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, 2 * hidden if mlp == "swiglu" else hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.gamma2 = nn.Parameter(torch.full((dim,), float(layerscale_init)))
+        self.mlp = SwiGLUPacked(dim, 2 * hidden, dim) if mlp == "swiglu" else Mlp(dim, hidden)
+        self.ls2 = LayerScale(dim, float(layerscale_init))
         self.depth = DepthScaling(dim, depth_hidden) if depth_scaling else None
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.mlp_kind == "swiglu":
-            gate, value = h.chunk(2, dim=-1)
-            h = F.silu(gate) * value
-        else:
-            h = F.gelu(h)
-        return self.fc2(h)
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """Apply the block once.
@@ -122,12 +117,21 @@ class RaptorBlock(nn.Module):
             (B, T, D), the block's estimate of layer t.
         """
         h = self.norm1(x)
-        attended = self.attn(h, h, h, need_weights=False)[0]
+        attended = self.ls1(self.attn(h, h, h, need_weights=False)[0])
         if self.depth is None:
-            x = x + self.gamma1 * attended
-            return x + self.gamma2 * self.mlp(self.norm2(x))
+            x = x + attended
+            return x + self.ls2(self.mlp(self.norm2(x)))
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
         s1, s2, s3 = self.depth(t)
-        x = x + s1 * (self.gamma1 * attended)
-        x = x + s2 * (self.gamma2 * self.mlp(self.norm2(x)))
+        x = x + s1 * attended
+        x = x + s2 * self.ls2(self.mlp(self.norm2(x)))
         return s3 * x
+
+
+def _rename_old_keys(module, state_dict, prefix, *args) -> None:
+    """Load a state dict saved with the block's former names (``fc1``, ``gamma1``, ...)."""
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        name = key[len(prefix):]
+        old = next((old for old in RENAMED if name.startswith(old)), None)
+        if old is not None:
+            state_dict[prefix + RENAMED[old] + name[len(old):]] = state_dict.pop(key)

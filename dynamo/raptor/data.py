@@ -1,39 +1,42 @@
-"""Stream training batches of trajectory segments from a store, shuffled, with prefetch.
+"""Training batches of trajectory segments: a planned, chunk-aware order served by a DataLoader.
 
 Following the paper's loader (contiguous chunks read in a shuffled chunk order), a batch plan is
-drawn per epoch: the store's image chunks in a random order, grouped ``buffer_chunks`` at a time,
-the chosen images of each group permuted, and the sequence cut into batches. A background thread
-reads each chunk once (only the layers asked for), assembles batches and keeps up to ``prefetch``
-ready; a chunk leaves memory as soon as its images are served, so memory is bounded by a few
-chunks whatever the store's size. The plan depends only on (seed, epoch), so a stream can start
-at any step without reading what comes before it: resuming a fit replays the same batches.
+drawn per epoch: the dataset's image chunks in a random order, grouped ``buffer_chunks`` at a
+time, the chosen images of each group permuted, and the sequence cut into batches. The plan
+depends only on (seed, epoch), so a loader can start at any step without reading what comes
+before it: resuming a fit replays the same batches.
+
+`trajectory_loader` serves the plan through a `torch.utils.data.DataLoader`: its sampler
+(`PlannedBatches`) yields each batch's images and the chunks no later batch of the epoch needs;
+its dataset (`TrajectorySegments`) reads each chunk once (only the layers asked for) and frees it
+after its last batch, so memory is bounded by a few chunks whatever the store's size. One worker
+process reads ahead of training.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
+import dask
 import numpy as np
 import torch
+import xarray as xr
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dynamo.store import open_group
-
-__all__ = ["TrajectoryStream", "batch_plan"]
+__all__ = ["PlannedBatches", "TrajectorySegments", "batch_plan", "trajectory_loader"]
 
 
-def batch_plan(images: np.ndarray, chunk_size: int, batch_size: int, seed: int, epoch: int, buffer_chunks: int) -> list[np.ndarray]:
-    """The batches of one epoch, as arrays of store rows.
+def batch_plan(
+    images: np.ndarray, chunk_size: int, batch_size: int, seed: int, epoch: int, buffer_chunks: int
+) -> list[np.ndarray]:
+    """The batches of one epoch, as arrays of image positions.
 
     Parameters
     ----------
     images : numpy.ndarray
-        Store rows (positions along ``image``) to draw from.
+        Positions along ``image`` to draw from.
     chunk_size : int
-        Images per chunk of the store's ``hidden``.
+        Images per chunk of the dataset's ``hidden``.
     batch_size : int
     seed, epoch : int
         The plan is a function of these alone.
@@ -56,129 +59,109 @@ def batch_plan(images: np.ndarray, chunk_size: int, batch_size: int, seed: int, 
     return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
-class TrajectoryStream:
+class PlannedBatches(Sampler):
+    """Endless `batch_plan` batches, epoch after epoch, from batch ``first_step`` on (resume).
+
+    Yields ``(images, done)``: a batch's positions, and the chunks whose last batch of the epoch
+    it is.
+    """
+
+    def __init__(self, images, chunk_size: int, batch_size: int, seed: int, first_step: int = 0, buffer_chunks: int = 4):
+        self.images = np.sort(np.asarray(images, dtype=np.int64))
+        self.chunk_size, self.batch_size, self.seed = chunk_size, batch_size, seed
+        self.first_step, self.buffer_chunks = first_step, buffer_chunks
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, list[int]]]:
+        skip, epoch = self.first_step, 0
+        while True:
+            plan = batch_plan(self.images, self.chunk_size, self.batch_size, self.seed, epoch, self.buffer_chunks)
+            last = {chunk: index for index, batch in enumerate(plan) for chunk in np.unique(batch // self.chunk_size).tolist()}
+            done = [[] for _ in plan]
+            for chunk, index in last.items():
+                done[index].append(chunk)
+            yield from zip(plan[skip:], done[skip:])
+            skip, epoch = max(0, skip - len(plan)), epoch + 1
+
+
+class TrajectorySegments(Dataset):
+    """Layers ``start..stop`` of a trajectory dataset's images, read a chunk of images at a time.
+
+    Item ``(images, done)`` (from `PlannedBatches`) is a float32 tensor (B, stop - start + 1, T, D).
+    """
+
+    def __init__(self, hidden: xr.DataArray, start: int, stop: int, chunk_size: int):
+        self.hidden = hidden.isel(layer=slice(start, stop + 1))
+        self.chunk_size = chunk_size
+        self.chunks: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, item: tuple[np.ndarray, list[int]]) -> torch.Tensor:
+        images, done = item
+        chunks, offsets = np.divmod(images, self.chunk_size)
+        for chunk in set(chunks.tolist()) - self.chunks.keys():
+            rows = slice(chunk * self.chunk_size, (chunk + 1) * self.chunk_size)
+            with dask.config.set(scheduler="synchronous"):  # dask's thread pool does not survive a fork
+                self.chunks[chunk] = np.asarray(self.hidden[rows].values, dtype=np.float32)
+        batch = torch.from_numpy(np.stack([self.chunks[c][o] for c, o in zip(chunks, offsets)]))
+        for chunk in done:
+            self.chunks.pop(chunk, None)
+        return batch
+
+
+def trajectory_loader(
+    ds: xr.Dataset,
+    images,
+    start: int,
+    stop: int,
+    batch_size: int,
+    seed: int = 0,
+    first_step: int = 0,
+    buffer_chunks: int = 4,
+    workers: int = 1,
+    prefetch: int = 4,
+) -> DataLoader:
     """Endless shuffled batches of ``hidden[images, start..stop]`` as float32 tensors.
 
     Parameters
     ----------
-    path : str or Path
-        A trajectory store.
+    ds : xarray.Dataset
+        A trajectory dataset (`dynamo.open_trajectories`).
     images : array-like of int
-        Store rows to train on (e.g. the recorded images of a training split).
+        Positions along ``image`` to train on.
     start, stop : int
         Layers ``start..stop`` (inclusive) of each image are served.
-    batch_size : int
-    seed : int
+    batch_size, seed : int
     first_step : int
         Skip this many batches (resume); no data are read for them.
     buffer_chunks : int
-        Store chunks shuffled together (more mixes better, holds more in memory).
+        Chunks shuffled together (more mixes better, holds more in memory).
+    workers : int
+        Reader processes (0: read in this process, between steps).
     prefetch : int
-        Batches kept ready by the reader thread.
+        Batches each worker keeps ready.
 
-    Attributes
-    ----------
-    wait_seconds : float
-        Total time the consumer spent waiting for a batch (loading stalls).
-    waits : list of float
-        The wait before each batch served.
-
-    Yields
-    ------
-    torch.Tensor
-        (batch_size, stop - start + 1, T, D) float32.
+    Returns
+    -------
+    torch.utils.data.DataLoader
+        Yields (batch_size, stop - start + 1, T, D) float32 tensors, without end.
     """
+    if len(images) < batch_size:
+        raise ValueError(f"{len(images)} training images are fewer than batch_size={batch_size}; lower --batch-size")
+    hidden = _stored_hidden(ds)
+    chunk_size = int(hidden.encoding.get("chunks", [len(images)])[0])
+    return DataLoader(
+        TrajectorySegments(hidden, start, stop, chunk_size),
+        sampler=PlannedBatches(images, chunk_size, batch_size, seed, first_step, buffer_chunks),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=prefetch if workers else None,
+        generator=torch.Generator().manual_seed(seed),  # leaves the global torch RNG alone
+    )
 
-    def __init__(
-        self,
-        path: str | Path,
-        images,
-        start: int,
-        stop: int,
-        batch_size: int,
-        seed: int = 0,
-        first_step: int = 0,
-        buffer_chunks: int = 4,
-        prefetch: int = 4,
-    ):
-        self.hidden = open_group(path)["hidden"]
-        self.images = np.sort(np.asarray(images, dtype=np.int64))
-        if len(self.images) < batch_size:
-            raise ValueError(f"{len(self.images)} training images are fewer than batch_size={batch_size}; lower --batch-size")
-        self.start, self.stop = start, stop
-        self.batch_size, self.seed, self.first_step = batch_size, seed, first_step
-        self.buffer_chunks, self.prefetch = buffer_chunks, prefetch
-        self.chunk_size = self.hidden.chunks[0]
-        self.waits: list[float] = []
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._produce, daemon=True)
-        self._thread.start()
 
-    @property
-    def wait_seconds(self) -> float:
-        return float(sum(self.waits))
-
-    def _epochs(self) -> Iterator[list[np.ndarray]]:
-        skip, epoch = self.first_step, 0
-        while True:
-            plan = batch_plan(self.images, self.chunk_size, self.batch_size, self.seed, epoch, self.buffer_chunks)
-            yield plan[skip:]
-            skip = max(0, skip - len(plan))
-            epoch += 1
-
-    def _read_chunk(self, chunk: int) -> np.ndarray:
-        rows = slice(chunk * self.chunk_size, (chunk + 1) * self.chunk_size)
-        return np.asarray(self.hidden[rows, self.start : self.stop + 1], dtype=np.float32)
-
-    def _produce(self) -> None:
-        try:
-            for plan in self._epochs():
-                # rows of each chunk still to serve this epoch; a chunk is freed when it reaches 0
-                remaining = dict(zip(*np.unique(np.concatenate(plan) // self.chunk_size, return_counts=True))) if plan else {}
-                cache: dict[int, np.ndarray] = {}
-                for batch in plan:
-                    chunks, offsets = np.divmod(batch, self.chunk_size)
-                    for chunk in set(chunks.tolist()) - cache.keys():
-                        cache[chunk] = self._read_chunk(chunk)
-                    tensor = torch.from_numpy(np.stack([cache[c][o] for c, o in zip(chunks, offsets)]))
-                    for chunk, count in zip(*np.unique(chunks, return_counts=True)):
-                        remaining[chunk] -= count
-                        if not remaining[chunk]:
-                            del cache[chunk]
-                    if not self._put(tensor):
-                        return
-        except BaseException as error:  # handed to the consumer, raised there
-            self._put(error)
-
-    def _put(self, item) -> bool:
-        """Queue an item unless the stream is closed; False once it is."""
-        while not self._stopped.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> TrajectoryStream:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        began = time.perf_counter()
-        item = self._queue.get()
-        self.waits.append(time.perf_counter() - began)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the reader thread."""
-        self._stopped.set()
-        self._thread.join()
-
-    def __enter__(self) -> TrajectoryStream:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def _stored_hidden(ds: xr.Dataset) -> xr.DataArray:
+    """``ds.hidden``, read from the dataset's store without dask where it has one (dask costs ms a chunk)."""
+    source = ds.encoding.get("source")
+    if source is None:
+        return ds["hidden"]
+    hidden = xr.open_zarr(source, chunks=None, consolidated=False)["hidden"]
+    return hidden if hidden.sizes["image"] == ds.sizes["image"] else hidden.isel(image=ds["image"].values)

@@ -1,4 +1,4 @@
-"""Raptor weights and configuration on disk: safetensors tensors plus a JSON file; nothing pickled.
+"""Raptor fits on disk, and the teacher they belong to: safetensors tensors plus JSON; nothing pickled.
 
 A saved fitter is a folder with ``config.json`` (the fitter's parameters, the partition, the
 block configuration, the teacher's identity and the fit's history) and ``weights.safetensors``.
@@ -12,54 +12,163 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["optimizer_from_tensors", "optimizer_to_tensors", "read_tensors_and_json", "write_tensors_and_json"]
+from dynamo.models import LoadedModel, load_model
+from dynamo.partition import Partition
+from dynamo.raptor.model import Raptor
+from dynamo.stepping import BlockStepper
+from dynamo.store import jsonable
+
+__all__ = ["load_checkpoint", "load_fitter", "resolve_teacher", "save_checkpoint", "save_fitter", "teacher_identity"]
+
+FORMAT = "dynamo-raptor/1"
 
 
-def write_tensors_and_json(tensor_path: str | Path, json_path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+def write_tensors_and_json(tensor_path: Path, json_path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Write tensors to a safetensors file and ``config`` to a JSON file, each atomically.
 
     The JSON file is renamed into place last, so it names a complete tensor file whenever it exists.
     """
-    tensor_path, json_path = Path(tensor_path), Path(json_path)
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, f"{tensor_path}.tmp")
     os.replace(f"{tensor_path}.tmp", tensor_path)
-    Path(f"{json_path}.tmp").write_text(json.dumps(config, indent=1, default=_jsonable))
+    Path(f"{json_path}.tmp").write_text(json.dumps(jsonable(config), indent=1))
     os.replace(f"{json_path}.tmp", json_path)
 
 
-def read_tensors_and_json(tensor_path: str | Path, json_path: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """Read what `write_tensors_and_json` wrote; None if the JSON file is absent."""
-    if not Path(json_path).exists():
+# ---- checkpoints of a running fit -------------------------------------------------------
+
+
+def save_checkpoint(folder: Path, model: Raptor, config: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Write the weights, ``config`` (JSON) and, mid-segment, the optimizer's state into ``folder``."""
+    tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        tensors.update({f"optimizer.{param}.{name}": torch.as_tensor(value)
+                        for param, entries in state["state"].items() for name, value in entries.items()})
+        config = {**config, "optimizer": {"param_groups": state["param_groups"]}}
+    write_tensors_and_json(folder / "checkpoint.safetensors", folder / "checkpoint.json", tensors, config)
+
+
+def load_checkpoint(folder: Path, model: Raptor, identity: dict) -> tuple[dict, dict | None] | None:
+    """Load the weights of `save_checkpoint` into ``model``; its config and optimizer state, or None if absent.
+
+    Raises
+    ------
+    ValueError
+        If the checkpoint's ``identity`` (the fit's parameters, teacher and images) is not ``identity``.
+    """
+    if not (folder / "checkpoint.json").exists():
         return None
-    return load_file(str(tensor_path)), json.loads(Path(json_path).read_text())
-
-
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state as named tensors (``optimizer.PARAM.NAME``) and its JSON-able groups."""
-    state = optimizer.state_dict()
-    tensors = {
-        f"optimizer.{param}.{name}": torch.as_tensor(value)
-        for param, entries in state["state"].items()
-        for name, value in entries.items()
-    }
-    return tensors, {"param_groups": state["param_groups"]}
-
-
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict) -> None:
-    """Restore what `optimizer_to_tensors` gave."""
+    config = json.loads((folder / "checkpoint.json").read_text())
+    if config["identity"] != identity:
+        raise ValueError(
+            f"{folder} holds a checkpoint of a fit with other parameters or another store; use "
+            "another checkpoint directory, or delete it to start over"
+        )
+    tensors = load_file(str(folder / "checkpoint.safetensors"))
+    model.load_state_dict({key.removeprefix("model."): value for key, value in tensors.items() if key.startswith("model.")})
+    if "optimizer" not in config:
+        return config, None
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, param, name = key.split(".", 2)
             state.setdefault(int(param), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+    return config, {"state": state, "param_groups": config["optimizer"]["param_groups"]}
 
 
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+# ---- fitted surrogates ------------------------------------------------------------------
+
+
+def save_fitter(fitter, folder) -> Path:
+    """Write a fitted `RaptorFitter` into ``folder`` (``config.json``, ``weights.safetensors``)."""
+    config = {
+        "format": FORMAT,
+        "params": {k: v for k, v in fitter.get_params().items() if k != "checkpoint_dir"},
+        "partition": fitter.partition_,
+        "thresholds": fitter.model_.thresholds,
+        "num_layers": fitter.model_.num_layers,
+        "block_config": fitter.block_config_,
+        "teacher": fitter.teacher_identity_,
+        "store": fitter.store_,
+        "images_sha256": fitter.images_sha256_,
+        "validation_images": fitter.validation_images_,
+        "training_images": fitter.training_images_,
+        "history": fitter.history_,
+    }
+    folder = Path(folder)
+    write_tensors_and_json(folder / "weights.safetensors", folder / "config.json", fitter.model_.state_dict(), config)
+    return folder
+
+
+def load_fitter(cls, folder, teacher: LoadedModel | None = None, device: str | None = None):
+    """A fitted ``cls`` (`RaptorFitter`) from a folder written by `save_fitter`; see `RaptorFitter.load`."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder} holds no saved Raptor fitter (no config.json); save one with RaptorFitter.save")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_path} is not a dynamo Raptor config (format {config.get('format')!r})")
+    fitter = cls(**{**config["params"], **({"device": device} if device else {})})
+    identity = config["teacher"]
+    if teacher is None and identity["pretrained"]:
+        teacher = load_model(identity["model"], checkpoint=identity["checkpoint"])
+    if teacher is not None:
+        check_teacher({"weights_sha256": identity["weights_sha256"]}, teacher_identity(teacher))
+        teacher.module.to(fitter.device)
+    fitter.model_ = Raptor(
+        config["thresholds"], config["num_layers"], config["block_config"],
+        teacher=None if teacher is None else BlockStepper(teacher),
+    ).to(fitter.device)
+    fitter.model_.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    fitter.partition_ = Partition(config["partition"])
+    fitter.block_config_ = config["block_config"]
+    fitter.teacher_identity_ = identity
+    fitter.store_ = config["store"]
+    fitter.images_sha256_ = config["images_sha256"]
+    fitter.validation_images_ = np.asarray(config["validation_images"], dtype=np.int64)
+    fitter.training_images_ = np.asarray(config["training_images"], dtype=np.int64)
+    fitter.history_ = config["history"]
+    return fitter
+
+
+# ---- the teacher ------------------------------------------------------------------------
+
+
+def teacher_identity(teacher: LoadedModel) -> dict:
+    """What a fit records of its teacher: name, checkpoint, whether trained, weights hash."""
+    return {
+        "model": teacher.source,
+        "checkpoint": teacher.checkpoint,
+        "pretrained": bool(teacher.pretrained),
+        "weights_sha256": teacher.weights_sha256,
+    }
+
+
+def resolve_teacher(attrs: dict, teacher: LoadedModel | None) -> LoadedModel:
+    """A store's teacher: the one given, or loaded from the store's attributes; hashes checked."""
+    if teacher is None:
+        if not attrs.get("pretrained", True):
+            raise ValueError(
+                f"the store was recorded from {attrs.get('model')} with random weights, which "
+                "cannot be rebuilt by name; pass the recorded model as teacher="
+            )
+        teacher = load_model(attrs["model"], checkpoint=attrs.get("checkpoint"))
+    if not isinstance(teacher, LoadedModel):
+        raise ValueError(f"teacher must be a dynamo LoadedModel (dynamo.load_model), got {type(teacher).__name__}")
+    check_teacher(attrs, teacher_identity(teacher))
+    return teacher
+
+
+def check_teacher(attrs: dict, identity: dict) -> None:
+    """Raise unless the teacher ``identity`` has the weights hash of ``attrs`` (a store's)."""
+    if attrs.get("weights_sha256") != identity["weights_sha256"]:
+        raise ValueError(
+            f"the teacher {identity['model']} (weights sha256 {identity['weights_sha256'][:12]}) is not "
+            f"the model the store was recorded from (sha256 {str(attrs.get('weights_sha256'))[:12]})"
+        )

@@ -2,10 +2,10 @@
 
 A router sends each target layer t (1..L) to one of the k blocks: block i (0-based) for the first
 i with t <= thresholds[i], the last block beyond every threshold (the paper's
-``Raptor(blocks, thresholds)``; k - 1 thresholds, as ``analyses.phases.thresholds`` gives). The model
-runs between any two layers of the trajectory store's numbering (layer 0 = input to the first
-block), and, with a teacher attached, as a whole surrogate of the ViT: the teacher's own
-embedding, the k blocks applied L times, the teacher's final norm and head.
+``Raptor(blocks, thresholds)``; k - 1 thresholds, as `dynamo.partition.Partition.thresholds`
+gives). The model runs between any two layers of the trajectory store's numbering (layer 0 =
+input to the first block), and, with a teacher attached, as a whole surrogate of the ViT: the
+teacher's own embedding, the k blocks applied L times, the teacher's final norm and head.
 
 `Raptor.run` and `Raptor.head` have the signatures of `dynamo.stepping.BlockStepper`, so code that
 pushes states through a ViT (perturbations, basins) takes a Raptor surrogate unchanged.
@@ -32,7 +32,7 @@ class Raptor(nn.Module):
     thresholds : list of int
         k - 1 increasing layer indices (empty for k = 1); target layer t goes to block i
         (0-based) for the first i with t <= thresholds[i], and to the last block when t exceeds
-        them all. Build them from a phase partition with ``analyses.phases.thresholds``.
+        them all: `dynamo.partition.Partition.thresholds` of a contiguous partition.
     num_layers : int
         L, the teacher's number of blocks; `run` covers layers 0..L.
     block_config : dict

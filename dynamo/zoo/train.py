@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
+from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from dynamo.zoo import data
@@ -171,12 +172,15 @@ def augment(x: torch.Tensor, background: torch.Tensor, config: TrainConfig, gene
     return F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
 
 
-def learning_rate(step: int, total: int, warmup: int, config: TrainConfig) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay from ``lr`` to ``min_lr``."""
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+def schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_lr: float) -> CosineLRScheduler:
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to ``min_lr`` at step ``total``.
+
+    Call ``step_update(step)`` before update ``step`` (0-based): the warm-up takes 0, lr / W, ...,
+    each one step behind the trainer's former schedule (which began at lr / W); the decay is
+    the same, to rounding.
+    """
+    return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=min_lr, warmup_t=warmup,
+                             warmup_prefix=True, t_in_epochs=False)
 
 
 @contextlib.contextmanager
@@ -242,7 +246,8 @@ def train_model(config: TrainConfig, name: str | None = None, progress: bool = T
         )
         generator = torch.Generator().manual_seed(config.seed)
         steps_per_epoch = math.ceil(len(y) / config.batch_size)
-        total = config.epochs * steps_per_epoch
+        total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
+        scheduler = schedule(optimizer, total, warmup, config.min_lr)
         bar = tqdm(total=total, desc=name, unit="step", disable=not progress, file=sys.stderr)
         model.train()
         step = 0
@@ -250,8 +255,7 @@ def train_model(config: TrainConfig, name: str | None = None, progress: bool = T
             order = torch.randperm(len(y), generator=generator)
             for start in range(0, len(y), config.batch_size):
                 batch = order[start : start + config.batch_size]
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, total, config.warmup_epochs * steps_per_epoch, config)
+                scheduler.step_update(step)
                 logits = model(augment(x[batch], background, config, generator))
                 loss = F.cross_entropy(logits, y[batch], label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ Stages, each shown as it runs and each resumable:
    images: `dynamo.record` refuses any other);
 2. **phases**: the paper's layer dissimilarity, a partition of depth, its scores and its
    bootstrap stability, and the heatmap;
-3. **dynamics**: every `dynamo.analyze` analysis (basins, token motion, update rank, and with
+3. **dynamics**: every `dynamo.pipeline.analyze` analysis (basins, token motion, update rank, and with
    the live model perturbation recovery, Jacobian spectra and layer swaps), with the phase
    boundaries drawn on every depth plot;
 4. **raptor** (with ``fit_raptor=k``): a k-block Raptor surrogate fitted on the store;
@@ -20,21 +20,26 @@ reuses a stage whose key still matches and recomputes the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import xarray as xr
-
 from dynamo import zoo
 from dynamo.images import image_set
 from dynamo.models import LoadedModel, load_model
+from dynamo.pipeline.analyze import analyze
+from dynamo.pipeline.fit import fit
+from dynamo.pipeline.phases import phases as phase_stage
+from dynamo.pipeline.registry import ANALYSES
+from dynamo.pipeline.summaries import format_value, headline_rows
 from dynamo.record import record
-from dynamo.store import open_trajectories, save_result
+from dynamo.store import check_output, jsonable, open_trajectories
+from figures.report import Section, write_report
 
 __all__ = ["profile", "profile_store"]
 
@@ -52,7 +57,7 @@ def profile(
     phase_method: str = "maxcut",
     eps: float = 0.1,
     k: int | None = None,
-    n_boot: int = 100,
+    n_bootstrap: int = 100,
     only: list[str] | None = None,
     fit_raptor: int | None = None,
     raptor_steps: int | None = None,
@@ -81,10 +86,11 @@ def profile(
     phase_method, eps, k
         How depth is partitioned (`analyses.phases.partition_matrix`): the paper's max-cut with
         fraction ``eps`` by default.
-    n_boot : int
-        Bootstrap replicates over images for the stability of the phase boundaries.
+    n_bootstrap : int
+        Bootstrap resamples of the images, for the stability of the phase boundaries and for every
+        error bar of the dynamics.
     only : list of str, optional
-        Dynamics analyses to run (names in `dynamo.analyze.ANALYSES`); default all.
+        Dynamics analyses to run (names in `dynamo.pipeline.registry.ANALYSES`); default all.
     fit_raptor : int, optional
         Fit a Raptor surrogate with this many blocks on the store's phases.
     raptor_steps : int, optional
@@ -105,7 +111,7 @@ def profile(
     dict
         The content of ``summary.json``, plus ``text``, a human summary.
     """
-    out = Path(out)
+    out = check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if progress:
@@ -125,7 +131,7 @@ def profile(
     )
     recorded = time.perf_counter() - started
     return profile_store(
-        store, out, model=loaded, phase_method=phase_method, eps=eps, k=k, n_boot=n_boot, only=only,
+        store, out, model=loaded, phase_method=phase_method, eps=eps, k=k, n_bootstrap=n_bootstrap, only=only,
         fit_raptor=fit_raptor, raptor_steps=raptor_steps, device=device, seed=seed, progress=progress,
         command=command, timings={"record": recorded},
     )
@@ -139,7 +145,7 @@ def profile_store(
     phase_method: str = "maxcut",
     eps: float = 0.1,
     k: int | None = None,
-    n_boot: int = 100,
+    n_bootstrap: int = 100,
     only: list[str] | None = None,
     fit_raptor: int | None = None,
     raptor_steps: int | None = None,
@@ -170,9 +176,7 @@ def profile_store(
     dict
         The content of ``summary.json``, plus ``text``, a human summary.
     """
-    from dynamo.analyze import ANALYSES
-
-    out = Path(out)
+    out = check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings = dict(timings or {})
@@ -190,18 +194,22 @@ def profile_store(
             print(f"[{stages.index(stage) + 1}/{len(stages)}] {stage}", file=sys.stderr, flush=True)
         return time.perf_counter()
 
-    identity = {"weights_sha256": dataset.attrs["weights_sha256"], "n_images": int(dataset.sizes["image"])}
+    identity = {"store": store_identity(store, dataset), "n_images": int(dataset.sizes["image"])}
     t = announce("phases")
     phases = _cached(
-        out, "phases", {**identity, "method": phase_method, "eps": eps, "k": k, "n_boot": n_boot, "seed": seed},
-        lambda: _phases(dataset, out, phase_method, eps, k, n_boot, seed, progress),
+        out, "phases", {**identity, "method": phase_method, "eps": eps, "k": k, "n_bootstrap": n_bootstrap, "seed": seed},
+        lambda: phase_stage(dataset, method=phase_method, eps=eps, k=k, n_bootstrap=n_bootstrap, seed=seed,
+                            out=out / "phases.zarr", figure=out / "similarity.png", figure_formats=("png", "svg"),
+                            progress=progress),
     )
     timings["phases"] = time.perf_counter() - t
 
     t = announce("dynamics")
     dynamics = _cached(
-        out, "dynamics", {**identity, "only": only, "boundaries": phases["boundaries"], "seed": seed},
-        lambda: _dynamics(store, out, model, only, phases["boundaries"], device, seed, progress),
+        out, "dynamics", {**identity, "only": only, "boundaries": phases["boundaries"], "seed": seed,
+                                "n_bootstrap": n_bootstrap},
+        lambda: analyze(store, out / "dynamics", only=only, model=model, boundaries=phases["boundaries"],
+                        device=device, seed=seed, n_bootstrap=n_bootstrap, progress=progress),
     )
     timings["dynamics"] = time.perf_counter() - t
 
@@ -211,7 +219,9 @@ def profile_store(
         raptor = _cached(
             out, "raptor", {**identity, "k": fit_raptor, "steps": raptor_steps, "seed": seed,
                             "partition": phases["partition"]},
-            lambda: _raptor(store, out, fit_raptor, phases, raptor_steps, device, seed, progress),
+            lambda: fit(store, out / "raptor", k=fit_raptor, phases=phases, steps=raptor_steps, device=device,
+                        seed=seed, progress=progress),
+            invalidates=[out / "raptor"],
         )
         timings["raptor"] = time.perf_counter() - t
 
@@ -233,74 +243,39 @@ def profile_store(
         "seconds": {name: round(value, 2) for name, value in timings.items()},
     }
     summary["seconds"]["total"] = round(timings.get("record", 0.0) + time.perf_counter() - started, 2)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = jsonable(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _report(out, summary)
     summary["text"] = _text(summary, out)
     return summary
 
 
-def _cached(out: Path, stage: str, key: dict, compute) -> dict:
-    """A stage's summary: reused from ``out/stages/<stage>.json`` if its key matches, else computed."""
+def store_identity(store: str | Path, dataset) -> str:
+    """sha256 of what makes a store's trajectories what they are: its resolved path and its recording
+    identity (weights, images and their contents, preprocessing, dtype, layers, tokens, autocast)."""
+    text = json.dumps({"path": str(Path(store).resolve()), **dataset.attrs["identity"]}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cached(out: Path, stage: str, key: dict, compute, invalidates=()) -> dict:
+    """A stage's summary: reused from ``out/stages/<stage>.json`` if its key matches, else computed.
+
+    ``invalidates`` are paths (a stage's checkpoints) removed before a stale stage is computed again.
+    """
     path = out / "stages" / f"{stage}.json"
-    key = json.loads(json.dumps(key, default=str))
+    key = jsonable(key)
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["summary"]
-    summary = json.loads(json.dumps(compute(), default=str))
+    for stale in map(Path, invalidates):
+        shutil.rmtree(stale, ignore_errors=True)
+    summary = jsonable(compute())
     path.parent.mkdir(exist_ok=True)
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps({"key": key, "summary": summary}, indent=1))
     partial.replace(path)
     return summary
-
-
-def _phases(dataset, out: Path, method: str, eps: float, k: int | None, n_boot: int, seed: int, progress: bool) -> dict:
-    from analyses import phases as phasing
-    from figures.output import save_figures
-    from figures.similarity import similarity_heatmap
-
-    result = phasing.phase_analysis(dataset, method, eps, k, n_boot=n_boot, seed=seed, progress=progress)
-    save_result(result, out / "phases.zarr")
-    summary = phasing.phase_summary(result)
-    summary.pop("text")
-    matrix = result["dissimilarity"]
-    heatmap = similarity_heatmap(matrix, {f"{method} phases": summary["partition"]}).figure
-    figure = save_figures({"similarity": heatmap}, out, formats=("png", "svg"))["similarity"]
-    return {**summary, "similarity": np.round(matrix.values, 6).tolist(), "figures": [str(figure)]}
-
-
-def _dynamics(store: Path, out: Path, loaded, only, boundaries, device, seed, progress) -> dict:
-    from dynamo.analyze import analyze
-
-    return analyze(store, out / "dynamics", only=only, model=loaded, boundaries=boundaries, device=device,
-                   seed=seed, progress=progress)
-
-
-def _raptor(store: Path, out: Path, k: int, phases: dict, steps, device, seed, progress) -> dict:
-    from analyses import phases as phasing
-    from dynamo.raptor import RaptorFitter
-    from figures.output import save_figures
-    from figures.raptor import plot_r2_per_layer
-
-    partition = phases["partition"]
-    if phases["thresholds"] is None or len(partition) != k:
-        # the found phases are not k contiguous blocks: the exact contiguous split into k
-        partition = phasing.contiguous_partition(xr.open_zarr(out / "phases.zarr")["dissimilarity"].load(), k)
-    options = {"steps": steps} if steps else {}
-    fitter = RaptorFitter(k=k, partition=partition, seed=seed, device=device, progress=progress,
-                          checkpoint_dir=out / "raptor" / "checkpoints", **options)
-    fitter.fit(store)
-    fitter.save(out / "raptor")
-    report = fitter.evaluate(store)
-    save_result(report, out / "raptor" / "evaluation.zarr")
-    r2_figure = plot_r2_per_layer(report, boundaries=phasing.boundaries(partition))
-    figure = save_figures({"r2_per_layer": r2_figure}, out / "raptor", formats=("png", "svg"))["r2_per_layer"]
-    numbers = {key: report.attrs[key] for key in ("r2_final", "accuracy_ratio", "agreement", "accuracy_teacher",
-                                                  "accuracy_surrogate", "images") if key in report.attrs}
-    return {"k": k, "partition": partition, **numbers,
-            "r2_per_layer": np.round(report["r2"].sel(group="all").values, 4).tolist(),
-            "figures": [str(figure)]}
 
 
 def _provenance(dataset, command: str | None) -> dict:
@@ -322,8 +297,6 @@ def _provenance(dataset, command: str | None) -> dict:
 
 
 def _report(out: Path, summary: dict) -> None:
-    from figures.report import Section, write_report
-
     phases = summary["phases"]
     sections = [
         Section(
@@ -331,75 +304,46 @@ def _report(out: Path, summary: dict) -> None:
             "Layer x layer dissimilarity, the paper's measure (mean over images of mean over the cls "
             "token and the patch mean of 1 - cos), with the phase partition drawn; boundary frequency "
             "is how often each boundary appears when the images are resampled (bootstrap).",
-            phases["figures"],
-            {
-                "partition": phases["partition"],
-                "boundaries (after layer)": phases["boundaries"],
-                "Raptor thresholds": phases["thresholds"],
-                **{f"score: {name}": value for name, value in phases["scores"].items()},
-                "boundary frequency": phases.get("boundary_frequency", "no bootstrap"),
-                "bootstrap consensus": phases.get("consensus", "no bootstrap"),
-                "consensus support": phases.get("consensus_support", "no bootstrap"),
-            },
+            [(path, "Layer x layer similarity (1 - dissimilarity) with the phase boundaries dashed.")
+             for path in phases.get("figures", [])],
+            headline_rows({key: value for key, value in phases.items() if key not in ("similarity", "layers", "out", "text")}),
         )
     ]
     for name, entry in summary["dynamics"].items():
-        numbers = {key: value for key, value in entry.items() if key not in ("result", "figures")}
-        sections.append(Section(f"Dynamics: {name}", _DYNAMICS_TEXT.get(name, ""), entry["figures"], numbers))
+        sections.append(Section(f"Dynamics: {name}", ANALYSES[name].description,
+                                list(zip(entry["figures"], entry["captions"])), headline_rows(entry)))
     if summary["raptor"]:
         raptor = summary["raptor"]
-        sections.append(
-            Section(
-                f"Raptor surrogate, k = {raptor['k']}",
-                "k shared blocks applied recurrently in place of the model's blocks, routed by the "
-                "phase partition; R² of the surrogate's states against the model's, per layer.",
-                [Path(p) for p in raptor.get("figures", [])],
-                {key: value for key, value in raptor.items() if key != "figures"},
-            )
-        )
+        sections.append(Section(
+            f"Raptor surrogate, k = {raptor['k']}",
+            "k shared blocks applied recurrently in place of the model's blocks, routed by the "
+            "phase partition; R² of the surrogate's states against the model's, per layer.",
+            [(path, "R² of the surrogate's states against the model's, per layer and token kind.")
+             for path in raptor.get("figures", [])],
+            headline_rows({key: value for key, value in raptor.items() if key not in ("out", "text")}),
+        ))
     write_report(
         out / "report.html",
         f"dynamo profile: {summary['model']}",
         f"{summary['n_images']} images, {summary['layers']} layers; {summary['seconds']['total']:.0f} s.",
         sections,
-        summary["provenance"],
+        headline_rows(summary["provenance"]),
     )
-
-
-_DYNAMICS_TEXT = {
-    "basins": "Directional convergence: the cosine of each token to its own final direction, per layer "
-    "and token kind; class structure of the cls direction per layer; cls trajectories projected to 2-D.",
-    "tokens": "Angular speed arccos<x_l, x_(l+1)> per token kind, and patch coherence (mean cosine of "
-    "patches to their mean direction).",
-    "rank": "Rank of the layer updates x_(l+1) - x_l (raw and on the sphere): stable rank, effective rank, "
-    "participation ratio, directions for 90% of the variance, with bootstrap error bars.",
-    "perturbation": "A perturbation of relative size alpha injected at layer l0 and carried through the "
-    "remaining blocks: gap to the clean trajectory at every later layer, and the recovery ratio.",
-    "jacobian": "Top singular values of each block's Jacobian along real trajectories: local expansion "
-    "(> 1) or contraction (< 1) per layer.",
-    "swap": "Replacing a layer by another block within a phase and across phases: accuracy and final-layer "
-    "R² against the clean run.",
-}
 
 
 def _text(summary: dict, out: Path) -> str:
     lines = [
         f"{summary['model']}: {summary['n_images']} images, {summary['layers']} layers",
-        f"phases ({summary['phases']['method']}): {summary['partition']}; boundaries after layers "
+        f"phases ({summary['phases']['method']}): {format_value(summary['partition'])}; boundaries after layers "
         f"{summary['boundaries']}",
     ]
     for name, entry in summary["dynamics"].items():
-        scalars = {key: value for key, value in entry.items() if isinstance(value, (int, float, str))
-                   and key != "result"}
-        numbers = "; ".join(f"{key} = {_number(value)}" for key, value in scalars.items())
+        scalars = {key: value for key, value in entry.items() if isinstance(value, (int, float, str)) and key != "result"}
+        numbers = "; ".join(f"{key} = {value}" for key, value in headline_rows(scalars).items())
         lines.append(f"{name}: {numbers or 'per-layer numbers in summary.json'}")
     if summary["raptor"]:
         raptor = summary["raptor"]
-        lines.append(f"raptor k={raptor['k']} on {raptor['partition']}: r2_final = {_number(raptor.get('r2_final'))}, "
-                     f"accuracy_ratio = {_number(raptor.get('accuracy_ratio'))}")
+        lines.append(f"raptor k={raptor['k']} on {format_value(raptor['partition'])}: r2_final = "
+                     f"{format_value(raptor.get('r2_final'))}, accuracy_ratio = {format_value(raptor.get('accuracy_ratio'))}")
     lines.append(f"report: {out / 'report.html'}; summary: {out / 'summary.json'} ({summary['seconds']['total']:.0f} s)")
     return "\n".join(lines)
-
-
-def _number(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

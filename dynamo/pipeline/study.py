@@ -1,9 +1,9 @@
 """Comparative studies: many models, seeds or training settings, profiled and set side by side.
 
->>> from dynamo import study
+>>> from dynamo.pipeline import study
 >>> folders = study.profile_models(["dynamo-zoo/vit-digits-p0.0", "dynamo-zoo/vit-digits-p0.5"], "sd-study")
 >>> combined = study.load_study(folders)            # one xarray.Dataset with a `model` dimension
->>> combined["tokens_speed"].sel(kind="cls")        # (model, block), mean over images
+>>> combined["tokens_speed"].sel(token_kind="cls")  # (model, block), mean over images
 >>> study.compare(folders, "sd-study/compare")      # side-by-side figures, table, HTML + JSON
 
 `load_study` reads what `dynamo profile` wrote (``summary.json`` and each analysis' result) and
@@ -22,24 +22,29 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from dynamo.profile import profile, profile_store
-from dynamo.store import is_trajectory_store, save_result
+from dynamo.partition import assign_phases, boundaries_of, from_result
+from dynamo.pipeline.profile import profile, profile_store, store_identity
+from dynamo.pipeline.summaries import format_value
+from dynamo.store import is_trajectory_store, open_trajectories, save_result
+from figures import compare as compare_figures
+from figures.output import save_figures
+from figures.report import Section, write_report
 
 __all__ = ["compare", "load_study", "profile_models", "headline_table"]
 
 # Curves overlaid by `compare`: (variable in the study, selection, y label).
 COMPARED_CURVES = (
-    ("basins_gamma", {"kind": "cls"}, "cls: cos to own final direction (γ)"),
-    ("basins_gamma", {"kind": "patch"}, "patches: cos to own final direction (γ)"),
-    ("tokens_speed", {"kind": "cls"}, "cls angular speed (degree / block)"),
-    ("tokens_speed", {"kind": "patch"}, "patch angular speed (degree / block)"),
+    ("basins_gamma", {"token_kind": "cls"}, "cls: cos to own final direction (γ)"),
+    ("basins_gamma", {"token_kind": "patch"}, "patches: cos to own final direction (γ)"),
+    ("tokens_speed", {"token_kind": "cls"}, "cls angular speed (degree / block)"),
+    ("tokens_speed", {"token_kind": "patch"}, "patch angular speed (degree / block)"),
     ("tokens_coherence", {}, "patch coherence κ"),
-    ("rank_rank", {"measure": "stable_rank", "kind": "patch", "space": "sphere"}, "stable rank of patch updates (sphere)"),
+    ("rank_rank", {"measure": "stable_rank", "token_kind": "patch", "space": "sphere"}, "stable rank of patch updates (sphere)"),
 )
 
 
 def profile_models(models: Sequence, out: str | Path, *, images=None, **options) -> list[Path]:
-    """Profile several models into ``out/<label>`` each; resumable like `dynamo.profile.profile`.
+    """Profile several models into ``out/<label>`` each; resumable like `dynamo.pipeline.profile.profile`.
 
     Parameters
     ----------
@@ -51,7 +56,7 @@ def profile_models(models: Sequence, out: str | Path, *, images=None, **options)
     images : optional
         The images every model sees (default the bundled digits).
     **options
-        Passed to `dynamo.profile.profile` (``limit``, ``only``, ``fit_raptor``, ...).
+        Passed to `dynamo.pipeline.profile.profile` (``limit``, ``only``, ``fit_raptor``, ...).
 
     Returns
     -------
@@ -83,11 +88,13 @@ def load_study(paths: Sequence[str | Path], labels: Sequence[str] | None = None)
     xarray.Dataset
         - ``similarity`` (model, layer_i, layer_j): the phases' layer dissimilarity;
         - ``<analysis>_<variable>``: every analysis result variable, averaged over images
-          (e.g. ``basins_gamma`` (model, kind, layer), ``tokens_speed`` (model, kind, block));
+          (e.g. ``basins_gamma`` (model, token_kind, layer), ``tokens_speed`` (model, token_kind, block));
         - ``phase_<score>`` (model): the phase-structure scores; ``n_phases``, ``n_images``;
           ``raptor_r2_final``, ``raptor_accuracy_ratio`` where a surrogate was fitted;
-        - coords ``depth`` (model, layer) and ``block_depth`` (model, block): depth / L;
-        - attrs ``partitions``, ``boundaries`` (JSON, per model), ``profiles`` (the folders).
+        - coords ``depth`` (model, layer) and ``block_depth`` (model, block): depth / L, and
+          ``phase`` (model, layer): each model's partition (`dynamo.partition.from_result` of
+          ``study.sel(model=m)``);
+        - attrs ``profiles`` (the folders, JSON).
     """
     if not paths:
         raise ValueError("no profiles to compare")
@@ -97,21 +104,16 @@ def load_study(paths: Sequence[str | Path], labels: Sequence[str] | None = None)
         raise ValueError(f"{len(labels)} labels for {len(summaries)} profiles")
     parts = [_one_profile(summary) for summary in summaries]
     combined = xr.concat(parts, dim=xr.Variable("model", labels), join="outer", coords="all", combine_attrs="drop")
-    return combined.assign_attrs(
-        partitions=json.dumps({label: s["partition"] for label, s in zip(labels, summaries)}),
-        boundaries=json.dumps({label: s["boundaries"] for label, s in zip(labels, summaries)}),
-        profiles=json.dumps([str(p) for p in paths]),
-    )
+    return combined.assign_attrs(profiles=json.dumps([str(p) for p in paths]))
 
 
 def headline_table(study: xr.Dataset) -> list[dict]:
     """One row per model of the scalar variables (phase scores, Raptor fit, image count)."""
     scalars = [name for name, variable in study.data_vars.items() if variable.dims == ("model",)]
-    boundaries = json.loads(study.attrs["boundaries"])
     rows = []
     for label in study["model"].values:
         row = {"model": str(label), "layers": int(study["n_layers"].sel(model=label)),
-               "boundaries": boundaries[str(label)]}
+               "boundaries": boundaries_of(study["phase"].sel(model=label).dropna("layer"))}
         for name in scalars:
             value = float(study[name].sel(model=label))
             row[name] = None if np.isnan(value) else round(value, 4)
@@ -138,10 +140,6 @@ def compare(paths: Sequence[str | Path], out: str | Path, *, labels: Sequence[st
     dict
         The content of ``compare.json`` (the headline table, the figures), plus ``text``.
     """
-    from figures import compare as compare_figures
-    from figures.output import save_figures
-    from figures.report import Section, write_report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folders = []
@@ -149,13 +147,14 @@ def compare(paths: Sequence[str | Path], out: str | Path, *, labels: Sequence[st
         if (path / "summary.json").exists():
             folders.append(path)
         elif is_trajectory_store(path):
-            folder = out / _slug(path.stem)
+            # its own folder, named from the store and its identity: two stores never share one
+            folder = out / f"{_slug(path.stem)}-{store_identity(path, open_trajectories(path))[:10]}"
             profile_store(path, folder, progress=progress)
             folders.append(folder)
         else:
             raise ValueError(f"{path} is neither a profile folder (with summary.json) nor a trajectory store")
     study = load_study(folders, labels)
-    save_result(study, out / "study.zarr")
+    save_result(study.assign_attrs(analysis="study"), out / "study.zarr")
     table = headline_table(study)
     figures = {"similarity_grid": compare_figures.plot_similarity_grid(study)}
     for variable, selection, ylabel in COMPARED_CURVES:
@@ -170,11 +169,14 @@ def compare(paths: Sequence[str | Path], out: str | Path, *, labels: Sequence[st
         out / "compare.html",
         "dynamo compare: " + ", ".join(summary["models"]),
         "Depth normalised to [0, 1] (layer / L) on every curve; dashed lines are phase boundaries.",
-        [Section("Headline numbers", "", [], {row["model"]: {k: v for k, v in row.items() if k != "model"}
-                                                   for row in table}),
-         Section("Similarity and phases", "", [paths_written["similarity_grid"]]),
-         Section("Dynamics, overlaid", "", [p for k, p in paths_written.items() if k != "similarity_grid"])],
-        {"profiles": summary["profiles"]},
+        [Section("Headline numbers", "One column per model.", [],
+                 {key: {row["model"]: format_value(row.get(key)) for row in table}
+                  for key in dict.fromkeys(k for row in table for k in row if k != "model")}),
+         Section("Similarity and phases", "", [(paths_written["similarity_grid"],
+                                                "Layer similarity of every model, phase boundaries dashed.")]),
+         Section("Dynamics, overlaid", "", [(p, f"{k.replace('_', ' ')}, against depth / L.")
+                                            for k, p in paths_written.items() if k != "similarity_grid"])],
+        {"profiles": format_value(summary["profiles"])},
     )
     summary["text"] = _table_text(table) + f"\nreport: {out / 'compare.html'}"
     return summary
@@ -190,23 +192,23 @@ def _summary(folder: Path) -> dict:
 
 
 def _one_profile(summary: dict) -> xr.Dataset:
-    phases = summary["phases"]
-    layers = np.array(phases["layers"])
+    phases = xr.open_zarr(summary["phases"]["out"]).load()
     n_layers = summary["layers"] - 1
-    parts = [xr.Dataset({"similarity": (("layer_i", "layer_j"), np.array(phases["similarity"]))},
-                        coords={"layer_i": layers, "layer_j": layers})]
+    parts = [xr.Dataset({"similarity": phases["dissimilarity"].reset_coords(drop=True)},
+                        coords={"layer": np.arange(n_layers + 1)})]
     for name, entry in summary["dynamics"].items():
         result = xr.open_zarr(entry["result"])
         means = result.mean("image") if "image" in result.dims else result
         parts.append(means.rename({v: f"{name}_{v}" for v in means.data_vars}).drop_vars(
             [c for c in means.coords if c not in means.dims], errors="ignore").load())
-    scalars = {f"phase_{key}": value for key, value in phases["scores"].items() if key != "n_phases"}
+    scalars = {f"phase_{score}": value for score, value in zip(phases["score"].values, phases["scores"].values)
+               if score != "n_phases"}
     scalars.update(n_phases=len(summary["partition"]), n_images=summary["n_images"], n_layers=n_layers)
     if summary.get("raptor"):
         scalars.update(raptor_r2_final=summary["raptor"].get("r2_final"),
                        raptor_accuracy_ratio=summary["raptor"].get("accuracy_ratio"))
     parts.append(xr.Dataset({k: ((), np.nan if v is None else float(v)) for k, v in scalars.items()}))
-    combined = xr.merge(parts, compat="override", join="outer", combine_attrs="drop")
+    combined = assign_phases(xr.merge(parts, compat="override", join="outer", combine_attrs="drop"), from_result(phases))
     depth = {}
     for dim, name in (("layer", "depth"), ("block", "block_depth")):
         if dim in combined.dims:

@@ -11,17 +11,23 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from dynamo import zoo
-from dynamo.cluster import connect
-from dynamo.analyze import comma_list
 from dynamo.capture import AUTOCAST_DTYPES
 from dynamo.images import image_set
 from dynamo.layout import NotAViTError
 from dynamo.models import ModelLoadError
+from dynamo.pipeline import analyze as analyzing
+from dynamo.pipeline.cluster import connect
+from dynamo.pipeline.fit import fit
+from dynamo.pipeline.phases import phases as phase_stage
+from dynamo.pipeline.profile import profile, profile_store
+from dynamo.pipeline.registry import comma_list, int_list
+from dynamo.pipeline.study import compare
 from dynamo.record import RecordingError, record
-from dynamo.store import PENDING, RECORDED, SUMMARY_VARIABLES, StoreError, consolidate, open_trajectories, save_result, writer_lock
+from dynamo.shards import consolidate
+from dynamo.store import StoreError, describe, is_trajectory_store, open_trajectories, writer_lock
+from dynamo.zoo import train as zoo_train
 
 USER_ERRORS = (ModelLoadError, NotAViTError, StoreError, RecordingError, FileNotFoundError, ValueError)
 
@@ -72,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--batch-size", type=int, default=32)
     rec.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     rec.add_argument("--limit", type=int, help="record only the first N images")
-    rec.add_argument("--layers", type=_int_list, help="comma-separated layers to keep (0 = embedding), default all")
+    rec.add_argument("--layers", type=int_list, help="comma-separated layers to keep (0 = embedding), default all")
     rec.add_argument("--patch-tokens", type=int, help="keep only N patch tokens, drawn with --seed")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--compression", choices=["none", "zstd"], default="none")
@@ -105,14 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
 
-    from dynamo.zoo import train as zoo_train
-
     train = commands.add_parser("train-zoo", help="train a zoo ViT on the bundled digits")
     zoo_train.configure_parser(train)
     train.add_argument("--json", action="store_true")
     train.set_defaults(run=_train_zoo)
-
-    from dynamo import analyze as analyzing
 
     analyze = commands.add_parser(
         "analyze",
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     phases.add_argument("--method", choices=["maxcut", "contiguous"], default="maxcut")
     phases.add_argument("--measure", choices=["cosine", "angular", "mse", "cka"], default="cosine")
     phases.add_argument("--tokens", default="cls+patch_mean", help="token groups joined by +: cls, patch_mean, register_mean, patch, register, all")
-    phases.add_argument("--layers", type=_int_list, help="comma-separated layers (default: block outputs 1..L, as the paper)")
+    phases.add_argument("--layers", type=int_list, help="comma-separated layers (default: block outputs 1..L, as the paper)")
     phases.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the images for boundary stability (0: none)")
     phases.add_argument("--seed", type=int, default=0)
     phases.add_argument("--figure", help="write the heatmap with phase boundaries to this PNG")
@@ -218,13 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--json", action="store_true", help="print a JSON summary")
     fit.set_defaults(run=_fit)
     return parser
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _record(args) -> dict:
@@ -271,25 +266,18 @@ def _info(args) -> dict:
 
 
 def _train_zoo(args) -> dict:
-    from dynamo.zoo import train as zoo_train
-
     summary = zoo_train.run_from_args(args)
     summary.setdefault("text", json.dumps(summary, indent=2, default=str))
     return summary
 
 
 def _analyze(args) -> dict:
-    from dynamo import analyze as analyzing
-
     return analyzing.run_from_args(args)
 
 
 def _profile(args) -> dict:
-    from dynamo.profile import profile, profile_store
-    from dynamo.store import is_trajectory_store
-
     options = dict(
-        phase_method=args.method, eps=args.eps, k=args.k, n_boot=args.bootstrap, only=args.only,
+        phase_method=args.method, eps=args.eps, k=args.k, n_bootstrap=args.bootstrap, only=args.only,
         fit_raptor=args.fit_raptor, raptor_steps=args.raptor_steps, device=args.device, seed=args.seed,
         progress=not args.quiet, command=" ".join(sys.argv),
     )
@@ -302,92 +290,22 @@ def _profile(args) -> dict:
 
 
 def _compare(args) -> dict:
-    from dynamo.study import compare
-
     return compare(args.paths, args.out, labels=args.labels, progress=not args.quiet)
 
 
 def _phases(args) -> dict:
-    from analyses.phases import phase_analysis, phase_summary
-
-    result = phase_analysis(
-        open_trajectories(args.store), args.method, args.eps, args.k, measure=args.measure, tokens=args.tokens,
-        layers=args.layers, n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet,
+    summary = phase_stage(
+        open_trajectories(args.store), method=args.method, eps=args.eps, k=args.k, measure=args.measure,
+        tokens=args.tokens, layers=args.layers, n_bootstrap=args.bootstrap, seed=args.seed, out=args.out,
+        figure=args.figure, progress=not args.quiet,
     )
-    summary = {"store": str(args.store), **phase_summary(result)}
-    if args.out:
-        save_result(result, args.out)
-        summary["out"] = args.out
-        summary["text"] += f"\nresult written to {args.out}"
-    if args.figure:
-        from figures.similarity import similarity_heatmap
-
-        label = f"{args.method} phases, " + (f"k={args.k}" if args.k else f"f={args.eps}")
-        axes = similarity_heatmap(result["dissimilarity"], {label: summary["partition"]})
-        axes.figure.savefig(args.figure, dpi=150, bbox_inches="tight")
-        summary["figure"] = args.figure
-        summary["text"] += f"\nheatmap written to {args.figure}"
-    return summary
+    return {"store": str(args.store), **summary}
 
 
 def _fit(args) -> dict:
-    from dynamo.raptor import RaptorFitter
-    from dynamo.raptor.baselines import partition_baselines
-
-    started = time.perf_counter()
-    out = Path(args.out)
-    given = {name: getattr(args, name) for name in ("k", "partition", "steps", "stage2_steps", "batch_size", "lr", "mlp")}
-    fitter = RaptorFitter(
-        **{name: value for name, value in given.items() if value is not None},
-        seed=args.seed, device=args.device, checkpoint_dir=out / "checkpoint", progress=not args.quiet,
-    )
-    fitter.fit(args.store)
-    fitter.save(out)
-    report = fitter.evaluate(args.store)
-    r2 = report["r2"]
-    summary = {
-        "store": str(args.store),
-        "out": str(out),
-        "k": len(fitter.partition_),
-        "partition": fitter.partition_,
-        "images": report.attrs["images"],
-        "n_images": report.attrs["n_images"],
-        "r2_reference": report.attrs["r2_reference"],
-        "r2_final": report.attrs["r2_final"],
-        "r2_per_layer": r2.sel(group="all").values.round(4).tolist(),
-        "r2_per_layer_by_group": {g: r2.sel(group=g).values.round(4).tolist() for g in r2["group"].values.tolist()},
-        **{key: report.attrs[key] for key in ("accuracy_teacher", "accuracy_surrogate", "accuracy_ratio", "agreement",
-                                              "probe_accuracy_teacher", "probe_accuracy_surrogate") if key in report.attrs},
-    }
-    lines = [
-        f"Raptor k={summary['k']} on {args.store} ({report.attrs['teacher']}), phases {fitter.partition_}",
-        f"evaluated on {summary['n_images']} {summary['images']}; R² (teacher variance) per layer:",
-        "  " + " ".join(f"{layer}:{value:.3f}" for layer, value in enumerate(summary["r2_per_layer"])),
-        f"r2_final {summary['r2_final']:.4f}",
-    ]
-    if "accuracy_ratio" in summary:
-        lines.append(
-            f"accuracy_ratio {summary['accuracy_ratio']:.4f} (surrogate {summary['accuracy_surrogate']:.4f} / "
-            f"teacher {summary['accuracy_teacher']:.4f}), agreement {summary['agreement']:.4f}"
-        )
-    if args.baselines:
-        baselines = partition_baselines(args.store, fitter, random_seeds=args.baselines)
-        summary["baselines"] = {
-            str(name): {
-                "partition": json.loads(str(baselines["partition"].sel(fit=name).item())),
-                "r2_final": float(baselines["r2_final"].sel(fit=name)),
-                "accuracy_ratio": float(baselines["accuracy_ratio"].sel(fit=name)),
-                "r2_per_layer": baselines["r2"].sel(fit=name).values.round(4).tolist(),
-            }
-            for name in baselines["fit"].values
-        }
-        lines.append("baselines (same recipe):")
-        lines += [f"  {name:<10} r2_final {b['r2_final']:.4f}  accuracy_ratio {b['accuracy_ratio']:.4f}  {b['partition']}"
-                  for name, b in summary["baselines"].items()]
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    lines.append(f"saved to {out} in {summary['seconds']} s")
-    summary["text"] = "\n".join(lines)
-    return summary
+    params = {name: getattr(args, name) for name in ("steps", "stage2_steps", "batch_size", "lr", "mlp")}
+    return fit(args.store, args.out, k=args.k, partition=args.partition, baselines=args.baselines, seed=args.seed,
+               device=args.device, progress=not args.quiet, **params)
 
 
 def _cluster_argument(parser: argparse.ArgumentParser) -> None:
@@ -398,53 +316,6 @@ def _cluster_argument(parser: argparse.ArgumentParser) -> None:
         "local worker processes. Live-model analyses (perturbation, jacobian, swap, Raptor) "
         "and recording stay in this process",
     )
-
-
-def describe(path: str | Path) -> dict:
-    """Headline facts of a store: model, sizes, completeness, and where it is."""
-    dataset = open_trajectories(path, recorded_only=False)
-    status = dataset["status"].values
-    attrs = dataset.attrs
-    size_bytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    summary = {
-        "store": str(path),
-        "model": attrs["model"],
-        "weights_sha256": attrs["weights_sha256"],
-        "n_images": int(status.size),
-        "n_recorded": int((status == RECORDED).sum()),
-        "n_pending": int((status == PENDING).sum()),
-        "unreadable_images": list(attrs.get("unreadable_images", [])),
-        "layers": int(dataset.sizes["layer"]),
-        "tokens": int(dataset.sizes["token"]),
-        "features": int(dataset.sizes["feature"]),
-        "token_kinds": {k: int((dataset["token_kind"] == k).sum()) for k in ("cls", "dist", "register", "patch")},
-        "dtype": str(dataset["hidden"].dtype) if "hidden" in dataset else "summaries only",
-        "shards": int(attrs.get("shards", 1)),
-        "bytes": size_bytes,
-        "complete": bool(attrs.get("complete")),
-    }
-    kinds = ", ".join(f"{n} {k}" for k, n in summary["token_kinds"].items() if n)
-    summary["text"] = (
-        f"{summary['store']}: {summary['model']} (weights sha256 {summary['weights_sha256'][:12]})\n"
-        f"{summary['n_recorded']}/{summary['n_images']} images recorded"
-        f"{', ' + str(len(summary['unreadable_images'])) + ' unreadable (skipped)' if summary['unreadable_images'] else ''}"
-        f"{', INCOMPLETE: ' + _resume_hint(summary['shards']) if summary['n_pending'] else ''}\n"
-        + (
-            f"hidden: {summary['layers']} layers x {summary['tokens']} tokens ({kinds}) x "
-            f"{summary['features']} features, {summary['dtype']}"
-            if "hidden" in dataset
-            else f"reduced views only ({', '.join(v for v in SUMMARY_VARIABLES if v in dataset)}): "
-            f"{summary['layers']} layers x {summary['features']} features"
-        )
-        + f", {size_bytes / 1e6:.1f} MB on disk"
-    )
-    return summary
-
-
-def _resume_hint(shards: int) -> str:
-    if shards > 1:
-        return f"recorded by {shards} shards; `dynamo consolidate STORE` names the ones to run again"
-    return "run the same record command to resume"
 
 
 if __name__ == "__main__":

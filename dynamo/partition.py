@@ -1,0 +1,201 @@
+"""Partitions of depth into phases: one type, parsed, validated and read in one place.
+
+A partition groups the blocks 1..L (layer l is the output of block l) into phases. It is a list of
+phases, each a sorted list of 1-based block indices, phases ordered by their first block:
+``[[1, 2, 3], [4, 5, 6, 7], [8, ..., 12]]``. Max-cut phases need not be contiguous in depth;
+Raptor's router needs contiguous ones (`Partition.thresholds`).
+
+In results a partition travels as a ``phase`` coordinate over ``layer`` (or ``block``): the phase
+index of every layer, -1 for a layer in no phase (layer 0, the input to the first block). Figures
+and summaries read it back with `from_result`, so they never need to be told the boundaries.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import xarray as xr
+
+PHASE_DIMS = ("layer", "block")  # the depth dims a `phase` coordinate may run over
+NO_PHASE = -1
+
+
+class Partition(list):
+    """Phases of 1-based block indices, validated (non-empty, disjoint), sorted by first block.
+
+    A `list` of lists of int, so it compares equal to, and serialises as, the plain nested list.
+
+    Parameters
+    ----------
+    phases : iterable of iterable of int
+        The blocks of each phase, in any order.
+
+    Raises
+    ------
+    ValueError
+        If there is no phase, a phase is empty, or two phases share a block.
+    """
+
+    def __init__(self, phases: Iterable[Iterable[int]]):
+        phases = [sorted(int(block) for block in phase) for phase in phases]
+        if not phases or any(not phase for phase in phases):
+            raise ValueError(f"a partition is a non-empty list of non-empty phases, got {phases!r}")
+        blocks = [block for phase in phases for block in phase]
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"phases overlap in {phases!r}")
+        super().__init__(sorted(phases, key=lambda phase: phase[0]))
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, value, num_blocks: int) -> Partition:
+        """A contiguous partition of blocks 1..L from any of the forms users write.
+
+        Parameters
+        ----------
+        value : str, Partition, list of list of int, or list of int
+            ``"1-7,8-12"`` or ``[[1, ..., 7], [8, ..., 12]]`` (phases), or the k - 1 router
+            thresholds ``"7"`` / ``[7]`` (phase i ends at threshold i; the last runs to L).
+        num_blocks : int
+            L, the number of blocks of the model.
+
+        Raises
+        ------
+        ValueError
+            If the phases are not contiguous runs covering 1..L in order.
+        """
+        if isinstance(value, str):
+            value = _read_text(value)
+        value = list(value)
+        if value and all(isinstance(v, (int, np.integer)) for v in value):
+            return cls.from_thresholds(value, num_blocks)
+        phases = [[int(block) for block in phase] for phase in value]
+        if [block for phase in phases for block in phase] != list(range(1, num_blocks + 1)) or not all(phases):
+            raise ValueError(
+                f"partition {phases} must split blocks 1..{num_blocks} into non-empty contiguous "
+                "phases in order, e.g. '1-7,8-12'"
+            )
+        return cls(phases)
+
+    @classmethod
+    def from_thresholds(cls, thresholds: Sequence[int], num_blocks: int) -> Partition:
+        """Contiguous phases ending at each threshold, the last at L: ``[7, 10], 12`` → ``[[1..7], [8..10], [11, 12]]``."""
+        bounds = [0, *[int(t) for t in thresholds], num_blocks]
+        if any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"thresholds {list(thresholds)} must increase strictly within 1..{num_blocks - 1}")
+        return cls(range(a + 1, b + 1) for a, b in zip(bounds, bounds[1:]))
+
+    @classmethod
+    def uniform(cls, num_blocks: int, k: int) -> Partition:
+        """Blocks 1..L cut into k contiguous phases of (nearly) equal length, longer ones first."""
+        _check_k(num_blocks, k)
+        return cls(np.array_split(np.arange(1, num_blocks + 1), k))
+
+    @classmethod
+    def random_contiguous(cls, num_blocks: int, k: int, seed: int) -> Partition:
+        """Blocks 1..L cut into k contiguous phases at k - 1 cut points drawn uniformly without replacement."""
+        _check_k(num_blocks, k)
+        cuts = np.sort(np.random.default_rng(seed).choice(np.arange(1, num_blocks), size=k - 1, replace=False))
+        return cls(np.split(np.arange(1, num_blocks + 1), cuts))
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """Every block of the partition in depth order, (n,)."""
+        return np.array(sorted(block for phase in self for block in phase))
+
+    def phase_of(self, layers) -> np.ndarray:
+        """Phase index (0..k-1) of each layer, -1 for layers in no phase; same shape as ``layers``."""
+        lookup = {block: index for index, phase in enumerate(self) for block in phase}
+        layers = np.asarray(layers)
+        return np.array([lookup.get(int(layer), NO_PHASE) for layer in layers.ravel()], dtype=int).reshape(layers.shape)
+
+    @property
+    def boundaries(self) -> list[int]:
+        """Blocks after which a new phase begins, in depth order (every change of phase counts)."""
+        blocks = self.blocks
+        labels = self.phase_of(blocks)
+        return [int(block) for block, change in zip(blocks[:-1], labels[1:] != labels[:-1]) if change]
+
+    @property
+    def is_contiguous(self) -> bool:
+        """Whether every phase is a run of consecutive blocks in depth order."""
+        return len(self.boundaries) == len(self) - 1 and all(np.all(np.diff(phase) == 1) for phase in self)
+
+    @property
+    def thresholds(self) -> list[int]:
+        """Raptor router thresholds (length k - 1): block t goes to phase i if t ≤ thresholds[i], else the last.
+
+        Raises
+        ------
+        ValueError
+            If a phase is not a contiguous run of blocks.
+        """
+        if not self.is_contiguous:
+            raise ValueError(
+                f"partition {list(self)} is not contiguous in depth; Raptor thresholds need contiguous "
+                "phases (use method='contiguous')"
+            )
+        return [phase[-1] for phase in self[:-1]]
+
+    def __str__(self) -> str:
+        """``[1-3][4-6,9][7-8]``: each phase as runs of blocks."""
+        return "".join(_span(phase) for phase in self)
+
+
+def assign_phases(result: xr.Dataset, partition: Partition | None) -> xr.Dataset:
+    """``result`` with a ``phase`` coordinate over its depth dim (``layer``, else ``block``).
+
+    Layers outside the partition (layer 0, blocks left out with ``--layers``) get -1. With no
+    partition, or no depth dim, the result is returned unchanged.
+    """
+    dim = next((dim for dim in PHASE_DIMS if dim in result.dims), None)
+    if partition is None or dim is None:
+        return result
+    return result.assign_coords(phase=(dim, Partition(partition).phase_of(result[dim].values)))
+
+
+def from_result(result: xr.Dataset | xr.DataArray) -> Partition | None:
+    """The partition carried by a result's ``phase`` coordinate (see `assign_phases`), or None."""
+    if "phase" not in result.coords:
+        return None
+    phase = result["phase"]
+    (dim,) = phase.dims
+    depth, labels = np.asarray(result[dim].values), np.asarray(phase.values).astype(int)
+    phases = [depth[labels == index].tolist() for index in np.unique(labels[labels != NO_PHASE])]
+    return Partition(phases) if phases else None
+
+
+def boundaries_of(result: xr.Dataset | xr.DataArray) -> list[int]:
+    """Blocks after which a new phase begins, read from a result (empty when it carries none)."""
+    partition = from_result(result)
+    return [] if partition is None else partition.boundaries
+
+
+def _read_text(text: str) -> list:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        if any("-" in part for part in parts):
+            return [list(range(int(a), int(b) + 1)) for a, b in (re.fullmatch(r"(\d+)-(\d+)", p).groups() for p in parts)]
+        return [int(part) for part in parts]
+    except (AttributeError, ValueError):
+        raise ValueError(f"cannot read partition {text!r}: write phases like '1-7,8-12' or thresholds like '7'") from None
+
+
+def _check_k(num_blocks: int, k: int) -> None:
+    if not 1 <= k <= num_blocks:
+        raise ValueError(f"k={k} phases must be between 1 and the number of blocks, {num_blocks}")
+
+
+def _span(phase: Sequence[int]) -> str:
+    """[1, 2, 3, 5] -> '[1-3,5]'."""
+    runs: list[list[int]] = []
+    for block in phase:
+        if runs and block == runs[-1][1] + 1:
+            runs[-1][1] = block
+        else:
+            runs.append([block, block])
+    return "[" + ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs) + "]"
