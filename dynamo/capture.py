@@ -256,6 +256,11 @@ class Capture:
     def _keep(self, layer: int, state: torch.Tensor) -> None:
         if layer not in self.slot:
             return
+        if state.shape[1] != self.layout.num_tokens:
+            raise CaptureError(
+                f"layer {layer} holds {state.shape[1]} tokens, not the {self.layout.num_tokens} of the model's layout; "
+                "dynamo records models whose token layout is fixed through depth"
+            )
         slot, first_patch = self.slot[layer], self.layout.num_prefix
         self.peak[:, slot] = state.detach().float().abs().amax(dim=(1, 2))
         if "cls" in self.reduced:

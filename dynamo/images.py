@@ -52,9 +52,26 @@ class ImageSet:
         return len(self.ids)
 
     def head(self, n: int) -> ImageSet:
-        """The first ``n`` images."""
-        pixels = None if self._pixels is None else self._pixels[:n]
-        return ImageSet(self.ids[:n], self.labels[:n], self.label_names, self.source, pixels)
+        """``n`` images: the first ``n``, or for labelled images the first of each class in turn
+        (class 0's first, class 1's first, ..., then each class's second, ...), so that every class
+        is represented as evenly as ``n`` allows; kept in their original order.
+
+        Raises
+        ------
+        ValueError
+            ``n`` < 1.
+        """
+        if n < 1:
+            raise ValueError(f"--limit must be at least 1, got {n}")
+        order = np.arange(len(self))
+        if (self.labels >= 0).all() and len(np.unique(self.labels)) > 1:
+            rank = np.zeros(len(self), dtype=int)  # position of each image within its class
+            for label in np.unique(self.labels):
+                rank[self.labels == label] = np.arange((self.labels == label).sum())
+            order = np.lexsort((self.labels, rank))
+        keep = np.sort(order[:n])
+        pixels = None if self._pixels is None else self._pixels[keep]
+        return ImageSet([self.ids[i] for i in keep], self.labels[keep], self.label_names, self.source, pixels)
 
     def digest(self) -> str:
         """sha256 over the images' contents, labels and class names, and their paths relative to
@@ -188,7 +205,10 @@ def image_set(
         ids = [f"array:{i}" for i in range(n)]
         return ImageSet(ids, _labels(labels, n), _names(label_names), f"array{tuple(images.shape)}", images)
     if isinstance(images, (str, Path)):
-        return _folder(Path(images))
+        path = Path(images)
+        if path.is_file():  # one image file
+            return ImageSet([str(path)], _labels(None, 1), None, str(path.resolve()))
+        return _folder(path)
     paths = [Path(p) for p in images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:

@@ -190,5 +190,11 @@ def check_is_vit(model: nn.Module) -> None:
             f"{name}.blocks is a {type(model.blocks).__name__}, not a non-empty sequence of "
             "transformer blocks; dynamo cannot record its layers"
         )
+    if hasattr(model, "blocks_token_only") or hasattr(model, "local_up_to_layer"):
+        raise NotAViTError(
+            f"{name} adds its class token partway through depth (CaiT's class-attention blocks, ConViT's "
+            "local_up_to_layer), so its blocks do not all see the same tokens; dynamo records models whose "
+            "token layout is fixed through depth (vit_*, deit_*, DINOv2, eva, ...)"
+        )
     if getattr(model.patch_embed, "grid_size", None) is None:
         raise NotAViTError(f"{name}.patch_embed has no grid_size; cannot lay out patch tokens")

@@ -152,15 +152,18 @@ def record(
     if autocast is not None and autocast not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, got {autocast!r}")
     if writers < 1:
-        raise ValueError(f"writers must be at least 1, got {writers}")
+        raise ValueError(f"--writers must be at least 1, got {writers}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     shard = shard if isinstance(shard, Shard) else parse_shard(shard)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, checkpoint, pretrained)
     images = images if isinstance(images, ImageSet) else image_set(images)
     if limit is not None:
         images = images.head(limit)
     plan = _plan(loaded, images, dtype, layers, patch_tokens, seed, summaries_only, autocast)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = stores.writable_path(out)
+    if _already_recorded(out, plan, overwrite):  # nothing to write: works on a read-only filesystem too
+        return stores.open_trajectories(out)
     with contextlib.ExitStack() as writing:
         with stores.writer_lock(out, wait=STORE_LOCK_WAIT_S):
             if out.exists() and overwrite:
@@ -192,6 +195,22 @@ def record(
         if not summary["complete"]:  # siblings still running: expected, not worth a warning
             warnings.filterwarnings("ignore", message="store .* is incomplete", category=UserWarning)
         return stores.open_trajectories(out)
+
+
+def _already_recorded(out: Path, plan: dict, overwrite: bool) -> bool:
+    """Whether ``out`` is a complete, undamaged store of exactly this recording (no lock needed to read it)."""
+    if not out.exists():
+        return False
+    group = stores.open_group(out)
+    if not group.attrs.get("complete") or stores.missing_chunks(out, group):
+        return False
+    try:
+        stores.check_identity(group, plan["identity"], out)
+    except stores.StoreMismatchError:
+        if overwrite:
+            return False
+        raise
+    return True
 
 
 def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, seed, summaries_only, autocast) -> dict:

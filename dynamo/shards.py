@@ -42,6 +42,8 @@ class Shard:
     count: int = 1
 
     def __post_init__(self):
+        if self.count < 1:
+            raise ValueError(f"--shard I/N needs at least one shard (N >= 1), got {self.index}/{self.count}")
         if not 0 <= self.index < self.count:
             raise ValueError(f"shard index must be in 0..{self.count - 1} for {self.count} shards, got {self.index}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -36,8 +37,16 @@ PENDING, RECORDED, UNREADABLE = 0, 1, 2
 
 
 def jsonable(value):
-    """Tuples → lists and numpy scalars/arrays → Python, so a value round-trips through JSON (attrs, configs)."""
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    """Tuples → lists, numpy scalars/arrays → Python, NaN and inf → None: a value that is valid JSON
+    and round-trips through it (attrs, configs, summaries)."""
+    def plain(item):
+        if isinstance(item, dict):
+            return {str(key): plain(v) for key, v in item.items()}
+        if isinstance(item, list):
+            return [plain(v) for v in item]
+        return None if isinstance(item, float) and not math.isfinite(item) else item
+
+    return plain(json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))))
 
 
 class StoreError(RuntimeError):
@@ -247,10 +256,18 @@ def open_trajectories(path: str | Path, recorded_only: bool = True, validate: bo
         Recorded data missing from disk, or not of the declared shape and dtype (`check_store`).
     """
     group = open_group(path)
-    if validate:
-        check_store(path, group)
-    # an absolute path, so that dask workers in other directories (or machines) read the same store
-    dataset = xr.open_zarr(str(Path(path).resolve()), consolidated=False)
+    try:
+        if validate:
+            check_store(path, group)
+        # an absolute path, so that dask workers in other directories (or machines) read the same store
+        dataset = xr.open_zarr(str(Path(path).resolve()), consolidated=False)
+    except StoreError:
+        raise
+    except Exception as error:  # zarr or xarray could not read the metadata, whatever the form
+        raise StoreDamagedError(
+            f"store {path} is damaged: {_unreadable_metadata(path) or f'its metadata cannot be read ({error})'}; "
+            "record it again into a new --out path"
+        ) from None
     required = {"status"} if dataset.attrs.get("summaries_only") else {"hidden", "status"}
     missing = required - set(dataset.data_vars)
     if missing:
@@ -265,6 +282,16 @@ def open_trajectories(path: str | Path, recorded_only: bool = True, validate: bo
             stacklevel=2,
         )
     return dataset.isel(image=np.flatnonzero(status == RECORDED))
+
+
+def writable_path(path: str | Path) -> Path:
+    """``path`` with its parent folders created; a one-line `StoreError` if an ancestor is a file."""
+    path = Path(path)
+    for folder in reversed(path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise StoreError(f"--out {path}: {folder} is a file, not a folder; choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 RESULT_KIND = "dynamo_result"  # attrs key that marks an analysis result and names its kind
@@ -295,6 +322,16 @@ def check_output(path: str | Path, inputs=()) -> Path:
             raise StoreError(f"--out {path} {where} a trajectory store, which a result never replaces; "
                              "write the result to another path")
     return path
+
+
+def _unreadable_metadata(path: str | Path) -> str | None:
+    """The first metadata file of a zarr store that is not valid JSON, as a phrase, or None."""
+    for metadata in sorted(Path(path).rglob("zarr.json")):
+        try:
+            json.loads(metadata.read_text())
+        except (OSError, ValueError):
+            return f"{metadata} is not valid JSON (truncated?)"
+    return None
 
 
 def save_result(result: xr.Dataset, path: str | Path, inputs=()) -> Path:

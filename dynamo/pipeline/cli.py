@@ -7,10 +7,14 @@ line naming the problem and what to do, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import time
+import warnings
+
+from safetensors import SafetensorError
 
 from dynamo import zoo
 from dynamo.capture import AUTOCAST_DTYPES
@@ -26,7 +30,7 @@ from dynamo.pipeline.registry import comma_list, int_list
 from dynamo.pipeline.study import compare
 from dynamo.record import RecordingError, record
 from dynamo.shards import consolidate
-from dynamo.store import StoreError, describe, is_trajectory_store, open_trajectories, writer_lock
+from dynamo.store import StoreError, describe, is_trajectory_store, jsonable, open_trajectories, writer_lock
 from dynamo.zoo import train as zoo_train
 
 USER_ERRORS = (ModelLoadError, NotAViTError, StoreError, RecordingError, FileNotFoundError, ValueError)
@@ -36,10 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with connect(getattr(args, "cluster", None)):
+        with connect(getattr(args, "cluster", None)), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
             summary = args.run(args)
-    except USER_ERRORS as error:
-        print(f"dynamo {args.command}: error: {error}", file=sys.stderr)
+    except (*USER_ERRORS, OSError, SafetensorError) as error:
+        if args.debug:
+            raise
+        print(f"dynamo {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
@@ -49,14 +56,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     if args.json:
-        print(json.dumps(summary, default=str))
+        print(json.dumps(jsonable(summary), allow_nan=False))
     else:
         print(summary["text"])
     return 0
 
 
+def _one_line(error: BaseException) -> str:
+    """The error as one line; a file-system error says what to do (finished work is kept)."""
+    if isinstance(error, (OSError, SafetensorError)) and not isinstance(error, FileNotFoundError):
+        reason = "the disk is full" if getattr(error, "errno", None) == errno.ENOSPC else str(error)
+        return (f"could not write ({reason}); what was written before is kept: free space or fix the cause and "
+                "run the same command again")
+    return " ".join(str(error).split())
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as ``dynamo: warning: ...`` lines, without the source line they came from."""
+    print(f"dynamo: warning: {message}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamo", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     rec = commands.add_parser(
@@ -256,9 +278,12 @@ def _record(args) -> dict:
 
 
 def _consolidate(args) -> dict:
-    with writer_lock(args.store):
-        consolidate(args.store)
-    return describe(args.store)
+    summary = describe(args.store)
+    if not summary["complete"]:  # a complete, undamaged store needs no lock (and may be read-only)
+        with writer_lock(args.store):
+            consolidate(args.store)
+        summary = describe(args.store)
+    return summary
 
 
 def _info(args) -> dict:
