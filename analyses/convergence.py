@@ -28,17 +28,22 @@ import numpy as np
 import xarray as xr
 
 from analyses.streaming import (
+    Accumulator,
+    Chunk,
     angle_deg,
+    contiguous,
+    cosines,
     fold_image_blocks,
     image_coords,
     labels_of,
-    layer_states,
     principal_directions,
     provenance,
     read_block,
     rounded,
+    stream,
     unit,
 )
+from dynamo.heads import LinearHead, store_accuracy
 from dynamo.layout import REDUCED_VIEWS, token_groups
 
 DESCRIPTION = (
@@ -53,6 +58,7 @@ def compute(
     fit_layers: str = "all",
     n_components: int = 2,
     progress: bool = True,
+    head: LinearHead | None = None,
 ) -> xr.Dataset:
     """Directional convergence per token kind, class structure per layer and cls paths in 2-D.
 
@@ -71,6 +77,9 @@ def compute(
         Dimensions of the projection.
     progress : bool
         Show a progress bar.
+    head : LinearHead, optional
+        The head of the model's own accuracy (`dynamo.heads.store_accuracy`): default the
+        stored ``logits`` of the model's classifier; a model without one needs a linear head.
 
     Returns
     -------
@@ -81,87 +90,99 @@ def compute(
         ``within_class_angle``, ``between_class_angle`` (degrees, arccos of those means),
         ``final_centroid_accuracy``, ``layer_centroid_accuracy`` (fractions). With a cls
         token: ``projection`` (image, layer, component) and ``explained_variance_ratio``.
+        Attributes: with labels and a head, ``model_accuracy`` and the head it used
+        (``accuracy_head``, ``head_source``, ``accuracy_images``); else ``accuracy_note``.
     """
-    if fit_layers not in ("all", "final"):
-        raise ValueError(f"fit_layers must be 'all' or 'final', got {fit_layers!r}")
-    groups = token_groups(ds["token_kind"])
-    layers = ds["layer"].values
-    labels = labels_of(ds)
-    views = [v for v in REDUCED_VIEWS[:2] if v in ds.data_vars and (v != "cls" or "cls" in groups)]  # cls, patch_mean
-    class_views = views if labels is not None else []
-    classes = np.unique(labels) if labels is not None else None
-    projecting = "cls" in views
-    first = fold_image_blocks(
-        partial(_first_pass, groups=groups, class_views=class_views, classes=classes,
-                fit_layers=fit_layers if projecting else None),
-        ds, description="basins: convergence", progress=progress,
-    )
-    result = xr.Dataset(
-        {
-            "gamma": (
-                ("image", "token_kind", "layer"),
-                np.concatenate(first["gamma"]).astype(np.float32),
-                {"long_name": "γ: cosine to own final direction", "units": "1",
-                 "description": "mean over the kind's tokens of <x̂_l, x̂_L>, per image"},
-            )
-        },
-        coords={"image": ds["image"].values, "token_kind": list(groups), "layer": layers,
-                **{name: ("image", values) for name, values in image_coords(ds).items()}},
-    )
-
-    class_sums = {view: first[f"class_sums_{view}"] for view in class_views}
-    projection = (
-        principal_directions(first["scatter"], first["direction_sum"], first["count"], n_components) if projecting else None
-    )
-    if class_views or projecting:
-        second = fold_image_blocks(
-            partial(_second_pass, class_sums=class_sums, classes=classes, projection=projection),
-            ds, description="basins: class structure", progress=progress,
-        )
-    if class_views:
-        counts = np.bincount(np.searchsorted(classes, labels), minlength=len(classes)).astype(np.float64)
-        result = result.merge(_class_structure(ds, class_sums, counts, second))
-    if projecting:
-        result = result.merge(_projection_result(ds, fit_layers, projection, second))
-    if labels is not None and "logits" in ds.data_vars:
-        predicted = np.asarray(ds["logits"].values).argmax(axis=1)
-        result.attrs["model_accuracy"] = float((predicted == labels).mean())
-    result.attrs.update(
-        **provenance(ds),
-        analysis_detail="directional convergence and angular basins on unit-normalised tokens",
-        class_pairs="mean cosine over image pairs, exact from per-class sums of unit vectors",
-        centroid_accuracy="nearest class centroid by cosine, leaving the image out of its own class centroid",
-        projection_fit=fit_layers,
-    )
-    return result
+    accumulator = Convergence(ds, fit_layers=fit_layers, n_components=n_components, progress=progress, head=head)
+    return stream(ds, {"basins": accumulator}, description="basins", progress=progress)["basins"]
 
 
 basins = compute
 
 
-def _first_pass(block, groups, class_views, classes, fit_layers) -> dict:
-    """One block's γ, per-class sums of unit views and cls scatter (`fold_image_blocks` partial).
+class Convergence(Accumulator):
+    """`compute`'s accumulator for `analyses.streaming.stream`.
 
-    Returns ``gamma`` [(image, token_kind, layer)]; per class view ``class_sums_<view>`` (layer,
-    class, feature); with ``fit_layers``, the unit cls rows' ``scatter`` (feature, feature),
-    ``direction_sum`` (feature,) and ``count``.
+    The one pass over ``hidden`` gives γ and, from each block's reduced views, the per-class sums
+    of unit vectors and the cls scatter; ``finish`` reads the reduced views once more (small: no
+    ``hidden``) for the nearest-centroid credits and the projection, which need those sums.
     """
-    gamma = np.zeros((block.sizes["image"], len(groups), block.sizes["layer"]))
-    final = unit(np.asarray(block["hidden"].isel(layer=-1).values, dtype=np.float64))
-    for index, states in enumerate(layer_states(block)):
-        cosine = np.einsum("itf,itf->it", unit(states), final)
-        for k, positions in enumerate(groups.values()):
-            gamma[:, k, index] = cosine[:, positions].mean(axis=1)
-    part = {"gamma": [gamma]}
-    if class_views:
-        one_hot = np.eye(len(classes))[_class_index(block, classes)]
-        for view in class_views:
-            part[f"class_sums_{view}"] = np.einsum("ic,ilf->lcf", one_hot, unit(read_block(block, view)))
-    if fit_layers:
-        directions = unit(read_block(block, "cls"))
-        rows = (directions if fit_layers == "all" else directions[:, -1:]).reshape(-1, directions.shape[-1])
-        part.update(scatter=rows.T @ rows, direction_sum=rows.sum(axis=0), count=len(rows))
-    return part
+
+    reads_final = True
+
+    def __init__(self, ds: xr.Dataset, *, fit_layers: str = "all", n_components: int = 2, progress: bool = True,
+                 head: LinearHead | None = None):
+        if fit_layers not in ("all", "final"):
+            raise ValueError(f"fit_layers must be 'all' or 'final', got {fit_layers!r}")
+        groups = token_groups(ds["token_kind"])
+        self.groups = {kind: contiguous(positions) for kind, positions in groups.items()}
+        labels = labels_of(ds)
+        views = [v for v in REDUCED_VIEWS[:2] if v in ds.data_vars and (v != "cls" or "cls" in groups)]  # cls, patch_mean
+        self.class_views = views if labels is not None else []
+        self.classes = np.unique(labels) if labels is not None else None
+        self.projection_fit = fit_layers
+        self.fit_layers = fit_layers if "cls" in views else None  # None: no projection
+        self.n_components, self.progress, self.head = n_components, progress, head
+
+    def open_block(self, block: xr.Dataset, total: dict) -> dict:
+        """The block's γ (filled by `update`), per-class sums of unit views and cls scatter.
+
+        Holds ``gamma`` [(image, token_kind, layer)]; per class view ``class_sums_<view>`` (layer,
+        class, feature); with a projection, the unit cls rows' ``scatter`` (feature, feature),
+        ``direction_sum`` (feature,) and ``count``.
+        """
+        part = {"gamma": [np.zeros((block.sizes["image"], len(self.groups), block.sizes["layer"]))]}
+        if self.class_views:
+            one_hot = np.eye(len(self.classes))[_class_index(block, self.classes)]
+            for view in self.class_views:
+                part[f"class_sums_{view}"] = np.einsum("ic,ilf->lcf", one_hot, unit(read_block(block, view)))
+        if self.fit_layers:
+            directions = unit(read_block(block, "cls"))
+            rows = (directions if self.fit_layers == "all" else directions[:, -1:]).reshape(-1, directions.shape[-1])
+            part.update(scatter=rows.T @ rows, direction_sum=rows.sum(axis=0), count=len(rows))
+        return part
+
+    def update(self, state: dict, chunk: Chunk, previous: Chunk | None, final: Chunk | None) -> None:
+        cosine = cosines(chunk, final)
+        for k, positions in enumerate(self.groups.values()):
+            state["gamma"][0][:, k, chunk.index] = cosine[:, positions].mean(axis=1)
+
+    def finish(self, total: dict, dataset: xr.Dataset) -> xr.Dataset:
+        layers, labels, classes, class_views = dataset["layer"].values, labels_of(dataset), self.classes, self.class_views
+        result = xr.Dataset(
+            {
+                "gamma": (
+                    ("image", "token_kind", "layer"),
+                    np.concatenate(total["gamma"]).astype(np.float32),
+                    {"long_name": "γ: cosine to own final direction", "units": "1",
+                     "description": "mean over the kind's tokens of <x̂_l, x̂_L>, per image"},
+                )
+            },
+            coords={"image": dataset["image"].values, "token_kind": list(self.groups), "layer": layers,
+                    **{name: ("image", values) for name, values in image_coords(dataset).items()}},
+        )
+        class_sums = {view: total[f"class_sums_{view}"] for view in class_views}
+        projection = (principal_directions(total["scatter"], total["direction_sum"], total["count"], self.n_components)
+                      if self.fit_layers else None)
+        if class_views or projection is not None:
+            second = fold_image_blocks(
+                partial(_second_pass, class_sums=class_sums, classes=classes, projection=projection),
+                dataset, description="basins: class structure", progress=self.progress,
+            )
+        if class_views:
+            counts = np.bincount(np.searchsorted(classes, labels), minlength=len(classes)).astype(np.float64)
+            result = result.merge(_class_structure(dataset, class_sums, counts, second))
+        if projection is not None:
+            result = result.merge(_projection_result(dataset, self.fit_layers, projection, second))
+        result.attrs.update(store_accuracy(dataset, self.head, self.progress))
+        result.attrs.update(
+            **provenance(dataset),
+            analysis_detail="directional convergence and angular basins on unit-normalised tokens",
+            class_pairs="mean cosine over image pairs, exact from per-class sums of unit vectors",
+            centroid_accuracy="nearest class centroid by cosine, leaving the image out of its own class centroid",
+            projection_fit=self.projection_fit,
+        )
+        return result
 
 
 def _second_pass(block, class_sums, classes, projection) -> dict:
@@ -318,6 +339,7 @@ def summarize(result: xr.Dataset) -> dict:
         for name, key in (("final_centroid_accuracy", "basin_accuracy"), ("layer_centroid_accuracy", "layer_centroid_accuracy"),
                           ("within_class_angle", "within_class_angle_deg"), ("between_class_angle", "between_class_angle_deg")):
             numbers[key] = rounded(result[name].sel(view=view).values.astype(float))
-    if "model_accuracy" in result.attrs:
-        numbers["model_accuracy"] = rounded(float(result.attrs["model_accuracy"]))
+    for name in ("model_accuracy", "accuracy_head", "accuracy_note"):
+        if name in result.attrs:
+            numbers[name] = rounded(result.attrs[name])
     return numbers

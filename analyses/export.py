@@ -9,7 +9,9 @@ unit sphere and/or projected on the top principal directions of all (trial, time
 
 Everything stays lazy (dask) until written, and `export_trajectories` streams the array into a
 ``.npy`` file a chunk at a time (``numpy.load(path, mmap_mode="r")`` reads it back without
-loading it), next to a ``.json`` file saying what each axis holds.
+loading it), next to a ``.json`` file saying what each axis holds. A token view without a
+projection is written by an `Export` accumulator inside the store's one pass
+(`analyses.streaming.stream`), so it costs no read of its own (`in_one_pass`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import xarray as xr
 from dask.diagnostics import ProgressBar
 from tqdm.auto import tqdm
 
-from analyses.streaming import cluster_client, image_coords, principal_directions
+from analyses.streaming import Accumulator, Chunk, cluster_client, contiguous, image_coords, principal_directions, stream
 from dynamo.layout import REDUCED_VIEWS, TOKEN_KINDS, token_groups
 
 DESCRIPTION = "Trajectories as (trial, time, feature) arrays, optionally on the sphere and on principal directions, for other dynamics tools."
@@ -134,12 +136,10 @@ def export_trajectories(
         The ``.npy`` array (trial, time, feature) float32 and its ``.json`` description
         (view, dims, time = layers, per-trial image ids, labels and tokens, projection).
     """
+    if in_one_pass(view, n_components):
+        return stream(ds, {"export": Export(ds, out, view, sphere=sphere)}, description="export", progress=progress)["export"]
     array = trajectories(ds, view, sphere=sphere, n_components=n_components)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"trajectories_{view}{'_sphere' if sphere else ''}{f'_pca{n_components}' if n_components else ''}"
-    array_path, meta_path = out / f"{stem}.npy", out / f"{stem}.json"
-    target = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float32, shape=array.shape)
+    target, paths = _target(array, out)
     client = cluster_client()
     if client is not None:  # workers compute chunks of trials; this process writes them
         _store_from_cluster(client, array.data, target, progress)
@@ -150,6 +150,65 @@ def export_trajectories(
         da.store(array.data, target, lock=True)
     target.flush()
     del target
+    return _describe(array, paths)
+
+
+def in_one_pass(view: str, n_components: int | None = None) -> bool:
+    """Whether `Export` writes this export during the one pass: a token view, unprojected, in this process."""
+    return view in TOKEN_VIEWS and not n_components and cluster_client() is None
+
+
+class Export(Accumulator):
+    """`export_trajectories` of a token view (no projection) as a share of `analyses.streaming.stream`.
+
+    Each chunk's tokens of the view (divided by their norms with ``sphere``) are written into the
+    ``.npy`` file as the chunk is read; ``finish`` writes the ``.json`` and returns both paths. It
+    writes a local file, so it runs in this process only (`in_one_pass`).
+    """
+
+    def __init__(self, ds: xr.Dataset, out: str | Path, view: str, *, sphere: bool = False):
+        if not in_one_pass(view):
+            raise ValueError(f"the one pass exports unprojected token views ({', '.join(TOKEN_VIEWS)}) in this process; "
+                             f"use export_trajectories for {view!r}")
+        self.array = trajectories(ds, view, sphere=sphere)  # lazy: its shape, coords and attrs
+        self.positions = contiguous(token_groups(ds["token_kind"])[view])
+        self.images, self.sphere = ds["image"].values, sphere
+        target, self.paths = _target(self.array, out)
+        del target  # created at its full size; blocks reopen it
+
+    def open_block(self, block: xr.Dataset, total: dict) -> dict:
+        order = np.argsort(self.images, kind="stable")
+        first = int(order[np.searchsorted(self.images, block["image"].values[0], sorter=order)])
+        n_tokens = len(self.array["trial"]) // len(self.images)
+        trials = slice(first * n_tokens, (first + block.sizes["image"]) * n_tokens)
+        return {"target": np.load(self.paths[0], mmap_mode="r+"), "trials": trials}
+
+    def update(self, state: dict, chunk: Chunk, previous: Chunk | None, final: Chunk | None) -> None:
+        states = chunk.directions(self.positions) if self.sphere else chunk.states[:, self.positions]
+        state["target"][state["trials"], chunk.index] = states.reshape(-1, states.shape[-1])
+
+    def close_block(self, state: dict, total: dict) -> None:
+        state["target"].flush()
+        state.clear()
+
+    def finish(self, total: dict, dataset: xr.Dataset) -> list[Path]:
+        return _describe(self.array, self.paths)
+
+
+def _target(array: xr.DataArray, out: str | Path) -> tuple[np.ndarray, tuple[Path, Path]]:
+    """The ``.npy`` memory map (trial, time, feature) float32 for ``array`` under ``out``, and its and the ``.json``'s paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    attrs = array.attrs
+    components = array.sizes.get("component")
+    stem = f"trajectories_{attrs['view']}{'_sphere' if attrs['sphere'] else ''}{f'_pca{components}' if components else ''}"
+    array_path, meta_path = out / f"{stem}.npy", out / f"{stem}.json"
+    return np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float32, shape=array.shape), (array_path, meta_path)
+
+
+def _describe(array: xr.DataArray, paths: tuple[Path, Path]) -> list[Path]:
+    """Write the ``.json`` naming each axis of the exported ``array``; both paths."""
+    array_path, meta_path = paths
     description = {
         "file": array_path.name,
         "dims": list(array.dims),

@@ -36,7 +36,7 @@ from analyses.perturbation import last_layer, parameter_of, select_images, state
 from analyses.streaming import image_coords, rounded
 from dynamo.stepping import propagator_for
 
-__all__ = ["DESCRIPTION", "compute", "jacobian_spectrum", "summarize", "top_singular_values"]
+__all__ = ["DESCRIPTION", "compute", "jacobian_spectrum", "summarize", "top_singular_triplets", "top_singular_values"]
 
 DESCRIPTION = (
     "Block Jacobians: the top singular values of each block's Jacobian at real states, from JVPs and "
@@ -53,6 +53,21 @@ def top_singular_values(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Top singular values of the Jacobian of ``function`` at every sample of ``x``.
+
+    `top_singular_triplets` without the vectors; same parameters.
+    """
+    return top_singular_triplets(function, x, k, oversample, n_iter, generator)[1]
+
+
+def top_singular_triplets(
+    function: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    k: int = 4,
+    oversample: int = 6,
+    n_iter: int = 6,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top singular triplets of the Jacobian of ``function`` at every sample of ``x``.
 
     Parameters
     ----------
@@ -74,8 +89,18 @@ def top_singular_values(
 
     Returns
     -------
-    torch.Tensor
+    left : torch.Tensor
+        (B, n, k) left singular vectors (output directions), orthonormal columns.
+    values : torch.Tensor
         (B, k) singular values, largest first, of the (n x n) Jacobian per sample, n = x[0].numel().
+    right : torch.Tensor
+        (B, n, k) right singular vectors (input directions), orthonormal columns.
+
+    Notes
+    -----
+    The vectors are the Ritz vectors of the Krylov space Q: with J Q = U S W^T, the left ones
+    are U and the right ones Q W. A vector is determined only up to sign, and only up to a
+    rotation among singular values that are equal; compare subspaces, not single vectors.
     """
     b, n = x.shape[0], x[0].numel()
     p = min(k + oversample, n)
@@ -110,7 +135,9 @@ def top_singular_values(
             for _ in range(2):  # full reorthogonalisation, twice (Kahan-Parlett)
                 residual = residual - basis @ (basis.transpose(1, 2) @ residual)
             blocks.append(_orthonormal(residual, grown))
-        return torch.linalg.svdvals(torch.cat(images, dim=2))[:, :k]
+        left, values, right_t = torch.linalg.svd(torch.cat(images, dim=2), full_matrices=False)
+        right = torch.cat(blocks, dim=2) @ right_t.transpose(1, 2)
+        return left[..., :k], values[:, :k], right[..., :k]
 
 
 def _orthonormal(matrix: torch.Tensor, before: torch.Tensor) -> torch.Tensor:

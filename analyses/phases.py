@@ -22,7 +22,7 @@ import xarray as xr
 from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
-from analyses.segmentation import as_matrix, choose_k, contiguous_partition, maxcut_partition
+from analyses.segmentation import as_matrix, choose_k, contiguous_partition, maxcut_is_exact, maxcut_partition
 from analyses.similarity import PER_IMAGE_MEASURES, layer_similarity
 from analyses.streaming import rounded
 from dynamo.partition import Partition, assign_phases, from_result
@@ -128,7 +128,9 @@ def compute(
         (`dynamo.partition.assign_phases`; read it back with `dynamo.partition.from_result`);
         ``scores`` (score), the `phase_scores`; with bootstrap, ``boundary_frequency``
         (after_layer), ``coassociation`` (layer_i, layer_j), the coordinate ``consensus_phase``
-        (layer) and attr ``consensus_support``, as in `boundary_stability`. attrs: the settings.
+        (layer) and attr ``consensus_support``, as in `boundary_stability`. attrs: the settings;
+        for max-cut, ``maxcut_exact`` (False when the layers exceed the exact limit and the cuts
+        came from a heuristic, `analyses.segmentation.maxcut_is_exact`).
     """
     bootstrap = n_bootstrap > 0 and measure in PER_IMAGE_MEASURES
     if bootstrap:
@@ -153,6 +155,7 @@ def compute(
         eps=eps,
         **({} if k is None else {"k": k}),
         n_bootstrap=n_bootstrap if bootstrap else 0,
+        **({"maxcut_exact": maxcut_is_exact(len(partition.blocks))} if method == "maxcut" else {}),
         seed=seed,
         measure=measure,
         tokens=tokens,
@@ -173,7 +176,8 @@ def summarize(result: xr.Dataset) -> dict:
     -------
     dict
         The settings (``model``, ``n_images``, ``measure``, ``tokens``, ``method``, ``eps``,
-        ``k``, ``n_bootstrap``); ``partition`` (list of phases), ``thresholds`` (None when the
+        ``k``, ``n_bootstrap``; for max-cut ``maxcut_exact``, False when a heuristic cut the
+        layers); ``partition`` (list of phases), ``thresholds`` (None when the
         phases are not contiguous), ``boundaries``; every `phase_scores` score; with
         bootstrap, ``boundary_frequency`` (of each of ``boundaries``, in their order),
         ``consensus`` (list of phases) and ``consensus_support``.
@@ -188,6 +192,8 @@ def summarize(result: xr.Dataset) -> dict:
         **{str(name): rounded(float(value)) for name, value in zip(result["score"].values, result["scores"].values)},
     }
     numbers["n_phases"] = len(partition)
+    if "maxcut_exact" in attrs:
+        numbers["maxcut_exact"] = bool(attrs["maxcut_exact"])
     if "consensus_phase" in result.coords:
         numbers["boundary_frequency"] = rounded(result["boundary_frequency"].sel(after_layer=partition.boundaries).values)
         numbers["consensus"] = from_result(result.assign_coords(phase=("layer", result["consensus_phase"].values)))

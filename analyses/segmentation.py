@@ -8,21 +8,31 @@ different phases (equivalently, they minimise the within-phase dissimilarity, si
 add up to the total):
 
 - `maxcut_partition`: the paper's recursive bisection (Raptor notebook
-  ``000_max_cut_dinov2_base``), contiguity not enforced;
+  ``000_max_cut_dinov2_base``), contiguity not enforced; each bisection is an exact maximum cut
+  (`exact_maxcut`, branch and bound) up to ``EXACT_MAXCUT_LIMIT`` layers, a heuristic above;
 - `contiguous_partition`: the optimal split into k contiguous phases, by dynamic programming.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import networkx as nx
 import numpy as np
 import xarray as xr
 from networkx.algorithms.approximation import one_exchange
+from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from dynamo.partition import Partition
 
 DESCRIPTION = "Phases of depth from a layer dissimilarity: the paper's recursive max-cut, or the optimal contiguous split."
-EXACT_MAXCUT_LIMIT = 20  # brute force over 2^(n-1) assignments up to this many layers
+EXACT_MAXCUT_LIMIT = 48  # exact max-cut (branch and bound) up to this many layers, a heuristic above
+TIE_TOLERANCE = 1e-9  # cut values closer than this fraction of the total weight are ties
+LEAF_VERTICES = 10  # the exact search enumerates the last this many vertices together (2^10 per node)
+SEARCH_CHUNK = 2048  # nodes per batch of the exact search
+DIVE_WIDTH = 32  # nodes kept per batch by its first, beam dive
+NEWTON_STEPS = 8  # per bound of the exact search (each node's own best eigenvalue shift)
 
 
 def as_matrix(dissimilarity) -> tuple[np.ndarray, np.ndarray]:
@@ -70,15 +80,31 @@ def to_partition(groups, labels) -> Partition:
 
 
 def exact_maxcut(weights: np.ndarray) -> tuple[float, np.ndarray]:
-    """Maximum cut by exhaustive search over the 2^(n−1) assignments (vertex 0 pinned).
+    """Maximum cut, exactly, broken as the paper's brute force breaks ties; by branch and bound.
 
-    Assignments are scanned in the paper's order (``itertools.product([0, 1], repeat=n-1)``)
-    and the first maximum is kept, so ties break as in the paper's brute force.
+    The maximum over the 2^(n−1) assignments with vertex 0 on the False side. Among tied maxima
+    it returns the first in the paper's order (``itertools.product([0, 1], repeat=n-1)`` over
+    vertices 1..n−1, i.e. the smallest binary number x₁x₂…xₙ₋₁), which is the one the notebook's
+    brute force keeps. Cut values closer than tol = ``TIE_TOLERANCE`` · Σ_{i<j} |W[i, j]| are ties
+    (so rounding cannot decide them): the answer is the first assignment within tol of the best
+    value the search found, itself within tol of the maximum; whenever distinct cut values are
+    more than 2·tol apart (integer weights, and real ones but for coincidences) that is exactly
+    the first maximum.
+
+    The search fixes vertices 1, 2, … in order, the last ``LEAF_VERTICES`` together (all their
+    assignments at once, a matrix product per batch of nodes), and prunes a partial assignment
+    when an upper bound on its best completion is below the best cut known: the eigenvalue bound
+    of the completion (Poljak & Rendl's, with the free block's diagonal shift from the SDP dual
+    at the root and the border term optimised per node on the secular equation, see
+    `_SearchTree.bounds`). Three passes: a beam dive for a first cut, a best-bound-first search
+    for the maximum, and a search in the paper's order for the first assignment reaching it.
+    Up to 48 vertices this takes seconds (``benchmarks/phases.py``); the worst case is
+    exponential.
 
     Parameters
     ----------
     weights : numpy.ndarray, (n, n)
-        Symmetric edge weights.
+        Symmetric edge weights (the diagonal is ignored); n ≤ 64.
 
     Returns
     -------
@@ -87,20 +113,140 @@ def exact_maxcut(weights: np.ndarray) -> tuple[float, np.ndarray]:
     side : numpy.ndarray of bool, (n,)
         True for the vertices on the side without vertex 0.
     """
+    weights = np.array(weights, dtype=float)
+    np.fill_diagonal(weights, 0.0)
     n = weights.shape[0]
-    degree = weights.sum(1)
-    shifts = np.arange(n - 2, -1, -1)
-    best_value, best_side = -np.inf, np.zeros(n, dtype=bool)
-    chunk = 1 << 16
-    for start in range(0, 1 << (n - 1), chunk):
-        codes = np.arange(start, min(start + chunk, 1 << (n - 1)))
-        sides = np.zeros((len(codes), n))
-        sides[:, 1:] = (codes[:, None] >> shifts) & 1
-        values = sides @ degree - np.einsum("ai,ai->a", sides @ weights, sides)
-        best = int(np.argmax(values))
-        if values[best] > best_value:
-            best_value, best_side = float(values[best]), sides[best].astype(bool)
-    return best_value, best_side
+    if n < 2:
+        return 0.0, np.zeros(n, dtype=bool)
+    if n > 64:
+        raise ValueError(f"exact max-cut takes at most 64 vertices (assignments are 63-bit codes), got {n}")
+    with threadpool_limits(limits=1, user_api="blas"):  # small products: threads only contend
+        tree = _SearchTree(weights)
+        known = tree.search(-np.inf, "max", width=DIVE_WIDTH)
+        best = tree.search(known, "max")
+        code = tree.search(best - tree.tol, "first")
+    side = np.concatenate([[False], (code >> np.arange(n - 2, -1, -1)) & 1]).astype(bool)
+    ones = side.astype(float)
+    return float(ones @ weights @ (1 - ones)), side
+
+
+class _SearchTree:
+    """The branch and bound of `exact_maxcut` over one weight matrix (zero diagonal).
+
+    A batch of nodes at depth d (vertices 0..d−1 fixed, vertex 0 on side 0) is three arrays:
+    ``to_one`` (N, n), each vertex's weight to the fixed vertices on side 1; ``cut`` (N,), the
+    weight cut among the fixed vertices; ``code`` (N,) int64, their bits x₁…x_{d−1} as a number.
+    """
+
+    def __init__(self, weights: np.ndarray):
+        self.weights = weights
+        n = self.n = weights.shape[0]
+        self.tol = TIE_TOLERANCE * max(np.abs(np.triu(weights, 1)).sum(), np.finfo(float).tiny)
+        self.to_fixed = np.cumsum(weights, axis=0)  # [d − 1, v]: weight of v to vertices 0..d−1
+        self.leaf_depth = max(n - LEAF_VERTICES, 1)
+        tail = n - self.leaf_depth
+        self.leaf_bits = ((np.arange(1 << tail)[:, None] >> np.arange(tail - 1, -1, -1)) & 1).astype(float)
+        last = weights[self.leaf_depth :, self.leaf_depth :]
+        self.leaf_cuts = np.einsum("ai,ij,aj->a", self.leaf_bits, last, 1 - self.leaf_bits)
+        self.spectra = {}
+        if self.leaf_depth > 1:
+            shift = _dual_diagonal(weights[1:, 1:])
+            for depth in range(2, self.leaf_depth + 1):
+                free, diagonal = weights[depth:, depth:], shift[depth - 1 :]
+                eigenvalues, vectors = np.linalg.eigh(np.diag(diagonal) - free / 4)
+                top = eigenvalues[-1]
+                constant = len(free) * top - diagonal.sum() + self.to_fixed[depth - 1, depth:].sum() / 2 + free.sum() / 4
+                self.spectra[depth] = (top - eigenvalues, vectors, constant)
+
+    def bounds(self, depth: int, to_one: np.ndarray, cut: np.ndarray) -> np.ndarray:
+        """Upper bounds (N,) on the best cut completing each node at ``depth`` (≥ 2).
+
+        With spins y ∈ {±1}^k of the k free vertices R, a completion cuts
+        C + ½ δ·y − ¼ yᵀ W_R y, where δ_v = (weight of v to fixed side 0) − (to fixed side 1)
+        and C = cut + ½ Σ_R (weight to the fixed) + ½ Σ_{u<v ∈ R} W_uv. With y₀ = ±1 and any
+        diagonal diag(u₀, u) this is at most (k + 1)·λ_max(M) − u₀ − Σu for the bordered
+        M = [[u₀, δᵀ/4], [δ/4, diag(u) − W_R/4]]. For λ = λ_max + t above the free block's top
+        eigenvalue λ_max (eigenvectors V), u₀ = λ − Σ cᵢ / (λ − λᵢ), c = (Vᵀδ/4)², makes λ the
+        largest eigenvalue of M, and the bound k·λ + Σ cᵢ / (λ − λᵢ) − Σu is least where
+        φ(t) = Σ cᵢ / (t + gᵢ)² = k (gᵢ = λ_max − λᵢ). Any t > 0 gives a valid bound; t comes
+        from Newton steps on φ^(−1/2) − k^(−1/2), which is concave and increasing in t, so the
+        steps climb from the left to the root without overshooting it.
+        """
+        gaps, vectors, constant = self.spectra[depth]
+        k = len(gaps)
+        c = (((self.to_fixed[depth - 1, depth:] - 2 * to_one[:, depth:]) / 4) @ vectors) ** 2
+        start = self.tol / self.n  # t > 0, small against the weights
+        t = np.full(len(cut), start)
+        for _ in range(NEWTON_STEPS):
+            inverse = 1 / (t[:, None] + gaps)
+            phi, slope = (c * inverse**2).sum(1), np.maximum((c * inverse**3).sum(1), np.finfo(float).tiny)
+            t = np.maximum(t + phi * (np.sqrt(phi / k) - 1) / slope, start)
+        return cut + constant + k * t + (c / (t[:, None] + gaps)).sum(1)
+
+    def search(self, floor: float, mode: str, width: int | None = None):
+        """Depth-first search, nodes batched.
+
+        ``mode="max"``: the largest cut value, pruning nodes that cannot beat by more than tol the
+        best of ``floor`` and the cuts found, best bound first; with ``width``, only the best
+        ``width`` nodes of each batch are kept (a beam dive: a lower bound, fast). ``"first"``:
+        the code of the first assignment, in the paper's order, whose cut reaches ``floor``.
+        """
+        best = floor
+        if mode == "max":
+            floor = best + self.tol
+        tail = self.n - self.leaf_depth
+        stack = [(1, np.zeros((1, self.n)), np.zeros(1), np.zeros(1, dtype=np.int64))]
+        while stack:
+            depth, to_one, cut, code = stack.pop()
+            if depth == self.leaf_depth:
+                values = (
+                    (cut + to_one[:, depth:].sum(1))[:, None]
+                    + (self.to_fixed[depth - 1, depth:] - 2 * to_one[:, depth:]) @ self.leaf_bits.T
+                    + self.leaf_cuts
+                )
+                if mode == "first":
+                    hits = np.flatnonzero(values.ravel() >= floor)
+                    if hits.size:
+                        node, rest = divmod(int(hits[0]), values.shape[1])
+                        return (int(code[node]) << tail) | rest
+                else:
+                    best = max(best, float(values.max()))
+                    floor = best + self.tol
+                continue
+            pivot = to_one[:, depth]  # the next vertex's weight to fixed side 1
+            to_one = np.stack([to_one, to_one + self.weights[depth]], 1).reshape(-1, self.n)
+            cut = np.stack([cut + pivot, cut + self.to_fixed[depth - 1, depth] - pivot], 1).ravel()
+            code = np.stack([code << 1, (code << 1) | 1], 1).ravel()  # children in the paper's order
+            bound = self.bounds(depth + 1, to_one, cut)
+            keep = np.flatnonzero(bound >= floor)
+            if mode == "max":
+                keep = keep[np.argsort(-bound[keep], kind="stable")][:width]
+            for start in range((len(keep) - 1) // SEARCH_CHUNK * SEARCH_CHUNK, -1, -SEARCH_CHUNK):
+                batch = keep[start : start + SEARCH_CHUNK]
+                stack.append((depth + 1, to_one[batch], cut[batch], code[batch]))
+        return best if mode == "max" else None
+
+
+def _dual_diagonal(weights: np.ndarray) -> np.ndarray:
+    """The diagonal u minimising k·λ_max(diag(u) − W/4) − Σu (the SDP dual of max-cut), by L-BFGS.
+
+    Any u gives a valid bound; this one makes it (nearly) the SDP bound. (k,) for W (k, k).
+    """
+    k = weights.shape[0]
+
+    def objective(shift):
+        eigenvalues, vectors = np.linalg.eigh(np.diag(shift) - weights / 4)
+        return k * eigenvalues[-1] - shift.sum(), k * vectors[:, -1] ** 2 - 1
+
+    return minimize(objective, weights.sum(1) / 4, jac=True, method="L-BFGS-B", options={"maxiter": 100}).x
+
+
+def maxcut_is_exact(n_layers: int, exact_limit: int = EXACT_MAXCUT_LIMIT) -> bool:
+    """Whether `maxcut_partition` of ``n_layers`` layers cuts every cluster exactly.
+
+    Every cluster it cuts is a subset of the layers, so it is exact when they fit the limit.
+    """
+    return n_layers <= exact_limit
 
 
 def heuristic_maxcut(weights: np.ndarray, restarts: int = 16, seed: int = 0) -> tuple[float, np.ndarray]:
@@ -137,7 +283,9 @@ def maxcut_partition(
     ``2·min_size`` layers is not split; otherwise solve its max-cut, and if the cut weight is
     > ε replace the cluster by its two sides, each inheriting the cut weight as its gain (else
     mark it final). Contiguity is not enforced. This is the notebook's ``recursive_max_cut``
-    with its brute-force solver, for the same matrix the same partition.
+    with its brute-force solver, for the same matrix the same partition: each cut is exact
+    (`exact_maxcut`, ties broken as that brute force breaks them) for clusters of up to
+    ``exact_limit`` layers, so for any matrix of up to ``EXACT_MAXCUT_LIMIT`` (48) layers.
 
     Max-cut favours balanced bisections: with phases of unequal size, a split through the middle
     of a phase can cut more weight than a split between phases, so the bisection may cut a
@@ -155,8 +303,9 @@ def maxcut_partition(
     min_size : int
         Clusters smaller than ``2·min_size`` are never split (the paper's 2).
     exact_limit : int
-        Clusters up to this many layers are cut exactly by brute force; larger ones by
-        networkx's one-exchange heuristic with ``restarts`` random starts from ``seed``.
+        Clusters up to this many layers (at most 64) are cut exactly; larger ones by networkx's
+        one-exchange heuristic with ``restarts`` random starts from ``seed``, which may miss
+        the maximum: a `UserWarning` says so (`maxcut_is_exact` tells in advance).
 
     Returns
     -------
@@ -166,11 +315,14 @@ def maxcut_partition(
     Raises
     ------
     ValueError
-        Bad matrix, or k phases cannot be reached with this ``min_size``.
+        Bad matrix, k phases cannot be reached with this ``min_size``, or ``exact_limit`` > 64.
     """
     weights, labels = as_matrix(dissimilarity)
     if k is not None and not 1 <= k <= len(labels):
         raise ValueError(f"k must be between 1 and the number of layers ({len(labels)}), got {k}")
+    if exact_limit > 64:
+        raise ValueError(f"exact_limit is at most 64 layers (the exact max-cut's limit), got {exact_limit}")
+    heuristic = []
     threshold = -np.inf if k is not None else eps * weights.sum() / 2
     clusters = [np.arange(len(labels))]
     gains = [np.inf]
@@ -187,6 +339,7 @@ def maxcut_partition(
             value, side = exact_maxcut(block)
         else:
             value, side = heuristic_maxcut(block, restarts=restarts, seed=seed)
+            heuristic.append(members.size)
         if value <= threshold:
             gains[target] = -np.inf
             continue
@@ -198,6 +351,12 @@ def maxcut_partition(
         raise ValueError(
             f"the recursive max-cut stops at {len(clusters)} phases: clusters under "
             f"2*min_size={2 * min_size} layers are not split; lower min_size or k"
+        )
+    if heuristic:
+        warnings.warn(
+            f"max-cut of {max(heuristic)} layers is above the exact limit of {exact_limit}: cut by "
+            "networkx's one-exchange heuristic, which may miss the maximum (not the paper's partition)",
+            stacklevel=2,
         )
     return to_partition(clusters, labels)
 

@@ -2,18 +2,27 @@
 
 Store-only analyses walk the store one block of images at a time (the store's own chunks along
 ``image``) and, inside a block, one layer at a time, so memory holds a few chunks, never the
-whole of ``hidden``. Every chunk is cast to float64 before any arithmetic, so a float16 store
-gives the same statistics as a float32 one up to its rounding.
+whole of ``hidden``.
 
-`fold_image_blocks` is the one loop over blocks they share: in this process, or, when a
-``distributed.Client`` is the default client, as tasks on its workers (each reads its own
-chunks; only small per-block partial results travel), with the same numbers either way.
-`principal_directions` is the one PCA of the analyses, from moments summed a block at a time.
+`stream` is the one pass over ``hidden`` that the analyses share: every chunk (a block of images
+by one layer) is read and decoded once, checked finite, and handed to every analysis that needs
+it, each keeping its own `Accumulator` (``update`` per chunk, ``merge`` of totals, ``finish``
+into a result). Chunks are decoded to float32 (`Chunk`): the arithmetic error (about 1e-7
+relative) stays below the rounding of a float16 store (5e-4), and sums over images are kept in
+float64.
+
+`fold_image_blocks` is the loop over blocks they share for smaller reads (reduced views, a few
+layers): in this process, or, when a ``distributed.Client`` is the default client, as tasks on
+its workers (each reads its own chunks; only small per-block partial results travel), with the
+same numbers either way; `stream` runs on a cluster the same way. `principal_directions` is the
+one PCA of the analyses, from moments summed a block at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import dask
 import numpy as np
@@ -22,6 +31,20 @@ from tqdm.auto import tqdm
 
 Partial = dict  # str -> numpy array (summed over blocks) or list (concatenated over blocks)
 IMAGE_COORDS = ("label", "label_name", "image_id")
+
+
+def _add_partials(total: Partial, part: Partial, in_place: bool = False) -> Partial:
+    """Sum arrays and numbers, concatenate lists; ``in_place`` reuses ``total``'s arrays."""
+    if total.keys() != part.keys():
+        raise ValueError(f"partials of different blocks hold different keys: {sorted(total)} vs {sorted(part)}")
+    if not in_place:
+        return {key: total[key] + part[key] for key in total}
+    for key, value in part.items():
+        if isinstance(total[key], np.ndarray) and total[key].flags.writeable:
+            np.add(total[key], value, out=total[key])  # the same sum as total + part, without a copy
+        else:
+            total[key] = total[key] + value
+    return total
 
 
 def image_blocks(dataset: xr.Dataset, variable: str = "hidden") -> list[slice]:
@@ -92,8 +115,8 @@ def fold_image_blocks(
         return _fold_on_cluster(client, compute, dataset, blocks, finish, bar)
 
 
-def _fold_on_cluster(client, compute, dataset, blocks, finish, bar):
-    """`fold_image_blocks` on a distributed client: one task per block, a chain of sums."""
+def _fold_on_cluster(client, compute, dataset, blocks, finish, bar, merge=_add_partials):
+    """`fold_image_blocks` on a distributed client: one task per block, a chain of ``merge``s."""
     from distributed import as_completed
 
     folded = []  # futures, one per block: its partial added to the total so far
@@ -102,7 +125,7 @@ def _fold_on_cluster(client, compute, dataset, blocks, finish, bar):
         (block,) = dask.optimize(dataset.isel(image=images))
         part = client.submit(_compute_block, compute, block, pure=False)
         # a fold step outranks further blocks, so partials are summed as they arrive
-        total = part if total is None else client.submit(_add_partials, total, part, pure=False, priority=1)
+        total = part if total is None else client.submit(merge, total, part, pure=False, priority=1)
         folded.append(total)
     del part
     result = client.submit(finish, total, pure=False, priority=1)
@@ -130,22 +153,212 @@ def _compute_block(compute, block: xr.Dataset) -> Partial:
         return compute(block)
 
 
-def _add_partials(total: Partial, part: Partial, in_place: bool = False) -> Partial:
-    """Sum arrays and numbers, concatenate lists; ``in_place`` reuses ``total``'s arrays."""
-    if total.keys() != part.keys():
-        raise ValueError(f"partials of different blocks hold different keys: {sorted(total)} vs {sorted(part)}")
-    if not in_place:
-        return {key: total[key] + part[key] for key in total}
-    for key, value in part.items():
-        if isinstance(total[key], np.ndarray) and total[key].flags.writeable:
-            np.add(total[key], value, out=total[key])  # the same sum as total + part, without a copy
-        else:
-            total[key] = total[key] + value
-    return total
-
-
 def _unchanged(total: Partial) -> Partial:
     return total
+
+
+class Chunk:
+    """One layer of ``hidden`` for a block of images, decoded once and checked finite.
+
+    Attributes
+    ----------
+    index : int
+        Position of the layer in the dataset's ``layer`` axis.
+    states : numpy.ndarray
+        (image, token, feature) float32.
+    norms : numpy.ndarray
+        (image, token) float32 Euclidean norms of the states.
+
+    Raises
+    ------
+    ValueError
+        One line naming the layer and the images if any value is NaN or infinite (`finite`).
+    """
+
+    def __init__(self, values: np.ndarray, index: int, where: xr.DataArray):
+        self.index = index
+        self.states = np.asarray(values, dtype=np.float32)
+        squared = np.einsum("itf,itf->it", self.states, self.states)
+        if not np.isfinite(squared).all():  # a NaN or inf in a token makes its squared norm one
+            finite(self.states, where)  # raises, naming the layer and the images
+            squared = np.einsum("itf,itf->it", self.states.astype(np.float64), self.states)  # float32 overflow only
+        self.norms = np.sqrt(squared).astype(np.float32)
+
+    def directions(self, tokens=slice(None)) -> np.ndarray:
+        """Unit vectors of the states of ``tokens`` (image, token, feature); zero vectors stay zero."""
+        norms = self.norms[:, tokens, None]
+        return np.divide(self.states[:, tokens], norms, out=np.zeros_like(self.states[:, tokens]), where=norms > 0)
+
+
+def cosines(a: Chunk, b: Chunk) -> np.ndarray:
+    """(image, token) cosine between the same tokens in two chunks of one block (0 for a zero vector)."""
+    dots = np.einsum("itf,itf->it", a.states, b.states)
+    scale = a.norms * b.norms
+    return np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0)
+
+
+class Accumulator:
+    """One analysis' share of `stream`, the one pass over ``hidden``.
+
+    `stream` calls, in this process: ``total = start()``; then per block of images ``state =
+    open_block(block, total)`` (read what else the analysis needs of the block: reduced views,
+    labels), ``update(state, chunk, previous, final)`` for each layer in order (``previous`` is
+    the layer before, None for the first; ``final`` the last layer when ``reads_final``), and
+    ``close_block(state, total)``; finally ``finish(total, dataset)``. A block's contributions
+    go into ``total`` in place (in ``update`` or ``close_block``). On a cluster each block goes
+    into its own ``start()`` on a worker and the blocks are combined in block order by
+    ``merge(total, part)``, which must give the same numbers as the in-place additions: add what
+    the block computed, in the same order, never recompute it. Subclasses are pickled to the
+    workers: keep them small (no dataset).
+    """
+
+    reads_final = False  # the last layer is read first and given to every `update` as ``final``
+
+    def start(self) -> Partial:
+        return {}
+
+    def open_block(self, block: xr.Dataset, total: Partial):
+        return {}
+
+    def update(self, state, chunk: Chunk, previous: Chunk | None, final: Chunk | None) -> None:
+        raise NotImplementedError
+
+    def close_block(self, state, total: Partial) -> None:
+        _add_partials(total, state, in_place=True) if total else total.update(state)
+
+    def merge(self, total: Partial, part: Partial) -> Partial:
+        return _add_partials(total, part)
+
+    def finish(self, total: Partial, dataset: xr.Dataset) -> xr.Dataset:
+        raise NotImplementedError
+
+
+def stream(
+    dataset: xr.Dataset,
+    accumulators: dict[str, Accumulator],
+    *,
+    description: str = "reading hidden",
+    progress: bool = True,
+) -> dict[str, xr.Dataset]:
+    """Read every chunk of ``hidden`` once and feed it to every accumulator; their results.
+
+    Parameters
+    ----------
+    dataset : xarray.Dataset
+        A trajectory dataset (`dynamo.open_trajectories`), dask-backed or in memory.
+    accumulators : dict of str to Accumulator
+        The analyses to run, by name.
+    description : str
+        Label of the progress bar (one step per block of images).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    dict of str to xarray.Dataset
+        Each accumulator's ``finish``.
+
+    Notes
+    -----
+    In this process, blocks are read one at a time, each layer once (the last one first when an
+    accumulator needs it), and the next layer is read by a helper thread while the current one
+    is computed; memory holds the totals, a few chunks in float32 and one block's per-image
+    results. With a ``distributed`` default client, each block is a task on a worker and the
+    blocks' totals are merged on the workers in block order (`fold_image_blocks`), so the numbers
+    are those of the in-process run.
+    """
+    blocks = image_blocks(dataset)
+    client = cluster_client()
+    with progress_bar(len(blocks), description, progress) as bar:
+        if client is None:
+            totals = {name: accumulator.start() for name, accumulator in accumulators.items()}
+            with ThreadPoolExecutor(max_workers=1) as reader:
+                for images in blocks:
+                    _stream_block(dataset.isel(image=images), accumulators, totals, reader)
+                    bar.update()
+        else:
+            totals = _fold_on_cluster(client, partial(_block_totals, accumulators=accumulators), dataset, blocks,
+                                      _unchanged, bar, merge=partial(_merge_totals, accumulators=accumulators))
+    return {name: accumulator.finish(totals[name], dataset) for name, accumulator in accumulators.items()}
+
+
+def _block_totals(block: xr.Dataset, accumulators: dict[str, Accumulator]) -> dict[str, Partial]:
+    """One block closed into fresh totals (a cluster task)."""
+    totals = {name: accumulator.start() for name, accumulator in accumulators.items()}
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        _stream_block(block, accumulators, totals, reader)
+    return totals
+
+
+def _merge_totals(total: dict, part: dict, accumulators: dict[str, Accumulator]) -> dict:
+    return {name: accumulator.merge(total[name], part[name]) for name, accumulator in accumulators.items()}
+
+
+def _stream_block(block: xr.Dataset, accumulators: dict[str, Accumulator], totals: dict, reader) -> None:
+    """Read a block's layers once, in order, feeding every accumulator; close it into ``totals``."""
+    states = {name: accumulator.open_block(block, totals[name]) for name, accumulator in accumulators.items()}
+    last = block.sizes["layer"] - 1
+    final = read_chunk(block, last) if any(a.reads_final for a in accumulators.values()) else None
+    order = [index for index in range(last + 1) if not (final is not None and index == last)]
+    pending = {index: reader.submit(_read_values, block, index) for index in order[:1]}
+    previous = None
+    for position, index in enumerate(order):
+        if position + 1 < len(order):  # the next layer is read while this one is computed
+            pending[order[position + 1]] = reader.submit(_read_values, block, order[position + 1])
+        chunk = Chunk(pending.pop(index).result(), index, block["hidden"].isel(layer=index))
+        for name, accumulator in accumulators.items():
+            accumulator.update(states[name], chunk, previous, final)
+        previous = chunk
+    if final is not None:
+        for name, accumulator in accumulators.items():
+            accumulator.update(states[name], final, previous, final)
+    for name, accumulator in accumulators.items():
+        accumulator.close_block(states[name], totals[name])
+
+
+def read_chunk(block: xr.Dataset, index: int) -> Chunk:
+    """Layer ``index`` of ``hidden`` for a block of images, as a `Chunk`."""
+    return Chunk(_read_values(block, index), index, block["hidden"].isel(layer=index))
+
+
+def _read_values(block: xr.Dataset, index: int) -> np.ndarray:
+    """One chunk of ``hidden`` in its stored dtype (read with dask's synchronous scheduler)."""
+    data = block["hidden"].data[:, index]
+    return np.asarray(data.compute(scheduler="synchronous") if hasattr(data, "dask") else data)
+
+
+def contiguous(positions: np.ndarray) -> slice | np.ndarray:
+    """``positions`` as a slice when they are a contiguous run (a view instead of a copy), else unchanged."""
+    positions = np.asarray(positions)
+    if len(positions) and (np.diff(positions) == 1).all():
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
+
+
+def token_sample(n_tokens: int, per_image: int | None, images: np.ndarray, seed: int | tuple) -> np.ndarray | None:
+    """Seeded subsets of a token kind's positions, one per image, or None to keep every token.
+
+    Parameters
+    ----------
+    n_tokens : int
+        Tokens of the kind in each image.
+    per_image : int or None
+        Tokens to keep per image; None (or at least ``n_tokens``) keeps all.
+    images : numpy.ndarray
+        (image,) positions of the images in the store: each image's subset depends only on the
+        seed and its position, so it is the same in every block layout and on every worker.
+    seed : int
+
+    Returns
+    -------
+    numpy.ndarray or None
+        (image, per_image) sorted indices into the kind's positions.
+    """
+    if per_image is None or per_image >= n_tokens:
+        return None
+    key = tuple(np.atleast_1d(seed).tolist())
+    return np.stack([np.sort(np.random.default_rng([*key, int(image)]).choice(n_tokens, per_image, replace=False))
+                     for image in images])
 
 
 def layer_states(block: xr.Dataset, variable: str = "hidden") -> Iterator[np.ndarray]:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from analyses.perturbation import last_layer, parameter_of, select_images, states_at
 from analyses.phases import find_phases
 from analyses.streaming import rounded
+from dynamo.heads import NO_LABELS, LinearHead, scored, store_labels
 from dynamo.layout import token_groups
 from dynamo.metrics import r2_score
 from dynamo.partition import Partition, assign_phases, from_result
@@ -48,6 +49,7 @@ def compute(
     reference: str = "target",
     batch_size: int = 64,
     progress: bool = True,
+    head: LinearHead | None = None,
 ) -> xr.Dataset:
     """Accuracy, agreement and last-layer R² when layers i..i+width-1 are produced by block j.
 
@@ -70,17 +72,22 @@ def compute(
         R² denominator: the clean run's variance, or the swapped run's (the paper's order).
     batch_size : int
     progress : bool
+    head : LinearHead, optional
+        The head accuracy and agreement use instead of the model's own (`dynamo.heads`); a model
+        without a classifier needs one, or they are left out (with ``accuracy_note``).
 
     Returns
     -------
     xarray.Dataset
         Dims ``target`` (first replaced layer i, 1..L-width+1) and ``block`` (block j run in
         its place, 1..L, with the partition as its ``phase`` coordinate): ``accuracy`` (if
-        labelled), ``agreement``, ``r2`` (target, block, token_kind; ``all`` pools every
-        token), with ``relation`` (target, block) in {"clean", "within", "across"} as a
-        coordinate, and ``clean_accuracy`` in the attributes.
+        labelled), ``agreement`` (with a head), ``r2`` (target, block, token_kind; ``all``
+        pools every token), with ``relation`` (target, block) in {"clean", "within", "across"}
+        as a coordinate. Attributes: ``clean_accuracy``, ``accuracy_head`` (``model`` or
+        ``probe``), ``head_source``, ``accuracy_images`` (a fitted probe's training images are
+        not scored), or ``accuracy_note`` when there is no head or no label.
     """
-    propagator = propagator_for(model, ds)
+    propagator = propagator_for(model, ds, head)
     if not isinstance(propagator, BlockStepper):
         raise ValueError(
             f"a layer swap needs a model whose blocks can be reordered (a LoadedModel, timm ViT or BlockStepper), "
@@ -95,15 +102,17 @@ def compute(
         raise ValueError(f"the partition must cover blocks 1..{L} once each, got {partition}")
     targets, sources = np.arange(1, L - width + 2), np.arange(1, L + 1)
     groups = token_groups(ds["token_kind"], pooled=True)
-    labels = ds["label"].values if "label" in ds.coords else None
-    has_labels = labels is not None and (labels >= 0).all()
+    has_head = propagator.head is not None
+    labels = store_labels(ds) if has_head else None
+    keep = scored(propagator.linear_head, ds["image"].values)
+    has_labels = labels is not None and keep.any()
     like = parameter_of(propagator)
     n = ds.sizes["image"]
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
     with torch.no_grad():
         clean = torch.cat([propagator.run(states_at(ds, 0, b, like), 0, L)[-1] for b in batches]).cpu()
-        clean_top1 = propagator.head(clean.to(like)).argmax(-1).cpu().numpy()
+        clean_top1 = propagator.predict(clean.to(like)).cpu().numpy() if has_head else None
         accuracy = np.full((targets.size, sources.size), np.nan)
         agreement = np.full_like(accuracy, np.nan)
         r2 = np.full((targets.size, sources.size, len(groups)), np.nan)
@@ -114,10 +123,11 @@ def compute(
             for si, source in enumerate(sources):
                 block_for = [int(source) if layer in replaced else layer for layer in range(1, L + 1)]
                 final = torch.cat([propagator.run(x, int(target) - 1, L, block_for=block_for)[-1] for x in entries])
-                top1 = propagator.head(final).argmax(-1).cpu().numpy()
-                agreement[ti, si] = (top1 == clean_top1).mean()
+                if has_head:
+                    top1 = propagator.predict(final).cpu().numpy()
+                    agreement[ti, si] = (top1 == clean_top1).mean()
                 if has_labels:
-                    accuracy[ti, si] = (top1 == labels).mean()
+                    accuracy[ti, si] = (top1[keep] == labels[keep]).mean()
                 final = final.cpu()
                 for gi, index in enumerate(groups.values()):
                     r2[ti, si, gi] = r2_score(final[:, index], clean[:, index], reference=reference)
@@ -127,7 +137,6 @@ def compute(
     relation = np.array([[phase_relation(partition, range(t, t + width), s) for s in sources] for t in targets])
     result = xr.Dataset(
         {
-            "agreement": (("target", "block"), agreement, {"long_name": "fraction of images with the clean top-1 class"}),
             "r2": (
                 ("target", "block", "token_kind"),
                 r2,
@@ -136,6 +145,8 @@ def compute(
         },
         coords={"target": targets, "block": sources, "token_kind": list(groups), "relation": (("target", "block"), relation)},
     )
+    if has_head:
+        result["agreement"] = (("target", "block"), agreement, {"long_name": "fraction of images with the clean top-1 class"})
     if has_labels:
         result["accuracy"] = (("target", "block"), accuracy, {"long_name": "top-1 accuracy"})
     result.attrs = {
@@ -143,10 +154,20 @@ def compute(
         "model": ds.attrs.get("model", ""),
         "width": width,
         "n_images": n,
-        "clean_accuracy": float((clean_top1 == labels).mean()) if has_labels else float("nan"),
         "reference": reference,
+        **_head_attrs(propagator, has_labels, int(keep.sum())),
     }
+    if has_labels:
+        result.attrs["clean_accuracy"] = float((clean_top1[keep] == labels[keep]).mean())
     return assign_phases(result, partition)
+
+
+def _head_attrs(propagator: BlockStepper, has_labels: bool, n_scored: int) -> dict:
+    """Which head the accuracies used and on how many images, or the note why there are none."""
+    attrs = propagator.head_attrs()
+    if "accuracy_note" in attrs or not has_labels:
+        return {"accuracy_note": attrs.get("accuracy_note", NO_LABELS)}
+    return {**attrs, "accuracy_images": n_scored}
 
 
 def phase_relation(partition: Partition | Sequence[Sequence[int]], replaced: Sequence[int], source: int) -> str:
@@ -160,11 +181,14 @@ def phase_relation(partition: Partition | Sequence[Sequence[int]], replaced: Seq
 
 
 def summarize(result: xr.Dataset) -> dict:
-    """Headline numbers: ``width``, ``partition``, ``clean_accuracy``, and the mean ``accuracy``
-    (if labelled), ``agreement`` and ``r2`` (all tokens) and ``n_swaps`` of ``within`` and
+    """Headline numbers: ``width``, ``partition``, ``clean_accuracy`` and the ``accuracy_head`` it
+    used (or the ``accuracy_note`` why there is none), and the mean ``accuracy`` (if labelled),
+    ``agreement`` (with a head) and ``r2`` (all tokens) and ``n_swaps`` of ``within`` and
     ``across`` phase swaps (keys ``within_accuracy``, ..., ``across_n_swaps``)."""
-    summary = {"width": int(result.attrs["width"]), "partition": str(from_result(result)),
-               "clean_accuracy": rounded(result.attrs["clean_accuracy"])}
+    summary = {"width": int(result.attrs["width"]), "partition": str(from_result(result))}
+    for name in ("clean_accuracy", "accuracy_head", "accuracy_note"):
+        if name in result.attrs:
+            summary[name] = rounded(result.attrs[name])
     for relation in ("within", "across"):
         mask = result["relation"] == relation
         for name in ("accuracy", "agreement"):

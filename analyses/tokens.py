@@ -17,12 +17,11 @@ layers; ``from_layer`` says where each step starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import numpy as np
 import xarray as xr
 
-from analyses.streaming import angle_deg, fold_image_blocks, layer_states, provenance, rounded, unit
+from analyses.streaming import Accumulator, Chunk, angle_deg, contiguous, cosines, provenance, rounded, stream
 from dynamo.layout import token_groups
 from dynamo.partition import boundaries_of
 
@@ -35,9 +34,10 @@ DESCRIPTION = (
 def compute(ds: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
     """Angular speed per token kind, patch coherence of states and updates, and norms.
 
-    Reads ``hidden`` one chunk (a block of images, one layer) at a time. With a dask.distributed
-    client open, the blocks are tasks on its workers, with the same result
-    (`analyses.streaming.fold_image_blocks`).
+    Reads ``hidden`` one chunk (a block of images, one layer) at a time, each chunk once
+    (`analyses.streaming.stream`, which also runs it with other analyses in one pass: see
+    `TokenDynamics`). With a dask.distributed client open, the blocks are tasks on its workers,
+    with the same result.
 
     Parameters
     ----------
@@ -50,88 +50,106 @@ def compute(ds: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
     -------
     xarray.Dataset
         ``speed`` (image, token_kind, block), degrees per block; ``norm`` (image, token_kind,
-        layer); with
-        patch tokens, ``coherence`` (image, layer) and ``update_coherence`` (image, block).
-        ``block`` b is the step from layer ``from_layer`` to layer b.
+        layer); with patch tokens, ``coherence`` (image, layer) and ``update_coherence`` (image,
+        block). ``block`` b is the step from layer ``from_layer`` to layer b.
     """
-    groups = token_groups(ds["token_kind"])
-    layers = ds["layer"].values
-    if len(layers) < 2:
-        raise ValueError("token dynamics need at least two recorded layers; record without --layers")
-    folded = fold_image_blocks(partial(_block_dynamics, groups=groups), ds, description="tokens", progress=progress)
-    speed, norm, coherence, update_coherence = (
-        np.concatenate(folded[name]) for name in ("speed", "norm", "coherence", "update_coherence")
-    )
-    patches = groups.get("patch")
-
-    variables = {
-        "speed": (("image", "token_kind", "block"), speed.astype(np.float32),
-                  {"units": "degree", "long_name": "angular speed arccos<x̂_l+1, x̂_l>, mean over the kind's tokens"}),
-        "norm": (("image", "token_kind", "layer"), norm.astype(np.float32),
-                 {"long_name": "mean token norm ‖x_l‖ over the kind's tokens"}),
-    }
-    if patches is not None:
-        variables["coherence"] = (("image", "layer"), coherence.astype(np.float32),
-                                  {"long_name": "κ: mean cosine of patch states to their mean"})
-        variables["update_coherence"] = (("image", "block"), update_coherence.astype(np.float32),
-                                         {"long_name": "κ of updates: mean cosine of patch updates to their mean"})
-    return xr.Dataset(
-        variables,
-        coords={
-            "image": ds["image"].values,
-            "token_kind": list(groups),
-            "layer": layers,
-            "block": layers[1:],
-            "from_layer": ("block", layers[:-1]),
-        },
-        attrs={**provenance(ds), "analysis_detail": "token-specific dynamics on the unit sphere; speeds in degrees per block"},
-    )
+    return stream(ds, {"tokens": TokenDynamics(ds)}, description="tokens", progress=progress)["tokens"]
 
 
 token_dynamics = compute
 
 
-def _block_dynamics(block: xr.Dataset, groups: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """Speed, norm and coherences of one block of images (`fold_image_blocks` partial)."""
-    n_images, n_layers = block.sizes["image"], block.sizes["layer"]
-    speed = np.zeros((n_images, len(groups), n_layers - 1))
-    norm = np.zeros((n_images, len(groups), n_layers))
-    coherence = np.zeros((n_images, n_layers))
-    update_coherence = np.zeros((n_images, n_layers - 1))
-    patches = groups.get("patch")
-    previous = None
-    for index, states in enumerate(layer_states(block)):
-        lengths = np.linalg.norm(states, axis=-1)
-        directions = unit(states)
+class TokenDynamics(Accumulator):
+    """`compute`'s accumulator for `analyses.streaming.stream`: per-image speeds, norms and coherences."""
+
+    def __init__(self, ds: xr.Dataset):
+        if ds.sizes["layer"] < 2:
+            raise ValueError("token dynamics need at least two recorded layers; record without --layers")
+        self.groups = {kind: contiguous(positions) for kind, positions in token_groups(ds["token_kind"]).items()}
+        self.n_layers = ds.sizes["layer"]
+
+    def open_block(self, block: xr.Dataset, total: dict) -> dict:
+        n_images = block.sizes["image"]
+        return {
+            "speed": np.zeros((n_images, len(self.groups), self.n_layers - 1)),
+            "norm": np.zeros((n_images, len(self.groups), self.n_layers)),
+            "coherence": np.zeros((n_images, self.n_layers)),
+            "update_coherence": np.zeros((n_images, self.n_layers - 1)),
+        }
+
+    def update(self, state: dict, chunk: Chunk, previous: Chunk | None, final: Chunk | None) -> None:
+        index, patches = chunk.index, self.groups.get("patch")
+        for k, positions in enumerate(self.groups.values()):
+            state["norm"][:, k, index] = chunk.norms[:, positions].mean(axis=1)
         if patches is not None:
-            coherence[:, index] = patch_coherence(states[:, patches])
-        if previous is not None:
-            step = angle_deg(np.einsum("itf,itf->it", directions, previous[1]))
-            for k, positions in enumerate(groups.values()):
-                speed[:, k, index - 1] = step[:, positions].mean(axis=1)
-            if patches is not None:
-                update_coherence[:, index - 1] = patch_coherence(states[:, patches] - previous[0][:, patches])
-        for k, positions in enumerate(groups.values()):
-            norm[:, k, index] = lengths[:, positions].mean(axis=1)
-        previous = (states, directions)
-    return {"speed": [speed], "norm": [norm], "coherence": [coherence], "update_coherence": [update_coherence]}
+            state["coherence"][:, index] = patch_coherence(chunk.states[:, patches], chunk.norms[:, patches])
+        if previous is None:
+            return
+        step = angle_deg(cosines(chunk, previous))
+        for k, positions in enumerate(self.groups.values()):
+            state["speed"][:, k, index - 1] = step[:, positions].mean(axis=1)
+        if patches is not None:
+            updates = chunk.states[:, patches] - previous.states[:, patches]
+            lengths = np.sqrt(np.einsum("ipf,ipf->ip", updates, updates))
+            state["update_coherence"][:, index - 1] = patch_coherence(updates, lengths)
+
+    def close_block(self, state: dict, total: dict) -> None:
+        for name, values in state.items():
+            total.setdefault(name, []).append(values)
+
+    def merge(self, total: dict, part: dict) -> dict:
+        return {name: total[name] + part[name] for name in total}
+
+    def finish(self, total: dict, dataset: xr.Dataset) -> xr.Dataset:
+        speed, norm, coherence, update_coherence = (
+            np.concatenate(total[name]) for name in ("speed", "norm", "coherence", "update_coherence")
+        )
+        layers = dataset["layer"].values
+        variables = {
+            "speed": (("image", "token_kind", "block"), speed.astype(np.float32),
+                      {"units": "degree", "long_name": "angular speed arccos<x̂_l+1, x̂_l>, mean over the kind's tokens"}),
+            "norm": (("image", "token_kind", "layer"), norm.astype(np.float32),
+                     {"long_name": "mean token norm ‖x_l‖ over the kind's tokens"}),
+        }
+        if "patch" in self.groups:
+            variables["coherence"] = (("image", "layer"), coherence.astype(np.float32),
+                                      {"long_name": "κ: mean cosine of patch states to their mean"})
+            variables["update_coherence"] = (("image", "block"), update_coherence.astype(np.float32),
+                                             {"long_name": "κ of updates: mean cosine of patch updates to their mean"})
+        return xr.Dataset(
+            variables,
+            coords={
+                "image": dataset["image"].values,
+                "token_kind": list(self.groups),
+                "layer": layers,
+                "block": layers[1:],
+                "from_layer": ("block", layers[:-1]),
+            },
+            attrs={**provenance(dataset),
+                   "analysis_detail": "token-specific dynamics on the unit sphere; speeds in degrees per block"},
+        )
 
 
-def patch_coherence(vectors: np.ndarray) -> np.ndarray:
+def patch_coherence(vectors: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
     """κ: mean cosine of each vector to the mean vector of its set.
 
     Parameters
     ----------
     vectors : numpy.ndarray
         (image, patch, feature): one set of vectors (patch states or patch updates) per image.
+    norms : numpy.ndarray, optional
+        (image, patch) their norms, when already known.
 
     Returns
     -------
     numpy.ndarray
-        (image,) κ in [-1, 1]; 1 when all vectors point the same way.
+        (image,) κ in [-1, 1]; 1 when all vectors point the same way (a zero vector counts 0).
     """
-    mean_direction = unit(vectors.mean(axis=1, keepdims=True))
-    return np.einsum("ipf,ipf->ip", unit(vectors), np.broadcast_to(mean_direction, vectors.shape)).mean(axis=1)
+    norms = np.linalg.norm(vectors, axis=-1) if norms is None else norms
+    mean = vectors.mean(axis=1)
+    dots = np.matmul(vectors, mean[:, :, None])[..., 0]
+    scale = norms * np.linalg.norm(mean, axis=1, keepdims=True)
+    return np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0).mean(axis=1)
 
 
 def speed_jump_ratio(speed: np.ndarray, blocks: np.ndarray, boundaries: Sequence[int]) -> float | None:

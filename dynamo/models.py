@@ -2,15 +2,20 @@
 
 Every command that takes a model goes through `load_model`, so a timm name
 (``vit_small_patch14_reg4_dinov2``), a timm name with ``checkpoint=`` a local file, and a
-name from dynamo's own zoo (``dynamo-zoo/vit-digits-reg4``) all behave alike.
+name from dynamo's own zoo (``dynamo-zoo/vit-digits-reg4``) all behave alike. The input size
+(``img_size=``) and the preprocessing (``preprocess=``: overrides of the model's timm data
+config, or the paper's preset) are chosen here too, so that one `LoadedModel` says everything
+a recording depends on.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import hashlib
+import math
+import re
 import socket
-import sys
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +24,30 @@ import timm
 import timm.data
 import torch
 from huggingface_hub import constants as hub
+from safetensors import SafetensorError, safe_open
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.data.transforms import str_to_interp_mode
 from torch import nn
 
 from dynamo import zoo
 from dynamo.layout import TokenLayout, check_is_vit, token_layout
+
+PREPROCESS_KEYS = ("resize", "crop", "interpolation", "mean", "std")
+"""What ``preprocess=`` (``--preprocess``) may override in a model's timm data config."""
+
+STATISTICS = {
+    "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
+    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+}
+"""Named normalisation statistics accepted for ``mean=`` and ``std=`` (timm's constants)."""
+
+PRESETS = {
+    "paper": {"resize": 256, "crop": 224, "interpolation": "bicubic",
+              "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD},
+}
+"""Preprocessing presets: ``paper`` is the Raptor paper's (Resize 256 bicubic, CenterCrop 224, ImageNet statistics)."""
 
 
 class ModelLoadError(RuntimeError):
@@ -46,8 +71,14 @@ class LoadedModel:
     weights_sha256 : str
         sha256 over the state dict (names, dtypes, shapes and bytes, in name order).
     data_config : dict
-        timm's preprocessing for the model (input_size, interpolation, mean, std, crop_pct, ...).
+        timm's preprocessing for the model (input_size, interpolation, mean, std, crop_pct, ...),
+        with ``preprocess`` applied: what `timm.data.create_transform` is called with.
     layout : TokenLayout
+    preprocess : dict
+        The overrides of timm's data config that were asked for (``resize``, ``crop``, ...);
+        empty when the model's own preprocessing is used.
+    seed : int or None
+        Seed of the random initialisation, for random weights; None when the weights are trained.
     """
 
     module: nn.Module
@@ -57,6 +88,8 @@ class LoadedModel:
     weights_sha256: str
     data_config: dict
     layout: TokenLayout = field(repr=False)
+    preprocess: dict = field(default_factory=dict)
+    seed: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -67,6 +100,10 @@ def load_model(
     name: str,
     checkpoint: str | Path | None = None,
     pretrained: bool = True,
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    preprocess: dict | str | None = None,
+    seed: int = 0,
     **timm_kwargs,
 ) -> LoadedModel:
     """Build a ViT-family model by name and load its weights.
@@ -74,34 +111,67 @@ def load_model(
     Parameters
     ----------
     name : str
-        A timm model name, or a zoo name starting with ``dynamo-zoo/``.
+        A timm model name (with an optional ``.tag``), or a zoo name starting with ``dynamo-zoo/``.
     checkpoint : str or Path, optional
         Local weights for a timm name: ``.safetensors`` (preferred) or a torch file, which is
-        loaded with ``weights_only=True`` and so never unpickles arbitrary objects.
+        loaded with ``weights_only=True`` and so never unpickles arbitrary objects. It is loaded
+        as timm loads pretrained weights (``pretrained_cfg_overlay=dict(file=...)``): wrappers
+        (``model``, ``state_dict``, EMA) are unwrapped and the architecture's own checkpoint
+        filter converts original formats (DINOv2 torch-hub files, OpenCLIP visual towers,
+        DeiT / DeiT-3) and resamples position embeddings trained at another image size.
+        Loading is strict: every weight of the model must come from the file.
     pretrained : bool
         For a timm name without a checkpoint: fetch the hub weights (needs the internet or a
         local hub cache). False builds random weights, which suit tests of mechanics only.
+    img_size : int or (int, int), optional
+        Input size (height, width) in pixels to build a timm model for; default the model's own,
+        or the ``crop`` of ``preprocess``. Must be a multiple of the patch size. Trained
+        position embeddings are resampled to it with timm's ``resample_abs_pos_embed``.
+    preprocess : dict or str, optional
+        Overrides of the model's timm data config (keys in `PREPROCESS_KEYS`: ``resize`` the
+        shorter side before the centre crop, ``crop`` the input size, ``interpolation``,
+        ``mean``, ``std``), or a preset name in `PRESETS` (``"paper"``); see
+        `preprocess_overrides`.
+    seed : int
+        Seed of the random initialisation (random weights, and any weight a checkpoint does not
+        set); the global torch RNG is left as it was. The same name, options and seed give
+        the same weights.
     **timm_kwargs
-        Passed to `timm.create_model` (``img_size=``, ``num_classes=``, ...).
+        Passed to `timm.create_model` (``num_classes=``, ``depth=``, ...).
 
     Raises
     ------
     ModelLoadError
-        Unknown name, unreachable hub, or a checkpoint that does not fit the architecture.
+        Unknown name, unreachable hub, a checkpoint that does not fit the architecture, or an
+        image size the patch size does not divide.
     NotAViTError
         The model is not a ViT-family transformer.
+    ValueError
+        Unknown or malformed preprocessing overrides.
     """
+    preset, overrides = (preprocess, None) if isinstance(preprocess, str) else (None, preprocess)
+    preprocess = preprocess_overrides(preset, overrides)
+    img_size = _image_size(img_size, preprocess)
     if name.startswith(zoo.ZOO_PREFIX):
         if checkpoint is not None or timm_kwargs:
             raise ModelLoadError(f"{name} is a zoo model; it takes no checkpoint or timm options")
         module = zoo.load_zoo_model(name)
+        built = tuple(module.patch_embed.img_size)
+        if img_size is not None and img_size != built:
+            raise ModelLoadError(
+                f"{name} is a zoo model trained on {built[0]}x{built[1]} images; it cannot be built for "
+                f"{img_size[0]}x{img_size[1]}: drop --img-size (and any crop=)"
+            )
         is_trained = True
     else:
-        module = _create_timm_model(name, pretrained and checkpoint is None, **timm_kwargs)
+        if img_size is not None:
+            timm_kwargs["img_size"] = img_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = _create_timm_model(name, checkpoint, pretrained, **timm_kwargs)
         is_trained = pretrained or checkpoint is not None
-        if checkpoint is not None:
-            load_checkpoint(module, checkpoint)
     check_is_vit(module)
+    _check_patch_grid(module, name)
     module.eval()
     return LoadedModel(
         module=module,
@@ -109,8 +179,25 @@ def load_model(
         checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()),
         pretrained=is_trained,
         weights_sha256=weights_sha256(module),
-        data_config=data_config(module),
+        data_config=apply_preprocess(data_config(module), preprocess),
         layout=token_layout(module),
+        preprocess=preprocess,
+        seed=None if is_trained else seed,
+    )
+
+
+def load_recorded_model(attrs: dict) -> LoadedModel:
+    """Rebuild the model a trajectory store was recorded with, from the store's attributes.
+
+    Its name, checkpoint, image size, preprocessing overrides and, for random weights, the seed
+    of their initialisation; hub weights are fetched as `load_model` does. Compare
+    ``weights_sha256`` with the store's to be sure it is the same model.
+    """
+    image_size = attrs.get("image_size")
+    return load_model(
+        attrs["model"], attrs.get("checkpoint"), pretrained=attrs.get("pretrained", True),
+        img_size=None if image_size is None else tuple(image_size),
+        preprocess=attrs.get("preprocess_overrides") or None, seed=attrs.get("init_seed") or 0,
     )
 
 
@@ -127,7 +214,222 @@ def data_config(model: nn.Module) -> dict:
     return config
 
 
-def _create_timm_model(name: str, pretrained: bool, **timm_kwargs) -> nn.Module:
+# ---- image size and preprocessing -----------------------------------------------------------
+
+
+def parse_img_size(text: str | None) -> tuple[int, int] | None:
+    """Command-line ``N`` or ``H,W`` as (height, width) in pixels; None stays None.
+
+    Raises
+    ------
+    ValueError
+        Not one or two positive integers.
+    """
+    if text is None:
+        return None
+    try:
+        size = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or min(size) <= 0:
+        raise ValueError(f"--img-size must be N or H,W in pixels (positive integers), got {text!r}")
+    return (size[0], size[0]) if len(size) == 1 else size
+
+
+def parse_preprocess(text: str | None) -> dict:
+    """Command-line ``key=value,...`` overrides of the preprocessing, as a dict of raw values.
+
+    A value may itself hold commas (``mean=0.485,0.456,0.406``, ``crop=224,196``): a part
+    without ``=`` continues the previous key's value. Values are checked by
+    `preprocess_overrides`.
+
+    Raises
+    ------
+    ValueError
+        A part before any ``key=``, or an empty value.
+    """
+    overrides: dict[str, list[str]] = {}
+    key = None
+    for part in (text or "").split(","):
+        part = part.strip()
+        if "=" in part:
+            key, value = (s.strip() for s in part.split("=", 1))
+            overrides[key] = [value] if value else []
+        elif part and key is not None:
+            overrides[key].append(part)
+        elif part:
+            raise ValueError(f"--preprocess takes key=value pairs ({', '.join(PREPROCESS_KEYS)}), got {text!r}")
+    empty = [k for k, v in overrides.items() if not v]
+    if empty:
+        raise ValueError(f"--preprocess {empty[0]}= needs a value, got {text!r}")
+    return {k: v[0] if len(v) == 1 else v for k, v in overrides.items()}
+
+
+def preprocess_overrides(preset: str | None = None, overrides: dict | str | None = None) -> dict:
+    """The preprocessing overrides of a preset, with ``overrides`` on top, checked and typed.
+
+    Parameters
+    ----------
+    preset : str, optional
+        A name in `PRESETS` (``"paper"``: Resize 256 bicubic, CenterCrop 224, ImageNet mean/std).
+    overrides : dict or str, optional
+        Keys in `PREPROCESS_KEYS`, or command-line text for `parse_preprocess`:
+
+        - ``resize``: int, the shorter side the image is resized to before the centre crop
+          (at least the crop);
+        - ``crop``: int or (height, width), the centre crop, which is the model's input size;
+        - ``interpolation``: ``bilinear``, ``bicubic``, ``nearest``, ``lanczos``, ``box`` or ``hamming``;
+        - ``mean``, ``std``: three numbers (RGB), or a name in `STATISTICS`.
+
+    Returns
+    -------
+    dict
+        Typed overrides: ``resize`` int, ``crop`` [height, width], ``interpolation`` str,
+        ``mean``/``std`` lists of three floats.
+
+    Raises
+    ------
+    ValueError
+        Unknown preset, unknown key, or a value of the wrong kind.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preprocessing preset {preset!r}; presets: {', '.join(PRESETS)}")
+    given = parse_preprocess(overrides) if isinstance(overrides, str) else dict(overrides or {})
+    merged = {**PRESETS.get(preset, {}), **given}
+    unknown = sorted(set(merged) - set(PREPROCESS_KEYS))
+    if unknown:
+        raise ValueError(f"unknown preprocessing key {unknown[0]!r}; keys: {', '.join(PREPROCESS_KEYS)}")
+    checked = {}
+    for key, value in merged.items():
+        try:
+            checked[key] = _PREPROCESS_CHECKS[key](value)
+        except (TypeError, ValueError, KeyError):
+            raise ValueError(f"preprocessing {key}={_text(value)} is not {_PREPROCESS_KINDS[key]}") from None
+    if "resize" in checked and "crop" in checked:
+        height, width = checked["crop"]
+        if height != width:
+            raise ValueError(f"preprocessing resize= needs a square crop, got crop={height},{width}; drop resize= "
+                             "(the crop is then taken after timm's own resize)")
+        if checked["resize"] < height:
+            raise ValueError(f"preprocessing resize={checked['resize']} is smaller than crop={height}; the image "
+                             "is resized, then the centre crop taken, so resize must be at least the crop")
+    return checked
+
+
+def apply_preprocess(config: dict, preprocess: dict) -> dict:
+    """A timm data config with preprocessing overrides (from `preprocess_overrides`) applied.
+
+    ``resize`` becomes timm's ``crop_pct`` (crop / resize, so that timm resizes the shorter
+    side to exactly ``resize``); ``crop`` must equal the config's input size (the model is
+    built for it).
+
+    Raises
+    ------
+    ValueError
+        ``crop`` differs from the input size, or ``resize`` is smaller than a non-square input.
+    """
+    config = dict(config)
+    height, width = config["input_size"][1:]
+    if "crop" in preprocess and tuple(preprocess["crop"]) != (height, width):
+        raise ValueError(f"preprocessing crop={_text(preprocess['crop'])} differs from the model's input size "
+                         f"{height}x{width}; the crop is the input size, so give one of them")
+    if "resize" in preprocess:
+        if height != width:
+            raise ValueError(f"preprocessing resize= needs a square input, got {height}x{width}")
+        if preprocess["resize"] < height:
+            raise ValueError(f"preprocessing resize={preprocess['resize']} is smaller than the input size {height}")
+        config["crop_pct"] = crop_pct(height, preprocess["resize"])
+        config["crop_mode"] = "center"
+    for key in ("interpolation", "mean", "std"):
+        if key in preprocess:
+            config[key] = tuple(preprocess[key]) if key != "interpolation" else preprocess[key]
+    return config
+
+
+def crop_pct(crop: int, resize: int) -> float:
+    """timm's ``crop_pct`` for which ``create_transform`` resizes to exactly ``resize`` before
+    cropping ``crop``: timm takes ``floor(crop / crop_pct)``, so crop / resize is nudged down by
+    one float step where rounding would land just under ``resize``."""
+    pct = crop / resize
+    while math.floor(crop / pct) < resize:
+        pct = math.nextafter(pct, 0.0)
+    return pct
+
+
+def _image_size(img_size, preprocess: dict) -> tuple[int, int] | None:
+    """The (height, width) to build the model for: ``img_size``, else the crop of ``preprocess``."""
+    if img_size is not None:
+        img_size = (int(img_size), int(img_size)) if isinstance(img_size, (int, float)) else tuple(map(int, img_size))
+        if len(img_size) != 2 or min(img_size) <= 0:
+            raise ValueError(f"img_size must be N or (height, width) in pixels, got {img_size}")
+    crop = tuple(preprocess["crop"]) if "crop" in preprocess else None
+    if img_size is not None and crop is not None and img_size != crop:
+        raise ValueError(f"--img-size {img_size[0]},{img_size[1]} differs from the preprocessing crop "
+                         f"{crop[0]},{crop[1]}; the crop is the model's input size, so give one of them")
+    return img_size or crop
+
+
+def _check_patch_grid(module: nn.Module, name: str) -> None:
+    """Refuse an input size that the patch size does not divide (timm would drop the remainder)."""
+    if getattr(module.patch_embed, "img_size", None) is None:
+        return
+    size, patch = tuple(module.patch_embed.img_size), tuple(module.patch_embed.patch_size)
+    if any(s % p for s, p in zip(size, patch)):
+        fits = "x".join(str(s - s % p) for s, p in zip(size, patch))
+        raise ModelLoadError(
+            f"image size {size[0]}x{size[1]} is not a multiple of {name}'s patch size {patch[0]}x{patch[1]}; "
+            f"the last pixels would be dropped: use --img-size {fits.replace('x', ',')} (or another multiple)"
+        )
+
+
+def _statistics(index: int):
+    def check(value):
+        if isinstance(value, str) and value.lower() in STATISTICS:
+            return list(STATISTICS[value.lower()][index])
+        values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        if len(values) != 3 or (index == 1 and min(values) <= 0):
+            raise ValueError
+        return values
+    return check
+
+
+def _positive_int(value) -> int:
+    if isinstance(value, (list, tuple)) or float(value) != int(float(value)) or int(float(value)) <= 0:
+        raise ValueError
+    return int(float(value))
+
+
+def _crop(value) -> list[int]:
+    values = [_positive_int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if len(values) not in (1, 2):
+        raise ValueError
+    return values * (3 - len(values))
+
+
+def _interpolation(value) -> str:
+    str_to_interp_mode(value)  # KeyError for anything timm does not know
+    return value
+
+
+_PREPROCESS_CHECKS = {"resize": _positive_int, "crop": _crop, "interpolation": _interpolation,
+                      "mean": _statistics(0), "std": _statistics(1)}
+_PREPROCESS_KINDS = {
+    "resize": "a positive integer (the shorter side, in pixels)",
+    "crop": "N or H,W in pixels",
+    "interpolation": "one of bilinear, bicubic, nearest, lanczos, box, hamming",
+    "mean": f"three numbers or one of {', '.join(STATISTICS)}",
+    "std": f"three positive numbers or one of {', '.join(STATISTICS)}",
+}
+
+
+def _text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+# ---- building and loading -------------------------------------------------------------------
+
+
+def _create_timm_model(name: str, checkpoint, pretrained: bool, **timm_kwargs) -> nn.Module:
     if not timm.is_model(name):
         family = [m for m in timm.list_models() if m.split("_")[0] == name.split("_")[0]]
         close = difflib.get_close_matches(name, family or timm.list_models(), n=5, cutoff=0.3)
@@ -135,6 +437,8 @@ def _create_timm_model(name: str, pretrained: bool, **timm_kwargs) -> nn.Module:
             f"unknown model {name!r}: neither a timm model name nor a zoo name "
             f"({', '.join(zoo.list_models())}). Similar timm names: {', '.join(close) or 'none'}"
         )
+    if checkpoint is not None:
+        return _create_from_checkpoint(name, Path(checkpoint), **timm_kwargs)
     offline = pretrained and not _hub_reachable()
     # huggingface_hub reads HF_HUB_OFFLINE at every request: offline, cached weights load, missing ones fail at once
     saved, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE or offline
@@ -153,6 +457,73 @@ def _create_timm_model(name: str, pretrained: bool, **timm_kwargs) -> nn.Module:
         hub.HF_HUB_OFFLINE = saved
 
 
+def _create_from_checkpoint(name: str, path: Path, **timm_kwargs) -> nn.Module:
+    """Build ``name`` with weights from a local file, exactly as timm loads pretrained weights.
+
+    ``create_model(pretrained=True, pretrained_cfg_overlay=dict(file=path))``: timm's
+    ``load_state_dict`` (``weights_only=True``; ``model``/``state_dict``/EMA wrappers and
+    ``module.`` prefixes removed), the model's own ``checkpoint_filter_fn`` (original formats,
+    position embeddings resampled to the model's grid), then a strict ``load_state_dict``. The
+    head is kept strict too: ``num_classes`` is set in the overlay, so that timm never drops a
+    checkpoint's head for a random one.
+    """
+    if path.is_dir():
+        raise ModelLoadError(f"checkpoint {path} is a folder; pass the weights file inside it (.safetensors, .pth)")
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist")
+    _check_readable(path)
+    overlay = {"file": str(path), **({"num_classes": timm_kwargs["num_classes"]} if "num_classes" in timm_kwargs else {})}
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
+    except SafetensorError as error:
+        raise _unreadable(path, error) from error
+    except Exception as error:  # the file reads: what fails now is fitting it to the model
+        text = " ".join(str(error).split())
+        detail = (summarize_mismatch(str(error)) if "Error(s) in loading state_dict" in text
+                  else f"timm could not convert it ({type(error).__name__}: {text[:200]}); check that it holds "
+                  "weights of this architecture")
+        raise ModelLoadError(f"checkpoint {path} does not fit {name}: {detail}") from error
+
+
+def _check_readable(path: Path) -> None:
+    """Read a checkpoint's structure without its data (safetensors header; torch pickle with tensors
+    on the meta device, ``weights_only=True`` and timm's one allowed global), or raise `ModelLoadError`."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):
+                pass
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):  # as timm's reader: training args
+                torch.load(path, map_location="meta", weights_only=True)
+    except Exception as error:  # unpickling refused, not a torch or safetensors file, truncated
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: Exception) -> ModelLoadError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(
+        f"cannot read checkpoint {path}: {first_line[:300]}. dynamo loads safetensors files, or torch "
+        "files that hold only tensors (weights_only=True); re-save the state dict with "
+        "safetensors.torch.save_file if it contains other objects"
+    )
+
+
+def summarize_mismatch(message: str) -> str:
+    """One line from torch's ``load_state_dict`` error: the first mismatching key (with both
+    shapes for a size mismatch) and how many others there are."""
+    shapes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                        r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", message)
+    missing = re.findall(r'"([^"]+)"', "".join(re.findall(r"Missing key\(s\) in state_dict: (.*)", message)))
+    unexpected = re.findall(r'"([^"]+)"', "".join(re.findall(r"Unexpected key\(s\) in state_dict: (.*)", message)))
+    problems = ([f"{key} has shape {ours} in the checkpoint and {theirs} in the model" for key, ours, theirs in shapes]
+                + [f"{key} is missing from the checkpoint" for key in missing]
+                + [f"the checkpoint has {key}, which the model has not" for key in unexpected])
+    if not problems:
+        return message.strip().splitlines()[0][:300]
+    others = f"; and {len(problems) - 1} other mismatching keys" if len(problems) > 1 else ""
+    return f"{problems[0]}{others}. Check that it holds weights of this architecture, size and head"
+
+
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether a TCP connection to the Hugging Face hub endpoint opens within the timeout."""
     url = urllib.parse.urlparse(hub.ENDPOINT)
@@ -162,49 +533,6 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load local weights into ``model`` in place, strictly.
-
-    ``.safetensors`` files are read with safetensors; any other file with
-    ``torch.load(weights_only=True)``. A state dict nested under ``state_dict``, ``model`` or
-    ``module`` is unwrapped, and the architecture's own timm ``checkpoint_filter_fn`` (if it
-    has one) converts original-format checkpoints (e.g. official DINOv2 or DeiT files).
-
-    Raises
-    ------
-    ModelLoadError
-        Missing file, unsafe or unreadable file, or keys/shapes that do not fit the model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ModelLoadError(
-            f"cannot read checkpoint {path}: {error}. dynamo loads safetensors files, or torch "
-            "files that hold only tensors (weights_only=True); re-save the state dict with "
-            "safetensors.torch.save_file if it contains other objects"
-        ) from error
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    try:
-        if filter_fn is not None:
-            state = filter_fn(state, model)
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, ValueError) as error:
-        raise ModelLoadError(
-            f"checkpoint {path} does not fit {type(model).__name__}: {error}"
-        ) from error
 
 
 def weights_sha256(model: nn.Module) -> str:

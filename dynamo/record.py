@@ -58,6 +58,8 @@ def record(
     *,
     checkpoint: str | Path | None = None,
     pretrained: bool = True,
+    img_size: int | tuple[int, int] | None = None,
+    preprocess: dict | str | None = None,
     batch_size: int = 32,
     dtype: str = "float32",
     layers: Sequence[int] | None = None,
@@ -86,8 +88,9 @@ def record(
         See `dynamo.images.image_set`.
     out : str or Path
         Store path (a directory, conventionally ``*.zarr``).
-    checkpoint, pretrained
-        As in `dynamo.load_model`, when ``model`` is a name.
+    checkpoint, pretrained, img_size, preprocess
+        As in `dynamo.load_model`, when ``model`` is a name (random weights are seeded with
+        ``seed``). A `LoadedModel` carries its own.
     batch_size : int
         Images per forward pass, and the store's chunk length along ``image``. ``hidden`` is
         chunked (batch, 1 layer, tokens, features): one write per layer per batch, large
@@ -106,7 +109,9 @@ def record(
         ``hidden``: about 1/(2 × tokens) of the bytes. Enough for the similarity matrix and
         phases on the paper's default tokens; analyses of individual tokens need ``hidden``.
     seed : int
-        Seed of the patch-token draw; recorded in the store.
+        Seed of the patch-token draw, and of the random initialisation when ``model`` is a name
+        built without trained weights (so that a random-weight recording resumes); recorded in
+        the store.
     compression : {"none", "zstd"}
         Chunk compression of ``hidden``. Activations compress poorly (about 1.1x), so none is
         the default: it keeps recording at forward speed.
@@ -156,7 +161,11 @@ def record(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     shard = shard if isinstance(shard, Shard) else parse_shard(shard)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, checkpoint, pretrained)
+    if isinstance(model, LoadedModel) and (img_size is not None or preprocess is not None):
+        raise ValueError("img_size and preprocess apply to a model given by name; pass them to dynamo.load_model")
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, checkpoint, pretrained, img_size=img_size, preprocess=preprocess, seed=seed
+    )
     images = images if isinstance(images, ImageSet) else image_set(images)
     if limit is not None:
         images = images.head(limit)
@@ -227,6 +236,8 @@ def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, se
         chosen = np.random.default_rng(seed).choice(layout.num_patches, patch_tokens, replace=False)
         tokens = np.concatenate([tokens[: layout.num_prefix], layout.num_prefix + np.sort(chosen)])
     image_digest = images.digest()
+    size = tuple(loaded.data_config["input_size"][1:])
+    native_size = tuple(timm.data.resolve_data_config({}, model=loaded.module)["input_size"][1:])
     identity = {
         "model": loaded.source,
         "checkpoint": loaded.checkpoint,
@@ -234,6 +245,8 @@ def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, se
         "preprocessing": jsonable(loaded.data_config),
         "images_sha256": image_digest,
         "n_images": len(images),
+        # the input size where it is not the model's default: stores at the default resume as before
+        **({"image_size": list(size)} if size != native_size else {}),
         "dtype": dtype,
         "layers": layers,
         "tokens": tokens.tolist(),
@@ -304,6 +317,8 @@ def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int
         "patch_size": list(module.patch_embed.patch_size),
         **layout.to_attrs(),
         "preprocessing": jsonable(loaded.data_config),
+        "preprocess_overrides": jsonable(loaded.preprocess),
+        "init_seed": loaded.seed,
         "dtype": plan["dtype"],
         "summaries_only": plan["summaries_only"],
         "autocast": plan["autocast"] or "none",

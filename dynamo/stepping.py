@@ -10,9 +10,14 @@ are captured once from the model's own forward on a blank image of its input siz
 to every block in the same way, so no per-architecture code is needed. (They assume every image
 has the model's default input size, as the recorder's preprocessing gives.)
 
+The head is part of stepping: `BlockStepper.head` gives logits from the last layer with the
+model's own classifier, or with a `dynamo.heads.LinearHead` attached for a model that has none
+(timm ``num_classes=0``), and is None when there is neither, so that no code can take an argmax
+over pooled features and call it a class (`BlockStepper.predict` then raises `NoHeadError`).
+
 `propagator_for` is the one place that turns a model into what the live-model analyses push
 states through: a `LoadedModel` or timm module becomes a `BlockStepper`; anything else with
-``run(x, start, stop)`` and ``head(x)`` (a fitted Raptor) is used as it is.
+``run(x, start, stop)`` and ``head`` (a fitted Raptor) is used as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from dynamo.heads import NO_HEAD, LinearHead, NoHeadError, has_classifier, model_head_attrs
 from dynamo.layout import check_is_vit
 from dynamo.models import LoadedModel, data_config
 
@@ -42,6 +48,9 @@ class BlockStepper:
     model : LoadedModel or torch.nn.Module
         A timm ViT-family model (``patch_embed``, ``blocks``, ``num_prefix_tokens``); it is used
         as is (eval mode is the caller's choice) and never modified.
+    head : LinearHead, optional
+        A linear head on ``[cls ‖ patch mean]`` (`dynamo.heads`) used for logits instead of the
+        model's own classifier; needed for accuracies of a model without one.
 
     Examples
     --------
@@ -51,8 +60,10 @@ class BlockStepper:
     >>> logits = stepper.head(states[-1])               # the model's own logits
     """
 
-    def __init__(self, model: LoadedModel | nn.Module):
+    def __init__(self, model: LoadedModel | nn.Module, head: LinearHead | None = None):
         self.module = model.module if isinstance(model, LoadedModel) else model
+        self.name = model.source if isinstance(model, LoadedModel) else type(self.module).__name__
+        self.linear_head = head
         check_is_vit(self.module)
         size = data_config(self.module)["input_size"]
         parameter = next(self.module.parameters())
@@ -159,23 +170,52 @@ class BlockStepper:
             states.append(self.step(states[-1], layer, block))
         return states
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's logits from its last layer: its own final norm, pooling and head.
+    @property
+    def head_kind(self) -> str | None:
+        """``"probe"`` with a linear head attached, ``"model"`` for the model's own classifier, None without either."""
+        if self.linear_head is not None:
+            return self.linear_head.kind
+        return "model" if has_classifier(self.module) else None
 
-        Parameters
-        ----------
-        x : torch.Tensor
-            (B, T, D), the residual stream at layer L (no final norm).
+    @property
+    def head(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Logits from the last layer, (B, T, D) (no final norm) -> (B, classes), or None without a head.
 
-        Returns
-        -------
-        torch.Tensor
-            (B, num_classes).
+        The attached linear head's logits, else the model's own final norm, pooling and
+        classifier; None for a model without a classifier (timm ``num_classes=0``, whose
+        ``forward_head`` returns pooled features) when no linear head is attached.
         """
+        if self.linear_head is not None:
+            return self.linear_head.logits
+        return self._model_logits if self.head_kind == "model" else None
+
+    def _model_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.forward_head(self.module.norm(x))
 
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted classes from the last layer: (B, T, D) -> (B,) labels.
 
-def propagator_for(model, ds: xr.Dataset):
+        Raises
+        ------
+        NoHeadError
+            The model has no classifier and no linear head is attached.
+        """
+        if self.linear_head is not None:
+            return self.linear_head.predict(x)
+        if self.head is None:
+            raise NoHeadError(NO_HEAD.format(model=self.name))
+        return self.head(x).argmax(-1)
+
+    def head_attrs(self) -> dict:
+        """What an accuracy with this stepper's head records (`dynamo.heads`), or the note why there is none."""
+        if self.linear_head is not None:
+            return self.linear_head.describe()
+        if self.head_kind == "model":
+            return model_head_attrs(self.name, int(self.module.num_classes))
+        return {"accuracy_note": NO_HEAD.format(model=self.name)}
+
+
+def propagator_for(model, ds: xr.Dataset, head: LinearHead | None = None):
     """What carries a store's states through the remaining layers: the live model or a surrogate.
 
     Parameters
@@ -186,6 +226,9 @@ def propagator_for(model, ds: xr.Dataset):
         stepper, a fitted Raptor surrogate) is used as it is.
     ds : xarray.Dataset
         The trajectory store the starting states come from; it must keep every token.
+    head : LinearHead, optional
+        Attached to a `BlockStepper` made here (see `BlockStepper`); an object that already
+        runs keeps its own.
 
     Returns
     -------
@@ -212,11 +255,11 @@ def propagator_for(model, ds: xr.Dataset):
                 f"not with {model.source} (sha256 {model.weights_sha256[:12]}); pass the model the "
                 "store was recorded with, or record a store with this model"
             )
-        return BlockStepper(model)
+        return BlockStepper(model, head)
     if callable(getattr(model, "run", None)):
         return model
     if isinstance(model, nn.Module):
-        return BlockStepper(model)
+        return BlockStepper(model, head)
     raise ValueError(
         f"cannot propagate states with a {type(model).__name__}: pass a dynamo LoadedModel, a timm "
         "ViT, a BlockStepper, or a fitted surrogate with a run(x, start, stop) method"

@@ -383,6 +383,7 @@ def describe(path: str | Path) -> dict:
         "layers": int(dataset.sizes["layer"]),
         "tokens": int(dataset.sizes["token"]),
         "features": int(dataset.sizes["feature"]),
+        "image_size": attrs.get("image_size"),
         "token_kinds": {k: int((dataset["token_kind"] == k).sum()) for k in TOKEN_KINDS},
         "dtype": str(dataset["hidden"].dtype) if "hidden" in dataset else "summaries only",
         "shards": int(attrs.get("shards", 1)),
@@ -398,7 +399,7 @@ def describe(path: str | Path) -> dict:
         f"{', INCOMPLETE: ' + _resume_hint(summary['shards']) if summary['n_pending'] else ''}\n"
         + (
             f"hidden: {summary['layers']} layers x {summary['tokens']} tokens ({kinds}) x "
-            f"{summary['features']} features, {summary['dtype']}"
+            f"{summary['features']} features, {summary['dtype']}; images {summary['image_size']} px"
             if "hidden" in dataset
             else f"reduced views only ({', '.join(v for v in REDUCED_VIEWS if v in dataset)}): "
             f"{summary['layers']} layers x {summary['features']} features"

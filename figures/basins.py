@@ -53,7 +53,7 @@ def plot_class_structure(result: xr.Dataset, fig=None) -> plt.Figure:
     accuracy.axhline(1 / n_classes, color="k", linewidth=0.8, alpha=0.5, label="chance")
     if "model_accuracy" in result.attrs:
         accuracy.axhline(result.attrs["model_accuracy"], color="tab:green", linewidth=0.8,
-                         label=f"model's own accuracy ({result.attrs['model_accuracy']:.3f})")
+                         label=f"model accuracy, {result.attrs.get('accuracy_head', 'model')} head ({result.attrs['model_accuracy']:.3f})")
     for ax in (angles, accuracy):
         mark_phases(ax, result)
         ax.grid(alpha=0.3)

@@ -25,13 +25,18 @@ def plot_layer_swap(result: xr.Dataset, fig: plt.Figure | None = None) -> plt.Fi
     fig : matplotlib Figure, optional
         Drawn into (three panels); a new one by default.
     """
-    measure = "accuracy" if "accuracy" in result else "agreement"
+    measure = next((name for name in ("accuracy", "agreement") if name in result), None)
+    if measure is None:  # a model without a head: last-layer R² is the only score
+        measure = "last-layer R²"
+        result = result.assign({measure: result["r2"].sel(token_kind="all", drop=True)})
     figure = plt.figure(figsize=(16, 4.8)) if fig is None else fig
     score, r2, spread = figure.subplots(1, 3)
     targets, sources = result["target"].values, result["block"].values
     extent = (sources[0] - 0.5, sources[-1] + 0.5, targets[-1] + 0.5, targets[0] - 0.5)
     width = int(result.attrs.get("width", 1))
-    for ax, values, label, cmap in ((score, result[measure], measure, "viridis"),
+    head = result.attrs.get("accuracy_head")
+    named = f"{measure} ({head} head)" if head and measure != "last-layer R²" else measure
+    for ax, values, label, cmap in ((score, result[measure], named, "viridis"),
                                     (r2, result["r2"].sel(token_kind="all"), "R² of layer L vs clean", "magma")):
         image = ax.imshow(values.values, extent=extent, cmap=cmap, aspect="auto",
                           vmin=float(np.nanmin(values)), vmax=float(np.nanmax(values)))

@@ -151,3 +151,30 @@ def test_debug_shows_the_traceback(tmp_path, digits_folder):
 
 def test_json_output_has_no_bare_nan():
     assert jsonable({"r2": float("nan"), "per_layer": [1.0, float("inf")]}) == {"r2": None, "per_layer": [1.0, None]}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["fit", "S", "--out", "O", "--steps", "0"], "--steps: must be at least 1, got 0"),
+    (["fit", "S", "--out", "O", "--steps", "-5"], "--steps: must be at least 1, got -5"),
+    (["fit", "S", "--out", "O", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["fit", "S", "--out", "O", "--baselines", "-1"], "--baselines: must be at least 0"),
+    (["phases", "S", "--eps", "-1"], "--eps: must be at least 0.0"),
+    (["record", "--out", "O", "--device", "gpu"], "unknown device 'gpu'"),
+    (["fit", "S", "--out", "O", "--device", "cuda:0"] if not torch.cuda.is_available() else ["fit", "S", "--out", "O", "--device", "gpu"],
+     "no CUDA GPU is visible" if not torch.cuda.is_available() else "unknown device"),
+])
+def test_numbers_and_devices_are_checked_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_analyze_boundaries_outside_the_depth_are_one_line(store, tmp_path, capsys):
+    for boundaries in ("13", "0"):
+        code, err = run(["analyze", store, "--out", tmp_path / boundaries, "--only", "tokens", "--boundaries", boundaries, "--quiet"], capsys)
+        assert code == 2 and "thresholds" in err
+
+
+def test_a_misspelled_store_path_is_not_taken_for_a_model_name(tmp_path, capsys):
+    code, err = run(["profile", tmp_path / "d3.zarr", "--out", tmp_path / "p"], capsys)
+    assert code == 2 and "no trajectory store at" in err and "darknet" not in err

@@ -11,7 +11,7 @@ from distributed import Client, get_task_stream
 
 import dynamo
 from analyses import convergence, export, phases, rank, similarity, tokens
-from analyses.streaming import image_blocks
+from analyses.streaming import image_blocks, stream
 from dynamo import zoo
 from dynamo.pipeline.cli import main
 from dynamo.pipeline.cluster import local_cluster
@@ -55,8 +55,8 @@ CASES = {
     "rank": lambda ds: rank.update_rank(ds, n_bootstrap=4, progress=False),
 }
 # block tasks per run of n blocks: CKA reads its first block once more (the shift); basins
-# folds twice; rank folds once per step (12 blocks of the ViT)
-BLOCK_TASKS = {"cka": lambda n: n + 1, "basins": lambda n: 2 * n, "rank": lambda n: 12 * n}
+# reads its reduced views once more after the one pass
+BLOCK_TASKS = {"cka": lambda n: n + 1, "basins": lambda n: 2 * n}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -68,6 +68,22 @@ def test_analysis_on_a_cluster_equals_the_in_process_run(name, store, cluster):
     n_blocks = len(image_blocks(dataset))
     assert len(workers) == BLOCK_TASKS.get(name, lambda n: n)(n_blocks)  # every block was a task on a worker
     assert set(workers) <= set(cluster.scheduler_info["workers"])
+
+
+def test_one_pass_on_a_cluster_equals_the_in_process_run(store, cluster):
+    """basins, tokens and rank in one pass: one task per block (plus basins' pass over reduced views)."""
+    dataset = dynamo.open_trajectories(store)
+
+    def one_pass():
+        accumulators = {"basins": convergence.Convergence(dataset, progress=False), "tokens": tokens.TokenDynamics(dataset),
+                        "rank": rank.UpdateRank(dataset, n_bootstrap=4)}
+        return stream(dataset, accumulators, progress=False)
+
+    local = one_pass()
+    distributed, workers = on_cluster(cluster, one_pass)
+    for name in local:
+        assert_same(local[name], distributed[name])
+    assert len(workers) == 2 * len(image_blocks(dataset))
 
 
 def test_export_projection_on_a_cluster(store, cluster, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -25,8 +26,17 @@ def test_checkpoint_round_trip_safetensors_and_torch(tmp_path):
         )
         assert loaded.weights_sha256 == source.weights_sha256
         assert loaded.pretrained and loaded.checkpoint.endswith(file)
-    fresh = dynamo.load_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=10, img_size=42)
+    fresh = dynamo.load_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=10, img_size=42, seed=1)
     assert fresh.weights_sha256 != source.weights_sha256
+
+
+def test_random_weights_are_seeded_and_leave_the_global_rng_alone():
+    state = torch.get_rng_state()
+    first, second = (dynamo.load_model("vit_tiny_patch16_224", pretrained=False, img_size=32) for _ in range(2))
+    other = dynamo.load_model("vit_tiny_patch16_224", pretrained=False, img_size=32, seed=1)
+    assert first.weights_sha256 == second.weights_sha256 != other.weights_sha256
+    assert (first.seed, other.seed) == (0, 1)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_pickled_checkpoint_is_never_unpickled(tmp_path):
@@ -37,10 +47,23 @@ def test_pickled_checkpoint_is_never_unpickled(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     save_file(tiny_model("cls").module.state_dict(), tmp_path / "tiny.safetensors")
-    with pytest.raises(dynamo.ModelLoadError, match="does not fit VisionTransformer"):
+    with pytest.raises(dynamo.ModelLoadError, match="does not fit vit_small_patch14_reg4_dinov2"):
         dynamo.load_model("vit_small_patch14_reg4_dinov2", checkpoint=tmp_path / "tiny.safetensors", img_size=42)
     with pytest.raises(dynamo.ModelLoadError, match="does not exist"):
         dynamo.load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "nope.safetensors")
+    with pytest.raises(dynamo.ModelLoadError, match="is a folder"):
+        dynamo.load_model("vit_tiny_patch16_224", checkpoint=tmp_path)
+
+
+def test_a_mismatching_checkpoint_is_summarised_in_one_line(tmp_path):
+    save_file(tiny_model("cls").module.state_dict(), tmp_path / "tiny.safetensors")
+    with pytest.raises(dynamo.ModelLoadError) as error:
+        dynamo.load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "tiny.safetensors", img_size=48, depth=2, num_classes=10)
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 400
+    assert re.search(r"the checkpoint has blocks\.\d+\..*; and 119 other mismatching keys", message)
+    with pytest.raises(dynamo.ModelLoadError, match=r"head.weight has shape \[10, 192\] in the checkpoint and \[7, 192\]"):
+        dynamo.load_model("vit_tiny_patch16_224", checkpoint=tmp_path / "tiny.safetensors", img_size=48, num_classes=7)
 
 
 def test_not_a_vit_is_refused_clearly():

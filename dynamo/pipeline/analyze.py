@@ -19,8 +19,10 @@ import xarray as xr
 
 from analyses import export as exporting
 from analyses.phases import find_phases
+from analyses.streaming import stream
+from dynamo.heads import resolve_head, store_labels
 from dynamo.layout import REDUCED_VIEWS
-from dynamo.models import LoadedModel, load_model
+from dynamo.models import LoadedModel, ModelLoadError, load_model, load_recorded_model, parse_img_size
 from dynamo.partition import Partition, assign_phases
 from dynamo.pipeline.registry import ANALYSES, add_arguments, comma_list, int_list, options_for, summarize
 from dynamo.pipeline.summaries import headline_lines
@@ -46,6 +48,8 @@ def analyze(
     only: Sequence[str] | None = None,
     model: str | LoadedModel | None = None,
     checkpoint: str | Path | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    head: str | Path | None = None,
     boundaries: Sequence[int] | None = None,
     phase_method: str = "maxcut",
     export: Sequence[str] = (),
@@ -68,7 +72,14 @@ def analyze(
         Names from `dynamo.pipeline.registry.ANALYSES` to run; default all.
     model, checkpoint
         The live model for analyses that need one (a name, as in `dynamo.load_model`, or a
-        `LoadedModel`); default the model and checkpoint the store was recorded with.
+        `LoadedModel`); default the model the store was recorded with (its checkpoint, image
+        size and, for random weights, their seed: `dynamo.models.load_recorded_model`).
+    img_size : int or (int, int), optional
+        Input size to build ``model`` (a name) for; default the store's image size.
+    head : str or Path, optional
+        A linear head file (`dynamo.heads.LinearHead.load`) the accuracies use; default the
+        model's own classifier, or for a model without one a probe fitted on the store's labels
+        (`dynamo.heads.resolve_head`; no labels: no accuracy, with a note).
     boundaries : sequence of int, optional
         Blocks after which a new phase begins, drawn on every depth plot; default found by
         `analyses.phases.find_phases` with ``phase_method`` (pass ``[]`` for none).
@@ -112,8 +123,9 @@ def analyze(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     partition = store_partition(ds, boundaries, phase_method)
-    loaded = _live_model(ds, model, checkpoint, device) if any(ANALYSES[name].needs_model for name in names) else None
-    settings = {**options_for(names, options), "seed": seed, "device": device, "progress": progress}
+    loaded = _live_model(ds, model, checkpoint, img_size, device) if any(ANALYSES[name].needs_model for name in names) else None
+    linear_head = _accuracy_head(ds, model, checkpoint, img_size, device, loaded, head, seed, progress)
+    settings = {**options_for(names, options), "seed": seed, "device": device, "progress": progress, "head": linear_head}
     summary = {
         "store": str(store),
         "model": ds.attrs.get("model"),
@@ -125,9 +137,14 @@ def analyze(
         "analyses": {},
     }
     swap_partition = Partition.from_thresholds(partition.boundaries, max(partition.blocks))
+    # every analysis (and token-view export) that reads `hidden` shares one pass over it: each chunk is read once
+    streamed = {name: ANALYSES[name].accumulate(ds, settings) for name in names if ANALYSES[name].accumulate}
+    streamed.update({f"export {view}": exporting.Export(ds, out, view, sphere=export_sphere)
+                     for view in export if exporting.in_one_pass(view, export_components)})
+    passed = stream(ds, streamed, description=f"one pass: {', '.join(streamed)}", progress=progress) if streamed else {}
     for name in names:
         entry = ANALYSES[name]
-        result = entry.run(ds, loaded, swap_partition, settings)
+        result = passed.pop(name) if name in passed else entry.run(ds, loaded, swap_partition, settings)
         result = assign_phases(result, partition).assign_attrs(
             analysis=name, store=str(store), model=str(ds.attrs.get("model")),
             weights_sha256=str(ds.attrs.get("weights_sha256")),
@@ -140,8 +157,8 @@ def analyze(
     if export:
         summary["exports"] = [
             str(p) for view in export
-            for p in exporting.export_trajectories(ds, out, view=view, sphere=export_sphere,
-                                                   n_components=export_components, progress=progress)
+            for p in passed.pop(f"export {view}", None) or exporting.export_trajectories(
+                ds, out, view=view, sphere=export_sphere, n_components=export_components, progress=progress)
         ]
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary = jsonable(summary)
@@ -150,15 +167,43 @@ def analyze(
     return summary
 
 
-def _live_model(ds: xr.Dataset, model, checkpoint, device: str) -> LoadedModel:
+def _accuracy_head(ds: xr.Dataset, model, checkpoint, img_size, device: str, loaded, head, seed: int, progress: bool):
+    """The linear head of the accuracies (`dynamo.heads.resolve_head`), or None for the model's own classifier.
+
+    Only a head file, or a store of a model without a classifier (no ``logits``) that has labels,
+    needs one; the live model (for its final norm) is loaded then if it is not already. A probe
+    whose model cannot be loaded, or is not the recorded one, is left out with a warning (its
+    accuracies then carry the note); a head file then is an error.
+    """
+    if head is None and ("logits" in ds.data_vars or store_labels(ds) is None):
+        return None
+    try:
+        loaded = loaded or _live_model(ds, model, checkpoint, img_size, device)
+    except ModelLoadError as error:
+        if head is not None:
+            raise
+        warnings.warn(f"no probe for the accuracies: the model could not be loaded to fit one ({error})", stacklevel=3)
+        return None
+    if loaded.weights_sha256 != ds.attrs.get("weights_sha256"):
+        if head is not None:
+            raise ValueError("a head reads the final norm of the model the store was recorded with, and the live model "
+                             "has other weights: pass that model (--model, --checkpoint)")
+        warnings.warn("no probe for the accuracies: the live model is not the one the store was recorded with", stacklevel=3)
+        return None
+    return resolve_head(ds, loaded, head, seed=seed, progress=progress)
+
+
+def _live_model(ds: xr.Dataset, model, checkpoint, img_size, device: str) -> LoadedModel:
     if isinstance(model, LoadedModel):
         loaded = model
+    elif (model or ds.attrs.get("model")) is None:
+        raise ValueError("the store does not name its model; pass --model (and --checkpoint)")
+    elif model is None and img_size is None and checkpoint is None:
+        loaded = load_recorded_model(ds.attrs)
     else:
-        name = model or ds.attrs.get("model")
-        if name is None:
-            raise ValueError("the store does not name its model; pass --model (and --checkpoint)")
         checkpoint = checkpoint or (ds.attrs.get("checkpoint") if model is None else None)
-        loaded = load_model(name, checkpoint=checkpoint)
+        loaded = load_model(model or ds.attrs["model"], checkpoint=checkpoint,
+                            img_size=img_size or tuple(ds.attrs.get("image_size") or ()) or None)
     if loaded.weights_sha256 != ds.attrs.get("weights_sha256"):
         warnings.warn(
             f"the live model's weights (sha256 {loaded.weights_sha256[:12]}) differ from the ones the "
@@ -198,6 +243,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", help="live model for analyses that need one (default: the store's own model)")
     parser.add_argument("--checkpoint", help="local weights for --model")
+    parser.add_argument("--img-size", metavar="N|H,W", help="input size to build --model for (default: the store's image size)")
+    parser.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (a DINOv2 "
+                        "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--boundaries", type=_boundary_list,
@@ -221,6 +269,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
     options = {option.name: getattr(args, option.name) for entry in ANALYSES.values() for option in entry.options}
     return analyze(
         args.store, args.out, only=args.only, model=args.model, checkpoint=args.checkpoint,
+        img_size=parse_img_size(args.img_size), head=args.head,
         boundaries=args.boundaries, phase_method=args.phase_method, export=args.export,
         export_components=args.export_components, export_sphere=args.export_sphere, seed=args.seed,
         device=args.device, progress=not args.quiet, **options,

@@ -20,19 +20,37 @@ from dynamo import zoo
 from dynamo.capture import AUTOCAST_DTYPES
 from dynamo.images import image_set
 from dynamo.layout import NotAViTError
-from dynamo.models import ModelLoadError
+from dynamo.models import PRESETS, ModelLoadError, parse_img_size, preprocess_overrides
 from dynamo.pipeline import analyze as analyzing
 from dynamo.pipeline.cluster import connect
-from dynamo.pipeline.fit import fit
+from dynamo.pipeline.concepts import concepts as concept_stage
+from dynamo.pipeline.fit import RECIPES, fit, parse_loss
+from dynamo.pipeline.ladder import CEILING as LADDER_CEILING
+from dynamo.pipeline.ladder import LOOP_SCALES, fit_surrogate, ladder
+from dynamo.pipeline.ladder import RUNGS as LADDER_RUNGS
+from dynamo.pipeline.phases import lenses as lens_stage
 from dynamo.pipeline.phases import phases as phase_stage
 from dynamo.pipeline.profile import profile, profile_store
-from dynamo.pipeline.registry import comma_list, int_list
+from dynamo.pipeline.registry import (
+    comma_list,
+    float_list,
+    int_list,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    torch_device,
+)
 from dynamo.pipeline.study import compare
 from dynamo.record import RecordingError, record
 from dynamo.shards import consolidate
 from dynamo.store import StoreError, describe, is_trajectory_store, jsonable, open_trajectories, writer_lock
+from dynamo.surrogates import SURROGATES
 from dynamo.zoo import train as zoo_train
 
+# `dynamo fit` flags of Raptor's training, with their defaults when not given
+RAPTOR_ONLY = {name: None for name in ("recipe", "steps", "stage2_steps", "patience", "tol", "validate_every", "batch_size",
+                                       "lr", "weight_decay", "warmup", "min_lr", "tf_anneal", "tf_floor", "noise",
+                                       "stage1_loss", "stage2_loss", "grad_clip", "mlp")} | {"baselines": 0, "seeds": 1}
 USER_ERRORS = (ModelLoadError, NotAViTError, StoreError, RecordingError, FileNotFoundError, ValueError)
 
 
@@ -96,18 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--images", help="image folder (class sub-folders give labels); default: the bundled held-out digits")
     rec.add_argument("--out", required=True, help="store path, e.g. trajectories.zarr")
     rec.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
-    rec.add_argument("--no-pretrained", action="store_true", help="random weights (tests of mechanics only)")
-    rec.add_argument("--batch-size", type=int, default=32)
+    rec.add_argument("--no-pretrained", action="store_true", help="random weights, seeded with --seed (tests of mechanics only)")
+    _image_arguments(rec)
+    rec.add_argument("--batch-size", type=positive_int, default=32)
     rec.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    rec.add_argument("--limit", type=int, help="record only the first N images")
+    rec.add_argument("--limit", type=positive_int, help="record only the first N images")
     rec.add_argument("--layers", type=int_list, help="comma-separated layers to keep (0 = embedding), default all")
     rec.add_argument("--patch-tokens", type=int, help="keep only N patch tokens, drawn with --seed")
-    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--seed", type=int, default=0, help="seed of the patch-token draw and of random weights (default 0)")
     rec.add_argument("--compression", choices=["none", "zstd"], default="none")
-    rec.add_argument("--device", default="cpu", help="torch device; with --shard auto under torchrun, 'cuda' means cuda:$LOCAL_RANK")
+    rec.add_argument("--device", type=torch_device, default="cpu", help="torch device; with --shard auto under torchrun, 'cuda' means cuda:$LOCAL_RANK")
     rec.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="run the forward under torch.autocast with this dtype (GPU speed)")
     rec.add_argument("--summaries-only", action="store_true", help="store cls / patch-mean / register-mean views and logits, not every token")
-    rec.add_argument("--writers", type=int, default=2, help="threads writing batches to the store (default 2)")
+    rec.add_argument("--writers", type=positive_int, default=2, help="threads writing batches to the store (default 2)")
     rec.add_argument(
         "--shard",
         help="record only shard I/N of the store's blocks (0-based; run all N, in parallel, anywhere that sees --out); "
@@ -160,20 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prof.add_argument("--images", help="image folder (class sub-folders give labels); default: the bundled held-out digits")
     prof.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
-    prof.add_argument("--no-pretrained", action="store_true", help="random weights (tests of mechanics only)")
+    prof.add_argument("--no-pretrained", action="store_true", help="random weights, seeded with --seed (tests of mechanics only)")
+    _image_arguments(prof)
     prof.add_argument("--out", required=True, help="output folder")
-    prof.add_argument("--limit", type=int, help="use only the first N images")
-    prof.add_argument("--batch-size", type=int, default=32)
+    prof.add_argument("--limit", type=positive_int, help="use only the first N images")
+    prof.add_argument("--batch-size", type=positive_int, default=32)
     prof.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     prof.add_argument("--method", choices=["maxcut", "contiguous"], default="maxcut", help="phase partition method")
-    prof.add_argument("--eps", type=float, default=0.1, help="the paper's max-cut fraction f (default 0.1)")
-    prof.add_argument("--k", type=int, help="number of phases (overrides --eps)")
-    prof.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for boundary stability")
+    prof.add_argument("--eps", type=nonnegative_float, default=0.1, help="the paper's max-cut fraction f (default 0.1)")
+    prof.add_argument("--k", type=positive_int, help="number of phases (overrides --eps)")
+    prof.add_argument("--bootstrap", type=nonnegative_int, default=100, help="bootstrap replicates for boundary stability")
     prof.add_argument("--only", type=comma_list, help="comma-separated dynamics analyses (default all)")
-    prof.add_argument("--fit-raptor", type=int, metavar="K", help="also fit a K-block Raptor surrogate")
+    prof.add_argument("--fit-raptor", type=positive_int, metavar="K", help="also fit a K-block Raptor surrogate")
     prof.add_argument("--raptor-steps", type=int, help="Raptor training steps per stage")
+    prof.add_argument("--concepts", action="store_true",
+                      help="also learn one concept dictionary across depth and analyse it on the phases (about a minute)")
+    prof.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for every accuracy (a DINOv2 "
+                      "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
     prof.add_argument("--seed", type=int, default=0)
-    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--device", type=torch_device, default="cpu")
     prof.add_argument("--overwrite", action="store_true", help="replace a store in --out recorded with other settings")
     prof.add_argument("--quiet", action="store_true", help="no progress")
     _cluster_argument(prof)
@@ -202,19 +226,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     phases.add_argument("store")
     setting = phases.add_mutually_exclusive_group()
-    setting.add_argument("--k", type=int, help="number of phases")
-    setting.add_argument("--eps", type=float, default=0.1, help="the paper's fraction f (0.2/0.1/0.09 -> 2/3/4 phases on DINOv2-B; default 0.1)")
+    setting.add_argument("--k", type=positive_int, help="number of phases")
+    setting.add_argument("--eps", type=nonnegative_float, default=0.1, help="the paper's fraction f (0.2/0.1/0.09 -> 2/3/4 phases on DINOv2-B; default 0.1)")
     phases.add_argument("--method", choices=["maxcut", "contiguous"], default="maxcut")
     phases.add_argument("--measure", choices=["cosine", "angular", "mse", "cka"], default="cosine")
     phases.add_argument("--tokens", default="cls+patch_mean", help="token groups joined by +: cls, patch_mean, register_mean, patch, register, all")
     phases.add_argument("--layers", type=int_list, help="comma-separated layers (default: block outputs 1..L, as the paper)")
-    phases.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the images for boundary stability (0: none)")
+    phases.add_argument("--bootstrap", type=nonnegative_int, default=200, help="bootstrap resamples of the images for boundary stability (0: none)")
     phases.add_argument("--seed", type=int, default=0)
     phases.add_argument("--figure", help="write the heatmap with phase boundaries to this PNG")
     phases.add_argument("--out", help="write the result (matrix, phases, stability) to this .zarr")
     phases.add_argument("--quiet", action="store_true", help="no progress bar")
     _cluster_argument(phases)
     phases.add_argument("--json", action="store_true", help="print a JSON summary")
+    lens = phases.add_argument_group(
+        "lenses", "phases under several lenses: every lens segmented into the same k phases (default: as many as "
+        "the first lens's max-cut finds at --eps), by max-cut and contiguous DP, and the agreement of each pair",
+    )
+    lens.add_argument("--lens", type=comma_list, metavar="LENS,...",
+                      help="compare lenses instead of one matrix: cosine, cka, jacobian (block-Jacobian singular "
+                      "subspaces; needs the live model), knee (knees of the per-layer angular change)")
+    lens.add_argument("--model", help="jacobian lens: the live model (default the one the store was recorded with)")
+    lens.add_argument("--checkpoint", help="jacobian lens: local weights for --model")
+    lens.add_argument("--device", type=torch_device, default="cpu", help="jacobian lens: torch device")
+    lens.add_argument("--jacobian-images", type=int, default=32, help="jacobian lens: images, evenly spaced (default 32)")
+    lens.add_argument("--rank", type=int, default=4, help="jacobian lens: singular directions per block (default 4)")
+    lens.add_argument("--tolerance", type=int, default=1, help="layers by which matching boundaries may differ (default 1)")
     phases.set_defaults(run=_phases)
 
     fit = commands.add_parser(
@@ -226,21 +263,104 @@ def build_parser() -> argparse.ArgumentParser:
         "to --out; an interrupted fit resumes when the same command is run again.",
     )
     fit.add_argument("store")
-    fit.add_argument("--k", type=int, help="number of blocks (default: the partition's length, else 2)")
-    fit.add_argument("--partition", help="phases '1-7,8-12' or thresholds '7' (default: exact contiguous split into k phases)")
-    fit.add_argument("--out", required=True, help="output folder (weights.safetensors, config.json, checkpoint/)")
-    fit.add_argument("--steps", type=int, help="steps per stage-1 block (default 200)")
-    fit.add_argument("--stage2-steps", type=int, help="stage-2 steps (default: --steps)")
-    fit.add_argument("--batch-size", type=int, help="default 16")
+    fit.add_argument("--surrogate", choices=list(SURROGATES), default="raptor",
+                     help="raptor (default: trained shared blocks), or a rung of the ladder: identity, linear (a "
+                     "ridge map per phase), dmd (exact DMD per phase), teacher-block (the teacher's best own block "
+                     "per phase); the training flags (--recipe, --steps, --lr, --baselines, --seeds, ...) apply to raptor only")
+    fit.add_argument("--k", type=int_list, help="number of blocks, or several (2,3,4: stage-1 blocks of shared "
+                     "segments are trained once); default: the partition's length, else 2")
+    fit.add_argument("--partition", help="phases '1-7,8-12' or thresholds '7' (default: the max-cut phases when they "
+                     "are k contiguous ones, else the exact contiguous split into k phases)")
+    fit.add_argument("--out", required=True, help="output folder (weights.safetensors, config.json, checkpoint/, stage1/)")
+    fit.add_argument("--recipe", choices=sorted(RECIPES), help="start from the paper's recipe (AdamW lr 3e-4, wd 1e-4, "
+                     "batch 64, 10k warmup, cosine to 1e-6, anneal 25%%, paper losses, clip 1.0, fixed steps); flags override it")
+    fit.add_argument("--steps", type=positive_int, help="most steps per stage-1 block (default 2000)")
+    fit.add_argument("--stage2-steps", type=int, help="most stage-2 steps (default: --steps)")
+    fit.add_argument("--patience", type=nonnegative_int, help="stop a segment after N validations without a held-out R² gain above "
+                     "--tol (default 5; 0: always train --steps)")
+    fit.add_argument("--tol", type=float, help="held-out R² gain that counts as an improvement (default 1e-4)")
+    fit.add_argument("--validate-every", type=int, help="steps between validations (default 50)")
+    fit.add_argument("--batch-size", type=positive_int, help="default 16")
     fit.add_argument("--lr", type=float, help="peak AdamW learning rate (default 2e-3)")
+    fit.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    fit.add_argument("--warmup", type=float, help="linear warmup: a fraction of each segment's steps if below 1, "
+                     "else a number of steps (default 0.05)")
+    fit.add_argument("--min-lr", type=float, help="end of the cosine decay (default 1e-6)")
+    fit.add_argument("--tf-anneal", type=float, help="fraction of stage-1 steps over which teacher forcing anneals "
+                     "into rollout (default 0.25)")
+    fit.add_argument("--tf-floor", type=float, help="teacher-forcing weight the anneal ends at (default 0)")
+    fit.add_argument("--noise", type=float, help="sigma of Gaussian noise on block inputs in rollouts (default 0)")
+    fit.add_argument("--stage1-loss", nargs="+", metavar="LOSS", help="paper (MSE, last segment 0.34/0.33/0.33), mse, "
+                     "cls/register/patch weights such as 0.34/0.33/0.33, or one per segment: mse mse 0.34/0.33/0.33 "
+                     "(weights used as given; default paper)")
+    fit.add_argument("--stage2-loss", metavar="LOSS", help="paper (0.45/0.10/0.45), mse or weights (default paper)")
+    fit.add_argument("--grad-clip", type=float, help="gradient-norm clipping (default 1.0)")
     fit.add_argument("--mlp", choices=["swiglu", "gelu"], help="block MLP (default swiglu, as the paper)")
-    fit.add_argument("--baselines", type=int, default=0, metavar="N",
+    fit.add_argument("--baselines", type=nonnegative_int, default=0, metavar="N",
                      help="also fit the uniform partition, N random contiguous partitions and k=1, with the same recipe")
+    fit.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (a DINOv2 "
+                     "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--device", default="cpu")
+    fit.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="fit each k with seeds S..S+N-1 (same held-out "
+                     "images) and report mean ± std per layer")
+    fit.add_argument("--device", type=torch_device, default="cpu")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.add_argument("--json", action="store_true", help="print a JSON summary")
     fit.set_defaults(run=_fit)
+
+    lad = commands.add_parser(
+        "ladder",
+        help="fit a ladder of surrogates (identity, linear, dmd, teacher-block, raptor) for several k and compare them",
+        description="For each k, fit every rung on the same partition and training images and score it on the same "
+        "held-out images: R² per layer and token kind, accuracy through the teacher's head, ε (relative Frobenius "
+        "error, max and mean over layers, bootstrap intervals) and the loop count. Writes ladder.csv/.json, "
+        "ladder.png, ladder_layers.png, loop_count.png, ladder.zarr and ladder.html to --out.",
+    )
+    lad.add_argument("store")
+    lad.add_argument("--k", type=int_list, default=[1, 2, 3, 4], help="numbers of phases (default 1,2,3,4)")
+    lad.add_argument("--out", required=True, help="output folder")
+    lad.add_argument("--surrogates", type=comma_list, default=list((*LADDER_RUNGS, LADDER_CEILING)),
+                     help=f"rungs to fit (default all: {','.join((*LADDER_RUNGS, LADDER_CEILING))})")
+    lad.add_argument("--loop-scales", type=float_list, default=list(LOOP_SCALES),
+                     help="loop counts, as multiples of each phase's length (default 0.5,0.75,1,1.25,1.5,2)")
+    lad.add_argument("--bootstrap", type=nonnegative_int, default=1000, help="bootstrap resamples of the held-out images for ε (default 1000)")
+    lad.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (default: the "
+                     "model's own, or a probe fitted on the labels of a headless model)")
+    lad.add_argument("--steps", type=positive_int, help="Raptor: most steps per stage-1 block (default: dynamo fit's)")
+    lad.add_argument("--stage2-steps", type=int, help="Raptor: most stage-2 steps (default: --steps)")
+    lad.add_argument("--patience", type=nonnegative_int, help="Raptor: validations without gain before a segment stops (default: dynamo fit's)")
+    lad.add_argument("--batch-size", type=positive_int, help="Raptor batch size (default: dynamo fit's)")
+    lad.add_argument("--lr", type=float, help="Raptor peak learning rate (default: dynamo fit's)")
+    lad.add_argument("--mlp", choices=["swiglu", "gelu"], help="Raptor block MLP (default swiglu)")
+    lad.add_argument("--seed", type=int, default=0)
+    lad.add_argument("--device", type=torch_device, default="cpu")
+    lad.add_argument("--quiet", action="store_true", help="no progress bars")
+    lad.add_argument("--json", action="store_true", help="print a JSON summary")
+    lad.set_defaults(run=_ladder)
+
+    con = commands.add_parser(
+        "concepts",
+        help="one sparse dictionary across depth: which concepts are born, peak and die in which phase",
+        description="Fit one TopK or RA-SAE dictionary on the tokens of every layer (each layer scaled to a common norm, "
+        "streamed in shuffled layer-balanced chunks), then profile every concept per layer and token kind, test whether "
+        "births and deaths fall at the phase boundaries, and draw the figures. Writes concepts.zarr, dictionary/, PNG "
+        "figures and summary.json to --out; an interrupted fit resumes when the same command is run again.",
+    )
+    con.add_argument("store")
+    con.add_argument("--out", required=True, help="output folder")
+    con.add_argument("--kind", choices=["topk", "rasae"], default="topk", help="TopK SAE or Relaxed Archetypal SAE (default topk)")
+    con.add_argument("--concepts", type=int, help="number of concepts (default 8 x the width)")
+    con.add_argument("--k", type=positive_int, help="active concepts per token (default 8)")
+    con.add_argument("--steps", type=positive_int, help="training steps (default 1500, batches of 1024 tokens)")
+    con.add_argument("--per-phase", action="store_true", help="also fit one dictionary per phase, for comparison")
+    con.add_argument("--stability", action="store_true",
+                     help="also fit a second seed of TopK and of RA-SAE and match their atoms (4 fits in all)")
+    con.add_argument("--boundaries", type=int_list, help="phase boundaries, e.g. 4,8 (default: the store's max-cut phases)")
+    con.add_argument("--seed", type=int, default=0)
+    con.add_argument("--device", type=torch_device, default="cpu")
+    con.add_argument("--quiet", action="store_true", help="no progress bars")
+    con.add_argument("--json", action="store_true", help="print a JSON summary")
+    con.set_defaults(run=_concepts)
     return parser
 
 
@@ -256,6 +376,7 @@ def _record(args) -> dict:
         args.out,
         checkpoint=args.checkpoint,
         pretrained=not args.no_pretrained,
+        **_image_options(args),
         batch_size=args.batch_size,
         dtype=args.dtype,
         layers=args.layers,
@@ -303,14 +424,19 @@ def _analyze(args) -> dict:
 def _profile(args) -> dict:
     options = dict(
         phase_method=args.method, eps=args.eps, k=args.k, n_bootstrap=args.bootstrap, only=args.only,
-        fit_raptor=args.fit_raptor, raptor_steps=args.raptor_steps, device=args.device, seed=args.seed,
-        progress=not args.quiet, command=" ".join(sys.argv),
+        fit_raptor=args.fit_raptor, raptor_steps=args.raptor_steps, concepts=args.concepts, head=args.head,
+        device=args.device, seed=args.seed, progress=not args.quiet, command=" ".join(sys.argv),
     )
     if is_trajectory_store(args.model):
+        if args.img_size or args.preprocess or args.preset:
+            raise ValueError(f"--img-size, --preprocess and --preset apply when recording a model; {args.model} is "
+                             "a recorded store (its image size and preprocessing are fixed): drop them")
         return profile_store(args.model, args.out, **options)
+    if args.model.endswith(".zarr") or os.sep in args.model:  # a path, not a timm or zoo name
+        raise StoreError(f"no trajectory store at {args.model}; check the path (or pass a timm or zoo model name)")
     return profile(
         args.model, args.out, images=args.images, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
-        limit=args.limit, batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, **options,
+        **_image_options(args), limit=args.limit, batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, **options,
     )
 
 
@@ -319,6 +445,13 @@ def _compare(args) -> dict:
 
 
 def _phases(args) -> dict:
+    if args.lens:
+        summary = lens_stage(
+            open_trajectories(args.store), args.lens, model=args.model, checkpoint=args.checkpoint, device=args.device,
+            k=args.k, eps=args.eps, tokens=args.tokens, layers=args.layers, rank=args.rank, images=args.jacobian_images,
+            tolerance=args.tolerance, seed=args.seed, out=args.out, figure=args.figure, progress=not args.quiet,
+        )
+        return {"store": str(args.store), **summary}
     summary = phase_stage(
         open_trajectories(args.store), method=args.method, eps=args.eps, k=args.k, measure=args.measure,
         tokens=args.tokens, layers=args.layers, n_bootstrap=args.bootstrap, seed=args.seed, out=args.out,
@@ -328,9 +461,68 @@ def _phases(args) -> dict:
 
 
 def _fit(args) -> dict:
-    params = {name: getattr(args, name) for name in ("steps", "stage2_steps", "batch_size", "lr", "mlp")}
+    if args.surrogate != "raptor":
+        return _fit_rung(args)
+    params = {name: getattr(args, name) for name in (
+        "steps", "stage2_steps", "patience", "tol", "validate_every", "batch_size", "lr", "weight_decay", "warmup",
+        "min_lr", "tf_anneal", "tf_floor", "noise", "grad_clip", "mlp")}
+    if args.stage1_loss:
+        losses = [parse_loss(text) for text in args.stage1_loss]
+        params["stage1_loss"] = losses[0] if len(losses) == 1 else losses
+    if args.stage2_loss:
+        params["stage2_loss"] = parse_loss(args.stage2_loss)
     return fit(args.store, args.out, k=args.k, partition=args.partition, baselines=args.baselines, seed=args.seed,
-               device=args.device, progress=not args.quiet, **params)
+               seeds=args.seeds, recipe=args.recipe, head=args.head, device=args.device, progress=not args.quiet,
+               **params)
+
+
+def _fit_rung(args) -> dict:
+    """``dynamo fit --surrogate`` for a rung other than Raptor: one k, no training flags."""
+    given = [name for name in RAPTOR_ONLY if getattr(args, name, None) not in (None, RAPTOR_ONLY[name])]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags} apply to --surrogate raptor only; {args.surrogate} has nothing to train: drop them")
+    if args.k is not None and len(args.k) > 1:
+        raise ValueError(f"--surrogate {args.surrogate} fits one k at a time; for several, use dynamo ladder")
+    return fit_surrogate(args.store, args.out, args.surrogate, k=args.k[0] if args.k else None, partition=args.partition,
+                         head=args.head, seed=args.seed, device=args.device, progress=not args.quiet)
+
+
+def _concepts(args) -> dict:
+    return concept_stage(args.store, args.out, kind=args.kind, n_concepts=args.concepts, k=args.k, steps=args.steps,
+                         per_phase=args.per_phase, stability=args.stability, boundaries=args.boundaries, seed=args.seed,
+                         device=args.device, progress=not args.quiet)
+
+
+def _ladder(args) -> dict:
+    return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
+                  n_bootstrap=args.bootstrap, head=args.head, seed=args.seed, device=args.device,
+                  progress=not args.quiet, command=" ".join(sys.argv), steps=args.steps,
+                  stage2_steps=args.stage2_steps, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                  mlp=args.mlp)
+
+
+def _image_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input size and preprocessing of a command that builds a model (parsed by `_image_options`)."""
+    parser.add_argument(
+        "--img-size", metavar="N|H,W",
+        help="input size to build a timm model for (default the model's own); position embeddings of trained "
+        "weights are resampled to it as timm does (e.g. DINOv2, trained at 518, studied at 224)",
+    )
+    parser.add_argument(
+        "--preprocess", metavar="KEY=VALUE,...",
+        help="overrides of the model's timm preprocessing: resize=N (shorter side, before the centre crop), "
+        "crop=N|H,W (the input size), interpolation=bicubic|bilinear|..., mean=R,G,B|imagenet|inception|clip, std=...",
+    )
+    parser.add_argument("--preset", metavar="|".join(PRESETS),
+                        help="preprocessing preset; paper: Resize 256 bicubic, CenterCrop 224, ImageNet mean/std "
+                        "(--preprocess overrides it)")
+
+
+def _image_options(args) -> dict:
+    """``img_size`` and ``preprocess`` for `dynamo.load_model` from `_image_arguments`' flags."""
+    preprocess = preprocess_overrides(args.preset, args.preprocess) if (args.preset or args.preprocess) else None
+    return {"img_size": parse_img_size(args.img_size), "preprocess": preprocess}
 
 
 def _cluster_argument(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,8 @@ Stages, each shown as it runs and each resumable:
    the live model perturbation recovery, Jacobian spectra and layer swaps), with the phase
    boundaries drawn on every depth plot;
 4. **raptor** (with ``fit_raptor=k``): a k-block Raptor surrogate fitted on the store;
+   **concepts** (with ``concepts=True``): one sparse dictionary across depth, its concepts against
+   the phases (`dynamo.pipeline.concepts`; about a minute on the default store, so opt-in);
 5. **report**: ``DIR/report.html`` (self-contained), ``DIR/summary.json``.
 
 A finished stage leaves ``DIR/stages/<stage>.json`` holding its summary and the key it was
@@ -32,7 +34,9 @@ from pathlib import Path
 from dynamo import zoo
 from dynamo.images import image_set
 from dynamo.models import LoadedModel, load_model
+from analyses import concepts as concept_analysis
 from dynamo.pipeline.analyze import analyze
+from dynamo.pipeline.concepts import concepts as concept_stage
 from dynamo.pipeline.fit import fit
 from dynamo.pipeline.phases import phases as phase_stage
 from dynamo.pipeline.registry import ANALYSES
@@ -51,6 +55,8 @@ def profile(
     images=None,
     checkpoint: str | Path | None = None,
     pretrained: bool = True,
+    img_size: int | tuple[int, int] | None = None,
+    preprocess: dict | str | None = None,
     limit: int | None = None,
     batch_size: int = 32,
     dtype: str = "float32",
@@ -61,6 +67,8 @@ def profile(
     only: list[str] | None = None,
     fit_raptor: int | None = None,
     raptor_steps: int | None = None,
+    concepts: bool = False,
+    head: str | Path | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     seed: int = 0,
@@ -77,8 +85,8 @@ def profile(
         Output folder; holds the store, the figures, ``report.html`` and ``summary.json``.
     images : folder, list of paths, array or ImageSet, optional
         Default: the zoo's bundled held-out digits (with labels).
-    checkpoint, pretrained
-        As `dynamo.load_model`.
+    checkpoint, pretrained, img_size, preprocess
+        As `dynamo.load_model` (random weights are seeded with ``seed``).
     limit : int, optional
         Use only the first ``limit`` images.
     batch_size, dtype
@@ -95,12 +103,17 @@ def profile(
         Fit a Raptor surrogate with this many blocks on the store's phases.
     raptor_steps : int, optional
         Training steps per Raptor stage (default the fitter's).
+    concepts : bool
+        Also learn a concept dictionary across depth and analyse it on the phases (``DIR/concepts/``).
+    head : str or Path, optional
+        A linear head file for every accuracy (`dynamo.heads.LinearHead.load`); default the
+        model's own classifier, or a probe fitted on the labels for a model without one.
     device : str
         Torch device for the live model.
     overwrite : bool
         Replace a store in ``out`` that was recorded with another model or images.
     seed : int
-        Seed of every random draw (bootstrap, perturbation directions, Raptor).
+        Seed of every random draw (random weights, bootstrap, perturbation directions, Raptor).
     progress : bool
         Show progress bars.
     command : str, optional
@@ -116,7 +129,9 @@ def profile(
     started = time.perf_counter()
     if progress:
         print("[record]", file=sys.stderr, flush=True)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model or zoo.DEFAULT_MODEL, checkpoint, pretrained)
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model or zoo.DEFAULT_MODEL, checkpoint, pretrained, img_size=img_size, preprocess=preprocess, seed=seed
+    )
     store = out / "trajectories.zarr"
     record(
         loaded,
@@ -132,7 +147,8 @@ def profile(
     recorded = time.perf_counter() - started
     return profile_store(
         store, out, model=loaded, phase_method=phase_method, eps=eps, k=k, n_bootstrap=n_bootstrap, only=only,
-        fit_raptor=fit_raptor, raptor_steps=raptor_steps, device=device, seed=seed, progress=progress,
+        fit_raptor=fit_raptor, raptor_steps=raptor_steps, concepts=concepts, head=head, device=device, seed=seed,
+        progress=progress,
         command=command, timings={"record": recorded},
     )
 
@@ -149,6 +165,8 @@ def profile_store(
     only: list[str] | None = None,
     fit_raptor: int | None = None,
     raptor_steps: int | None = None,
+    concepts: bool = False,
+    head: str | Path | None = None,
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
@@ -184,10 +202,10 @@ def profile_store(
     if dataset.sizes["image"] == 0:
         raise ValueError(f"store {store} has no recorded images; record some with `dynamo record`")
     if model is not None and not isinstance(model, LoadedModel):
-        model = load_model(model)
+        model = load_model(model, img_size=tuple(dataset.attrs["image_size"]))  # built for the store's input size
     if only is None:
         only = [name for name, entry in ANALYSES.items() if model is not None or not entry.needs_model]
-    stages = ["phases", "dynamics", *(["raptor"] if fit_raptor else []), "report"]
+    stages = ["phases", "dynamics", *(["raptor"] if fit_raptor else []), *(["concepts"] if concepts else []), "report"]
 
     def announce(stage: str) -> float:
         if progress:
@@ -207,9 +225,9 @@ def profile_store(
     t = announce("dynamics")
     dynamics = _cached(
         out, "dynamics", {**identity, "only": only, "boundaries": phases["boundaries"], "seed": seed,
-                                "n_bootstrap": n_bootstrap},
+                                "n_bootstrap": n_bootstrap, "head": _file_key(head)},
         lambda: analyze(store, out / "dynamics", only=only, model=model, boundaries=phases["boundaries"],
-                        device=device, seed=seed, n_bootstrap=n_bootstrap, progress=progress),
+                        head=head, device=device, seed=seed, n_bootstrap=n_bootstrap, progress=progress),
     )
     timings["dynamics"] = time.perf_counter() - t
 
@@ -218,12 +236,23 @@ def profile_store(
         t = announce("raptor")
         raptor = _cached(
             out, "raptor", {**identity, "k": fit_raptor, "steps": raptor_steps, "seed": seed,
-                            "partition": phases["partition"]},
+                            "partition": phases["partition"], "head": _file_key(head)},
             lambda: fit(store, out / "raptor", k=fit_raptor, phases=phases, steps=raptor_steps, device=device,
-                        seed=seed, progress=progress),
+                        seed=seed, progress=progress, head=head, teacher=model),
             invalidates=[out / "raptor"],
         )
         timings["raptor"] = time.perf_counter() - t
+
+    concept_summary = None
+    if concepts:
+        t = announce("concepts")
+        concept_summary = _cached(
+            out, "concepts", {**identity, "partition": phases["partition"], "seed": seed},
+            lambda: concept_stage(store, out / "concepts", partition=phases["partition"], seed=seed, device=device,
+                                  progress=progress),
+            invalidates=[out / "concepts"],
+        )
+        timings["concepts"] = time.perf_counter() - t
 
     announce("report")
     summary = {
@@ -239,6 +268,7 @@ def profile_store(
         "phases": phases,
         "dynamics": dynamics["analyses"],
         "raptor": raptor,
+        "concepts": concept_summary,
         "provenance": _provenance(dataset, command),
         "seconds": {name: round(value, 2) for name, value in timings.items()},
     }
@@ -255,6 +285,13 @@ def store_identity(store: str | Path, dataset) -> str:
     identity (weights, images and their contents, preprocessing, dtype, layers, tokens, autocast)."""
     text = json.dumps({"path": str(Path(store).resolve()), **dataset.attrs["identity"]}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_key(path: str | Path | None) -> str | None:
+    """A file's resolved path and sha256, for a stage key (None for no file)."""
+    if path is None:
+        return None
+    return f"{Path(path).resolve()} sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()}"
 
 
 def _cached(out: Path, stage: str, key: dict, compute, invalidates=()) -> dict:
@@ -287,7 +324,10 @@ def _provenance(dataset, command: str | None) -> dict:
         "pretrained": attrs.get("pretrained"),
         "images": attrs.get("images_source", attrs.get("images")),
         "n_images": int(dataset.sizes["image"]),
+        "image_size": attrs.get("image_size"),
         "preprocessing": attrs.get("preprocessing"),
+        "preprocess_overrides": attrs.get("preprocess_overrides") or None,
+        "init_seed": attrs.get("init_seed"),
         "dtype": attrs.get("dtype"),
         "versions": attrs.get("versions"),
         "command": command or " ".join(sys.argv),
@@ -322,6 +362,11 @@ def _report(out: Path, summary: dict) -> None:
              for path in raptor.get("figures", [])],
             headline_rows({key: value for key, value in raptor.items() if key not in ("out", "text")}),
         ))
+    if summary.get("concepts"):
+        entry = summary["concepts"]
+        sections.append(Section(f"Concepts through depth ({entry['dictionary_kind']}, {entry['concepts']} concepts)",
+                                concept_analysis.DESCRIPTION, list(zip(entry["figures"], entry["captions"])),
+                                headline_rows({key: value for key, value in entry.items() if key not in ("out", "text")})))
     write_report(
         out / "report.html",
         f"dynamo profile: {summary['model']}",
@@ -345,5 +390,10 @@ def _text(summary: dict, out: Path) -> str:
         raptor = summary["raptor"]
         lines.append(f"raptor k={raptor['k']} on {format_value(raptor['partition'])}: r2_final = "
                      f"{format_value(raptor.get('r2_final'))}, accuracy_ratio = {format_value(raptor.get('accuracy_ratio'))}")
+    if summary.get("concepts"):
+        entry = summary["concepts"]
+        lines.append(f"concepts ({entry['dictionary_kind']}, {entry['concepts']}): births and deaths at phase boundaries "
+                     f"{format_value(entry['boundary_fraction_both'])} vs {format_value(entry['boundary_null_fraction_both'])} "
+                     f"at random boundaries (p = {format_value(entry['boundary_p_value_both'])})")
     lines.append(f"report: {out / 'report.html'}; summary: {out / 'summary.json'} ({summary['seconds']['total']:.0f} s)")
     return "\n".join(lines)

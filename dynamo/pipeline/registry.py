@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import ModuleType
 
+import torch
 import xarray as xr
 
 from analyses import convergence, jacobian, perturbation, rank, swap, tokens
+from analyses.streaming import Accumulator, stream
 from dynamo.partition import Partition
 from dynamo.raptor import RaptorFitter
 from figures import basins as basins_figures
@@ -52,6 +55,44 @@ def int_list(text: str) -> list[int]:
         return [int(part) for part in comma_list(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A command-line count that must be at least 1."""
+    return _bounded(text, int, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """A command-line count that may be 0."""
+    return _bounded(text, int, 0)
+
+
+def nonnegative_float(text: str) -> float:
+    """A command-line number that may be 0, never negative."""
+    return _bounded(text, float, 0.0)
+
+
+def _bounded(text: str, kind: type, least):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {text}")
+    return value
+
+
+def torch_device(text: str) -> str:
+    """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible on this machine; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no Apple GPU (mps) on this machine; use --device cpu")
+    return text
 
 
 @dataclass(frozen=True)
@@ -109,11 +150,16 @@ class Analysis:
     run : callable
         ``run(ds, model, partition, options) -> xr.Dataset``; ``model`` is a `LoadedModel` when
         ``needs_model`` (else None), ``options`` a dict with every `Option`'s value plus ``seed``,
-        ``progress`` and ``device``.
+        ``progress``, ``device`` and ``head`` (the `dynamo.heads.LinearHead` accuracies use, or
+        None for the model's own classifier).
     figures : tuple of FigureSpec
     needs_model : bool
         The analysis runs the model (perturbations, Jacobians, layer swaps).
     options : tuple of Option
+    accumulate : callable, optional
+        ``accumulate(ds, options) -> analyses.streaming.Accumulator``: the analysis' share of the
+        one pass over ``hidden`` that `dynamo analyze` makes for all such analyses together
+        (`analyses.streaming.stream`); its ``run`` is that pass alone (`_streamed`).
     """
 
     module: ModuleType
@@ -121,22 +167,33 @@ class Analysis:
     figures: tuple[FigureSpec, ...]
     needs_model: bool = False
     options: tuple[Option, ...] = field(default_factory=tuple)
+    accumulate: Callable[..., Accumulator] | None = None
 
     @property
     def description(self) -> str:
         return self.module.DESCRIPTION
 
 
-def _run_basins(ds, model, partition, options) -> xr.Dataset:
-    return convergence.compute(ds, progress=options["progress"])
+def _streamed(accumulate: Callable[..., Accumulator]) -> dict:
+    """``run`` and ``accumulate`` of an analysis that reads ``hidden`` in the one pass (`analyses.streaming.stream`)."""
+    return {"run": partial(_run_streamed, accumulate=accumulate), "accumulate": accumulate}
 
 
-def _run_tokens(ds, model, partition, options) -> xr.Dataset:
-    return tokens.compute(ds, progress=options["progress"])
+def _run_streamed(ds, model, partition, options, *, accumulate) -> xr.Dataset:
+    return stream(ds, {"result": accumulate(ds, options)}, progress=options["progress"])["result"]
 
 
-def _run_rank(ds, model, partition, options) -> xr.Dataset:
-    return rank.compute(ds, n_bootstrap=options["n_bootstrap"], seed=options["seed"], progress=options["progress"])
+def _accumulate_basins(ds, options) -> Accumulator:
+    return convergence.Convergence(ds, progress=options["progress"], head=options.get("head"))
+
+
+def _accumulate_tokens(ds, options) -> Accumulator:
+    return tokens.TokenDynamics(ds)
+
+
+def _accumulate_rank(ds, options) -> Accumulator:
+    return rank.UpdateRank(ds, n_bootstrap=options["n_bootstrap"], seed=options["seed"],
+                           tokens_per_image=options["tokens_per_image"] or None)
 
 
 def _run_perturbation(ds, model, partition, options) -> xr.Dataset:
@@ -174,12 +231,12 @@ def _run_jacobian(ds, model, partition, options) -> xr.Dataset:
 
 def _run_swap(ds, model, partition, options) -> xr.Dataset:
     return swap.compute(ds, model, width=options["swap_width"], partition=partition, images=options["swap_images"],
-                        progress=options["progress"])
+                        progress=options["progress"], head=options.get("head"))
 
 
 ANALYSES: dict[str, Analysis] = {
     "basins": Analysis(
-        module=convergence, run=_run_basins,
+        module=convergence, **_streamed(_accumulate_basins),
         figures=(
             FigureSpec("convergence", basins_figures.plot_convergence,
                        "γ, the cosine of each token to its own final direction, per layer and token kind (10-90% bands over images)."),
@@ -191,7 +248,7 @@ ANALYSES: dict[str, Analysis] = {
         ),
     ),
     "tokens": Analysis(
-        module=tokens, run=_run_tokens,
+        module=tokens, **_streamed(_accumulate_tokens),
         figures=(
             FigureSpec("angular_speed", tokens_figures.plot_angular_speed,
                        "Angle each token turns per block, per token kind."),
@@ -201,10 +258,14 @@ ANALYSES: dict[str, Analysis] = {
         ),
     ),
     "rank": Analysis(
-        module=rank, run=_run_rank,
+        module=rank, **_streamed(_accumulate_rank),
         figures=(FigureSpec("update_rank", rank_figures.plot_update_rank,
                             "Rank measures of each block's updates, raw and on the sphere, with bootstrap intervals over images."),),
-        options=(Option("n_bootstrap", 100, "bootstrap resamples of the images for error bars", int, flag="--bootstrap"),),
+        options=(
+            Option("n_bootstrap", 100, "bootstrap resamples of the images for error bars", int, flag="--bootstrap"),
+            Option("tokens_per_image", rank.TOKENS_PER_IMAGE,
+                   "rank: at most N tokens of a kind per image (a seeded subset of kinds with more; 0 for all)", int),
+        ),
     ),
     "perturbation": Analysis(
         module=perturbation, run=_run_perturbation, needs_model=True,

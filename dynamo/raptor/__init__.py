@@ -9,7 +9,7 @@ from dynamo.metrics import r2_score
 from dynamo.raptor.baselines import partition_baselines
 from dynamo.raptor.block import RaptorBlock
 from dynamo.raptor.evaluate import evaluate
-from dynamo.raptor.fit import RaptorFitter
+from dynamo.raptor.fit import PAPER_RECIPE, RaptorFitter
 from dynamo.raptor.model import Raptor
 
-__all__ = ["Raptor", "RaptorBlock", "RaptorFitter", "evaluate", "partition_baselines", "r2_score"]
+__all__ = ["PAPER_RECIPE", "Raptor", "RaptorBlock", "RaptorFitter", "evaluate", "partition_baselines", "r2_score"]

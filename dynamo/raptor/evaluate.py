@@ -6,18 +6,21 @@ evaluated images so that the value is exact over the set.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import xarray as xr
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
+from dynamo.heads import LinearHead, scored
 from dynamo.layout import token_groups
 from dynamo.metrics import r2_from_sums, r2_sums
 from dynamo.partition import Partition, assign_phases
 from dynamo.raptor.model import Raptor
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "surrogate_device"]
 
 
 @torch.no_grad()
@@ -34,7 +37,9 @@ def evaluate(
     Parameters
     ----------
     model : Raptor
-        With a teacher attached for the accuracy measures (without one they are left out).
+        With a teacher attached for the accuracy measures (without one they are left out). The
+        accuracies use the teacher's head (`dynamo.stepping.BlockStepper.head`): its own
+        classifier, or the linear head attached to it; a teacher with neither gets none.
     ds : xarray.Dataset
         A trajectory dataset (`dynamo.open_trajectories`) of the teacher, all layers and tokens.
     images : array-like of int, optional
@@ -44,8 +49,8 @@ def evaluate(
         R² denominator, see `dynamo.metrics`.
     probe : bool
         Also fit a linear probe on the labels (5-fold cross-validated logistic regression on the
-        teacher's pre-logit features of the last layer), for the teacher's states and for the
-        surrogate's, when the dataset has labels.
+        paper's head input, [cls ‖ patch mean] of the last layer after the teacher's final
+        norm), for the teacher's states and for the surrogate's, when the dataset has labels.
 
     Returns
     -------
@@ -54,20 +59,27 @@ def evaluate(
         (``token_kind`` "all") and each token kind present; ``r2_stacked`` (token_kind): over all
         layers stacked (the paper's bar chart). Coordinate ``phase`` (layer): the model's
         partition. Attributes: ``model`` (the teacher's name), ``r2_final`` (all tokens, layer
-        L), ``r2_reference``, ``n_images``, ``k``, and with a teacher ``accuracy_teacher``,
-        ``accuracy_surrogate``, ``accuracy_ratio`` (surrogate over teacher, both against the
-        labels; without labels, against the teacher's predictions), ``agreement`` (fraction of
-        images where the surrogate's prediction equals the teacher's) and, with labels and
-        ``probe``, ``probe_accuracy_teacher`` / ``probe_accuracy_surrogate``.
+        L), ``r2_reference``, ``n_images``, ``k``, and with a teacher that has a head:
+        ``accuracy_head`` (``model`` or ``probe``) and ``head_source`` (a fitted probe's
+        ``head_train_images`` too), ``accuracy_teacher``, ``accuracy_surrogate``,
+        ``accuracy_ratio`` (surrogate over teacher, both against the labels; without labels,
+        against the teacher's predictions) on ``accuracy_images`` images (a fitted probe's
+        training images are not scored), ``agreement`` (fraction of all evaluated images where
+        the surrogate's prediction equals the teacher's); without a head, ``accuracy_note``
+        instead. With labels and ``probe``, ``probe_accuracy_teacher`` /
+        ``probe_accuracy_surrogate`` and ``probe_accuracy_head``.
     """
     positions = np.arange(ds.sizes["image"]) if images is None else np.asarray(images)
     groups = token_groups(ds["token_kind"], pooled=True)
     hidden = ds["hidden"]
     if hidden.sizes["layer"] != model.num_layers + 1:
         raise ValueError(f"the dataset has {hidden.sizes['layer']} layers, the model runs {model.num_layers + 1}")
-    device = next(model.parameters()).device
+    device = surrogate_device(model)
     sums = {kind: None for kind in groups}
-    teacher_logits, surrogate_logits, teacher_features, surrogate_features = [], [], [], []
+    labels = _labels(ds, positions)
+    probing = probe and labels is not None and model.teacher is not None
+    features = LinearHead(model.teacher.module).features if probing else None
+    teacher_predictions, surrogate_predictions, teacher_features, surrogate_features = [], [], [], []
     for begin in range(0, len(positions), batch_size):
         rows = positions[begin : begin + batch_size]
         target = torch.from_numpy(np.asarray(hidden.isel(image=rows).values, dtype=np.float32)).to(device)
@@ -75,11 +87,12 @@ def evaluate(
         for kind, index in groups.items():
             batch = r2_sums(states[:, :, index], target[:, :, index], reference, dims=(0, 2, 3))
             sums[kind] = batch if sums[kind] is None else tuple(a + b for a, b in zip(sums[kind], batch))
-        if model.teacher is not None:
-            teacher_logits.append(model.head(target[:, -1]).cpu())
-            surrogate_logits.append(model.head(states[:, -1]).cpu())
-            teacher_features.append(_pre_logits(model, target[:, -1]).cpu())
-            surrogate_features.append(_pre_logits(model, states[:, -1]).cpu())
+        if model.head is not None:
+            teacher_predictions.append(model.predict(target[:, -1]).cpu())
+            surrogate_predictions.append(model.predict(states[:, -1]).cpu())
+        if probing:
+            teacher_features.append(features(target[:, -1]).cpu())
+            surrogate_features.append(features(states[:, -1]).cpu())
     layers = np.arange(model.num_layers + 1)
     sums = {kind: tuple(value.cpu() for value in sums[kind]) for kind in groups}
     r2 = np.stack([r2_from_sums(*sums[kind]).numpy() for kind in groups], axis=1)
@@ -101,18 +114,20 @@ def evaluate(
         },
     )
     if model.teacher is not None:
-        result.attrs.update(_accuracies(ds, positions, teacher_logits, surrogate_logits))
-        labels = _labels(ds, positions)
-        if probe and labels is not None:
-            result.attrs["probe_accuracy_teacher"] = _probe(torch.cat(teacher_features).numpy(), labels)
-            result.attrs["probe_accuracy_surrogate"] = _probe(torch.cat(surrogate_features).numpy(), labels)
+        result.attrs.update(_accuracies(model, ds, positions, labels, teacher_predictions, surrogate_predictions))
+    if probing:
+        result.attrs["probe_accuracy_teacher"] = _probe(torch.cat(teacher_features).numpy(), labels)
+        result.attrs["probe_accuracy_surrogate"] = _probe(torch.cat(surrogate_features).numpy(), labels)
+        result.attrs["probe_accuracy_head"] = ("probe: 5-fold cross-validated logistic regression on [cls ‖ patch "
+                                               "mean] after the teacher's final norm, of the teacher's / surrogate's states")
     return assign_phases(result, Partition.from_thresholds(model.thresholds, model.num_layers))
 
 
-def _pre_logits(model: Raptor, x: torch.Tensor) -> torch.Tensor:
-    """The teacher's pooled, normed features of a last-layer state (its head's input)."""
-    module = model.teacher.module
-    return module.forward_head(module.norm(x), pre_logits=True)
+def surrogate_device(model) -> torch.device:
+    """Where a surrogate's states go: its tensors' (parameters or buffers), else its teacher's (a
+    surrogate without tensors of its own, e.g. `dynamo.surrogates.IdentitySurrogate`)."""
+    teacher = model.teacher.module.parameters() if model.teacher is not None else ()
+    return next(itertools.chain(model.parameters(), model.buffers(), teacher), torch.empty(0)).device
 
 
 def _labels(ds: xr.Dataset, positions: np.ndarray) -> np.ndarray | None:
@@ -122,19 +137,25 @@ def _labels(ds: xr.Dataset, positions: np.ndarray) -> np.ndarray | None:
     return None if (labels < 0).any() else labels
 
 
-def _accuracies(ds, positions, teacher_logits, surrogate_logits) -> dict:
-    teacher = torch.cat(teacher_logits).argmax(-1).numpy()
-    surrogate = torch.cat(surrogate_logits).argmax(-1).numpy()
-    labels = _labels(ds, positions)
-    truth = teacher if labels is None else labels
-    accuracy_teacher = float((teacher == truth).mean())
-    accuracy_surrogate = float((surrogate == truth).mean())
+def _accuracies(model: Raptor, ds: xr.Dataset, positions: np.ndarray, labels, teacher, surrogate) -> dict:
+    """Accuracies of teacher and surrogate with the teacher's head (and which head), or the note why none."""
+    if model.head is None:
+        return model.teacher.head_attrs()  # the note: a headless teacher without a linear head
+    teacher, surrogate = torch.cat(teacher).numpy(), torch.cat(surrogate).numpy()
+    keep = scored(model.teacher.linear_head, np.asarray(ds["image"].values)[positions])
+    attrs = {**model.teacher.head_attrs(), "agreement": float((surrogate == teacher).mean())}
+    if not keep.any():
+        return {**attrs, "accuracy_note": "no accuracy: every evaluated image was used to fit the probe"}
+    truth = teacher[keep] if labels is None else labels[keep]
+    accuracy_teacher = float((teacher[keep] == truth).mean())
+    accuracy_surrogate = float((surrogate[keep] == truth).mean())
     return {
+        **attrs,
         "accuracy_against": "teacher predictions" if labels is None else "labels",
+        "accuracy_images": int(keep.sum()),
         "accuracy_teacher": accuracy_teacher,
         "accuracy_surrogate": accuracy_surrogate,
         "accuracy_ratio": accuracy_surrogate / accuracy_teacher if accuracy_teacher else float("nan"),
-        "agreement": float((surrogate == teacher).mean()),
     }
 
 

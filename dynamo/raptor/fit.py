@@ -3,16 +3,16 @@
 The recipe (two stages, the paper's losses and schedule) is `dynamo.raptor.train`'s; the losses
 are `dynamo.raptor.loss`'s; saving, loading and checkpoints `dynamo.raptor.io`'s.
 
-Defaults for CPU. The paper trains 312,500 steps of batch 64 per stage at lr 3e-4 on ImageNet
-activations of DINOv2-B. dynamo's defaults (``steps=200`` per stage-1 block and 200 in stage 2,
-batch 16, lr 2e-3, 5% warmup) are sized so that a fit of a zoo model (12 blocks, width 64, 69
-tokens) takes one to two minutes on one idle CPU core (each step rolls the blocks through their
-whole layer range); raise ``steps`` (and lower ``lr``) for large teachers. Models this small
-train fastest with one intra-op thread (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``).
+Defaults. The paper trains 312,500 steps of batch 64 per stage at lr 3e-4 on ImageNet
+activations of DINOv2-B (`PAPER_RECIPE`). dynamo's defaults are for a CPU and a converged fit:
+batch 16, lr 2e-3, 5% warmup, and each segment trains until its held-out R² stops improving
+(``patience`` validations ``validate_every`` steps apart without a gain above ``tol``; the rule
+is `dynamo.raptor.train.plateaued`) or ``steps`` is reached. Models this small train fastest
+with one intra-op thread (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``).
 
-The held-out images. ``validation_fraction`` of the dataset's images (drawn with ``seed``) are
-never trained on; periodic validation (R² at the end layer of the range being trained) and, by
-default, `evaluate`/`score` on the dataset fitted on use them.
+The held-out images. ``validation_fraction`` of the dataset's images (drawn with ``split_seed``,
+by default ``seed``) are never trained on; periodic validation (R² at the end layer of the range
+being trained) and, by default, `evaluate`/`score` on the dataset fitted on use them.
 """
 
 from __future__ import annotations
@@ -25,17 +25,26 @@ import xarray as xr
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from dynamo.heads import LinearHead
 from dynamo.layout import token_groups
 from dynamo.models import LoadedModel
 from dynamo.partition import Partition
+from dynamo.raptor.block import RaptorBlock
 from dynamo.raptor.evaluate import evaluate
 from dynamo.raptor.io import check_teacher, load_fitter, resolve_teacher, save_fitter, teacher_identity
 from dynamo.raptor.model import Raptor
-from dynamo.raptor.train import train
+from dynamo.raptor.train import derived_seed, train
 from dynamo.stepping import BlockStepper
 from dynamo.store import jsonable, open_trajectories
 
-__all__ = ["RaptorFitter"]
+__all__ = ["PAPER_RECIPE", "RaptorFitter"]
+
+PAPER_RECIPE = {  # the paper's training recipe (spec 2.5-2.6); the step count is the caller's
+    "lr": 3e-4, "weight_decay": 1e-4, "batch_size": 64, "warmup": 10_000, "min_lr": 1e-6,
+    "tf_anneal": 0.25, "tf_floor": 0.0, "noise": 0.0, "stage1_loss": "paper", "stage2_loss": "paper",
+    "grad_clip": 1.0, "mlp": "swiglu", "layerscale_init": 1e-5, "depth_hidden": 16, "depth_scaling": True,
+    "patience": 0,  # a fixed number of steps, as the paper's runs
+}
 
 NOT_FITTED = "this %(name)s is not fitted yet: call fit(ds) or RaptorFitter.load(folder)"
 
@@ -53,27 +62,33 @@ class RaptorFitter(BaseEstimator):
         None: the uniform contiguous split into k phases (`Partition.uniform`); the pipeline
         passes the store's own phases.
     steps : int
-        Optimizer steps per stage-1 block.
+        Optimizer steps per stage-1 block at most (all of them with ``patience`` 0).
     stage2_steps : int, optional
-        Steps of stage 2 (default: ``steps``); 0 skips stage 2.
+        Steps of stage 2 at most (default: ``steps``); 0 skips stage 2.
     batch_size : int
     lr, weight_decay : float
         AdamW (the paper: 3e-4, 1e-4).
     warmup : float
-        Fraction of each stage's steps with linear warmup from 0 (the paper: 10k of 312.5k).
+        Linear warmup from 0: a fraction of each segment's steps when below 1, else a number of
+        steps (the paper: 10,000 of 312,500).
     min_lr : float
         End of the cosine decay (the paper: 1e-6).
     grad_clip : float
         Gradient-norm clipping (the paper: 1.0).
     tf_anneal : float
         Fraction of stage-1 steps over which teacher forcing anneals into rollout (the paper: 0.25).
+    tf_floor : float
+        Weight of teacher forcing the anneal ends at and keeps (the paper: 0).
     noise : float
         sigma of Gaussian noise added to block inputs during rollout (the paper's runs: 0).
-    stage1_loss, stage2_loss : "paper", "mse" or dict
-        Loss per stage: "paper" (see `dynamo.raptor.loss`), "mse", or token-kind weights
-        ``{"cls": w, "register": w, "patch": w}`` (kinds the model lacks are dropped and the
-        remaining weights renormalised to sum to 1; a distillation token takes the cls weight
-        unless given its own, ``"dist"``).
+    stage1_loss : "paper", "mse", dict, or a list of k of ("mse" or dict)
+        Stage-1 loss: "paper" (MSE on each segment but the last, weighted 0.34/0.33/0.33; see
+        `dynamo.raptor.loss`), "mse", token-kind weights ``{"cls": w, "register": w, "patch":
+        w}`` for every segment, or one per segment in depth order. Weights are used as given (a
+        kind the model lacks contributes nothing; nothing is renormalised; a distillation token
+        takes the cls weight unless given its own, ``"dist"``).
+    stage2_loss : "paper", "mse" or dict
+        Stage-2 loss ("paper": 0.45/0.10/0.45).
     mlp : {"swiglu", "gelu"}
     mlp_ratio : float, optional
         MLP hidden width over D; default the teacher's.
@@ -91,12 +106,23 @@ class RaptorFitter(BaseEstimator):
         Steps between validations (also run at the end of each stage).
     validation_images : int
         At most this many held-out images are used by the periodic validation.
+    patience : int
+        Stop a segment once this many validations in a row (after warmup and anneal) have not
+        beaten the best before them by more than ``tol``; 0 trains every step.
+    tol : float
+        The R² gain that counts as an improvement.
     checkpoint_dir : str or Path, optional
         Where to checkpoint; a fit started with the same parameters, store and checkpoint_dir
         resumes where the interrupted one stopped, and gives the same weights.
     checkpoint_every : int
+    stage1_cache : str or Path, optional
+        A folder where trained stage-1 blocks are kept and reused by fits whose segment (layer
+        range, loss weights, recipe, teacher, images, seed) is the same (`dynamo.raptor.train`).
     seed : int
-        Initialisation, split, batch order and noise.
+        Initialisation (each block's from its layer range), batch order, noise, and the split.
+    split_seed : int, optional
+        Seed of the held-out split, when it should not change with ``seed`` (several seeds
+        evaluated on the same images).
     device : str
         Torch device for training and evaluation (the teacher is moved there too).
     progress : bool
@@ -110,7 +136,8 @@ class RaptorFitter(BaseEstimator):
     validation_images_, training_images_ : numpy.ndarray
         ``image`` coordinate values held out / trained on.
     history_ : list of dict
-        One entry per validation: stage, block, step, lr, loss, val_r2.
+        One entry per validation: stage, block, step, lr, loss, val_r2 (``stop`` on one that
+        ended its segment early, ``reused`` on a kept stage-1 block's).
     timings_ : dict
         Per stage segment: seconds of each training step and the wait for its batch.
     """
@@ -119,7 +146,7 @@ class RaptorFitter(BaseEstimator):
         self,
         k: int | None = None,
         partition=None,
-        steps: int = 200,
+        steps: int = 2000,
         stage2_steps: int | None = None,
         batch_size: int = 16,
         lr: float = 2e-3,
@@ -128,6 +155,7 @@ class RaptorFitter(BaseEstimator):
         min_lr: float = 1e-6,
         grad_clip: float = 1.0,
         tf_anneal: float = 0.25,
+        tf_floor: float = 0.0,
         noise: float = 0.0,
         stage1_loss="paper",
         stage2_loss="paper",
@@ -138,26 +166,31 @@ class RaptorFitter(BaseEstimator):
         depth_hidden: int = 16,
         depth_scaling: bool = True,
         validation_fraction: float = 0.2,
-        validate_every: int = 100,
+        validate_every: int = 50,
         validation_images: int = 128,
+        patience: int = 5,
+        tol: float = 1e-4,
         checkpoint_dir=None,
         checkpoint_every: int = 100,
+        stage1_cache=None,
         seed: int = 0,
+        split_seed: int | None = None,
         device: str = "cpu",
         progress: bool = True,
     ):
         self.k, self.partition = k, partition
         self.steps, self.stage2_steps, self.batch_size = steps, stage2_steps, batch_size
         self.lr, self.weight_decay, self.warmup, self.min_lr = lr, weight_decay, warmup, min_lr
-        self.grad_clip, self.tf_anneal, self.noise = grad_clip, tf_anneal, noise
+        self.grad_clip, self.tf_anneal, self.tf_floor, self.noise = grad_clip, tf_anneal, tf_floor, noise
         self.stage1_loss, self.stage2_loss = stage1_loss, stage2_loss
         self.mlp, self.mlp_ratio, self.num_heads = mlp, mlp_ratio, num_heads
         self.layerscale_init, self.depth_hidden, self.depth_scaling = layerscale_init, depth_hidden, depth_scaling
         self.validation_fraction, self.validate_every = validation_fraction, validate_every
-        self.validation_images, self.checkpoint_dir, self.checkpoint_every = validation_images, checkpoint_dir, checkpoint_every
-        self.seed, self.device, self.progress = seed, device, progress
+        self.validation_images, self.patience, self.tol = validation_images, patience, tol
+        self.checkpoint_dir, self.checkpoint_every, self.stage1_cache = checkpoint_dir, checkpoint_every, stage1_cache
+        self.seed, self.split_seed, self.device, self.progress = seed, split_seed, device, progress
 
-    def fit(self, ds: xr.Dataset | str | Path, teacher: LoadedModel | None = None) -> RaptorFitter:
+    def fit(self, ds: xr.Dataset | str | Path, teacher: LoadedModel | None = None, head: LinearHead | None = None) -> RaptorFitter:
         """Fit the surrogate to a trajectory dataset.
 
         Parameters
@@ -168,6 +201,9 @@ class RaptorFitter(BaseEstimator):
         teacher : LoadedModel, optional
             The recorded model; default loaded from the dataset's attributes (its weights hash
             must match the dataset's either way).
+        head : LinearHead, optional
+            The head the accuracies use (`dynamo.heads`), attached to the teacher; needed for
+            accuracies of a teacher without a classifier. Not part of the fit.
 
         Returns
         -------
@@ -183,17 +219,25 @@ class RaptorFitter(BaseEstimator):
         self.partition_ = self._partition(num_layers)
         self.block_config_ = self._block_config(teacher.module)
         rows = ds["image"].values
-        held_out = np.random.default_rng(self.seed).permutation(rows)[: int(round(self.validation_fraction * rows.size))]
+        held_out = np.random.default_rng(self.split_seed_).permutation(rows)[: int(round(self.validation_fraction * rows.size))]
         self.validation_images_ = np.sort(held_out)
         self.training_images_ = np.setdiff1d(rows, held_out)
         self.groups_ = {kind: torch.from_numpy(index).to(self.device) for kind, index in token_groups(ds["token_kind"]).items()}
-        torch.manual_seed(self.seed)
         teacher.module.to(self.device)
-        self.model_ = Raptor(self.partition_.thresholds, num_layers, self.block_config_, teacher=BlockStepper(teacher))
+        self.model_ = Raptor(self.partition_.thresholds, num_layers, self.block_config_, teacher=BlockStepper(teacher, head))
+        for index, phase in enumerate(self.partition_):  # each block's initialisation a function of its range
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derived_seed(self.seed, "init", phase[0] - 1, phase[-1]))
+                self.model_.blocks[index] = RaptorBlock(**self.block_config_)
         self.model_.to(self.device)
         self.history_, self.timings_ = [], {}
         train(self, ds, self._fit_identity(ds.attrs))
         return self
+
+    @property
+    def split_seed_(self) -> int:
+        """The seed of the held-out split: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def _fit_identity(self, attrs: dict) -> dict:
         """What an interrupted fit must share with this one to be resumed."""
@@ -259,10 +303,10 @@ class RaptorFitter(BaseEstimator):
         Returns
         -------
         torch.Tensor
-            (B,) class indices.
+            (B,) classes (the teacher's head's; a linear head's labels).
         """
         check_is_fitted(self, "model_", msg=NOT_FITTED)
-        return self.model_(pixels.to(self.device)).argmax(-1)
+        return self.model_.predict(self.model_.run(self.model_.embed(pixels.to(self.device)), 0)[-1])
 
     def evaluate(self, ds: xr.Dataset | str | Path, images=None, reference: str = "target", probe: bool = True) -> xr.Dataset:
         """The evaluation report (`dynamo.raptor.evaluate.evaluate`) on a trajectory dataset.
@@ -313,7 +357,8 @@ class RaptorFitter(BaseEstimator):
         return save_fitter(self, folder)
 
     @classmethod
-    def load(cls, folder, teacher: LoadedModel | None = None, device: str | None = None) -> RaptorFitter:
+    def load(cls, folder, teacher: LoadedModel | None = None, device: str | None = None,
+             head: LinearHead | None = None) -> RaptorFitter:
         """A fitted RaptorFitter from a folder written by `save` (safetensors + JSON; nothing unpickled).
 
         Parameters
@@ -325,8 +370,10 @@ class RaptorFitter(BaseEstimator):
             pass it here, or the surrogate is loaded without one (``run`` works, ``head`` not).
         device : str, optional
             Where to put the surrogate (default: the device it was fitted on).
+        head : LinearHead, optional
+            Attached to the teacher, as in `fit`.
         """
-        return load_fitter(cls, folder, teacher, device)
+        return load_fitter(cls, folder, teacher, device, head)
 
 
 def _open(ds: xr.Dataset | str | Path) -> xr.Dataset:

@@ -2,18 +2,24 @@
 
 A saved fitter is a folder with ``config.json`` (the fitter's parameters, the partition, the
 block configuration, the teacher's identity and the fit's history) and ``weights.safetensors``.
-Checkpoints of a running fit use the same two formats (``checkpoint.json``,
-``checkpoint.safetensors``), with the optimizer's state flattened into named tensors.
+
+A checkpoint of a running fit is **one file**, ``checkpoint.safetensors``: the weights, the
+optimizer's state flattened into named tensors, and the JSON config (position, history) in the
+file's metadata, written to a temporary file and renamed into place once, so a fit killed at any
+moment leaves either the previous checkpoint or the next one, never weights of one and position
+of another. Stage-1 blocks kept for reuse (`save_block`) are single files written the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+from os import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dynamo.models import LoadedModel, load_model
@@ -22,9 +28,12 @@ from dynamo.raptor.model import Raptor
 from dynamo.stepping import BlockStepper
 from dynamo.store import jsonable
 
-__all__ = ["load_checkpoint", "load_fitter", "resolve_teacher", "save_checkpoint", "save_fitter", "teacher_identity"]
+__all__ = ["load_block", "load_checkpoint", "load_fitter", "resolve_teacher", "save_block", "save_checkpoint",
+           "save_fitter", "teacher_identity"]
 
 FORMAT = "dynamo-raptor/1"
+CHECKPOINT = "checkpoint.safetensors"
+METADATA_KEY = "dynamo"
 
 
 def write_tensors_and_json(tensor_path: Path, json_path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
@@ -34,23 +43,38 @@ def write_tensors_and_json(tensor_path: Path, json_path: Path, tensors: dict[str
     """
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, f"{tensor_path}.tmp")
-    os.replace(f"{tensor_path}.tmp", tensor_path)
+    replace(f"{tensor_path}.tmp", tensor_path)
     Path(f"{json_path}.tmp").write_text(json.dumps(jsonable(config), indent=1))
-    os.replace(f"{json_path}.tmp", json_path)
+    replace(f"{json_path}.tmp", json_path)
+
+
+def write_unit(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Tensors and a JSON config as one safetensors file (config in its metadata), renamed into place once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {METADATA_KEY: json.dumps(jsonable(config))}
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, f"{path}.tmp", metadata=metadata)
+    replace(f"{path}.tmp", path)
+
+
+def read_unit(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the config of a file written by `write_unit`."""
+    with safe_open(str(path), framework="pt") as opened:
+        config = json.loads(opened.metadata()[METADATA_KEY])
+    return load_file(str(path)), config
 
 
 # ---- checkpoints of a running fit -------------------------------------------------------
 
 
 def save_checkpoint(folder: Path, model: Raptor, config: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write the weights, ``config`` (JSON) and, mid-segment, the optimizer's state into ``folder``."""
+    """Write the weights, ``config`` and, mid-segment, the optimizer's state as one file in ``folder``."""
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
     if optimizer is not None:
         state = optimizer.state_dict()
         tensors.update({f"optimizer.{param}.{name}": torch.as_tensor(value)
                         for param, entries in state["state"].items() for name, value in entries.items()})
         config = {**config, "optimizer": {"param_groups": state["param_groups"]}}
-    write_tensors_and_json(folder / "checkpoint.safetensors", folder / "checkpoint.json", tensors, config)
+    write_unit(folder / CHECKPOINT, tensors, config)
 
 
 def load_checkpoint(folder: Path, model: Raptor, identity: dict) -> tuple[dict, dict | None] | None:
@@ -61,15 +85,14 @@ def load_checkpoint(folder: Path, model: Raptor, identity: dict) -> tuple[dict, 
     ValueError
         If the checkpoint's ``identity`` (the fit's parameters, teacher and images) is not ``identity``.
     """
-    if not (folder / "checkpoint.json").exists():
+    if not (folder / CHECKPOINT).exists():
         return None
-    config = json.loads((folder / "checkpoint.json").read_text())
-    if config["identity"] != identity:
+    tensors, config = read_unit(folder / CHECKPOINT)
+    if config["identity"] != jsonable(identity):
         raise ValueError(
             f"{folder} holds a checkpoint of a fit with other parameters or another store; use "
             "another checkpoint directory, or delete it to start over"
         )
-    tensors = load_file(str(folder / "checkpoint.safetensors"))
     model.load_state_dict({key.removeprefix("model."): value for key, value in tensors.items() if key.startswith("model.")})
     if "optimizer" not in config:
         return config, None
@@ -79,6 +102,32 @@ def load_checkpoint(folder: Path, model: Raptor, identity: dict) -> tuple[dict, 
             _, param, name = key.split(".", 2)
             state.setdefault(int(param), {})[name] = value
     return config, {"state": state, "param_groups": config["optimizer"]["param_groups"]}
+
+
+# ---- stage-1 blocks kept for reuse ------------------------------------------------------
+
+
+def save_block(folder: Path, key: dict, block: torch.nn.Module, history: list[dict]) -> None:
+    """Keep a trained stage-1 block under its key (`block_path`), with its validation history."""
+    write_unit(block_path(folder, key), block.state_dict(), {"key": key, "history": history})
+
+
+def load_block(folder: Path, key: dict, block: torch.nn.Module) -> list[dict] | None:
+    """Load the block kept under ``key`` into ``block`` and return its history; None if none is kept."""
+    path = block_path(folder, key)
+    if not path.exists():
+        return None
+    tensors, config = read_unit(path)
+    if config["key"] != jsonable(key):
+        return None
+    block.load_state_dict(tensors)
+    return config["history"]
+
+
+def block_path(folder: Path, key: dict) -> Path:
+    """The file of a stage-1 block: named by the sha256 of its key (recipe, teacher, images, layer range, loss)."""
+    digest = hashlib.sha256(json.dumps(jsonable(key), sort_keys=True).encode()).hexdigest()[:20]
+    return Path(folder) / f"block-{digest}.safetensors"
 
 
 # ---- fitted surrogates ------------------------------------------------------------------
@@ -105,7 +154,7 @@ def save_fitter(fitter, folder) -> Path:
     return folder
 
 
-def load_fitter(cls, folder, teacher: LoadedModel | None = None, device: str | None = None):
+def load_fitter(cls, folder, teacher: LoadedModel | None = None, device: str | None = None, head=None):
     """A fitted ``cls`` (`RaptorFitter`) from a folder written by `save_fitter`; see `RaptorFitter.load`."""
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -123,7 +172,7 @@ def load_fitter(cls, folder, teacher: LoadedModel | None = None, device: str | N
         teacher.module.to(fitter.device)
     fitter.model_ = Raptor(
         config["thresholds"], config["num_layers"], config["block_config"],
-        teacher=None if teacher is None else BlockStepper(teacher),
+        teacher=None if teacher is None else BlockStepper(teacher, head),
     ).to(fitter.device)
     fitter.model_.load_state_dict(load_file(str(folder / "weights.safetensors")))
     fitter.partition_ = Partition(config["partition"])

@@ -2,8 +2,12 @@
 
 The paper's runs use plain MSE on every stage-1 range but the last, which weights the token
 kinds ``0.34 cls + 0.33 registers + 0.33 patches``, and ``0.45, 0.10, 0.45`` in stage 2 (the
-``"paper"`` loss). Token kinds are those of `dynamo.layout.token_groups`; a model's missing
-kinds are dropped and the remaining weights renormalised to sum to 1.
+``"paper"`` loss). Token kinds are those of `dynamo.layout.token_groups`.
+
+Weights are used as given, as the paper's code does (``w_cls MSE(cls) + w_reg MSE(registers) +
+w_patch MSE(patches)``): nothing is renormalised, so a kind the model lacks (registers of a
+plain ViT) simply contributes nothing, and the weights need not sum to 1. A distillation token
+takes the cls weight unless given its own (``dist``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import torch.nn.functional as F
 from dynamo.layout import TOKEN_KINDS
 from dynamo.raptor.model import Raptor
 
-__all__ = ["PAPER_STAGE1_LAST_WEIGHTS", "PAPER_STAGE2_WEIGHTS", "loss_weights", "segment_loss", "token_loss"]
+__all__ = ["PAPER_STAGE1_LAST_WEIGHTS", "PAPER_STAGE2_WEIGHTS", "loss_weights", "segment_loss", "stage1_weights",
+           "token_loss"]
 
 PAPER_STAGE1_LAST_WEIGHTS = {"cls": 0.34, "register": 0.33, "patch": 0.33}
 PAPER_STAGE2_WEIGHTS = {"cls": 0.45, "register": 0.10, "patch": 0.45}
@@ -34,11 +39,33 @@ def loss_weights(spec, paper: dict | None) -> dict | None:
     unknown = set(spec) - set(TOKEN_KINDS)
     if unknown:
         raise ValueError(f"unknown token kinds {sorted(unknown)} in loss weights; use {', '.join(TOKEN_KINDS)}")
+    if not all(isinstance(w, (int, float)) and w >= 0 for w in spec.values()):
+        raise ValueError(f"loss weights must be non-negative numbers, got {spec}")
     return {"dist": spec.get("cls", 0.0), **spec}
 
 
+def stage1_weights(spec, k: int) -> list[dict | None]:
+    """The loss weights of each of the k stage-1 segments, in depth order.
+
+    Parameters
+    ----------
+    spec : "paper", "mse", dict, or a sequence of k of ("mse" or dict)
+        "paper": MSE on every segment but the last, which is weighted `PAPER_STAGE1_LAST_WEIGHTS`;
+        "mse" or one dict: the same for every segment; a sequence: one per segment.
+    """
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != k:
+            raise ValueError(f"{len(spec)} stage-1 losses given for {k} segments; give one per segment, or one for all")
+        if "paper" in spec:
+            raise ValueError("'paper' names a whole stage-1 recipe; per segment give 'mse' or weights")
+        return [loss_weights(item, None) for item in spec]
+    if spec == "paper":
+        return [None] * (k - 1) + [loss_weights(spec, PAPER_STAGE1_LAST_WEIGHTS)]
+    return [loss_weights(spec, None)] * k
+
+
 def token_loss(predicted: torch.Tensor, target: torch.Tensor, weights: dict | None, groups: dict) -> torch.Tensor:
-    """MSE, or the token-kind weighted MSE (weights renormalised over the kinds present).
+    """MSE, or the token-kind weighted MSE ``sum_kind w_kind MSE(kind)``, weights as given.
 
     Parameters
     ----------
@@ -52,9 +79,10 @@ def token_loss(predicted: torch.Tensor, target: torch.Tensor, weights: dict | No
     if weights is None:
         return F.mse_loss(predicted, target)
     present = {kind: w for kind, w in weights.items() if kind in groups and w}
-    total = sum(present.values())
+    if not present:
+        raise ValueError(f"the loss weights {weights} give no weight to any token kind of this model ({', '.join(groups)})")
     return sum(
-        w / total * F.mse_loss(predicted.index_select(-2, groups[kind]), target.index_select(-2, groups[kind]))
+        w * F.mse_loss(predicted.index_select(-2, groups[kind]), target.index_select(-2, groups[kind]))
         for kind, w in present.items()
     )
 

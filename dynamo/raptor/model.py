@@ -18,6 +18,7 @@ import bisect
 import torch
 from torch import nn
 
+from dynamo.heads import NO_HEAD, NoHeadError
 from dynamo.raptor.block import RaptorBlock
 from dynamo.stepping import BlockStepper
 
@@ -134,10 +135,24 @@ class Raptor(nn.Module):
         """Layer 0 from preprocessed images, by the teacher's own embedding: (B, C, H, W) -> (B, T, D)."""
         return self._teacher().embed(pixels)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from the last layer, by the teacher's final norm and head: (B, T, D) -> (B, classes)."""
-        return self._teacher().head(x)
+    @property
+    def head(self):
+        """Logits from the last layer by the teacher's head (`BlockStepper.head`): (B, T, D) -> (B, classes);
+        None without a teacher, or when the teacher has no classifier and no linear head."""
+        return None if self.teacher is None else self.teacher.head
+
+    @property
+    def head_kind(self) -> str | None:
+        """The teacher's head kind (`BlockStepper.head_kind`), None without a teacher."""
+        return None if self.teacher is None else self.teacher.head_kind
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Classes from the last layer by the teacher's head: (B, T, D) -> (B,) (`BlockStepper.predict`)."""
+        return self._teacher().predict(x)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The whole surrogate: teacher embedding -> k blocks applied L times -> teacher head."""
-        return self.head(self.run(self.embed(pixels), 0)[-1])
+        """The whole surrogate: teacher embedding -> k blocks applied L times -> teacher head (logits)."""
+        teacher = self._teacher()
+        if teacher.head is None:
+            raise NoHeadError(NO_HEAD.format(model=teacher.name))
+        return teacher.head(self.run(self.embed(pixels), 0)[-1])

@@ -4,20 +4,33 @@ The recipe is the paper's (spec section 2; official code ``KempnerInstitute/rapt
 
 - **Stage 1** trains one block per phase of depth, on that phase's layer range s -> e only,
   with the loss ``lam * L_TF + (1 - lam) * L_AR`` (`dynamo.raptor.loss.segment_loss`): teacher
-  forcing annealed linearly into autoregressive rollout, ``lam`` falling from 1 to 0 over the
-  first ``tf_anneal`` (25%) of the steps, then staying 0.
+  forcing annealed linearly into autoregressive rollout, ``lam`` falling from 1 to ``tf_floor``
+  over the first ``tf_anneal`` (25%) of the steps, then staying there (the paper: 0).
 - **Stage 2** trains all blocks together, purely autoregressively over the whole depth 0 -> L,
   through the router.
-- AdamW; linear warmup from 0 over ``warmup`` of each segment's steps, then cosine decay to
-  ``min_lr`` (`timm.scheduler.CosineLRScheduler`, set before each update to its value after the
-  updates done: the warmup steps take 0, lr / W, ..., the former hand-written schedule's values one
-  step later, and the decay is unchanged to rounding); gradient clipping; optional input noise.
+- AdamW; linear warmup from 0 over ``warmup`` steps (a fraction of each segment's steps when
+  below 1), then cosine decay to ``min_lr`` at the segment's last step
+  (`timm.scheduler.CosineLRScheduler`, set before each update to its value after the updates
+  done); gradient clipping; optional input noise.
 
-Determinism and resume. A segment's batches are a function of (seed, stage, phase) and the epoch
-(`dynamo.raptor.data.batch_plan`), the rollout noise of step s one of (seed, stage, phase, s). A
-checkpoint (every ``checkpoint_every`` steps and at each segment's end) holds the weights, the
-optimizer's state, the position (stage, phase, step) and the history, so an interrupted fit
-resumes to the same final weights.
+**When a segment stops.** Every ``validate_every`` steps the rollout over the segment's range is
+scored on held-out images (R² at its end layer). A segment stops at ``steps``, or earlier, once
+warmup and teacher-forcing anneal are over, when its last ``patience`` validations have not
+beaten the best validation before them by more than ``tol`` (`plateaued`; ``patience`` 0 or
+None: always ``steps``). The learning-rate schedule is laid out over ``steps`` either way.
+
+**Reuse.** A trained stage-1 block depends only on its layer range, its loss weights, the
+recipe, the teacher, the images and the seed: its initialisation, batches and noise are drawn
+from seeds of (seed, range), not of its position in the partition. With ``stage1_cache`` set,
+each is kept there and reused by any fit (another k, a baseline partition) with the same
+segment.
+
+Determinism and resume. A segment's batches are a function of (seed, stage, range) and the epoch
+(`dynamo.raptor.data.batch_plan`), the rollout noise of step s one of (seed, stage, range, s). A
+checkpoint (every ``checkpoint_every`` steps and at each segment's end; one file, renamed into
+place once, `dynamo.raptor.io.save_checkpoint`) holds the weights, the optimizer's state, the
+position (stage, phase, step) and the history (which also decides early stopping), so an
+interrupted fit resumes to the same final weights.
 """
 
 from __future__ import annotations
@@ -35,12 +48,13 @@ from tqdm.auto import tqdm
 
 from dynamo.metrics import r2_score
 from dynamo.raptor.data import trajectory_loader
-from dynamo.raptor.io import load_checkpoint, save_checkpoint
-from dynamo.raptor.loss import PAPER_STAGE1_LAST_WEIGHTS, PAPER_STAGE2_WEIGHTS, loss_weights, segment_loss
+from dynamo.raptor.io import load_block, load_checkpoint, save_block, save_checkpoint
+from dynamo.raptor.loss import PAPER_STAGE2_WEIGHTS, loss_weights, segment_loss, stage1_weights
 
-__all__ = ["DONE", "Segment", "segments", "train"]
+__all__ = ["DONE", "Segment", "derived_seed", "plateaued", "segments", "stopping_rule", "train", "warmup_steps"]
 
 DONE = (3, 0, 0)  # (stage, phase, step) of a finished fit
+NOT_STAGE1 = ("k", "partition", "stage1_loss", "stage2_loss", "stage2_steps", "checkpoint_every", "stage1_cache")
 
 
 @dataclass(frozen=True)
@@ -62,15 +76,40 @@ class Segment:
 
 def segments(fitter) -> list[Segment]:
     """The segments of a `RaptorFitter`'s recipe with any steps, in training order."""
-    partition, last = fitter.partition_, len(fitter.partition_) - 1
-    stage1 = [
-        Segment(1, index, phase[0] - 1, phase[-1], fitter.steps,
-                loss_weights(fitter.stage1_loss, PAPER_STAGE1_LAST_WEIGHTS if index == last else None))
-        for index, phase in enumerate(partition)
-    ]
+    partition = fitter.partition_
+    weights = stage1_weights(fitter.stage1_loss, len(partition))
+    stage1 = [Segment(1, index, phase[0] - 1, phase[-1], fitter.steps, weights[index]) for index, phase in enumerate(partition)]
     steps = fitter.steps if fitter.stage2_steps is None else fitter.stage2_steps
     stage2 = Segment(2, 0, 0, fitter.model_.num_layers, steps, loss_weights(fitter.stage2_loss, PAPER_STAGE2_WEIGHTS))
     return [segment for segment in [*stage1, stage2] if segment.steps]
+
+
+def warmup_steps(fitter, steps: int) -> int:
+    """Warmup steps of a segment of ``steps``: ``warmup`` itself from 1 up, a fraction of ``steps`` below 1."""
+    return int(fitter.warmup) if fitter.warmup >= 1 else int(fitter.warmup * steps)
+
+
+def plateaued(fitter, segment: Segment, entries: list[dict]) -> bool:
+    """Whether a segment stops early: the rule of the module docstring, on its validation ``entries``."""
+    if not fitter.patience:
+        return False
+    settled = max(warmup_steps(fitter, segment.steps), fitter.tf_anneal * segment.steps if segment.stage == 1 else 0)
+    scores = [entry["val_r2"] for entry in entries if entry["step"] > settled]
+    if len(scores) <= fitter.patience:
+        return False
+    return max(scores[-fitter.patience:]) <= max(scores[: -fitter.patience]) + fitter.tol
+
+
+def stopping_rule(fitter) -> str:
+    """`plateaued`'s rule with a fitter's numbers, in words."""
+    steps = f"at most {fitter.steps} steps per stage-1 segment" + (
+        f" and {fitter.stage2_steps} in stage 2" if fitter.stage2_steps is not None else " and in stage 2")
+    if not fitter.patience:
+        return f"fixed step count: {steps.removeprefix('at most ')} (patience 0)"
+    return (f"{steps}; a segment stops earlier once its last {fitter.patience} validations (every "
+            f"{fitter.validate_every} steps: R² at the segment's end layer on up to {fitter.validation_images} "
+            f"held-out images), after warmup and teacher-forcing anneal, gain no more than {fitter.tol:g} over "
+            "the best one before them")
 
 
 def train(fitter, ds: xr.Dataset, identity: dict) -> None:
@@ -80,7 +119,8 @@ def train(fitter, ds: xr.Dataset, identity: dict) -> None:
     ----------
     fitter : RaptorFitter
         With ``model_``, ``partition_``, ``groups_`` and the image split set (`RaptorFitter.fit`);
-        its ``history_`` (one entry per validation: stage, block, step, lr, loss, val_r2) and
+        its ``history_`` (one entry per validation: stage, block, step, lr, loss, val_r2, and
+        ``stop`` on the one that ended a segment early; ``reused`` on a kept block's) and
         ``timings_`` (per segment: seconds of each step and of its wait for the batch) are filled.
     ds : xarray.Dataset
         The trajectory dataset fitted on.
@@ -104,16 +144,29 @@ def train(fitter, ds: xr.Dataset, identity: dict) -> None:
         if key < position[:2]:
             continue
         first = position[2] if key == position[:2] else 0
-        _train_segment(fitter, ds, segment, first, optimizer_state if first else None, checkpoint)
+        kept = _block_key(identity, segment) if segment.stage == 1 and fitter.stage1_cache is not None else None
+        history = None if kept is None or first else load_block(fitter.stage1_cache, kept, fitter.model_.blocks[segment.phase])
+        if history is not None:
+            fitter.history_ += [{**entry, "block": segment.phase + 1, "reused": True} for entry in history]
+        else:
+            _train_segment(fitter, ds, segment, first, optimizer_state if first else None, checkpoint)
+            if kept is not None:
+                entries = [e for e in fitter.history_ if (e["stage"], e["block"]) == (1, segment.phase + 1)]
+                save_block(fitter.stage1_cache, kept, fitter.model_.blocks[segment.phase], entries)
         checkpoint((1, segment.phase + 1, 0) if segment.stage == 1 else DONE)
-    checkpoint(DONE)
+
+
+def _block_key(identity: dict, segment: Segment) -> dict:
+    """What a kept stage-1 block must share with a segment to stand for its training."""
+    params = {name: value for name, value in identity["params"].items() if name not in NOT_STAGE1}
+    return {**identity, "params": params, "segment": [segment.start, segment.stop, segment.steps], "weights": segment.weights}
 
 
 def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimizer_state, checkpoint) -> None:
     model = fitter.model_
     params = list((model.blocks[segment.phase] if segment.stage == 1 else model).parameters())
     optimizer = torch.optim.AdamW(params, lr=fitter.lr, weight_decay=fitter.weight_decay)
-    warmup = int(fitter.warmup * segment.steps)
+    warmup = warmup_steps(fitter, segment.steps)
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, segment.steps - warmup), lr_min=fitter.min_lr,
                                   warmup_t=warmup, warmup_prefix=True, t_in_epochs=False)
     if optimizer_state is not None:
@@ -121,10 +174,13 @@ def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimiz
     validation = _validation_states(fitter, ds, segment)
     timing = fitter.timings_.setdefault(segment.name, {"step_seconds": [], "wait_seconds": []})
     images = np.flatnonzero(np.isin(ds["image"].values, fitter.training_images_))
+    span = (segment.stage, segment.start, segment.stop)
     batches = iter(trajectory_loader(ds, images, segment.start, segment.stop, fitter.batch_size,
-                                     seed=_derived_seed(fitter.seed, segment.stage, segment.phase), first_step=first))
+                                     seed=derived_seed(fitter.seed, *span), first_step=first))
     bar = tqdm(total=segment.steps, initial=first, desc=segment.name, disable=not fitter.progress, leave=False)
     anneals = segment.stage == 1 and fitter.tf_anneal > 0
+    floor = fitter.tf_floor if segment.stage == 1 else 0.0
+    entries = [e for e in fitter.history_ if (e["stage"], e["block"]) == (segment.stage, segment.phase + 1)]
     try:
         for step in range(first, segment.steps):
             began = time.perf_counter()
@@ -132,9 +188,8 @@ def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimiz
             waited = time.perf_counter() - began
             batch = batch.to(fitter.device, non_blocking=True)
             scheduler.step_update(step)
-            anneal = max(0.0, 1.0 - step / (fitter.tf_anneal * segment.steps)) if anneals else 0.0
-            seed = _derived_seed(fitter.seed, segment.stage, segment.phase, step)
-            generator = torch.Generator(batch.device).manual_seed(seed) if fitter.noise else None
+            anneal = max(floor, 1.0 - (1.0 - floor) * step / (fitter.tf_anneal * segment.steps)) if anneals else floor
+            generator = torch.Generator(batch.device).manual_seed(derived_seed(fitter.seed, *span, step)) if fitter.noise else None
             loss = segment_loss(model, batch, segment.start, segment.weights, fitter.groups_, anneal, fitter.noise, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -144,12 +199,19 @@ def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimiz
             timing["wait_seconds"].append(waited)
             bar.update()
             done = step + 1
+            stop = False
             if validation is not None and (done % fitter.validate_every == 0 or done == segment.steps):
                 lr = optimizer.param_groups[0]["lr"]
                 entry = {"stage": segment.stage, "block": segment.phase + 1, "step": done, "lr": lr,
                          "loss": loss.item(), "val_r2": _validate(model, validation, segment)}
+                entries.append(entry)
+                stop = done < segment.steps and plateaued(fitter, segment, entries)
+                if stop:
+                    entry["stop"] = f"plateau after {done} of {segment.steps} steps"
                 fitter.history_.append(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4g}", val_r2=f"{entry['val_r2']:.4f}")
+            if stop:
+                break
             if done % fitter.checkpoint_every == 0 and done < segment.steps:
                 checkpoint((segment.stage, segment.phase, done), optimizer)
     finally:
@@ -159,7 +221,7 @@ def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimiz
 
 def _validation_states(fitter, ds: xr.Dataset, segment: Segment) -> torch.Tensor | None:
     """Layers start and stop of at most ``validation_images`` held-out images, (N, 2, T, D)."""
-    rows = np.sort(np.random.default_rng(fitter.seed).permutation(fitter.validation_images_)[: fitter.validation_images])
+    rows = np.sort(np.random.default_rng(fitter.split_seed_).permutation(fitter.validation_images_)[: fitter.validation_images])
     if rows.size == 0:
         return None
     hidden = ds["hidden"].sel(image=rows).isel(layer=[segment.start, segment.stop])
@@ -172,5 +234,6 @@ def _validate(model, validation: torch.Tensor, segment: Segment) -> float:
     return r2_score(model.run(validation[:, 0], segment.start, segment.stop)[-1], validation[:, 1])
 
 
-def _derived_seed(*parts: int) -> int:
+def derived_seed(*parts) -> int:
+    """A 32-bit seed that is a function of ``parts`` alone (a fit's seed and what it seeds)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")

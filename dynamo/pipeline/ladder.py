@@ -1,0 +1,412 @@
+"""``dynamo ladder`` and ``dynamo fit --surrogate``: the ladder of surrogates on one store, side by side.
+
+For every k, every rung of `dynamo.surrogates` (identity, linear, dmd, teacher-block) and Raptor
+is fitted on the same partition (`dynamo fit`'s default: `dynamo.pipeline.fit.default_partition`),
+on the same training images, and scored on the same held-out images, through the same head, by
+the same `dynamo.raptor.evaluate`; beside them the non-recurrent linear variant (one
+map per layer), which does not depend on k. Each fit also gets its ε (`dynamo.hypothesis.epsilon`)
+and, but for identity and the per-layer map, its loop count (`dynamo.hypothesis.loop_count`).
+
+Written to ``DIR``: ``ladder.zarr`` (the xarray result), ``ladder.csv`` and ``ladder.json`` (one
+row per surrogate and k), ``ladder.png`` (final-layer R², accuracy ratio and ε against k),
+``ladder_layers.png`` (R² per layer, one panel per k), ``loop_count.png`` (the Raptors at other
+loop counts), ``ladder.html`` (the report section), and ``raptor-k<K>/`` (each Raptor fit, which a
+re-run resumes or reuses).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from dynamo.heads import resolve_head
+from dynamo.hypothesis import epsilon, loop_count
+from dynamo.partition import Partition
+from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
+from dynamo.pipeline.summaries import format_value
+from dynamo.raptor import RaptorFitter
+from dynamo.raptor.io import resolve_teacher
+from dynamo.store import check_output, jsonable, open_trajectories, save_result
+from dynamo.surrogates import SURROGATES, LinearFitter, held_out_positions, per_layer, split_images, transition_moments
+from figures.ladder import plot_ladder, plot_ladder_layers, plot_loop_count
+from figures.output import save_figures
+from figures.raptor import plot_r2_per_layer
+from figures.report import Section, write_report
+
+__all__ = ["CEILING", "RUNGS", "fit_surrogate", "ladder", "ladder_section"]
+
+RUNGS = ("identity", "linear", "dmd", "teacher-block", "raptor")
+CEILING = "linear-per-layer"  # the non-recurrent linear variant: one map per layer, the same for every k
+LOOP_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+IN_MEMORY_BYTES = 1 << 30  # held-out states up to this size are read once and kept for all the scoring
+
+
+def fit_surrogate(store: str | Path, out: str | Path, surrogate: str, *, k: int | None = None, partition=None,
+                  head: str | Path | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
+                  n_bootstrap: int = 1000) -> dict:
+    """Fit one closed-form or teacher-block rung to a store (``dynamo fit --surrogate``); Raptor is `dynamo.pipeline.fit.fit`.
+
+    Parameters
+    ----------
+    store : str or Path
+    out : str or Path
+        Output folder: ``config.json``, ``weights.safetensors``, ``evaluation.zarr``,
+        ``epsilon.zarr``, ``r2_per_layer.png``.
+    surrogate : {"identity", "linear", "dmd", "teacher-block"}
+    k, partition, head
+        As `dynamo.pipeline.fit.fit`: the default partition is `default_partition` of k (default
+        2) phases; the head is the teacher's own, a file, or a probe fitted on the store's labels.
+    seed, device, progress
+    n_bootstrap : int
+        Resamples for ε's intervals.
+
+    Returns
+    -------
+    dict
+        ``surrogate``, ``k``, ``partition`` (and ``partition_source``), R² per layer and token kind, ``r2_final``, the
+        accuracies, ``epsilon_max`` / ``epsilon_mean`` with intervals, the fitted choice
+        (``blocks``, ``alpha``, ``rank``), ``seconds``, ``text``.
+    """
+    if surrogate not in SURROGATES or surrogate == "raptor":
+        raise ValueError(f"unknown surrogate {surrogate!r} here; choose one of {', '.join(s for s in SURROGATES if s != 'raptor')}")
+    started = time.perf_counter()
+    out = check_output(out, inputs=[store])
+    ds = open_trajectories(store)
+    num_blocks = int(ds.attrs["num_blocks"])
+    if partition is not None:
+        partition, source = Partition.parse(partition, num_blocks), "given"
+        if k is not None and k != len(partition):
+            raise ValueError(f"--k {k} but the partition {partition} has {len(partition)} phases; give one or the other")
+    else:
+        partition, source = default_partition(ds, k or 2)
+    teacher = resolve_teacher(ds.attrs, None)
+    fitter = SURROGATES[surrogate](partition=partition, seed=seed, device=device, **_progress(surrogate, progress))
+    fitter.fit(ds, teacher=teacher, head=resolve_head(ds, teacher, head, seed=seed))
+    fitter.save(out)
+    report = fitter.evaluate(ds).assign_attrs(analysis="surrogate_evaluation")
+    save_result(report, out / "evaluation.zarr", inputs=[store])
+    errors = epsilon(fitter.model_, ds, held_out_positions(fitter, ds)[0], n_bootstrap=n_bootstrap, seed=seed)
+    save_result(errors.assign_attrs(analysis="surrogate_epsilon"), out / "epsilon.zarr", inputs=[store])
+    figure = plot_r2_per_layer(report)
+    figure.axes[0].set_title(f"{report.attrs['model']}: {surrogate} k = {len(partition)}, R² per layer", fontsize=9)
+    path = save_figures({"r2_per_layer": figure}, out, formats=("png", "svg"))["r2_per_layer"]
+    r2 = report["r2"]
+    summary = {
+        "store": str(store), "out": str(out), "surrogate": surrogate, "k": len(partition), "partition": partition,
+        "partition_source": source,
+        **{key: report.attrs[key] for key in ("images", "n_images", "r2_reference", "r2_final", *ACCURACY_KEYS)
+           if key in report.attrs},
+        "r2_per_layer": r2.sel(token_kind="all").values.round(4).tolist(),
+        **{f"r2_per_layer_{kind}": r2.sel(token_kind=kind).values.round(4).tolist()
+           for kind in r2["token_kind"].values.tolist() if kind != "all"},
+        **_epsilon_numbers(errors),
+        **_choice(fitter),
+        "figures": [str(path)],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    summary = jsonable(summary)
+    summary["text"] = "\n".join([
+        f"{surrogate} k={summary['k']} on {store} ({report.attrs['model']}), phases {partition} ({source})"
+        + "".join(f", {key} {format_value(value)}" for key, value in _choice(fitter).items()),
+        f"evaluated on {summary['n_images']} {summary['images']}; R² per layer:",
+        "  " + " ".join(f"{layer}:{value:.3f}" for layer, value in enumerate(summary["r2_per_layer"])),
+        f"r2_final {format_value(summary['r2_final'])}" + (
+            f"  accuracy_ratio {format_value(summary['accuracy_ratio'])}  agreement {format_value(summary['agreement'])}"
+            if "accuracy_ratio" in summary else ""),
+        f"epsilon_max {_interval_text(summary, 'epsilon_max')}  epsilon_mean {_interval_text(summary, 'epsilon_mean')}",
+        f"saved to {out} in {summary['seconds']} s",
+    ])
+    return summary
+
+
+def ladder(
+    store: str | Path,
+    out: str | Path,
+    *,
+    ks=(1, 2, 3, 4),
+    surrogates=(*RUNGS, CEILING),
+    loop_scales=LOOP_SCALES,
+    head: str | Path | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    command: str | None = None,
+    **raptor_params,
+) -> dict:
+    """Fit every rung of the ladder for every k on one store and compare them (``dynamo ladder``).
+
+    Parameters
+    ----------
+    store : str or Path
+        A trajectory store with every layer and token.
+    out : str or Path
+        Output folder (see the module docstring).
+    ks : sequence of int
+        Numbers of phases; each k's partition is `dynamo fit`'s default (`default_partition`),
+        shared by every rung.
+    surrogates : sequence of str
+        Rungs among `RUNGS` and `CEILING`.
+    loop_scales : sequence of float
+        Loop-count scales (each phase's block run ``round(scale * n_j)`` times).
+    head : str or Path, optional
+        A linear head file for the accuracies; default the teacher's own classifier, or a probe
+        fitted on the store's labels for a teacher without one (`dynamo.heads.resolve_head`).
+    n_bootstrap : int
+        Resamples of the held-out images for ε's intervals.
+    seed : int
+        The split (every rung holds out the same 20%), Raptor's initialisation, the bootstrap.
+    device : str
+    progress : bool
+    command : str, optional
+        The command line, for the report's provenance.
+    **raptor_params
+        `RaptorFitter` parameters (``steps``, ``stage2_steps``, ``batch_size``, ``lr``, ``mlp``);
+        None takes the fitter's defaults.
+
+    Returns
+    -------
+    dict
+        ``table`` (one row per surrogate and k), ``partitions``, the paths written, ``seconds``,
+        ``text``.
+    """
+    started = time.perf_counter()
+    unknown = set(surrogates) - {*RUNGS, CEILING}
+    if unknown:
+        raise ValueError(f"unknown surrogates {sorted(unknown)}; choose among {', '.join((*RUNGS, CEILING))}")
+    out = check_output(out, inputs=[store])
+    out.mkdir(parents=True, exist_ok=True)
+    ds = open_trajectories(store)
+    num_blocks = int(ds.attrs["num_blocks"])
+    ks = [int(k) for k in ks]
+    if any(not 1 <= k <= num_blocks for k in ks):
+        raise ValueError(f"--k values must be between 1 and the {num_blocks} blocks of {ds.attrs.get('model')}, got {ks}")
+    teacher = resolve_teacher(ds.attrs, None)
+    linear_head = resolve_head(ds, teacher, head, seed=seed)
+    chosen = {k: default_partition(ds, k) for k in ks}
+    partitions, sources = {k: chosen[k][0] for k in ks}, {k: chosen[k][1] for k in ks}
+    training, held_out = split_images(ds["image"].values, 0.2, seed)
+    scoring = ds.isel(image=np.flatnonzero(np.isin(ds["image"].values, held_out)))
+    if scoring["hidden"].nbytes <= IN_MEMORY_BYTES:
+        scoring = scoring.load()
+    moments, moment_seconds = _timed(lambda: transition_moments(ds, training, device=device, progress=progress)) \
+        if {"linear", "dmd", CEILING} & set(surrogates) else (None, None)
+    rows, reports = [], {}
+    names = [name for name in (*RUNGS, CEILING) if name in surrogates]
+    jobs = [(name, k) for name in names if name != CEILING for k in ks] + ([(CEILING, None)] if CEILING in names else [])
+    for name, k in jobs:
+        fitter, seconds = _timed(lambda: _fit_rung(name, k, partitions, ds, teacher, linear_head, moments, out, seed,
+                                                   device, progress, raptor_params))
+        report = fitter.evaluate(scoring)
+        errors = epsilon(fitter.model_, scoring, n_bootstrap=n_bootstrap, seed=seed)
+        loops = loop_count(fitter.model_, scoring, loop_scales) if name not in ("identity", CEILING) else None
+        for key in ks if k is None else [k]:
+            reports[name, key] = (report, errors, loops)
+            rows.append(_row(name, key, partitions[key] if k is not None else fitter.partition_, report, errors, seconds, fitter))
+    result = _result(ds, reports, names, ks, partitions, loop_scales)
+    save_result(result, out / "ladder.zarr", inputs=[store])
+    paths = _write_table(rows, out)
+    figures = {"ladder": plot_ladder(result), "ladder_layers": plot_ladder_layers(result)}
+    if "raptor" in names:
+        figures["loop_count"] = plot_loop_count(result, "raptor")
+    paths.update({name: str(path) for name, path in save_figures(figures, out).items()})
+    seconds = round(time.perf_counter() - started, 2)
+    summary = jsonable({"store": str(store), "out": str(out), "model": ds.attrs.get("model"), "ks": ks,
+                        "partitions": {str(k): partitions[k] for k in ks},
+                        "partition_sources": {str(k): sources[k] for k in ks}, "n_images": int(scoring.sizes["image"]),
+                        "accuracy_teacher": result.attrs.get("accuracy_teacher"), "table": rows,
+                        "moments_seconds": None if moments is None else {key: round(value, 2) for key, value in moment_seconds.items()},
+                        "files": paths, "seconds": seconds})
+    section = ladder_section(summary)
+    paths["html"] = str(write_report(out / "ladder.html", f"{summary['model']}: a ladder of surrogates",
+                                     f"{summary['n_images']} held-out images; k = {', '.join(map(str, ks))}; {seconds:.0f} s.",
+                                     [section], _provenance(ds, store, command)))
+    summary["files"] = paths
+    summary["text"] = _text(summary)
+    return summary
+
+
+def _progress(name: str, progress: bool) -> dict:
+    return {} if name == "identity" else {"progress": progress}
+
+
+def _timed(work):
+    """``(work(), {"wall": s, "cpu": s})``: wall-clock and CPU seconds (this process and finished children)."""
+    wall, before = time.perf_counter(), os.times()
+    value = work()
+    after = os.times()
+    cpu = sum(after[:4]) - sum(before[:4])
+    return value, {"wall": time.perf_counter() - wall, "cpu": cpu}
+
+
+def _fit_rung(name, k, partitions, ds, teacher, head, moments, out: Path, seed, device, progress, raptor_params):
+    if name == "raptor":
+        params = {key: value for key, value in raptor_params.items() if value is not None}
+        fitter = RaptorFitter(partition=partitions[k], seed=seed, device=device, progress=progress,
+                              checkpoint_dir=out / f"raptor-k{k}" / "checkpoint", stage1_cache=out / "stage1", **params)
+        fitter.fit(ds, teacher=teacher, head=head)
+        fitter.save(out / f"raptor-k{k}")
+        return fitter
+    partition = per_layer(int(ds.attrs["num_blocks"])) if name == CEILING else partitions[k]
+    fitter = (LinearFitter if name == CEILING else SURROGATES[name])(partition=partition, seed=seed, device=device,
+                                                                       **_progress(name, progress))
+    data = {"moments": moments} if name in ("linear", "dmd", CEILING) else {}
+    return fitter.fit(ds, teacher=teacher, head=head, **data)
+
+
+def _row(name, k, partition, report: xr.Dataset, errors: xr.Dataset, seconds: dict, fitter) -> dict:
+    r2 = report["r2"]
+    row = {"surrogate": name, "k": k, "partition": str(partition), "r2_final": report.attrs["r2_final"]}
+    row.update({f"r2_final_{kind}": float(r2.sel(token_kind=kind)[-1]) for kind in r2["token_kind"].values.tolist()
+                if kind != "all"})
+    row["r2_stacked"] = float(report["r2_stacked"].sel(token_kind="all"))
+    row.update({key: report.attrs[key] for key in ("accuracy_surrogate", "accuracy_ratio", "agreement",
+                                                    "probe_accuracy_surrogate") if key in report.attrs})
+    row.update(_epsilon_numbers(errors))
+    row.update({"fit_seconds": round(seconds["wall"], 2), "fit_cpu_seconds": round(seconds["cpu"], 2)})
+    row.update({key: format_value(value) for key, value in _choice(fitter).items()})
+    return jsonable({key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()})
+
+
+def _epsilon_numbers(errors: xr.Dataset) -> dict:
+    return {name: float(errors[name]) for name in ("epsilon_max", "epsilon_max_low", "epsilon_max_high",
+                                                   "epsilon_mean", "epsilon_mean_low", "epsilon_mean_high")}
+
+
+def _choice(fitter) -> dict:
+    """What a rung chose while fitting: the teacher's blocks, the ridge penalties, the DMD ranks."""
+    return {label: getattr(fitter, attr) for attr, label in (("blocks_", "blocks"), ("alpha_", "alpha"), ("rank_", "rank"))
+            if hasattr(fitter, attr)}
+
+
+def _result(ds, reports: dict, names: list, ks: list, partitions: dict, scales) -> xr.Dataset:
+    """One Dataset over (surrogate, k, layer, token_kind, scale) from every rung's evaluation, ε and loop count."""
+    first = next(iter(reports.values()))[0]
+    layers, kinds = first["layer"].values, first["token_kind"].values.tolist()
+    shape = (len(names), len(ks))
+
+    def grid(read, extra=()):
+        values = np.full(shape + tuple(extra), np.nan)
+        for (name, k), entry in reports.items():
+            value = read(*entry)
+            if value is not None:
+                values[names.index(name), ks.index(k)] = value
+        return values
+
+    attr = lambda key: (lambda report, errors, loops: report.attrs.get(key, np.nan))  # noqa: E731
+    loop = lambda key: (lambda report, errors, loops: None if loops is None or key not in loops else loops[key].values)  # noqa: E731
+    result = xr.Dataset(
+        {
+            "r2": (("surrogate", "k", "layer", "token_kind"),
+                   grid(lambda report, errors, loops: report["r2"].values, (len(layers), len(kinds)))),
+            "relative_error": (("surrogate", "k", "block"),
+                               grid(lambda report, errors, loops: errors["relative_error_mean"].values, (len(layers) - 1,))),
+            **{key: (("surrogate", "k"), grid(attr(key))) for key in
+               ("r2_final", "accuracy_surrogate", "accuracy_ratio", "agreement", "probe_accuracy_surrogate")},
+            **{key: (("surrogate", "k"), grid(lambda report, errors, loops, key=key: float(errors[key])))
+               for key in _epsilon_numbers(next(iter(reports.values()))[1])},
+            **{f"loop_{key}": (("surrogate", "k", "scale"), grid(loop(key), (len(scales),)))
+               for key in ("r2_final", "accuracy_ratio", "agreement")},
+        },
+        coords={
+            "surrogate": names, "k": ks, "layer": layers, "token_kind": kinds, "block": layers[1:],
+            "scale": np.asarray(scales, dtype=float),
+            "phase": (("k", "layer"), np.stack([partitions[k].phase_of(layers) for k in ks])),
+            "partition": ("k", [str(partitions[k]) for k in ks]),
+        },
+        attrs={"analysis": "surrogate_ladder", "model": ds.attrs.get("model"), "n_images": first.attrs["n_images"],
+               "r2_reference": first.attrs["r2_reference"], "ceiling": CEILING,
+               **{key: first.attrs[key] for key in ("accuracy_teacher", "accuracy_against", "accuracy_head",
+                                                    "head_source", "probe_accuracy_teacher") if key in first.attrs},
+               "description": "every rung fitted on the same partitions and training images, scored on the same "
+                              "held-out images: R² (teacher variance) per layer, accuracy through the teacher's head, "
+                              "ε (relative Frobenius error, max and mean over layers) and loop count"},
+    )
+    return result
+
+
+def _write_table(rows: list[dict], out: Path) -> dict:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(out / "ladder.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "ladder.json").write_text(json.dumps(rows, indent=1, allow_nan=False))
+    return {"csv": str(out / "ladder.csv"), "json": str(out / "ladder.json")}
+
+
+def _interval_text(row: dict, key: str) -> str:
+    return f"{format_value(row[key])} [{format_value(row[f'{key}_low'])}, {format_value(row[f'{key}_high'])}]"
+
+
+def ladder_section(summary: dict) -> Section:
+    """The report section of a ladder (`ladder`'s summary): text, the table, the figures."""
+    files = summary["files"]
+    numbers = {
+        f"{row['surrogate']} k={row['k']}": {
+            "R² last layer": format_value(row["r2_final"]),
+            "accuracy ratio": format_value(row.get("accuracy_ratio")),
+            "agreement": format_value(row.get("agreement")),
+            "ε max [95%]": _interval_text(row, "epsilon_max"),
+            "ε mean [95%]": _interval_text(row, "epsilon_mean"),
+            "fit s (cpu s)": f"{row['fit_seconds']:.1f} ({row['fit_cpu_seconds']:.1f})",
+            "chosen": "; ".join(f"{key} {row[key]}" for key in ("blocks", "alpha", "rank") if key in row),
+        }
+        for row in summary["table"]
+    }
+    figures = [(files["ladder"], "Final-layer R², accuracy ratio (surrogate over teacher, teacher's head) and ε "
+                                 "(mean over held-out images of the max over layers of the relative Frobenius error, "
+                                 "95% bootstrap interval) against k, one line per surrogate."),
+               (files["ladder_layers"], "R² of each surrogate's rollout from layer 0 at every layer, one panel per k, "
+                                        "phase boundaries dotted.")]
+    if "loop_count" in files:
+        figures.append((files["loop_count"], "Raptor run with each phase's block repeated scale x its phase's length: "
+                                             "final-layer R² and accuracy ratio against the scale."))
+    return Section(
+        "A ladder of surrogates",
+        "Each rung replaces the blocks of every phase by one map applied once per layer: identity (nothing), "
+        "linear (a token-wise ridge map per phase, applied recurrently), dmd (exact DMD per phase with a constant "
+        "observable), teacher-block (one of the teacher's own blocks per phase, chosen by R² on training images), "
+        "raptor (trained shared blocks with a depth signal); linear-per-layer is the non-recurrent linear variant, "
+        "one map per layer, the same for every k. All are fitted on the same partitions and training images and "
+        f"scored on the same {summary['n_images']} held-out images; the teacher's own accuracy there is "
+        f"{format_value(summary.get('accuracy_teacher'))}.",
+        figures,
+        numbers,
+    )
+
+
+def _provenance(ds, store, command) -> dict:
+    attrs = ds.attrs
+    return {key: format_value(value) if not isinstance(value, str) else value for key, value in {
+        "store": str(store), "model": attrs.get("model"), "weights_sha256": attrs.get("weights_sha256"),
+        "n_images": int(ds.sizes["image"]), "versions": json.dumps(attrs.get("versions")),
+        "command": command or " ".join(sys.argv),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }.items()}
+
+
+def _text(summary: dict) -> str:
+    header = (f"{'surrogate':<17} {'k':>2}  {'R² last':>8}  {'acc ratio':>9}  {'agree':>6}  {'ε max [95%]':>24}  "
+              f"{'ε mean':>7}  {'fit s':>6}  {'cpu s':>6}")
+    lines = [f"ladder of surrogates on {summary['store']} ({summary['model']}), {summary['n_images']} held-out images",
+             *(f"  k={k}: {format_value(p)} ({summary['partition_sources'][k]})" for k, p in summary["partitions"].items()),
+             header]
+    for row in summary["table"]:
+        lines.append(f"{row['surrogate']:<17} {row['k']:>2}  {row['r2_final']:>8.3f}  {row.get('accuracy_ratio', float('nan')):>9.3f}  "
+                     f"{row.get('agreement', float('nan')):>6.3f}  {_interval_text(row, 'epsilon_max'):>24}  "
+                     f"{row['epsilon_mean']:>7.3f}  {row['fit_seconds']:>6.1f}  {row['fit_cpu_seconds']:>6.1f}")
+    if summary["moments_seconds"] is not None:
+        lines.append(f"the one pass over the store's training images that the linear and dmd fits share took "
+                     f"{summary['moments_seconds']['wall']:.1f} s ({summary['moments_seconds']['cpu']:.1f} s of CPU), "
+                     "not counted in their fit s")
+    lines.append(f"written to {summary['out']} (ladder.html, ladder.csv, ladder.png, ...) in {summary['seconds']} s")
+    return "\n".join(lines)

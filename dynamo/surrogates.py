@@ -1,0 +1,833 @@
+"""A ladder of surrogates for a ViT's L blocks, from doing nothing to Raptor, with one interface.
+
+How much of a ViT's depth is near-identity, how much merely linear, how much the recurrence of
+one block? Each rung replaces the blocks of every phase of depth (a contiguous partition, as
+Raptor's) by one map applied once per layer of the phase:
+
+- ``identity`` (`IdentityFitter`): each phase passes its input on unchanged;
+- ``linear`` (`LinearFitter`): one closed-form ridge regression per phase, token-wise and affine,
+  applied recurrently, x <- A_j x + b_j; on the partition of L one-block phases
+  (`per_layer`) it is the non-recurrent variant, one map per layer, the ceiling of linear maps;
+- ``dmd`` (`DMDFitter`): exact dynamic mode decomposition per phase over the phase's steps, with
+  the constant observable appended so the map may be affine, optionally truncated to a rank:
+  p steps are K^p (`DMDFitter.operator`), its spectrum `DMDFitter.eigenvalues_`;
+- ``teacher-block`` (`TeacherBlockFitter`): no training; each phase runs one of the teacher's
+  own blocks for all its layers, the one with the best R² over the phase on training images;
+- ``raptor`` (`dynamo.raptor.RaptorFitter`): k trained recurrent blocks with a depth signal.
+
+Every surrogate model (`PhaseSurrogate` and `dynamo.raptor.Raptor`) has the same interface:
+``run(x, start, stop)``, ``step(x, layer, block)``, ``head``, ``predict``, ``embed``,
+``forward``, ``k``, ``thresholds``, ``num_layers``, ``teacher``, so `dynamo.raptor.evaluate`
+scores any of them and the live-model analyses push states through any of them. Every fitter
+has `RaptorFitter`'s: ``fit(ds, teacher=None, head=None)``, ``evaluate``, ``score``,
+``transform``, ``save``; ``model_``, ``partition_``, and the same held-out images
+(`split_images`) for the same ``seed`` and ``validation_fraction``, so rungs fitted with the
+same settings are scored on the same images.
+
+The closed-form fits stream the store: `transition_moments` sums, a chunk of images at a time,
+each block's input and output moments (X^T X and X^T Y over every token), from which any
+partition's linear and DMD maps follow without reading the store again.
+
+`dynamo.hypothesis` measures any of them further: the ε of the paper's ε-BRH, and the loop count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from safetensors.torch import load_file
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from dynamo.heads import NO_HEAD, LinearHead, NoHeadError
+from dynamo.metrics import r2_from_sums, r2_sums
+from dynamo.models import LoadedModel
+from dynamo.partition import Partition
+from dynamo.raptor.evaluate import evaluate
+from dynamo.raptor.fit import RaptorFitter, _check_store, _open
+from dynamo.raptor.io import check_teacher, resolve_teacher, teacher_identity, write_tensors_and_json
+from dynamo.stepping import BlockStepper
+
+__all__ = [
+    "ALPHAS",
+    "SURROGATES",
+    "AffineSurrogate",
+    "DMDFitter",
+    "IdentityFitter",
+    "IdentitySurrogate",
+    "LinearFitter",
+    "PhaseSurrogate",
+    "SurrogateFitter",
+    "TeacherBlockFitter",
+    "TeacherBlockSurrogate",
+    "TransitionMoments",
+    "held_out_positions",
+    "load_surrogate",
+    "per_layer",
+    "phase_scores",
+    "resolve_partition",
+    "split_images",
+    "transition_moments",
+]
+
+FORMAT = "dynamo-surrogate/1"
+ALPHAS = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # ridge penalties `LinearFitter` chooses among
+NOT_FITTED = "this %(name)s is not fitted yet: call fit(ds)"
+
+
+def split_images(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training and held-out images of a fit: ``round(fraction * n)`` held out, drawn with ``seed``.
+
+    The same draw as `dynamo.raptor.RaptorFitter`'s, so every rung fitted with one seed and
+    fraction is scored on the same images.
+
+    Parameters
+    ----------
+    rows : numpy.ndarray
+        ``image`` coordinate values of the dataset.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Training and held-out ``image`` values, each sorted.
+    """
+    held_out = np.random.default_rng(seed).permutation(rows)[: int(round(fraction * rows.size))]
+    return np.setdiff1d(rows, held_out), np.sort(held_out)
+
+
+def resolve_partition(partition, k: int | None, num_layers: int) -> Partition:
+    """A fitter's contiguous partition: ``partition`` parsed (any `Partition.parse` form), or k uniform phases (2 without k)."""
+    if partition is None:
+        return Partition.uniform(num_layers, 2 if k is None else k)
+    partition = Partition.parse(partition, num_layers)
+    if k is not None and k != len(partition):
+        raise ValueError(f"k={k} but the partition {partition} has {len(partition)} phases; give one or the other")
+    return partition
+
+
+def per_layer(num_layers: int) -> Partition:
+    """The partition of L one-block phases: a surrogate on it has one map per layer (no recurrence)."""
+    return Partition([layer] for layer in range(1, num_layers + 1))
+
+
+# ---- the surrogate models -----------------------------------------------------------------
+
+
+class PhaseSurrogate(nn.Module):
+    """k maps, one per contiguous phase of depth, each applied once per layer of its phase.
+
+    The interface of `dynamo.raptor.Raptor` (its router: target layer t goes to phase i for the
+    first i with t <= thresholds[i], the last phase beyond them all), with the teacher's
+    embedding and head. Subclasses define `apply` (one application of phase i's map).
+
+    Parameters
+    ----------
+    partition : Partition
+        Contiguous phases covering blocks 1..L.
+    num_layers : int
+        L.
+    teacher : BlockStepper, optional
+        For `embed`, `head`, `predict`, `forward`; a plain attribute, not a submodule.
+    """
+
+    name = "surrogate"
+
+    def __init__(self, partition: Partition, num_layers: int, teacher: BlockStepper | None = None):
+        super().__init__()
+        self.partition = Partition.parse(partition, num_layers)
+        self.thresholds = self.partition.thresholds
+        self.num_layers = int(num_layers)
+        self.teacher = teacher
+
+    @property
+    def k(self) -> int:
+        return len(self.partition)
+
+    @property
+    def num_blocks(self) -> int:
+        """L, the number of steps from layer 0 to the last layer (as `BlockStepper`)."""
+        return self.num_layers
+
+    def block_index(self, layer: int) -> int:
+        """0-based phase of target ``layer`` (1..L)."""
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}")
+        return bisect.bisect_left(self.thresholds, layer)
+
+    def apply(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Phase ``index``'s (0-based) map applied once to (B, T, D) states."""
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, layer: float, block: int | None = None) -> torch.Tensor:
+        """The state at ``layer`` from the state at ``layer - 1``, by the routed phase's map or by
+        ``block`` (1-based phase) when given (then ``layer`` may be any depth, as in `loop_count`)."""
+        return self.apply(x, self.block_index(layer) if block is None else block - 1)
+
+    def run(self, x: torch.Tensor, start: int, stop: int | None = None) -> list[torch.Tensor]:
+        """Rollout from layer ``start`` to ``stop`` (default L): ``stop - start + 1`` states (B, T, D), the first ``x``."""
+        stop = self.num_layers if stop is None else stop
+        if not 0 <= start <= stop <= self.num_layers:
+            raise ValueError(f"need 0 <= start <= stop <= {self.num_layers}, got {start}, {stop}")
+        states = [x]
+        for layer in range(start + 1, stop + 1):
+            states.append(self.step(states[-1], layer))
+        return states
+
+    def _teacher(self) -> BlockStepper:
+        if self.teacher is None:
+            raise ValueError(f"this {self.name} surrogate has no teacher attached for its embedding and head")
+        return self.teacher
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Layer 0 by the teacher's embedding: (B, C, H, W) -> (B, T, D)."""
+        return self._teacher().embed(pixels)
+
+    @property
+    def head(self):
+        """The teacher's head (`BlockStepper.head`), None without a teacher or without a head."""
+        return None if self.teacher is None else self.teacher.head
+
+    @property
+    def head_kind(self) -> str | None:
+        return None if self.teacher is None else self.teacher.head_kind
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Classes from the last layer by the teacher's head: (B, T, D) -> (B,)."""
+        return self._teacher().predict(x)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Teacher embedding -> the k maps over L layers -> teacher head (logits)."""
+        teacher = self._teacher()
+        if teacher.head is None:
+            raise NoHeadError(NO_HEAD.format(model=teacher.name))
+        return teacher.head(self.run(self.embed(pixels), 0)[-1])
+
+
+class IdentitySurrogate(PhaseSurrogate):
+    """Every phase passes its input on unchanged: the state never moves from layer 0."""
+
+    name = "identity"
+
+    def apply(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        return x
+
+
+class AffineSurrogate(PhaseSurrogate):
+    """Phase i maps every token by x <- A_i x + b_i.
+
+    Parameters
+    ----------
+    weight : torch.Tensor
+        (k, D, D), A_i.
+    bias : torch.Tensor
+        (k, D), b_i.
+    """
+
+    name = "affine"
+
+    def __init__(self, partition, num_layers: int, weight: torch.Tensor, bias: torch.Tensor,
+                 teacher: BlockStepper | None = None, name: str = "affine"):
+        super().__init__(partition, num_layers, teacher)
+        if weight.shape[0] != self.k or bias.shape != weight.shape[:2]:
+            raise ValueError(f"need weight (k, D, D) and bias (k, D) for k={self.k}, got {tuple(weight.shape)}, {tuple(bias.shape)}")
+        self.register_buffer("weight", torch.as_tensor(weight, dtype=torch.float32))
+        self.register_buffer("bias", torch.as_tensor(bias, dtype=torch.float32))
+        self.name = name
+
+    def apply(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        return _affine(x, self.weight[index], self.bias[index])
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x A^T + b over the last dim of (..., D) states."""
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape)
+
+
+class TeacherBlockSurrogate(PhaseSurrogate):
+    """Phase i runs the teacher's own block ``blocks[i]`` (1-based) for every one of its layers.
+
+    The chosen blocks are registered as submodules (they are this surrogate's maps); they stay
+    the teacher's modules, shared, not copies.
+    """
+
+    name = "teacher-block"
+
+    def __init__(self, partition, num_layers: int, teacher: BlockStepper, blocks: list[int]):
+        super().__init__(partition, num_layers, teacher)
+        if len(blocks) != self.k or not all(1 <= b <= teacher.num_blocks for b in blocks):
+            raise ValueError(f"need one teacher block in 1..{teacher.num_blocks} per phase, got {blocks}")
+        self.blocks_of_phase = [int(b) for b in blocks]
+        self.blocks = nn.ModuleList(teacher.module.blocks[b - 1] for b in self.blocks_of_phase)
+
+    def apply(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        block = self.blocks_of_phase[index]
+        return self.teacher.step(x, block, block=block)
+
+
+# ---- streamed moments of the store --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransitionMoments:
+    """Sums over every token of a set of images, per block l (1..L), of its input x (layer l - 1)
+    and output y (layer l), in float64: enough for any partition's least-squares maps.
+
+    Attributes
+    ----------
+    images : numpy.ndarray
+        ``image`` values summed over.
+    count : torch.Tensor
+        (L,) tokens summed (images x tokens).
+    sum_in, sum_out : torch.Tensor
+        (L, D): sum of x, sum of y.
+    gram : torch.Tensor
+        (L, D, D): sum of x x^T.
+    cross : torch.Tensor
+        (L, D, D): sum of x y^T.
+    """
+
+    images: np.ndarray
+    count: torch.Tensor
+    sum_in: torch.Tensor
+    sum_out: torch.Tensor
+    gram: torch.Tensor
+    cross: torch.Tensor
+
+    def phase(self, blocks) -> tuple[torch.Tensor, ...]:
+        """``(count, sum_in, sum_out, gram, cross)`` summed over 1-based ``blocks``."""
+        index = torch.as_tensor([int(b) - 1 for b in blocks])
+        return tuple(value[index].sum(0) for value in (self.count, self.sum_in, self.sum_out, self.gram, self.cross))
+
+
+@torch.no_grad()
+def transition_moments(ds: xr.Dataset, images=None, batch_size: int = 32, device: str = "cpu",
+                       progress: bool = False) -> TransitionMoments:
+    """Stream a trajectory dataset once and sum each block's input/output moments (`TransitionMoments`).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A trajectory dataset with every layer 0..L.
+    images : array-like, optional
+        ``image`` values to sum over; default all.
+    batch_size : int
+        Images read at a time.
+    device : str
+        Torch device of the float64 accumulation.
+    progress : bool
+
+    Returns
+    -------
+    TransitionMoments
+    """
+    images = ds["image"].values if images is None else np.asarray(images)
+    positions = np.flatnonzero(np.isin(ds["image"].values, images))
+    hidden = ds["hidden"]
+    num_layers, width = hidden.sizes["layer"] - 1, hidden.sizes["feature"]
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+    count, sum_in, sum_out = zeros(num_layers), zeros(num_layers, width), zeros(num_layers, width)
+    gram, cross = zeros(num_layers, width, width), zeros(num_layers, width, width)
+    for rows in tqdm(_batches(positions, batch_size), desc="moments", disable=not progress, leave=False):
+        states = _read(hidden, rows, device)
+        for block in range(num_layers):  # float64 one layer at a time
+            x = states[:, block].reshape(-1, width).double()
+            y = states[:, block + 1].reshape(-1, width).double()
+            count[block] += x.shape[0]
+            sum_in[block] += x.sum(0)
+            sum_out[block] += y.sum(0)
+            gram[block] += x.T @ x
+            cross[block] += x.T @ y
+    return TransitionMoments(np.asarray(ds["image"].values)[positions], count, sum_in, sum_out, gram, cross)
+
+
+def _batches(positions: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Sorted ``positions`` in runs of at most ``batch_size`` (neighbouring images share the store's chunks)."""
+    positions = np.sort(positions)
+    return np.split(positions, np.arange(batch_size, positions.size, batch_size))
+
+
+def _read(hidden: xr.DataArray, rows: np.ndarray, device) -> torch.Tensor:
+    """``hidden`` of the images at ``rows`` as float32 (B, L + 1, T, D) on ``device``."""
+    return torch.from_numpy(np.asarray(hidden.isel(image=rows).values, dtype=np.float32)).to(device)
+
+
+@torch.no_grad()
+def phase_scores(ds: xr.Dataset, images, partition: Partition, candidates, batch_size: int = 64,
+                 device: str = "cpu", progress: bool = False) -> list[np.ndarray]:
+    """R² of each candidate map over each phase, rolled out from the recorded state at the phase's entry.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A trajectory dataset with every layer.
+    images : array-like
+        ``image`` values to score on.
+    partition : Partition
+        Contiguous phases.
+    candidates : list of list of callable
+        Per phase, maps (B, T, D) -> (B, T, D), each applied once per layer of the phase.
+    batch_size : int
+    device : str
+    progress : bool
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Per phase, the R² (teacher variance, all tokens, the phase's layers stacked) of each candidate.
+    """
+    positions = np.flatnonzero(np.isin(ds["image"].values, np.asarray(images)))
+    sums = [[None] * len(maps) for maps in candidates]
+    for rows in tqdm(_batches(positions, batch_size), desc="candidates", disable=not progress, leave=False):
+        states = _read(ds["hidden"], rows, device)
+        for index, phase in enumerate(partition):
+            target = states[:, phase[0] : phase[-1] + 1]
+            for which, apply in enumerate(candidates[index]):
+                x, rollout = states[:, phase[0] - 1], []
+                for _ in phase:
+                    x = apply(x)
+                    rollout.append(x)
+                batch = r2_sums(torch.stack(rollout, 1), target, "target", dims=None)
+                total = sums[index][which]
+                sums[index][which] = batch if total is None else tuple(a + b for a, b in zip(total, batch))
+    return [np.array([float(r2_from_sums(*total)) for total in phase]) for phase in sums]
+
+
+def _selection_images(training: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """At most ``count`` training images, drawn with ``seed``, that score a fitter's candidates."""
+    return np.sort(np.random.default_rng(seed).permutation(training)[:count])
+
+
+# ---- the fitters --------------------------------------------------------------------------
+
+
+class SurrogateFitter(BaseEstimator):
+    """What every rung's fitter shares: the store checks, teacher, partition, split, evaluation, saving.
+
+    Subclasses set ``name`` and implement ``_fit(ds, stepper)`` (returning the surrogate model)
+    and ``_state()`` (tensors and JSON of the fitted state, for `save`).
+    """
+
+    name = "surrogate"
+
+    def fit(self, ds: xr.Dataset | str | Path, teacher: LoadedModel | None = None, head: LinearHead | None = None,
+            **data) -> SurrogateFitter:
+        """Fit the surrogate to a trajectory dataset.
+
+        Parameters
+        ----------
+        ds : xarray.Dataset, str or Path
+            A trajectory dataset with every layer and token, or its store's path.
+        teacher : LoadedModel, optional
+            The recorded model; default loaded from the dataset's attributes (hash checked).
+        head : LinearHead, optional
+            The head the accuracies use, attached to the teacher (`dynamo.heads`).
+        **data
+            Precomputed inputs a fitter accepts (`LinearFitter`/`DMDFitter`: ``moments``).
+
+        Returns
+        -------
+        self, fitted.
+        """
+        ds = _open(ds)
+        num_layers = _check_store(ds)
+        teacher = resolve_teacher(ds.attrs, teacher)
+        self.store_ = ds.encoding.get("source")
+        self.teacher_identity_ = teacher_identity(teacher)
+        self.images_sha256_ = ds.attrs.get("identity", {}).get("images_sha256")
+        self.partition_ = resolve_partition(self.partition, self.k, num_layers)
+        self.training_images_, self.validation_images_ = split_images(ds["image"].values, self.validation_fraction, self.seed)
+        teacher.module.to(self.device)
+        self.model_ = self._fit(ds, BlockStepper(teacher, head), **data).to(self.device)
+        return self
+
+    def _fit(self, ds: xr.Dataset, stepper: BlockStepper, **data) -> PhaseSurrogate:
+        raise NotImplementedError
+
+    def _state(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    @torch.no_grad()
+    def transform(self, states) -> torch.Tensor:
+        """The surrogate's layers 0..L, (B, L + 1, T, D), from layer-0 states (B, T, D)."""
+        check_is_fitted(self, "model_", msg=NOT_FITTED)
+        states = torch.as_tensor(states, dtype=torch.float32, device=self.device)
+        return torch.stack(self.model_.run(states, 0), dim=1)
+
+    def evaluate(self, ds: xr.Dataset | str | Path, images=None, reference: str = "target", probe: bool = True) -> xr.Dataset:
+        """`dynamo.raptor.evaluate.evaluate` of the fitted surrogate, on the held-out images by default
+        (as `RaptorFitter.evaluate`); attrs ``surrogate`` (the rung) and ``images`` added."""
+        check_is_fitted(self, "model_", msg=NOT_FITTED)
+        ds = _open(ds)
+        _check_store(ds)
+        check_teacher(ds.attrs, self.teacher_identity_)
+        positions, which = held_out_positions(self, ds, images)
+        report = evaluate(self.model_, ds, positions, reference=reference, probe=probe)
+        return report.assign_attrs(images=which, surrogate=self.name)
+
+    def score(self, ds: xr.Dataset | str | Path, images=None) -> float:
+        """Final-layer R² (all tokens, teacher variance) on held-out images."""
+        return float(self.evaluate(ds, images, probe=False).attrs["r2_final"])
+
+    def save(self, folder) -> Path:
+        """``config.json`` (parameters, partition, teacher, split, fitted state) and ``weights.safetensors``."""
+        check_is_fitted(self, "model_", msg=NOT_FITTED)
+        tensors, state = self._state()
+        config = {
+            "format": FORMAT, "surrogate": self.name, "params": self.get_params(), "partition": self.partition_,
+            "num_layers": self.model_.num_layers, "teacher": self.teacher_identity_, "store": self.store_,
+            "images_sha256": self.images_sha256_, "validation_images": self.validation_images_,
+            "training_images": self.training_images_, "state": state,
+        }
+        folder = Path(folder)
+        write_tensors_and_json(folder / "weights.safetensors", folder / "config.json", tensors, config)
+        return folder
+
+
+def held_out_positions(fitter, ds: xr.Dataset, images=None) -> tuple[np.ndarray | None, str]:
+    """Positions a fitter is evaluated on by default: its held-out images when ``ds`` holds the
+    images it was fitted on, else all; ``images`` when given. Returns (positions or None, which)."""
+    if images is not None:
+        return np.asarray(images), "given"
+    images_sha256 = ds.attrs.get("identity", {}).get("images_sha256")
+    if images_sha256 is not None and images_sha256 == fitter.images_sha256_ and fitter.validation_images_.size:
+        return np.flatnonzero(np.isin(ds["image"].values, fitter.validation_images_)), "held-out images of the fit store"
+    return None, "all images"
+
+
+class IdentityFitter(SurrogateFitter):
+    """The ``identity`` rung: nothing is learned; the partition only labels the result.
+
+    Parameters
+    ----------
+    k, partition
+        As `LinearFitter`'s.
+    validation_fraction, seed : float, int
+        The held-out split (`split_images`).
+    device : str
+    """
+
+    name = "identity"
+
+    def __init__(self, k: int | None = None, partition=None, validation_fraction: float = 0.2, seed: int = 0,
+                 device: str = "cpu"):
+        self.k, self.partition, self.validation_fraction, self.seed, self.device = k, partition, validation_fraction, seed, device
+
+    def _fit(self, ds, stepper, **data) -> PhaseSurrogate:
+        return IdentitySurrogate(self.partition_, int(ds.attrs["num_blocks"]), stepper)
+
+
+class _AffineFitter(SurrogateFitter):
+    """Shared by `LinearFitter` and `DMDFitter`: moments in, one affine map per phase out."""
+
+    def _fit(self, ds, stepper, moments: TransitionMoments | None = None) -> PhaseSurrogate:
+        if moments is None:
+            moments = transition_moments(ds, self.training_images_, device=self.device, progress=self.progress)
+        elif not np.array_equal(np.sort(moments.images), self.training_images_):
+            raise ValueError("the moments given were summed over other images than this fit's training images; "
+                             "compute them with transition_moments(ds, fitter's training images)")
+        maps = self._maps(ds, moments)
+        self.weight_ = np.stack([weight for weight, _ in maps])
+        self.bias_ = np.stack([bias for _, bias in maps])
+        self.moments_images_ = moments.images.size
+        return AffineSurrogate(self.partition_, int(ds.attrs["num_blocks"]), torch.from_numpy(self.weight_),
+                               torch.from_numpy(self.bias_), stepper, name=self.name)
+
+    def _maps(self, ds: xr.Dataset, moments: TransitionMoments) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(A_j, b_j) per phase from the moments."""
+        raise NotImplementedError
+
+    def _state(self) -> tuple[dict, dict]:
+        return {"weight": torch.from_numpy(self.weight_), "bias": torch.from_numpy(self.bias_)}, {}
+
+    def operator(self, phase: int, steps: int = 1) -> np.ndarray:
+        """K^p of phase ``phase`` (0-based) on the augmented state [x; 1]: (D + 1, D + 1), the map of
+        ``steps`` applications, ``K^p [x; 1] = [x_p; 1]``."""
+        check_is_fitted(self, "weight_", msg=NOT_FITTED)
+        width = self.weight_.shape[-1]
+        operator = np.eye(width + 1)
+        operator[:width, :width], operator[:width, width] = self.weight_[phase], self.bias_[phase]
+        return np.linalg.matrix_power(operator, steps)
+
+
+class LinearFitter(_AffineFitter):
+    """The ``linear`` rung: one closed-form ridge regression per phase, x <- A_j x + b_j for every token.
+
+    Fitted on the one-step pairs (layer l - 1 -> layer l) of every layer of the phase, every
+    token of the training images, with the intercept unpenalised (the regression of centred y
+    on centred x), and applied recurrently. The ridge penalty of each phase is chosen among
+    ``alpha`` by the R² of the phase's rollout from its recorded entry state on training images
+    (one-step least squares compounds badly over many steps; shrinking A helps the rollout).
+    On `per_layer` (L one-block phases) it is the non-recurrent variant: one map per layer.
+
+    Parameters
+    ----------
+    k : int, optional
+        Phases (default the partition's length, or 2).
+    partition : optional
+        Contiguous phases in any form `Partition.parse` reads; default k uniform phases.
+    alpha : float or sequence of float
+        Ridge penalties relative to the mean input variance (lambda = alpha * trace(C_xx) / D);
+        one value fixes it, several are chosen among per phase (default `ALPHAS`; 0 is least
+        squares, by pseudo-inverse).
+    selection_images : int
+        At most this many training images (drawn with ``seed``) score the penalties.
+    batch_size : int
+        Images read at a time.
+    validation_fraction, seed
+        The held-out split (`split_images`, the same as `RaptorFitter`'s).
+    device : str
+        Where the moments are summed and the surrogate runs.
+    progress : bool
+
+    Attributes
+    ----------
+    weight_ : numpy.ndarray
+        (k, D, D) float64, A_j.
+    bias_ : numpy.ndarray
+        (k, D) float64, b_j.
+    alpha_ : list of float
+        The penalty chosen per phase.
+    scores_ : xarray.DataArray
+        (phase, alpha): R² of each penalty's rollout over each phase, on the selection images.
+    model_ : AffineSurrogate
+    """
+
+    name = "linear"
+
+    def __init__(self, k: int | None = None, partition=None, alpha=ALPHAS, selection_images: int = 64,
+                 batch_size: int = 64, validation_fraction: float = 0.2, seed: int = 0, device: str = "cpu",
+                 progress: bool = True):
+        self.k, self.partition, self.alpha, self.selection_images = k, partition, alpha, selection_images
+        self.batch_size, self.validation_fraction, self.seed = batch_size, validation_fraction, seed
+        self.device, self.progress = device, progress
+
+    def _maps(self, ds: xr.Dataset, moments: TransitionMoments) -> list[tuple[np.ndarray, np.ndarray]]:
+        alphas = [float(a) for a in np.atleast_1d(self.alpha)]
+        if not alphas or min(alphas) < 0:
+            raise ValueError(f"alpha must be one or more penalties >= 0, got {self.alpha}")
+        maps = [[self._solve(*moments.phase(phase), alpha) for alpha in alphas] for phase in self.partition_]
+        if len(alphas) == 1:
+            scores = [np.full(1, np.nan) for _ in maps]
+        else:
+            candidates = [[partial(_affine, weight=torch.as_tensor(w, dtype=torch.float32, device=self.device),
+                                   bias=torch.as_tensor(b, dtype=torch.float32, device=self.device)) for w, b in phase]
+                          for phase in maps]
+            scores = phase_scores(ds, _selection_images(self.training_images_, self.selection_images, self.seed),
+                                  self.partition_, candidates, self.batch_size, self.device, self.progress)
+        best = [0 if len(alphas) == 1 else int(np.argmax(row)) for row in scores]
+        self.alpha_ = [alphas[b] for b in best]
+        self.scores_ = xr.DataArray(np.stack(scores), dims=("phase", "alpha"),
+                                    coords={"phase": np.arange(len(maps)), "alpha": alphas},
+                                    attrs={"description": "R² (teacher variance, all tokens, the phase's layers "
+                                                          "stacked) of each penalty's rollout over each phase"})
+        return [phase[b] for phase, b in zip(maps, best)]
+
+    @staticmethod
+    def _solve(count, sum_in, sum_out, gram, cross, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        mean_in, mean_out = sum_in / count, sum_out / count
+        cov_in = gram / count - torch.outer(mean_in, mean_in)
+        cov_cross = cross / count - torch.outer(mean_in, mean_out)
+        ridge = alpha * torch.trace(cov_in) / cov_in.shape[0]
+        eye = torch.eye(cov_in.shape[0], dtype=cov_in.dtype, device=cov_in.device)
+        weight = (torch.linalg.pinv(cov_in + ridge * eye, hermitian=True) @ cov_cross).T
+        return weight.cpu().numpy(), (mean_out - weight @ mean_in).cpu().numpy()
+
+    def _state(self) -> tuple[dict, dict]:
+        tensors, _ = super()._state()
+        return {**tensors, "scores": torch.from_numpy(self.scores_.values)}, {"alpha": self.alpha_}
+
+
+class DMDFitter(_AffineFitter):
+    """The ``dmd`` rung: exact DMD of each phase's steps, with the constant observable appended.
+
+    For phase j, snapshots z = [x; 1] (every token at every layer l - 1 of the phase) and their
+    successors y (layer l): K = Y Z^+ by the SVD of Z, truncated to ``rank``. From the streamed
+    Gram Z Z^T = U S^2 U^T: K = (Y Z^T) U_r S_r^-2 U_r^T, so nothing but moments is needed. At
+    full rank this is the least-squares affine map (`LinearFitter` with alpha = 0); p steps are
+    K^p (`operator`). Without truncation a rank-deficient phase keeps its numerical rank (the
+    pseudo-inverse's cut-off).
+
+    Parameters
+    ----------
+    k, partition, validation_fraction, seed, device, progress
+        As `LinearFitter`'s.
+    rank : int or float, optional
+        Singular directions of the snapshots kept: an int r, a float in (0, 1) for the smallest r
+        holding that fraction of the energy (sum of S^2), or None for all (numerical rank).
+
+    Attributes
+    ----------
+    weight_, bias_ : numpy.ndarray
+        (k, D, D), (k, D): the top rows of K, [A_j b_j].
+    rank_ : list of int
+        Directions kept per phase.
+    eigenvalues_ : numpy.ndarray
+        (k, D) complex: the DMD spectrum of each phase, the eigenvalues of A_j (K's are these and 1).
+    """
+
+    name = "dmd"
+
+    def __init__(self, k: int | None = None, partition=None, rank: int | float | None = None,
+                 validation_fraction: float = 0.2, seed: int = 0, device: str = "cpu", progress: bool = True):
+        self.k, self.partition, self.rank = k, partition, rank
+        self.validation_fraction, self.seed, self.device, self.progress = validation_fraction, seed, device, progress
+
+    def _fit(self, ds, stepper, moments: TransitionMoments | None = None) -> PhaseSurrogate:
+        self.rank_ = []
+        model = super()._fit(ds, stepper, moments)
+        self.eigenvalues_ = np.stack([np.linalg.eigvals(weight) for weight in self.weight_])
+        return model
+
+    def _maps(self, ds: xr.Dataset, moments: TransitionMoments) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self._solve(*moments.phase(phase)) for phase in self.partition_]
+
+    def _solve(self, count, sum_in, sum_out, gram, cross) -> tuple[np.ndarray, np.ndarray]:
+        width = gram.shape[0]
+        z_gram = torch.empty(width + 1, width + 1, dtype=gram.dtype, device=gram.device)
+        z_gram[:width, :width], z_gram[:width, width], z_gram[width, :width], z_gram[width, width] = gram, sum_in, sum_in, count
+        z_cross = torch.cat([cross, sum_out[None]])  # (D + 1, D): Z Y^T
+        energy, basis = torch.linalg.eigh(z_gram)
+        energy, basis = energy.flip(0), basis.flip(1)
+        rank = self._rank(energy)
+        self.rank_.append(rank)
+        inverse = basis[:, :rank] @ torch.diag(1 / energy[:rank]) @ basis[:, :rank].T
+        top = (inverse @ z_cross).T  # (D, D + 1) = [A b]
+        return top[:, :width].cpu().numpy(), top[:, width].cpu().numpy()
+
+    def _rank(self, energy: torch.Tensor) -> int:
+        numerical = int((energy > energy[0] * energy.shape[0] * torch.finfo(energy.dtype).eps).sum())
+        if self.rank is None:
+            return numerical
+        if isinstance(self.rank, float) and 0 < self.rank < 1:
+            fraction = torch.cumsum(energy.clamp(min=0), 0) / energy.clamp(min=0).sum()
+            return min(numerical, int(torch.searchsorted(fraction, torch.tensor(self.rank, dtype=fraction.dtype))) + 1)
+        if int(self.rank) < 1:
+            raise ValueError(f"rank must be a positive int, a fraction in (0, 1) or None, got {self.rank}")
+        return min(numerical, int(self.rank))
+
+    def _state(self) -> tuple[dict, dict]:
+        tensors, _ = super()._state()
+        return tensors, {"rank": self.rank_}
+
+
+class TeacherBlockFitter(SurrogateFitter):
+    """The ``teacher-block`` rung: each phase runs one of the teacher's own blocks for all its layers.
+
+    No training: for every phase and every candidate block c, the phase is rolled out from the
+    recorded state at its entry with block c at each of its layers, and the block with the
+    highest R² (teacher variance, all tokens, the phase's layers stacked) on training images is
+    chosen.
+
+    Parameters
+    ----------
+    k, partition, validation_fraction, seed, device, progress
+        As `LinearFitter`'s.
+    candidates : {"all", "phase"}
+        Blocks tried for a phase: every block of the teacher, or only the phase's own.
+    selection_images : int
+        At most this many training images (drawn with ``seed``) score the candidates.
+    batch_size : int
+
+    Attributes
+    ----------
+    blocks_ : list of int
+        The chosen 1-based teacher block per phase.
+    scores_ : xarray.DataArray
+        (phase, candidate): R² of each candidate over each phase (NaN where not tried).
+    model_ : TeacherBlockSurrogate
+    """
+
+    name = "teacher-block"
+
+    def __init__(self, k: int | None = None, partition=None, candidates: str = "all", selection_images: int = 64,
+                 batch_size: int = 64, validation_fraction: float = 0.2, seed: int = 0, device: str = "cpu",
+                 progress: bool = True):
+        self.k, self.partition, self.candidates, self.selection_images = k, partition, candidates, selection_images
+        self.batch_size, self.validation_fraction, self.seed = batch_size, validation_fraction, seed
+        self.device, self.progress = device, progress
+
+    def _fit(self, ds, stepper, **data) -> PhaseSurrogate:
+        if self.candidates not in ("all", "phase"):
+            raise ValueError(f"candidates must be 'all' or 'phase', got {self.candidates!r}")
+        num_layers = int(ds.attrs["num_blocks"])
+        tried = [list(range(1, num_layers + 1)) if self.candidates == "all" else list(phase) for phase in self.partition_]
+        candidates = [[partial(stepper.step, layer=block, block=block) for block in blocks] for blocks in tried]
+        scores = phase_scores(ds, _selection_images(self.training_images_, self.selection_images, self.seed),
+                              self.partition_, candidates, self.batch_size, self.device, self.progress)
+        table = np.full((len(self.partition_), num_layers), np.nan)
+        for index, (blocks, row) in enumerate(zip(tried, scores)):
+            table[index, np.asarray(blocks) - 1] = row
+        self.scores_ = xr.DataArray(table, dims=("phase", "candidate"),
+                                    coords={"phase": np.arange(len(self.partition_)), "candidate": np.arange(1, num_layers + 1)},
+                                    attrs={"description": "R² (teacher variance, all tokens, the phase's layers stacked) "
+                                                          "of the phase run with each candidate block, on training images"})
+        self.blocks_ = [blocks[int(np.argmax(row))] for blocks, row in zip(tried, scores)]
+        return TeacherBlockSurrogate(self.partition_, num_layers, stepper, self.blocks_)
+
+    def _state(self) -> tuple[dict, dict]:
+        return {"scores": torch.from_numpy(self.scores_.values)}, {"blocks": self.blocks_}
+
+
+SURROGATES = {
+    "identity": IdentityFitter,
+    "linear": LinearFitter,
+    "dmd": DMDFitter,
+    "teacher-block": TeacherBlockFitter,
+    "raptor": RaptorFitter,
+}
+
+
+def load_surrogate(folder, teacher: LoadedModel | None = None, device: str | None = None, head: LinearHead | None = None):
+    """A fitted rung from a folder written by its fitter's ``save``: a `SurrogateFitter` or a `RaptorFitter`.
+
+    The closed-form and teacher-block rungs are rebuilt from their saved state (no data read);
+    ``teacher`` as in `RaptorFitter.load` (default: loaded by the saved name, hash checked).
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder} holds no saved surrogate (no config.json)")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != FORMAT:
+        return RaptorFitter.load(folder, teacher=teacher, device=device, head=head)
+    fitter = SURROGATES[config["surrogate"]](**{**config["params"], **({"device": device} if device else {})})
+    teacher = resolve_teacher({"weights_sha256": config["teacher"]["weights_sha256"], "model": config["teacher"]["model"],
+                               "checkpoint": config["teacher"]["checkpoint"], "pretrained": config["teacher"]["pretrained"]},
+                              teacher)
+    teacher.module.to(fitter.device)
+    stepper = BlockStepper(teacher, head)
+    fitter.partition_ = Partition(config["partition"])
+    fitter.teacher_identity_, fitter.store_, fitter.images_sha256_ = config["teacher"], config["store"], config["images_sha256"]
+    fitter.validation_images_ = np.asarray(config["validation_images"], dtype=np.int64)
+    fitter.training_images_ = np.asarray(config["training_images"], dtype=np.int64)
+    tensors = {name: value.numpy() for name, value in load_file(str(folder / "weights.safetensors")).items()}
+    num_layers = config["num_layers"]
+    if isinstance(fitter, _AffineFitter):
+        fitter.weight_, fitter.bias_ = tensors["weight"], tensors["bias"]
+        model = AffineSurrogate(fitter.partition_, num_layers, torch.from_numpy(fitter.weight_),
+                                torch.from_numpy(fitter.bias_), stepper, name=fitter.name)
+        if isinstance(fitter, LinearFitter):
+            fitter.alpha_ = config["state"]["alpha"]
+            fitter.scores_ = xr.DataArray(tensors["scores"], dims=("phase", "alpha"),
+                                          coords={"alpha": [float(a) for a in np.atleast_1d(fitter.alpha)]})
+        if isinstance(fitter, DMDFitter):
+            fitter.rank_ = config["state"]["rank"]
+            fitter.eigenvalues_ = np.stack([np.linalg.eigvals(weight) for weight in fitter.weight_])
+    elif isinstance(fitter, TeacherBlockFitter):
+        fitter.blocks_ = config["state"]["blocks"]
+        fitter.scores_ = xr.DataArray(tensors["scores"], dims=("phase", "candidate"),
+                                      coords={"candidate": np.arange(1, num_layers + 1)})
+        model = TeacherBlockSurrogate(fitter.partition_, num_layers, stepper, fitter.blocks_)
+    else:
+        model = IdentitySurrogate(fitter.partition_, num_layers, stepper)
+    fitter.model_ = model.to(fitter.device)
+    return fitter
