@@ -59,6 +59,7 @@ __all__ = ["KINDS", "ConceptDictionary", "SparseAutoencoder", "TokenSampler", "l
 KINDS = ("topk", "rasae")
 FORMAT = "dynamo-concepts/1"
 ROUND_TOKENS_PER_LAYER = 4096  # at most this many tokens of each layer per round of the sampler
+ENCODE_ROWS = 4096  # tokens encoded at a time outside training
 NOT_FITTED = "this %(name)s is not fitted yet: call fit(ds) or ConceptDictionary.load(folder)"
 
 
@@ -251,8 +252,12 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction of rows x, (N, D), summed over each row's k atoms only."""
-        values, indices = self.sparse_codes(x)
-        return torch.einsum("nk,nkd->nd", values, self.dictionary()[indices])
+        return self.decode(*self.sparse_codes(x), self.dictionary())
+
+    @staticmethod
+    def decode(values: torch.Tensor, indices: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
+        """``sum_j values[:, j] * dictionary[indices[:, j]]``, (N, D), without forming the (N, k, D) gather."""
+        return F.embedding_bag(indices, dictionary, per_sample_weights=values, mode="sum")
 
 
 # ---- the fitted object ---------------------------------------------------------------------
@@ -464,9 +469,13 @@ class ConceptDictionary(BaseEstimator):
         """
         x = self.scaled(states, layer).to(self.device)
         dictionary = self.model_.dictionary()
-        values, indices = self.model_.sparse_codes(x)
-        reconstruction = torch.einsum("nk,nkd->nd", values, dictionary[indices])
-        return (values * dictionary.norm(dim=1)[indices]).cpu(), indices.cpu(), reconstruction.cpu(), x.cpu()
+        norms = dictionary.norm(dim=1)
+        parts = []
+        for rows in x.split(ENCODE_ROWS):  # bounds the (rows, concepts) pre-activations
+            values, indices = self.model_.sparse_codes(rows)
+            parts.append(((values * norms[indices]).cpu(), indices.cpu(), self.model_.decode(values, indices, dictionary).cpu()))
+        activations, concepts, reconstruction = (torch.cat(part) for part in zip(*parts))
+        return activations, concepts, reconstruction, x.cpu()
 
     def transform(self, states, layer: int) -> np.ndarray:
         """Concept activations (contribution norms) of one layer's states, dense (N, concepts)."""

@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -232,19 +233,23 @@ def measure(kind: str, *arguments) -> dict:
 def bench_store(label: str, store: Path, workdir: Path, alone: bool = True) -> dict:
     """(a), (b) when ``alone``, and (c) on one store; prints each figure as it comes."""
     out = workdir / f"out_{store.stem}"
+    shutil.rmtree(out, ignore_errors=True)  # a profile reuses finished stages: measure from nothing
     results = {"store": str(store), "gb": size_gb(store), "read": measure("read", store)}
     read = results["read"]
     print(f"[{label}] {store.name}: {results['gb']:.2f} GB on disk; plain read+decode of hidden "
-          f"{read['seconds']:.1f} s ({read['gb'] / read['seconds']:.2f} GB/s), peak RSS {read['rss_gb']:.2f} GB", flush=True)
+          f"{read['seconds']:.1f} s ({read['gb'] / read['seconds']:.2f} GB/s; CPU {read['cpu_seconds']:.1f} s), "
+          f"peak RSS {read['rss_gb']:.2f} GB", flush=True)
     for name in ("phases", "basins", "tokens", "rank", "export") if alone else ():
         results[name] = measure("analysis", name, store, out / name)
         print(f"[{label}]   {name:<8} alone {results[name]['seconds']:7.1f} s  "
-              f"({results[name]['seconds'] / read['seconds']:.1f}x the read), peak RSS {results[name]['rss_gb']:.2f} GB",
+              f"({results[name]['seconds'] / read['seconds']:.1f}x the read; CPU {results[name]['cpu_seconds']:.1f} s = "
+              f"{results[name]['cpu_seconds'] / read['cpu_seconds']:.1f}x the read's), peak RSS {results[name]['rss_gb']:.2f} GB",
               flush=True)
     results["profile"] = measure("profile", store, out / "profile")
     profile = results["profile"]
     print(f"[{label}]   store-only profile {profile['seconds']:7.1f} s ({profile['seconds'] / read['seconds']:.1f}x the "
-          f"read), peak RSS {profile['rss_gb']:.2f} GB; stages {profile['stages']}", flush=True)
+          f"read; CPU {profile['cpu_seconds']:.1f} s = {profile['cpu_seconds'] / read['cpu_seconds']:.1f}x the read's), "
+          f"peak RSS {profile['rss_gb']:.2f} GB; stages {profile['stages']}", flush=True)
     return results
 
 
@@ -290,8 +295,10 @@ def main() -> None:
         return
 
     small = subset_store(args.workdir, stores[sizes[0]], FIXED_IMAGES)
+    for stale in ("out_fixed", "out_repeat"):
+        shutil.rmtree(args.workdir / stale, ignore_errors=True)
     fixed = measure("profile", small, args.workdir / "out_fixed")
-    print(f"fixed cost: store-only profile of {FIXED_IMAGES} images {fixed['seconds']:.1f} s "
+    print(f"fixed cost: store-only profile of {FIXED_IMAGES} images {fixed['seconds']:.1f} s (CPU {fixed['cpu_seconds']:.1f} s) "
           f"(imports, figures, report, the N-independent work), peak RSS {fixed['rss_gb']:.2f} GB", flush=True)
     alone = {str(n) for n in stores} if args.alone == "all" else set(args.alone.split(","))
     results = {n: bench_store(f"ViT-B N={n}", store, args.workdir, str(n) in alone)
@@ -299,27 +306,34 @@ def main() -> None:
     if "large" in stores:
         results["large"] = bench_store(f"ViT-L N={args.large}", stores["large"], args.workdir, "large" in alone)
 
-    print("\nfloors", flush=True)
+    print("\nfloors (wall seconds, and CPU seconds of the process: on a shared machine the wall time also counts the"
+          " other work's share of the cores)", flush=True)
     for n, result in results.items():
         read, profile = result["read"], result["profile"]
-        variable = profile["seconds"] - fixed["seconds"]
-        print(f"  {n}: profile {profile['seconds']:.1f} s = fixed {fixed['seconds']:.1f} s + {variable:.1f} s "
-              f"= fixed + {variable / read['seconds']:.2f}x the read (floor <= 3x, fixed < 30 s); "
-              f"peak RSS {max(result[k]['rss_gb'] for k in result if isinstance(result[k], dict) and 'rss_gb' in result[k]):.2f} GB "
-              f"(floor < 4 GB); validation {read['validation_seconds']:.2f} s + finite check "
-              f"{read['finite_check_seconds']:.3f} s = {100 * (read['validation_seconds'] + read['finite_check_seconds']) / profile['seconds']:.2f}% "
-              f"of the profile (floor < 5%)")
+        peak = max(value["rss_gb"] for value in result.values() if isinstance(value, dict) and "rss_gb" in value)
+        for clock, key in (("wall", "seconds"), ("CPU", "cpu_seconds")):
+            variable = profile[key] - fixed[key]
+            print(f"  {n} ({clock}): profile {profile[key]:.1f} s = fixed {fixed[key]:.1f} s + {variable:.1f} s = fixed + "
+                  f"{variable / read[key]:.2f}x the read's {read[key]:.1f} s (floor <= 3x, fixed < 30 s)")
+        print(f"  {n}: peak RSS {peak:.2f} GB (floor < 4 GB); validation {read['validation_seconds']:.2f} s + finite check "
+              f"{read['finite_check_seconds']:.3f} s = "
+              f"{100 * (read['validation_seconds'] + read['finite_check_seconds']) / profile['seconds']:.2f}% of the "
+              "profile's wall time (floor < 5%)")
     base = [n for n in sizes if n in results]
     if len(base) >= 2:
-        a, b = (results[n]["profile"]["seconds"] for n in base[:2])
-        print(f"  wall time ratio N={base[1]} / N={base[0]}: {b / a:.2f} (total), "
-              f"{(b - fixed['seconds']) / (a - fixed['seconds']):.2f} (less the fixed cost); "
-              f"floor {base[1] / base[0]:.1f} +- 0.6")
+        for clock, key in (("wall", "seconds"), ("CPU", "cpu_seconds")):
+            a, b = (results[n]["profile"][key] for n in base[:2])
+            print(f"  {clock} time ratio N={base[1]} / N={base[0]}: {b / a:.2f} (total), "
+                  f"{(b - fixed[key]) / (a - fixed[key]):.2f} (less the fixed cost); floor {base[1] / base[0]:.1f} +- 0.6")
     if args.repeat_ratio:
         n = base[-1]
         read, profile = measure("read", stores[n]), measure("profile", stores[n], args.workdir / "out_repeat")
-        print(f"  repeated at N={n}: profile / read = {profile['seconds'] / read['seconds']:.2f} "
-              f"(first run {results[n]['profile']['seconds'] / results[n]['read']['seconds']:.2f})")
+        print(f"  repeated at N={n}: profile / read = {profile['seconds'] / read['seconds']:.2f} wall, "
+              f"{profile['cpu_seconds'] / read['cpu_seconds']:.2f} CPU (first run "
+              f"{results[n]['profile']['seconds'] / results[n]['read']['seconds']:.2f} wall, "
+              f"{results[n]['profile']['cpu_seconds'] / results[n]['read']['cpu_seconds']:.2f} CPU)")
+    (args.workdir / "analyses_scale.json").write_text(json.dumps({"fixed": fixed, **{str(n): r for n, r in results.items()}},
+                                                                 indent=1))
     if args.fit_steps:
         for n in base[:2]:
             fit = measure("fit", stores[n], args.fit_steps, args.fit_batch_size)

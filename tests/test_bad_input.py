@@ -19,7 +19,10 @@ from tests.conftest import tiny_model
 
 def run(argv, capsys) -> tuple[int, str]:
     """Exit code and stderr of ``dynamo ARGV``; the error, if any, must be one line."""
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # refused by the argument parser (a usage line, then the error)
+        code = exit_.code
     err = capsys.readouterr().err
     if code == 2:
         errors = [line for line in err.splitlines() if "error:" in line]
@@ -96,8 +99,8 @@ def test_skipped_image_warnings_are_one_line_without_source(tmp_path, digits_fol
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--limit", -1, "--limit must be at least 1"), ("--limit", 0, "--limit must be at least 1"),
-    ("--batch-size", 0, "--batch-size must be at least 1"), ("--batch-size", -1, "--batch-size must be at least 1"),
+    ("--limit", -1, "--limit: must be at least 1"), ("--limit", 0, "--limit: must be at least 1"),
+    ("--batch-size", 0, "--batch-size: must be at least 1"), ("--batch-size", -1, "--batch-size: must be at least 1"),
     ("--shard", "0/0", "at least one shard"),
 ])
 def test_bad_counts_are_refused_before_anything_is_written(tmp_path, digits_folder, capsys, flag, value, message):
@@ -145,8 +148,10 @@ def test_a_complete_store_is_read_without_taking_the_writer_lock(store, digits_f
 
 
 def test_debug_shows_the_traceback(tmp_path, digits_folder):
-    with pytest.raises(ValueError, match="--limit must be at least 1"):
-        main(["--debug", "record", "--images", str(digits_folder), "--out", str(tmp_path / "d.zarr"), "--limit", "0"])
+    (tmp_path / "mixed" / "a").mkdir(parents=True)
+    shutil.copy(sorted(digits_folder.rglob("*.png"))[0], tmp_path / "mixed" / "loose.png")
+    with pytest.raises(ValueError, match="mixes 1 top-level images"):
+        main(["--debug", "record", "--images", str(tmp_path / "mixed"), "--out", str(tmp_path / "d.zarr")])
 
 
 def test_json_output_has_no_bare_nan():

@@ -277,3 +277,16 @@ def test_profile_runs_the_concepts_section_when_asked(digits_store, tmp_path, mo
     assert "Concepts through depth" in page
     assert profiling.profile_store(digits_store, tmp_path / "profile", only=["tokens"], n_bootstrap=2,
                                    progress=False)["concepts"] is None
+
+
+def test_the_defaults_at_the_real_shape():
+    """ViT-B/14 reg4 at 224 px: 261 tokens x 768; default 8 x 768 concepts; encoding in bounded row slices."""
+    rng = np.random.default_rng(0)
+    kinds = ["cls"] + ["register"] * 4 + ["patch"] * 256
+    ds = contract_dataset(rng.normal(size=(4, 2, 261, 768)).astype(np.float32), kinds, chunk=4)
+    fitted = ConceptDictionary(steps=2, progress=False).fit(ds)
+    assert fitted.atoms_.shape == (6144, 768)
+    values, indices, reconstruction, target = fitted.encode(ds["hidden"].values[:, 1], 1)
+    assert values.shape == indices.shape == (4 * 261, 8) and reconstruction.shape == target.shape == (4 * 261, 768)
+    dense = fitted.transform(ds["hidden"].values[:2, 1], 1)
+    np.testing.assert_allclose(dense[np.arange(522)[:, None], indices[:522].numpy()], values[:522].numpy())

@@ -142,5 +142,5 @@ def test_non_finite_values_in_a_store_fail_every_analysis_with_the_layer_and_ima
         assert main(["analyze", str(store), "--out", str(tmp_path / only), "--only", only, "--boundaries", "none", "--quiet"]) == 2
         assert re.search(r"non-finite values \(NaN or inf\) in `hidden` at layer\(s\) \[?5\]?, images 5-6",
                          capsys.readouterr().err)
-    assert main(["phases", str(store), "--tokens", "patch", "--bootstrap", "0", "--quiet"]) == 2
+    assert main(["phases", str(store), "--tokens", "all", "--bootstrap", "0", "--quiet"]) == 2
     assert "non-finite values" in capsys.readouterr().err

@@ -226,4 +226,4 @@ def test_subsampling_patches_moves_the_estimate_by_less_than_its_interval(zoo_st
     bounds = rank.intervals(full).sel(where)
     half_width = (bounds.sel(bound="high") - bounds.sel(bound="low")) / 2
     moved = abs(subset["rank"].sel(where) - full["rank"].sel(where))
-    assert float((moved / half_width).median()) < 1.0
+    assert float((moved / half_width).median()) < 0.5  # measured: 0.12 (raw), 0.18 (sphere)

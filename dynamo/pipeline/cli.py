@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--fit-raptor", type=positive_int, metavar="K", help="also fit a K-block Raptor surrogate")
     prof.add_argument("--raptor-steps", type=int, help="Raptor training steps per stage")
     prof.add_argument("--concepts", action="store_true",
-                      help="also learn one concept dictionary across depth and analyse it on the phases (about a minute)")
+                      help="also learn one concept dictionary across depth and analyse it on the phases "
+                      "(about a minute on the default store; see dynamo concepts)")
     prof.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for every accuracy (a DINOv2 "
                       "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
     prof.add_argument("--seed", type=int, default=0)

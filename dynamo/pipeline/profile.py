@@ -12,7 +12,8 @@ Stages, each shown as it runs and each resumable:
    boundaries drawn on every depth plot;
 4. **raptor** (with ``fit_raptor=k``): a k-block Raptor surrogate fitted on the store;
    **concepts** (with ``concepts=True``): one sparse dictionary across depth, its concepts against
-   the phases (`dynamo.pipeline.concepts`; about a minute on the default store, so opt-in);
+   the phases (`dynamo.pipeline.concepts`; 40 s of CPU on the default store and over a minute of
+   wall time on a busy machine, so opt-in);
 5. **report**: ``DIR/report.html`` (self-contained), ``DIR/summary.json``.
 
 A finished stage leaves ``DIR/stages/<stage>.json`` holding its summary and the key it was
