@@ -199,13 +199,15 @@ def child_fit(store: Path, steps: int, batch_size: int) -> dict:
 
     import dynamo
     from dynamo.layout import token_groups
+    from dynamo.models import load_recorded_model
     from dynamo.raptor import RaptorFitter
     from raptor_step import bare_loop
 
     torch.set_num_threads(2)
     dataset = dynamo.open_trajectories(store)
+    teacher = load_recorded_model(dataset.attrs)  # random weights: rebuilt from their seed
     fitter = RaptorFitter(k=1, steps=steps, stage2_steps=0, tf_anneal=0.0, batch_size=batch_size,
-                          validate_every=10**9, progress=False, seed=0).fit(dataset)
+                          validate_every=10**9, progress=False, seed=0).fit(dataset, teacher=teacher)
     (timing,) = fitter.timings_.values()
     step_seconds, wait_seconds = timing["step_seconds"][2:], timing["wait_seconds"][2:]  # the reader starts
     fit_rss = peak_rss_gb()

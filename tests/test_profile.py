@@ -13,7 +13,7 @@ from analyses import phases as phasing
 from analyses.similarity import layer_similarity
 from dynamo import zoo
 from dynamo.pipeline import study
-from dynamo.pipeline.analyze import ANALYSES
+from dynamo.pipeline.registry import ANALYSES, options_for
 from dynamo.pipeline.cli import main
 from dynamo.pipeline.profile import profile
 
@@ -49,7 +49,7 @@ def test_summary_numbers_agree_with_the_analyses_called_directly(default_profile
     assert summary["boundaries"] == phasing.boundaries(partition)
     scores = phasing.phase_scores(matrix, partition)
     assert {name: summary["phases"][name] for name in scores} == pytest.approx(scores, rel=1e-3, nan_ok=True)
-    options = {"progress": False, "seed": 0, "n_bootstrap": 5}
+    options = {**options_for(["basins", "tokens", "rank"], {"n_bootstrap": 5}), "progress": False, "seed": 0}
     for name in ("basins", "tokens", "rank"):
         direct = ANALYSES[name].run(dataset, None, None, options)
         stored = xr.open_zarr(summary["dynamics"][name]["result"], consolidated=False)

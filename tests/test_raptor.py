@@ -493,7 +493,7 @@ def test_tied_test_vit_converges_with_the_defaults(tmp_path, capsys):
     torch.manual_seed(0)
     module = timm.create_model("test_vit", pretrained=False)
     state = module.state_dict()
-    tied = {name: state["blocks.0." + name.split(".", 2)[2]] if name.startswith("blocks.") else value
+    tied = {name: state["blocks.0." + name.split(".", 2)[2]].clone() if name.startswith("blocks.") else value
             for name, value in state.items()}
     save_file({name: value.contiguous() for name, value in tied.items()}, tmp_path / "test_vit_tied.safetensors")
     store = tmp_path / "tied.zarr"

@@ -59,8 +59,10 @@ def write_unit(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> No
 def read_unit(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and the config of a file written by `write_unit`."""
     with safe_open(str(path), framework="pt") as opened:
-        config = json.loads(opened.metadata()[METADATA_KEY])
-    return load_file(str(path)), config
+        metadata = opened.metadata() or {}
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path} holds no dynamo config (a checkpoint of an older dynamo?); delete it to start over")
+    return load_file(str(path)), json.loads(metadata[METADATA_KEY])
 
 
 # ---- checkpoints of a running fit -------------------------------------------------------
