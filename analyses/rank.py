@@ -264,14 +264,11 @@ class UpdateRank(Accumulator):
         sketched group's rows are sketched as they are (float32: relative error about 1e-7 times
         (mean / spread)² of the replicates' spread, not of the estimate).
         """
-        _add_centred_gram(total["scatter"][where], update.reshape(-1, self.n_features))
+        total["scatter"][where] += _centred_gram(update.reshape(-1, self.n_features))
         total["sums"][where] += update.sum(axis=(0, 1), dtype=np.float64)
         for g, images in state["members"].items():
             rows, group = update[images].reshape(-1, self.n_features), total["groups"][g]
-            if self.exact:
-                _add_centred_gram(group["sketch"][where], rows)
-            else:
-                group["sketch"][where] += rows.T @ (rows @ self.test)
+            group["sketch"][where] += _centred_gram(rows) if self.exact else rows.T @ (rows @ self.test)
             group["sums"][where] += rows.sum(axis=0, dtype=np.float64)
             group["trace"][where] += np.einsum("rf,rf->r", rows, rows).sum(dtype=np.float64)
             if where[2] == 0:
@@ -378,19 +375,21 @@ class UpdateRank(Accumulator):
         )
 
 
-def _add_centred_gram(into: np.ndarray, rows: np.ndarray) -> None:
-    """Add rowsᵀrows (its upper triangle) to a float64 ``into``, formed in float32 from the rows less their mean.
+def _centred_gram(rows: np.ndarray) -> np.ndarray:
+    """rowsᵀrows (its upper triangle, float64), formed in float32 from the rows less their mean.
 
     With rows x = c + m (m their mean, rounded to float32) the mean's share, Σxxᵀ − Σccᵀ =
-    r mᵀ + m rᵀ + n m mᵀ = a mᵀ + m aᵀ with r = Σc and a = r + n m / 2, is added in float64.
+    r mᵀ + m rᵀ + n m mᵀ = a mᵀ + m aᵀ with r = Σc and a = r + n m / 2, is added in float64. It
+    is one array, added to a total in one step, so a block adds the same numbers in this process
+    and on a cluster.
     """
     mean = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
     centred = rows - mean
-    into += blas.ssyrk(1.0, centred, trans=1)
     mean = mean.astype(np.float64)
     share = np.outer(centred.sum(axis=0, dtype=np.float64) + len(rows) / 2 * mean, mean)
-    into += share
-    into += share.T
+    gram = blas.ssyrk(1.0, centred, trans=1) + share
+    gram += share.T
+    return gram
 
 
 def _symmetric(upper: np.ndarray) -> np.ndarray:

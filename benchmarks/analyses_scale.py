@@ -3,7 +3,7 @@
 Run by hand (stores are recorded once into ``--workdir`` and reused by later runs)::
 
     python benchmarks/analyses_scale.py [--workdir /tmp/scale] [--sizes 512,2048] [--large 512]
-                                        [--fit-steps 50] [--skip-fit] [--repeat-ratio]
+        [--tile-above 512] [--alone 512,large|all] [--fit-steps 50 --fit-batch-size 16] [--repeat-ratio]
 
 1. Makes N real photographs (scikit-image's bundled ones, random crops, flipped at random,
    seeded) and records a random-weight ``vit_base_patch14_reg4_dinov2`` at 224 px (261 tokens
@@ -11,18 +11,21 @@ Run by hand (stores are recorded once into ``--workdir`` and reused by later run
    also ``vit_large_patch14_reg4_dinov2`` (24 blocks, 1024 features) on N images.
 2. For each store, each configuration in a fresh child process (so that its peak RSS is its own):
    (a) one plain read and decode of every chunk of ``hidden`` (zarr, in the store's dtype);
-   (b) each store-only analysis alone (phases, basins, tokens, rank, export of the patch tokens);
+   (b) each store-only analysis alone (phases, basins, tokens, rank, export of the register tokens);
    (c) the whole store-only profile (`dynamo.pipeline.profile.profile_store`: phases, the one
        pass of the dynamics, figures, report), and the same profile on a 32-image store, whose
        time is the fixed cost (imports, figures, report, the N-independent part of the
        analyses);
-   each with wall seconds and peak RSS (``ru_maxrss``).
-3. Prints the floors: profile <= 3 x the plain read + the fixed cost; peak RSS < 4 GB; wall time
-   linear in N (the ratio of the two sizes' profiles less their fixed cost, 4.0 +- 0.6 for
+   each with wall seconds, the process's CPU seconds and peak RSS (``ru_maxrss``); results go to
+   ``WORKDIR/analyses_scale.json``. ``--tile-above M`` makes larger ViT-B stores by repeating the
+   M-image one (when recording them takes too long), ``--alone`` limits (b) to some stores.
+3. Prints the floors, on wall and on CPU time: profile <= 3 x the plain read + the fixed cost;
+   peak RSS < 4 GB; time linear in N (the ratio of the two sizes' profiles less their fixed cost, 4.0 +- 0.6 for
    N = 512 and 2048); the validation's and the finite check's share (issue 20).
-4. ``dynamo fit --k 2 --steps 50`` on the largest ViT-B store: the fitter's step time against a
-   bare PyTorch loop of the same math on batches already in memory (`benchmarks/raptor_step.py`),
-   the share of step time spent waiting for data, and peak RSS.
+4. Raptor's fitter on the first two ViT-B stores (one block, stage 1, rollout over every layer, as
+   ``benchmarks/raptor_step.py``; ``--fit-steps`` steps of ``--fit-batch-size``): its step time
+   against a bare PyTorch loop of the same block, loss and optimizer on batches already in memory,
+   the share of step time spent waiting for data, and the fitting process's peak RSS.
 
 Random weights: the numbers measure mechanics (time, memory), never findings. The machine's
 cores may be shared with other work, so timings are noisy; ``--repeat-ratio`` runs the key ratio

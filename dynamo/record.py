@@ -172,6 +172,10 @@ def record(
     plan = _plan(loaded, images, dtype, layers, patch_tokens, seed, summaries_only, autocast)
     out = stores.writable_path(out)
     if _already_recorded(out, plan, overwrite):  # nothing to write: works on a read-only filesystem too
+        try:
+            check_no_shard_running(out, advice="before reading the store")
+        except OSError:  # the lock files cannot be probed: a read-only filesystem, where nobody writes
+            pass
         return stores.open_trajectories(out)
     with contextlib.ExitStack() as writing:
         with stores.writer_lock(out, wait=STORE_LOCK_WAIT_S):

@@ -117,12 +117,14 @@ def shard_lock(store: str | Path, shard: Shard):
         lock.release()
 
 
-def check_no_shard_running(store: str | Path, except_count: int | None = None) -> None:
+def check_no_shard_running(
+    store: str | Path, except_count: int | None = None, advice: str = "before replacing the store"
+) -> None:
     """Raise `StoreBusyError` if a shard (of a layout other than ``except_count`` shards) writes ``store``.
 
     Lock files of shards that have stopped are removed. Call it holding the store's `writer_lock`,
     so that no shard can start meanwhile: before replacing a store (``--overwrite``), and before a
-    shard of one layout starts while shards of another might run.
+    shard of one layout starts while shards of another might run. ``advice`` ends the message.
     """
     for other in sorted(lock_folder(store).glob("shard-*-of-*.lock")):
         if except_count is not None and other.name.endswith(f"-of-{except_count}.lock"):
@@ -134,7 +136,7 @@ def check_no_shard_running(store: str | Path, except_count: int | None = None) -
             count = _name(other).split("/")[1]
             advice = ("shards of one store must share one layout while they run: use "
                       f"--shard I/{count}, or wait for it to finish") if except_count else \
-                "wait for it to finish (or stop it) before replacing the store"
+                f"wait for it to finish (or stop it) {advice}"
             raise StoreBusyError(f"shard {_name(other)} is writing {store}; {advice}") from None
         probe.release()
         other.unlink(missing_ok=True)

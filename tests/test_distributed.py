@@ -59,13 +59,7 @@ CASES = {
 BLOCK_TASKS = {"cka": lambda n: n + 1, "basins": lambda n: 2 * n}
 
 
-KNOWN_CLUSTER_MISMATCH = pytest.mark.xfail(
-    reason="known regression of the one-pass/bounded-bootstrap rank (issue 19, open): its bootstrap spectra on a "
-    "cluster differ from the in-process run; the point estimates are unaffected", strict=False)
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=KNOWN_CLUSTER_MISMATCH) if name == "rank" else name
-                                  for name in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_analysis_on_a_cluster_equals_the_in_process_run(name, store, cluster):
     dataset = dynamo.open_trajectories(store)
     local = CASES[name](dataset)
@@ -76,7 +70,6 @@ def test_analysis_on_a_cluster_equals_the_in_process_run(name, store, cluster):
     assert set(workers) <= set(cluster.scheduler_info["workers"])
 
 
-@KNOWN_CLUSTER_MISMATCH
 def test_one_pass_on_a_cluster_equals_the_in_process_run(store, cluster):
     """basins, tokens and rank in one pass: one task per block (plus basins' pass over reduced views)."""
     dataset = dynamo.open_trajectories(store)

@@ -71,7 +71,7 @@ def test_second_writer_is_refused(tmp_path, digits_folder):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(dynamo.StoreBusyError, match="another process is writing"):
+        with pytest.raises(dynamo.StoreBusyError, match="is writing"):
             dynamo.record(loaded, digits_folder, out, limit=4, progress=False)
     finally:
         holder.kill()
