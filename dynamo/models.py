@@ -186,6 +186,23 @@ def load_model(
     )
 
 
+def rebuild_attrs(loaded: LoadedModel) -> dict:
+    """What rebuilds ``loaded`` with `load_recorded_model`: the attributes a store (or a fit) records.
+
+    Name, checkpoint, whether trained, weights hash, input size (pixels, height and width),
+    preprocessing overrides and the seed of a random initialisation; JSON-ready.
+    """
+    return {
+        "model": loaded.source,
+        "checkpoint": loaded.checkpoint,
+        "pretrained": bool(loaded.pretrained),
+        "weights_sha256": loaded.weights_sha256,
+        "image_size": [int(n) for n in loaded.data_config["input_size"][1:]],
+        "preprocess_overrides": dict(loaded.preprocess),
+        "init_seed": loaded.seed,
+    }
+
+
 def load_recorded_model(attrs: dict) -> LoadedModel:
     """Rebuild the model a trajectory store was recorded with, from the store's attributes.
 

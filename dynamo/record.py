@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from dynamo import store as stores
 from dynamo.capture import AUTOCAST_DTYPES, Capture, CaptureError, CapturedBatch
 from dynamo.images import ImageSet, image_set
-from dynamo.models import LoadedModel, load_model
+from dynamo.models import LoadedModel, load_model, rebuild_attrs
 from dynamo.shards import Shard, check_no_shard_running, consolidate, parse_shard, shard_lock
 from dynamo.store import jsonable
 
@@ -310,19 +310,13 @@ def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int
     }
     attrs = {
         "format": stores.FORMAT,
-        "model": loaded.source,
-        "checkpoint": loaded.checkpoint,
-        "pretrained": loaded.pretrained,
-        "weights_sha256": loaded.weights_sha256,
+        **jsonable(rebuild_attrs(loaded)),
         "architecture": type(module).__name__,
         "num_blocks": loaded.num_blocks,
         "embed_dim": width,
-        "image_size": list(loaded.data_config["input_size"][1:]),
         "patch_size": list(module.patch_embed.patch_size),
         **layout.to_attrs(),
         "preprocessing": jsonable(loaded.data_config),
-        "preprocess_overrides": jsonable(loaded.preprocess),
-        "init_seed": loaded.seed,
         "dtype": plan["dtype"],
         "summaries_only": plan["summaries_only"],
         "autocast": plan["autocast"] or "none",

@@ -286,3 +286,17 @@ def test_random_weight_recordings_are_identical_and_an_interrupted_one_resumes(t
     assert main(command(interrupted, size="48")) == 2  # resuming at another size is refused, in one line
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "image_size: store has [32, 32], this run has [48, 48]" in error
+
+
+def test_fit_rebuilds_the_teacher_at_the_recorded_size_from_the_store_alone(tmp_path, digits_folder, one_thread):
+    """`dynamo fit` on a store recorded with --img-size (random weights, seeded): the teacher is rebuilt
+    at the recorded input size, and a saved fit reloads without being handed its teacher."""
+    store = tmp_path / "s.zarr"
+    assert main(["record", "vit_tiny_patch16_224", "--no-pretrained", "--seed", "3", "--img-size", "32", "--images",
+                 str(digits_folder), "--limit", "8", "--out", str(store), "--quiet"]) == 0
+    assert main(["fit", str(store), "--k", "1", "--steps", "2", "--stage2-steps", "0", "--batch-size", "2",
+                 "--out", str(tmp_path / "fit")]) == 0
+    folder = next(path.parent for path in (tmp_path / "fit").rglob("config.json"))
+    loaded = dynamo.raptor.RaptorFitter.load(folder)  # no teacher given: rebuilt from the recorded identity
+    assert loaded.teacher_identity_["image_size"] == [32, 32] and loaded.teacher_identity_["init_seed"] == 3
+    assert loaded.predict(torch.randn(2, 3, 32, 32)).shape == (2,)

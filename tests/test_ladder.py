@@ -203,6 +203,23 @@ def test_fitted_rungs_save_and_load(affine, tmp_path):
     assert loaded.evaluate(ds).attrs["images"] == "held-out images of the fit store"
 
 
+def test_raptor_starts_from_the_teacher_block_choice(tied):
+    """Initialised from the teacher-block rung's choice, an untrained Raptor is that rung: exact on a tied ViT."""
+    teacher, ds = tied
+    choice = TeacherBlockFitter(k=1, progress=False).fit(ds, teacher=teacher).blocks_
+    untrained = dict(k=1, steps=1, stage2_steps=0, lr=0.0, mlp="gelu", progress=False)
+    exact = RaptorFitter(**untrained, init=choice, depth_scaling=False).fit(ds, teacher=teacher).evaluate(ds)
+    np.testing.assert_allclose(exact["r2"].values, 1.0, atol=1e-5)
+    near = RaptorFitter(**untrained, init=choice).fit(ds, teacher=teacher).evaluate(ds)  # depth gains within 1e-3 of 1
+    assert near.attrs["r2_final"] > 0.99
+    fresh = RaptorFitter(**untrained).fit(ds, teacher=teacher).evaluate(ds)
+    assert fresh.attrs["r2_final"] < near.attrs["r2_final"] - 0.05
+    with pytest.raises(ValueError, match="mlp='gelu' and mlp_ratio=4"):
+        RaptorFitter(**{**untrained, "mlp": "swiglu"}, init=choice).fit(ds, teacher=teacher)
+    with pytest.raises(ValueError, match="one teacher block in 1..4 per phase"):
+        RaptorFitter(**untrained, init=[1, 2]).fit(ds, teacher=teacher)
+
+
 def test_cli_fit_surrogate_and_ladder(tied, digits_folder, tmp_path, capsys, monkeypatch):
     from dynamo.pipeline.cli import main  # here, so that the rest of the file does not need the pipeline
 
@@ -210,7 +227,7 @@ def test_cli_fit_surrogate_and_ladder(tied, digits_folder, tmp_path, capsys, mon
     # the CLI loads the teacher by the store's name; stand the random-weight teacher in for it
     store = str(tmp_path / "store.zarr")
     dynamo.record(dataclasses.replace(teacher, pretrained=True), dynamo.image_set(digits_folder), store, progress=False)
-    monkeypatch.setattr("dynamo.raptor.io.load_model", lambda *args, **kwargs: teacher)
+    monkeypatch.setattr("dynamo.raptor.io.load_recorded_model", lambda *args, **kwargs: teacher)
     assert main(["fit", store, "--surrogate", "teacher-block", "--k", "1", "--out", str(tmp_path / "tb"), "--json", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["blocks"] == [1] and summary["r2_final"] == pytest.approx(1.0, abs=1e-6)
@@ -227,3 +244,8 @@ def test_cli_fit_surrogate_and_ladder(tied, digits_folder, tmp_path, capsys, mon
     for name in ("csv", "json", "ladder", "ladder_layers", "loop_count", "html"):
         assert (tmp_path / "ladder" / summary["files"][name].split("/")[-1]).exists()
     assert "A ladder of surrogates" in (tmp_path / "ladder" / "ladder.html").read_text()
+    # Raptor started from the teacher-block choice (taking the teacher's GELU MLP): exact before it trains
+    assert main([*argv[:5], str(tmp_path / "started"), "--surrogates", "raptor", "--raptor-init", "teacher-block",
+                 "--lr", "0", *argv[6:]]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["table"]
+    assert row["init"] == "[1, 1]" and row["r2_final"] > 0.99

@@ -276,8 +276,8 @@ def test_save_load_round_trip(tied, tmp_path):
     assert clone(fitter).get_params() == fitter.get_params() and not hasattr(clone(fitter), "model_")
     fitter.save(tmp_path / "fit")
     assert not list((tmp_path / "fit").glob("*.pt")) and not list((tmp_path / "fit").glob("*.pkl"))
-    with pytest.raises(ValueError, match="random weights"):
-        RaptorFitter(k=1).fit(path)  # a random-weight teacher cannot be rebuilt by name
+    with pytest.raises(ValueError, match="not the model the store was recorded from"):
+        RaptorFitter(k=1).fit(path)  # its tied weights are not what its name and seed rebuild
     with pytest.raises(ValueError, match="3 phases"):
         RaptorFitter(k=2, partition="1,2").fit(path, teacher=teacher)
     loaded = RaptorFitter.load(tmp_path / "fit", teacher=teacher)
@@ -302,7 +302,7 @@ def test_cli_fit_prints_the_report_and_resumes(digits_folder, tmp_path, capsys, 
     # the CLI loads the teacher by the store's name; stand the random-weight teacher in for it
     path = tmp_path / "store.zarr"
     dynamo.record(dataclasses.replace(teacher, pretrained=True), dynamo.image_set(digits_folder), path, progress=False)
-    monkeypatch.setattr("dynamo.raptor.io.load_model", lambda *args, **kwargs: teacher)
+    monkeypatch.setattr("dynamo.raptor.io.load_recorded_model", lambda *args, **kwargs: teacher)
     out = tmp_path / "fit"
     argv = ["fit", str(path), "--k", "2", "--partition", "1-1,2-4", "--steps", "6", "--out", str(out), "--json", "--quiet"]
     assert main(argv) == 0
@@ -326,7 +326,7 @@ def test_cli_fit_records_the_paper_recipe_and_reports_seeds_and_several_k(digits
     teacher = _teacher(tied=True)
     path = tmp_path / "store.zarr"
     dynamo.record(dataclasses.replace(teacher, pretrained=True), dynamo.image_set(digits_folder), path, progress=False)
-    monkeypatch.setattr("dynamo.raptor.io.load_model", lambda *args, **kwargs: teacher)
+    monkeypatch.setattr("dynamo.raptor.io.load_recorded_model", lambda *args, **kwargs: teacher)
     # --recipe paper: the paper's values in the saved config, flags given as well override them
     out = tmp_path / "paper"
     assert main(["fit", str(path), "--recipe", "paper", "--steps", "3", "--batch-size", "8", "--out", str(out), "--json", "--quiet"]) == 0

@@ -27,6 +27,7 @@ from dynamo.pipeline.concepts import concepts as concept_stage
 from dynamo.pipeline.fit import RECIPES, fit, parse_loss
 from dynamo.pipeline.ladder import CEILING as LADDER_CEILING
 from dynamo.pipeline.ladder import LOOP_SCALES, fit_surrogate, ladder
+from dynamo.pipeline.ladder import RAPTOR_INITS as LADDER_RAPTOR_INITS
 from dynamo.pipeline.ladder import RUNGS as LADDER_RUNGS
 from dynamo.pipeline.phases import lenses as lens_stage
 from dynamo.pipeline.phases import phases as phase_stage
@@ -332,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     lad.add_argument("--patience", type=nonnegative_int, help="Raptor: validations without gain before a segment stops (default: dynamo fit's)")
     lad.add_argument("--batch-size", type=positive_int, help="Raptor batch size (default: dynamo fit's)")
     lad.add_argument("--lr", type=float, help="Raptor peak learning rate (default: dynamo fit's)")
-    lad.add_argument("--mlp", choices=["swiglu", "gelu"], help="Raptor block MLP (default swiglu)")
+    lad.add_argument("--mlp", choices=["swiglu", "gelu"], help="Raptor block MLP (default swiglu; with --raptor-init "
+                     "teacher-block, the teacher's)")
+    lad.add_argument("--raptor-init", choices=list(LADDER_RAPTOR_INITS), default="random",
+                     help="Raptor's blocks start at random (default, the paper's) or as the teacher-block rung's choice")
     lad.add_argument("--seed", type=int, default=0)
     lad.add_argument("--device", type=torch_device, default="cpu")
     lad.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -497,7 +501,7 @@ def _concepts(args) -> dict:
 
 def _ladder(args) -> dict:
     return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
-                  n_bootstrap=args.bootstrap, head=args.head, seed=args.seed, device=args.device,
+                  n_bootstrap=args.bootstrap, head=args.head, raptor_init=args.raptor_init, seed=args.seed, device=args.device,
                   progress=not args.quiet, command=" ".join(sys.argv), steps=args.steps,
                   stage2_steps=args.stage2_steps, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                   mlp=args.mlp)

@@ -33,6 +33,7 @@ from dynamo.partition import Partition
 from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.raptor import RaptorFitter
+from dynamo.raptor.block import teacher_mlp
 from dynamo.raptor.io import resolve_teacher
 from dynamo.store import check_output, jsonable, open_trajectories, save_result
 from dynamo.surrogates import SURROGATES, LinearFitter, held_out_positions, per_layer, split_images, transition_moments
@@ -44,6 +45,7 @@ from figures.report import Section, write_report
 __all__ = ["CEILING", "RUNGS", "fit_surrogate", "ladder", "ladder_section"]
 
 RUNGS = ("identity", "linear", "dmd", "teacher-block", "raptor")
+RAPTOR_INITS = ("random", "teacher-block")
 CEILING = "linear-per-layer"  # the non-recurrent linear variant: one map per layer, the same for every k
 LOOP_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 IN_MEMORY_BYTES = 1 << 30  # held-out states up to this size are read once and kept for all the scoring
@@ -136,6 +138,7 @@ def ladder(
     loop_scales=LOOP_SCALES,
     head: str | Path | None = None,
     n_bootstrap: int = 1000,
+    raptor_init: str = "random",
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
@@ -162,6 +165,10 @@ def ladder(
         fitted on the store's labels for a teacher without one (`dynamo.heads.resolve_head`).
     n_bootstrap : int
         Resamples of the held-out images for ε's intervals.
+    raptor_init : {"random", "teacher-block"}
+        Raptor's blocks start at random (near the identity, the paper's) or from the
+        ``teacher-block`` rung's choice for the same k (fitted for it if not a rung of this
+        ladder; the block then takes the teacher's MLP kind and ratio unless ``mlp`` is given).
     seed : int
         The split (every rung holds out the same 20%), Raptor's initialisation, the bootstrap.
     device : str
@@ -179,6 +186,8 @@ def ladder(
         ``text``.
     """
     started = time.perf_counter()
+    if raptor_init not in RAPTOR_INITS:
+        raise ValueError(f"raptor_init must be one of {', '.join(RAPTOR_INITS)}, got {raptor_init!r}")
     unknown = set(surrogates) - {*RUNGS, CEILING}
     if unknown:
         raise ValueError(f"unknown surrogates {sorted(unknown)}; choose among {', '.join((*RUNGS, CEILING))}")
@@ -202,9 +211,18 @@ def ladder(
     rows, reports = [], {}
     names = [name for name in (*RUNGS, CEILING) if name in surrogates]
     jobs = [(name, k) for name in names if name != CEILING for k in ks] + ([(CEILING, None)] if CEILING in names else [])
+    starts = {}  # k -> the teacher-block rung's blocks, Raptor's starting point when raptor_init is teacher-block
     for name, k in jobs:
+        params = raptor_params
+        if name == "raptor" and raptor_init == "teacher-block":
+            if k not in starts:
+                starts[k] = _fit_rung("teacher-block", k, partitions, ds, teacher, linear_head, moments, out, seed,
+                                      device, progress, raptor_params).blocks_
+            params = {**teacher_mlp(teacher.module.blocks[0]), **_given(raptor_params), "init": starts[k]}
         fitter, seconds = _timed(lambda: _fit_rung(name, k, partitions, ds, teacher, linear_head, moments, out, seed,
-                                                   device, progress, raptor_params))
+                                                   device, progress, params))
+        if name == "teacher-block":
+            starts[k] = fitter.blocks_
         report = fitter.evaluate(scoring)
         errors = epsilon(fitter.model_, scoring, n_bootstrap=n_bootstrap, seed=seed)
         loops = loop_count(fitter.model_, scoring, loop_scales) if name not in ("identity", CEILING) else None
@@ -249,9 +267,9 @@ def _timed(work):
 
 def _fit_rung(name, k, partitions, ds, teacher, head, moments, out: Path, seed, device, progress, raptor_params):
     if name == "raptor":
-        params = {key: value for key, value in raptor_params.items() if value is not None}
         fitter = RaptorFitter(partition=partitions[k], seed=seed, device=device, progress=progress,
-                              checkpoint_dir=out / f"raptor-k{k}" / "checkpoint", stage1_cache=out / "stage1", **params)
+                              checkpoint_dir=out / f"raptor-k{k}" / "checkpoint", stage1_cache=out / "stage1",
+                              **_given(raptor_params))
         fitter.fit(ds, teacher=teacher, head=head)
         fitter.save(out / f"raptor-k{k}")
         return fitter
@@ -260,6 +278,11 @@ def _fit_rung(name, k, partitions, ds, teacher, head, moments, out: Path, seed, 
                                                                        **_progress(name, progress))
     data = {"moments": moments} if name in ("linear", "dmd", CEILING) else {}
     return fitter.fit(ds, teacher=teacher, head=head, **data)
+
+
+def _given(params: dict) -> dict:
+    """The parameters set (not None)."""
+    return {key: value for key, value in params.items() if value is not None}
 
 
 def _row(name, k, partition, report: xr.Dataset, errors: xr.Dataset, seconds: dict, fitter) -> dict:
@@ -282,9 +305,10 @@ def _epsilon_numbers(errors: xr.Dataset) -> dict:
 
 
 def _choice(fitter) -> dict:
-    """What a rung chose while fitting: the teacher's blocks, the ridge penalties, the DMD ranks."""
-    return {label: getattr(fitter, attr) for attr, label in (("blocks_", "blocks"), ("alpha_", "alpha"), ("rank_", "rank"))
-            if hasattr(fitter, attr)}
+    """What a rung chose while fitting: the teacher's blocks, the ridge penalties, the DMD ranks, Raptor's start."""
+    return {label: getattr(fitter, attr) for attr, label in (("blocks_", "blocks"), ("alpha_", "alpha"), ("rank_", "rank"),
+                                                             ("init", "init"))
+            if getattr(fitter, attr, None) is not None}
 
 
 def _result(ds, reports: dict, names: list, ks: list, partitions: dict, scales) -> xr.Dataset:

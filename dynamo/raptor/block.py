@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import LayerScale, Mlp, SwiGLUPacked
 from torch import nn
 
-__all__ = ["DepthScaling", "RaptorBlock"]
+__all__ = ["DepthScaling", "RaptorBlock", "copy_teacher_block", "teacher_mlp"]
 
 MLP_KINDS = ("swiglu", "gelu")
 # parameter names of fits saved before the block used timm's layers -> their names now
@@ -74,6 +74,8 @@ class RaptorBlock(nn.Module):
     depth_scaling : bool
         Whether to use the depth scaling at all (off reproduces the paper's ablation row
         "without depth scaling": the block is then autonomous).
+    norm_eps : float
+        The LayerNorms' epsilon (torch's default; a block copied from a teacher takes the teacher's).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class RaptorBlock(nn.Module):
         layerscale_init: float = 1e-5,
         depth_hidden: int = 16,
         depth_scaling: bool = True,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         if mlp not in MLP_KINDS:
@@ -92,10 +95,10 @@ class RaptorBlock(nn.Module):
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.ls1 = LayerScale(dim, float(layerscale_init))
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = SwiGLUPacked(dim, 2 * hidden, dim) if mlp == "swiglu" else Mlp(dim, hidden)
         self.ls2 = LayerScale(dim, float(layerscale_init))
         self.depth = DepthScaling(dim, depth_hidden) if depth_scaling else None
@@ -126,6 +129,60 @@ class RaptorBlock(nn.Module):
         x = x + s1 * attended
         x = x + s2 * self.ls2(self.mlp(self.norm2(x)))
         return s3 * x
+
+
+def teacher_mlp(teacher_block: nn.Module) -> dict:
+    """``{"mlp": "gelu" | "swiglu", "mlp_ratio": r}``: the `RaptorBlock` MLP of a timm block's shape.
+
+    A gated MLP (``fc1`` twice as wide as ``fc2``'s input, timm's ``SwiGLUPacked``) is "swiglu",
+    any other "gelu"; the ratio is the hidden width over the model width, as `RaptorBlock` takes it.
+    """
+    fc1, fc2 = teacher_block.mlp.fc1, teacher_block.mlp.fc2
+    gated = fc1.out_features != fc2.in_features
+    return {"mlp": "swiglu" if gated else "gelu", "mlp_ratio": fc2.in_features / fc1.in_features}
+
+
+@torch.no_grad()
+def copy_teacher_block(block: RaptorBlock, teacher_block: nn.Module) -> RaptorBlock:
+    """Set ``block``'s weights to a timm ViT block's, so that it starts as that block.
+
+    Norms, attention (timm's ``qkv``/``proj`` into torch's packed ``in_proj``/``out_proj``; a
+    ``qkv`` without bias gives zero biases), LayerScale gammas (ones where the teacher has
+    none) and the MLP are copied; the depth scaling keeps its initialisation (gains within about
+    1e-3 of 1), so the copy maps x as the teacher block does to that precision.
+
+    Raises
+    ------
+    ValueError
+        The teacher block is not a plain pre-norm ViT block of the same shape and MLP kind (the
+        message names the ``mlp``/``mlp_ratio``/``num_heads`` to pass).
+    """
+    attn, dim = teacher_block.attn, block.norm1.normalized_shape[0]
+    unsupported = [name for name in ("q_norm", "k_norm", "norm") if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity)]
+    if not hasattr(attn, "qkv") or unsupported or getattr(attn, "num_heads", None) != block.attn.num_heads:
+        raise ValueError(
+            f"cannot start from the teacher's block: its attention ({type(attn).__name__}"
+            f"{', with ' + ', '.join(unsupported) if unsupported else ''}) is not a plain timm Attention with "
+            f"{block.attn.num_heads} heads; pass num_heads={getattr(attn, 'num_heads', '?')} or a random init"
+        )
+    if type(teacher_block.mlp) is not type(block.mlp) or type(getattr(teacher_block.mlp, "act", None)) is not type(block.mlp.act) \
+            or teacher_block.mlp.fc1.weight.shape != block.mlp.fc1.weight.shape:
+        kind = teacher_mlp(teacher_block)
+        raise ValueError(
+            f"cannot start from the teacher's block: its MLP ({type(teacher_block.mlp).__name__}, "
+            f"{type(getattr(teacher_block.mlp, 'act', None)).__name__}, {teacher_block.mlp.fc1.out_features} hidden) is not "
+            f"this block's; pass mlp={kind['mlp']!r} and mlp_ratio={kind['mlp_ratio']:g}"
+        )
+    for ours, theirs in ((block.norm1, teacher_block.norm1), (block.norm2, teacher_block.norm2)):
+        ours.load_state_dict(theirs.state_dict())
+        ours.eps = theirs.eps
+    block.attn.in_proj_weight.copy_(attn.qkv.weight)
+    block.attn.in_proj_bias.copy_(attn.qkv.bias if attn.qkv.bias is not None else torch.zeros(3 * dim))
+    block.attn.out_proj.load_state_dict(attn.proj.state_dict())
+    for ours, theirs in ((block.ls1, teacher_block.ls1), (block.ls2, teacher_block.ls2)):
+        ours.gamma.copy_(theirs.gamma if hasattr(theirs, "gamma") else torch.ones(dim))
+    block.mlp.load_state_dict(teacher_block.mlp.state_dict())
+    return block
 
 
 def _rename_old_keys(module, state_dict, prefix, *args) -> None:

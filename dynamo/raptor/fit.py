@@ -29,7 +29,7 @@ from dynamo.heads import LinearHead
 from dynamo.layout import token_groups
 from dynamo.models import LoadedModel
 from dynamo.partition import Partition
-from dynamo.raptor.block import RaptorBlock
+from dynamo.raptor.block import RaptorBlock, copy_teacher_block
 from dynamo.raptor.evaluate import evaluate
 from dynamo.raptor.io import check_teacher, load_fitter, resolve_teacher, save_fitter, teacher_identity
 from dynamo.raptor.model import Raptor
@@ -118,6 +118,12 @@ class RaptorFitter(BaseEstimator):
     stage1_cache : str or Path, optional
         A folder where trained stage-1 blocks are kept and reused by fits whose segment (layer
         range, loss weights, recipe, teacher, images, seed) is the same (`dynamo.raptor.train`).
+    init : list of int, optional
+        Start each phase's block from one of the teacher's own blocks (1-based, one per phase,
+        `dynamo.raptor.block.copy_teacher_block`; the ladder passes the ``teacher-block`` rung's
+        choice, `dynamo.surrogates.TeacherBlockFitter`); the block must be of the teacher's
+        kind (e.g. ``mlp="gelu"`` for a GELU teacher) and takes its norms' epsilon. None: random
+        initialisation (seeded, near the identity).
     seed : int
         Initialisation (each block's from its layer range), batch order, noise, and the split.
     split_seed : int, optional
@@ -173,6 +179,7 @@ class RaptorFitter(BaseEstimator):
         checkpoint_dir=None,
         checkpoint_every: int = 100,
         stage1_cache=None,
+        init: list[int] | None = None,
         seed: int = 0,
         split_seed: int | None = None,
         device: str = "cpu",
@@ -188,7 +195,7 @@ class RaptorFitter(BaseEstimator):
         self.validation_fraction, self.validate_every = validation_fraction, validate_every
         self.validation_images, self.patience, self.tol = validation_images, patience, tol
         self.checkpoint_dir, self.checkpoint_every, self.stage1_cache = checkpoint_dir, checkpoint_every, stage1_cache
-        self.seed, self.split_seed, self.device, self.progress = seed, split_seed, device, progress
+        self.init, self.seed, self.split_seed, self.device, self.progress = init, seed, split_seed, device, progress
 
     def fit(self, ds: xr.Dataset | str | Path, teacher: LoadedModel | None = None, head: LinearHead | None = None) -> RaptorFitter:
         """Fit the surrogate to a trajectory dataset.
@@ -225,10 +232,13 @@ class RaptorFitter(BaseEstimator):
         self.groups_ = {kind: torch.from_numpy(index).to(self.device) for kind, index in token_groups(ds["token_kind"]).items()}
         teacher.module.to(self.device)
         self.model_ = Raptor(self.partition_.thresholds, num_layers, self.block_config_, teacher=BlockStepper(teacher, head))
+        starts = self._teacher_blocks(teacher.module)
         for index, phase in enumerate(self.partition_):  # each block's initialisation a function of its range
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derived_seed(self.seed, "init", phase[0] - 1, phase[-1]))
                 self.model_.blocks[index] = RaptorBlock(**self.block_config_)
+            if starts is not None:
+                copy_teacher_block(self.model_.blocks[index], teacher.module.blocks[starts[index] - 1])
         self.model_.to(self.device)
         self.history_, self.timings_ = [], {}
         train(self, ds, self._fit_identity(ds.attrs))
@@ -256,6 +266,16 @@ class RaptorFitter(BaseEstimator):
             raise ValueError(f"k={self.k} but the partition {partition} has {len(partition)} phases; give one or the other")
         return partition
 
+    def _teacher_blocks(self, module) -> list[int] | None:
+        """``init`` checked: one 1-based teacher block per phase, or None."""
+        if self.init is None:
+            return None
+        blocks = [int(b) for b in self.init]
+        if len(blocks) != len(self.partition_) or not all(1 <= b <= len(module.blocks) for b in blocks):
+            raise ValueError(f"init needs one teacher block in 1..{len(module.blocks)} per phase of "
+                             f"{self.partition_}, got {self.init}")
+        return blocks
+
     def _block_config(self, module) -> dict:
         first = module.blocks[0]
         dim = int(module.embed_dim)
@@ -269,6 +289,8 @@ class RaptorFitter(BaseEstimator):
             "layerscale_init": float(self.layerscale_init),
             "depth_hidden": int(self.depth_hidden),
             "depth_scaling": bool(self.depth_scaling),
+            # a copied teacher block keeps the teacher's epsilon; random blocks keep torch's
+            **({"norm_eps": float(first.norm1.eps)} if self.init is not None else {}),
         }
 
     # ---- using the fitted surrogate -----------------------------------------------------

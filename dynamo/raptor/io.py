@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dynamo.models import LoadedModel, load_model
+from dynamo.models import LoadedModel, load_recorded_model, rebuild_attrs
 from dynamo.partition import Partition
 from dynamo.raptor.model import Raptor
 from dynamo.stepping import BlockStepper
@@ -167,8 +167,8 @@ def load_fitter(cls, folder, teacher: LoadedModel | None = None, device: str | N
         raise ValueError(f"{config_path} is not a dynamo Raptor config (format {config.get('format')!r})")
     fitter = cls(**{**config["params"], **({"device": device} if device else {})})
     identity = config["teacher"]
-    if teacher is None and identity["pretrained"]:
-        teacher = load_model(identity["model"], checkpoint=identity["checkpoint"])
+    if teacher is None and (identity["pretrained"] or "init_seed" in identity):
+        teacher = load_recorded_model(identity)
     if teacher is not None:
         check_teacher({"weights_sha256": identity["weights_sha256"]}, teacher_identity(teacher))
         teacher.module.to(fitter.device)
@@ -192,24 +192,21 @@ def load_fitter(cls, folder, teacher: LoadedModel | None = None, device: str | N
 
 
 def teacher_identity(teacher: LoadedModel) -> dict:
-    """What a fit records of its teacher: name, checkpoint, whether trained, weights hash."""
-    return {
-        "model": teacher.source,
-        "checkpoint": teacher.checkpoint,
-        "pretrained": bool(teacher.pretrained),
-        "weights_sha256": teacher.weights_sha256,
-    }
+    """What a fit records of its teacher: what rebuilds it (`dynamo.models.rebuild_attrs`)."""
+    return jsonable(rebuild_attrs(teacher))
 
 
 def resolve_teacher(attrs: dict, teacher: LoadedModel | None) -> LoadedModel:
-    """A store's teacher: the one given, or loaded from the store's attributes; hashes checked."""
+    """A store's teacher: the one given, or rebuilt from the store's attributes; hashes checked.
+
+    Raises
+    ------
+    ValueError
+        The rebuilt (or given) teacher's weights are not the recorded ones: random weights from a
+        store that does not record the seed of their initialisation, or another model.
+    """
     if teacher is None:
-        if not attrs.get("pretrained", True):
-            raise ValueError(
-                f"the store was recorded from {attrs.get('model')} with random weights, which "
-                "cannot be rebuilt by name; pass the recorded model as teacher="
-            )
-        teacher = load_model(attrs["model"], checkpoint=attrs.get("checkpoint"))
+        teacher = load_recorded_model(attrs)
     if not isinstance(teacher, LoadedModel):
         raise ValueError(f"teacher must be a dynamo LoadedModel (dynamo.load_model), got {type(teacher).__name__}")
     check_teacher(attrs, teacher_identity(teacher))

@@ -159,6 +159,8 @@ def train(fitter, ds: xr.Dataset, identity: dict) -> None:
 def _block_key(identity: dict, segment: Segment) -> dict:
     """What a kept stage-1 block must share with a segment to stand for its training."""
     params = {name: value for name, value in identity["params"].items() if name not in NOT_STAGE1}
+    if params.get("init") is not None:  # the block starts from its own phase's teacher block only
+        params["init"] = params["init"][segment.phase]
     return {**identity, "params": params, "segment": [segment.start, segment.stop, segment.steps], "weights": segment.weights}
 
 
