@@ -75,12 +75,18 @@ def size_gb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def small_and_large_stores(description: str, workdir: str) -> tuple[argparse.Namespace, Path, Path, int]:
+    """Parse the memory benchmarks' shared flags and make their two stores.
+
+    Returns the arguments, the small store (``--source``, or the zoo model recorded on the default
+    images), the large one (``--copies`` copies of it, made once in ``--workdir``) and the memory
+    cap in bytes.
+    """
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--source", type=Path, help="a recorded store (default: record the zoo model)")
     parser.add_argument("--copies", type=int, default=25)
     parser.add_argument("--cap-gb", type=float, default=1.5)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dynamo-analyses-memory")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / workdir)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     source = args.source or args.workdir / "small.zarr"
@@ -91,7 +97,11 @@ def main() -> None:
         started = time.perf_counter()
         repeated_store(source, big, args.copies)
         print(f"wrote {big} ({args.copies} copies) in {time.perf_counter() - started:.0f} s")
-    cap = int(args.cap_gb * 1e9)
+    return args, source, big, int(args.cap_gb * 1e9)
+
+
+def main() -> None:
+    args, source, big, cap = small_and_large_stores(__doc__.splitlines()[0], "dynamo-analyses-memory")
     small_summary, small_peak, small_s = capped_run(
         [*ANALYZE[:3], str(source), "--out", str(args.workdir / "out_small"), *ANALYZE[3:]], cap
     )

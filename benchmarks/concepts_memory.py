@@ -20,39 +20,19 @@ Run by hand::
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
-import tempfile
-import time
-from pathlib import Path
 
 import numpy as np
 
 import dynamo
-from analyses_memory import capped_run, repeated_store, size_gb
-from dynamo import zoo
+from analyses_memory import capped_run, size_gb, small_and_large_stores
 
 CONCEPTS = ["-m", "dynamo.pipeline.cli", "concepts", "--quiet", "--json"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, help="a recorded store (default: record the zoo model)")
-    parser.add_argument("--copies", type=int, default=25)
-    parser.add_argument("--cap-gb", type=float, default=1.5)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dynamo-concepts-memory")
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    source = args.source or args.workdir / "small.zarr"
-    if not source.exists():
-        dynamo.record("dynamo-zoo/vit-digits-reg4", zoo.default_images(), source, progress=False)
-    big = args.workdir / "big.zarr"
-    if not big.exists():
-        started = time.perf_counter()
-        repeated_store(source, big, args.copies)
-        print(f"wrote {big} ({args.copies} copies) in {time.perf_counter() - started:.0f} s")
-    cap = int(args.cap_gb * 1e9)
+    args, source, big, cap = small_and_large_stores(__doc__.splitlines()[0], "dynamo-concepts-memory")
     runs = {}
     for name, store in (("small", source), ("large", big)):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)

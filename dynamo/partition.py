@@ -199,3 +199,19 @@ def _span(phase: Sequence[int]) -> str:
         else:
             runs.append([block, block])
     return "[" + ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs) + "]"
+
+
+def resolve_partition(partition, k: int | None, num_layers: int) -> Partition:
+    """A fitter's contiguous partition: ``partition`` parsed (any `Partition.parse` form), or k uniform phases (2 without k).
+
+    Raises
+    ------
+    ValueError
+        ``k`` given and not the partition's number of phases.
+    """
+    if partition is None:
+        return Partition.uniform(num_layers, 2 if k is None else k)
+    partition = Partition.parse(partition, num_layers)
+    if k is not None and k != len(partition):
+        raise ValueError(f"k={k} but the partition {partition} has {len(partition)} phases; give one or the other")
+    return partition

@@ -21,7 +21,7 @@ Every surrogate model (`PhaseSurrogate` and `dynamo.raptor.Raptor`) has the same
 scores any of them and the live-model analyses push states through any of them. Every fitter
 has `RaptorFitter`'s: ``fit(ds, teacher=None, head=None)``, ``evaluate``, ``score``,
 ``transform``, ``save``; ``model_``, ``partition_``, and the same held-out images
-(`split_images`) for the same ``seed`` and ``validation_fraction``, so rungs fitted with the
+(`dynamo.raptor.data.split_images`) for the same ``seed`` and ``validation_fraction``, so rungs fitted with the
 same settings are scored on the same images.
 
 The closed-form fits stream the store: `transition_moments` sums, a chunk of images at a time,
@@ -33,7 +33,6 @@ partition's linear and DMD maps follow without reading the store again.
 
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -48,13 +47,15 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynamo.heads import NO_HEAD, LinearHead, NoHeadError
+from dynamo.heads import LinearHead
 from dynamo.metrics import r2_from_sums, r2_sums
 from dynamo.models import LoadedModel
-from dynamo.partition import Partition
+from dynamo.partition import Partition, resolve_partition
+from dynamo.raptor.data import split_images
 from dynamo.raptor.evaluate import evaluate
 from dynamo.raptor.fit import RaptorFitter, _check_store, _open
 from dynamo.raptor.io import check_teacher, resolve_teacher, teacher_identity, write_tensors_and_json
+from dynamo.recurrence import PhaseRecurrence
 from dynamo.stepping import BlockStepper
 
 __all__ = [
@@ -74,44 +75,12 @@ __all__ = [
     "load_surrogate",
     "per_layer",
     "phase_scores",
-    "resolve_partition",
-    "split_images",
     "transition_moments",
 ]
 
 FORMAT = "dynamo-surrogate/1"
 ALPHAS = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # ridge penalties `LinearFitter` chooses among
 NOT_FITTED = "this %(name)s is not fitted yet: call fit(ds)"
-
-
-def split_images(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training and held-out images of a fit: ``round(fraction * n)`` held out, drawn with ``seed``.
-
-    The same draw as `dynamo.raptor.RaptorFitter`'s, so every rung fitted with one seed and
-    fraction is scored on the same images.
-
-    Parameters
-    ----------
-    rows : numpy.ndarray
-        ``image`` coordinate values of the dataset.
-
-    Returns
-    -------
-    (numpy.ndarray, numpy.ndarray)
-        Training and held-out ``image`` values, each sorted.
-    """
-    held_out = np.random.default_rng(seed).permutation(rows)[: int(round(fraction * rows.size))]
-    return np.setdiff1d(rows, held_out), np.sort(held_out)
-
-
-def resolve_partition(partition, k: int | None, num_layers: int) -> Partition:
-    """A fitter's contiguous partition: ``partition`` parsed (any `Partition.parse` form), or k uniform phases (2 without k)."""
-    if partition is None:
-        return Partition.uniform(num_layers, 2 if k is None else k)
-    partition = Partition.parse(partition, num_layers)
-    if k is not None and k != len(partition):
-        raise ValueError(f"k={k} but the partition {partition} has {len(partition)} phases; give one or the other")
-    return partition
 
 
 def per_layer(num_layers: int) -> Partition:
@@ -122,12 +91,11 @@ def per_layer(num_layers: int) -> Partition:
 # ---- the surrogate models -----------------------------------------------------------------
 
 
-class PhaseSurrogate(nn.Module):
+class PhaseSurrogate(PhaseRecurrence):
     """k maps, one per contiguous phase of depth, each applied once per layer of its phase.
 
-    The interface of `dynamo.raptor.Raptor` (its router: target layer t goes to phase i for the
-    first i with t <= thresholds[i], the last phase beyond them all), with the teacher's
-    embedding and head. Subclasses define `apply` (one application of phase i's map).
+    The router, rollout and teacher's ends of `dynamo.recurrence.PhaseRecurrence` (Raptor's);
+    subclasses define `apply` (one application of phase i's map).
 
     Parameters
     ----------
@@ -139,77 +107,10 @@ class PhaseSurrogate(nn.Module):
         For `embed`, `head`, `predict`, `forward`; a plain attribute, not a submodule.
     """
 
-    name = "surrogate"
-
     def __init__(self, partition: Partition, num_layers: int, teacher: BlockStepper | None = None):
-        super().__init__()
-        self.partition = Partition.parse(partition, num_layers)
-        self.thresholds = self.partition.thresholds
-        self.num_layers = int(num_layers)
-        self.teacher = teacher
-
-    @property
-    def k(self) -> int:
-        return len(self.partition)
-
-    @property
-    def num_blocks(self) -> int:
-        """L, the number of steps from layer 0 to the last layer (as `BlockStepper`)."""
-        return self.num_layers
-
-    def block_index(self, layer: int) -> int:
-        """0-based phase of target ``layer`` (1..L)."""
-        if not 1 <= layer <= self.num_layers:
-            raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}")
-        return bisect.bisect_left(self.thresholds, layer)
-
-    def apply(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Phase ``index``'s (0-based) map applied once to (B, T, D) states."""
-        raise NotImplementedError
-
-    def step(self, x: torch.Tensor, layer: float, block: int | None = None) -> torch.Tensor:
-        """The state at ``layer`` from the state at ``layer - 1``, by the routed phase's map or by
-        ``block`` (1-based phase) when given (then ``layer`` may be any depth, as in `loop_count`)."""
-        return self.apply(x, self.block_index(layer) if block is None else block - 1)
-
-    def run(self, x: torch.Tensor, start: int, stop: int | None = None) -> list[torch.Tensor]:
-        """Rollout from layer ``start`` to ``stop`` (default L): ``stop - start + 1`` states (B, T, D), the first ``x``."""
-        stop = self.num_layers if stop is None else stop
-        if not 0 <= start <= stop <= self.num_layers:
-            raise ValueError(f"need 0 <= start <= stop <= {self.num_layers}, got {start}, {stop}")
-        states = [x]
-        for layer in range(start + 1, stop + 1):
-            states.append(self.step(states[-1], layer))
-        return states
-
-    def _teacher(self) -> BlockStepper:
-        if self.teacher is None:
-            raise ValueError(f"this {self.name} surrogate has no teacher attached for its embedding and head")
-        return self.teacher
-
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Layer 0 by the teacher's embedding: (B, C, H, W) -> (B, T, D)."""
-        return self._teacher().embed(pixels)
-
-    @property
-    def head(self):
-        """The teacher's head (`BlockStepper.head`), None without a teacher or without a head."""
-        return None if self.teacher is None else self.teacher.head
-
-    @property
-    def head_kind(self) -> str | None:
-        return None if self.teacher is None else self.teacher.head_kind
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Classes from the last layer by the teacher's head: (B, T, D) -> (B,)."""
-        return self._teacher().predict(x)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Teacher embedding -> the k maps over L layers -> teacher head (logits)."""
-        teacher = self._teacher()
-        if teacher.head is None:
-            raise NoHeadError(NO_HEAD.format(model=teacher.name))
-        return teacher.head(self.run(self.embed(pixels), 0)[-1])
+        partition = Partition.parse(partition, num_layers)
+        super().__init__(partition.thresholds, num_layers, teacher)
+        self.partition = partition
 
 
 class IdentitySurrogate(PhaseSurrogate):
@@ -217,7 +118,7 @@ class IdentitySurrogate(PhaseSurrogate):
 
     name = "identity"
 
-    def apply(self, x: torch.Tensor, index: int) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, index: int, layer: float) -> torch.Tensor:
         return x
 
 
@@ -243,7 +144,7 @@ class AffineSurrogate(PhaseSurrogate):
         self.register_buffer("bias", torch.as_tensor(bias, dtype=torch.float32))
         self.name = name
 
-    def apply(self, x: torch.Tensor, index: int) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, index: int, layer: float) -> torch.Tensor:
         return _affine(x, self.weight[index], self.bias[index])
 
 
@@ -268,7 +169,7 @@ class TeacherBlockSurrogate(PhaseSurrogate):
         self.blocks_of_phase = [int(b) for b in blocks]
         self.blocks = nn.ModuleList(teacher.module.blocks[b - 1] for b in self.blocks_of_phase)
 
-    def apply(self, x: torch.Tensor, index: int) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, index: int, layer: float) -> torch.Tensor:
         block = self.blocks_of_phase[index]
         return self.teacher.step(x, block, block=block)
 
@@ -511,7 +412,7 @@ class IdentityFitter(SurrogateFitter):
     k, partition
         As `LinearFitter`'s.
     validation_fraction, seed : float, int
-        The held-out split (`split_images`).
+        The held-out split (`dynamo.raptor.data.split_images`).
     device : str
     """
 

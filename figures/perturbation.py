@@ -73,7 +73,7 @@ def plot_perturbation_recovery(
                           markersize=3, label=f"{b}, alpha={a:g}")
     recovery.axhline(1, color="k", linewidth=0.8, alpha=0.6, label="no recovery (ratio 1)")
     recovery.set(yscale="log", xlabel="injection layer l0",
-                 ylabel=f"recovery ratio: gap at L / alpha (median)")
+                 ylabel="recovery ratio: gap at L / alpha (median)")
     recovery.set_title(f"{kind} tokens: below 1 the trajectory bends back", fontsize=9)
     recovery.legend(fontsize=6, ncol=2, loc="best")
     for ax in (gaps, angles, recovery):

@@ -21,13 +21,13 @@ from dynamo.hypothesis import epsilon, loop_count, loop_schedule
 from dynamo.models import weights_sha256
 from dynamo.partition import Partition
 from dynamo.raptor import RaptorFitter
+from dynamo.raptor.data import split_images
 from dynamo.surrogates import (
     DMDFitter,
     IdentityFitter,
     LinearFitter,
     TeacherBlockFitter,
     load_surrogate,
-    split_images,
     transition_moments,
 )
 from tests.conftest import tiny_model

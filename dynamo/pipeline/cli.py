@@ -106,20 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Record every token's trajectory through every block of a ViT. Re-running "
         "the same command on an interrupted store resumes it.",
     )
-    rec.add_argument(
-        "model",
-        nargs="?",
-        default=zoo.DEFAULT_MODEL,
-        help=f"timm model name or zoo name (default: {zoo.DEFAULT_MODEL}); zoo: {', '.join(zoo.list_models())}",
-    )
-    rec.add_argument("--images", help="image folder (class sub-folders give labels); default: the bundled held-out digits")
+    _source_arguments(rec, f"timm model name or zoo name (default: {zoo.DEFAULT_MODEL}); zoo: {', '.join(zoo.list_models())}")
     rec.add_argument("--out", required=True, help="store path, e.g. trajectories.zarr")
-    rec.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
-    rec.add_argument("--no-pretrained", action="store_true", help="random weights, seeded with --seed (tests of mechanics only)")
-    _image_arguments(rec)
-    rec.add_argument("--batch-size", type=positive_int, default=32)
-    rec.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    rec.add_argument("--limit", type=positive_int, help="record only the first N images")
     rec.add_argument("--layers", type=int_list, help="comma-separated layers to keep (0 = embedding), default all")
     rec.add_argument("--patch-tokens", type=int, help="keep only N patch tokens, drawn with --seed")
     rec.add_argument("--seed", type=int, default=0, help="seed of the patch-token draw and of random weights (default 0)")
@@ -174,18 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="One command from a model and images to DIR/report.html and DIR/summary.json. "
         "A re-run resumes: the recording and every finished stage are reused.",
     )
-    prof.add_argument(
-        "model", nargs="?", default=zoo.DEFAULT_MODEL,
-        help=f"timm or zoo name, or an existing trajectory store (default: {zoo.DEFAULT_MODEL})",
-    )
-    prof.add_argument("--images", help="image folder (class sub-folders give labels); default: the bundled held-out digits")
-    prof.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
-    prof.add_argument("--no-pretrained", action="store_true", help="random weights, seeded with --seed (tests of mechanics only)")
-    _image_arguments(prof)
+    _source_arguments(prof, f"timm or zoo name, or an existing trajectory store (default: {zoo.DEFAULT_MODEL})")
     prof.add_argument("--out", required=True, help="output folder")
-    prof.add_argument("--limit", type=positive_int, help="use only the first N images")
-    prof.add_argument("--batch-size", type=positive_int, default=32)
-    prof.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     prof.add_argument("--method", choices=["maxcut", "contiguous"], default="maxcut", help="phase partition method")
     prof.add_argument("--eps", type=nonnegative_float, default=0.1, help="the paper's max-cut fraction f (default 0.1)")
     prof.add_argument("--k", type=positive_int, help="number of phases (overrides --eps)")
@@ -276,14 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="output folder (weights.safetensors, config.json, checkpoint/, stage1/)")
     fit.add_argument("--recipe", choices=sorted(RECIPES), help="start from the paper's recipe (AdamW lr 3e-4, wd 1e-4, "
                      "batch 64, 10k warmup, cosine to 1e-6, anneal 25%%, paper losses, clip 1.0, fixed steps); flags override it")
-    fit.add_argument("--steps", type=positive_int, help="most steps per stage-1 block (default 2000)")
-    fit.add_argument("--stage2-steps", type=int, help="most stage-2 steps (default: --steps)")
-    fit.add_argument("--patience", type=nonnegative_int, help="stop a segment after N validations without a held-out R² gain above "
-                     "--tol (default 5; 0: always train --steps)")
+    _raptor_arguments(fit)
     fit.add_argument("--tol", type=float, help="held-out R² gain that counts as an improvement (default 1e-4)")
     fit.add_argument("--validate-every", type=int, help="steps between validations (default 50)")
-    fit.add_argument("--batch-size", type=positive_int, help="default 16")
-    fit.add_argument("--lr", type=float, help="peak AdamW learning rate (default 2e-3)")
     fit.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
     fit.add_argument("--warmup", type=float, help="linear warmup: a fraction of each segment's steps if below 1, "
                      "else a number of steps (default 0.05)")
@@ -297,7 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
                      "(weights used as given; default paper)")
     fit.add_argument("--stage2-loss", metavar="LOSS", help="paper (0.45/0.10/0.45), mse or weights (default paper)")
     fit.add_argument("--grad-clip", type=float, help="gradient-norm clipping (default 1.0)")
-    fit.add_argument("--mlp", choices=["swiglu", "gelu"], help="block MLP (default swiglu, as the paper)")
     fit.add_argument("--baselines", type=nonnegative_int, default=0, metavar="N",
                      help="also fit the uniform partition, N random contiguous partitions and k=1, with the same recipe")
     fit.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (a DINOv2 "
@@ -328,15 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     lad.add_argument("--bootstrap", type=nonnegative_int, default=1000, help="bootstrap resamples of the held-out images for ε (default 1000)")
     lad.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (default: the "
                      "model's own, or a probe fitted on the labels of a headless model)")
-    lad.add_argument("--steps", type=positive_int, help="Raptor: most steps per stage-1 block (default: dynamo fit's)")
-    lad.add_argument("--stage2-steps", type=int, help="Raptor: most stage-2 steps (default: --steps)")
-    lad.add_argument("--patience", type=nonnegative_int, help="Raptor: validations without gain before a segment stops (default: dynamo fit's)")
-    lad.add_argument("--batch-size", type=positive_int, help="Raptor batch size (default: dynamo fit's)")
-    lad.add_argument("--lr", type=float, help="Raptor peak learning rate (default: dynamo fit's)")
-    lad.add_argument("--mlp", choices=["swiglu", "gelu"], help="Raptor block MLP (default swiglu; with --raptor-init "
-                     "teacher-block, the teacher's)")
+    _raptor_arguments(lad, prefix="Raptor: ")
     lad.add_argument("--raptor-init", choices=list(LADDER_RAPTOR_INITS), default="random",
-                     help="Raptor's blocks start at random (default, the paper's) or as the teacher-block rung's choice")
+                     help="Raptor's blocks start at random (default, the paper's) or as the teacher-block rung's choice (then "
+                     "with the teacher's MLP kind unless --mlp is given)")
     lad.add_argument("--seed", type=int, default=0)
     lad.add_argument("--device", type=torch_device, default="cpu")
     lad.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -505,6 +472,29 @@ def _ladder(args) -> dict:
                   progress=not args.quiet, command=" ".join(sys.argv), steps=args.steps,
                   stage2_steps=args.stage2_steps, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                   mlp=args.mlp)
+
+
+def _source_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """What a command that records takes: the model, its weights, the images, and how they are read and stored."""
+    parser.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=model_help)
+    parser.add_argument("--images", help="image folder (class sub-folders give labels); default: the bundled held-out digits")
+    parser.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
+    parser.add_argument("--no-pretrained", action="store_true", help="random weights, seeded with --seed (tests of mechanics only)")
+    _image_arguments(parser)
+    parser.add_argument("--limit", type=positive_int, help="use only N images (drawn evenly across classes)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+
+
+def _raptor_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Raptor's training flags that `fit` and `ladder` share (``prefix`` starts each help); defaults are `RaptorFitter`'s."""
+    parser.add_argument("--steps", type=positive_int, help=f"{prefix}most steps per stage-1 block (default 2000)")
+    parser.add_argument("--stage2-steps", type=int, help=f"{prefix}most stage-2 steps (default: --steps)")
+    parser.add_argument("--patience", type=nonnegative_int, help=f"{prefix}stop a segment after N validations without a "
+                        "held-out R² gain above --tol (default 5; 0: always train --steps)")
+    parser.add_argument("--batch-size", type=positive_int, help=f"{prefix}batch size (default 16)")
+    parser.add_argument("--lr", type=float, help=f"{prefix}peak AdamW learning rate (default 2e-3)")
+    parser.add_argument("--mlp", choices=["swiglu", "gelu"], help=f"{prefix}block MLP (default swiglu, as the paper)")
 
 
 def _image_arguments(parser: argparse.ArgumentParser) -> None:

@@ -277,7 +277,7 @@ def _text(summary: dict, model: str) -> str:
 def _run_lines(run: dict) -> list[str]:
     lines = [
         f"k={run['k']} seed {run['seed']}: phases {Partition(run['partition'])} ({run['partition_source']})",
-        f"  segments: " + "; ".join(f"stage {s['stage']}" + (f" block {s['block']}" if s["block"] else "")
+        "  segments: " + "; ".join(f"stage {s['stage']}" + (f" block {s['block']}" if s["block"] else "")
                                     + f" {s['steps']} steps ({s['ended']}, held-out R² {s['val_r2']:.4f})"
                                     for s in run["segments"]),
         f"  evaluated on {run['n_images']} {run['images']}; R² ({run['r2_reference']} variance) per layer:",

@@ -28,8 +28,9 @@ from sklearn.utils.validation import check_is_fitted
 from dynamo.heads import LinearHead
 from dynamo.layout import token_groups
 from dynamo.models import LoadedModel
-from dynamo.partition import Partition
+from dynamo.partition import resolve_partition
 from dynamo.raptor.block import RaptorBlock, copy_teacher_block
+from dynamo.raptor.data import split_images
 from dynamo.raptor.evaluate import evaluate
 from dynamo.raptor.io import check_teacher, load_fitter, resolve_teacher, save_fitter, teacher_identity
 from dynamo.raptor.model import Raptor
@@ -223,12 +224,10 @@ class RaptorFitter(BaseEstimator):
         self.store_ = ds.encoding.get("source")
         self.teacher_identity_ = teacher_identity(teacher)
         self.images_sha256_ = ds.attrs.get("identity", {}).get("images_sha256")
-        self.partition_ = self._partition(num_layers)
+        self.partition_ = resolve_partition(self.partition, self.k, num_layers)
         self.block_config_ = self._block_config(teacher.module)
-        rows = ds["image"].values
-        held_out = np.random.default_rng(self.split_seed_).permutation(rows)[: int(round(self.validation_fraction * rows.size))]
-        self.validation_images_ = np.sort(held_out)
-        self.training_images_ = np.setdiff1d(rows, held_out)
+        self.training_images_, self.validation_images_ = split_images(ds["image"].values, self.validation_fraction,
+                                                                      self.split_seed_)
         self.groups_ = {kind: torch.from_numpy(index).to(self.device) for kind, index in token_groups(ds["token_kind"]).items()}
         teacher.module.to(self.device)
         self.model_ = Raptor(self.partition_.thresholds, num_layers, self.block_config_, teacher=BlockStepper(teacher, head))
@@ -257,14 +256,6 @@ class RaptorFitter(BaseEstimator):
             "teacher_weights_sha256": attrs.get("weights_sha256"),
             "images_sha256": attrs.get("identity", {}).get("images_sha256"),
         })
-
-    def _partition(self, num_layers: int) -> Partition:
-        if self.partition is None:
-            return Partition.uniform(num_layers, 2 if self.k is None else self.k)
-        partition = Partition.parse(self.partition, num_layers)
-        if self.k is not None and self.k != len(partition):
-            raise ValueError(f"k={self.k} but the partition {partition} has {len(partition)} phases; give one or the other")
-        return partition
 
     def _teacher_blocks(self, module) -> list[int] | None:
         """``init`` checked: one 1-based teacher block per phase, or None."""
