@@ -123,7 +123,7 @@ def analyze(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     partition = store_partition(ds, boundaries, phase_method)
-    loaded = _live_model(ds, model, checkpoint, img_size, device) if any(ANALYSES[name].needs_model for name in names) else None
+    loaded = live_model(ds, model, checkpoint, img_size, device) if any(ANALYSES[name].needs_model for name in names) else None
     linear_head = _accuracy_head(ds, model, checkpoint, img_size, device, loaded, head, seed, progress)
     settings = {**options_for(names, options), "seed": seed, "device": device, "progress": progress, "head": linear_head}
     summary = {
@@ -178,7 +178,7 @@ def _accuracy_head(ds: xr.Dataset, model, checkpoint, img_size, device: str, loa
     if head is None and ("logits" in ds.data_vars or store_labels(ds) is None):
         return None
     try:
-        loaded = loaded or _live_model(ds, model, checkpoint, img_size, device)
+        loaded = loaded or live_model(ds, model, checkpoint, img_size, device)
     except ModelLoadError as error:
         if head is not None:
             raise
@@ -193,7 +193,13 @@ def _accuracy_head(ds: xr.Dataset, model, checkpoint, img_size, device: str, loa
     return resolve_head(ds, loaded, head, seed=seed, progress=progress)
 
 
-def _live_model(ds: xr.Dataset, model, checkpoint, img_size, device: str) -> LoadedModel:
+def live_model(ds: xr.Dataset, model, checkpoint, img_size, device: str) -> LoadedModel:
+    """The model a store was recorded with, for the analyses that run it, on ``device``.
+
+    ``model`` (a `LoadedModel`, or a name with ``checkpoint`` and ``img_size``) when given, else
+    rebuilt from the store's attributes (`dynamo.models.load_recorded_model`). Warns when its
+    weights are not the recorded ones (live and stored trajectories would then differ).
+    """
     if isinstance(model, LoadedModel):
         loaded = model
     elif (model or ds.attrs.get("model")) is None:

@@ -11,7 +11,7 @@ import xarray as xr
 from analyses import lenses as lensing
 from analyses import phases as phasing
 from dynamo.partition import Partition, from_result
-from dynamo.pipeline.analyze import _live_model
+from dynamo.pipeline.analyze import live_model
 from dynamo.pipeline.summaries import format_value
 from dynamo.store import jsonable, save_result
 from figures.lenses import lens_panels
@@ -126,7 +126,7 @@ def lenses(
     dict
         `analyses.lenses.summarize` of the result, the paths written, and ``text``.
     """
-    loaded = _live_model(ds, model, checkpoint, None, device) if "jacobian" in lenses else None
+    loaded = live_model(ds, model, checkpoint, None, device) if "jacobian" in lenses else None
     result = lensing.lens_agreement(ds, loaded, lenses, progress=progress, **settings)
     summary = lensing.summarize(result)
     if out is not None:
