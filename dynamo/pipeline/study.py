@@ -49,8 +49,9 @@ def profile_models(models: Sequence, out: str | Path, *, images=None, **options)
     Parameters
     ----------
     models : sequence of str or dict
-        Model names (timm or zoo), or dicts with ``model`` and optionally ``checkpoint``,
-        ``pretrained`` and ``label`` (the folder name; default derived from the model name).
+        Model names (timm or zoo), or dicts with ``model`` and optionally any per-model option of
+        `dynamo.pipeline.profile.profile` (``checkpoint``, ``pretrained``, ``img_size``,
+        ``preprocess``, ``seed``) and ``label`` (the folder name; default derived from the model name).
     out : str or Path
         Parent folder of the profiles.
     images : optional
