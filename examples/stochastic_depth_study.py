@@ -131,7 +131,7 @@ def study_model(label: str, loaded: LoadedModel, out: Path, args) -> xr.Dataset:
     """
     folder = out / label
     store = folder / "trajectories.zarr"
-    dataset = dynamo.record(loaded, zoo.default_images(), store, limit=args.limit, progress=not args.quiet)
+    dataset = dynamo.record(loaded, zoo.default_images(loaded.source), store, limit=args.limit, progress=not args.quiet)
     phases = phasing.phase_analysis(dataset, "maxcut", eps=args.eps, n_bootstrap=0, progress=False)
     save_result(phases.assign_attrs(analysis="phases"), folder / "phases.zarr")
     matrix = phases["dissimilarity"]

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
 
-    train = commands.add_parser("train-zoo", help="train a zoo ViT on the bundled digits")
+    train = commands.add_parser("train-zoo", help="train a zoo ViT on the bundled digits or on Fashion-MNIST (--dataset fashion)")
     zoo_train.configure_parser(train)
     train.add_argument("--json", action="store_true")
     train.set_defaults(run=_train_zoo)
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _record(args) -> dict:
-    images = args.images or zoo.default_images()
+    images = args.images or zoo.default_images(args.model)
     device = args.device
     if device == "cuda" and args.shard == "auto" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -477,7 +477,8 @@ def _ladder(args) -> dict:
 def _source_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     """What a command that records takes: the model, its weights, the images, and how they are read and stored."""
     parser.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=model_help)
-    parser.add_argument("--images", help="image folder (class sub-folders give labels); default: the bundled held-out digits")
+    parser.add_argument("--images", help="image folder (class sub-folders give labels); default: the model's bundled held-out "
+                        "images (Fashion-MNIST for the zoo's fashion models, else the digits)")
     parser.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
     parser.add_argument("--no-pretrained", action="store_true", help="random weights, seeded with --seed (tests of mechanics only)")
     _image_arguments(parser)

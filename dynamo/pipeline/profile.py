@@ -136,7 +136,7 @@ def profile(
     store = out / "trajectories.zarr"
     record(
         loaded,
-        image_set(images if images is not None else zoo.default_images()),
+        image_set(images if images is not None else zoo.default_images(loaded.source)),
         store,
         batch_size=batch_size,
         dtype=dtype,

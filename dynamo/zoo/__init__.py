@@ -1,9 +1,10 @@
-"""dynamo's own model zoo: small timm ViTs trained on real handwritten digits, shipped in the package.
+"""dynamo's own model zoo: small timm ViTs trained on real handwritten digits and Fashion-MNIST, shipped in the package.
 
 Each model is a ``timm.models.vision_transformer.VisionTransformer`` with float16 safetensors
 weights in ``weights/`` and a JSON model card in ``cards/`` (architecture, data config, split,
 training settings, test accuracy, sha256 of the weights). ``images/`` holds the held-out test
-digits and a few public-domain photographs. See README.md in this folder for sources and licences.
+digits, 1,000 held-out Fashion-MNIST test images and a few public-domain photographs. See
+README.md in this folder for sources and licences.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "ZOO_PREFIX",
     "default_images",
+    "fashion_images",
     "list_models",
     "load_zoo_model",
     "model_card",
@@ -84,9 +86,25 @@ def load_zoo_model(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def default_images() -> Path:
-    """The held-out test digits: ``<digit>/<index in load_digits()>.png``, 8×8 grayscale."""
+def default_images(model: str | None = None) -> Path:
+    """The held-out test images of ``model``'s training data; the test digits for any other model.
+
+    The digits are ``<digit>/<index in load_digits()>.png``, 8×8 grayscale; a zoo model trained
+    on Fashion-MNIST gets `fashion_images`.
+    """
+    if model is not None and model.removeprefix(ZOO_PREFIX) in {name.removeprefix(ZOO_PREFIX) for name in list_models()}:
+        if model_card(model)["training"].get("dataset") == "fashion":
+            return fashion_images()
     return _HERE / "images" / "digits-test"
+
+
+def fashion_images() -> Path:
+    """1,000 held-out Fashion-MNIST test images, 100 per class: ``<class index>/<index>.png``, 28×28 grayscale.
+
+    ``index`` is 60,000 + the image's position in ``t10k-images-idx3-ubyte.gz``; class names
+    are ``dynamo.zoo.data.FASHION_CLASSES``.
+    """
+    return _HERE / "images" / "fashion-test"
 
 
 def natural_images() -> Path:

@@ -1,14 +1,22 @@
-"""The zoo's data: scikit-learn's handwritten digits, a fixed held-out split, and PNG images.
+"""The zoo's data: two labelled image sets, their fixed held-out splits, and PNG images.
 
-Every pixel a zoo model sees, in training and in evaluation, takes the same path: the 8×8
-digit (integers 0..16) is stored as a uint8 grayscale PNG (``round(value * 255 / 16)``),
-opened with PIL, converted to RGB and passed through the model's timm eval transform.
-Training encodes and decodes those PNGs in memory; evaluation reads the bundled folder.
+- ``"digits"``: scikit-learn's 8×8 handwritten digits (integers 0..16, stored as
+  ``round(value * 255 / 16)``), a stratified 80/20 split (`digits_split`).
+- ``"fashion"``: Fashion-MNIST, 28×28 uint8 clothes, read from the original idx files
+  (Debian's ``dataset-fashion-mnist``), the original 60,000 / 10,000 split (`fashion_split`).
+
+Every pixel a zoo model sees, in training and in evaluation, takes the same path: the uint8
+image is stored as a grayscale PNG, opened with PIL, converted to RGB and passed through the
+model's timm eval transform. Training encodes and decodes those PNGs in memory; evaluation
+reads the bundled folder.
 """
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import io
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +39,29 @@ DATA_SOURCE = {
     "images": 1797,
     "pixels": "8x8 grayscale, integers 0..16, stored as uint8 PNG round(v*255/16)",
 }
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts the files
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_SOURCE = {
+    "name": "Fashion-MNIST (Zalando Research), the original idx files",
+    "url": "https://github.com/zalandoresearch/fashion-mnist",
+    "creators": "H. Xiao, K. Rasul, R. Vollgraf (2017), arXiv:1708.07747",
+    "doi": "10.48550/arXiv.1708.07747",
+    "license": "MIT",
+    "images": 70000,
+    "pixels": "28x28 grayscale, uint8 0..255 as in the idx files, stored unchanged as uint8 PNG",
+    "classes": list(FASHION_CLASSES),
+}
+
+DATASETS = ("digits", "fashion")
+SOURCES = {"digits": DATA_SOURCE, "fashion": FASHION_SOURCE}
+BUNDLED_PER_CLASS = {"digits": None, "fashion": 100}  # test images shipped per class (None: all of them)
 
 # scikit-image photographs whose docstrings (skimage/data/_fetchers.py) state CC0 or public domain.
 NATURAL_IMAGES = {
@@ -74,15 +105,112 @@ def digits_split(seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) -
     }
 
 
-def split_record(split: dict, seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) -> dict:
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read a gzipped idx file (the MNIST format): its array, in native byte order.
+
+    The header is two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
+    0x0D float32, 0x0E float64), the number of dimensions, then each size as a big-endian
+    uint32; the data follow, big-endian, in C order.
+
+    Raises
+    ------
+    ValueError
+        The header is not an idx header, or the data are not as long as it says.
+    """
+    with gzip.open(path, "rb") as file:
+        blob = file.read()
+    codes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if len(blob) < 4 or blob[:2] != b"\0\0" or blob[2] not in codes:
+        raise ValueError(f"{path} is not an idx file (header {blob[:4].hex()})")
+    ndim, dtype = blob[3], np.dtype(codes[blob[2]])
+    shape = tuple(int(n) for n in np.frombuffer(blob, ">u4", count=ndim, offset=4))
+    offset = 4 + 4 * ndim
+    if len(blob) != offset + dtype.itemsize * math.prod(shape):
+        raise ValueError(f"{path}: header says shape {shape}, but it holds {len(blob) - offset} data bytes")
+    return np.frombuffer(blob, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def fashion_split(data_dir: str | Path | None = None) -> dict:
+    """Fashion-MNIST's original split, read from its four idx files.
+
+    Parameters
+    ----------
+    data_dir : str or Path, optional
+        Folder holding ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
+        ``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz``; default `FASHION_DIR`.
+
+    Returns
+    -------
+    dict
+        As `digits_split`: ``pixels`` uint8 (70000, 28, 28), the 60,000 training images then
+        the 10,000 test images; ``labels`` int64 (70000,); ``train`` = 0..59999 and
+        ``test`` = 60000..69999, int64 indices into both.
+
+    Raises
+    ------
+    FileNotFoundError
+        A file is missing; the message names the folder and how to get the files.
+    """
+    root = Path(data_dir) if data_dir is not None else FASHION_DIR
+    names = [name for pair in FASHION_FILES.values() for name in pair]
+    missing = [name for name in names if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}): "
+            "apt-get install dataset-fashion-mnist, or pass --data DIR holding the four *-ubyte.gz files"
+        )
+    parts = {part: [read_idx(root / name) for name in pair] for part, pair in FASHION_FILES.items()}
+    for part, (images, labels) in parts.items():
+        if images.dtype != np.uint8 or images.ndim != 3 or labels.shape != images.shape[:1]:
+            raise ValueError(f"Fashion-MNIST {part} files in {root}: images {images.shape}, labels {labels.shape}")
+    n_train, n_test = len(parts["train"][1]), len(parts["test"][1])
+    return {
+        "pixels": np.concatenate([parts["train"][0], parts["test"][0]]),
+        "labels": np.concatenate([parts["train"][1], parts["test"][1]]).astype(np.int64),
+        "train": np.arange(n_train, dtype=np.int64),
+        "test": np.arange(n_train, n_train + n_test, dtype=np.int64),
+    }
+
+
+def load_split(dataset: str = "digits", data_dir: str | Path | None = None) -> dict:
+    """The fixed split of ``dataset`` (one of `DATASETS`); ``data_dir`` is for ``"fashion"`` only."""
+    if dataset == "digits":
+        return digits_split()
+    if dataset == "fashion":
+        return fashion_split(data_dir)
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def split_record(
+    split: dict, seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION, *, dataset: str = "digits"
+) -> dict:
     """What a model card says about the split: how it was drawn and its sizes."""
+    sizes = {"n_train": int(len(split["train"])), "n_test": int(len(split["test"]))}
+    if dataset == "fashion":
+        return {"method": "the original files: train-*-ubyte.gz for training, t10k-*-ubyte.gz for testing", **sizes}
     return {
         "method": "sklearn.model_selection.train_test_split(stratify=labels)",
         "seed": seed,
         "test_fraction": test_fraction,
-        "n_train": int(len(split["train"])),
-        "n_test": int(len(split["test"])),
+        **sizes,
     }
+
+
+def bundled_test(split: dict, dataset: str = "digits") -> np.ndarray:
+    """The test images shipped in the package: sorted indices into ``split``.
+
+    All of the test split for ``"digits"``; for ``"fashion"``, `BUNDLED_PER_CLASS` per class,
+    evenly spaced through that class's test images in file order.
+    """
+    per_class = BUNDLED_PER_CLASS[dataset]
+    if per_class is None:
+        return np.sort(split["test"])
+    test, labels = np.sort(split["test"]), split["labels"]
+    chosen = []
+    for label in np.unique(labels[test]):
+        members = test[labels[test] == label]
+        chosen.append(members[np.linspace(0, len(members), min(per_class, len(members)), endpoint=False).astype(int)])
+    return np.sort(np.concatenate(chosen))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -121,7 +249,7 @@ def png_tensors(pixels: np.ndarray, transform: Callable[[Image.Image], torch.Ten
 
 
 def load_folder(root: str | Path, transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a folder of class sub-folders named by digit, as the bundled test images are.
+    """Read a folder of class sub-folders named by class index, as the bundled test images are.
 
     Returns
     -------
@@ -141,8 +269,12 @@ def load_folder(root: str | Path, transform: Callable[[Image.Image], torch.Tenso
     return torch.stack(pixels), torch.tensor(labels)
 
 
-def export_digits(root: str | Path, split: dict, indices: Sequence[int]) -> None:
-    """Write ``root/<digit>/<index>.png``: 8×8 grayscale PNGs named by their index in ``load_digits()``."""
+def export_images(root: str | Path, split: dict, indices: Sequence[int]) -> None:
+    """Write ``root/<class index>/<index>.png``: grayscale PNGs of ``split["pixels"][index]``.
+
+    ``index`` is the position in ``split``: in ``load_digits()`` for the digits, and
+    60,000 + the position in the t10k files for Fashion-MNIST test images.
+    """
     root = Path(root)
     for index in indices:
         folder = root / str(split["labels"][index])
@@ -164,8 +296,15 @@ def export_natural(root: str | Path, size: int = 64) -> None:
         square.resize((size, size), Image.Resampling.LANCZOS).save(root / f"{name}.png", optimize=True)
 
 
-if __name__ == "__main__":  # python -m dynamo.zoo.data: (re)write the bundled images
+if __name__ == "__main__":  # python -m dynamo.zoo.data [--data DIR]: (re)write the bundled images
+    parser = argparse.ArgumentParser(prog="python -m dynamo.zoo.data", description="(re)write the zoo's bundled images")
+    parser.add_argument(
+        "--data", metavar="DIR", default=str(FASHION_DIR), help="folder of the Fashion-MNIST *-ubyte.gz files"
+    )
     images = Path(__file__).parent / "images"
+    data_dir = parser.parse_args().data
     split = digits_split()
-    export_digits(images / "digits-test", split, split["test"])
+    export_images(images / "digits-test", split, bundled_test(split, "digits"))
     export_natural(images / "natural")
+    split = fashion_split(data_dir)
+    export_images(images / "fashion-test", split, bundled_test(split, "fashion"))
