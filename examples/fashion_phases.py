@@ -3,7 +3,8 @@
 The store-only half of the paper's small-scale study, with the power the digits family lacked:
 every 12-block Fashion model (uniform stochastic depth p in {0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9},
 seeds 0 and 1: 14 independently trained models), the 24-block model, the over-training series
-(one model's checkpoints on 500 training images) and, for reference, the digits models. For each:
+(one model's checkpoints on 500 training images) and, for reference, the digits models (the
+embedded default `vit-digits-reg4` among them). For each:
 
 1. record its trajectories on its bundled held-out images (1,000 Fashion-MNIST test images, or the
    360 digits; `dynamo.record`, resumed on a re-run);
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import matplotlib
@@ -89,7 +89,7 @@ def plot_family(family: list[dict], digits: list[dict], path: Path) -> None:
         for seed, marker in ((0, "o"), (1, "s")):
             rows = [row for row in family if row["seed"] == seed]
             ax.plot([row["p"] for row in rows], [row[score] for row in rows], marker, label=f"Fashion, seed {seed}")
-        ax.plot([row["p"] for row in digits], [row[score] for row in digits], "x", color="grey", label="digits (seed 0)")
+        ax.plot([row["p"] for row in digits], [row[score] for row in digits], "x", color="grey", label="digits (timm's linear p ramp; seed 0)")
         ax.set(xlabel="stochastic-depth rate p", ylabel=label)
         ax.legend(fontsize=8)
     figure.suptitle("vit-fashion-reg4 family (12 blocks): phase structure vs stochastic depth")
@@ -123,7 +123,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     names = zoo.list_models()
     fashion = [name for name in names if "vit-fashion" in name]
-    digits = [name for name in names if re.search(r"vit-digits-p[0-9.]+$", name)]
+    digits = [name for name in names if "vit-digits" in name]
     rows = model_rows(args.out, fashion + digits, progress=not args.quiet)
     family = [row for row in rows if row["dataset"] == "fashion" and row["depth"] == 12 and not row["series"]]
     series = [row for row in rows if row["series"]]
