@@ -108,7 +108,8 @@ def plot_series(series: list[dict], path: Path) -> None:
     right.plot(epochs, [row["test_accuracy"] for row in series], "s--", color="C1", label="test accuracy (%)")
     right.plot(epochs, [row["train_accuracy"] for row in series], "^:", color="C2", label="training-subset accuracy (%)")
     right.set(ylabel="accuracy (%)")
-    figure.legend(loc="lower right", fontsize=8)
+    handles = [*left.get_legend_handles_labels()[0], *right.get_legend_handles_labels()[0]]
+    left.legend(handles, [handle.get_label() for handle in handles], loc="center right", fontsize=8)
     left.set_title("vit-fashion-reg4-n500-p0.0: over-training and phase contrast")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

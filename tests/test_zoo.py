@@ -66,7 +66,8 @@ def test_card_accuracy_is_reproduced_from_the_shipped_files(name):
     assert len(labels) == card["data"].get("n_bundled_test", card["data"]["split"]["n_test"])
     expected = card.get("bundled_test_accuracy", card["test_accuracy"])  # on the shipped images
     assert abs(accuracy - expected) <= 0.5, (accuracy, expected)
-    assert accuracy >= card["chance_accuracy"] + 50
+    if not card.get("checkpoint"):  # a finished model, not an early checkpoint of the over-training series
+        assert accuracy >= card["chance_accuracy"] + 30
 
 
 @pytest.mark.parametrize("name", zoo.list_models())
