@@ -369,7 +369,8 @@ def test_from_card_takes_the_shipped_settings():
 
 
 @pytest.mark.slow
-def test_retraining_the_default_model_reproduces_its_accuracy():
-    card = zoo.model_card(zoo.DEFAULT_MODEL)
+@pytest.mark.parametrize("name", [zoo.DEFAULT_MODEL, pytest.param("dynamo-zoo/vit-fashion-reg4-p0.2", marks=needs_fashion)])
+def test_retraining_a_shipped_model_reproduces_its_accuracy(name):
+    card = zoo.model_card(name)
     _, retrained = train.train_model(train.config_from_card(card), name=card["name"], progress=False)
     assert abs(retrained["test_accuracy"] - card["test_accuracy"]) <= 1.0
