@@ -50,11 +50,10 @@ from tqdm.auto import tqdm
 from dynamo.heads import LinearHead
 from dynamo.metrics import r2_from_sums, r2_sums
 from dynamo.models import LoadedModel
-from dynamo.partition import Partition, resolve_partition
-from dynamo.raptor.data import split_images
+from dynamo.partition import Partition
 from dynamo.raptor.evaluate import evaluate
-from dynamo.raptor.fit import RaptorFitter, _check_store, _open
-from dynamo.raptor.io import check_teacher, resolve_teacher, teacher_identity, write_tensors_and_json
+from dynamo.raptor.fit import RaptorFitter, held_out_positions, open_store, start_fit
+from dynamo.raptor.io import check_teacher, resolve_teacher, write_tensors_and_json
 from dynamo.recurrence import PhaseRecurrence
 from dynamo.stepping import BlockStepper
 
@@ -71,7 +70,6 @@ __all__ = [
     "TeacherBlockFitter",
     "TeacherBlockSurrogate",
     "TransitionMoments",
-    "held_out_positions",
     "load_surrogate",
     "per_layer",
     "phase_scores",
@@ -338,14 +336,7 @@ class SurrogateFitter(BaseEstimator):
         -------
         self, fitted.
         """
-        ds = _open(ds)
-        num_layers = _check_store(ds)
-        teacher = resolve_teacher(ds.attrs, teacher)
-        self.store_ = ds.encoding.get("source")
-        self.teacher_identity_ = teacher_identity(teacher)
-        self.images_sha256_ = ds.attrs.get("identity", {}).get("images_sha256")
-        self.partition_ = resolve_partition(self.partition, self.k, num_layers)
-        self.training_images_, self.validation_images_ = split_images(ds["image"].values, self.validation_fraction, self.seed)
+        ds, teacher, _ = start_fit(self, ds, teacher, self.seed)
         teacher.module.to(self.device)
         self.model_ = self._fit(ds, BlockStepper(teacher, head), **data).to(self.device)
         return self
@@ -367,8 +358,7 @@ class SurrogateFitter(BaseEstimator):
         """`dynamo.raptor.evaluate.evaluate` of the fitted surrogate, on the held-out images by default
         (as `RaptorFitter.evaluate`); attrs ``surrogate`` (the rung) and ``images`` added."""
         check_is_fitted(self, "model_", msg=NOT_FITTED)
-        ds = _open(ds)
-        _check_store(ds)
+        ds, _ = open_store(ds)
         check_teacher(ds.attrs, self.teacher_identity_)
         positions, which = held_out_positions(self, ds, images)
         report = evaluate(self.model_, ds, positions, reference=reference, probe=probe)
@@ -391,17 +381,6 @@ class SurrogateFitter(BaseEstimator):
         folder = Path(folder)
         write_tensors_and_json(folder / "weights.safetensors", folder / "config.json", tensors, config)
         return folder
-
-
-def held_out_positions(fitter, ds: xr.Dataset, images=None) -> tuple[np.ndarray | None, str]:
-    """Positions a fitter is evaluated on by default: its held-out images when ``ds`` holds the
-    images it was fitted on, else all; ``images`` when given. Returns (positions or None, which)."""
-    if images is not None:
-        return np.asarray(images), "given"
-    images_sha256 = ds.attrs.get("identity", {}).get("images_sha256")
-    if images_sha256 is not None and images_sha256 == fitter.images_sha256_ and fitter.validation_images_.size:
-        return np.flatnonzero(np.isin(ds["image"].values, fitter.validation_images_)), "held-out images of the fit store"
-    return None, "all images"
 
 
 class IdentityFitter(SurrogateFitter):

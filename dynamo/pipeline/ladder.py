@@ -37,7 +37,8 @@ from dynamo.raptor.block import teacher_mlp
 from dynamo.raptor.io import resolve_teacher
 from dynamo.store import check_output, jsonable, open_trajectories, save_result
 from dynamo.raptor.data import split_images
-from dynamo.surrogates import SURROGATES, LinearFitter, held_out_positions, per_layer, transition_moments
+from dynamo.raptor.fit import held_out_positions
+from dynamo.surrogates import SURROGATES, LinearFitter, per_layer, transition_moments
 from figures.ladder import plot_ladder, plot_ladder_layers, plot_loop_count
 from figures.output import save_figures
 from figures.raptor import plot_r2_per_layer

@@ -218,16 +218,8 @@ class RaptorFitter(BaseEstimator):
         RaptorFitter
             self, fitted.
         """
-        ds = _open(ds)
-        num_layers = _check_store(ds)
-        teacher = resolve_teacher(ds.attrs, teacher)
-        self.store_ = ds.encoding.get("source")
-        self.teacher_identity_ = teacher_identity(teacher)
-        self.images_sha256_ = ds.attrs.get("identity", {}).get("images_sha256")
-        self.partition_ = resolve_partition(self.partition, self.k, num_layers)
+        ds, teacher, num_layers = start_fit(self, ds, teacher, self.split_seed_)
         self.block_config_ = self._block_config(teacher.module)
-        self.training_images_, self.validation_images_ = split_images(ds["image"].values, self.validation_fraction,
-                                                                      self.split_seed_)
         self.groups_ = {kind: torch.from_numpy(index).to(self.device) for kind, index in token_groups(ds["token_kind"]).items()}
         teacher.module.to(self.device)
         self.model_ = Raptor(self.partition_.thresholds, num_layers, self.block_config_, teacher=BlockStepper(teacher, head))
@@ -342,25 +334,16 @@ class RaptorFitter(BaseEstimator):
             (which images were used).
         """
         check_is_fitted(self, "model_", msg=NOT_FITTED)
-        ds = _open(ds)
-        _check_store(ds)
+        ds, _ = open_store(ds)
         if self.model_.teacher is None:
             raise ValueError("no teacher attached: load with RaptorFitter.load(folder, teacher=...)")
         check_teacher(ds.attrs, self.teacher_identity_)
-        positions, which = self._evaluation_images(ds, images)
+        positions, which = held_out_positions(self, ds, images)
         return evaluate(self.model_, ds, positions, reference=reference, probe=probe).assign_attrs(images=which)
 
     def score(self, ds: xr.Dataset | str | Path, images=None) -> float:
         """Final-layer R² (all tokens, teacher variance) of the rollout from layer 0; see `evaluate`."""
         return float(self.evaluate(ds, images, probe=False).attrs["r2_final"])
-
-    def _evaluation_images(self, ds: xr.Dataset, images):
-        if images is not None:
-            return images, "given"
-        images_sha256 = ds.attrs.get("identity", {}).get("images_sha256")
-        if images_sha256 is not None and images_sha256 == self.images_sha256_ and self.validation_images_.size:
-            return np.flatnonzero(np.isin(ds["image"].values, self.validation_images_)), "held-out images of the fit store"
-        return None, "all images"
 
     # ---- persistence --------------------------------------------------------------------
 
@@ -389,12 +372,45 @@ class RaptorFitter(BaseEstimator):
         return load_fitter(cls, folder, teacher, device, head)
 
 
-def _open(ds: xr.Dataset | str | Path) -> xr.Dataset:
-    return ds if isinstance(ds, xr.Dataset) else open_trajectories(ds)
+def start_fit(estimator, ds: xr.Dataset | str | Path, teacher: LoadedModel | None, split_seed: int):
+    """What every surrogate fitter (`RaptorFitter`, `dynamo.surrogates`) learns first from its store.
+
+    Opens and checks the store (`open_store`), resolves and checks the teacher, and sets on
+    ``estimator`` ``store_``, ``teacher_identity_``, ``images_sha256_``, ``partition_`` (from its
+    ``partition`` and ``k``) and the split of its ``validation_fraction`` drawn with ``split_seed``
+    (``training_images_``, ``validation_images_``).
+
+    Returns
+    -------
+    (xarray.Dataset, LoadedModel, int)
+        The dataset, the teacher and L.
+    """
+    ds, num_layers = open_store(ds)
+    teacher = resolve_teacher(ds.attrs, teacher)
+    estimator.store_ = ds.encoding.get("source")
+    estimator.teacher_identity_ = teacher_identity(teacher)
+    estimator.images_sha256_ = ds.attrs.get("identity", {}).get("images_sha256")
+    estimator.partition_ = resolve_partition(estimator.partition, estimator.k, num_layers)
+    estimator.training_images_, estimator.validation_images_ = split_images(
+        ds["image"].values, estimator.validation_fraction, split_seed)
+    return ds, teacher, num_layers
 
 
-def _check_store(ds: xr.Dataset) -> int:
-    """L, after checking the dataset holds every layer 0..L and every token of the model."""
+def held_out_positions(estimator, ds: xr.Dataset, images=None) -> tuple[np.ndarray | None, str]:
+    """Positions a fitted surrogate is evaluated on by default: its held-out images when ``ds``
+    holds the images it was fitted on, else all; ``images`` when given. Returns (positions or None, which)."""
+    if images is not None:
+        return np.asarray(images), "given"
+    images_sha256 = ds.attrs.get("identity", {}).get("images_sha256")
+    if images_sha256 is not None and images_sha256 == estimator.images_sha256_ and estimator.validation_images_.size:
+        return np.flatnonzero(np.isin(ds["image"].values, estimator.validation_images_)), "held-out images of the fit store"
+    return None, "all images"
+
+
+def open_store(ds: xr.Dataset | str | Path) -> tuple[xr.Dataset, int]:
+    """The dataset (opened if given as a path) and L, after checking it holds every layer 0..L
+    and every token of the model, as a surrogate's rollout needs."""
+    ds = ds if isinstance(ds, xr.Dataset) else open_trajectories(ds)
     where, attrs = ds.encoding.get("source", "the trajectory dataset"), ds.attrs
     num_layers = int(attrs["num_blocks"])
     layers = ds["layer"].values.tolist()
@@ -408,4 +424,4 @@ def _check_store(ds: xr.Dataset) -> int:
         )
     if ds.sizes["image"] == 0:
         raise ValueError(f"{where} has no recorded images")
-    return num_layers
+    return ds, num_layers

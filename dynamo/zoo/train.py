@@ -418,8 +418,7 @@ def train_model(
         bar.close()
         wall = time.perf_counter() - started - paused
 
-        model.eval()
-        model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+        model = float16_copy(model)
         card = card_of(model, config.epochs, wall)
     return model, card
 
