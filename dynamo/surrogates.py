@@ -680,9 +680,7 @@ def load_surrogate(folder, teacher: LoadedModel | None = None, device: str | Non
     if config.get("format") != FORMAT:
         return RaptorFitter.load(folder, teacher=teacher, device=device, head=head)
     fitter = SURROGATES[config["surrogate"]](**{**config["params"], **({"device": device} if device else {})})
-    teacher = resolve_teacher({"weights_sha256": config["teacher"]["weights_sha256"], "model": config["teacher"]["model"],
-                               "checkpoint": config["teacher"]["checkpoint"], "pretrained": config["teacher"]["pretrained"]},
-                              teacher)
+    teacher = resolve_teacher(config["teacher"], teacher)  # everything that rebuilds it (`dynamo.models.rebuild_attrs`)
     teacher.module.to(fitter.device)
     stepper = BlockStepper(teacher, head)
     fitter.partition_ = Partition(config["partition"])
