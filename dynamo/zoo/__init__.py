@@ -92,9 +92,9 @@ def default_images(model: str | None = None) -> Path:
     The digits are ``<digit>/<index in load_digits()>.png``, 8×8 grayscale; a zoo model trained
     on Fashion-MNIST gets `fashion_images`.
     """
-    if model is not None and model.removeprefix(ZOO_PREFIX) in {name.removeprefix(ZOO_PREFIX) for name in list_models()}:
-        if model_card(model)["training"].get("dataset") == "fashion":
-            return fashion_images()
+    shipped = model is not None and ZOO_PREFIX + model.removeprefix(ZOO_PREFIX) in list_models()
+    if shipped and model_card(model)["training"].get("dataset") == "fashion":
+        return fashion_images()
     return _HERE / "images" / "digits-test"
 
 
