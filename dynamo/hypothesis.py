@@ -8,7 +8,7 @@ k-block surrogate with each phase's block repeated fewer or more times than the 
 that tolerates more or fewer steps?).
 
 Both take any surrogate with the interface of `dynamo.raptor.Raptor` (``run``, ``step(x, layer,
-block)``, ``thresholds``, ``num_layers``, ``head``, ``predict``, ``teacher``): a Raptor or a rung
+block)``, ``partition``, ``num_layers``, ``head``, ``predict``, ``teacher``): a Raptor or a rung
 of `dynamo.surrogates`.
 """
 
@@ -82,7 +82,7 @@ def epsilon(model, ds: xr.Dataset, images=None, batch_size: int = 64, n_bootstra
         result[f"epsilon_{name}"] = float(values.mean())
         low, high = _interval(values, n_bootstrap, confidence, seed)
         result[f"epsilon_{name}_low"], result[f"epsilon_{name}_high"] = low, high
-    return assign_phases(result, _partition(model))
+    return assign_phases(result, model.partition)
 
 
 def _interval(values: np.ndarray, n_bootstrap: int, confidence: float, seed: int) -> tuple[float, float]:
@@ -125,7 +125,7 @@ def loop_count(model, ds: xr.Dataset, scales=(0.5, 0.75, 1.0, 1.5, 2.0), images=
     Parameters
     ----------
     model
-        A surrogate with ``step(x, layer, block)``, ``thresholds``, ``num_layers``
+        A surrogate with ``step(x, layer, block)``, ``partition``, ``num_layers``
         and, for the accuracies, a teacher with a head (`PhaseSurrogate`, `Raptor`).
     ds : xarray.Dataset
     scales : sequence of float
@@ -142,7 +142,7 @@ def loop_count(model, ds: xr.Dataset, scales=(0.5, 0.75, 1.0, 1.5, 2.0), images=
         ``accuracy_teacher``, ``accuracy_against``, or ``accuracy_note`` without a head.
     """
     positions = np.arange(ds.sizes["image"]) if images is None else np.asarray(images)
-    partition = _partition(model)
+    partition = model.partition
     schedules = [loop_schedule(partition, scale) for scale in scales]
     device = surrogate_device(model)
     head = getattr(model, "head", None)
@@ -191,7 +191,3 @@ def loop_count(model, ds: xr.Dataset, scales=(0.5, 0.75, 1.0, 1.5, 2.0), images=
     return result.assign_attrs(accuracy_teacher=accuracy_teacher,
                                accuracy_against="teacher predictions" if labels is None else "labels")
 
-
-def _partition(model) -> Partition:
-    """A surrogate's contiguous phases, from its router thresholds."""
-    return Partition.from_thresholds(model.thresholds, model.num_layers)

@@ -50,8 +50,8 @@ class Partition(list):
     # ---- construction ------------------------------------------------------------------------
 
     @classmethod
-    def parse(cls, value, num_blocks: int) -> Partition:
-        """A contiguous partition of blocks 1..L from any of the forms users write.
+    def parse(cls, value, num_blocks: int, contiguous: bool = True) -> Partition:
+        """A partition of blocks 1..L from any of the forms users write.
 
         Parameters
         ----------
@@ -60,22 +60,28 @@ class Partition(list):
             thresholds ``"7"`` / ``[7]`` (phase i ends at threshold i; the last runs to L).
         num_blocks : int
             L, the number of blocks of the model.
+        contiguous : bool
+            Whether the phases must be contiguous runs in order (every surrogate but Raptor,
+            and the CLI); False accepts any phases that hold every block once (``"1,3;2,4"``
+            is not a form: give lists, e.g. a `random_shuffled` partition).
 
         Raises
         ------
         ValueError
-            If the phases are not contiguous runs covering 1..L in order.
+            If the phases are not contiguous runs covering 1..L in order (with ``contiguous``), or
+            do not hold every block 1..L exactly once.
         """
         if isinstance(value, str):
             value = _read_text(value)
         value = list(value)
-        if value and all(isinstance(v, (int, np.integer)) for v in value):
+        if all(isinstance(v, (int, np.integer)) for v in value):  # thresholds; [] is one phase
             return cls.from_thresholds(value, num_blocks)
         phases = [[int(block) for block in phase] for phase in value]
-        if [block for phase in phases for block in phase] != list(range(1, num_blocks + 1)) or not all(phases):
+        blocks = [block for phase in phases for block in phase]
+        if (blocks if contiguous else sorted(blocks)) != list(range(1, num_blocks + 1)) or not all(phases):
             raise ValueError(
-                f"partition {phases} must split blocks 1..{num_blocks} into non-empty contiguous "
-                "phases in order, e.g. '1-7,8-12'"
+                f"partition {phases} must split blocks 1..{num_blocks} into non-empty contiguous phases in order, e.g. "
+                "'1-7,8-12'" if contiguous else f"partition {phases} must hold every block 1..{num_blocks} once"
             )
         return cls(phases)
 
@@ -99,6 +105,17 @@ class Partition(list):
         _check_k(num_blocks, k)
         cuts = np.sort(np.random.default_rng(seed).choice(np.arange(1, num_blocks), size=k - 1, replace=False))
         return cls(np.split(np.arange(1, num_blocks + 1), cuts))
+
+    @classmethod
+    def random_shuffled(cls, num_blocks: int, k: int, seed: int) -> Partition:
+        """Blocks 1..L in a random order, cut into k phases at k - 1 random points: phases of random
+        blocks, as a rule not contiguous in depth (the paper's "random shuffled" partitions; how it
+        drew them was not recoverable: this draws the phase sizes as `random_contiguous` does, then
+        the blocks of each phase at random)."""
+        _check_k(num_blocks, k)
+        rng = np.random.default_rng(seed)
+        cuts = np.sort(rng.choice(np.arange(1, num_blocks), size=k - 1, replace=False))
+        return cls(np.split(rng.permutation(np.arange(1, num_blocks + 1)), cuts))
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -202,7 +219,8 @@ def _span(phase: Sequence[int]) -> str:
 
 
 def resolve_partition(partition, k: int | None, num_layers: int) -> Partition:
-    """A fitter's contiguous partition: ``partition`` parsed (any `Partition.parse` form), or k uniform phases (2 without k).
+    """A fitter's partition: ``partition`` parsed (any `Partition.parse` form; phases need not be
+    contiguous, a surrogate that needs them says so), or k uniform phases (2 without k).
 
     Raises
     ------
@@ -211,7 +229,7 @@ def resolve_partition(partition, k: int | None, num_layers: int) -> Partition:
     """
     if partition is None:
         return Partition.uniform(num_layers, 2 if k is None else k)
-    partition = Partition.parse(partition, num_layers)
+    partition = Partition.parse(partition, num_layers, contiguous=False)
     if k is not None and k != len(partition):
         raise ValueError(f"k={k} but the partition {partition} has {len(partition)} phases; give one or the other")
     return partition

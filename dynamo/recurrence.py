@@ -1,22 +1,23 @@
 """k maps routed over the L layers of a ViT, with the teacher's embedding and head: what every surrogate shares.
 
-A router sends each target layer t (1..L) to one of k maps: map i (0-based) for the first i with
-t <= thresholds[i], the last map beyond every threshold (the paper's ``Raptor(blocks,
-thresholds)``; k - 1 thresholds, as `dynamo.partition.Partition.thresholds` gives). A surrogate
-runs between any two layers of the trajectory store's numbering (layer 0 = input to the first
-block) and, with a teacher attached, as a whole model: the teacher's embedding, the k maps applied
-L times, the teacher's final norm and head. `run` and `head` have the signatures of
-`dynamo.stepping.BlockStepper`, so code that pushes states through a ViT takes a surrogate unchanged.
+A router sends each target layer t (1..L) to the map of the phase that holds block t: for
+contiguous phases, map i (0-based) for the first i with t <= thresholds[i], the last map beyond
+every threshold (the paper's ``Raptor(blocks, thresholds)``; k - 1 thresholds, as
+`dynamo.partition.Partition.thresholds` gives); any partition of blocks 1..L routes the same way
+(the paper's random shuffled partitions). A surrogate runs between any two layers of the
+trajectory store's numbering (layer 0 = input to the first block) and, with a teacher attached, as
+a whole model: the teacher's embedding, the k maps applied L times, the teacher's final norm and
+head. `run` and `head` have the signatures of `dynamo.stepping.BlockStepper`, so code that pushes
+states through a ViT takes a surrogate unchanged.
 """
 
 from __future__ import annotations
-
-import bisect
 
 import torch
 from torch import nn
 
 from dynamo.heads import NO_HEAD, NoHeadError
+from dynamo.partition import Partition
 from dynamo.stepping import BlockStepper
 
 __all__ = ["PhaseRecurrence"]
@@ -27,8 +28,10 @@ class PhaseRecurrence(nn.Module):
 
     Parameters
     ----------
-    thresholds : list of int
-        k - 1 increasing layer indices in 1..L - 1 (empty for k = 1).
+    partition : Partition, or list of int
+        The phases, a `Partition` of blocks 1..L (contiguous or not; map i serves phase i), or
+        the k - 1 increasing router thresholds in 1..L - 1 of contiguous phases (empty for k = 1)
+        or any other form `Partition.parse` reads.
     num_layers : int
         L, the teacher's number of blocks; `run` covers layers 0..L.
     teacher : BlockStepper, optional
@@ -38,19 +41,25 @@ class PhaseRecurrence(nn.Module):
 
     name = "surrogate"
 
-    def __init__(self, thresholds: list[int], num_layers: int, teacher: BlockStepper | None = None):
+    def __init__(self, partition, num_layers: int, teacher: BlockStepper | None = None):
         super().__init__()
-        thresholds = [int(t) for t in thresholds]
-        if any(b <= a for a, b in zip(thresholds, thresholds[1:])) or any(not 1 <= t < num_layers for t in thresholds):
-            raise ValueError(f"thresholds must be increasing layer indices in 1..{num_layers - 1}, got {thresholds}")
-        self.thresholds = thresholds
+        partition = partition if isinstance(partition, Partition) else Partition.parse(partition, num_layers)
+        if partition.blocks.tolist() != list(range(1, num_layers + 1)):
+            raise ValueError(f"the phases {partition} must hold every block 1..{num_layers} once")
+        self.partition = partition
         self.num_layers = int(num_layers)
         self.teacher = teacher
+        self._route = partition.phase_of(range(1, num_layers + 1)).tolist()
+
+    @property
+    def thresholds(self) -> list[int]:
+        """The router thresholds of contiguous phases (`Partition.thresholds`; raises for others)."""
+        return self.partition.thresholds
 
     @property
     def k(self) -> int:
         """Number of maps (phases)."""
-        return len(self.thresholds) + 1
+        return len(self.partition)
 
     @property
     def num_blocks(self) -> int:
@@ -61,7 +70,7 @@ class PhaseRecurrence(nn.Module):
         """0-based index of the map that produces target ``layer`` (1..L)."""
         if not 1 <= layer <= self.num_layers:
             raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}")
-        return bisect.bisect_left(self.thresholds, layer)
+        return self._route[layer - 1]
 
     def apply(self, x: torch.Tensor, index: int, layer: float) -> torch.Tensor:
         """Map ``index`` (0-based) applied once to (B, T, D) states, producing depth ``layer``."""

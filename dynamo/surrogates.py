@@ -17,7 +17,7 @@ Raptor's) by one map applied once per layer of the phase:
 
 Every surrogate model (`PhaseSurrogate` and `dynamo.raptor.Raptor`) has the same interface:
 ``run(x, start, stop)``, ``step(x, layer, block)``, ``head``, ``predict``, ``embed``,
-``forward``, ``k``, ``thresholds``, ``num_layers``, ``teacher``, so `dynamo.raptor.evaluate`
+``forward``, ``k``, ``partition``, ``num_layers``, ``teacher``, so `dynamo.raptor.evaluate`
 scores any of them and the live-model analyses push states through any of them. Every fitter
 has `RaptorFitter`'s: ``fit(ds, teacher=None, head=None)``, ``evaluate``, ``score``,
 ``transform``, ``save``; ``model_``, ``partition_``, and the same held-out images
@@ -106,9 +106,7 @@ class PhaseSurrogate(PhaseRecurrence):
     """
 
     def __init__(self, partition: Partition, num_layers: int, teacher: BlockStepper | None = None):
-        partition = Partition.parse(partition, num_layers)
-        super().__init__(partition.thresholds, num_layers, teacher)
-        self.partition = partition
+        super().__init__(Partition.parse(partition, num_layers), num_layers, teacher)
 
 
 class IdentitySurrogate(PhaseSurrogate):

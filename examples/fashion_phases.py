@@ -15,8 +15,8 @@ embedded default `vit-digits-reg4` among them). For each:
    for the series, the same scores against the training epoch.
 
 Writes ``OUT/phases.json`` (one row per model, the correlations) and ``OUT/phases_vs_p.png``,
-``OUT/overtraining.png``. Raptor is not fitted here (see the README: the powered Raptor half of the
-study did not fit the session's CPU budget).
+``OUT/overtraining.png``. Raptor is fitted on the same family by ``examples/stochastic_depth_study.py
+--family fashion``.
 
 Usage::
 
@@ -34,10 +34,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
 
 import dynamo  # noqa: E402
 from analyses import phases as phasing  # noqa: E402
+from analyses.correlation import spearman  # noqa: E402
 from dynamo import zoo  # noqa: E402
 from dynamo.partition import Partition  # noqa: E402
 
@@ -71,15 +71,6 @@ def model_rows(out: Path, names: list[str], progress: bool) -> list[dict]:
         print(f"{name}: {rows[-1]['partition']} contrast {rows[-1]['contrast']:.4f} "
               f"support {rows[-1]['consensus_support']:.2f} acc {rows[-1]['test_accuracy']}", flush=True)
     return rows
-
-
-def correlation(x: np.ndarray, y: np.ndarray, n_bootstrap: int = 2000, seed: int = 0) -> dict:
-    """Spearman's ρ with a 95% percentile interval from resampling models, and its p-value."""
-    rho, p_value = spearmanr(x, y)
-    rng = np.random.default_rng(seed)
-    draws = [spearmanr(x[i], y[i])[0] for i in (rng.integers(0, len(x), len(x)) for _ in range(n_bootstrap))]
-    low, high = np.nanpercentile(draws, [2.5, 97.5])
-    return {"rho": float(rho), "p_value": float(p_value), "low": float(low), "high": float(high), "n": int(len(x))}
 
 
 def plot_family(family: list[dict], digits: list[dict], path: Path) -> None:
@@ -132,9 +123,9 @@ def main() -> None:
     result = {
         "rows": rows,
         "family_n": len(family),
-        "p_vs_contrast": correlation(p, np.array([row["contrast"] for row in family])),
-        "p_vs_consensus_support": correlation(p, np.array([row["consensus_support"] for row in family])),
-        "accuracy_vs_contrast": correlation(np.array([row["test_accuracy"] for row in family]),
+        "p_vs_contrast": spearman(p, np.array([row["contrast"] for row in family])),
+        "p_vs_consensus_support": spearman(p, np.array([row["consensus_support"] for row in family])),
+        "accuracy_vs_contrast": spearman(np.array([row["test_accuracy"] for row in family]),
                                             np.array([row["contrast"] for row in family])),
     }
     (args.out / "phases.json").write_text(json.dumps(result, indent=2) + "\n")

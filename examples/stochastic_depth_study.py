@@ -1,32 +1,42 @@
-"""Stochastic depth, phase structure and Raptor: the paper's small-scale study, on dynamo's zoo.
+"""Stochastic depth, over-training, phase structure and Raptor: the paper's small-scale study, on dynamo's zoo.
 
 The paper's small-scale section claims that training and stochastic depth promote block-recurrent
-structure, and that phase-structure metrics predict how well Raptor fits. This script reruns
-that experiment offline on the zoo's stochastic-depth family (``dynamo-zoo/vit-digits-p0.0`` ...
-``-p0.5``: same architecture and recipe, drop-path rate 0 to 0.5) plus an untrained model of the
-same architecture (seeded random init), on the 360 bundled held-out digits:
+structure, that over-training degrades it, that phase-structure scores predict how well Raptor
+fits, and that Raptor on max-cut phases beats Raptor on random contiguous and random shuffled
+partitions (its Fig. 3). This script reruns that experiment offline on a zoo family:
 
-1. record each model's trajectories (`dynamo.record`; an interrupted recording resumes);
-2. the layer dissimilarity, its max-cut phases and their scores (`analyses.phases.phase_analysis`),
-   and for each k the partition Raptor is fitted on: the max-cut with k phases, or the exact
-   contiguous split into k phases (`analyses.phases.contiguous_partition`) where the max-cut is
-   not k contiguous phases, and its scores (`analyses.phases.phase_scores`);
-3. Raptor with k = 1 and each k (`dynamo.raptor.RaptorFitter`, checkpointed and saved, so a
-   re-run reuses them), and the same recipe on the uniform and random contiguous partitions
-   (`dynamo.raptor.partition_baselines`, cached per model and k); R² per layer (cls and patch
-   tokens) and accuracy ratio on each fit's held-out images;
-4. one xarray Dataset with a ``model`` dimension (``OUT/study.zarr``, variables as `study_model`),
-   the numbers and Spearman rank correlations of each phase-structure score with Raptor's
-   final-layer R² (``OUT/study.json``),
-   and the paper's figure kinds (``OUT/*.png``, drawn by `figures.study`).
+- ``--family fashion`` (the powered study): the 14 Fashion-MNIST models (uniform stochastic depth
+  p in {0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9}, seeds 0 and 1), the over-training series (checkpoints of
+  one model trained 100 epochs on 500 images) and a seeded untrained model of the same
+  architecture, each on its 1,000 bundled held-out test images;
+- ``--family digits`` (the smaller study): ``vit-digits-p0.0`` ... ``-p0.5`` and an untrained
+  model, on the 360 bundled digits.
+
+Per model:
+
+1. record its trajectories (`dynamo.record`; an interrupted recording resumes);
+2. the layer dissimilarity, its max-cut phases at ``--eps`` and their scores
+   (`analyses.phases.phase_analysis`), and for each k the partition Raptor is fitted on: the
+   max-cut with k phases, or the exact contiguous split into k phases
+   (`analyses.phases.contiguous_partition`) where the max-cut is not k contiguous phases;
+3. Raptor (`dynamo.raptor.RaptorFitter`) with k = 1 and each k on that partition, on the uniform
+   partition, and, for the models of ``--partition-test`` (default all), on ``--random-seeds``
+   random contiguous and ``--shuffled-seeds`` random shuffled partitions (`Partition.random_contiguous`,
+   `Partition.random_shuffled`). Every fit follows one recipe with an early-stopping rule
+   (`dynamo.raptor.train.stopping_rule`, stated in ``study.json``), is saved, and is reused on a
+   re-run with the same settings; stage-1 blocks are shared between fits of the same layer range;
+4. one xarray Dataset with a ``model`` dimension (``OUT/study.zarr``), the numbers, Spearman
+   correlations over models with bootstrap intervals, and a verdict on each of the paper's claims
+   (``OUT/study.json``, `claims`), and one figure per claim (``OUT/*.png``, `figures.study`).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python examples/stochastic_depth_study.py --out sd-study      # full study
-    python examples/stochastic_depth_study.py --out /tmp/sd-fast --fast             # smoke run
+    python examples/stochastic_depth_study.py --family fashion --out fashion-study      # the powered study
+    python examples/stochastic_depth_study.py --family digits --out sd-study           # the digits study
+    python examples/stochastic_depth_study.py --out /tmp/sd-fast --fast                 # smoke run, seconds
 
-A full default run (6 models, k = 2 and 3, 100 steps per stage, 2 random partitions, 2 parallel
-processes of one thread each) is sized for 2 CPU cores; every stage is reused on a re-run with the same settings.
+Runs ``--jobs`` models at once in processes of ``--threads`` torch threads each (1 thread per
+process is fastest for these 64-wide models).
 """
 
 from __future__ import annotations
@@ -42,24 +52,31 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from scipy.stats import spearmanr
 
 import dynamo
 from analyses import phases as phasing
+from analyses.correlation import spearman, verdict
 from dynamo import zoo
 from dynamo.layout import token_layout
 from dynamo.models import LoadedModel, data_config, weights_sha256
 from dynamo.partition import Partition, from_result
-from dynamo.raptor import RaptorFitter, partition_baselines
+from dynamo.raptor import RaptorFitter, baseline_partitions, partition_baselines
+from dynamo.raptor.train import stopping_rule
 from dynamo.store import save_result
 from dynamo.zoo.train import build_model
 
-DROP_RATES = (0.0, 0.1, 0.2, 0.3, 0.5)
 RANDOM_INIT = "random-init"
+SERIES_EPOCHS = (5, 10, 20, 40)  # checkpoints of the over-training series studied, beside its final model
+FAMILIES = {
+    "digits": [f"vit-digits-p{rate}" for rate in (0.0, 0.1, 0.2, 0.3, 0.5)] + [RANDOM_INIT],
+    "fashion": [f"vit-fashion-reg4-p{rate}{seed}" for rate in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9) for seed in ("", "-s1")]
+    + [f"vit-fashion-reg4-n500-p0.0-e{epoch}" for epoch in SERIES_EPOCHS] + ["vit-fashion-reg4-n500-p0.0", RANDOM_INIT],
+}
 SCORES = ("contrast", "cut_fraction", "normalized_cut", "silhouette", "mean_dissimilarity")
+RAPTOR_NUMBERS = ("r2_final", "accuracy_ratio", "accuracy_teacher", "accuracy_surrogate", "agreement")
 
 
-def random_init_model(like: str = "dynamo-zoo/vit-digits-p0.0", seed: int = 0) -> LoadedModel:
+def random_init_model(like: str, seed: int = 0) -> LoadedModel:
     """An untrained model with the architecture and preprocessing of zoo model ``like`` (seeded init)."""
     card = zoo.model_card(like)
     torch.manual_seed(seed)
@@ -69,17 +86,30 @@ def random_init_model(like: str = "dynamo-zoo/vit-digits-p0.0", seed: int = 0) -
                        data_config=data_config(module), layout=token_layout(module))
 
 
-def study_models(names: list[str], seed: int) -> dict[str, tuple[float, LoadedModel]]:
-    """Label -> (drop rate, or NaN for the untrained model; loaded model)."""
-    models = {}
-    for name in names:
-        if name == RANDOM_INIT:
-            models[name] = (float("nan"), random_init_model(seed=seed))
-        else:
-            zoo_name = f"{zoo.ZOO_PREFIX}vit-digits-p{float(name.removeprefix('p')):.1f}"
-            drop_rate = float(zoo.model_card(zoo_name)["architecture"]["kwargs"]["drop_path_rate"])
-            models[name] = (drop_rate, dynamo.load_model(zoo_name))
-    return models
+def model_facts(label: str, like: str) -> dict:
+    """What the study knows of a model before running it: its role and its card's numbers.
+
+    ``role`` is ``"family"`` (a stochastic-depth model), ``"series"`` (a checkpoint or the final
+    model of the over-training series: trained on at most 1,000 images) or ``"untrained"``;
+    ``drop_rate``, ``seed`` and ``epoch`` are NaN for the untrained model.
+    """
+    if label == RANDOM_INIT:
+        return {"role": "untrained", "drop_rate": np.nan, "seed": np.nan, "epoch": 0.0, "train_accuracy": np.nan, "images": zoo.default_images(like)}
+    card = zoo.model_card(label)
+    training = card["training"]
+    series = bool(card.get("checkpoint")) or (training.get("train_limit") or 10**9) <= 1000
+    return {
+        "role": "series" if series else "family",
+        "drop_rate": float(training["drop_path_rate"]),
+        "seed": float(training["seed"]),
+        "epoch": float((card.get("checkpoint") or {}).get("epoch", training["epochs"])),
+        "train_accuracy": float(card.get("train_accuracy") or np.nan),
+        "images": zoo.default_images(label),
+    }
+
+
+def load(label: str, like: str, seed: int) -> LoadedModel:
+    return random_init_model(like, seed) if label == RANDOM_INIT else dynamo.load_model(zoo.ZOO_PREFIX + label)
 
 
 def raptor_partition(dissimilarity: xr.DataArray, k: int) -> tuple[Partition, str]:
@@ -102,19 +132,7 @@ def fitted(store: Path, folder: Path, teacher: LoadedModel, partition: Partition
     return fitter
 
 
-def baselines(store: Path, path: Path, fitter: RaptorFitter, teacher, reuse, random_seeds: int, key: dict) -> xr.Dataset:
-    """`partition_baselines`, cached in ``path`` (zarr) with the settings it was computed for."""
-    if path.exists():
-        cached = xr.open_zarr(path).load()
-        if cached.attrs.get("study_key") == json.dumps(key):
-            return cached
-    result = partition_baselines(store, fitter, random_seeds=random_seeds, teacher=teacher, reuse=reuse)
-    result.attrs.update(analysis="partition_baselines", study_key=json.dumps(key))
-    save_result(result, path)
-    return result
-
-
-def study_model(label: str, loaded: LoadedModel, out: Path, args) -> xr.Dataset:
+def study_model(label: str, loaded: LoadedModel, images: Path, out: Path, args, partition_test: bool) -> xr.Dataset:
     """Everything for one model, as a Dataset without the ``model`` dimension.
 
     Returns
@@ -124,30 +142,34 @@ def study_model(label: str, loaded: LoadedModel, out: Path, args) -> xr.Dataset:
         and ``n_phases`` of its max-cut phases at ``--eps`` (coordinate ``phase_partition``, e.g.
         ``"[1-3][4-12]"``); per ``k``: ``partition_<score>`` of the partition Raptor is fitted on
         (coordinate ``partition_method``), ``raptor_r2`` (k, layer, token_kind) and the fit's
-        ``raptor_r2_final``, accuracies and agreement; per ``fit`` (fitted, uniform, random i,
-        k=1): ``baseline_r2`` (k, fit, layer), ``baseline_r2_final``, ``baseline_accuracy_ratio``
-        (k, fit), and every fit's partition as the coordinate ``phase`` (k, fit, layer):
-        ``from_result(result.sel(k=k, fit="fitted"))`` is Raptor's.
+        ``raptor_<number>`` (`RAPTOR_NUMBERS`); per ``fit`` ("fitted", "uniform", "random i",
+        "shuffled i", "k=1"): ``baseline_r2`` (k, fit, layer), ``baseline_r2_final``,
+        ``baseline_accuracy_ratio`` (k, fit), and every fit's partition as the coordinate
+        ``phase`` (k, fit, layer): ``from_result(result.sel(k=k, fit="fitted"))`` is Raptor's.
     """
     folder = out / label
     store = folder / "trajectories.zarr"
-    dataset = dynamo.record(loaded, zoo.default_images(loaded.source), store, limit=args.limit, progress=not args.quiet)
+    dataset = dynamo.record(loaded, images, store, limit=args.limit, batch_size=100, progress=not args.quiet)
     phases = phasing.phase_analysis(dataset, "maxcut", eps=args.eps, n_bootstrap=0, progress=False)
     save_result(phases.assign_attrs(analysis="phases"), folder / "phases.zarr")
     matrix = phases["dissimilarity"]
     logits = np.asarray(dataset["logits"].values)
     labels = np.asarray(dataset["label"].values)
-    recipe = {"steps": args.steps, "seed": args.seed, "progress": not args.quiet, "validate_every": args.steps}
+    recipe = {"steps": args.steps, "validate_every": args.validate_every, "patience": args.patience, "tol": args.tol,
+              "seed": args.seed, "progress": not args.quiet, "stage1_cache": str(folder / "stage1")}
     num_layers = loaded.num_blocks
     k1 = fitted(store, folder / "raptor" / "k1", loaded, Partition.uniform(num_layers, 1), recipe)
+    random_seeds, shuffled_seeds = (args.random_seeds, args.shuffled_seeds) if partition_test else (0, 0)
     partitions, methods, reports, rows = {}, {}, {}, []
     for k in args.ks:
         partitions[k], methods[k] = raptor_partition(matrix, k)
         fitter = fitted(store, folder / "raptor" / f"k{k}", loaded, partitions[k], recipe)
         reports[k] = fitter.evaluate(store, probe=False)
-        key = {**{n: v for n, v in recipe.items() if n != "progress"}, "partition": partitions[k],
-               "random_seeds": args.random_seeds, "weights_sha256": loaded.weights_sha256, "n_images": int(dataset.sizes["image"])}
-        rows.append(baselines(store, folder / "raptor" / f"baselines_k{k}.zarr", fitter, loaded, [k1], args.random_seeds, key))
+        reuse = [k1] + [fitted(store, folder / "raptor" / f"k{k}-{name.replace(' ', '')}", loaded, partition, recipe)
+                        for name, partition in baseline_partitions(num_layers, k, random_seeds, shuffled_seeds).items()
+                        if partition != partitions[k]]
+        rows.append(partition_baselines(store, fitter, random_seeds=random_seeds, shuffled_seeds=shuffled_seeds,
+                                        teacher=loaded, reuse=reuse))
     ks = list(args.ks)
     per_k_scores = {k: phasing.phase_scores(matrix, partitions[k]) for k in ks}
     baseline = xr.concat(rows, dim=xr.Variable("k", ks), coords="all", combine_attrs="drop")
@@ -159,8 +181,9 @@ def study_model(label: str, loaded: LoadedModel, out: Path, args) -> xr.Dataset:
             "n_phases": ((), len(from_result(phases))),
             **{f"partition_{name}": (("k",), [per_k_scores[k][name] for k in ks]) for name in SCORES},
             "raptor_r2": (("k", "layer", "token_kind"), np.stack([reports[k]["r2"].values for k in ks])),
-            **{f"raptor_{name}": (("k",), [reports[k].attrs[name] for k in ks])
-               for name in ("r2_final", "accuracy_ratio", "accuracy_teacher", "accuracy_surrogate", "agreement")},
+            **{f"raptor_{name}": (("k",), [reports[k].attrs[name] for k in ks]) for name in RAPTOR_NUMBERS},
+            "raptor_k1_r2_final": ((), float(baseline["r2_final"].sel(fit="k=1").isel(k=0))),
+            "raptor_k1_accuracy_ratio": ((), float(baseline["accuracy_ratio"].sel(fit="k=1").isel(k=0))),
             "baseline_r2": baseline["r2"],
             "baseline_r2_final": baseline["r2_final"],
             "baseline_accuracy_ratio": baseline["accuracy_ratio"],
@@ -180,35 +203,130 @@ def one_model(label: str, args) -> tuple[xr.Dataset, float]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     print(f"[{label}] started", file=sys.stderr, flush=True)
-    drop_rate, loaded = study_models([label], args.seed)[label]
-    part = study_model(label, loaded, Path(args.out), args).assign_coords(
-        drop_rate=drop_rate, pretrained=loaded.pretrained, source=loaded.source).load()
+    like = next(name for name in args.models if name != RANDOM_INIT)
+    facts = model_facts(label, like)
+    loaded = load(label, like, args.seed)
+    partition_test = args.partition_test is None or label in args.partition_test
+    part = study_model(label, loaded, facts.pop("images"), Path(args.out), args, partition_test)
+    part = part.assign_coords(pretrained=loaded.pretrained, source=loaded.source, partition_test=partition_test, **facts).load()
     took = round(time.perf_counter() - started, 1)
     print(f"[{label}] done in {took} s", file=sys.stderr, flush=True)
     return part, took
 
 
-def rank_correlations(study: xr.Dataset) -> dict:
-    """Spearman rho, p and n of each partition score against Raptor's final R².
+def _by_model(study: xr.Dataset, roles: tuple[str, ...]) -> xr.Dataset:
+    return study.sel(model=np.isin(study["role"].values, roles))
 
-    Per k and pooled over k, over all models and over the trained ones only (the untrained
-    model's near-identity blocks make its fit trivially good, which alone can set the sign).
+
+def correlations(study: xr.Dataset) -> dict:
+    """Spearman ρ (`analyses.correlation.spearman`: bootstrap interval over models) of the study's pairs.
+
+    Every correlation has one point per model (n = models, never model × k pairs): per k, and
+    ``"mean"`` for each model's mean over k. Keys: ``<score>_vs_r2`` (each partition score of the
+    Raptor partition against Raptor's final-layer R², over the family and series models),
+    ``p_vs_<y>`` (over the stochastic-depth family) and ``epoch_vs_<y>`` (over the series).
     """
-    result = {}
-    for name in SCORES:
-        result[name] = {}
-        for subset in ("all", "trained"):
-            models = study if subset == "all" else study.sel(model=study["pretrained"].values.astype(bool))
-            entry = {}
-            for k in [*study["k"].values.tolist(), "pooled"]:
-                select = models if k == "pooled" else models.sel(k=k)
-                x = select[f"partition_{name}"].values.ravel()
-                y = select["raptor_r2_final"].values.ravel()
-                keep = np.isfinite(x) & np.isfinite(y)
-                rho, p = spearmanr(x[keep], y[keep]) if keep.sum() >= 3 else (np.nan, np.nan)
-                entry[str(k)] = {"rho": float(rho), "p": float(p), "n": int(keep.sum())}
-            result[name][subset] = entry
+    trained = _by_model(study, ("family", "series"))
+    family, series = _by_model(study, ("family",)), _by_model(study, ("series",))
+
+    def per_k(models: xr.Dataset, x: xr.DataArray, y: xr.DataArray) -> dict:
+        result = {str(k): spearman(x.sel(k=k) if "k" in x.dims else x, y.sel(k=k)) for k in models["k"].values.tolist()}
+        result["mean"] = spearman(x.mean("k") if "k" in x.dims else x, y.mean("k"))
+        return result
+
+    result = {f"{name}_vs_r2": per_k(trained, trained[f"partition_{name}"], trained["raptor_r2_final"]) for name in SCORES}
+    for subset, x in (("p", "drop_rate"), ("epoch", "epoch")):
+        models = family if subset == "p" else series
+        if models.sizes["model"] < 3:
+            continue
+        result[f"{subset}_vs_r2"] = per_k(models, models[x], models["raptor_r2_final"])
+        result[f"{subset}_vs_accuracy_ratio"] = per_k(models, models[x], models["raptor_accuracy_ratio"])
+        result[f"{subset}_vs_contrast"] = spearman(models[x], models["phase_contrast"])
+        result[f"{subset}_vs_vit_accuracy"] = spearman(models[x], models["vit_accuracy"])
     return result
+
+
+def partition_test(study: xr.Dataset) -> dict:
+    """The paper's Fig. 3 protocol: Raptor on max-cut phases against random contiguous and random shuffled partitions.
+
+    For each trained model of the partition test and each k: the fitted (max-cut) partition's final-layer
+    R² and accuracy ratio, the mean and standard deviation over each random kind, and whether the
+    max-cut fit beats the mean, and the mean + 1 sd. Summed per k over models.
+    """
+    tested = study.sel(model=study["partition_test"].values.astype(bool) & (study["role"].values != "untrained"))
+    fits = [str(f) for f in study["fit"].values]
+    result = {}
+    for kind in ("random", "shuffled"):
+        names = [f for f in fits if f.startswith(f"{kind} ")]
+        if not names or tested.sizes["model"] == 0:
+            continue
+        entry = {}
+        for k in study["k"].values.tolist():
+            rows = []
+            for label in tested["model"].values.tolist():
+                for number, variable in (("r2_final", "baseline_r2_final"), ("accuracy_ratio", "baseline_accuracy_ratio")):
+                    values = tested[variable].sel(model=label, k=k)
+                    others = values.sel(fit=names).values
+                    others = others[np.isfinite(others)]
+                    if others.size == 0:
+                        continue
+                    best = float(values.sel(fit="fitted"))
+                    rows.append({"model": label, "number": number, "maxcut": best, "mean": float(others.mean()),
+                                 "sd": float(others.std(ddof=1)) if others.size > 1 else np.nan, "n": int(others.size),
+                                 "beats_mean": bool(best > others.mean()),
+                                 "beats_mean_plus_sd": bool(others.size > 1 and best > others.mean() + others.std(ddof=1)),
+                                 "rank": int((others >= best).sum()) + 1})
+            entry[str(k)] = rows
+        result[kind] = entry
+    return result
+
+
+def claims(study: xr.Dataset, correlation: dict, test: dict) -> list[dict]:
+    """Each of the paper's small-scale claims with its number and a verdict (`analyses.correlation.verdict`)."""
+    found = []
+
+    def add(claim: str, key: str, sign: int, which: str = "mean"):
+        if key in correlation:
+            entry = correlation[key][which] if which in correlation[key] else correlation[key]
+            found.append({"claim": claim, "measure": f"{key} ({which})" if which in correlation[key] else key,
+                          **entry, "verdict": verdict(entry, sign)})
+
+    add("higher stochastic depth p gives clearer blocks (max-cut contrast)", "p_vs_contrast", +1)
+    add("higher p gives higher Raptor R²", "p_vs_r2", +1)
+    add("higher p gives higher Raptor accuracy (ratio to the ViT)", "p_vs_accuracy_ratio", +1)
+    add("higher p gives higher ViT accuracy", "p_vs_vit_accuracy", +1)
+    add("over-training degrades block structure (contrast)", "epoch_vs_contrast", -1)
+    add("over-training degrades Raptor's fit (R²)", "epoch_vs_r2", -1)
+    add("block structure predicts Raptor's fit (contrast of the Raptor partition vs R²)", "contrast_vs_r2", +1)
+    roles = study["role"].values
+    if "untrained" in roles and "series" in roles:
+        series = _by_model(study, ("series",))
+        last = series.isel(model=int(np.argmax(series["epoch"].values)))
+        untrained = _by_model(study, ("untrained",)).isel(model=0)
+        difference = float(untrained["raptor_r2_final"].mean("k") - last["raptor_r2_final"].mean("k"))
+        found.append({"claim": "an untrained ViT is easier to reconstruct than an over-trained one",
+                      "measure": f"Raptor R² (mean over k) of the untrained model minus that of {str(last['model'].values)}",
+                      "difference": difference, "n": 1,
+                      "verdict": ("reproduced" if difference > 0 else "refuted") + " (one pair of models, no interval)"})
+    for kind, entry in test.items():
+        rows = [row for k_rows in entry.values() for row in k_rows if row["number"] == "accuracy_ratio"]
+        wins, strong = sum(row["beats_mean"] for row in rows), sum(row["beats_mean_plus_sd"] for row in rows)
+        found.append({"claim": f"max-cut partitions beat random {'contiguous' if kind == 'random' else kind} ones (accuracy, the paper's Fig. 3)",
+                      "measure": f"(model, k) cases where max-cut's accuracy ratio exceeds the mean of the {kind} partitions",
+                      "wins": wins, "wins_by_more_than_1sd": strong, "cases": len(rows),
+                      "verdict": _sign_test(wins, len(rows))})
+    return found
+
+
+def _sign_test(wins: int, cases: int) -> str:
+    """Reproduced / refuted when a two-sided binomial sign test rejects 1/2 at 5%, else undecided (with its p)."""
+    from scipy.stats import binomtest
+
+    if cases == 0:
+        return "undecided (no cases)"
+    p_value = binomtest(wins, cases).pvalue
+    label = "undecided" if p_value >= 0.05 else ("reproduced" if wins > cases / 2 else "refuted")
+    return f"{label} (sign test p = {p_value:.3g}; the (model, k) cases are not independent across k)"
 
 
 def run_study(args) -> tuple[xr.Dataset, dict]:
@@ -224,44 +342,47 @@ def run_study(args) -> tuple[xr.Dataset, dict]:
     parts = [part for part, _ in results]
     seconds = {label: took for label, (_, took) in zip(args.models, results)}
     study = xr.concat(parts, dim=xr.Variable("model", list(args.models)), coords="all", join="outer")
-    correlations = rank_correlations(study)
+    correlation, test = correlations(study), partition_test(study)
     settings = {key: value for key, value in vars(args).items() if key not in ("quiet", "out")}
-    study.attrs.update(analysis="stochastic_depth_study", correlations=json.dumps(correlations), settings=json.dumps(settings),
+    rule = stopping_rule(RaptorFitter(steps=args.steps, validate_every=args.validate_every, patience=args.patience, tol=args.tol))
+    study.attrs.update(analysis="stochastic_depth_study", correlations=json.dumps(correlation), settings=json.dumps(settings),
+                       stopping_rule=rule,
                        description="stochastic-depth study: phases and Raptor fits per model (examples/stochastic_depth_study.py)")
     save_result(study, out / "study.zarr")
-    numbers = study_numbers(study, correlations, settings, seconds, time.perf_counter() - started)
+    numbers = study_numbers(study, settings, seconds, time.perf_counter() - started)
+    numbers.update(stopping_rule=rule, correlations=correlation, partition_test=test, claims=claims(study, correlation, test))
     numbers["figures"] = draw_figures(study, out)
     (out / "study.json").write_text(json.dumps(numbers, indent=2))
     return study, numbers
 
 
-def study_numbers(study: xr.Dataset, correlations: dict, settings: dict, seconds: dict, total: float) -> dict:
+def study_numbers(study: xr.Dataset, settings: dict, seconds: dict, total: float) -> dict:
     per_model = {}
     for label in study["model"].values.tolist():
         row = study.sel(model=label)
         per_model[label] = {
-            "drop_rate": None if np.isnan(float(row["drop_rate"])) else float(row["drop_rate"]),
+            **{name: None if not np.isfinite(float(row[name])) else float(row[name]) for name in ("drop_rate", "seed", "epoch")},
+            "role": str(row["role"].values),
             "vit_accuracy": round(float(row["vit_accuracy"]), 4),
             "phase_partition": str(row["phase_partition"].values),
             **{f"phase_{name}": round(float(row[f"phase_{name}"]), 4) for name in SCORES},
+            "raptor_k1_r2_final": round(float(row["raptor_k1_r2_final"]), 4),
             "raptor": {
                 f"k={k}": {
                     "partition": str(from_result(row.sel(k=k, fit="fitted"))),
                     "partition_method": str(row["partition_method"].sel(k=k).values),
                     **{name: round(float(row[f"partition_{name}"].sel(k=k)), 4) for name in SCORES},
-                    **{name: round(float(row[f"raptor_{name}"].sel(k=k)), 4)
-                       for name in ("r2_final", "accuracy_ratio", "accuracy_teacher", "accuracy_surrogate", "agreement")},
+                    **{name: round(float(row[f"raptor_{name}"].sel(k=k)), 4) for name in RAPTOR_NUMBERS},
                     "r2_final_cls": round(float(row["raptor_r2"].sel(k=k, token_kind="cls").isel(layer=-1)), 4),
                     "r2_final_patch": round(float(row["raptor_r2"].sel(k=k, token_kind="patch").isel(layer=-1)), 4),
                     "baselines_r2_final": {str(f): round(float(v), 4) for f, v in
-                                           zip(row["fit"].values, row["baseline_r2_final"].sel(k=k).values)},
+                                           zip(row["fit"].values, row["baseline_r2_final"].sel(k=k).values) if np.isfinite(v)},
                 }
                 for k in study["k"].values.tolist()
             },
         }
-    return {"models": per_model, "spearman_partition_score_vs_raptor_r2_final": correlations,
-            "n_images": int(study["n_images"].max()), "settings": settings,
-            "seconds": {**seconds, "total": round(total, 1)}}
+    return {"models": per_model, "n_images": int(study["n_images"].max()), "n_heldout": int(study["n_heldout"].max()),
+            "settings": settings, "seconds": {**seconds, "total": round(total, 1)}}
 
 
 def draw_figures(study: xr.Dataset, out: Path) -> dict:
@@ -272,45 +393,60 @@ def draw_figures(study: xr.Dataset, out: Path) -> dict:
     from figures import study as study_figures
     from figures.output import save_figures
 
+    trained = _by_model(study, ("family", "untrained"))
     figures = {
-        "similarity_row": study_figures.plot_similarity_row(study),
-        "r2_per_layer": study_figures.plot_r2_per_drop_rate(study),
-        "accuracy_vs_drop_rate": study_figures.plot_accuracy_vs_drop_rate(study),
-        "score_vs_r2": study_figures.plot_score_vs_r2(study, "contrast"),
+        "similarity_row": study_figures.plot_similarity_row(trained),
+        "r2_per_layer": study_figures.plot_r2_per_drop_rate(trained),
+        "r2_vs_drop_rate": study_figures.plot_raptor_vs_drop_rate(study),
+        "accuracy_vs_drop_rate": study_figures.plot_accuracy_vs_drop_rate(trained),
+        "score_vs_r2": study_figures.plot_score_vs_r2(_by_model(study, ("family", "series")), "contrast"),
         "maxcut_vs_random": study_figures.plot_partition_baselines(study),
     }
+    if "series" in study["role"].values:
+        figures["overtraining"] = study_figures.plot_overtraining(study)
     return {name: str(path) for name, path in save_figures(figures, out, dpi=120).items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="sd-study", help="output folder (reused on a re-run)")
-    parser.add_argument("--models", nargs="+", default=[f"p{rate}" for rate in DROP_RATES] + [RANDOM_INIT],
-                        help=f"zoo drop rates as p0.0 ... p0.5, and/or {RANDOM_INIT}")
-    parser.add_argument("--ks", nargs="+", type=int, default=[2, 3], help="Raptor block counts")
-    parser.add_argument("--steps", type=int, default=100, help="Raptor optimizer steps per stage-1 block and in stage 2")
-    parser.add_argument("--random-seeds", type=int, default=2, help="random contiguous partitions per k")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="digits", help="the zoo family studied (its models: FAMILIES)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help=f"zoo model names without the {zoo.ZOO_PREFIX} prefix and/or {RANDOM_INIT} (default: the family's)")
+    parser.add_argument("--ks", nargs="+", type=int, default=[2, 3, 4], help="Raptor block counts (k = 1 is always fitted)")
+    parser.add_argument("--steps", type=int, default=120, help="Raptor: at most this many optimizer steps per stage-1 block and in stage 2")
+    parser.add_argument("--validate-every", type=int, default=20, help="Raptor: held-out R² every this many steps (early stopping)")
+    parser.add_argument("--patience", type=int, default=3, help="Raptor: stop a segment after this many validations without gain (0: never)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="Raptor: the held-out R² gain that counts")
+    parser.add_argument("--random-seeds", type=int, default=10, help="random contiguous partitions per k (partition-test models)")
+    parser.add_argument("--shuffled-seeds", type=int, default=10, help="random shuffled partitions per k (partition-test models)")
+    parser.add_argument("--partition-test", nargs="*", default=None,
+                        help="models fitted on the random partitions too (default: every model; none when given without names)")
     parser.add_argument("--eps", type=float, default=0.1, help="max-cut fraction f for the phases shown")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (default all 360)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (default all bundled)")
     parser.add_argument("--seed", type=int, default=0, help="Raptor seed and random-init seed")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process (1 is fastest for these small models)")
     parser.add_argument("--jobs", type=int, default=2, help="models studied in parallel processes (one per CPU core)")
     parser.add_argument("--fast", action="store_true",
-                        help="smoke run: 2 models (p0.0, random-init), 48 images, k = 2, 4 steps, 1 random partition, 1 job")
+                        help="smoke run: 2 digits models (p0.0, random-init), 48 images, k = 2, 4 steps, 1 random and 1 shuffled partition, 1 job")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    args.models = args.models or FAMILIES[args.family]
     if args.fast:
-        args.models, args.ks, args.steps, args.random_seeds, args.limit, args.jobs = ["p0.0", RANDOM_INIT], [2], 4, 1, args.limit or 48, 1
+        args.models, args.ks, args.steps, args.limit, args.jobs = ["vit-digits-p0.0", RANDOM_INIT], [2], 4, args.limit or 48, 1
+        args.random_seeds, args.shuffled_seeds, args.validate_every, args.patience = 1, 1, 2, 0
     if any(k < 2 for k in args.ks):
         raise SystemExit("--ks: each k must be at least 2 (k = 1 is always fitted as a baseline)")
+    if all(name == RANDOM_INIT for name in args.models):
+        raise SystemExit(f"--models: name at least one zoo model ({RANDOM_INIT} copies its architecture)")
     _, numbers = run_study(args)
-    rho = numbers["spearman_partition_score_vs_raptor_r2_final"]["contrast"]["all"]["pooled"]
-    print(f"done in {numbers['seconds']['total']} s; contrast vs Raptor R²: Spearman rho = {rho['rho']:.3f}, "
-          f"p = {rho['p']:.3g}, n = {rho['n']}; outputs in {args.out}", file=sys.stderr)
+    for claim in numbers["claims"]:
+        print(f"{claim['verdict']}: {claim['claim']}", file=sys.stderr)
+    print(f"done in {numbers['seconds']['total']} s; outputs in {args.out}", file=sys.stderr)
     return numbers
 
 

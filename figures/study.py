@@ -1,8 +1,10 @@
-"""Figures of the stochastic-depth study (``examples/stochastic_depth_study.py``), the paper's kinds.
+"""Figures of the stochastic-depth study (``examples/stochastic_depth_study.py``): one per claim of the paper.
 
 Every function takes the study Dataset (dims ``model``, ``k``, ``layer``, ``token_kind``, ``fit``;
-each fit's partition as the coordinate ``phase`` (model, k, fit, layer); see the script's
-``study_model``) and returns a matplotlib Figure; none runs a model or fits anything.
+per model the coordinates ``role`` ("family", "series", "untrained"), ``drop_rate``, ``seed``,
+``epoch``, ``partition_test``; each fit's partition as the coordinate ``phase`` (model, k, fit,
+layer); the correlations as the JSON attribute ``correlations``; see the script's ``study_model``
+and ``correlations``) and returns a matplotlib Figure; none runs a model or fits anything.
 """
 
 from __future__ import annotations
@@ -19,17 +21,45 @@ from figures.style import axes
 
 __all__ = [
     "plot_accuracy_vs_drop_rate",
+    "plot_overtraining",
     "plot_partition_baselines",
     "plot_r2_per_drop_rate",
+    "plot_raptor_vs_drop_rate",
     "plot_score_vs_r2",
     "plot_similarity_row",
 ]
 
+SEED_MARKERS = "os^D"
+
 
 def model_name(study: xr.Dataset, label) -> str:
-    """A panel/legend name: the drop rate, or the label for the untrained model."""
-    rate = float(study["drop_rate"].sel(model=label))
-    return str(label) if np.isnan(rate) else f"drop rate {rate:g}"
+    """A panel/legend name: drop rate (and seed when the study has several), epoch for the series, or the label."""
+    row = study.sel(model=label)
+    role = str(row["role"].values) if "role" in study.coords else "family"
+    if role == "untrained" or not np.isfinite(float(row["drop_rate"])):
+        return str(label)
+    if role == "series":
+        return f"epoch {float(row['epoch']):g}"
+    seeds = np.unique(study["seed"].values[np.isfinite(study["seed"].values)]) if "seed" in study.coords else []
+    seed = f", seed {int(row['seed'])}" if len(seeds) > 1 else ""
+    return f"p {float(row['drop_rate']):g}{seed}"
+
+
+def _family(study: xr.Dataset) -> xr.Dataset:
+    """The stochastic-depth models (every model of a study without roles)."""
+    return study if "role" not in study.coords else study.sel(model=study["role"].values == "family")
+
+
+def _untrained(study: xr.Dataset) -> list:
+    return [] if "role" not in study.coords else study["model"].values[study["role"].values == "untrained"].tolist()
+
+
+def _correlation_text(study: xr.Dataset, key: str, which: str = "mean") -> str:
+    entry = json.loads(study.attrs.get("correlations", "{}")).get(key)
+    if entry is None:
+        return ""
+    entry = entry.get(which, entry)
+    return f"Spearman ρ = {entry['rho']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}], p = {entry['p_value']:.2g}, n = {entry['n']} models"
 
 
 def _colors(study: xr.Dataset) -> dict:
@@ -38,7 +68,7 @@ def _colors(study: xr.Dataset) -> dict:
 
 
 def plot_similarity_row(study: xr.Dataset, k: int | None = None) -> plt.Figure:
-    """Layer similarity of every model in one row (a new figure), dashed at the Raptor partition with ``k`` phases (default the first k)."""
+    """Layer similarity of every model (a new figure, up to 8 panels a row), dashed at the Raptor partition with ``k`` phases (default the first k)."""
     k = int(study["k"].values[0]) if k is None else k
     matrices, partitions = {}, {}
     for label in study["model"].values.tolist():
@@ -46,7 +76,7 @@ def plot_similarity_row(study: xr.Dataset, k: int | None = None) -> plt.Figure:
         matrices[name] = study["similarity"].sel(model=label)
         partitions[name] = from_result(study.sel(model=label, k=k, fit="fitted"))
     attrs = study["similarity"].attrs
-    return similarity_grid(matrices, partitions, ncols=len(matrices), suptitle=f"Layer similarity per drop rate "
+    return similarity_grid(matrices, partitions, ncols=min(8, len(matrices)), suptitle=f"Layer similarity per model "
                            f"({attrs['measure']}, tokens {attrs['tokens']}); dashed: k = {k} Raptor phases")
 
 
@@ -68,81 +98,158 @@ def plot_r2_per_drop_rate(study: xr.Dataset, fig: plt.Figure | None = None) -> p
             ax.grid(alpha=0.3)
     for ax in grid[-1]:
         ax.set_xlabel("layer (0 = embedding, l = output of block l)")
-    grid[0, 0].legend(fontsize=7)
-    figure.suptitle(f"Raptor rollout R² per layer per drop rate (held-out images, n = {int(study['n_heldout'].max())})")
+    grid[0, 0].legend(fontsize=6, ncol=2)
+    figure.suptitle(f"Raptor rollout R² per layer per model (held-out images, n = {int(study['n_heldout'].max())})")
+    return figure
+
+
+def _per_seed(ax, family: xr.Dataset, values: xr.DataArray, color, label: str) -> None:
+    """Each seed's points against the drop rate, and a line through the mean at each rate."""
+    rates, seeds = family["drop_rate"].values, family["seed"].values
+    for index, seed in enumerate(np.unique(seeds)):
+        mine = seeds == seed
+        ax.scatter(rates[mine], values.values[mine], marker=SEED_MARKERS[index % len(SEED_MARKERS)], color=color, s=28,
+                   facecolors="none" if index else color)
+    grid = np.unique(rates)
+    ax.plot(grid, [values.values[rates == rate].mean() for rate in grid], "-", color=color, label=label)
+
+
+def plot_raptor_vs_drop_rate(study: xr.Dataset) -> plt.Figure:
+    """Raptor's final-layer R² and accuracy ratio against the drop rate, per k; seeds as markers, lines through their mean."""
+    family = _family(study)
+    figure = plt.figure(figsize=(11, 4.2), layout="constrained")
+    panels = figure.subplots(1, 2)
+    for ax, variable, name, key in ((panels[0], "raptor_r2_final", "Raptor R² at the last layer (all tokens)", "p_vs_r2"),
+                                    (panels[1], "raptor_accuracy_ratio", "Raptor accuracy / ViT accuracy", "p_vs_accuracy_ratio")):
+        for index, k in enumerate(study["k"].values.tolist()):
+            _per_seed(ax, family, family[variable].sel(k=k), plt.cm.tab10(index), f"k = {k}")
+        k1 = "raptor_k1_r2_final" if variable == "raptor_r2_final" else "raptor_k1_accuracy_ratio"
+        _per_seed(ax, family, family[k1], "0.4", "k = 1")
+        for label in _untrained(study):
+            ax.axhline(float(study[variable].sel(model=label).mean("k")), color="k", linestyle=":",
+                       label=f"{label} (mean over k)")
+        ax.set(xlabel="stochastic-depth rate p (filled: seed 0, open: seed 1)", ylabel=name)
+        ax.set_title(f"{name.split(' (')[0]} vs p\n{_correlation_text(study, key)} (mean over k)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.suptitle(f"Does stochastic depth make the ViT easier to fold into Raptor? ({family.sizes['model']} models, "
+                    f"{int(study['n_heldout'].max())} held-out images each)")
     return figure
 
 
 def plot_accuracy_vs_drop_rate(study: xr.Dataset, ax=None) -> plt.Figure:
-    """ViT accuracy and Raptor accuracy (per k) against drop rate; the untrained model as a separate marker."""
-    rates = study["drop_rate"].values
-    trained = np.isfinite(rates)
-    order = np.argsort(rates[trained])
+    """ViT accuracy and Raptor accuracy (per k) against drop rate; the untrained model as a legend entry."""
+    family = _family(study)
     figure, ax = axes(ax, figsize=(6.4, 4.2))
-    x = rates[trained][order]
-    ax.plot(x, study["vit_accuracy"].values[trained][order], "k-o", label=f"ViT (all {int(study['n_images'].max())} images)")
+    multiple_seeds = "seed" in family.coords and len(np.unique(family["seed"].values)) > 1
+    if multiple_seeds:
+        _per_seed(ax, family, family["vit_accuracy"], "k", f"ViT (all {int(study['n_images'].max())} images)")
+    else:
+        order = np.argsort(family["drop_rate"].values)
+        ax.plot(family["drop_rate"].values[order], family["vit_accuracy"].values[order], "k-o",
+                label=f"ViT (all {int(study['n_images'].max())} images)")
     for index, k in enumerate(study["k"].values.tolist()):
-        raptor = study["raptor_accuracy_surrogate"].sel(k=k).values[trained][order]
-        ax.plot(x, raptor, "-s", color=plt.cm.tab10(index), label=f"Raptor k = {k} (held-out)")
-    for label in study["model"].values[~trained]:
-        raptor = ", ".join(f"Raptor k = {k} {float(study['raptor_accuracy_surrogate'].sel(model=label, k=k)):.2f}"
+        values = family["raptor_accuracy_surrogate"].sel(k=k)
+        if multiple_seeds:
+            _per_seed(ax, family, values, plt.cm.tab10(index), f"Raptor k = {k} (held-out)")
+        else:
+            order = np.argsort(family["drop_rate"].values)
+            ax.plot(family["drop_rate"].values[order], values.values[order], "-s", color=plt.cm.tab10(index), label=f"Raptor k = {k} (held-out)")
+    for label in _untrained(study):
+        raptor = ", ".join(f"k = {k} {float(study['raptor_accuracy_surrogate'].sel(model=label, k=k)):.2f}"
                            for k in study["k"].values.tolist())
-        ax.plot([], [], " ", label=f"{label} (no drop rate): ViT {float(study['vit_accuracy'].sel(model=label)):.2f}, {raptor}")
-    ax.set_xlabel("stochastic-depth drop rate")
-    ax.set_ylabel("accuracy on held-out digits")
-    lowest = min(float(study["raptor_accuracy_surrogate"].values[trained].min()), float(study["vit_accuracy"].values[trained].min()))
+        ax.plot([], [], " ", label=f"{label}: ViT {float(study['vit_accuracy'].sel(model=label)):.2f}, Raptor {raptor}")
+    ax.set_xlabel("stochastic-depth rate p" + (" (filled: seed 0, open: seed 1)" if multiple_seeds else ""))
+    ax.set_ylabel("accuracy on the held-out images")
+    lowest = min(float(family["raptor_accuracy_surrogate"].min()), float(family["vit_accuracy"].min()))
     ax.set_ylim(max(0.0, lowest - 0.3), 1.01)  # room below the curves for the legend
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower center")
-    ax.set_title("Accuracy vs drop rate: the ViT and its Raptor surrogates", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(f"Accuracy vs drop rate: the ViT and its Raptor surrogates\n{_correlation_text(study, 'p_vs_vit_accuracy')} (ViT)", fontsize=9)
     return figure
 
 
 def plot_score_vs_r2(study: xr.Dataset, score: str = "contrast", ax=None) -> plt.Figure:
-    """A phase-structure score of each Raptor partition against Raptor's final-layer R², with Spearman rho."""
-    correlations = json.loads(study.attrs["correlations"])[score]
-    colors = _colors(study)
-    markers = "os^Dv"
-    figure, ax = axes(ax, figsize=(6.4, 4.4))
-    for index, k in enumerate(study["k"].values.tolist()):
-        for label in study["model"].values.tolist():
-            ax.scatter(float(study[f"partition_{score}"].sel(model=label, k=k)), float(study["raptor_r2_final"].sel(model=label, k=k)),
-                       color=colors[label], marker=markers[index % len(markers)], s=45,
-                       label=f"{model_name(study, label)}, k = {k}")
+    """A phase-structure score of each model's Raptor partition against Raptor's final-layer R², one colour per k, with Spearman ρ per k."""
+    figure, ax = axes(ax, figsize=(6.8, 4.8))
+    key = f"{score}_vs_r2"
     lines = []
-    for subset, entry in correlations.items():
-        per_k = ", ".join(f"k = {k}: ρ = {v['rho']:.2f} (n = {v['n']})" for k, v in entry.items() if k != "pooled")
-        pooled = entry["pooled"]
-        lines.append(f"{subset} models, pooled over k: Spearman ρ = {pooled['rho']:.2f}, p = {pooled['p']:.3g}, n = {pooled['n']}; {per_k}")
+    for index, k in enumerate(study["k"].values.tolist()):
+        ax.scatter(study[f"partition_{score}"].sel(k=k), study["raptor_r2_final"].sel(k=k), color=plt.cm.tab10(index), s=30,
+                   label=f"k = {k}")
+        lines.append(f"k = {k}: {_correlation_text(study, key, str(k))}")
+    lines.append(f"mean over k: {_correlation_text(study, key, 'mean')}")
     ax.set_xlabel(f"phase-structure score: {score.replace('_', ' ')} of the Raptor partition")
     ax.set_ylabel("Raptor R² at the last layer (all tokens)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title("\n".join(lines), fontsize=7)
+    ax.legend(fontsize=8)
+    ax.set_title("Does block structure predict Raptor's fit? (one point per model and k)\n" + "\n".join(lines), fontsize=7)
     return figure
 
 
 def plot_partition_baselines(study: xr.Dataset, fig: plt.Figure | None = None) -> plt.Figure:
-    """Final R² of Raptor on the max-cut (fitted) partition against uniform, random and k = 1, per model, one panel per k."""
+    """Raptor on the max-cut partition against uniform, random contiguous, random shuffled and k = 1 (the paper's Fig. 3).
+
+    One column per k, rows: accuracy ratio and final-layer R² (held-out images); one group of
+    points per model of the partition test (every model when none was marked).
+    """
+    tested = study.sel(model=study["partition_test"].values.astype(bool)) if "partition_test" in study.coords else study
     ks = study["k"].values.tolist()
-    labels = study["model"].values.tolist()
-    figure = fig or plt.figure(figsize=(5.6 * len(ks), 4.2), layout="constrained")
-    panels = figure.subplots(1, len(ks), squeeze=False, sharey=True)
-    styles = {"fitted": ("*", "crimson", 140), "uniform": ("s", "tab:blue", 90), "k=1": ("x", "black", 40)}
-    for ax, k in zip(panels[0], ks):
-        shown = set()
-        for position, label in enumerate(labels):
-            for fit in study["fit"].values.tolist():
-                value = float(study["baseline_r2_final"].sel(model=label, k=k, fit=fit))
-                kind = fit if fit in styles else "random"
-                marker, color, size = styles.get(kind, ("o", "tab:grey", 30))
-                ax.scatter(position + (0.12 if kind == "random" else 0), value, marker=marker, s=size,
-                           facecolors="none" if kind == "uniform" else color, edgecolors=None if marker == "x" else color,
-                           label=None if kind in shown else {"fitted": "max-cut phases"}.get(kind, kind), zorder=3 if kind == "fitted" else 2)
-                shown.add(kind)
-        ax.set_xticks(range(len(labels)), [model_name(study, label) for label in labels], rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"k = {k}: Raptor final R², max-cut vs baseline partitions\n(a baseline equal to the max-cut partition sits on its star)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    panels[0, 0].set_ylabel("R² at the last layer (all tokens, held-out)")
+    labels = tested["model"].values.tolist()
+    figure = fig or plt.figure(figsize=(max(5.6, 1.2 * len(labels) + 2.5) * len(ks), 7.6), layout="constrained")
+    panels = figure.subplots(2, len(ks), squeeze=False, sharey="row")
+    styles = {"fitted": ("*", "crimson", 160, 0.0), "uniform": ("s", "tab:blue", 70, 0.0), "k=1": ("x", "black", 50, 0.0),
+              "random": ("o", "tab:grey", 22, -0.18), "shuffled": ("^", "tab:orange", 22, 0.18)}
+    names = {"fitted": "max-cut phases", "random": "random contiguous", "shuffled": "random shuffled"}
+    for row, (variable, ylabel) in enumerate((("baseline_accuracy_ratio", "Raptor accuracy / ViT accuracy"),
+                                             ("baseline_r2_final", "R² at the last layer (all tokens)"))):
+        for ax, k in zip(panels[row], ks):
+            shown = set()
+            for position, label in enumerate(labels):
+                for fit in study["fit"].values.tolist():
+                    value = float(tested[variable].sel(model=label, k=k, fit=fit))
+                    if not np.isfinite(value):
+                        continue
+                    kind = fit.split(" ")[0] if fit.split(" ")[0] in styles else fit
+                    marker, color, size, offset = styles[kind]
+                    ax.scatter(position + offset, value, marker=marker, s=size, color=color, alpha=0.8 if size < 30 else 1,
+                               label=None if kind in shown else names.get(kind, kind), zorder=3 if kind == "fitted" else 2)
+                    shown.add(kind)
+            ax.set_xticks(range(len(labels)), [model_name(study, label) for label in labels], rotation=30, ha="right", fontsize=8)
+            ax.set_title(f"k = {k}: {ylabel.split(' (')[0]}", fontsize=9)
+            ax.grid(alpha=0.3)
+        panels[row, 0].set_ylabel(f"{ylabel}, held-out")
+    panels[0, 0].legend(fontsize=7)
+    figure.suptitle("Raptor on max-cut phases vs random partitions with the same recipe (the paper's Fig. 3 protocol; "
+                    "a baseline equal to the max-cut partition sits on its star)", fontsize=10)
+    return figure
+
+
+def plot_overtraining(study: xr.Dataset) -> plt.Figure:
+    """The over-training series: phase contrast, accuracies and Raptor's R² against the training epoch; the untrained model for reference."""
+    series = study.sel(model=study["role"].values == "series").sortby("epoch")
+    epochs = series["epoch"].values
+    figure = plt.figure(figsize=(11, 4.2), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    left.plot(epochs, series["phase_contrast"], "o-", color="tab:purple", label="max-cut contrast (f = 0.1)")
+    left.set(xlabel="training epoch (log)", ylabel="max-cut contrast", xscale="log")
+    twin = left.twinx()
+    twin.plot(epochs, series["vit_accuracy"], "s--", color="tab:blue", label="ViT accuracy, held-out test images")
+    twin.plot(epochs, series["train_accuracy"] / 100, "^:", color="tab:green", label="ViT accuracy, its training images")
+    twin.set(ylabel="accuracy", ylim=(0, 1.02))
+    handles = [*left.get_legend_handles_labels()[0], *twin.get_legend_handles_labels()[0]]
+    left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
+    left.set_title(f"Block structure over training\ncontrast vs epoch: {_correlation_text(study, 'epoch_vs_contrast')}", fontsize=9)
+    for index, k in enumerate(study["k"].values.tolist()):
+        right.plot(epochs, series["raptor_r2_final"].sel(k=k), "o-", color=plt.cm.tab10(index), label=f"Raptor k = {k}")
+    right.plot(epochs, series["raptor_k1_r2_final"], "x-", color="0.4", label="Raptor k = 1")
+    for label in _untrained(study):
+        right.axhline(float(study["raptor_r2_final"].sel(model=label).mean("k")), color="k", linestyle=":",
+                      label=f"{label} (mean over k)")
+    right.set(xlabel="training epoch (log)", ylabel="Raptor R² at the last layer (all tokens)", xscale="log")
+    right.set_title(f"Raptor's fit over training\nR² vs epoch: {_correlation_text(study, 'epoch_vs_r2')} (mean over k)", fontsize=9)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    figure.suptitle(f"Over-training series ({', '.join(str(m) for m in series['model'].values[:1])} ... "
+                    f"{series['model'].values[-1]}; {int(study['n_heldout'].max())} held-out images)")
     return figure

@@ -183,6 +183,70 @@ def test_routing_follows_thresholds():
         Raptor([7, 3], num_layers=10, block_config=config)
 
 
+def test_routing_follows_any_partition():
+    """A shuffled partition routes each layer to its phase's block; its thresholds do not exist."""
+    config = dict(dim=16, num_heads=2, mlp_ratio=2.0, layerscale_init=0.5)
+    torch.manual_seed(0)
+    partition = Partition.random_shuffled(6, 2, seed=1)
+    assert not partition.is_contiguous and sorted(b for phase in partition for b in phase) == list(range(1, 7))
+    assert partition == Partition.random_shuffled(6, 2, seed=1) != Partition.random_shuffled(6, 2, seed=2)
+    model = Raptor(partition, num_layers=6, block_config=config)
+    route = partition.phase_of(range(1, 7)).tolist()
+    assert [model.block_index(t) for t in range(1, 7)] == route and model.k == 2
+    x = torch.randn(2, 4, 16)
+    state = x
+    for layer, block in zip(range(1, 7), route):
+        state = model.blocks[block](state, layer)
+    torch.testing.assert_close(model.run(x, 0)[-1], state)
+    with pytest.raises(ValueError, match="not contiguous"):
+        model.thresholds
+    with pytest.raises(ValueError, match="every block 1..6 once"):
+        Raptor(Partition([[1, 2], [4, 5, 6]]), num_layers=6, block_config=config)
+    assert raptor_train.phase_runs([2, 5, 6, 9]) == ((1, 2), (4, 6), (8, 9))
+    assert raptor_train.phase_runs([3, 4, 5]) == ()
+
+
+def test_segment_loss_over_ranges_is_brute_force():
+    """A non-contiguous phase's loss: teacher forcing on its transitions only, rollouts from each run's own start."""
+    from dynamo.raptor.loss import segment_loss
+
+    config = dict(dim=16, num_heads=2, mlp_ratio=2.0, layerscale_init=0.5)
+    torch.manual_seed(0)
+    model = Raptor(Partition([[1, 3, 4], [2, 5]]), num_layers=5, block_config=config)
+    batch = torch.randn(3, 6, 4, 16)  # layers 0..5
+    groups = {"all": torch.arange(4)}
+    ranges = [(0, 1), (2, 4)]  # phase 1's runs: block 1, blocks 3-4
+    block = model.blocks[0]
+    forced = [block(batch[:, layer - 1], torch.full((3,), float(layer))) for layer in (1, 3, 4)]
+    expected_tf = torch.stack([torch.nn.functional.mse_loss(p, batch[:, layer]) for p, layer in zip(forced, (1, 3, 4))]).mean()
+    got_tf = segment_loss(model, batch, 0, None, groups, anneal=1.0, ranges=ranges)
+    torch.testing.assert_close(got_tf, expected_tf, rtol=1e-5, atol=1e-6)
+    one = block(batch[:, 0], 1.0)
+    three = block(batch[:, 2], 3.0)
+    four = block(three, 4.0)
+    expected_ar = torch.stack([torch.nn.functional.mse_loss(s, batch[:, layer]) for s, layer in ((one, 1), (three, 3), (four, 4))]).mean()
+    torch.testing.assert_close(segment_loss(model, batch, 0, None, groups, anneal=0.0, ranges=ranges), expected_ar, rtol=1e-5, atol=1e-6)
+    whole = segment_loss(model, batch[:, 2:5], 2, None, groups, anneal=0.5)
+    torch.testing.assert_close(segment_loss(model, batch[:, 2:5], 2, None, groups, anneal=0.5, ranges=[(2, 4)]), whole)
+
+
+def test_tied_vit_is_exact_on_a_shuffled_partition_and_round_trips(tied, tmp_path):
+    """Tied blocks: any partition started from the teacher's block is exact; a shuffled fit trains, saves, loads."""
+    teacher, path = tied
+    shuffled = Partition([[1, 3], [2, 4]])  # every phase two runs
+    untrained = dict(partition=shuffled, steps=1, stage2_steps=0, lr=0.0, mlp="gelu", depth_scaling=False, progress=False)
+    exact = RaptorFitter(**untrained, init=[1, 1]).fit(path, teacher=teacher).evaluate(path)
+    np.testing.assert_allclose(exact["r2"].values, 1.0, atol=1e-5)
+    assert from_result(exact) == shuffled
+    fitter = RaptorFitter(partition=shuffled, steps=6, validate_every=2, mlp="gelu", progress=False).fit(path, teacher=teacher)
+    names = [name for name in fitter.timings_ if name.startswith("stage 1")]
+    assert any("," in name for name in names)  # a phase trained on two runs
+    fitter.save(tmp_path / "shuffled")
+    loaded = RaptorFitter.load(tmp_path / "shuffled", teacher=teacher)
+    assert loaded.model_.partition == shuffled
+    np.testing.assert_allclose(loaded.evaluate(path)["r2"].values, fitter.evaluate(path)["r2"].values, rtol=1e-6)
+
+
 def test_loader_serves_the_planned_rows(tied):
     _, path = tied
     ds = dynamo.open_trajectories(path)

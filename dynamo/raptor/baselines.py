@@ -1,7 +1,7 @@
-"""Baselines for a Raptor fit: the same recipe on uniform and random contiguous partitions, and k = 1.
+"""Baselines for a Raptor fit: the same recipe on uniform, random contiguous and random shuffled partitions, and k = 1.
 
-The paper's partition test (spec section 3) compares Raptor fitted on max-cut phases with Raptor
-on random contiguous partitions over 10 seeds; the question is whether the phases found in the
+The paper's partition test (spec section 3, its Fig. 3) compares Raptor fitted on max-cut phases
+with Raptor on random contiguous and random shuffled partitions over 10 seeds; the question is whether the phases found in the
 similarity structure are better places to share blocks than arbitrary ones with the same k.
 """
 
@@ -17,7 +17,7 @@ from dynamo.models import LoadedModel
 from dynamo.partition import Partition, from_result
 from dynamo.raptor.fit import RaptorFitter
 
-__all__ = ["partition_baselines"]
+__all__ = ["baseline_partitions", "partition_baselines"]
 
 PARTITION_PARAMS = ("k", "partition", "progress", "checkpoint_dir")  # what a baseline may change
 
@@ -26,6 +26,7 @@ def partition_baselines(
     ds: xr.Dataset | str | Path,
     fitted: RaptorFitter,
     random_seeds: int = 3,
+    shuffled_seeds: int = 0,
     teacher: LoadedModel | None = None,
     reuse: Sequence[RaptorFitter] = (),
 ) -> xr.Dataset:
@@ -39,6 +40,9 @@ def partition_baselines(
         A fitted surrogate (its parameters are reused; only the partition changes).
     random_seeds : int
         Number of random contiguous partitions (`Partition.random_contiguous`, seeds 0..n-1).
+    shuffled_seeds : int
+        Number of random shuffled partitions (`Partition.random_shuffled`, seeds 0..n-1): phases of
+        blocks drawn at random, not contiguous in depth.
     teacher : LoadedModel, optional
         As in `RaptorFitter.fit`.
     reuse : sequence of RaptorFitter
@@ -56,8 +60,7 @@ def partition_baselines(
         deterministic given the seed, so refitting would give the same surrogate.
     """
     num_layers, k = fitted.model_.num_layers, len(fitted.partition_)
-    candidates = {"uniform": Partition.uniform(num_layers, k)}
-    candidates.update({f"random {seed}": Partition.random_contiguous(num_layers, k, seed) for seed in range(random_seeds)})
+    candidates = baseline_partitions(num_layers, k, random_seeds, shuffled_seeds)
     if k > 1:
         candidates["k=1"] = Partition.uniform(num_layers, 1)
     recipe = _recipe(fitted)
@@ -87,6 +90,15 @@ def partition_baselines(
         attrs={"model": reports["fitted"].attrs["model"], "k": k, "r2_reference": "target",
                "description": "Raptor with the same recipe on the fitted partition and on baselines"},
     )
+
+
+def baseline_partitions(num_layers: int, k: int, random_seeds: int = 3, shuffled_seeds: int = 0) -> dict[str, Partition]:
+    """`partition_baselines`' partitions with k phases by name: ``uniform``, ``random i`` (contiguous),
+    ``shuffled i``; a caller that fits them itself (to save and reuse each) passes them back as ``reuse``."""
+    candidates = {"uniform": Partition.uniform(num_layers, k)}
+    candidates.update({f"random {seed}": Partition.random_contiguous(num_layers, k, seed) for seed in range(random_seeds)})
+    candidates.update({f"shuffled {seed}": Partition.random_shuffled(num_layers, k, seed) for seed in range(shuffled_seeds)})
+    return candidates
 
 
 def _recipe(fitter: RaptorFitter) -> dict:

@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from dynamo.heads import LinearHead, scored
 from dynamo.layout import token_groups
 from dynamo.metrics import r2_from_sums, r2_sums
-from dynamo.partition import Partition, assign_phases
+from dynamo.partition import assign_phases
 from dynamo.raptor.model import Raptor
 
 __all__ = ["evaluate", "surrogate_device"]
@@ -120,7 +120,7 @@ def evaluate(
         result.attrs["probe_accuracy_surrogate"] = _probe(torch.cat(surrogate_features).numpy(), labels)
         result.attrs["probe_accuracy_head"] = ("probe: 5-fold cross-validated logistic regression on [cls ‖ patch "
                                                "mean] after the teacher's final norm, of the teacher's / surrogate's states")
-    return assign_phases(result, Partition.from_thresholds(model.thresholds, model.num_layers))
+    return assign_phases(result, model.partition)
 
 
 def surrogate_device(model) -> torch.device:

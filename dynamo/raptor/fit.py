@@ -58,8 +58,9 @@ class RaptorFitter(BaseEstimator):
     k : int, optional
         Number of blocks (phases); default the partition's length, or 2 without a partition.
     partition : Partition, str or list, optional
-        Contiguous phases of depth, in any form `dynamo.partition.Partition.parse` reads:
-        ``"1-7,8-12"``, ``[[1, ..., 7], [8, ..., 12]]``, or router thresholds ``"7"`` / ``[7]``.
+        Phases of depth, in any form `dynamo.partition.Partition.parse` reads: ``"1-7,8-12"``,
+        ``[[1, ..., 7], [8, ..., 12]]``, or router thresholds ``"7"`` / ``[7]``; phases need not be
+        contiguous (``[[1, 3], [2, 4]]``: a stage-1 block is trained on each run of its phase).
         None: the uniform contiguous split into k phases (`Partition.uniform`); the pipeline
         passes the store's own phases.
     steps : int
@@ -222,7 +223,7 @@ class RaptorFitter(BaseEstimator):
         self.block_config_ = self._block_config(teacher.module)
         self.groups_ = {kind: torch.from_numpy(index).to(self.device) for kind, index in token_groups(ds["token_kind"]).items()}
         teacher.module.to(self.device)
-        self.model_ = Raptor(self.partition_.thresholds, num_layers, self.block_config_, teacher=BlockStepper(teacher, head))
+        self.model_ = Raptor(self.partition_, num_layers, self.block_config_, teacher=BlockStepper(teacher, head))
         starts = self._teacher_blocks(teacher.module)
         for index, phase in enumerate(self.partition_):  # each block's initialisation a function of its range
             with torch.random.fork_rng(devices=[]):

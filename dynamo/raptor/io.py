@@ -141,7 +141,6 @@ def save_fitter(fitter, folder) -> Path:
         "format": FORMAT,
         "params": {k: v for k, v in fitter.get_params().items() if k != "checkpoint_dir"},
         "partition": fitter.partition_,
-        "thresholds": fitter.model_.thresholds,
         "num_layers": fitter.model_.num_layers,
         "block_config": fitter.block_config_,
         "teacher": fitter.teacher_identity_,
@@ -173,7 +172,7 @@ def load_fitter(cls, folder, teacher: LoadedModel | None = None, device: str | N
         check_teacher({"weights_sha256": identity["weights_sha256"]}, teacher_identity(teacher))
         teacher.module.to(fitter.device)
     fitter.model_ = Raptor(
-        config["thresholds"], config["num_layers"], config["block_config"],
+        Partition(config["partition"]), config["num_layers"], config["block_config"],
         teacher=None if teacher is None else BlockStepper(teacher, head),
     ).to(fitter.device)
     fitter.model_.load_state_dict(load_file(str(folder / "weights.safetensors")))

@@ -96,6 +96,7 @@ def segment_loss(
     anneal: float,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
+    ranges: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """``anneal * L_TF + (1 - anneal) * L_AR`` on a batch of layers ``start..start + n``.
 
@@ -109,7 +110,19 @@ def segment_loss(
         rest goes to the rollout from layer ``start`` (its loss averaged over the n steps).
     noise, generator
         Input noise of the rollout, as `Raptor.run`.
+    ranges : list of (int, int), optional
+        The (a, b) layer ranges within start..start + n that are trained, each rolled out from its
+        own recorded layer a (a phase not contiguous in depth, `dynamo.raptor.train.Segment`); the
+        loss is their mean weighted by their steps. Default the one range start..start + n.
     """
+    ranges = ranges or [(start, start + batch.shape[1] - 1)]
+    total = sum(b - a for a, b in ranges)
+    return sum((b - a) / total * _range_loss(model, batch[:, a - start: b - start + 1], a, weights, groups, anneal, noise, generator)
+               for a, b in ranges)
+
+
+def _range_loss(model, batch, start, weights, groups, anneal, noise, generator) -> torch.Tensor:
+    """`segment_loss` on one range: every layer of ``batch`` (B, n + 1, T, D) routed to one block."""
     n = batch.shape[1] - 1
     loss = batch.new_zeros(())
     if anneal > 0:

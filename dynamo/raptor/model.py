@@ -1,7 +1,7 @@
 """Raptor: k blocks applied recurrently in place of the L blocks of a ViT.
 
 The router, the rollout and the teacher's embedding and head are `dynamo.recurrence.PhaseRecurrence`'s
-(block i, 0-based, produces target layer t for the first i with t <= thresholds[i]); the maps are
+(block i, 0-based, produces the target layers of phase i); the maps are
 `RaptorBlock`s, conditioned on the layer they produce.
 """
 
@@ -21,10 +21,11 @@ class Raptor(PhaseRecurrence):
 
     Parameters
     ----------
-    thresholds : list of int
-        k - 1 increasing layer indices (empty for k = 1); target layer t goes to block i
-        (0-based) for the first i with t <= thresholds[i], and to the last block when t exceeds
-        them all: `dynamo.partition.Partition.thresholds` of a contiguous partition.
+    partition : Partition, or list of int
+        The phases of blocks 1..L (block i, 0-based, serves phase i; phases need not be
+        contiguous), or k - 1 increasing router thresholds (empty for k = 1): target layer t goes to
+        block i for the first i with t <= thresholds[i], and to the last block when t exceeds them
+        all (`dynamo.recurrence.PhaseRecurrence`).
     num_layers : int
         L, the teacher's number of blocks; `run` covers layers 0..L.
     block_config : dict
@@ -36,8 +37,8 @@ class Raptor(PhaseRecurrence):
 
     name = "Raptor"
 
-    def __init__(self, thresholds: list[int], num_layers: int, block_config: dict, teacher: BlockStepper | None = None):
-        super().__init__(thresholds, num_layers, teacher)
+    def __init__(self, partition, num_layers: int, block_config: dict, teacher: BlockStepper | None = None):
+        super().__init__(partition, num_layers, teacher)
         self.block_config = dict(block_config)
         self.blocks = nn.ModuleList(RaptorBlock(**self.block_config) for _ in range(self.k))
 

@@ -5,7 +5,10 @@ The recipe is the paper's (spec section 2; official code ``KempnerInstitute/rapt
 - **Stage 1** trains one block per phase of depth, on that phase's layer range s -> e only,
   with the loss ``lam * L_TF + (1 - lam) * L_AR`` (`dynamo.raptor.loss.segment_loss`): teacher
   forcing annealed linearly into autoregressive rollout, ``lam`` falling from 1 to ``tf_floor``
-  over the first ``tf_anneal`` (25%) of the steps, then staying there (the paper: 0).
+  over the first ``tf_anneal`` (25%) of the steps, then staying there (the paper: 0). A phase that
+  is not contiguous in depth (a random shuffled partition, the paper's Fig. 3 baseline) is trained
+  the same way on each of its runs of consecutive blocks, every run rolled out from its own
+  recorded start layer (the paper's code has no such phases; this is the natural extension).
 - **Stage 2** trains all blocks together, purely autoregressively over the whole depth 0 -> L,
   through the router.
 - AdamW; linear warmup from 0 over ``warmup`` steps (a fraction of each segment's steps when
@@ -51,7 +54,7 @@ from dynamo.raptor.data import trajectory_loader
 from dynamo.raptor.io import load_block, load_checkpoint, save_block, save_checkpoint
 from dynamo.raptor.loss import PAPER_STAGE2_WEIGHTS, loss_weights, segment_loss, stage1_weights
 
-__all__ = ["DONE", "Segment", "derived_seed", "plateaued", "segments", "stopping_rule", "train", "warmup_steps"]
+__all__ = ["DONE", "Segment", "derived_seed", "phase_runs", "plateaued", "segments", "stopping_rule", "train", "warmup_steps"]
 
 DONE = (3, 0, 0)  # (stage, phase, step) of a finished fit
 NOT_STAGE1 = ("k", "partition", "stage1_loss", "stage2_loss", "stage2_steps", "checkpoint_every", "stage1_cache")
@@ -59,7 +62,13 @@ NOT_STAGE1 = ("k", "partition", "stage1_loss", "stage2_loss", "stage2_steps", "c
 
 @dataclass(frozen=True)
 class Segment:
-    """One training segment: stage 1 trains block ``phase`` (0-based) on layers start..stop, stage 2 all blocks on 0..L."""
+    """One training segment: stage 1 trains block ``phase`` (0-based) on layers start..stop, stage 2 all blocks on 0..L.
+
+    A phase that is not contiguous in depth (a shuffled partition) is trained on its ``runs``: the
+    (start, stop) layer ranges of its maximal runs of consecutive blocks, each rolled out from its
+    own recorded start; ``start..stop`` then spans them all (what is read from the store). Empty
+    for a contiguous phase: one run, start..stop.
+    """
 
     stage: int
     phase: int
@@ -67,18 +76,32 @@ class Segment:
     stop: int
     steps: int
     weights: dict | None  # token-kind loss weights (`dynamo.raptor.loss.loss_weights`), None for MSE
+    runs: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The (start, stop) layer ranges trained: ``runs``, or the one range start..stop."""
+        return list(self.runs) or [(self.start, self.stop)]
 
     @property
     def name(self) -> str:
         block = f" block {self.phase + 1}" if self.stage == 1 else ""
-        return f"stage {self.stage}{block} layers {self.start}->{self.stop}"
+        return f"stage {self.stage}{block} layers {','.join(f'{a}->{b}' for a, b in self.ranges)}"
+
+
+def phase_runs(phase: list[int]) -> tuple[tuple[int, int], ...]:
+    """The layer ranges (b - 1, e) of a phase's maximal runs of consecutive blocks b..e; () when it is one run."""
+    cuts = [i for i in range(1, len(phase)) if phase[i] != phase[i - 1] + 1]
+    runs = tuple((run[0] - 1, run[-1]) for run in np.split(np.asarray(phase), cuts))
+    return () if len(runs) == 1 else tuple((int(a), int(b)) for a, b in runs)
 
 
 def segments(fitter) -> list[Segment]:
     """The segments of a `RaptorFitter`'s recipe with any steps, in training order."""
     partition = fitter.partition_
     weights = stage1_weights(fitter.stage1_loss, len(partition))
-    stage1 = [Segment(1, index, phase[0] - 1, phase[-1], fitter.steps, weights[index]) for index, phase in enumerate(partition)]
+    stage1 = [Segment(1, index, phase[0] - 1, phase[-1], fitter.steps, weights[index], phase_runs(phase))
+              for index, phase in enumerate(partition)]
     steps = fitter.steps if fitter.stage2_steps is None else fitter.stage2_steps
     stage2 = Segment(2, 0, 0, fitter.model_.num_layers, steps, loss_weights(fitter.stage2_loss, PAPER_STAGE2_WEIGHTS))
     return [segment for segment in [*stage1, stage2] if segment.steps]
@@ -161,7 +184,8 @@ def _block_key(identity: dict, segment: Segment) -> dict:
     params = {name: value for name, value in identity["params"].items() if name not in NOT_STAGE1}
     if params.get("init") is not None:  # the block starts from its own phase's teacher block only
         params["init"] = params["init"][segment.phase]
-    return {**identity, "params": params, "segment": [segment.start, segment.stop, segment.steps], "weights": segment.weights}
+    runs = {"runs": [list(run) for run in segment.runs]} if segment.runs else {}
+    return {**identity, "params": params, "segment": [segment.start, segment.stop, segment.steps], "weights": segment.weights, **runs}
 
 
 def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimizer_state, checkpoint) -> None:
@@ -192,7 +216,8 @@ def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimiz
             scheduler.step_update(step)
             anneal = max(floor, 1.0 - (1.0 - floor) * step / (fitter.tf_anneal * segment.steps)) if anneals else floor
             generator = torch.Generator(batch.device).manual_seed(derived_seed(fitter.seed, *span, step)) if fitter.noise else None
-            loss = segment_loss(model, batch, segment.start, segment.weights, fitter.groups_, anneal, fitter.noise, generator)
+            loss = segment_loss(model, batch, segment.start, segment.weights, fitter.groups_, anneal, fitter.noise, generator,
+                                segment.ranges)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, fitter.grad_clip)
@@ -222,18 +247,19 @@ def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimiz
 
 
 def _validation_states(fitter, ds: xr.Dataset, segment: Segment) -> torch.Tensor | None:
-    """Layers start and stop of at most ``validation_images`` held-out images, (N, 2, T, D)."""
+    """The start and stop layers of each range of at most ``validation_images`` held-out images, (N, 2 × ranges, T, D)."""
     rows = np.sort(np.random.default_rng(fitter.split_seed_).permutation(fitter.validation_images_)[: fitter.validation_images])
     if rows.size == 0:
         return None
-    hidden = ds["hidden"].sel(image=rows).isel(layer=[segment.start, segment.stop])
+    hidden = ds["hidden"].sel(image=rows).isel(layer=[layer for run in segment.ranges for layer in run])
     return torch.from_numpy(np.asarray(hidden.values, dtype=np.float32)).to(fitter.device)
 
 
 @torch.no_grad()
 def _validate(model, validation: torch.Tensor, segment: Segment) -> float:
-    """R² (teacher variance) of the rollout start -> stop at layer ``stop``, on held-out images."""
-    return r2_score(model.run(validation[:, 0], segment.start, segment.stop)[-1], validation[:, 1])
+    """R² (teacher variance) of the rollout start -> stop at layer ``stop``, on held-out images; the mean over a phase's ranges."""
+    return float(np.mean([r2_score(model.run(validation[:, 2 * i], a, b)[-1], validation[:, 2 * i + 1])
+                          for i, (a, b) in enumerate(segment.ranges)]))
 
 
 def derived_seed(*parts) -> int:
