@@ -160,16 +160,20 @@ def study_model(label: str, loaded: LoadedModel, images: Path, out: Path, args, 
     num_layers = loaded.num_blocks
     k1 = fitted(store, folder / "raptor" / "k1", loaded, Partition.uniform(num_layers, 1), recipe)
     random_seeds, shuffled_seeds = (args.random_seeds, args.shuffled_seeds) if partition_test else (0, 0)
-    partitions, methods, reports, rows = {}, {}, {}, []
+    partitions, methods, fitters, baselines = {}, {}, {}, {k: [k1] for k in args.ks}
     for k in args.ks:
         partitions[k], methods[k] = raptor_partition(matrix, k)
-        fitter = fitted(store, folder / "raptor" / f"k{k}", loaded, partitions[k], recipe)
-        reports[k] = fitter.evaluate(store, probe=False)
-        reuse = [k1] + [fitted(store, folder / "raptor" / f"k{k}-{name.replace(' ', '')}", loaded, partition, recipe)
-                        for name, partition in baseline_partitions(num_layers, k, random_seeds, shuffled_seeds).items()
-                        if partition != partitions[k]]
-        rows.append(partition_baselines(store, fitter, random_seeds=random_seeds, shuffled_seeds=shuffled_seeds,
-                                        teacher=loaded, reuse=reuse))
+        fitters[k] = fitted(store, folder / "raptor" / f"k{k}", loaded, partitions[k], recipe)
+    # the baselines seed by seed across k, so that a study stopped early has the first seeds of every k
+    candidates = {k: baseline_partitions(num_layers, k, random_seeds, shuffled_seeds) for k in args.ks}
+    for seed in [None, *range(max(random_seeds, shuffled_seeds))]:
+        for k in args.ks:
+            names = ["uniform"] if seed is None else [f"random {seed}", f"shuffled {seed}"]
+            baselines[k] += [fitted(store, folder / "raptor" / f"k{k}-{name.replace(' ', '')}", loaded, candidates[k][name], recipe)
+                             for name in names if name in candidates[k] and candidates[k][name] != partitions[k]]
+    reports = {k: fitters[k].evaluate(store, probe=False) for k in args.ks}
+    rows = [partition_baselines(store, fitters[k], random_seeds=random_seeds, shuffled_seeds=shuffled_seeds, teacher=loaded,
+                                reuse=baselines[k]) for k in args.ks]
     ks = list(args.ks)
     per_k_scores = {k: phasing.phase_scores(matrix, partitions[k]) for k in ks}
     baseline = xr.concat(rows, dim=xr.Variable("k", ks), coords="all", combine_attrs="drop")

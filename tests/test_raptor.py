@@ -379,10 +379,12 @@ def test_cli_fit_prints_the_report_and_resumes(digits_folder, tmp_path, capsys, 
     assert main(["fit", str(path), "--k", "2", "--partition", "1-9", "--out", str(tmp_path / "x")]) == 2
     assert "partition" in capsys.readouterr().err
     # baselines: the same recipe on the uniform partition, random contiguous ones and k = 1
-    assert main(["fit", str(path), "--k", "2", "--steps", "3", "--baselines", "2", "--out", str(tmp_path / "b"), "--json", "--quiet"]) == 0
+    argv = ["fit", str(path), "--k", "2", "--steps", "3", "--baselines", "2", "--shuffled", "1", "--out", str(tmp_path / "b"), "--json", "--quiet"]
+    assert main(argv) == 0
     baselines = json.loads(capsys.readouterr().out)["baselines"]
-    assert list(baselines) == ["fitted", "uniform", "random 0", "random 1", "k=1"]
+    assert list(baselines) == ["fitted", "uniform", "random 0", "random 1", "shuffled 0", "k=1"]
     assert baselines["uniform"]["partition"] == "[1-2][3-4]" and baselines["k=1"]["partition"] == "[1-4]"
+    assert baselines["shuffled 0"]["partition"] == str(Partition.random_shuffled(4, 2, 0))
     assert all(np.isfinite(b["r2_final"]) for b in baselines.values())
 
 

@@ -51,7 +51,7 @@ from dynamo.zoo import train as zoo_train
 # `dynamo fit` flags of Raptor's training, with their defaults when not given
 RAPTOR_ONLY = {name: None for name in ("recipe", "steps", "stage2_steps", "patience", "tol", "validate_every", "batch_size",
                                        "lr", "weight_decay", "warmup", "min_lr", "tf_anneal", "tf_floor", "noise",
-                                       "stage1_loss", "stage2_loss", "grad_clip", "mlp")} | {"baselines": 0, "seeds": 1}
+                                       "stage1_loss", "stage2_loss", "grad_clip", "mlp")} | {"baselines": 0, "shuffled": 0, "seeds": 1}
 USER_ERRORS = (ModelLoadError, NotAViTError, StoreError, RecordingError, FileNotFoundError, ValueError)
 
 
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--grad-clip", type=float, help="gradient-norm clipping (default 1.0)")
     fit.add_argument("--baselines", type=nonnegative_int, default=0, metavar="N",
                      help="also fit the uniform partition, N random contiguous partitions and k=1, with the same recipe")
+    fit.add_argument("--shuffled", type=nonnegative_int, default=0, metavar="N",
+                     help="also fit N random shuffled partitions (phases of random blocks, not contiguous; the paper's Fig. 3)")
     fit.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (a DINOv2 "
                      "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
     fit.add_argument("--seed", type=int, default=0)
@@ -443,7 +445,7 @@ def _fit(args) -> dict:
         params["stage1_loss"] = losses[0] if len(losses) == 1 else losses
     if args.stage2_loss:
         params["stage2_loss"] = parse_loss(args.stage2_loss)
-    return fit(args.store, args.out, k=args.k, partition=args.partition, baselines=args.baselines, seed=args.seed,
+    return fit(args.store, args.out, k=args.k, partition=args.partition, baselines=args.baselines, shuffled=args.shuffled, seed=args.seed,
                seeds=args.seeds, recipe=args.recipe, head=args.head, device=args.device, progress=not args.quiet,
                **params)
 

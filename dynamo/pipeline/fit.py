@@ -95,6 +95,7 @@ def fit(
     partition=None,
     phases: dict | None = None,
     baselines: int = 0,
+    shuffled: int = 0,
     seeds: int = 1,
     recipe: str | None = None,
     head: str | Path | None = None,
@@ -120,6 +121,9 @@ def fit(
     baselines : int
         Also refit the recipe on the uniform partition, this many random contiguous ones and
         k = 1 (`dynamo.raptor.partition_baselines`); 0 for none. One k and one seed only.
+    shuffled : int
+        With the baselines (or alone), this many random shuffled partitions: phases of blocks
+        drawn at random, not contiguous in depth (the paper's Fig. 3 protocol).
     seeds : int
         Fits per k, with seeds ``seed .. seed + seeds - 1``, all on the held-out images of ``seed``.
     recipe : {"paper"}, optional
@@ -159,8 +163,8 @@ def fit(
     ks = [kk or 2 for kk in ks]
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    if baselines and (len(ks) > 1 or seeds > 1):
-        raise ValueError("--baselines refits one fit's recipe: use it with one --k and --seeds 1")
+    if (baselines or shuffled) and (len(ks) > 1 or seeds > 1):
+        raise ValueError("--baselines and --shuffled refit one fit's recipe: use them with one --k and --seeds 1")
     teacher = resolve_teacher(ds.attrs, teacher)
     linear_head = resolve_head(ds, teacher, head, seed=seed)
     single = len(ks) == 1 and seeds == 1
@@ -183,8 +187,8 @@ def fit(
         "stopping": stopping_rule(first),
         **({key: value for key, value in runs[0].items()} if single else {"runs": runs, "by_k": _by_k(runs)}),
     }
-    if baselines:
-        table = partition_baselines(ds, first, random_seeds=baselines, teacher=teacher)
+    if baselines or shuffled:
+        table = partition_baselines(ds, first, random_seeds=baselines, shuffled_seeds=shuffled, teacher=teacher)
         summary["baselines"] = {
             str(name): {"partition": str(from_result(table.sel(fit=name))),
                         "r2_final": float(table["r2_final"].sel(fit=name)),
