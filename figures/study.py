@@ -165,7 +165,9 @@ def plot_accuracy_vs_drop_rate(study: xr.Dataset, ax=None) -> plt.Figure:
     ax.set_ylim(max(0.0, lowest - 0.3), 1.01)  # room below the curves for the legend
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title(f"Accuracy vs drop rate: the ViT and its Raptor surrogates\n{_correlation_text(study, 'p_vs_vit_accuracy')} (ViT)", fontsize=9)
+    correlation = _correlation_text(study, "p_vs_vit_accuracy")
+    ax.set_title("Accuracy vs drop rate: the ViT and its Raptor surrogates" + (f"\nViT accuracy vs p: {correlation}" if correlation else ""),
+                 fontsize=9)
     return figure
 
 
