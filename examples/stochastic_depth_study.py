@@ -143,7 +143,9 @@ def study_model(label: str, loaded: LoadedModel, images: Path, out: Path, args, 
         and ``n_phases`` of its max-cut phases at ``--eps`` (coordinate ``phase_partition``, e.g.
         ``"[1-3][4-12]"``); per ``k``: ``partition_<score>`` of the partition Raptor is fitted on
         (coordinate ``partition_method``), ``raptor_r2`` (k, layer, token_kind) and the fit's
-        ``raptor_<number>`` (`RAPTOR_NUMBERS`); per ``fit`` ("fitted", "uniform", "random i",
+        ``raptor_<number>`` (`RAPTOR_NUMBERS`), ``raptor_segments_stopped_early`` (segments its
+        early-stopping rule ended before the step cap) and ``raptor_stage2_last_gain`` (held-out R²
+        gained over stage 2's last ``--patience`` validations); per ``fit`` ("fitted", "uniform", "random i",
         "shuffled i", "k=1"): ``baseline_r2`` (k, fit, layer), ``baseline_r2_final``,
         ``baseline_accuracy_ratio`` (k, fit), and every fit's partition as the coordinate
         ``phase`` (k, fit, layer): ``from_result(result.sel(k=k, fit="fitted"))`` is Raptor's.
@@ -187,6 +189,8 @@ def study_model(label: str, loaded: LoadedModel, images: Path, out: Path, args, 
             **{f"partition_{name}": (("k",), [per_k_scores[k][name] for k in ks]) for name in SCORES},
             "raptor_r2": (("k", "layer", "token_kind"), np.stack([reports[k]["r2"].values for k in ks])),
             **{f"raptor_{name}": (("k",), [reports[k].attrs[name] for k in ks]) for name in RAPTOR_NUMBERS},
+            "raptor_segments_stopped_early": (("k",), [sum("stop" in entry for entry in fitters[k].history_) for k in ks]),
+            "raptor_stage2_last_gain": (("k",), [stage2_gain(fitters[k].history_, args.patience or 3) for k in ks]),
             "raptor_k1_r2_final": ((), float(baseline["r2_final"].sel(fit="k=1").isel(k=0))),
             "raptor_k1_accuracy_ratio": ((), float(baseline["accuracy_ratio"].sel(fit="k=1").isel(k=0))),
             "baseline_r2": baseline["r2"],
@@ -201,6 +205,12 @@ def study_model(label: str, loaded: LoadedModel, images: Path, out: Path, args, 
             "n_images": int(dataset.sizes["image"]), "n_heldout": int(reports[ks[0]].attrs["n_images"]),
         },
     )
+
+
+def stage2_gain(history: list[dict], validations: int) -> float:
+    """Held-out R² gained by stage 2 over its last ``validations`` validations: how far from converged a fit stopped."""
+    scores = [entry["val_r2"] for entry in history if entry["stage"] == 2]
+    return float(scores[-1] - scores[-1 - validations]) if len(scores) > validations else np.nan
 
 
 def one_model(label: str, args) -> tuple[xr.Dataset, float]:
@@ -404,6 +414,8 @@ def study_numbers(study: xr.Dataset, settings: dict, seconds: dict, total: float
                     "partition_method": str(row["partition_method"].sel(k=k).values),
                     **{name: round(float(row[f"partition_{name}"].sel(k=k)), 4) for name in SCORES},
                     **{name: round(float(row[f"raptor_{name}"].sel(k=k)), 4) for name in RAPTOR_NUMBERS},
+                    "segments_stopped_early": int(row["raptor_segments_stopped_early"].sel(k=k)),
+                    "stage2_last_gain": round(float(row["raptor_stage2_last_gain"].sel(k=k)), 4),
                     "r2_final_cls": round(float(row["raptor_r2"].sel(k=k, token_kind="cls").isel(layer=-1)), 4),
                     "r2_final_patch": round(float(row["raptor_r2"].sel(k=k, token_kind="patch").isel(layer=-1)), 4),
                     "baselines_r2_final": {str(f): round(float(v), 4) for f, v in
