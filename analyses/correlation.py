@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy.stats import bootstrap, spearmanr
+from scipy.stats import spearmanr
 
 __all__ = ["spearman", "verdict"]
 
@@ -26,7 +26,9 @@ def spearman(x, y, n_bootstrap: int = 2000, confidence: float = 0.95, seed: int 
     x, y : array-like, (n,)
         One value per model; pairs with a non-finite value are dropped.
     n_bootstrap : int
-        Resamples of the n pairs (`scipy.stats.bootstrap`, paired, percentile method).
+        Resamples of the n pairs (drawn with replacement; percentile interval). A resample whose
+        values are all tied on one side has no defined ρ and is left out (`scipy.stats.bootstrap`
+        cannot leave such resamples out, which with few models or tied scores leaves no interval).
     confidence : float
         Level of the interval.
     seed : int
@@ -35,8 +37,8 @@ def spearman(x, y, n_bootstrap: int = 2000, confidence: float = 0.95, seed: int 
     Returns
     -------
     dict
-        ``rho``, ``p_value`` (two-sided, `scipy.stats.spearmanr`), ``low``, ``high`` (NaN where
-        a resample has no spread) and ``n`` (pairs used). All NaN but ``n`` below 3 pairs.
+        ``rho``, ``p_value`` (two-sided, `scipy.stats.spearmanr`), ``low``, ``high`` and ``n``
+        (pairs used). All NaN but ``n`` below 3 pairs.
     """
     x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
     keep = np.isfinite(x) & np.isfinite(y)
@@ -44,12 +46,12 @@ def spearman(x, y, n_bootstrap: int = 2000, confidence: float = 0.95, seed: int 
     if x.size < 3:
         return {"rho": np.nan, "p_value": np.nan, "low": np.nan, "high": np.nan, "n": int(x.size)}
     rho, p_value = spearmanr(x, y)
-    with warnings.catch_warnings():  # a resample of few models may repeat one pair: rho undefined there, dropped
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():  # a resample of tied values has no defined rho: dropped
         warnings.simplefilter("ignore")
-        interval = bootstrap((x, y), lambda a, b: spearmanr(a, b)[0], paired=True, vectorized=False,
-                             n_resamples=n_bootstrap, confidence_level=confidence, method="percentile",
-                             random_state=np.random.default_rng(seed)).confidence_interval
-    return {"rho": float(rho), "p_value": float(p_value), "low": float(interval.low), "high": float(interval.high),
+        draws = [spearmanr(x[i], y[i])[0] for i in (rng.integers(0, x.size, x.size) for _ in range(n_bootstrap))]
+    low, high = np.nanpercentile(draws, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return {"rho": float(rho), "p_value": float(p_value), "low": float(low), "high": float(high),
             "n": int(x.size)}
 
 
