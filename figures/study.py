@@ -176,9 +176,13 @@ def plot_score_vs_r2(study: xr.Dataset, score: str = "contrast", ax=None) -> plt
     figure, ax = axes(ax, figsize=(6.8, 4.8))
     key = f"{score}_vs_r2"
     lines = []
+    roles = study["role"].values if "role" in study.coords else np.full(study.sizes["model"], "family")
     for index, k in enumerate(study["k"].values.tolist()):
-        ax.scatter(study[f"partition_{score}"].sel(k=k), study["raptor_r2_final"].sel(k=k), color=plt.cm.tab10(index), s=30,
-                   label=f"k = {k}")
+        for role, marker in (("family", "o"), ("series", "^"), ("untrained", "x")):
+            mine = roles == role
+            if mine.any():
+                ax.scatter(study[f"partition_{score}"].sel(k=k)[mine], study["raptor_r2_final"].sel(k=k)[mine], color=plt.cm.tab10(index),
+                           marker=marker, s=30, label=f"k = {k}" + ("" if role == "family" else f" ({role})"))
         lines.append(f"k = {k}: {_correlation_text(study, key, str(k))}")
     lines.append(f"mean over k: {_correlation_text(study, key, 'mean')}")
     ax.set_xlabel(f"phase-structure score: {score.replace('_', ' ')} of the Raptor partition")
@@ -249,6 +253,9 @@ def plot_overtraining(study: xr.Dataset) -> plt.Figure:
         right.axhline(float(study["raptor_r2_final"].sel(model=label).mean("k")), color="k", linestyle=":",
                       label=f"{label} (mean over k)")
     right.set(xlabel="training epoch (log)", ylabel="Raptor R² at the last layer (all tokens)", xscale="log")
+    for ax in (left, right):
+        ax.set_xticks(epochs, [f"{epoch:g}" for epoch in epochs])
+        ax.minorticks_off()
     right.set_title(f"Raptor's fit over training\nR² vs epoch: {_correlation_text(study, 'epoch_vs_r2')} (mean over k)", fontsize=9)
     right.grid(alpha=0.3)
     right.legend(fontsize=7)
