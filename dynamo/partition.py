@@ -102,9 +102,7 @@ class Partition(list):
     @classmethod
     def random_contiguous(cls, num_blocks: int, k: int, seed: int) -> Partition:
         """Blocks 1..L cut into k contiguous phases at k - 1 cut points drawn uniformly without replacement."""
-        _check_k(num_blocks, k)
-        cuts = np.sort(np.random.default_rng(seed).choice(np.arange(1, num_blocks), size=k - 1, replace=False))
-        return cls(np.split(np.arange(1, num_blocks + 1), cuts))
+        return cls(np.split(np.arange(1, num_blocks + 1), _random_cuts(np.random.default_rng(seed), num_blocks, k)))
 
     @classmethod
     def random_shuffled(cls, num_blocks: int, k: int, seed: int) -> Partition:
@@ -112,9 +110,8 @@ class Partition(list):
         blocks, as a rule not contiguous in depth (the paper's "random shuffled" partitions; how it
         drew them was not recoverable: this draws the phase sizes as `random_contiguous` does, then
         the blocks of each phase at random)."""
-        _check_k(num_blocks, k)
         rng = np.random.default_rng(seed)
-        cuts = np.sort(rng.choice(np.arange(1, num_blocks), size=k - 1, replace=False))
+        cuts = _random_cuts(rng, num_blocks, k)
         return cls(np.split(rng.permutation(np.arange(1, num_blocks + 1)), cuts))
 
     # ---- reading -----------------------------------------------------------------------------
@@ -216,6 +213,12 @@ def _span(phase: Sequence[int]) -> str:
         else:
             runs.append([block, block])
     return "[" + ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs) + "]"
+
+
+def _random_cuts(rng: np.random.Generator, num_blocks: int, k: int) -> np.ndarray:
+    """k - 1 sorted cut points drawn uniformly without replacement from 1..L - 1 (k checked)."""
+    _check_k(num_blocks, k)
+    return np.sort(rng.choice(np.arange(1, num_blocks), size=k - 1, replace=False))
 
 
 def resolve_partition(partition, k: int | None, num_layers: int) -> Partition:

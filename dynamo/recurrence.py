@@ -29,9 +29,9 @@ class PhaseRecurrence(nn.Module):
     Parameters
     ----------
     partition : Partition, or list of int
-        The phases, a `Partition` of blocks 1..L (contiguous or not; map i serves phase i), or
-        the k - 1 increasing router thresholds in 1..L - 1 of contiguous phases (empty for k = 1)
-        or any other form `Partition.parse` reads.
+        The phases of blocks 1..L in any form `Partition.parse` reads, contiguous or not (map i
+        serves phase i), e.g. a `Partition` or the k - 1 increasing router thresholds of contiguous
+        phases (empty for k = 1).
     num_layers : int
         L, the teacher's number of blocks; `run` covers layers 0..L.
     teacher : BlockStepper, optional
@@ -43,9 +43,7 @@ class PhaseRecurrence(nn.Module):
 
     def __init__(self, partition, num_layers: int, teacher: BlockStepper | None = None):
         super().__init__()
-        partition = partition if isinstance(partition, Partition) else Partition.parse(partition, num_layers)
-        if partition.blocks.tolist() != list(range(1, num_layers + 1)):
-            raise ValueError(f"the phases {partition} must hold every block 1..{num_layers} once")
+        partition = Partition.parse(partition, num_layers, contiguous=False)
         self.partition = partition
         self.num_layers = int(num_layers)
         self.teacher = teacher

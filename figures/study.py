@@ -103,6 +103,11 @@ def plot_r2_per_drop_rate(study: xr.Dataset, fig: plt.Figure | None = None) -> p
     return figure
 
 
+def _seed_note(family: xr.Dataset) -> str:
+    """How `_per_seed` marks the seeds, for an axis label (nothing with one seed)."""
+    return " (filled: seed 0, open: seed 1)" if len(np.unique(family["seed"].values)) > 1 else ""
+
+
 def _per_seed(ax, family: xr.Dataset, values: xr.DataArray, color, label: str) -> None:
     """Each seed's points against the drop rate, and a line through the mean at each rate."""
     rates, seeds = family["drop_rate"].values, family["seed"].values
@@ -128,7 +133,7 @@ def plot_raptor_vs_drop_rate(study: xr.Dataset) -> plt.Figure:
         for label in _untrained(study):
             ax.axhline(float(study[variable].sel(model=label).mean("k")), color="k", linestyle=":",
                        label=f"{label} (mean over k)")
-        ax.set(xlabel="stochastic-depth rate p (filled: seed 0, open: seed 1)", ylabel=name)
+        ax.set(xlabel=f"stochastic-depth rate p{_seed_note(family)}", ylabel=name)
         ax.set_title(f"{name.split(' (')[0]} vs p\n{_correlation_text(study, key)} (mean over k)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -141,25 +146,14 @@ def plot_accuracy_vs_drop_rate(study: xr.Dataset, ax=None) -> plt.Figure:
     """ViT accuracy and Raptor accuracy (per k) against drop rate; the untrained model as a legend entry."""
     family = _family(study)
     figure, ax = axes(ax, figsize=(6.4, 4.2))
-    multiple_seeds = "seed" in family.coords and len(np.unique(family["seed"].values)) > 1
-    if multiple_seeds:
-        _per_seed(ax, family, family["vit_accuracy"], "k", f"ViT (all {int(study['n_images'].max())} images)")
-    else:
-        order = np.argsort(family["drop_rate"].values)
-        ax.plot(family["drop_rate"].values[order], family["vit_accuracy"].values[order], "k-o",
-                label=f"ViT (all {int(study['n_images'].max())} images)")
+    _per_seed(ax, family, family["vit_accuracy"], "k", f"ViT (all {int(study['n_images'].max())} images)")
     for index, k in enumerate(study["k"].values.tolist()):
-        values = family["raptor_accuracy_surrogate"].sel(k=k)
-        if multiple_seeds:
-            _per_seed(ax, family, values, plt.cm.tab10(index), f"Raptor k = {k} (held-out)")
-        else:
-            order = np.argsort(family["drop_rate"].values)
-            ax.plot(family["drop_rate"].values[order], values.values[order], "-s", color=plt.cm.tab10(index), label=f"Raptor k = {k} (held-out)")
+        _per_seed(ax, family, family["raptor_accuracy_surrogate"].sel(k=k), plt.cm.tab10(index), f"Raptor k = {k} (held-out)")
     for label in _untrained(study):
         raptor = ", ".join(f"k = {k} {float(study['raptor_accuracy_surrogate'].sel(model=label, k=k)):.2f}"
                            for k in study["k"].values.tolist())
         ax.plot([], [], " ", label=f"{label}: ViT {float(study['vit_accuracy'].sel(model=label)):.2f}, Raptor {raptor}")
-    ax.set_xlabel("stochastic-depth rate p" + (" (filled: seed 0, open: seed 1)" if multiple_seeds else ""))
+    ax.set_xlabel(f"stochastic-depth rate p{_seed_note(family)}")
     ax.set_ylabel("accuracy on the held-out images")
     lowest = min(float(family["raptor_accuracy_surrogate"].min()), float(family["vit_accuracy"].min()))
     ax.set_ylim(max(0.0, lowest - 0.3), 1.01)  # room below the curves for the legend
