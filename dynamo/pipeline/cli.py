@@ -406,7 +406,7 @@ def _profile(args) -> dict:
             raise ValueError(f"--img-size, --preprocess and --preset apply when recording a model; {args.model} is "
                              "a recorded store (its image size and preprocessing are fixed): drop them")
         return profile_store(args.model, args.out, **options)
-    if args.model.endswith(".zarr") or os.sep in args.model:  # a path, not a timm or zoo name
+    if not args.model.startswith(zoo.ZOO_PREFIX) and (args.model.endswith(".zarr") or os.sep in args.model):  # a path
         raise StoreError(f"no trajectory store at {args.model}; check the path (or pass a timm or zoo model name)")
     return profile(
         args.model, args.out, images=args.images, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
