@@ -36,7 +36,7 @@ from analyses.perturbation import last_layer, parameter_of, select_images, state
 from analyses.streaming import image_coords, rounded
 from dynamo.stepping import propagator_for
 
-__all__ = ["DESCRIPTION", "compute", "jacobian_spectrum", "summarize", "top_singular_triplets", "top_singular_values"]
+__all__ = ["DESCRIPTION", "compute", "summarize", "top_singular_triplets", "top_singular_values"]
 
 DESCRIPTION = (
     "Block Jacobians: the top singular values of each block's Jacobian at real states, from JVPs and "
@@ -295,4 +295,3 @@ def summarize(result: xr.Dataset) -> dict:
     return summary
 
 
-jacobian_spectrum = compute

@@ -55,7 +55,6 @@ __all__ = [
     "compute",
     "jacobian_similarity",
     "knee_partition",
-    "lens_agreement",
     "partitions_of",
     "subspace_overlap",
     "summarize",
@@ -481,7 +480,6 @@ def compute(
     return result.assign_attrs(attrs)
 
 
-lens_agreement = compute
 
 
 def partitions_of(result: xr.Dataset) -> dict[str, Partition]:

@@ -38,7 +38,7 @@ from analyses.streaming import image_coords, principal_directions, rounded
 from dynamo.layout import token_groups
 from dynamo.stepping import propagator_for
 
-__all__ = ["DESCRIPTION", "compute", "perturbation_recovery", "select_images", "states_at", "summarize"]
+__all__ = ["DESCRIPTION", "compute", "select_images", "states_at", "summarize"]
 
 DESCRIPTION = (
     "Perturbation recovery: a relative nudge of size alpha at layer l0, carried through the remaining "
@@ -363,4 +363,3 @@ def summarize(result: xr.Dataset) -> dict:
     return summary
 
 
-perturbation_recovery = compute

@@ -32,7 +32,7 @@ from dynamo.metrics import r2_score
 from dynamo.partition import Partition, assign_phases, from_result
 from dynamo.stepping import BlockStepper, propagator_for
 
-__all__ = ["DESCRIPTION", "compute", "layer_swap", "phase_relation", "summarize"]
+__all__ = ["DESCRIPTION", "compute", "phase_relation", "summarize"]
 
 DESCRIPTION = (
     "Causal layer swap: accuracy, agreement with the clean run and last-layer R² when block j runs in "
@@ -199,4 +199,3 @@ def summarize(result: xr.Dataset) -> dict:
     return summary
 
 
-layer_swap = compute
