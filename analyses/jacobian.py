@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import xarray as xr
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
 from analyses.perturbation import last_layer, parameter_of, select_images, states_at
 from analyses.streaming import image_coords, rounded
+from dynamo.progress import progress_bar
 from dynamo.stepping import propagator_for
 
 __all__ = ["DESCRIPTION", "compute", "summarize", "top_singular_triplets", "top_singular_values"]
@@ -219,7 +219,7 @@ def compute(
     to_end = np.full((n, len(starts), n_singular), np.nan, np.float32)
 
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    bar = tqdm(total=len(batches) * (len(blocks) + len(starts)), desc="jacobian", disable=not progress)
+    bar = progress_bar(total=len(batches) * (len(blocks) + len(starts)), desc="jacobian", enabled=progress)
     for batch in batches:
         for bi, block in enumerate(blocks):
             x = states_at(ds, block - 1, batch, like)

@@ -32,10 +32,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from analyses.streaming import image_coords, principal_directions, rounded
 from dynamo.layout import token_groups
+from dynamo.progress import progress_bar
 from dynamo.stepping import propagator_for
 
 __all__ = ["DESCRIPTION", "compute", "select_images", "states_at", "summarize"]
@@ -197,7 +197,7 @@ def compute(
     }
 
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    bar = tqdm(total=len(batches) * len(starts), desc="perturbation", disable=not progress)
+    bar = progress_bar(total=len(batches) * len(starts), desc="perturbation", enabled=progress)
     with torch.no_grad():
         for batch in batches:
             random_units = _random_directions(ds, batch, n_directions, seed, perturbed)

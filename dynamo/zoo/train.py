@@ -27,7 +27,6 @@ import math
 import os
 import platform
 import random
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -42,8 +41,8 @@ from safetensors.torch import save_file
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from timm.scheduler import CosineLRScheduler
-from tqdm.auto import tqdm
 
+from dynamo.progress import progress_bar
 from dynamo.zoo import build_model, data
 from dynamo.zoo.config import (  # noqa: F401  (the trainer's settings, re-exported)
     DATASET_DEFAULTS,
@@ -287,7 +286,7 @@ def train_model(
         steps_per_epoch = math.ceil(len(y) / config.batch_size)
         total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
         scheduler = schedule(optimizer, total, warmup, config.min_lr)
-        bar = tqdm(total=total, desc=name, unit="step", disable=not progress, file=sys.stderr)
+        bar = progress_bar(total=total, desc=name, unit="step", enabled=progress)
         model.train()
         step = 0
         jitter = bool(config.max_shift or config.max_rotation or config.max_scale)
