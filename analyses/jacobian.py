@@ -158,7 +158,7 @@ def compute(
     n_singular: int = 4,
     blocks: Sequence[int] | None = None,
     composed: bool = False,
-    images: int | Sequence[int] | None = None,
+    images: int | Sequence[int] | None = 32,
     oversample: int = 6,
     n_iter: int = 6,
     batch_size: int = 8,
@@ -181,8 +181,7 @@ def compute(
         Also linearise the map from every layer l0 in 0..L-1 to the last layer L (costs about
         (L+1)/2 times the per-block spectra).
     images : int, sequence of int, or None
-        See `analyses.perturbation.select_images`; each image costs about 2 (n_iter + 1)
-        passes of (n_singular + oversample) probes through each block.
+        `dynamo.store.image_positions`: by default 32 images evenly spaced over the store (None: all).
     oversample, n_iter : int
         Randomized block Krylov settings (see `top_singular_values`).
     batch_size : int

@@ -71,11 +71,11 @@ def test_phase_relation():
 
 
 def test_phases_default_to_the_stores_own(phase_store):
+    """Without a partition, swap uses the phases found in the store: here the model's planted ones."""
     model, ds = phase_store
-    from analyses.phases import find_phases
-
-    result = swap.compute(ds, model, images=8, progress=False)
-    assert from_result(result) == find_phases(ds)
+    assert from_result(swap.compute(ds, model, images=8, progress=False)) == PHASES
+    other = [[1], [2, 3, 4, 5]]
+    assert from_result(swap.compute(ds, model, partition=other, images=8, progress=False)) == other
 
 
 def test_clear_errors(phase_store):
