@@ -50,13 +50,13 @@ from analyses.streaming import (
     image_coords,
     labels_of,
     layer_states,
-    progress_bar,
     provenance,
     rounded,
 )
 from dynamo.layout import ALL_TOKENS, token_groups
 from dynamo.metrics import r2_from_sums, r2_sums
 from dynamo.partition import NO_PHASE, Partition, assign_phases
+from dynamo.progress import progress_bar
 
 DESCRIPTION = (
     "One sparse dictionary (TopK or RA-SAE) over every layer's tokens: each concept's activation "
@@ -424,7 +424,7 @@ def top_examples(ds: xr.Dataset, dictionary: ConceptDictionary, result: xr.Datas
     maps = np.full((len(chosen), n_top, *grid), np.nan, dtype=np.float32)
     layers = sorted({layer for _, _, layer in chosen})
     blocks = image_blocks(ds) if chosen else []
-    with progress_bar(len(blocks), "concepts: examples", progress) as bar:
+    with progress_bar(total=len(blocks), desc="concepts: examples", enabled=progress, leave=False) as bar:
         for block in blocks:
             for layer in layers:
                 states = np.asarray(ds["hidden"].isel(image=block).sel(layer=layer).values[:, patches], dtype=np.float32)

@@ -48,9 +48,9 @@ from sklearn.base import BaseEstimator
 from sklearn.cluster import KMeans
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
-from tqdm.auto import tqdm
 
 from analyses.streaming import finite, fold_image_blocks, image_blocks, layer_states, unit
+from dynamo.progress import progress_bar
 from dynamo.store import jsonable
 
 __all__ = ["KINDS", "ConceptDictionary", "SparseAutoencoder", "TokenSampler", "layer_scales", "matched_cosine",
@@ -398,7 +398,7 @@ class ConceptDictionary(BaseEstimator):
             first = _restore(model, optimizer, saved)
             self.history_ = saved["config"]["history"]
         batches = sampler.batches(first)
-        bar = tqdm(total=self.steps, initial=first, desc=f"concepts: {self.kind} dictionary", disable=not self.progress,
+        bar = progress_bar(total=self.steps, initial=first, desc=f"concepts: {self.kind} dictionary", enabled=self.progress,
                    leave=False)
         model.train()
         for step in range(first, self.steps):

@@ -23,10 +23,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.diagnostics import ProgressBar
-from tqdm.auto import tqdm
 
 from analyses.streaming import Accumulator, Chunk, cluster_client, contiguous, image_coords, principal_directions, stream
 from dynamo.layout import REDUCED_VIEWS, TOKEN_KINDS, token_groups
+from dynamo.progress import progress_bar
 
 DESCRIPTION = "Trajectories as (trial, time, feature) arrays, optionally on the sphere and on principal directions, for other dynamics tools."
 TOKEN_VIEWS = tuple(kind for kind in TOKEN_KINDS if kind != "cls")  # one trial per token (cls: the `cls` view)
@@ -230,5 +230,5 @@ def _store_from_cluster(client, array: da.Array, target: np.ndarray, progress: b
 
     edges = np.cumsum((0,) + array.chunks[0])
     pending = {client.compute(array[a:b]): slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])}
-    for future in tqdm(as_completed(pending), total=len(pending), desc="export", disable=not progress, leave=False):
+    for future in progress_bar(as_completed(pending), total=len(pending), desc="export", enabled=progress, leave=False):
         target[pending.pop(future)] = future.result()

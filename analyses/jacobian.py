@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import xarray as xr
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
 from analyses.perturbation import last_layer, parameter_of, select_images, states_at
 from analyses.streaming import image_coords, rounded
+from dynamo.progress import progress_bar
 from dynamo.stepping import propagator_for
 
-__all__ = ["DESCRIPTION", "compute", "jacobian_spectrum", "summarize", "top_singular_triplets", "top_singular_values"]
+__all__ = ["DESCRIPTION", "compute", "summarize", "top_singular_triplets", "top_singular_values"]
 
 DESCRIPTION = (
     "Block Jacobians: the top singular values of each block's Jacobian at real states, from JVPs and "
@@ -158,7 +158,7 @@ def compute(
     n_singular: int = 4,
     blocks: Sequence[int] | None = None,
     composed: bool = False,
-    images: int | Sequence[int] | None = None,
+    images: int | Sequence[int] | None = 32,
     oversample: int = 6,
     n_iter: int = 6,
     batch_size: int = 8,
@@ -181,8 +181,7 @@ def compute(
         Also linearise the map from every layer l0 in 0..L-1 to the last layer L (costs about
         (L+1)/2 times the per-block spectra).
     images : int, sequence of int, or None
-        See `analyses.perturbation.select_images`; each image costs about 2 (n_iter + 1)
-        passes of (n_singular + oversample) probes through each block.
+        `dynamo.store.image_positions`: by default 32 images evenly spaced over the store (None: all).
     oversample, n_iter : int
         Randomized block Krylov settings (see `top_singular_values`).
     batch_size : int
@@ -219,7 +218,7 @@ def compute(
     to_end = np.full((n, len(starts), n_singular), np.nan, np.float32)
 
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    bar = tqdm(total=len(batches) * (len(blocks) + len(starts)), desc="jacobian", disable=not progress)
+    bar = progress_bar(total=len(batches) * (len(blocks) + len(starts)), desc="jacobian", enabled=progress)
     for batch in batches:
         for bi, block in enumerate(blocks):
             x = states_at(ds, block - 1, batch, like)
@@ -295,4 +294,3 @@ def summarize(result: xr.Dataset) -> dict:
     return summary
 
 
-jacobian_spectrum = compute

@@ -34,7 +34,6 @@ import torch
 import xarray as xr
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score
-from tqdm.auto import tqdm
 
 from analyses.jacobian import top_singular_triplets
 from analyses.perturbation import last_layer, parameter_of, select_images, states_at
@@ -43,6 +42,7 @@ from analyses.segmentation import as_matrix
 from analyses.similarity import layer_similarity
 from analyses.streaming import rounded
 from dynamo.partition import Partition, assign_phases, from_result
+from dynamo.progress import progress_bar
 from dynamo.stepping import propagator_for
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "compute",
     "jacobian_similarity",
     "knee_partition",
-    "lens_agreement",
     "partitions_of",
     "subspace_overlap",
     "summarize",
@@ -175,7 +174,7 @@ def jacobian_similarity(
     n = ds.sizes["image"]
     total = np.zeros((len(blocks), len(blocks)))
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    with tqdm(total=len(batches) * len(blocks), desc="jacobian subspaces", disable=not progress) as bar:
+    with progress_bar(total=len(batches) * len(blocks), desc="jacobian subspaces", enabled=progress) as bar:
         for batch in batches:
             left, right = [], []
             for block in blocks:
@@ -481,7 +480,6 @@ def compute(
     return result.assign_attrs(attrs)
 
 
-lens_agreement = compute
 
 
 def partitions_of(result: xr.Dataset) -> dict[str, Partition]:

@@ -32,13 +32,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from analyses.streaming import image_coords, principal_directions, rounded
 from dynamo.layout import token_groups
+from dynamo.progress import progress_bar
 from dynamo.stepping import propagator_for
+from dynamo.store import image_positions
 
-__all__ = ["DESCRIPTION", "compute", "perturbation_recovery", "select_images", "states_at", "summarize"]
+__all__ = ["DESCRIPTION", "compute", "select_images", "states_at", "summarize"]
 
 DESCRIPTION = (
     "Perturbation recovery: a relative nudge of size alpha at layer l0, carried through the remaining "
@@ -48,23 +49,8 @@ BASES = ("random", "principal")
 
 
 def select_images(ds: xr.Dataset, images: int | Sequence[int] | None) -> xr.Dataset:
-    """The images an analysis runs on.
-
-    Parameters
-    ----------
-    images : int, sequence of int, or None
-        None: all; an int n: n images evenly spaced along ``image`` (stores recorded from class
-        folders are ordered by class, so the first n would often be one class); a sequence:
-        those positions along ``image``.
-    """
-    if images is None:
-        return ds
-    if isinstance(images, (int, np.integer)):
-        if images < 1:
-            raise ValueError(f"images must be at least 1, got {images}")
-        n = ds.sizes["image"]
-        return ds.isel(image=np.unique(np.linspace(0, n - 1, min(int(images), n)).round().astype(int)))
-    return ds.isel(image=list(images))
+    """The images an analysis runs on: ``ds`` at `dynamo.store.image_positions` (None: all, n: evenly spaced, positions)."""
+    return ds if images is None else ds.isel(image=image_positions(ds, images))
 
 
 def states_at(ds: xr.Dataset, layer: int, batch: slice, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,7 +101,7 @@ def compute(
     model,
     starts: Sequence[int] | None = None,
     alphas: Sequence[float] = (0.01, 0.05, 0.1, 0.2),
-    n_directions: int = 4,
+    n_directions: int = 2,
     bases: Sequence[str] = BASES,
     perturb: str = "all",
     images: int | Sequence[int] | None = None,
@@ -197,7 +183,7 @@ def compute(
     }
 
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    bar = tqdm(total=len(batches) * len(starts), desc="perturbation", disable=not progress)
+    bar = progress_bar(total=len(batches) * len(starts), desc="perturbation", enabled=progress)
     with torch.no_grad():
         for batch in batches:
             random_units = _random_directions(ds, batch, n_directions, seed, perturbed)
@@ -363,4 +349,3 @@ def summarize(result: xr.Dataset) -> dict:
     return summary
 
 
-perturbation_recovery = compute

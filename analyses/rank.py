@@ -163,7 +163,6 @@ def compute(
     return stream(ds, {"rank": accumulator}, description="rank", progress=progress)["rank"]
 
 
-update_rank = compute
 
 
 class UpdateRank(Accumulator):

@@ -28,7 +28,8 @@ import dask
 import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
+
+from dynamo.progress import progress_bar
 
 Partial = dict  # str -> numpy array (summed over blocks) or list (concatenated over blocks)
 IMAGE_COORDS = ("label", "label_name", "image_id")
@@ -105,7 +106,7 @@ def fold_image_blocks(
     blocks = image_blocks(dataset) if blocks is None else blocks
     finish = finish or _unchanged
     client = cluster_client()
-    with progress_bar(len(blocks), description, progress) as bar:
+    with progress_bar(total=len(blocks), desc=description, enabled=progress, leave=False) as bar:
         if client is None:
             total = None
             for images in blocks:
@@ -270,7 +271,7 @@ def stream(
     """
     blocks = image_blocks(dataset)
     client = cluster_client()
-    with progress_bar(len(blocks), description, progress) as bar:
+    with progress_bar(total=len(blocks), desc=description, enabled=progress, leave=False) as bar:
         if client is None:
             totals = {name: accumulator.start() for name, accumulator in accumulators.items()}
             with ThreadPoolExecutor(max_workers=1) as reader:
@@ -488,8 +489,3 @@ def rounded(value):
 def provenance(dataset: xr.Dataset) -> dict:
     """Attrs that say which model's trajectories a result was computed from."""
     return {key: str(dataset.attrs.get(key)) for key in ("model", "weights_sha256") if key in dataset.attrs}
-
-
-def progress_bar(total: int, description: str, enabled: bool):
-    """A tqdm bar over ``total`` steps (silent when not ``enabled``)."""
-    return tqdm(total=total, desc=description, disable=not enabled, leave=False)

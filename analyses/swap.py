@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from analyses.perturbation import last_layer, parameter_of, select_images, states_at
 from analyses.phases import find_phases
@@ -30,9 +29,10 @@ from dynamo.heads import NO_LABELS, LinearHead, scored, store_labels
 from dynamo.layout import token_groups
 from dynamo.metrics import r2_score
 from dynamo.partition import Partition, assign_phases, from_result
+from dynamo.progress import progress_bar
 from dynamo.stepping import BlockStepper, propagator_for
 
-__all__ = ["DESCRIPTION", "compute", "layer_swap", "phase_relation", "summarize"]
+__all__ = ["DESCRIPTION", "compute", "phase_relation", "summarize"]
 
 DESCRIPTION = (
     "Causal layer swap: accuracy, agreement with the clean run and last-layer R² when block j runs in "
@@ -116,7 +116,7 @@ def compute(
         accuracy = np.full((targets.size, sources.size), np.nan)
         agreement = np.full_like(accuracy, np.nan)
         r2 = np.full((targets.size, sources.size, len(groups)), np.nan)
-        bar = tqdm(total=targets.size * sources.size, desc="layer swap", disable=not progress)
+        bar = progress_bar(total=targets.size * sources.size, desc="layer swap", enabled=progress)
         for ti, target in enumerate(targets):
             entries = [states_at(ds, int(target) - 1, b, like) for b in batches]
             replaced = range(int(target), int(target) + width)
@@ -199,4 +199,3 @@ def summarize(result: xr.Dataset) -> dict:
     return summary
 
 
-layer_swap = compute

@@ -56,7 +56,6 @@ def compute(ds: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
     return stream(ds, {"tokens": TokenDynamics(ds)}, description="tokens", progress=progress)["tokens"]
 
 
-token_dynamics = compute
 
 
 class TokenDynamics(Accumulator):

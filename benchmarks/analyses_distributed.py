@@ -49,14 +49,14 @@ ANALYSES = ("similarity", "basins", "tokens", "rank")
 
 def run_analyses(store: Path, out: Path) -> dict:
     """Run every analysis on ``store`` (on the default client if any); seconds per analysis."""
-    from analyses import convergence, rank, similarity, tokens
+    from analyses import basins, rank, similarity, tokens
 
     dataset = dynamo.open_trajectories(store)
     runs = {
         "similarity": lambda: similarity.layer_similarity(dataset, progress=False).to_dataset(name="dissimilarity"),
-        "basins": lambda: convergence.basins(dataset, progress=False),
-        "tokens": lambda: tokens.token_dynamics(dataset, progress=False),
-        "rank": lambda: rank.update_rank(dataset, n_bootstrap=20, progress=False),
+        "basins": lambda: basins.compute(dataset, progress=False),
+        "tokens": lambda: tokens.compute(dataset, progress=False),
+        "rank": lambda: rank.compute(dataset, n_bootstrap=20, progress=False),
     }
     seconds = {}
     out.mkdir(parents=True, exist_ok=True)

@@ -171,12 +171,12 @@ def child_read(store: Path) -> dict:
 def child_analysis(name: str, store: Path, out: Path) -> dict:
     """(b) One store-only analysis alone, as `dynamo analyze` / `profile` run it."""
     import dynamo
-    from analyses import convergence, export, phases, rank, tokens
+    from analyses import basins, export, phases, rank, tokens
 
     dataset = dynamo.open_trajectories(store)
     runs = {
         "phases": lambda: phases.compute(dataset, n_bootstrap=100, progress=False),
-        "basins": lambda: convergence.compute(dataset, progress=False),
+        "basins": lambda: basins.compute(dataset, progress=False),
         "tokens": lambda: tokens.compute(dataset, progress=False),
         "rank": lambda: rank.compute(dataset, n_bootstrap=100, progress=False),
         "export": lambda: export.export_trajectories(dataset, out, "register", sphere=True, progress=False),

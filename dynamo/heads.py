@@ -32,10 +32,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
-from tqdm.auto import tqdm
 
 from dynamo.layout import token_layout
 from dynamo.models import LoadedModel
+from dynamo.progress import progress_bar
 
 __all__ = [
     "HEAD_KINDS",
@@ -238,7 +238,7 @@ def _over_last_layer(function, head: LinearHead, ds: xr.Dataset, positions: np.n
     last = ds["hidden"].isel(layer=-1)
     out = []
     with torch.no_grad():
-        for begin in tqdm(range(0, len(positions), head.batch_size), desc="probe", disable=not progress, leave=False):
+        for begin in progress_bar(range(0, len(positions), head.batch_size), desc="probe", enabled=progress, leave=False):
             rows = positions[begin: begin + head.batch_size]
             x = torch.as_tensor(np.asarray(last.isel(image=rows).values), dtype=parameter.dtype, device=parameter.device)
             out.append(function(x).cpu())

@@ -33,12 +33,12 @@ import timm
 import timm.data
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from dynamo import store as stores
 from dynamo.capture import AUTOCAST_DTYPES, Capture, CaptureError, CapturedBatch
 from dynamo.images import ImageSet, image_set
 from dynamo.models import LoadedModel, load_model, rebuild_attrs
+from dynamo.progress import progress_bar
 from dynamo.shards import Shard, check_no_shard_running, consolidate, parse_shard, shard_lock
 from dynamo.store import jsonable
 
@@ -354,12 +354,12 @@ def _record_pending(loaded, images, group, plan, shard, device, autocast, writer
         return (pixels.pin_memory() if pin else pixels), readable
 
     owned_images = sum(stop - start for start, stop in owned)
-    bar = tqdm(
+    bar = progress_bar(
         total=owned_images,
         initial=owned_images - sum(stop - start for start, stop in blocks),
         unit="img",
         desc=f"record {loaded.source}" + (f" shard {shard}" if shard.count > 1 else ""),
-        disable=not progress,
+        enabled=progress,
     )
     capture = Capture(
         loaded, plan["layers"], plan["tokens"], plan["dtype"], device,

@@ -414,3 +414,34 @@ def _resume_hint(shards: int) -> str:
     if shards > 1:
         return f"recorded by {shards} shards; `dynamo consolidate STORE` names the ones to run again"
     return "run the same record command to resume"
+
+
+def image_positions(dataset: xr.Dataset, images) -> np.ndarray:
+    """Positions along ``image`` that an ``images=`` argument names: the one meaning of ``images`` in dynamo.
+
+    Parameters
+    ----------
+    dataset : xarray.Dataset
+        A trajectory store (or anything with an ``image`` dimension).
+    images : None, int or sequence of int
+        None: every image; an int n: n images evenly spaced along ``image`` (stores recorded from
+        class folders are ordered by class, so the first n would often be one class); a sequence:
+        those positions. Coordinate values become positions with
+        ``dataset.indexes["image"].get_indexer(values)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 positions, in the order given.
+    """
+    n = dataset.sizes["image"]
+    if images is None:
+        return np.arange(n)
+    if isinstance(images, (int, np.integer)):
+        if images < 1:
+            raise ValueError(f"images must be at least 1, got {images}")
+        return np.unique(np.linspace(0, n - 1, min(int(images), n)).round().astype(np.int64))
+    positions = np.asarray(list(images), dtype=np.int64).reshape(-1)
+    if positions.size and (positions.min() < -n or positions.max() >= n):
+        raise ValueError(f"image positions must lie in 0..{n - 1}, got {positions.min()}..{positions.max()}")
+    return positions

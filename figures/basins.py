@@ -1,4 +1,4 @@
-"""Figures of `analyses.convergence`: directional convergence, class structure, cls paths in 2-D."""
+"""Figures of `analyses.basins`: directional convergence, class structure, cls paths in 2-D."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import xarray as xr
 from dask.callbacks import Callback
 
 import dynamo
-from analyses import convergence, export, rank, tokens
+from analyses import basins, export, rank, tokens
 from dynamo.partition import boundaries_of
 from dynamo.pipeline import analyze as analyzing
 from dynamo.pipeline.cli import main
@@ -43,17 +43,17 @@ def test_analyze_writes_results_figures_and_summary(digits_store, tmp_path):
                 assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
         assert boundaries_of(xr.open_zarr(entry["result"], consolidated=False)) == [4, 8]
     stored = xr.open_zarr(out / "basins.zarr")
-    direct = convergence.basins(dataset, progress=False)
+    direct = basins.compute(dataset, progress=False)
     np.testing.assert_allclose(stored["gamma"].values, direct["gamma"].values)
     assert stored.attrs["model"] == "dynamo-zoo/vit-digits-reg4"
     assert written["analyses"]["basins"]["basin_accuracy"][-1] > 0.8  # a trained model's final basins
     stored_rank = xr.open_zarr(out / "rank.zarr", consolidated=False)
     np.testing.assert_allclose(
-        stored_rank["rank"].values, rank.update_rank(dataset, n_bootstrap=0, progress=False)["rank"].values
+        stored_rank["rank"].values, rank.compute(dataset, n_bootstrap=0, progress=False)["rank"].values
     )
     assert len(stored_rank["replicate"]) == 8
     assert written["analyses"]["tokens"]["speed_deg_cls"] == pytest.approx(
-        tokens.summarize(tokens.token_dynamics(dataset, progress=False))["speed_deg_cls"]
+        tokens.summarize(tokens.compute(dataset, progress=False))["speed_deg_cls"]
     )
     assert "cls_late_turn_block" in summary["text"]
 
@@ -100,9 +100,9 @@ def test_store_only_analyses_read_hidden_one_chunk_at_a_time(digits_store):
             LargestResult.largest = max(LargestResult.largest, getattr(result, "nbytes", 0))
 
     with LargestResult(), dask.config.set(scheduler="synchronous"):
-        convergence.basins(dataset, progress=False)
-        tokens.token_dynamics(dataset, progress=False)
-        rank.update_rank(dataset, n_bootstrap=2, progress=False)
+        basins.compute(dataset, progress=False)
+        tokens.compute(dataset, progress=False)
+        rank.compute(dataset, n_bootstrap=2, progress=False)
     assert 0 < LargestResult.largest <= chunk_bytes < whole_bytes / 20
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from analyses import convergence
+from analyses import basins
 from tests.synthetic import contract_dataset, rotation_trajectories
 
 KINDS = ["cls", "register", "register", "patch", "patch", "patch"]
@@ -27,7 +27,7 @@ def _random_dataset(chunk=4, seed=0):
 def test_gamma_of_rotating_tokens_is_cosine_of_remaining_turn():
     angles = np.array([0.3, 0.1, 0.1, 0.05, 0.05, 0.05])
     hidden = rotation_trajectories(6, 7, 10, angles)
-    result = convergence.basins(contract_dataset(hidden, KINDS), progress=False)
+    result = basins.compute(contract_dataset(hidden, KINDS), progress=False)
     remaining = (6 - np.arange(7))[None, :] * np.array([0.3, 0.1, 0.05])[:, None]  # (kind, layer)
     np.testing.assert_allclose(result["gamma"].mean("image").values, np.cos(remaining), atol=1e-5)
     np.testing.assert_allclose(result["gamma"].sel(layer=6).values, 1.0, atol=1e-6)
@@ -35,7 +35,7 @@ def test_gamma_of_rotating_tokens_is_cosine_of_remaining_turn():
 
 def test_gamma_matches_brute_force_per_token_mean():
     dataset, hidden, _ = _random_dataset()
-    result = convergence.basins(dataset, progress=False)
+    result = basins.compute(dataset, progress=False)
     cosine = np.sum(_unit(hidden) * _unit(hidden[:, -1:]), axis=-1)  # (image, layer, token)
     kinds = np.array(KINDS)
     for kind in ("cls", "register", "patch"):
@@ -45,7 +45,7 @@ def test_gamma_matches_brute_force_per_token_mean():
 
 def test_class_angles_and_centroid_accuracy_match_pairwise_brute_force():
     dataset, hidden, labels = _random_dataset()
-    result = convergence.basins(dataset, progress=False)
+    result = basins.compute(dataset, progress=False)
     cls = _unit(hidden[:, :, 0])  # (image, layer, feature)
     same = labels[:, None] == labels[None, :]
     off_diagonal = ~np.eye(len(labels), dtype=bool)
@@ -69,7 +69,7 @@ def test_class_angles_and_centroid_accuracy_match_pairwise_brute_force():
 
 def test_projection_matches_pca_of_all_layers_unit_cls():
     dataset, hidden, _ = _random_dataset()
-    result = convergence.basins(dataset, progress=False)
+    result = basins.compute(dataset, progress=False)
     rows = _unit(hidden[:, :, 0]).reshape(-1, 8)
     pca = PCA(n_components=2).fit(rows)
     expected = pca.transform(rows).reshape(15, 5, 2)
@@ -79,20 +79,20 @@ def test_projection_matches_pca_of_all_layers_unit_cls():
 
 
 def test_result_does_not_depend_on_chunking():
-    whole = convergence.basins(_random_dataset(chunk=15)[0], progress=False)
-    chunked = convergence.basins(_random_dataset(chunk=2)[0], progress=False)
+    whole = basins.compute(_random_dataset(chunk=15)[0], progress=False)
+    chunked = basins.compute(_random_dataset(chunk=2)[0], progress=False)
     for name in ("gamma", "within_class_cosine", "final_centroid_accuracy", "projection"):
         np.testing.assert_allclose(whole[name].values, chunked[name].values, atol=1e-5)
 
 
 def test_half_rise_layer_and_unlabelled_store():
-    assert convergence.half_rise_layer(np.array([0.0, 0.2, 0.6, 1.0]), np.arange(4)) == pytest.approx(1.75)
+    assert basins.half_rise_layer(np.array([0.0, 0.2, 0.6, 1.0]), np.arange(4)) == pytest.approx(1.75)
     dataset, _, _ = _random_dataset()
-    result = convergence.basins(dataset.drop_vars(["label", "label_name"]), progress=False)
+    result = basins.compute(dataset.drop_vars(["label", "label_name"]), progress=False)
     assert "gamma" in result and "final_centroid_accuracy" not in result
-    assert "basin_accuracy" not in convergence.summarize(result)
+    assert "basin_accuracy" not in basins.summarize(result)
     with pytest.raises(ValueError, match="fit_layers"):
-        convergence.basins(dataset, fit_layers="middle")
+        basins.compute(dataset, fit_layers="middle")
 
 
 def test_identical_directions_score_chance_accuracy():
@@ -100,6 +100,6 @@ def test_identical_directions_score_chance_accuracy():
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2])
     hidden = rng.normal(size=(9, 3, 2, 4))
     hidden[:, 0, 0] = rng.normal(size=4)  # layer 0 cls: one vector for every image, like a learned cls token
-    result = convergence.basins(contract_dataset(hidden, ["cls", "patch"], labels), progress=False)
+    result = basins.compute(contract_dataset(hidden, ["cls", "patch"], labels), progress=False)
     for name in ("final_centroid_accuracy", "layer_centroid_accuracy"):
         assert result[name].sel(view="cls", layer=0) == pytest.approx(1 / 3)

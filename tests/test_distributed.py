@@ -10,7 +10,7 @@ import xarray as xr
 from distributed import Client, get_task_stream
 
 import dynamo
-from analyses import convergence, export, phases, rank, similarity, tokens
+from analyses import basins, export, phases, rank, similarity, tokens
 from analyses.streaming import image_blocks, stream
 from dynamo import zoo
 from dynamo.pipeline.cli import main
@@ -50,9 +50,9 @@ CASES = {
     "cosine_per_image": lambda ds: similarity.layer_similarity(ds, "cosine", per_image=True, progress=False),
     "cka": lambda ds: similarity.layer_similarity(ds, "cka", "cls+patch", progress=False),
     "phases": lambda ds: phases.phase_analysis(ds, n_bootstrap=20, progress=False),
-    "basins": lambda ds: convergence.basins(ds, progress=False),
-    "tokens": lambda ds: tokens.token_dynamics(ds, progress=False),
-    "rank": lambda ds: rank.update_rank(ds, n_bootstrap=4, progress=False),
+    "basins": lambda ds: basins.compute(ds, progress=False),
+    "tokens": lambda ds: tokens.compute(ds, progress=False),
+    "rank": lambda ds: rank.compute(ds, n_bootstrap=4, progress=False),
 }
 # block tasks per run of n blocks: CKA reads its first block once more (the shift); basins
 # reads its reduced views once more after the one pass
@@ -75,7 +75,7 @@ def test_one_pass_on_a_cluster_equals_the_in_process_run(store, cluster):
     dataset = dynamo.open_trajectories(store)
 
     def one_pass():
-        accumulators = {"basins": convergence.Convergence(dataset, progress=False), "tokens": tokens.TokenDynamics(dataset),
+        accumulators = {"basins": basins.Convergence(dataset, progress=False), "tokens": tokens.TokenDynamics(dataset),
                         "rank": rank.UpdateRank(dataset, n_bootstrap=4)}
         return stream(dataset, accumulators, progress=False)
 

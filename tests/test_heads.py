@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import dynamo
-from analyses import convergence, swap
+from analyses import basins as basins_analysis, swap
 from dynamo.heads import NO_HEAD, LinearHead, NoHeadError, resolve_head, store_accuracy
 from dynamo.pipeline.cli import main
 from dynamo.pipeline.profile import profile
@@ -123,9 +123,9 @@ def test_a_headless_model_never_gives_an_argmax_over_features(stores):
         stepper.predict(x)
     note = NO_HEAD.format(model=model.source)
     # basins: no stored logits, no probe
-    basins = convergence.compute(ds, progress=False)
+    basins = basins_analysis.compute(ds, progress=False)
     assert "model_accuracy" not in basins.attrs and basins.attrs["accuracy_note"] == note
-    assert convergence.summarize(basins)["accuracy_note"] == note and "model_accuracy" not in convergence.summarize(basins)
+    assert basins_analysis.summarize(basins)["accuracy_note"] == note and "model_accuracy" not in basins_analysis.summarize(basins)
     # layer swap: R² only
     swapped = swap.compute(ds, model, partition=[[1], [2, 3]], images=8, progress=False)
     assert "accuracy" not in swapped and "agreement" not in swapped and "clean_accuracy" not in swapped.attrs
@@ -149,10 +149,10 @@ def test_with_a_probe_every_accuracy_names_it_and_skips_its_training_images(stor
     labels = ds["label"].values
     with torch.no_grad():
         predicted = head.predict(torch.from_numpy(ds["hidden"].isel(layer=-1).values)).numpy()
-    basins = convergence.compute(ds, progress=False, head=head)
+    basins = basins_analysis.compute(ds, progress=False, head=head)
     assert basins.attrs["accuracy_head"] == "probe" and basins.attrs["accuracy_images"] == held_out.sum()
     assert basins.attrs["model_accuracy"] == pytest.approx((predicted == labels)[held_out].mean())
-    assert convergence.summarize(basins)["accuracy_head"] == "probe"
+    assert basins_analysis.summarize(basins)["accuracy_head"] == "probe"
     swapped = swap.compute(ds, model, partition=[[1], [2, 3]], progress=False, head=head)
     assert swapped.attrs["accuracy_head"] == "probe" and swapped.attrs["accuracy_images"] == held_out.sum()
     assert swapped.attrs["clean_accuracy"] == pytest.approx((predicted == labels)[held_out].mean())

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import dynamo
-from analyses.jacobian import jacobian_spectrum, summarize, top_singular_values
-from analyses.perturbation import perturbation_recovery
+from analyses import jacobian, perturbation
+from analyses.jacobian import summarize, top_singular_values
 from dynamo.stepping import BlockStepper
 from tests.conftest import tiny_model
 from tests.test_perturbation import DEPTH, affine_vit
@@ -21,7 +21,7 @@ def test_affine_blocks_have_the_analytic_spectrum(a, digits_folder, tmp_path):
     """x -> a x + b has Jacobian a I: every singular value |a|, composed |a|^(L - l0)."""
     model = affine_vit(a, shift=0.5)
     ds = dynamo.record(model, dynamo.image_set(digits_folder), tmp_path / "a.zarr", limit=6, progress=False)
-    result = jacobian_spectrum(ds, model, n_singular=3, composed=True, progress=False)
+    result = jacobian.compute(ds, model, n_singular=3, composed=True, progress=False)
     np.testing.assert_allclose(result["singular_value"].values, abs(a), rtol=1e-5)
     np.testing.assert_allclose(result["expansion_rate"].values, np.log(abs(a)), atol=1e-5)
     starts = result["start"].values
@@ -57,8 +57,8 @@ def test_perturbation_gain_is_bounded_by_the_composed_jacobian(digits_folder, tm
     """For a small perturbation the growth |J delta| / |delta| cannot exceed sigma_1 of dX_L / dX_l0."""
     model = tiny_model("cls", img_size=32, embed_dim=24, num_heads=2, depth=3)
     ds = dynamo.record(model, dynamo.image_set(digits_folder), tmp_path / "t.zarr", limit=4, progress=False)
-    spectrum = jacobian_spectrum(ds, model, n_singular=1, composed=True, progress=False)
-    gains = perturbation_recovery(ds, model, alphas=[1e-3], n_directions=3, progress=False)["gain"]
+    spectrum = jacobian.compute(ds, model, n_singular=1, composed=True, progress=False)
+    gains = perturbation.compute(ds, model, alphas=[1e-3], n_directions=3, progress=False)["gain"]
     sigma = spectrum["singular_value_to_end"].sel(component=1)
     assert (gains.max(["basis", "direction", "alpha"]) <= sigma * 1.01).all()
     assert (gains.max(["basis", "direction", "alpha"]) >= 0.3 * sigma).all()  # and is of its order
@@ -68,6 +68,6 @@ def test_bad_arguments(digits_folder, tmp_path):
     model = affine_vit(0.5, shift=0.0)
     ds = dynamo.record(model, dynamo.image_set(digits_folder), tmp_path / "b.zarr", limit=2, progress=False)
     with pytest.raises(ValueError, match="blocks must lie"):
-        jacobian_spectrum(ds, model, blocks=[0], progress=False)
+        jacobian.compute(ds, model, blocks=[0], progress=False)
     with pytest.raises(ValueError, match="k must be"):
         top_singular_values(lambda z: z, torch.zeros(1, 2), k=3)

@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dynamo", "analyses", "figures")
-DATA_CONTRACT = {"dynamo.layout", "dynamo.partition", "dynamo.store", "dynamo.stepping", "dynamo.metrics", "dynamo.heads"}
+DATA_CONTRACT = {"dynamo.layout", "dynamo.partition", "dynamo.store", "dynamo.stepping", "dynamo.metrics", "dynamo.heads",
+                 "dynamo.progress"}
 VOCABULARY = {"dynamo.layout", "dynamo.partition"}
 MODEL_LIBRARIES = {"torch", "timm", "torchvision"}
 
@@ -83,8 +84,14 @@ def _allowed(importer: str, imported: str) -> bool:
     return True  # the pipeline ties everything together
 
 
-def test_the_source_tree_has_all_three_packages():
-    assert {"dynamo", "dynamo.pipeline", "dynamo.raptor", "analyses", "figures"} <= set(MODULES)
+def test_the_walker_sees_the_real_imports_across_layers():
+    """The rules below judge what the walker resolves: it must see known imports of each layer (else all would pass)."""
+    seen = {module: {_project(name) for name, _, _ in _imports(MODULES[module])} - {None}
+            for module in ("dynamo.pipeline.registry", "analyses.perturbation", "figures.basins")}
+    assert {"analyses.basins", "figures.basins", "dynamo.partition"} <= seen["dynamo.pipeline.registry"]
+    assert "dynamo.stepping" in seen["analyses.perturbation"]
+    assert {_layer(target) for target in seen["figures.basins"]} <= {"figures", "core"}
+    assert {_layer(m) for m in MODULES} == {"core", "pipeline", "analyses", "figures"}
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -98,7 +105,7 @@ def test_imports_follow_the_layers(module):
             continue
         if not _allowed(module, target):
             broken.append(f"line {line}: {_layer(module)} imports {target}")
-        if not top_level and _layer(module) != _layer(target):
+        if not top_level and _layer(module) != _layer(target) and module != "dynamo.pipeline.cli":  # the CLI imports late
             broken.append(f"line {line}: function-local import of {target} from another package")
     assert not broken, f"{module}: " + "; ".join(broken)
 

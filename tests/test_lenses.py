@@ -19,10 +19,10 @@ from analyses.lenses import (
     boundary_f1,
     jacobian_similarity,
     knee_partition,
-    lens_agreement,
     subspace_overlap,
     summarize,
 )
+from analyses import lenses as lensing
 from analyses.phases import partition_matrix
 from dynamo import zoo
 from dynamo.pipeline.cli import main
@@ -156,8 +156,8 @@ def test_bad_lens_input(zoo_store, capsys):
     assert "unknown lens tarot" in capsys.readouterr().err
     ds = dynamo.open_trajectories(zoo_store)
     with pytest.raises(ValueError, match="needs the live model"):
-        lens_agreement(ds, None, ["cosine", "jacobian"], progress=False)
+        lensing.compute(ds, None, ["cosine", "jacobian"], progress=False)
     with pytest.raises(ValueError, match="needs every token"):
         jacobian_similarity(ds.drop_vars("hidden"), None, progress=False)
     with pytest.raises(ValueError, match="alone has no max-cut"):
-        lens_agreement(ds, lenses=["knee"], progress=False)
+        lensing.compute(ds, lenses=["knee"], progress=False)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import dynamo
-from analyses.perturbation import _gaps, perturbation_recovery, select_images, summarize
+from analyses import perturbation
+from analyses.perturbation import _gaps, select_images, summarize
 from dynamo.models import weights_sha256
 from tests.conftest import tiny_model
 
@@ -66,7 +67,7 @@ def affine_store(digits_folder, tmp_path_factory):
 def test_linear_contraction_gives_the_analytic_recovery(affine_store):
     model, ds = affine_store
     a = 0.7
-    result = perturbation_recovery(
+    result = perturbation.compute(
         ds, model, starts=[0, 2], alphas=[0.05, 0.2], n_directions=2, images=20, progress=False
     )
     hidden = select_images(ds, 20)["hidden"].values.astype(np.float64)  # (N, layers, T, D)
@@ -97,7 +98,7 @@ def test_pure_scaling_keeps_the_angle_and_relative_gap(digits_folder, tmp_path):
     model = affine_vit(-0.8, shift=0.0)
     path = tmp_path / "scaling.zarr"
     ds = dynamo.record(model, dynamo.image_set(digits_folder), path, batch_size=16, limit=12, progress=False)
-    result = perturbation_recovery(ds, model, starts=[1], alphas=[0.1], n_directions=2, progress=False)
+    result = perturbation.compute(ds, model, starts=[1], alphas=[0.1], n_directions=2, progress=False)
     angle = result["angle"].sel(start=1).isel(layer=slice(1, None))
     np.testing.assert_allclose(angle.values, np.broadcast_to(angle.isel(layer=[0]).values, angle.shape), rtol=1e-4)
     assert 0 < float(angle.min()) and float(angle.max()) <= np.degrees(np.arcsin(0.1)) + 1e-3
@@ -118,7 +119,7 @@ def test_zero_perturbation_gives_zero_gap(digits_folder, tmp_path):
     """On a real (random-weight) timm ViT: alpha = 0 leaves every later layer exactly clean."""
     model = tiny_model("cls+4reg", img_size=28, depth=6)
     ds = dynamo.record(model, dynamo.image_set(digits_folder), tmp_path / "s.zarr", limit=8, progress=False)
-    result = perturbation_recovery(ds, model, starts=[0, 4], alphas=[0.0, 0.1], n_directions=1, progress=False)
+    result = perturbation.compute(ds, model, starts=[0, 4], alphas=[0.0, 0.1], n_directions=1, progress=False)
     zero = result.sel(alpha=0.0)
     assert float(np.nanmax(zero["distance"])) < 1e-6 and float(np.nanmax(zero["angle"])) < 1e-2
     assert zero["prediction_kept"].all()
@@ -132,8 +133,8 @@ def test_zero_perturbation_gives_zero_gap(digits_folder, tmp_path):
 def test_only_one_token_kind_perturbed(affine_store):
     model, ds = affine_store
     with pytest.raises(ValueError, match="do not vary"):  # layer 0's cls token is the same for every image
-        perturbation_recovery(ds, model, starts=[0], n_directions=1, perturb="cls", images=6, progress=False)
-    result = perturbation_recovery(
+        perturbation.compute(ds, model, starts=[0], n_directions=1, perturb="cls", images=6, progress=False)
+    result = perturbation.compute(
         ds, model, starts=[0], alphas=[0.1], n_directions=1, bases=["random"], perturb="cls", images=6, progress=False
     )
     injected = result["distance"].sel(layer=0)
@@ -144,18 +145,18 @@ def test_only_one_token_kind_perturbed(affine_store):
 def test_clear_errors(affine_store, digits_folder, tmp_path):
     model, ds = affine_store
     with pytest.raises(ValueError, match="starts must lie"):
-        perturbation_recovery(ds, model, starts=[DEPTH], progress=False)
+        perturbation.compute(ds, model, starts=[DEPTH], progress=False)
     with pytest.raises(ValueError, match="alphas"):
-        perturbation_recovery(ds, model, starts=[0], alphas=[-0.1], progress=False)
+        perturbation.compute(ds, model, starts=[0], alphas=[-0.1], progress=False)
     with pytest.raises(ValueError, match="perturb must be"):
-        perturbation_recovery(ds, model, starts=[0], perturb="dist", progress=False)
+        perturbation.compute(ds, model, starts=[0], perturb="dist", progress=False)
     with pytest.raises(ValueError, match="recorded with"):
-        perturbation_recovery(ds, affine_vit(0.5, 1.0), starts=[0], progress=False)
+        perturbation.compute(ds, affine_vit(0.5, 1.0), starts=[0], progress=False)
     with pytest.raises(ValueError, match="cannot propagate"):
-        perturbation_recovery(ds, object(), starts=[0], progress=False)
+        perturbation.compute(ds, object(), starts=[0], progress=False)
     subset = dynamo.record(model, dynamo.image_set(digits_folder), tmp_path / "p.zarr", limit=4, patch_tokens=2, progress=False)
     with pytest.raises(ValueError, match="every token"):
-        perturbation_recovery(subset, model, starts=[0], progress=False)
+        perturbation.compute(subset, model, starts=[0], progress=False)
 
 
 def exact_raptor(teacher: dynamo.LoadedModel):
@@ -192,8 +193,8 @@ def test_raptor_surrogates_run_the_same_protocol(tied_store):
     teacher, path = tied_store
     ds = dynamo.open_trajectories(path)
     settings = dict(starts=[0, 2], alphas=[0.05, 0.2], n_directions=2, images=16, progress=False)
-    live = perturbation_recovery(ds, teacher, **settings)
-    exact = perturbation_recovery(ds, exact_raptor(teacher), **settings)
+    live = perturbation.compute(ds, teacher, **settings)
+    exact = perturbation.compute(ds, exact_raptor(teacher), **settings)
     assert exact.attrs["propagator"] == "Raptor" and live.attrs["propagator"] == "BlockStepper"
     # equal up to float rounding (nn.MultiheadAttention vs timm's attention), amplified by
     # these large-update blocks
@@ -203,7 +204,7 @@ def test_raptor_surrogates_run_the_same_protocol(tied_store):
     assert float((exact["prediction_kept"] == live["prediction_kept"]).mean()) > 0.97
 
     fitter = RaptorFitter(k=1, steps=150, stage2_steps=150, lr=3e-3, mlp="gelu", progress=False)
-    fitted = perturbation_recovery(ds, fitter.fit(path, teacher=teacher).model_, **settings)
+    fitted = perturbation.compute(ds, fitter.fit(path, teacher=teacher).model_, **settings)
     assert fitted["distance"].dims == live["distance"].dims
     assert np.isfinite(fitted["recovery"]).all() and (fitted["recovery"] > 0).all()
     assert float(fitted["prediction_kept"].sel(alpha=0.05).mean()) > 0.8

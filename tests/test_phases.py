@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 
@@ -189,9 +190,25 @@ def test_contiguous_and_choose_k_recover_planted_phases():
     assert thresholds(truth) == [4, 7]
 
 
-def test_contiguous_dp_is_fast_for_48_layers():
+def test_contiguous_dp_on_48_layers_equals_a_plain_recursion():
+    """At 48 layers (too many for exhaustive search) the DP's optimum equals a memoised recursion that re-sums each phase."""
     W = random_dissimilarity(np.random.default_rng(22), 48)
-    assert len(contiguous_partition(W, 8)) == 8
+    n, k = 48, 8
+
+    @functools.lru_cache(maxsize=None)
+    def best(start: int, phases: int) -> tuple[float, tuple[int, ...]]:  # layers start+1..n in `phases` phases
+        if phases == 1:
+            return within_weight(W, [range(start + 1, n + 1)]), (n,)
+        options = []
+        for end in range(start + 1, n - phases + 2):
+            cost, ends = best(end, phases - 1)
+            options.append((within_weight(W, [range(start + 1, end + 1)]) + cost, (end, *ends)))
+        return min(options)
+
+    optimum, ends = best(0, k)
+    found = contiguous_partition(W, k)
+    assert within_weight(W, found) == pytest.approx(optimum)
+    assert [phase[-1] for phase in found] == list(ends)
 
 
 # --- thresholds, boundaries, scores -----------------------------------------------------------

@@ -48,7 +48,7 @@ def test_planted_rank_r_updates_give_rank_r():
             coefficients[:, 0, kinds == kind] = whitened.reshape(n_images, -1, planted)
         steps.append(coefficients @ basis.T)
     hidden = np.concatenate([start, start + np.cumsum(np.concatenate(steps, axis=1), axis=1)], axis=1)
-    result = rank.update_rank(contract_dataset(hidden, KINDS, chunk=8), spaces=("raw",), n_bootstrap=0,
+    result = rank.compute(contract_dataset(hidden, KINDS, chunk=8), spaces=("raw",), n_bootstrap=0,
                               progress=False)
     spectrum = result["spectrum"].sel(space="raw").values  # (token_kind, block, component)
     nonzero = (spectrum > 1e-6 * spectrum[..., :1]).sum(axis=-1)
@@ -60,7 +60,7 @@ def test_planted_rank_r_updates_give_rank_r():
 def test_streamed_spectrum_matches_numpy_svd_raw_and_sphere():
     rng = np.random.default_rng(3)
     hidden = rng.normal(size=(10, 3, len(KINDS), 6)) * np.linspace(1, 3, 3)[None, :, None, None]
-    result = rank.update_rank(contract_dataset(hidden, KINDS, chunk=3), n_bootstrap=0, progress=False)
+    result = rank.compute(contract_dataset(hidden, KINDS, chunk=3), n_bootstrap=0, progress=False)
     hidden = hidden.astype(np.float32).astype(np.float64)
     kinds = np.array(KINDS)
     for space, states in (("raw", hidden), ("sphere", _unit(hidden))):
@@ -81,7 +81,7 @@ def test_bootstrap_is_seeded_chunking_free_and_narrows_with_more_images():
 
     def width(n_images, chunk, seed=0):
         hidden = rng.normal(size=(n_images, 3, len(KINDS), 5)) * np.array([3.0, 2.0, 1.0, 1.0, 0.5])
-        result = rank.update_rank(contract_dataset(hidden, KINDS, chunk=chunk), n_bootstrap=40, seed=seed,
+        result = rank.compute(contract_dataset(hidden, KINDS, chunk=chunk), n_bootstrap=40, seed=seed,
                                   progress=False)
         bounds = rank.intervals(result).sel(measure="stable_rank", token_kind="patch", space="raw")
         point = result["rank"].sel(measure="stable_rank", token_kind="patch", space="raw")
@@ -92,19 +92,19 @@ def test_bootstrap_is_seeded_chunking_free_and_narrows_with_more_images():
     wide, _ = width(10, 5)
     assert narrow < wide
     hidden = rng.normal(size=(12, 2, len(KINDS), 4))
-    a = rank.update_rank(contract_dataset(hidden, KINDS, chunk=4), n_bootstrap=5, progress=False)
-    b = rank.update_rank(contract_dataset(hidden, KINDS, chunk=4), n_bootstrap=5, progress=False)
+    a = rank.compute(contract_dataset(hidden, KINDS, chunk=4), n_bootstrap=5, progress=False)
+    b = rank.compute(contract_dataset(hidden, KINDS, chunk=4), n_bootstrap=5, progress=False)
     np.testing.assert_array_equal(a["rank_bootstrap"].values, b["rank_bootstrap"].values)
 
 
 def test_bad_arguments_are_clear_errors():
     dataset = contract_dataset(np.random.default_rng(0).normal(size=(4, 3, len(KINDS), 4)), KINDS)
     with pytest.raises(ValueError, match="spaces"):
-        rank.update_rank(dataset, spaces=("angular",))
+        rank.compute(dataset, spaces=("angular",))
     with pytest.raises(ValueError, match="n_bootstrap"):
-        rank.update_rank(dataset, n_bootstrap=-1)
+        rank.compute(dataset, n_bootstrap=-1)
     with pytest.raises(ValueError, match="no bootstrap"):
-        rank.intervals(rank.update_rank(dataset, n_bootstrap=0, progress=False))
+        rank.intervals(rank.compute(dataset, n_bootstrap=0, progress=False))
 
 
 def test_a_large_common_drift_costs_no_precision():
@@ -116,7 +116,7 @@ def test_a_large_common_drift_costs_no_precision():
     steps = drift + rng.normal(size=(20, 1, len(KINDS), 8)) * np.linspace(0.2, 2.0, 8)
     start = rng.normal(size=(20, 1, len(KINDS), 8))
     hidden = np.concatenate([start, start + steps], axis=1)
-    result = rank.update_rank(contract_dataset(hidden, KINDS, chunk=6), spaces=("raw",), n_bootstrap=0, progress=False)
+    result = rank.compute(contract_dataset(hidden, KINDS, chunk=6), spaces=("raw",), n_bootstrap=0, progress=False)
     hidden = hidden.astype(np.float32)
     updates = (hidden[:, 1] - hidden[:, 0])[:, np.array(KINDS) == "patch"].reshape(-1, 8).astype(np.float64)
     singular = np.linalg.svd(updates - updates.mean(axis=0), compute_uv=False)
@@ -127,7 +127,7 @@ def test_a_large_common_drift_costs_no_precision():
 def test_token_subsets_are_seeded_per_image_and_match_a_brute_force_reference():
     rng = np.random.default_rng(6)
     hidden = rng.normal(size=(9, 3, len(KINDS), 5)) * np.array([3.0, 2.0, 1.0, 1.0, 0.5])
-    result = rank.update_rank(contract_dataset(hidden, KINDS, chunk=4), spaces=("raw",), n_bootstrap=0,
+    result = rank.compute(contract_dataset(hidden, KINDS, chunk=4), spaces=("raw",), n_bootstrap=0,
                               tokens_per_image=4, progress=False)
     assert result.attrs["subsampled_kinds"] == ["patch"] and result.attrs["tokens_per_image"] == 4
     patches = np.flatnonzero(np.array(KINDS) == "patch")
@@ -151,8 +151,8 @@ def test_sketched_intervals_match_the_exact_grouped_bootstrap_when_the_spectrum_
     start = rng.normal(size=(96, 1, len(KINDS), n_features))
     hidden = np.concatenate([start, start + rng.normal(size=start.shape) * scales], axis=1)
     dataset = contract_dataset(hidden, KINDS, chunk=32)
-    exact = rank.update_rank(dataset, spaces=("raw",), n_bootstrap=60, sketch_size=n_features, progress=False)
-    sketched = rank.update_rank(dataset, spaces=("raw",), n_bootstrap=60, sketch_size=16, progress=False)
+    exact = rank.compute(dataset, spaces=("raw",), n_bootstrap=60, sketch_size=n_features, progress=False)
+    sketched = rank.compute(dataset, spaces=("raw",), n_bootstrap=60, sketch_size=16, progress=False)
     assert exact.attrs["sketch_size"] == 0 and sketched.attrs["sketch_size"] == 16
     xr_exact, xr_sketched = (r["rank_bootstrap"].sel(token_kind="patch", space="raw") for r in (exact, sketched))
     np.testing.assert_allclose(sketched["rank"].values, exact["rank"].values)  # the estimates are exact either way
@@ -201,7 +201,7 @@ def poisson_bootstrap(dataset, n_bootstrap: int, seed: int = 0) -> tuple[np.ndar
 
 
 def test_grouped_bootstrap_agrees_with_the_poisson_bootstrap_on_the_zoo_store(zoo_store):
-    result = rank.update_rank(zoo_store, n_bootstrap=200, progress=False)
+    result = rank.compute(zoo_store, n_bootstrap=200, progress=False)
     assert result.attrs["n_groups"] == 20 and result.attrs["sketch_size"] == 0  # F = 64: exact replicates
     assert result.attrs["tokens_per_image"] == "all"  # 64 patches: none subsampled by default
     point, poisson = poisson_bootstrap(zoo_store, n_bootstrap=200)
@@ -220,8 +220,8 @@ def test_grouped_bootstrap_agrees_with_the_poisson_bootstrap_on_the_zoo_store(zo
 def test_subsampling_patches_moves_the_estimate_by_less_than_its_interval(zoo_store):
     """Why 64 tokens per image suffice: on a trained model, a quarter of the patches (16 of 64)
     moves the patch stable rank by less than the half-width of its 95% interval."""
-    full = rank.update_rank(zoo_store, n_bootstrap=100, progress=False)
-    subset = rank.update_rank(zoo_store, n_bootstrap=0, tokens_per_image=16, progress=False)
+    full = rank.compute(zoo_store, n_bootstrap=100, progress=False)
+    subset = rank.compute(zoo_store, n_bootstrap=0, tokens_per_image=16, progress=False)
     where = dict(measure="stable_rank", token_kind="patch")
     bounds = rank.intervals(full).sel(where)
     half_width = (bounds.sel(bound="high") - bounds.sel(bound="low")) / 2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analyses import convergence, export, rank, streaming, tokens
+from analyses import basins, export, rank, streaming, tokens
 from tests.synthetic import contract_dataset, one_blas_thread  # noqa: F401 (autouse fixture)
 
 KINDS = ["cls", "register", "register"] + ["patch"] * 9
@@ -23,7 +23,7 @@ def dataset():
 
 
 def accumulators(dataset):
-    return {"basins": convergence.Convergence(dataset, progress=False), "tokens": tokens.TokenDynamics(dataset),
+    return {"basins": basins.Convergence(dataset, progress=False), "tokens": tokens.TokenDynamics(dataset),
             "rank": rank.UpdateRank(dataset, n_bootstrap=6, tokens_per_image=5)}
 
 
@@ -41,7 +41,7 @@ def test_one_pass_reads_each_chunk_once_and_equals_each_analysis_alone(dataset, 
     chunks = [(start, layer) for start in (0, 4, 8, 12) for layer in range(5)]
     assert sorted(reads) == chunks  # 4 blocks x 5 layers, each once (the last layer first, for basins)
     alone = {
-        "basins": convergence.compute(dataset, progress=False),
+        "basins": basins.compute(dataset, progress=False),
         "tokens": tokens.compute(dataset, progress=False),
         "rank": rank.compute(dataset, n_bootstrap=6, tokens_per_image=5, progress=False),
     }

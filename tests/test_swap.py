@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import dynamo
-from analyses.swap import layer_swap, phase_relation, summarize
+from analyses import swap
+from analyses.swap import phase_relation, summarize
 from dynamo.partition import from_result
 from dynamo.models import weights_sha256
 from tests.conftest import tiny_model
@@ -45,7 +46,7 @@ def phase_store(digits_folder, tmp_path_factory):
 @pytest.mark.parametrize("width", [1, 2])
 def test_swaps_within_a_tied_phase_change_nothing_and_across_do(phase_store, width):
     model, ds = phase_store
-    result = layer_swap(ds, model, width=width, partition=PHASES, progress=False)
+    result = swap.compute(ds, model, width=width, partition=PHASES, progress=False)
     assert result.sizes == {"target": 5 - width + 1, "block": 5, "token_kind": 3}  # all, cls, patch
     assert from_result(result) == PHASES
     relation = result["relation"]
@@ -70,18 +71,18 @@ def test_phase_relation():
 
 
 def test_phases_default_to_the_stores_own(phase_store):
+    """Without a partition, swap uses the phases found in the store: here the model's planted ones."""
     model, ds = phase_store
-    from analyses.phases import find_phases
-
-    result = layer_swap(ds, model, images=8, progress=False)
-    assert from_result(result) == find_phases(ds)
+    assert from_result(swap.compute(ds, model, images=8, progress=False)) == PHASES
+    other = [[1], [2, 3, 4, 5]]
+    assert from_result(swap.compute(ds, model, partition=other, images=8, progress=False)) == other
 
 
 def test_clear_errors(phase_store):
     model, ds = phase_store
     with pytest.raises(ValueError, match="cover blocks"):
-        layer_swap(ds, model, partition=[[1, 2], [3, 4]], progress=False)
+        swap.compute(ds, model, partition=[[1, 2], [3, 4]], progress=False)
     with pytest.raises(ValueError, match="width"):
-        layer_swap(ds, model, width=6, partition=PHASES, progress=False)
+        swap.compute(ds, model, width=6, partition=PHASES, progress=False)
     with pytest.raises(ValueError, match="reordered"):
-        layer_swap(ds, exact_raptor(tied_vit()), partition=PHASES, progress=False)
+        swap.compute(ds, exact_raptor(tied_vit()), partition=PHASES, progress=False)

@@ -18,7 +18,7 @@ def _unit(x):
 def test_rotation_only_trajectories_give_the_analytic_angular_speed():
     angles = np.radians([20.0, 3.0, 3.0, 8.0, 8.0, 8.0, 8.0])
     hidden = rotation_trajectories(5, 6, 12, angles)
-    result = tokens.token_dynamics(contract_dataset(hidden, KINDS, chunk=2), progress=False)
+    result = tokens.compute(contract_dataset(hidden, KINDS, chunk=2), progress=False)
     np.testing.assert_allclose(result["speed"].sel(token_kind="cls").values, 20.0, atol=1e-3)
     np.testing.assert_allclose(result["speed"].sel(token_kind="register").values, 3.0, atol=2e-3)
     np.testing.assert_allclose(result["speed"].sel(token_kind="patch").values, 8.0, atol=1e-3)
@@ -30,7 +30,7 @@ def test_rotation_only_trajectories_give_the_analytic_angular_speed():
 def test_speed_and_coherence_match_brute_force():
     rng = np.random.default_rng(1)
     hidden = rng.normal(size=(6, 4, len(KINDS), 5)) + rng.normal(size=(1, 4, 1, 5))
-    result = tokens.token_dynamics(contract_dataset(hidden, KINDS, chunk=4), progress=False)
+    result = tokens.compute(contract_dataset(hidden, KINDS, chunk=4), progress=False)
     hidden = hidden.astype(np.float32).astype(np.float64)
     direction = _unit(hidden)
     step = np.degrees(np.arccos(np.clip(np.sum(direction[:, 1:] * direction[:, :-1], axis=-1), -1, 1)))
@@ -53,7 +53,7 @@ def test_aligned_patches_have_coherence_one():
     shared = rng.normal(size=(3, 5, 1, 6))
     scales = rng.uniform(0.5, 2.0, size=(3, 5, 4, 1))
     hidden = np.concatenate([rng.normal(size=(3, 5, 1, 6)), shared * scales], axis=2)
-    result = tokens.token_dynamics(contract_dataset(hidden, ["cls"] + ["patch"] * 4), progress=False)
+    result = tokens.compute(contract_dataset(hidden, ["cls"] + ["patch"] * 4), progress=False)
     np.testing.assert_allclose(result["coherence"].values, 1.0, atol=1e-5)
 
 
@@ -67,4 +67,4 @@ def test_speed_jump_ratio():
 def test_too_few_layers_is_a_clear_error():
     hidden = np.random.default_rng(0).normal(size=(2, 1, 3, 4))
     with pytest.raises(ValueError, match="at least two recorded layers"):
-        tokens.token_dynamics(contract_dataset(hidden, ["cls", "patch", "patch"]), progress=False)
+        tokens.compute(contract_dataset(hidden, ["cls", "patch", "patch"]), progress=False)

@@ -8,7 +8,6 @@ with ``export``, trials x time x features arrays for other dynamics tools (`anal
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import warnings
@@ -22,14 +21,14 @@ from analyses.phases import find_phases
 from analyses.streaming import stream
 from dynamo.heads import resolve_head, store_labels
 from dynamo.layout import REDUCED_VIEWS
-from dynamo.models import LoadedModel, ModelLoadError, load_model, load_recorded_model, parse_img_size
+from dynamo.models import LoadedModel, ModelLoadError, load_model, load_recorded_model
 from dynamo.partition import Partition, assign_phases
-from dynamo.pipeline.registry import ANALYSES, add_arguments, comma_list, int_list, options_for, summarize
+from dynamo.pipeline.registry import ANALYSES, options_for, summarize
 from dynamo.pipeline.summaries import headline_lines
 from dynamo.store import check_output, jsonable, open_trajectories, save_result
 from figures.output import save_figures
 
-__all__ = ["analyze", "configure_parser", "run_from_args", "store_partition"]
+__all__ = ["analyze", "store_partition"]
 
 
 def store_partition(ds: xr.Dataset, boundaries: Sequence[int] | None = None, method: str = "maxcut") -> Partition:
@@ -236,51 +235,3 @@ def _text(summary: dict, out: Path) -> str:
 
 
 # --- command line ---------------------------------------------------------------------------
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add ``dynamo analyze``'s arguments, including every registered analysis' own."""
-    parser.add_argument("store", help="trajectory store written by `dynamo record`")
-    parser.add_argument("--out", required=True, help="output folder for results, figures and summary.json")
-    parser.add_argument(
-        "--only", type=comma_list,
-        help="comma-separated analyses to run (default all): "
-        + "; ".join(f"{name}: {entry.description}" for name, entry in ANALYSES.items()).replace("%", "%%"),
-    )
-    parser.add_argument("--model", help="live model for analyses that need one (default: the store's own model)")
-    parser.add_argument("--checkpoint", help="local weights for --model")
-    parser.add_argument("--img-size", metavar="N|H,W", help="input size to build --model for (default: the store's image size)")
-    parser.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (a DINOv2 "
-                        "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--boundaries", type=_boundary_list,
-        help="comma-separated layers after which a new phase begins (default: found by max-cut; 'none' for none)",
-    )
-    parser.add_argument("--phase-method", choices=["maxcut", "contiguous"], default="maxcut")
-    parser.add_argument(
-        "--export", type=comma_list, default=[],
-        help="views to export as trials x time x features .npy arrays for other dynamics tools "
-        "(cls, patch_mean, register_mean, patch, register, ...)",
-    )
-    parser.add_argument("--export-components", type=int, help="project exported features on N principal directions")
-    parser.add_argument("--export-sphere", action="store_true", help="export unit-normalised states")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_arguments(parser)
-
-
-def run_from_args(args: argparse.Namespace) -> dict:
-    """The ``dynamo analyze`` command: `analyze` with the parsed arguments."""
-    options = {option.name: getattr(args, option.name) for entry in ANALYSES.values() for option in entry.options}
-    return analyze(
-        args.store, args.out, only=args.only, model=args.model, checkpoint=args.checkpoint,
-        img_size=parse_img_size(args.img_size), head=args.head,
-        boundaries=args.boundaries, phase_method=args.phase_method, export=args.export,
-        export_components=args.export_components, export_sphere=args.export_sphere, seed=args.seed,
-        device=args.device, progress=not args.quiet, **options,
-    )
-
-
-def _boundary_list(text: str) -> list[int]:
-    return [] if text.strip().lower() == "none" else int_list(text)

@@ -14,25 +14,10 @@ import sys
 import time
 import warnings
 
-from safetensors import SafetensorError
-
-from dynamo import zoo
-from dynamo.capture import AUTOCAST_DTYPES
-from dynamo.images import image_set
-from dynamo.layout import NotAViTError
-from dynamo.models import PRESETS, ModelLoadError, parse_img_size, preprocess_overrides
-from dynamo.pipeline import analyze as analyzing
-from dynamo.pipeline.cluster import connect
-from dynamo.pipeline.concepts import concepts as concept_stage
-from dynamo.pipeline.fit import RECIPES, fit, parse_loss
-from dynamo.pipeline.ladder import CEILING as LADDER_CEILING
-from dynamo.pipeline.ladder import LOOP_SCALES, fit_surrogate, ladder
-from dynamo.pipeline.ladder import RAPTOR_INITS as LADDER_RAPTOR_INITS
-from dynamo.pipeline.ladder import RUNGS as LADDER_RUNGS
-from dynamo.pipeline.phases import lenses as lens_stage
-from dynamo.pipeline.phases import phases as phase_stage
-from dynamo.pipeline.profile import profile, profile_store
-from dynamo.pipeline.registry import (
+from dynamo.pipeline.arguments import (
+    ANALYSIS_OPTIONS,
+    add_arguments,
+    boundary_list,
     comma_list,
     float_list,
     int_list,
@@ -41,28 +26,49 @@ from dynamo.pipeline.registry import (
     positive_int,
     torch_device,
 )
-from dynamo.pipeline.study import compare
-from dynamo.record import RecordingError, record
-from dynamo.shards import consolidate
-from dynamo.store import StoreError, describe, is_trajectory_store, jsonable, open_trajectories, writer_lock
-from dynamo.surrogates import SURROGATES
-from dynamo.zoo import train as zoo_train
+from dynamo.zoo import DEFAULT_MODEL, ZOO_PREFIX, list_models
+from dynamo.zoo.config import configure_parser as configure_zoo_parser
 
+# Choices and defaults the parser shows, as literals so that --help imports nothing heavy; tests hold
+# them equal to their sources (SURROGATES, RECIPES, the ladder's rungs, AUTOCAST_DTYPES, PRESETS).
+ANALYSIS_NAMES = tuple(ANALYSIS_OPTIONS)
+SURROGATES = ("identity", "linear", "dmd", "teacher-block", "raptor")
+RECIPES = ("paper",)
+LADDER_SURROGATES = ("identity", "linear", "dmd", "teacher-block", "raptor", "linear-per-layer")
+LOOP_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+RAPTOR_INITS = ("random", "teacher-block")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+PRESETS = ("paper",)
 # `dynamo fit` flags of Raptor's training, with their defaults when not given
 RAPTOR_ONLY = {name: None for name in ("recipe", "steps", "stage2_steps", "patience", "tol", "validate_every", "batch_size",
                                        "lr", "weight_decay", "warmup", "min_lr", "tf_anneal", "tf_floor", "noise",
                                        "stage1_loss", "stage2_loss", "grad_clip", "mlp")} | {"baselines": 0, "shuffled": 0, "seeds": 1}
-USER_ERRORS = (ModelLoadError, NotAViTError, StoreError, RecordingError, FileNotFoundError, ValueError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors printed as one line (exit status 2) rather than a traceback."""
+    from safetensors import SafetensorError
+
+    from dynamo.layout import NotAViTError
+    from dynamo.models import ModelLoadError
+    from dynamo.record import RecordingError
+    from dynamo.store import StoreError
+
+    return (ModelLoadError, NotAViTError, StoreError, RecordingError, FileNotFoundError, ValueError, OSError,
+            SafetensorError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dynamo.pipeline.cluster import connect
+    from dynamo.store import jsonable
+
     try:
         with connect(getattr(args, "cluster", None)), warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             summary = args.run(args)
-    except (*USER_ERRORS, OSError, SafetensorError) as error:
+    except _user_errors() as error:
         if args.debug:
             raise
         print(f"dynamo {args.command}: error: {_one_line(error)}", file=sys.stderr)
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(error: BaseException) -> str:
     """The error as one line; a file-system error says what to do (finished work is kept)."""
+    from safetensors import SafetensorError
+
     if isinstance(error, (OSError, SafetensorError)) and not isinstance(error, FileNotFoundError):
         reason = "the disk is full" if getattr(error, "errno", None) == errno.ENOSPC else str(error)
         return (f"could not write ({reason}); what was written before is kept: free space or fix the cause and "
@@ -106,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Record every token's trajectory through every block of a ViT. Re-running "
         "the same command on an interrupted store resumes it.",
     )
-    _source_arguments(rec, f"timm model name or zoo name (default: {zoo.DEFAULT_MODEL}); zoo: {', '.join(zoo.list_models())}")
+    _source_arguments(rec, f"timm model name or zoo name (default: {DEFAULT_MODEL}); zoo: {', '.join(list_models())}")
     rec.add_argument("--out", required=True, help="store path, e.g. trajectories.zarr")
     rec.add_argument("--layers", type=int_list, help="comma-separated layers to keep (0 = embedding), default all")
     rec.add_argument("--patch-tokens", type=int, help="keep only N patch tokens, drawn with --seed")
     rec.add_argument("--seed", type=int, default=0, help="seed of the patch-token draw and of random weights (default 0)")
     rec.add_argument("--compression", choices=["none", "zstd"], default="none")
     rec.add_argument("--device", type=torch_device, default="cpu", help="torch device; with --shard auto under torchrun, 'cuda' means cuda:$LOCAL_RANK")
-    rec.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="run the forward under torch.autocast with this dtype (GPU speed)")
+    rec.add_argument("--autocast", choices=AUTOCAST_DTYPES, help="run the forward under torch.autocast with this dtype (GPU speed)")
     rec.add_argument("--summaries-only", action="store_true", help="store cls / patch-mean / register-mean views and logits, not every token")
     rec.add_argument("--writers", type=positive_int, default=2, help="threads writing batches to the store (default 2)")
     rec.add_argument(
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     train = commands.add_parser("train-zoo", help="train a zoo ViT on the bundled digits or on Fashion-MNIST (--dataset fashion)")
-    zoo_train.configure_parser(train)
+    configure_zoo_parser(train)
     train.add_argument("--json", action="store_true")
     train.set_defaults(run=_train_zoo)
 
@@ -152,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the dynamics analyses over a trajectory store; write <name>.zarr results, "
         "PNG figures with phase boundaries marked, and summary.json to --out.",
     )
-    analyzing.configure_parser(analyze)
+    _analyze_arguments(analyze)
     _cluster_argument(analyze)
     analyze.add_argument("--json", action="store_true", help="print a JSON summary")
     analyze.set_defaults(run=_analyze)
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One command from a model and images to DIR/report.html and DIR/summary.json. "
         "A re-run resumes: the recording and every finished stage are reused.",
     )
-    _source_arguments(prof, f"timm or zoo name, or an existing trajectory store (default: {zoo.DEFAULT_MODEL})")
+    _source_arguments(prof, f"timm or zoo name, or an existing trajectory store (default: {DEFAULT_MODEL})")
     prof.add_argument("--out", required=True, help="output folder")
     prof.add_argument("--method", choices=["maxcut", "contiguous"], default="maxcut", help="phase partition method")
     prof.add_argument("--eps", type=nonnegative_float, default=0.1, help="the paper's max-cut fraction f (default 0.1)")
@@ -243,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to --out; an interrupted fit resumes when the same command is run again.",
     )
     fit.add_argument("store")
-    fit.add_argument("--surrogate", choices=list(SURROGATES), default="raptor",
+    fit.add_argument("--surrogate", choices=SURROGATES, default="raptor",
                      help="raptor (default: trained shared blocks), or a rung of the ladder: identity, linear (a "
                      "ridge map per phase), dmd (exact DMD per phase), teacher-block (the teacher's best own block "
                      "per phase); the training flags (--recipe, --steps, --lr, --baselines, --seeds, ...) apply to raptor only")
@@ -252,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--partition", help="phases '1-7,8-12' or thresholds '7' (default: the max-cut phases when they "
                      "are k contiguous ones, else the exact contiguous split into k phases)")
     fit.add_argument("--out", required=True, help="output folder (weights.safetensors, config.json, checkpoint/, stage1/)")
-    fit.add_argument("--recipe", choices=sorted(RECIPES), help="start from the paper's recipe (AdamW lr 3e-4, wd 1e-4, "
+    fit.add_argument("--recipe", choices=RECIPES, help="start from the paper's recipe (AdamW lr 3e-4, wd 1e-4, "
                      "batch 64, 10k warmup, cosine to 1e-6, anneal 25%%, paper losses, clip 1.0, fixed steps); flags override it")
     _raptor_arguments(fit)
     fit.add_argument("--tol", type=float, help="held-out R² gain that counts as an improvement (default 1e-4)")
@@ -295,15 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     lad.add_argument("store")
     lad.add_argument("--k", type=int_list, default=[1, 2, 3, 4], help="numbers of phases (default 1,2,3,4)")
     lad.add_argument("--out", required=True, help="output folder")
-    lad.add_argument("--surrogates", type=comma_list, default=list((*LADDER_RUNGS, LADDER_CEILING)),
-                     help=f"rungs to fit (default all: {','.join((*LADDER_RUNGS, LADDER_CEILING))})")
+    lad.add_argument("--surrogates", type=comma_list, default=list(LADDER_SURROGATES),
+                     help=f"rungs to fit (default all: {','.join(LADDER_SURROGATES)})")
     lad.add_argument("--loop-scales", type=float_list, default=list(LOOP_SCALES),
                      help="loop counts, as multiples of each phase's length (default 0.5,0.75,1,1.25,1.5,2)")
     lad.add_argument("--bootstrap", type=nonnegative_int, default=1000, help="bootstrap resamples of the held-out images for ε (default 1000)")
     lad.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (default: the "
                      "model's own, or a probe fitted on the labels of a headless model)")
     _raptor_arguments(lad, prefix="Raptor: ")
-    lad.add_argument("--raptor-init", choices=list(LADDER_RAPTOR_INITS), default="random",
+    lad.add_argument("--raptor-init", choices=RAPTOR_INITS, default="random",
                      help="Raptor's blocks start at random (default, the paper's) or as the teacher-block rung's choice (then "
                      "with the teacher's MLP kind unless --mlp is given)")
     lad.add_argument("--seed", type=int, default=0)
@@ -339,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _record(args) -> dict:
+    from dynamo import zoo
+    from dynamo.images import image_set
+    from dynamo.record import record
+    from dynamo.store import describe
+
     images = args.images or zoo.default_images(args.model)
     device = args.device
     if device == "cuda" and args.shard == "auto" and "LOCAL_RANK" in os.environ:
@@ -373,6 +386,9 @@ def _record(args) -> dict:
 
 
 def _consolidate(args) -> dict:
+    from dynamo.shards import consolidate
+    from dynamo.store import describe, writer_lock
+
     summary = describe(args.store)
     if not summary["complete"]:  # a complete, undamaged store needs no lock (and may be read-only)
         with writer_lock(args.store):
@@ -382,20 +398,60 @@ def _consolidate(args) -> dict:
 
 
 def _info(args) -> dict:
+    from dynamo.store import describe
+
     return describe(args.store)
 
 
 def _train_zoo(args) -> dict:
+    from dynamo.zoo import train as zoo_train
+
     summary = zoo_train.run_from_args(args)
     summary.setdefault("text", json.dumps(summary, indent=2, default=str))
     return summary
 
 
 def _analyze(args) -> dict:
-    return analyzing.run_from_args(args)
+    from dynamo.models import parse_img_size
+    from dynamo.pipeline.analyze import analyze
+
+    options = {option.name: getattr(args, option.name) for entry in ANALYSIS_OPTIONS.values() for option in entry}
+    return analyze(
+        args.store, args.out, only=args.only, model=args.model, checkpoint=args.checkpoint,
+        img_size=parse_img_size(args.img_size), head=args.head, boundaries=args.boundaries,
+        phase_method=args.phase_method, export=args.export, export_components=args.export_components,
+        export_sphere=args.export_sphere, seed=args.seed, device=args.device, progress=not args.quiet, **options,
+    )
+
+
+def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    """``dynamo analyze``'s arguments, including every analysis' own options."""
+    parser.add_argument("store", help="trajectory store written by `dynamo record`")
+    parser.add_argument("--out", required=True, help="output folder for results, figures and summary.json")
+    parser.add_argument("--only", type=comma_list, help=f"comma-separated analyses to run (default all: {', '.join(ANALYSIS_NAMES)})")
+    parser.add_argument("--model", help="live model for analyses that need one (default: the store's own model)")
+    parser.add_argument("--checkpoint", help="local weights for --model")
+    parser.add_argument("--img-size", metavar="N|H,W", help="input size to build --model for (default: the store's image size)")
+    parser.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (a DINOv2 "
+                        "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--boundaries", type=boundary_list,
+                        help="comma-separated layers after which a new phase begins (default: found by max-cut; 'none' for none)")
+    parser.add_argument("--phase-method", choices=["maxcut", "contiguous"], default="maxcut")
+    parser.add_argument("--export", type=comma_list, default=[],
+                        help="views to export as trials x time x features .npy arrays for other dynamics tools "
+                        "(cls, patch_mean, register_mean, patch, register, ...)")
+    parser.add_argument("--export-components", type=int, help="project exported features on N principal directions")
+    parser.add_argument("--export-sphere", action="store_true", help="export unit-normalised states")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_arguments(parser)
 
 
 def _profile(args) -> dict:
+    from dynamo.pipeline.profile import profile, profile_store
+    from dynamo.store import StoreError, is_trajectory_store
+
     options = dict(
         phase_method=args.method, eps=args.eps, k=args.k, n_bootstrap=args.bootstrap, only=args.only,
         fit_raptor=args.fit_raptor, raptor_steps=args.raptor_steps, concepts=args.concepts, head=args.head,
@@ -406,7 +462,7 @@ def _profile(args) -> dict:
             raise ValueError(f"--img-size, --preprocess and --preset apply when recording a model; {args.model} is "
                              "a recorded store (its image size and preprocessing are fixed): drop them")
         return profile_store(args.model, args.out, **options)
-    if not args.model.startswith(zoo.ZOO_PREFIX) and (args.model.endswith(".zarr") or os.sep in args.model):  # a path
+    if not args.model.startswith(ZOO_PREFIX) and (args.model.endswith(".zarr") or os.sep in args.model):  # a path
         raise StoreError(f"no trajectory store at {args.model}; check the path (or pass a timm or zoo model name)")
     return profile(
         args.model, args.out, images=args.images, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
@@ -415,10 +471,16 @@ def _profile(args) -> dict:
 
 
 def _compare(args) -> dict:
+    from dynamo.pipeline.study import compare
+
     return compare(args.paths, args.out, labels=args.labels, progress=not args.quiet)
 
 
 def _phases(args) -> dict:
+    from dynamo.pipeline.phases import lenses as lens_stage
+    from dynamo.pipeline.phases import phases as phase_stage
+    from dynamo.store import open_trajectories
+
     if args.lens:
         summary = lens_stage(
             open_trajectories(args.store), args.lens, model=args.model, checkpoint=args.checkpoint, device=args.device,
@@ -435,6 +497,8 @@ def _phases(args) -> dict:
 
 
 def _fit(args) -> dict:
+    from dynamo.pipeline.fit import fit, parse_loss
+
     if args.surrogate != "raptor":
         return _fit_rung(args)
     params = {name: getattr(args, name) for name in (
@@ -452,6 +516,8 @@ def _fit(args) -> dict:
 
 def _fit_rung(args) -> dict:
     """``dynamo fit --surrogate`` for a rung other than Raptor: one k, no training flags."""
+    from dynamo.pipeline.ladder import fit_surrogate
+
     given = [name for name in RAPTOR_ONLY if getattr(args, name, None) not in (None, RAPTOR_ONLY[name])]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -463,12 +529,16 @@ def _fit_rung(args) -> dict:
 
 
 def _concepts(args) -> dict:
+    from dynamo.pipeline.concepts import concepts as concept_stage
+
     return concept_stage(args.store, args.out, kind=args.kind, n_concepts=args.concepts, k=args.k, steps=args.steps,
                          per_phase=args.per_phase, stability=args.stability, boundaries=args.boundaries, seed=args.seed,
                          device=args.device, progress=not args.quiet)
 
 
 def _ladder(args) -> dict:
+    from dynamo.pipeline.ladder import ladder
+
     return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
                   n_bootstrap=args.bootstrap, head=args.head, raptor_init=args.raptor_init, seed=args.seed, device=args.device,
                   progress=not args.quiet, command=" ".join(sys.argv), steps=args.steps,
@@ -478,7 +548,7 @@ def _ladder(args) -> dict:
 
 def _source_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     """What a command that records takes: the model, its weights, the images, and how they are read and stored."""
-    parser.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=model_help)
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     parser.add_argument("--images", help="image folder (class sub-folders give labels); default: the model's bundled held-out "
                         "images (Fashion-MNIST for the zoo's fashion models, else the digits)")
     parser.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
@@ -519,6 +589,8 @@ def _image_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _image_options(args) -> dict:
     """``img_size`` and ``preprocess`` for `dynamo.load_model` from `_image_arguments`' flags."""
+    from dynamo.models import parse_img_size, preprocess_overrides
+
     preprocess = preprocess_overrides(args.preset, args.preprocess) if (args.preset or args.preprocess) else None
     return {"img_size": parse_img_size(args.img_size), "preprocess": preprocess}
 

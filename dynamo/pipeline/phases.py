@@ -127,7 +127,7 @@ def lenses(
         `analyses.lenses.summarize` of the result, the paths written, and ``text``.
     """
     loaded = live_model(ds, model, checkpoint, None, device) if "jacobian" in lenses else None
-    result = lensing.lens_agreement(ds, loaded, lenses, progress=progress, **settings)
+    result = lensing.compute(ds, loaded, lenses, progress=progress, **settings)
     summary = lensing.summarize(result)
     if out is not None:
         summary["out"] = str(save_result(result, out))

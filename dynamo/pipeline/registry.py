@@ -1,30 +1,23 @@
 """The analyses `dynamo analyze` and `dynamo profile` run, each described once.
 
-An entry names the analysis module (its ``DESCRIPTION``, ``compute`` and ``summarize``), the
-figures drawn from its result (each with a one-sentence caption), whether it runs the live model,
-and its typed options. The options are the one place their defaults live: the command line is
-built from them and `options_for` fills in what a caller left out, so ``--help``, the README and
-the report all read the same text.
-
-Adding an analysis is one more entry::
-
-    ANALYSES["name"] = Analysis(module=analyses.name, run=..., figures=(FigureSpec(...),), options=(Option(...),))
+An entry names the analysis module (``DESCRIPTION``, ``compute``, ``summarize``), its figures
+(each with a caption), whether it runs the live model, and its typed options
+(`dynamo.pipeline.arguments.ANALYSIS_OPTIONS`, where their defaults live).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from types import ModuleType
 
-import torch
 import xarray as xr
 
-from analyses import convergence, jacobian, perturbation, rank, swap, tokens
+from analyses import basins, jacobian, perturbation, rank, swap, tokens
 from analyses.streaming import Accumulator, stream
 from dynamo.partition import Partition
+from dynamo.pipeline.arguments import ANALYSIS_OPTIONS, Option
 from dynamo.raptor import RaptorFitter
 from figures import basins as basins_figures
 from figures import jacobian as jacobian_figures
@@ -33,90 +26,7 @@ from figures import rank as rank_figures
 from figures import swap as swap_figures
 from figures import tokens as tokens_figures
 
-__all__ = ["ANALYSES", "Analysis", "FigureSpec", "Option", "add_arguments", "comma_list", "options_for"]
-
-
-def comma_list(text: str) -> list[str]:
-    """Command-line ``a,b,c`` as a list of names."""
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def float_list(text: str) -> list[float]:
-    """Command-line ``0.1,0.2`` as a list of floats."""
-    try:
-        return [float(part) for part in comma_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def int_list(text: str) -> list[int]:
-    """Command-line ``0,3,6`` as a list of integers."""
-    try:
-        return [int(part) for part in comma_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    """A command-line count that must be at least 1."""
-    return _bounded(text, int, 1)
-
-
-def nonnegative_int(text: str) -> int:
-    """A command-line count that may be 0."""
-    return _bounded(text, int, 0)
-
-
-def nonnegative_float(text: str) -> float:
-    """A command-line number that may be 0, never negative."""
-    return _bounded(text, float, 0.0)
-
-
-def _bounded(text: str, kind: type, least):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be at least {least}, got {text}")
-    return value
-
-
-def torch_device(text: str) -> str:
-    """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible on this machine; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no Apple GPU (mps) on this machine; use --device cpu")
-    return text
-
-
-@dataclass(frozen=True)
-class Option:
-    """One typed option of an analysis: its Python name, default, command-line flag and help.
-
-    ``type`` parses the command-line text (``bool`` makes a switch); the flag defaults to
-    ``--name-with-dashes``.
-    """
-
-    name: str
-    default: object
-    help: str
-    type: Callable | None = None
-    flag: str | None = None
-
-    def add_to(self, parser: argparse.ArgumentParser) -> None:
-        flag = self.flag or "--" + self.name.replace("_", "-")
-        if self.type is bool:
-            parser.add_argument(flag, dest=self.name, action="store_true", help=self.help)
-        else:
-            default = f" (default {self.default})" if self.default is not None else ""
-            parser.add_argument(flag, dest=self.name, type=self.type or type(self.default), default=self.default,
-                                help=self.help + default)
+__all__ = ["ANALYSES", "Analysis", "FigureSpec", "Option", "options_for", "partition_from_boundaries", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -184,7 +94,7 @@ def _run_streamed(ds, model, partition, options, *, accumulate) -> xr.Dataset:
 
 
 def _accumulate_basins(ds, options) -> Accumulator:
-    return convergence.Convergence(ds, progress=options["progress"], head=options.get("head"))
+    return basins.Convergence(ds, progress=options["progress"], head=options.get("head"))
 
 
 def _accumulate_tokens(ds, options) -> Accumulator:
@@ -236,7 +146,7 @@ def _run_swap(ds, model, partition, options) -> xr.Dataset:
 
 ANALYSES: dict[str, Analysis] = {
     "basins": Analysis(
-        module=convergence, **_streamed(_accumulate_basins),
+        module=basins, **_streamed(_accumulate_basins), options=ANALYSIS_OPTIONS["basins"],
         figures=(
             FigureSpec("convergence", basins_figures.plot_convergence,
                        "γ, the cosine of each token to its own final direction, per layer and token kind (10-90% bands over images)."),
@@ -248,7 +158,7 @@ ANALYSES: dict[str, Analysis] = {
         ),
     ),
     "tokens": Analysis(
-        module=tokens, **_streamed(_accumulate_tokens),
+        module=tokens, **_streamed(_accumulate_tokens), options=ANALYSIS_OPTIONS["tokens"],
         figures=(
             FigureSpec("angular_speed", tokens_figures.plot_angular_speed,
                        "Angle each token turns per block, per token kind."),
@@ -261,42 +171,25 @@ ANALYSES: dict[str, Analysis] = {
         module=rank, **_streamed(_accumulate_rank),
         figures=(FigureSpec("update_rank", rank_figures.plot_update_rank,
                             "Rank measures of each block's updates, raw and on the sphere, with bootstrap intervals over images."),),
-        options=(
-            Option("n_bootstrap", 100, "bootstrap resamples of the images for error bars", int, flag="--bootstrap"),
-            Option("tokens_per_image", rank.TOKENS_PER_IMAGE,
-                   "rank: at most N tokens of a kind per image (a seeded subset of kinds with more; 0 for all)", int),
-        ),
+        options=ANALYSIS_OPTIONS["rank"],
     ),
     "perturbation": Analysis(
         module=perturbation, run=_run_perturbation, needs_model=True,
         figures=(FigureSpec("recovery", _recovery_figures,
                             "Gap to the clean trajectory after a relative perturbation at each start layer, per token kind."),),
-        options=(
-            Option("alphas", [0.01, 0.05, 0.1, 0.2], "perturbation: relative sizes", float_list),
-            Option("starts", None, "perturbation: injection layers (default all but the last)", int_list),
-            Option("directions", 2, "perturbation: random draws and principal directions each", int),
-            Option("perturbation_images", None, "perturbation: N images evenly spaced through the store (default all)", int),
-            Option("surrogate", None, "perturbation: also run through a saved Raptor fit (folder of `dynamo fit`)", str),
-        ),
+        options=ANALYSIS_OPTIONS["perturbation"],
     ),
     "jacobian": Analysis(
         module=jacobian, run=_run_jacobian, needs_model=True,
         figures=(FigureSpec("spectrum", jacobian_figures.plot_jacobian_spectrum,
                             "Top singular values of each block's Jacobian along real trajectories: expansion above 1, contraction below."),),
-        options=(
-            Option("singular_values", 4, "jacobian: singular values per block", int),
-            Option("composed", False, "jacobian: also the map from every layer to the last", bool),
-            Option("jacobian_images", 32, "jacobian: N images evenly spaced through the store", int),
-        ),
+        options=ANALYSIS_OPTIONS["jacobian"],
     ),
     "swap": Analysis(
         module=swap, run=_run_swap, needs_model=True,
         figures=(FigureSpec("accuracy", swap_figures.plot_layer_swap,
                             "Accuracy and last-layer R² when block j runs in layer i's place, within and across phases."),),
-        options=(
-            Option("swap_width", 1, "swap: consecutive layers replaced", int),
-            Option("swap_images", None, "swap: N images evenly spaced through the store (default all)", int),
-        ),
+        options=ANALYSIS_OPTIONS["swap"],
     ),
 }
 SUMMARIZERS = {"perturbation": _summarize_perturbation}
@@ -315,16 +208,6 @@ def options_for(names, given: Mapping) -> dict:
             value = given.get(option.name)
             options[option.name] = option.default if value is None else value
     return options
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every registered analysis' own options to a command line (each flag once)."""
-    seen = set()
-    for entry in ANALYSES.values():
-        for option in entry.options:
-            if option.name not in seen:
-                option.add_to(parser)
-                seen.add(option.name)
 
 
 def partition_from_boundaries(boundaries, num_blocks: int) -> Partition | None:

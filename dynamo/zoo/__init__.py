@@ -13,9 +13,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 ZOO_PREFIX = "dynamo-zoo/"
 DEFAULT_MODEL = "dynamo-zoo/vit-digits-reg4"
 
@@ -24,6 +21,7 @@ _HERE = Path(__file__).parent
 __all__ = [
     "DEFAULT_MODEL",
     "ZOO_PREFIX",
+    "build_model",
     "default_images",
     "fashion_images",
     "list_models",
@@ -62,7 +60,16 @@ def weights_path(name: str) -> Path:
     return _HERE / model_card(name)["weights"]["file"]
 
 
-def load_zoo_model(name: str) -> torch.nn.Module:
+def build_model(arch: dict, cfg: dict):
+    """A timm `VisionTransformer` from architecture kwargs, with ``cfg`` as its ``pretrained_cfg``."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(**arch)
+    model.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    return model
+
+
+def load_zoo_model(name: str):
     """Build a zoo model from its card and load its shipped weights, in float32 and eval mode.
 
     The weights are read with ``safetensors.torch.load_file`` (never unpickled) after their
@@ -74,7 +81,7 @@ def load_zoo_model(name: str) -> torch.nn.Module:
     ValueError
         Unknown name (the message lists the shipped models), or weights that do not match the card.
     """
-    from dynamo.zoo.train import build_model
+    from safetensors.torch import load_file
 
     card = model_card(name)
     path = weights_path(name)

@@ -26,6 +26,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from dynamo.zoo.config import FASHION_DIR
+
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 NUM_CLASSES = 10
@@ -40,7 +42,6 @@ DATA_SOURCE = {
     "pixels": "8x8 grayscale, integers 0..16, stored as uint8 PNG round(v*255/16)",
 }
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts the files
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),

@@ -97,7 +97,6 @@ def compute(
     return stream(ds, {"basins": accumulator}, description="basins", progress=progress)["basins"]
 
 
-basins = compute
 
 
 class Convergence(Accumulator):
