@@ -488,6 +488,10 @@ def _create_from_checkpoint(name: str, path: Path, **timm_kwargs) -> nn.Module:
         raise ModelLoadError(f"checkpoint {path} is a folder; pass the weights file inside it (.safetensors, .pth)")
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {path} does not exist")
+    from dynamo import convert  # transformers state dicts and ONNX exports; convert imports this module
+
+    if convert.is_transformers_checkpoint(path):
+        return convert.create_converted(name, path, **timm_kwargs)
     _check_readable(path)
     overlay = {"file": str(path), **({"num_classes": timm_kwargs["num_classes"]} if "num_classes" in timm_kwargs else {})}
     try:
