@@ -30,23 +30,29 @@ PATCH_WEIGHT = "embeddings.patch_embeddings.projection.weight"
 TOWER_WEIGHT = "embeddings.patch_embedding.weight"
 """The transformers parameter of CLIP / SigLIP vision towers, which are refused."""
 
+_LAYER = r"(?:encoder\.layer|layers)\.(\d+)"
+
 RULES = [
     (r"embeddings\.cls_token", "cls_token"),
     (r"embeddings\.register_tokens", "reg_token"),
     (r"embeddings\.position_embeddings", "pos_embed"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"encoder\.layer\.(\d+)\.(?:norm1|layernorm_before)\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)", r"blocks.\1.attn.qkv.\3"),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layer\.(\d+)\.layer_scale1\.lambda1", r"blocks.\1.ls1.gamma"),
-    (r"encoder\.layer\.(\d+)\.(?:norm2|layernorm_after)\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"encoder\.layer\.(\d+)\.(?:mlp\.fc1|mlp\.weights_in|intermediate\.dense)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"encoder\.layer\.(\d+)\.(?:mlp\.fc2|mlp\.weights_out|output\.dense)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-    (r"encoder\.layer\.(\d+)\.layer_scale2\.lambda1", r"blocks.\1.ls2.gamma"),
+    (rf"{_LAYER}\.(?:norm1|layernorm_before)\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (rf"{_LAYER}\.attention\.(?:attention\.)?(?:query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)",
+     r"blocks.\1.attn.qkv.\2"),
+    (rf"{_LAYER}\.attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (rf"{_LAYER}\.layer_scale1\.lambda1", r"blocks.\1.ls1.gamma"),
+    (rf"{_LAYER}\.(?:norm2|layernorm_after)\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (rf"{_LAYER}\.(?:mlp\.fc1|mlp\.weights_in|intermediate\.dense)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (rf"{_LAYER}\.(?:mlp\.fc2|mlp\.weights_out|output\.dense)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (rf"{_LAYER}\.layer_scale2\.lambda1", r"blocks.\1.ls2.gamma"),
     (r"layernorm\.(weight|bias)", r"norm.\1"),
 ]
-"""transformers parameter name (without the backbone's prefix) → timm name; query, key and value
-are stacked, in that order, into timm's ``qkv``."""
+"""transformers parameter name (without the backbone's prefix; transformers 4's names, as on the
+hub, and transformers 5's) → timm name. Query, key and value are stacked, in that order, into
+timm's ``qkv``."""
+
+_QKV = {"query": 0, "q_proj": 0, "key": 1, "k_proj": 1, "value": 2, "v_proj": 2}
 
 UNUSED = (r"embeddings\.mask_token", r"pooler\.dense\.(weight|bias)")
 """transformers parameters that no forward pass to the last hidden state uses: DINOv2's mask
@@ -194,16 +200,16 @@ def transformers_to_timm(
             raise ModelLoadError(f"cannot place parameter {prefix}{key} of shape {list(tensor.shape)}: it is "
                                  "not in the ViTModel / Dinov2Model / Dinov2WithRegistersModel mapping")
         if ".attn.qkv." in target:
-            qkv.setdefault(target, {})[key.split(".")[-2]] = tensor
+            qkv.setdefault(target, {})[_QKV[key.split(".")[-2]]] = tensor
         else:
             weights[target] = tensor
     for target, parts in qkv.items():
-        absent = [p for p in ("query", "key", "value") if p not in parts]
+        absent = [name for name, part in zip(("query", "key", "value"), range(3)) if part not in parts]
         if absent:
-            block = target.split(".")[1]
-            raise ModelLoadError(f"no {prefix}encoder.layer.{block}.attention.attention.{absent[0]}."
-                                 f"{target.split('.')[-1]} beside the other attention projections of layer {block}")
-        weights[target] = torch.cat([parts["query"], parts["key"], parts["value"]])
+            block, kind = target.split(".")[1], target.split(".")[-1]
+            raise ModelLoadError(f"layer {block} has no {absent[0]} {kind} (attention.attention.{absent[0]}.{kind} "
+                                 f"or attention.{absent[0][0]}_proj.{kind}) beside its other attention projections")
+        weights[target] = torch.cat([parts[0], parts[1], parts[2]])
     if "pos_embed" in weights and "cls_token" in weights:
         grid = tuple(model.patch_embed.grid_size)
         position = weights.pop("pos_embed")
@@ -285,7 +291,8 @@ def read_onnx(path: Path) -> tuple[dict[str, torch.Tensor], Resampling | None]:
                              "export of a transformers ViTModel / Dinov2Model")
     prefix = patch[: -len(PATCH_WEIGHT if patch.endswith(PATCH_WEIGHT) else TOWER_WEIGHT)]
     scope = "/" + prefix.replace(".", "/")
-    state = {n: tensor(n) for n in initializers if n.startswith(prefix)}
+    named = [n for n in initializers if n.startswith(prefix) and not n.startswith(("onnx::", "/"))]
+    state = {n: tensor(n) for n in named}
     resampling, position = None, {}
     for node in graph.node:
         if not node.name.startswith(scope):
@@ -294,11 +301,12 @@ def read_onnx(path: Path) -> tuple[dict[str, torch.Tensor], Resampling | None]:
             module = node.name[1: -len("/MatMul")].replace("/", ".")
             state[f"{module}.weight"] = tensor(node.input[1]).T.contiguous()
         elif node.name.startswith(f"{scope}embeddings/"):
-            unnamed = [i for i in node.input if i in initializers and not i.startswith(prefix)]
-            if node.op_type == "Concat" and unnamed:
-                position["cls"] = tensor(unnamed[0])
-            elif node.op_type == "Reshape" and unnamed:
-                position["patches"] = tensor(unnamed[0])
+            embedding = [i for i in node.input if i in initializers and i not in state
+                         and len(initializers[i].dims) == 3 and initializers[i].dims[0] == 1]
+            if node.op_type == "Concat" and embedding and initializers[embedding[0]].dims[1] == 1:
+                position["cls"] = tensor(embedding[0])
+            elif node.op_type == "Reshape" and embedding and initializers[embedding[0]].dims[1] > 1:
+                position["patches"] = tensor(embedding[0])
             elif node.op_type == "Resize":
                 resampling = _onnx_resampling(node, path)
     if f"{prefix}embeddings.position_embeddings" not in state and len(position) == 2:
