@@ -44,15 +44,20 @@ RULES = [
     (rf"{_LAYER}\.layer_scale1\.lambda1", r"blocks.\1.ls1.gamma"),
     (rf"{_LAYER}\.(?:norm2|layernorm_after)\.(weight|bias)", r"blocks.\1.norm2.\2"),
     (rf"{_LAYER}\.(?:mlp\.fc1|mlp\.weights_in|intermediate\.dense)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (rf"{_LAYER}\.(?:mlp\.fc2|mlp\.weights_out|output\.dense)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (rf"{_LAYER}\.mlp\.(?:gate_proj|up_proj)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (rf"{_LAYER}\.(?:mlp\.fc2|mlp\.weights_out|mlp\.down_proj|output\.dense)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
     (rf"{_LAYER}\.layer_scale2\.lambda1", r"blocks.\1.ls2.gamma"),
     (r"layernorm\.(weight|bias)", r"norm.\1"),
 ]
 """transformers parameter name (without the backbone's prefix; transformers 4's names, as on the
 hub, and transformers 5's) → timm name. Query, key and value are stacked, in that order, into
-timm's ``qkv``."""
+timm's ``qkv``; a SwiGLU's gate and up projections (transformers 5) into its packed ``fc1``."""
 
-_QKV = {"query": 0, "q_proj": 0, "key": 1, "k_proj": 1, "value": 2, "v_proj": 2}
+STACKED = {"query": "query", "q_proj": "query", "key": "key", "k_proj": "key", "value": "value", "v_proj": "value",
+           "gate_proj": "gate", "up_proj": "up"}
+"""transformers module → its part of a stacked timm parameter; parts are stacked in `_ORDER`."""
+
+_ORDER = {"attn.qkv": ("query", "key", "value"), "mlp.fc1": ("gate", "up")}
 
 UNUSED = (r"embeddings\.mask_token", r"pooler\.dense\.(weight|bias)")
 """transformers parameters that no forward pass to the last hidden state uses: DINOv2's mask
@@ -130,12 +135,12 @@ def create_converted(name: str, path: str | Path, **timm_kwargs) -> nn.Module:
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as error:  # a shape mismatch
-        raise ModelLoadError(f"checkpoint {path} ({family}) does not fit {name}: {summarize_mismatch(str(error))}") from None
+        raise ModelLoadError(f"checkpoint {path} (a transformers {family} backbone) does not fit {name}: {summarize_mismatch(str(error))}") from None
     if missing or unexpected:
         first = (f"timm's {missing[0]} is set by no parameter of the checkpoint" if missing
                  else f"the checkpoint sets timm's {unexpected[0]}, which {name} has not")
         others = len(missing) + len(unexpected) - 1
-        raise ModelLoadError(f"checkpoint {path} ({family}) does not fit {name}: {first}"
+        raise ModelLoadError(f"checkpoint {path} (a transformers {family} backbone) does not fit {name}: {first}"
                              + (f"; and {others} other mismatching keys" if others else "")
                              + ". Check that it holds weights of this architecture and size")
     eps = FAMILIES[family][1]
@@ -191,7 +196,7 @@ def transformers_to_timm(
     own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     family = ("dinov2_registers" if "embeddings.register_tokens" in own
               else "dinov2" if any(".layer_scale1." in k or ".norm1." in k for k in own) else "vit")
-    weights, qkv = {}, {}
+    weights, stacked = {}, {}
     for key, tensor in own.items():
         if any(re.fullmatch(pattern, key) for pattern in UNUSED):
             continue
@@ -199,17 +204,20 @@ def transformers_to_timm(
         if target is None:
             raise ModelLoadError(f"cannot place parameter {prefix}{key} of shape {list(tensor.shape)}: it is "
                                  "not in the ViTModel / Dinov2Model / Dinov2WithRegistersModel mapping")
-        if ".attn.qkv." in target:
-            qkv.setdefault(target, {})[_QKV[key.split(".")[-2]]] = tensor
+        if key.split(".")[-2] in STACKED:
+            stacked.setdefault(target, {})[STACKED[key.split(".")[-2]]] = tensor
         else:
             weights[target] = tensor
-    for target, parts in qkv.items():
-        absent = [name for name, part in zip(("query", "key", "value"), range(3)) if part not in parts]
+    for target, parts in stacked.items():
+        _, block, *module, kind = target.split(".")  # blocks.N.attn.qkv.weight
+        module = ".".join(module)
+        order = _ORDER[module]
+        absent = [part for part in order if part not in parts]
         if absent:
-            block, kind = target.split(".")[1], target.split(".")[-1]
-            raise ModelLoadError(f"layer {block} has no {absent[0]} {kind} (attention.attention.{absent[0]}.{kind} "
-                                 f"or attention.{absent[0][0]}_proj.{kind}) beside its other attention projections")
-        weights[target] = torch.cat([parts[0], parts[1], parts[2]])
+            names = [k for k, v in STACKED.items() if v == absent[0]]
+            raise ModelLoadError(f"layer {block} has no {absent[0]} {kind} ({' or '.join(names)}) beside the "
+                                 f"other parts of timm's {module}")
+        weights[target] = torch.cat([parts[part] for part in order])
     if "pos_embed" in weights and "cls_token" in weights:
         grid = tuple(model.patch_embed.grid_size)
         position = weights.pop("pos_embed")

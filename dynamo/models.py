@@ -119,7 +119,8 @@ def load_model(
         (``model``, ``state_dict``, EMA) are unwrapped and the architecture's own checkpoint
         filter converts original formats (DINOv2 torch-hub files, OpenCLIP visual towers,
         DeiT / DeiT-3) and resamples position embeddings trained at another image size.
-        Loading is strict: every weight of the model must come from the file.
+        Loading is strict: every weight of the model must come from the file. A transformers
+        ViT / DINOv2 state dict or ONNX export is converted by `dynamo.convert`.
     pretrained : bool
         For a timm name without a checkpoint: fetch the hub weights (needs the internet or a
         local hub cache). False builds random weights, which suit tests of mechanics only.

