@@ -119,7 +119,8 @@ def load_model(
         (``model``, ``state_dict``, EMA) are unwrapped and the architecture's own checkpoint
         filter converts original formats (DINOv2 torch-hub files, OpenCLIP visual towers,
         DeiT / DeiT-3) and resamples position embeddings trained at another image size.
-        Loading is strict: every weight of the model must come from the file.
+        Loading is strict: every weight of the model must come from the file. A transformers
+        ViT / DINOv2 state dict or ONNX export is converted by `dynamo.convert`.
     pretrained : bool
         For a timm name without a checkpoint: fetch the hub weights (needs the internet or a
         local hub cache). False builds random weights, which suit tests of mechanics only.
@@ -488,6 +489,10 @@ def _create_from_checkpoint(name: str, path: Path, **timm_kwargs) -> nn.Module:
         raise ModelLoadError(f"checkpoint {path} is a folder; pass the weights file inside it (.safetensors, .pth)")
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {path} does not exist")
+    from dynamo import convert  # transformers state dicts and ONNX exports; convert imports this module
+
+    if convert.is_transformers_checkpoint(path):
+        return convert.create_converted(name, path, **timm_kwargs)
     _check_readable(path)
     overlay = {"file": str(path), **({"num_classes": timm_kwargs["num_classes"]} if "num_classes" in timm_kwargs else {})}
     try:

@@ -551,7 +551,8 @@ def _source_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     parser.add_argument("--images", help="image folder (class sub-folders give labels); default: the model's bundled held-out "
                         "images (Fashion-MNIST for the zoo's fashion models, else the digits)")
-    parser.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
+    parser.add_argument("--checkpoint", help="local weights for a timm name: .safetensors or a torch file of tensors, in "
+                        "timm's names or a transformers ViT/DINOv2 model's, or its ONNX export (docs/checkpoints.md)")
     parser.add_argument("--no-pretrained", action="store_true", help="random weights, seeded with --seed (tests of mechanics only)")
     _image_arguments(parser)
     parser.add_argument("--limit", type=positive_int, help="use only N images (drawn evenly across classes)")
