@@ -26,7 +26,8 @@ from dynamo.models import LoadedModel, ModelLoadError, load_model, load_recorded
 from dynamo.partition import Partition, assign_phases
 from dynamo.pipeline.registry import ANALYSES, add_arguments, comma_list, int_list, options_for, summarize
 from dynamo.pipeline.summaries import headline_lines
-from dynamo.store import check_output, jsonable, open_trajectories, save_result
+from dynamo.serialize import jsonable
+from dynamo.store import check_output, open_trajectories, save_result
 from figures.output import save_figures
 
 __all__ = ["analyze", "configure_parser", "run_from_args", "store_partition"]

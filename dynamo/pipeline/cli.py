@@ -44,7 +44,8 @@ from dynamo.pipeline.registry import (
 from dynamo.pipeline.study import compare
 from dynamo.record import RecordingError, record
 from dynamo.shards import consolidate
-from dynamo.store import StoreError, describe, is_trajectory_store, jsonable, open_trajectories, writer_lock
+from dynamo.serialize import jsonable
+from dynamo.store import StoreError, describe, is_trajectory_store, open_trajectories, writer_lock
 from dynamo.surrogates import SURROGATES
 from dynamo.zoo import train as zoo_train
 

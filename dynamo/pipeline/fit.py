@@ -23,7 +23,8 @@ from dynamo.pipeline.summaries import format_value
 from dynamo.raptor import PAPER_RECIPE, RaptorFitter, partition_baselines
 from dynamo.raptor.io import resolve_teacher
 from dynamo.raptor.train import stopping_rule
-from dynamo.store import check_output, jsonable, open_trajectories, save_result
+from dynamo.serialize import jsonable
+from dynamo.store import check_output, open_trajectories, save_result
 from figures.output import save_figures
 from figures.raptor import plot_r2_per_layer
 

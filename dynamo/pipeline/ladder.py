@@ -35,7 +35,8 @@ from dynamo.pipeline.summaries import format_value
 from dynamo.raptor import RaptorFitter
 from dynamo.raptor.block import teacher_mlp
 from dynamo.raptor.io import resolve_teacher
-from dynamo.store import check_output, jsonable, open_trajectories, save_result
+from dynamo.serialize import jsonable
+from dynamo.store import check_output, open_trajectories, save_result
 from dynamo.raptor.data import split_images
 from dynamo.raptor.fit import held_out_positions
 from dynamo.surrogates import SURROGATES, LinearFitter, per_layer, transition_moments
