@@ -10,6 +10,7 @@ from dynamo.models import LoadedModel, ModelLoadError, load_model
 from dynamo.partition import Partition
 from dynamo.record import RecordingError, record
 from dynamo.store import StoreBusyError, StoreError, StoreMismatchError, open_trajectories
+from dynamo.surrogates import RaptorFitter, SurrogateFitter
 
 __all__ = [
     "ImageSet",
@@ -17,10 +18,12 @@ __all__ = [
     "ModelLoadError",
     "NotAViTError",
     "Partition",
+    "RaptorFitter",
     "RecordingError",
     "StoreBusyError",
     "StoreError",
     "StoreMismatchError",
+    "SurrogateFitter",
     "TokenLayout",
     "image_set",
     "load_model",

@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dynamo", "analyses", "figures")
-DATA_CONTRACT = {"dynamo.layout", "dynamo.partition", "dynamo.store", "dynamo.stepping", "dynamo.metrics", "dynamo.heads"}
+DATA_CONTRACT = {"dynamo.layout", "dynamo.partition", "dynamo.store", "dynamo.serialize", "dynamo.stepping", "dynamo.metrics",
+                 "dynamo.heads"}
 VOCABULARY = {"dynamo.layout", "dynamo.partition"}
 MODEL_LIBRARIES = {"torch", "timm", "torchvision"}
 
@@ -84,7 +85,7 @@ def _allowed(importer: str, imported: str) -> bool:
 
 
 def test_the_source_tree_has_all_three_packages():
-    assert {"dynamo", "dynamo.pipeline", "dynamo.raptor", "analyses", "figures"} <= set(MODULES)
+    assert {"dynamo", "dynamo.pipeline", "dynamo.surrogates.raptor", "analyses", "figures"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -122,6 +123,6 @@ def test_the_rules_catch_a_broken_import(tmp_path):
     found = _imports(path)
     assert ("figures.similarity", True, 1) in found and ("analyses.phases", False, 4) in found
     assert not _allowed("dynamo.store", "figures.similarity")
-    assert not _allowed("analyses.swap", "dynamo.raptor.evaluate")
+    assert not _allowed("analyses.swap", "dynamo.surrogates.evaluate")
     assert not _allowed("figures.similarity", "analyses.phases")
     assert _allowed("dynamo.pipeline.cli", "figures.similarity")

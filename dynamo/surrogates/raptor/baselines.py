@@ -15,9 +15,9 @@ import xarray as xr
 
 from dynamo.models import LoadedModel
 from dynamo.partition import Partition, from_result
-from dynamo.raptor.fit import RaptorFitter
+from dynamo.surrogates.raptor.fit import RaptorFitter
 
-__all__ = ["baseline_partitions", "partition_baselines"]
+__all__ = ["candidate_partitions", "partition_baselines"]
 
 PARTITION_PARAMS = ("k", "partition", "progress", "checkpoint_dir")  # what a baseline may change
 
@@ -60,7 +60,7 @@ def partition_baselines(
         deterministic given the seed, so refitting would give the same surrogate.
     """
     num_layers, k = fitted.model_.num_layers, len(fitted.partition_)
-    candidates = baseline_partitions(num_layers, k, random_seeds, shuffled_seeds)
+    candidates = candidate_partitions(num_layers, k, random_seeds, shuffled_seeds)
     if k > 1:
         candidates["k=1"] = Partition.uniform(num_layers, 1)
     recipe = _recipe(fitted)
@@ -92,7 +92,7 @@ def partition_baselines(
     )
 
 
-def baseline_partitions(num_layers: int, k: int, random_seeds: int = 3, shuffled_seeds: int = 0) -> dict[str, Partition]:
+def candidate_partitions(num_layers: int, k: int, random_seeds: int = 3, shuffled_seeds: int = 0) -> dict[str, Partition]:
     """`partition_baselines`' partitions with k phases by name: ``uniform``, ``random i`` (contiguous),
     ``shuffled i``; a caller that fits them itself (to save and reuse each) passes them back as ``reuse``."""
     candidates = {"uniform": Partition.uniform(num_layers, k)}

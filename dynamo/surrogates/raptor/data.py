@@ -23,27 +23,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["PlannedBatches", "TrajectorySegments", "batch_plan", "split_images", "trajectory_loader"]
-
-
-def split_images(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training and held-out images of a fit: ``round(fraction * n)`` held out, drawn with ``seed``.
-
-    `dynamo.raptor.RaptorFitter` and every rung of `dynamo.surrogates` draw with it, so fits with
-    one seed and fraction are scored on the same images.
-
-    Parameters
-    ----------
-    rows : numpy.ndarray
-        ``image`` coordinate values of the dataset.
-
-    Returns
-    -------
-    (numpy.ndarray, numpy.ndarray)
-        Training and held-out ``image`` values, each sorted.
-    """
-    held_out = np.random.default_rng(seed).permutation(rows)[: int(round(fraction * rows.size))]
-    return np.setdiff1d(rows, held_out), np.sort(held_out)
+__all__ = ["PlannedBatches", "TrajectorySegments", "batch_plan", "trajectory_loader"]
 
 
 def batch_plan(
