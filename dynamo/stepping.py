@@ -29,7 +29,13 @@ import torch
 import xarray as xr
 from torch import nn
 
-from dynamo.heads import NO_HEAD, LinearHead, NoHeadError, has_classifier, model_head_attrs
+from dynamo.heads import (
+    NO_HEAD,
+    LinearHead,
+    NoHeadError,
+    has_classifier,
+    model_head_attrs,
+)
 from dynamo.layout import check_is_vit
 from dynamo.models import LoadedModel, data_config
 

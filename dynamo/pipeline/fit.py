@@ -20,11 +20,11 @@ from analyses.similarity import layer_similarity
 from dynamo.heads import resolve_head
 from dynamo.partition import Partition, from_result
 from dynamo.pipeline.summaries import format_value
+from dynamo.serialize import jsonable
+from dynamo.store import check_output, open_trajectories, save_result
 from dynamo.surrogates.base import resolve_teacher, split_images
 from dynamo.surrogates.raptor import PAPER_RECIPE, RaptorFitter, partition_baselines
 from dynamo.surrogates.raptor.train import stopping_rule
-from dynamo.serialize import jsonable
-from dynamo.store import check_output, open_trajectories, save_result
 from figures.output import save_figures
 from figures.raptor import plot_r2_per_layer
 

@@ -33,7 +33,15 @@ from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
 from dynamo.store import check_output, open_trajectories, save_result
-from dynamo.surrogates import SURROGATES, LinearFitter, RaptorFitter, epsilon, loop_count, per_layer, transition_moments
+from dynamo.surrogates import (
+    SURROGATES,
+    LinearFitter,
+    RaptorFitter,
+    epsilon,
+    loop_count,
+    per_layer,
+    transition_moments,
+)
 from dynamo.surrogates.base import resolve_teacher, split_images
 from dynamo.surrogates.raptor.block import teacher_mlp
 from figures.ladder import plot_ladder, plot_ladder_layers, plot_loop_count
@@ -325,8 +333,8 @@ def _result(ds, reports: dict, names: list, ks: list, partitions: dict, scales) 
                 values[names.index(name), ks.index(k)] = value
         return values
 
-    attr = lambda key: (lambda report, errors, loops: report.attrs.get(key, np.nan))  # noqa: E731
-    loop = lambda key: (lambda report, errors, loops: None if loops is None or key not in loops else loops[key].values)  # noqa: E731
+    attr = lambda key: (lambda report, errors, loops: report.attrs.get(key, np.nan))
+    loop = lambda key: (lambda report, errors, loops: None if loops is None or key not in loops else loops[key].values)
     result = xr.Dataset(
         {
             "r2": (("surrogate", "k", "layer", "token_kind"),

@@ -11,7 +11,13 @@
 from dynamo.surrogates.base import FITTERS, SurrogateFitter, split_images
 from dynamo.surrogates.evaluate import evaluate
 from dynamo.surrogates.measures import epsilon, loop_count, loop_schedule
-from dynamo.surrogates.raptor import PAPER_RECIPE, Raptor, RaptorBlock, RaptorFitter, partition_baselines
+from dynamo.surrogates.raptor import (
+    PAPER_RECIPE,
+    Raptor,
+    RaptorBlock,
+    RaptorFitter,
+    partition_baselines,
+)
 from dynamo.surrogates.recurrence import PhaseRecurrence
 from dynamo.surrogates.rungs import (
     ALPHAS,

@@ -7,7 +7,6 @@ Subclasses set ``name`` and implement ``_fit``, ``_state`` and ``_restore``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,12 @@ from sklearn.utils.validation import check_is_fitted
 from dynamo.heads import LinearHead
 from dynamo.models import LoadedModel, load_recorded_model, rebuild_attrs
 from dynamo.partition import Partition, resolve_partition
-from dynamo.serialize import derived_seed, jsonable, read_tensors_and_json, write_tensors_and_json
+from dynamo.serialize import (
+    derived_seed,
+    jsonable,
+    read_tensors_and_json,
+    write_tensors_and_json,
+)
 from dynamo.stepping import BlockStepper
 from dynamo.store import open_trajectories
 from dynamo.surrogates.evaluate import evaluate

@@ -189,7 +189,7 @@ def transition_moments(ds: xr.Dataset, images=None, batch_size: int = 32, device
     positions = np.flatnonzero(np.isin(ds["image"].values, images))
     hidden = ds["hidden"]
     num_layers, width = hidden.sizes["layer"] - 1, hidden.sizes["feature"]
-    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)
     count, sum_in, sum_out = zeros(num_layers), zeros(num_layers, width), zeros(num_layers, width)
     gram, cross = zeros(num_layers, width, width), zeros(num_layers, width, width)
     for rows in tqdm(_batches(positions, batch_size), desc="moments", disable=not progress, leave=False):
@@ -324,12 +324,8 @@ class _AffineFitter(SurrogateFitter):
 class LinearFitter(_AffineFitter):
     """The ``linear`` rung: one closed-form ridge regression per phase, x <- A_j x + b_j for every token.
 
-    Fitted on the one-step pairs (layer l - 1 -> layer l) of every layer of the phase, every
-    token of the training images, with the intercept unpenalised (the regression of centred y
-    on centred x), and applied recurrently. The ridge penalty of each phase is chosen among
-    ``alpha`` by the R² of the phase's rollout from its recorded entry state on training images
-    (one-step least squares compounds badly over many steps; shrinking A helps the rollout).
-    On `per_layer` (L one-block phases) it is the non-recurrent variant: one map per layer.
+    Fitted on the one-step pairs of the phase's layers (intercept unpenalised) and applied
+    recurrently; each phase's penalty is chosen among ``alpha`` by its rollout's R² on training images.
 
     Parameters
     ----------
@@ -418,12 +414,8 @@ class LinearFitter(_AffineFitter):
 class DMDFitter(_AffineFitter):
     """The ``dmd`` rung: exact DMD of each phase's steps, with the constant observable appended.
 
-    For phase j, snapshots z = [x; 1] (every token at every layer l - 1 of the phase) and their
-    successors y (layer l): K = Y Z^+ by the SVD of Z, truncated to ``rank``. From the streamed
-    Gram Z Z^T = U S^2 U^T: K = (Y Z^T) U_r S_r^-2 U_r^T, so nothing but moments is needed. At
-    full rank this is the least-squares affine map (`LinearFitter` with alpha = 0); p steps are
-    K^p (`operator`). Without truncation a rank-deficient phase keeps its numerical rank (the
-    pseudo-inverse's cut-off).
+    K = Y Z^+ from the streamed moments, truncated to ``rank``; at full rank the least-squares
+    affine map (`LinearFitter` with alpha = 0). p steps are K^p (`operator`).
 
     Parameters
     ----------
@@ -495,12 +487,7 @@ class DMDFitter(_AffineFitter):
 
 
 class TeacherBlockFitter(SurrogateFitter):
-    """The ``teacher-block`` rung: each phase runs one of the teacher's own blocks for all its layers.
-
-    No training: for every phase and every candidate block c, the phase is rolled out from the
-    recorded state at its entry with block c at each of its layers, and the block with the
-    highest R² (teacher variance, all tokens, the phase's layers stacked) on training images is
-    chosen.
+    """The ``teacher-block`` rung: each phase runs the teacher block whose rollout over it has the best R² on training images.
 
     Parameters
     ----------

@@ -65,7 +65,8 @@ class RaptorFitter(SurrogateFitter):
     validate_every : int
         Steps between validations (also at the end of each segment).
     validation_images : int
-        At most this many early-stopping images (`dynamo.surrogates.base.stopping_split`).
+        At most this many early-stopping images (`dynamo.surrogates.base.stopping_split`), and
+        never so many that fewer than ``batch_size`` training images remain.
     patience : int
         Stop a segment after this many validations without a gain above ``tol``; 0 trains every step.
     tol : float
@@ -150,8 +151,9 @@ class RaptorFitter(SurrogateFitter):
 
     def _fit(self, ds: xr.Dataset, stepper: BlockStepper, **data) -> Raptor:
         module = stepper.module
+        limit = min(self.validation_images, max(0, self.training_images_.size - self.batch_size))  # leave a batch to train on
         self.training_images_, self.stopping_images_ = stopping_split(
-            self.training_images_, self.validation_fraction, self.validation_images, self.split_seed_)
+            self.training_images_, self.validation_fraction, limit, self.split_seed_)
         self.block_config_ = self._block_config(module)
         self.groups_ = {kind: torch.from_numpy(index).to(self.device) for kind, index in token_groups(ds["token_kind"]).items()}
         self.model_ = Raptor(self.partition_, int(ds.attrs["num_blocks"]), self.block_config_, teacher=stepper)

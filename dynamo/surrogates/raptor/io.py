@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 
-from dynamo.serialize import digest, jsonable, optimizer_state, read_unit, tensors_of_optimizer, write_unit
+from dynamo.serialize import (
+    digest,
+    jsonable,
+    optimizer_state,
+    read_unit,
+    tensors_of_optimizer,
+    write_unit,
+)
 from dynamo.surrogates.raptor.model import Raptor
 
 __all__ = ["block_path", "load_block", "load_checkpoint", "save_block", "save_checkpoint"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from dynamo.stepping import BlockStepper
 from dynamo.surrogates.raptor.block import RaptorBlock
 from dynamo.surrogates.recurrence import PhaseRecurrence
-from dynamo.stepping import BlockStepper
 
 __all__ = ["Raptor"]
 
