@@ -42,6 +42,7 @@ from analyses.phases import partition_matrix
 from analyses.segmentation import as_matrix
 from analyses.similarity import layer_similarity
 from analyses.streaming import rounded
+from dynamo.layout import default_tokens
 from dynamo.partition import Partition, assign_phases, from_result
 from dynamo.stepping import propagator_for
 
@@ -221,7 +222,7 @@ def _block_output(propagator, block: int, x: torch.Tensor) -> torch.Tensor:
 # ---- the knee lens ------------------------------------------------------------------------------
 
 
-def angular_change(ds: xr.Dataset, tokens: str = "cls+patch_mean", layers=None, progress: bool = True) -> xr.DataArray:
+def angular_change(ds: xr.Dataset, tokens: str | None = None, layers=None, progress: bool = True) -> xr.DataArray:
     """How far the representation turns in each block: the angle between layers l − 1 and l.
 
     The superdiagonal of `layer_similarity(..., measure="angular")` (arccos(cos) / π, mean over
@@ -367,7 +368,7 @@ def compute(
     k: int | None = None,
     eps: float = 0.1,
     *,
-    tokens: str = "cls+patch_mean",
+    tokens: str | None = None,
     layers=None,
     rank: int = 4,
     side: str = "both",
@@ -423,6 +424,7 @@ def compute(
         raise ValueError(f"unknown lens {', '.join(unknown) or '(none given)'}; choose from {', '.join(LENSES)}")
     if "jacobian" in lenses and model is None:
         raise ValueError("the jacobian lens needs the live model the store was recorded with; pass model= (--model)")
+    tokens = default_tokens(ds, tokens)
     matrices = {}
     for lens in lenses:
         if lens in ("cosine", "cka"):

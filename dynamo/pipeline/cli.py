@@ -20,7 +20,7 @@ from dynamo import zoo
 from dynamo.capture import AUTOCAST_DTYPES
 from dynamo.images import image_set
 from dynamo.layout import NotAViTError
-from dynamo.models import PRESETS, ModelLoadError, parse_img_size, preprocess_overrides
+from dynamo.models import PRESETS, ModelLoadError, parse_img_size, parse_timm_options, preprocess_overrides
 from dynamo.pipeline import analyze as analyzing
 from dynamo.pipeline.cluster import connect
 from dynamo.pipeline.concepts import concepts as concept_stage
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--eps", type=nonnegative_float, default=0.1, help="the paper's max-cut fraction f (default 0.1)")
     prof.add_argument("--k", type=positive_int, help="number of phases (overrides --eps)")
     prof.add_argument("--bootstrap", type=nonnegative_int, default=100, help="bootstrap replicates for boundary stability")
+    _tokens_argument(prof)
     prof.add_argument("--only", type=comma_list, help="comma-separated dynamics analyses (default all)")
     prof.add_argument("--fit-raptor", type=positive_int, metavar="K", help="also fit a K-block Raptor surrogate")
     prof.add_argument("--raptor-steps", type=int, help="Raptor training steps per stage")
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--eps", type=nonnegative_float, default=0.1, help="the paper's fraction f (0.2/0.1/0.09 -> 2/3/4 phases on DINOv2-B; default 0.1)")
     phases.add_argument("--method", choices=["maxcut", "contiguous"], default="maxcut")
     phases.add_argument("--measure", choices=["cosine", "angular", "mse", "cka"], default="cosine")
-    phases.add_argument("--tokens", default="cls+patch_mean", help="token groups joined by +: cls, patch_mean, register_mean, patch, register, all")
+    _tokens_argument(phases)
     phases.add_argument("--layers", type=int_list, help="comma-separated layers (default: block outputs 1..L, as the paper)")
     phases.add_argument("--bootstrap", type=nonnegative_int, default=200, help="bootstrap resamples of the images for boundary stability (0: none)")
     phases.add_argument("--seed", type=int, default=0)
@@ -397,13 +398,13 @@ def _analyze(args) -> dict:
 
 def _profile(args) -> dict:
     options = dict(
-        phase_method=args.method, eps=args.eps, k=args.k, n_bootstrap=args.bootstrap, only=args.only,
+        phase_method=args.method, eps=args.eps, k=args.k, tokens=args.tokens, n_bootstrap=args.bootstrap, only=args.only,
         fit_raptor=args.fit_raptor, raptor_steps=args.raptor_steps, concepts=args.concepts, head=args.head,
         device=args.device, seed=args.seed, progress=not args.quiet, command=" ".join(sys.argv),
     )
     if is_trajectory_store(args.model):
-        if args.img_size or args.preprocess or args.preset:
-            raise ValueError(f"--img-size, --preprocess and --preset apply when recording a model; {args.model} is "
+        if args.img_size or args.preprocess or args.preset or args.timm:
+            raise ValueError(f"--img-size, --preprocess, --preset and --timm apply when recording a model; {args.model} is "
                              "a recorded store (its image size and preprocessing are fixed): drop them")
         return profile_store(args.model, args.out, **options)
     if not args.model.startswith(zoo.ZOO_PREFIX) and (args.model.endswith(".zarr") or os.sep in args.model):  # a path
@@ -483,6 +484,9 @@ def _source_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
                         "images (Fashion-MNIST for the zoo's fashion models, else the digits)")
     parser.add_argument("--checkpoint", help="local weights for a timm name (.safetensors, or a torch file of tensors)")
     parser.add_argument("--no-pretrained", action="store_true", help="random weights, seeded with --seed (tests of mechanics only)")
+    parser.add_argument("--timm", type=timm_options, default={}, metavar="KEY=VALUE,...",
+                        help="extra timm.create_model options, e.g. global_pool=map or depth=2,embed_dim=64; kept with "
+                        "the store, so every later command rebuilds the same model")
     _image_arguments(parser)
     parser.add_argument("--limit", type=positive_int, help="use only N images (drawn evenly across classes)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -518,9 +522,23 @@ def _image_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _image_options(args) -> dict:
-    """``img_size`` and ``preprocess`` for `dynamo.load_model` from `_image_arguments`' flags."""
+    """``img_size``, ``preprocess`` and ``timm_options`` for `dynamo.load_model` from the source flags."""
     preprocess = preprocess_overrides(args.preset, args.preprocess) if (args.preset or args.preprocess) else None
-    return {"img_size": parse_img_size(args.img_size), "preprocess": preprocess}
+    return {"img_size": parse_img_size(args.img_size), "preprocess": preprocess, "timm_options": args.timm}
+
+
+def timm_options(text: str) -> dict:
+    """``--timm key=value,...`` as `timm.create_model` options (`dynamo.models.parse_timm_options`)."""
+    try:
+        return parse_timm_options(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _tokens_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", help="token view of the layer dissimilarity, groups joined by +: cls, patch_mean, "
+                        "register_mean, patch, register, all (default cls+patch_mean, the paper's; patch_mean for a "
+                        "model without a cls token)")
 
 
 def _cluster_argument(parser: argparse.ArgumentParser) -> None:
