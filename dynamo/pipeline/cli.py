@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     lad.add_argument("--raptor-init", choices=list(LADDER_RAPTOR_INITS), default="random",
                      help="Raptor's blocks start at random (default, the paper's) or as the teacher-block rung's choice (then "
                      "with the teacher's MLP kind unless --mlp is given)")
+    _tokens_argument(lad)
     lad.add_argument("--seed", type=int, default=0)
     lad.add_argument("--device", type=torch_device, default="cpu")
     lad.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -471,7 +472,7 @@ def _concepts(args) -> dict:
 
 def _ladder(args) -> dict:
     return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
-                  n_bootstrap=args.bootstrap, head=args.head, raptor_init=args.raptor_init, seed=args.seed, device=args.device,
+                  n_bootstrap=args.bootstrap, head=args.head, raptor_init=args.raptor_init, tokens=args.tokens, seed=args.seed, device=args.device,
                   progress=not args.quiet, command=" ".join(sys.argv), steps=args.steps,
                   stage2_steps=args.stage2_steps, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                   mlp=args.mlp)

@@ -55,13 +55,15 @@ def parse_loss(text: str):
     return dict(zip(LOSS_KINDS, values))
 
 
-def default_partition(ds: xr.Dataset, k: int, phases: dict | None = None, progress: bool = False) -> tuple[Partition, str]:
+def default_partition(ds: xr.Dataset, k: int, phases: dict | None = None, progress: bool = False,
+                      tokens: str | None = None) -> tuple[Partition, str]:
     """The phases Raptor is fitted on by default, and which they are.
 
     The store's phases when a ``phases`` summary (`dynamo.pipeline.phases.phases`) has k
     contiguous ones; else the paper's recursive max-cut stopped at k phases when they are k
     contiguous runs; else the exact contiguous split into k phases of the same dissimilarity
-    (`analyses.phases.contiguous_partition`), as the router needs contiguous phases.
+    (`analyses.phases.contiguous_partition`), as the router needs contiguous phases. The
+    dissimilarity reads the token view ``tokens`` (default `dynamo.layout.default_tokens`).
 
     Returns
     -------
@@ -75,16 +77,17 @@ def default_partition(ds: xr.Dataset, k: int, phases: dict | None = None, progre
     if phases is not None and phases.get("out"):
         matrix = xr.open_zarr(phases["out"])["dissimilarity"].load()
     else:
-        matrix = layer_similarity(ds, progress=progress)
+        matrix = layer_similarity(ds, tokens=tokens, progress=progress)
+    view = f" of {matrix.attrs.get('tokens', tokens)}"
     try:
         maxcut = Partition(phasing.maxcut_partition(matrix, k=k))
     except ValueError as error:
         why = str(error)
     else:
         if maxcut.is_contiguous:
-            return maxcut, "max-cut phases (the paper's recursive max-cut, stopped at k)"
+            return maxcut, f"max-cut phases{view} (the paper's recursive max-cut, stopped at k)"
         why = f"the max-cut phases {maxcut} are not contiguous"
-    return Partition(phasing.contiguous_partition(matrix, k)), f"exact contiguous split into {k} phases ({why})"
+    return Partition(phasing.contiguous_partition(matrix, k)), f"exact contiguous split{view} into {k} phases ({why})"
 
 
 def fit(

@@ -30,6 +30,7 @@ import xarray as xr
 from dynamo.heads import resolve_head
 from dynamo.hypothesis import epsilon, loop_count
 from dynamo.partition import Partition
+from dynamo.layout import default_tokens
 from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.raptor import RaptorFitter
@@ -141,6 +142,7 @@ def ladder(
     head: str | Path | None = None,
     n_bootstrap: int = 1000,
     raptor_init: str = "random",
+    tokens: str | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
@@ -171,6 +173,9 @@ def ladder(
         Raptor's blocks start at random (near the identity, the paper's) or from the
         ``teacher-block`` rung's choice for the same k (fitted for it if not a rung of this
         ladder; the block then takes the teacher's MLP kind and ratio unless ``mlp`` is given).
+    tokens : str, optional
+        Token view of the dissimilarity the partitions are cut on (`dynamo.layout.default_tokens`:
+        ``cls+patch_mean``, or ``patch_mean`` for a model without a cls token).
     seed : int
         The split (every rung holds out the same 20%), Raptor's initialisation, the bootstrap.
     device : str
@@ -202,7 +207,8 @@ def ladder(
         raise ValueError(f"--k values must be between 1 and the {num_blocks} blocks of {ds.attrs.get('model')}, got {ks}")
     teacher = resolve_teacher(ds.attrs, None)
     linear_head = resolve_head(ds, teacher, head, seed=seed)
-    chosen = {k: default_partition(ds, k) for k in ks}
+    tokens = default_tokens(ds, tokens)
+    chosen = {k: default_partition(ds, k, tokens=tokens) for k in ks}
     partitions, sources = {k: chosen[k][0] for k in ks}, {k: chosen[k][1] for k in ks}
     training, held_out = split_images(ds["image"].values, 0.2, seed)
     scoring = ds.isel(image=np.flatnonzero(np.isin(ds["image"].values, held_out)))
@@ -239,7 +245,7 @@ def ladder(
         figures["loop_count"] = plot_loop_count(result, "raptor")
     paths.update({name: str(path) for name, path in save_figures(figures, out).items()})
     seconds = round(time.perf_counter() - started, 2)
-    summary = jsonable({"store": str(store), "out": str(out), "model": ds.attrs.get("model"), "ks": ks,
+    summary = jsonable({"store": str(store), "out": str(out), "model": ds.attrs.get("model"), "ks": ks, "tokens": tokens,
                         "partitions": {str(k): partitions[k] for k in ks},
                         "partition_sources": {str(k): sources[k] for k in ks}, "n_images": int(scoring.sizes["image"]),
                         "accuracy_teacher": result.attrs.get("accuracy_teacher"), "table": rows,
