@@ -569,12 +569,24 @@ def _check_readable(path: Path) -> None:
 
 
 def _unreadable(path: Path, error: Exception) -> ModelLoadError:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelLoadError(
-        f"cannot read checkpoint {path}: {first_line[:300]}. dynamo loads safetensors files, or torch "
-        "files that hold only tensors (weights_only=True); re-save the state dict with "
-        "safetensors.torch.save_file if it contains other objects"
+        f"cannot read checkpoint {path}: {unreadable_reason(error)}. dynamo loads safetensors files, or torch "
+        "files that hold only tensors; re-save the state dict with safetensors.torch.save_file"
     )
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why a torch or safetensors file could not be read, in a few words, from the reader's error.
+
+    Never repeats torch's advice to load with ``weights_only=False`` (that is, to unpickle).
+    """
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:  # a pickle of objects other than tensors (torch's weights-only reader refused it)
+        return f"it holds Python objects other than tensors ({found.group(1)}), which dynamo never unpickles"
+    if isinstance(error, SafetensorError) or "safetensor" in text.lower():
+        return "it is not a valid safetensors file (damaged, truncated or another format)"
+    return "it is not a torch file of tensors (damaged, truncated, text or another format)"
 
 
 def summarize_mismatch(message: str) -> str:
