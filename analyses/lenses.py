@@ -243,6 +243,13 @@ def angular_change(ds: xr.Dataset, tokens: str | None = None, layers=None, progr
     """
     available = ds["layer"].values
     chosen = available[available > 0] if layers is None else np.unique(np.asarray(layers, dtype=int))
+    unpaired = [int(layer) for layer in chosen if layer - 1 not in available]
+    if unpaired:
+        raise ValueError(
+            f"the knee lens measures each block's turn, from layer l - 1 to l, but the store keeps layers "
+            f"{available.tolist()} (recorded with --layers), so layers {[layer - 1 for layer in unpaired]} before "
+            f"{unpaired} are missing: leave knee out of the lenses, or record every layer"
+        )
     pairs = sorted({*chosen.tolist(), *(chosen - 1).tolist()})
     angles = layer_similarity(ds, "angular", tokens, pairs, progress=progress)
     values = [float(angles.sel(layer_i=layer - 1, layer_j=layer)) for layer in chosen]

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from safetensors import SafetensorError
 
@@ -44,7 +46,7 @@ from dynamo.pipeline.registry import (
 from dynamo.pipeline.study import compare
 from dynamo.record import RecordingError, record
 from dynamo.shards import consolidate
-from dynamo.store import StoreError, describe, is_trajectory_store, jsonable, open_trajectories, writer_lock
+from dynamo.store import StoreError, check_output, describe, is_trajectory_store, jsonable, open_trajectories, writer_lock
 from dynamo.surrogates import SURROGATES
 from dynamo.zoo import train as zoo_train
 
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _source_arguments(rec, f"timm model name or zoo name (default: {zoo.DEFAULT_MODEL}); zoo: {', '.join(zoo.list_models())}")
     rec.add_argument("--out", required=True, help="store path, e.g. trajectories.zarr")
     rec.add_argument("--layers", type=int_list, help="comma-separated layers to keep (0 = embedding), default all")
-    rec.add_argument("--patch-tokens", type=int, help="keep only N patch tokens, drawn with --seed")
+    rec.add_argument("--patch-tokens", type=positive_int, help="keep only N patch tokens, drawn with --seed")
     rec.add_argument("--seed", type=int, default=0, help="seed of the patch-token draw and of random weights (default 0)")
     rec.add_argument("--compression", choices=["none", "zstd"], default="none")
     rec.add_argument("--device", type=torch_device, default="cpu", help="torch device; with --shard auto under torchrun, 'cuda' means cuda:$LOCAL_RANK")
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tokens_argument(prof)
     prof.add_argument("--only", type=comma_list, help="comma-separated dynamics analyses (default all)")
     prof.add_argument("--fit-raptor", type=positive_int, metavar="K", help="also fit a K-block Raptor surrogate")
-    prof.add_argument("--raptor-steps", type=int, help="Raptor training steps per stage")
+    prof.add_argument("--raptor-steps", type=positive_int, help="Raptor training steps per stage")
     prof.add_argument("--concepts", action="store_true",
                       help="also learn one concept dictionary across depth and analyse it on the phases "
                       "(about a minute on the default store; see dynamo concepts)")
@@ -230,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--model", help="jacobian lens: the live model (default the one the store was recorded with)")
     lens.add_argument("--checkpoint", help="jacobian lens: local weights for --model")
     lens.add_argument("--device", type=torch_device, default="cpu", help="jacobian lens: torch device")
-    lens.add_argument("--jacobian-images", type=int, default=32, help="jacobian lens: images, evenly spaced (default 32)")
-    lens.add_argument("--rank", type=int, default=4, help="jacobian lens: singular directions per block (default 4)")
-    lens.add_argument("--tolerance", type=int, default=1, help="layers by which matching boundaries may differ (default 1)")
+    lens.add_argument("--jacobian-images", type=positive_int, default=32, help="jacobian lens: images, evenly spaced (default 32)")
+    lens.add_argument("--rank", type=positive_int, default=4, help="jacobian lens: singular directions per block (default 4)")
+    lens.add_argument("--tolerance", type=nonnegative_int, default=1, help="layers by which matching boundaries may differ (default 1)")
     phases.set_defaults(run=_phases)
 
     fit = commands.add_parser(
@@ -248,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="raptor (default: trained shared blocks), or a rung of the ladder: identity, linear (a "
                      "ridge map per phase), dmd (exact DMD per phase), teacher-block (the teacher's best own block "
                      "per phase); the training flags (--recipe, --steps, --lr, --baselines, --seeds, ...) apply to raptor only")
-    fit.add_argument("--k", type=int_list, help="number of blocks, or several (2,3,4: stage-1 blocks of shared "
+    fit.add_argument("--k", type=positive_int_list, help="number of blocks, or several (2,3,4: stage-1 blocks of shared "
                      "segments are trained once); default: the partition's length, else 2")
     fit.add_argument("--partition", help="phases '1-7,8-12' or thresholds '7' (default: the max-cut phases when they "
                      "are k contiguous ones, else the exact contiguous split into k phases)")
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "batch 64, 10k warmup, cosine to 1e-6, anneal 25%%, paper losses, clip 1.0, fixed steps); flags override it")
     _raptor_arguments(fit)
     fit.add_argument("--tol", type=float, help="held-out R² gain that counts as an improvement (default 1e-4)")
-    fit.add_argument("--validate-every", type=int, help="steps between validations (default 50)")
+    fit.add_argument("--validate-every", type=positive_int, help="steps between validations (default 50)")
     fit.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
     fit.add_argument("--warmup", type=float, help="linear warmup: a fraction of each segment's steps if below 1, "
                      "else a number of steps (default 0.05)")
@@ -294,11 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ladder.png, ladder_layers.png, loop_count.png, ladder.zarr and ladder.html to --out.",
     )
     lad.add_argument("store")
-    lad.add_argument("--k", type=int_list, default=[1, 2, 3, 4], help="numbers of phases (default 1,2,3,4)")
+    lad.add_argument("--k", type=positive_int_list, default=[1, 2, 3, 4], help="numbers of phases (default 1,2,3,4)")
     lad.add_argument("--out", required=True, help="output folder")
     lad.add_argument("--surrogates", type=comma_list, default=list((*LADDER_RUNGS, LADDER_CEILING)),
                      help=f"rungs to fit (default all: {','.join((*LADDER_RUNGS, LADDER_CEILING))})")
-    lad.add_argument("--loop-scales", type=float_list, default=list(LOOP_SCALES),
+    lad.add_argument("--loop-scales", type=positive_float_list, default=list(LOOP_SCALES),
                      help="loop counts, as multiples of each phase's length (default 0.5,0.75,1,1.25,1.5,2)")
     lad.add_argument("--bootstrap", type=nonnegative_int, default=1000, help="bootstrap resamples of the held-out images for ε (default 1000)")
     lad.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (default: the "
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("store")
     con.add_argument("--out", required=True, help="output folder")
     con.add_argument("--kind", choices=["topk", "rasae"], default="topk", help="TopK SAE or Relaxed Archetypal SAE (default topk)")
-    con.add_argument("--concepts", type=int, help="number of concepts (default 8 x the width)")
+    con.add_argument("--concepts", type=positive_int, help="number of concepts (default 8 x the width)")
     con.add_argument("--k", type=positive_int, help="active concepts per token (default 8)")
     con.add_argument("--steps", type=positive_int, help="training steps (default 1500, batches of 1024 tokens)")
     con.add_argument("--per-phase", action="store_true", help="also fit one dictionary per phase, for comparison")
@@ -471,7 +473,9 @@ def _concepts(args) -> dict:
 
 
 def _ladder(args) -> dict:
-    return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
+    Path(check_output(args.out, inputs=[args.store])).parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(args.out):  # one ladder per --out: a second would train the same rungs into the same files
+        return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
                   n_bootstrap=args.bootstrap, head=args.head, raptor_init=args.raptor_init, tokens=args.tokens, seed=args.seed, device=args.device,
                   progress=not args.quiet, command=" ".join(sys.argv), steps=args.steps,
                   stage2_steps=args.stage2_steps, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
@@ -497,7 +501,7 @@ def _source_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
 def _raptor_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """Raptor's training flags that `fit` and `ladder` share (``prefix`` starts each help); defaults are `RaptorFitter`'s."""
     parser.add_argument("--steps", type=positive_int, help=f"{prefix}most steps per stage-1 block (default 2000)")
-    parser.add_argument("--stage2-steps", type=int, help=f"{prefix}most stage-2 steps (default: --steps)")
+    parser.add_argument("--stage2-steps", type=nonnegative_int, help=f"{prefix}most stage-2 steps (default: --steps)")
     parser.add_argument("--patience", type=nonnegative_int, help=f"{prefix}stop a segment after N validations without a "
                         "held-out R² gain above --tol (default 5; 0: always train --steps)")
     parser.add_argument("--batch-size", type=positive_int, help=f"{prefix}batch size (default 16)")
@@ -534,6 +538,22 @@ def timm_options(text: str) -> dict:
         return parse_timm_options(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Command-line ``1,2,3``: integers, each at least 1 (numbers of phases, blocks)."""
+    values = int_list(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 1, got {text!r}")
+    return values
+
+
+def positive_float_list(text: str) -> list[float]:
+    """Command-line ``0.5,1,2``: finite numbers, each above 0 (scales)."""
+    values = float_list(text)
+    if not values or not all(math.isfinite(value) and value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers above 0, got {text!r}")
+    return values
 
 
 def _tokens_argument(parser: argparse.ArgumentParser) -> None:

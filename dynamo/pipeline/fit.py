@@ -23,7 +23,7 @@ from dynamo.pipeline.summaries import format_value
 from dynamo.raptor import PAPER_RECIPE, RaptorFitter, partition_baselines
 from dynamo.raptor.io import resolve_teacher
 from dynamo.raptor.train import stopping_rule
-from dynamo.store import check_output, jsonable, open_trajectories, save_result
+from dynamo.store import check_output, jsonable, open_trajectories, require_contents, save_result
 from figures.output import save_figures
 from figures.raptor import plot_r2_per_layer
 
@@ -152,6 +152,8 @@ def fit(
     started = time.perf_counter()
     out = check_output(out, inputs=[store])
     ds = open_trajectories(store)
+    require_contents(ds, "dynamo fit (Raptor: its rollout runs attention over every token from layer 0 and is scored "
+                     "at every layer)")
     num_blocks = int(ds.attrs["num_blocks"])
     if recipe is not None and recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")

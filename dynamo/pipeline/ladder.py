@@ -36,7 +36,7 @@ from dynamo.pipeline.summaries import format_value
 from dynamo.raptor import RaptorFitter
 from dynamo.raptor.block import teacher_mlp
 from dynamo.raptor.io import resolve_teacher
-from dynamo.store import check_output, jsonable, open_trajectories, save_result
+from dynamo.store import check_output, jsonable, open_trajectories, require_contents, save_result, writer_lock
 from dynamo.raptor.data import split_images
 from dynamo.raptor.fit import held_out_positions
 from dynamo.surrogates import SURROGATES, LinearFitter, per_layer, transition_moments
@@ -85,6 +85,8 @@ def fit_surrogate(store: str | Path, out: str | Path, surrogate: str, *, k: int 
     started = time.perf_counter()
     out = check_output(out, inputs=[store])
     ds = open_trajectories(store)
+    require_contents(ds, f"dynamo fit --surrogate {surrogate} (a surrogate is scored layer by layer from layer 0, and through "
+                     "the teacher's head on every token)")
     num_blocks = int(ds.attrs["num_blocks"])
     if partition is not None:
         partition, source = Partition.parse(partition, num_blocks), "given"
@@ -199,8 +201,11 @@ def ladder(
     if unknown:
         raise ValueError(f"unknown surrogates {sorted(unknown)}; choose among {', '.join((*RUNGS, CEILING))}")
     out = check_output(out, inputs=[store])
-    out.mkdir(parents=True, exist_ok=True)
     ds = open_trajectories(store)
+    names = [name for name in (*RUNGS, CEILING) if name in surrogates]
+    require_contents(ds, f"the ladder's rungs {', '.join(names)} (each is scored layer by layer from layer 0, and through "
+                     "the teacher's head on every token)")
+    out.mkdir(parents=True, exist_ok=True)
     num_blocks = int(ds.attrs["num_blocks"])
     ks = [int(k) for k in ks]
     if any(not 1 <= k <= num_blocks for k in ks):
