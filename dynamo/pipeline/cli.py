@@ -48,18 +48,22 @@ from dynamo.record import RecordingError, record
 from dynamo.shards import consolidate
 from dynamo.store import StoreError, check_output, describe, is_trajectory_store, jsonable, open_trajectories, writer_lock
 from dynamo.surrogates import SURROGATES
+from dynamo.threads import set_threads
 from dynamo.zoo import train as zoo_train
 
 # `dynamo fit` flags of Raptor's training, with their defaults when not given
 RAPTOR_ONLY = {name: None for name in ("recipe", "steps", "stage2_steps", "patience", "tol", "validate_every", "batch_size",
                                        "lr", "weight_decay", "warmup", "min_lr", "tf_anneal", "tf_floor", "noise",
                                        "stage1_loss", "stage2_loss", "grad_clip", "mlp")} | {"baselines": 0, "shuffled": 0, "seeds": 1}
+COMPUTE_COMMANDS = ("record", "analyze", "profile", "phases", "fit", "ladder", "concepts")  # take --threads
 USER_ERRORS = (ModelLoadError, NotAViTError, StoreError, RecordingError, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in COMPUTE_COMMANDS:
+        set_threads(args.threads)
     try:
         with connect(getattr(args, "cluster", None)), warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
@@ -339,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--quiet", action="store_true", help="no progress bars")
     con.add_argument("--json", action="store_true", help="print a JSON summary")
     con.set_defaults(run=_concepts)
+    for name in COMPUTE_COMMANDS:
+        commands.choices[name].add_argument("--threads", type=positive_int, help="compute threads (torch, BLAS); default "
+                                            "OMP_NUM_THREADS, else half the cores, the rest reading the store")
     return parser
 
 
