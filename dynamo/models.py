@@ -571,7 +571,7 @@ def _check_readable(path: Path) -> None:
 def _unreadable(path: Path, error: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"cannot read checkpoint {path}: {unreadable_reason(error)}. dynamo loads safetensors files, or torch "
-        "files that hold only tensors; re-save the state dict with safetensors.torch.save_file"
+        "files that hold only tensors (read with weights_only=True); re-save the state dict with safetensors.torch.save_file"
     )
 
 
