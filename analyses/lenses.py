@@ -41,6 +41,7 @@ from analyses.phases import partition_matrix
 from analyses.segmentation import as_matrix
 from analyses.similarity import layer_similarity
 from analyses.streaming import rounded
+from dynamo.layout import default_tokens
 from dynamo.partition import Partition, assign_phases, from_result
 from dynamo.progress import progress_bar
 from dynamo.stepping import propagator_for
@@ -220,7 +221,7 @@ def _block_output(propagator, block: int, x: torch.Tensor) -> torch.Tensor:
 # ---- the knee lens ------------------------------------------------------------------------------
 
 
-def angular_change(ds: xr.Dataset, tokens: str = "cls+patch_mean", layers=None, progress: bool = True) -> xr.DataArray:
+def angular_change(ds: xr.Dataset, tokens: str | None = None, layers=None, progress: bool = True) -> xr.DataArray:
     """How far the representation turns in each block: the angle between layers l − 1 and l.
 
     The superdiagonal of `layer_similarity(..., measure="angular")` (arccos(cos) / π, mean over
@@ -241,6 +242,13 @@ def angular_change(ds: xr.Dataset, tokens: str = "cls+patch_mean", layers=None, 
     """
     available = ds["layer"].values
     chosen = available[available > 0] if layers is None else np.unique(np.asarray(layers, dtype=int))
+    unpaired = [int(layer) for layer in chosen if layer - 1 not in available]
+    if unpaired:
+        raise ValueError(
+            f"the knee lens measures each block's turn, from layer l - 1 to l, but the store keeps layers "
+            f"{available.tolist()} (recorded with --layers), so layers {[layer - 1 for layer in unpaired]} before "
+            f"{unpaired} are missing: leave knee out of the lenses, or record every layer"
+        )
     pairs = sorted({*chosen.tolist(), *(chosen - 1).tolist()})
     angles = layer_similarity(ds, "angular", tokens, pairs, progress=progress)
     values = [float(angles.sel(layer_i=layer - 1, layer_j=layer)) for layer in chosen]
@@ -366,7 +374,7 @@ def compute(
     k: int | None = None,
     eps: float = 0.1,
     *,
-    tokens: str = "cls+patch_mean",
+    tokens: str | None = None,
     layers=None,
     rank: int = 4,
     side: str = "both",
@@ -422,6 +430,7 @@ def compute(
         raise ValueError(f"unknown lens {', '.join(unknown) or '(none given)'}; choose from {', '.join(LENSES)}")
     if "jacobian" in lenses and model is None:
         raise ValueError("the jacobian lens needs the live model the store was recorded with; pass model= (--model)")
+    tokens = default_tokens(ds, tokens)
     matrices = {}
     for lens in lenses:
         if lens in ("cosine", "cka"):

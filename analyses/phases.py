@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from analyses.segmentation import as_matrix, choose_k, contiguous_partition, maxcut_is_exact, maxcut_partition
 from analyses.similarity import PER_IMAGE_MEASURES, layer_similarity
 from analyses.streaming import rounded
+from dynamo.layout import default_tokens
 from dynamo.partition import Partition, assign_phases, from_result
 
 DESCRIPTION = (
@@ -75,7 +76,7 @@ def find_phases(
     k: int | None = None,
     *,
     measure: str = "cosine",
-    tokens: str = "cls+patch_mean",
+    tokens: str | None = None,
     layers=None,
     progress: bool = False,
 ) -> Partition:
@@ -109,7 +110,7 @@ def compute(
     k: int | None = None,
     *,
     measure: str = "cosine",
-    tokens: str = "cls+patch_mean",
+    tokens: str | None = None,
     layers=None,
     n_bootstrap: int = 200,
     seed: int = 0,
@@ -132,6 +133,7 @@ def compute(
         for max-cut, ``maxcut_exact`` (False when the layers exceed the exact limit and the cuts
         came from a heuristic, `analyses.segmentation.maxcut_is_exact`).
     """
+    tokens = default_tokens(ds, tokens)
     bootstrap = n_bootstrap > 0 and measure in PER_IMAGE_MEASURES
     if bootstrap:
         per_image = layer_similarity(ds, measure, tokens, layers, per_image=True, progress=progress)

@@ -349,8 +349,9 @@ def maxcut_partition(
         gains.append(value)
     if k is not None and len(clusters) < k:
         raise ValueError(
-            f"the recursive max-cut stops at {len(clusters)} phases: clusters under "
-            f"2*min_size={2 * min_size} layers are not split; lower min_size or k"
+            f"k={k} phases cannot be reached: the recursive max-cut stops at {len(clusters)} phases, as it never "
+            f"splits a run of fewer than {2 * min_size} layers (min_size={min_size}, the paper's rule); ask for at most "
+            f"{len(clusters)} phases, or use the contiguous method (method='contiguous', --method contiguous)"
         )
     if heuristic:
         warnings.warn(

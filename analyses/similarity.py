@@ -35,7 +35,7 @@ import xarray as xr
 from scipy.linalg import blas
 
 from analyses.streaming import finite, fold_image_blocks, image_blocks
-from dynamo.layout import REDUCED_VIEWS, token_groups
+from dynamo.layout import REDUCED_VIEWS, default_tokens, token_groups
 
 DESCRIPTION = "Layer × layer dissimilarity of the residual stream (cosine, angle, MSE or linear CKA), streamed over the store."
 MEASURES = ("cosine", "angular", "mse", "cka")
@@ -54,7 +54,7 @@ DESCRIPTIONS = {
 def layer_similarity(
     ds: xr.Dataset,
     measure: str = "cosine",
-    tokens: str = "cls+patch_mean",
+    tokens: str | None = None,
     layers=None,
     *,
     per_image: bool = False,
@@ -69,9 +69,11 @@ def layer_similarity(
     measure : {"cosine", "angular", "mse", "cka"}
         See the module docstring. The default, with the default ``tokens``, is the paper's
         exact matrix: mean over images of mean over [cls, patch-mean] of 1 − cos.
-    tokens : str
+    tokens : str, optional
         Token groups joined by ``+``: reduced views (``cls``, ``patch_mean``,
         ``register_mean``), token kinds (``patch``, ``register``, ``dist``) or ``all``.
+        Default `dynamo.layout.default_tokens`: ``cls+patch_mean``, or ``patch_mean`` for a
+        model without a cls token.
     layers : sequence of int, optional
         Layer numbers (``ds.layer`` values) to compare. Default: the block outputs 1..L, as the
         paper (layer 0, the embedding, is left out of its max-cut). Pass ``ds.layer.values`` to
@@ -111,6 +113,7 @@ def layer_similarity(
             "a mean over images; bootstrap stability needs one of those measures"
         )
     layers = _layer_numbers(ds, layers)
+    tokens = default_tokens(ds, tokens)
     groups = _token_groups(ds, tokens, layers)
     n_images = ds.sizes["image"]
     if n_images == 0:

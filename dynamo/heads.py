@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from dynamo.layout import token_layout
-from dynamo.models import LoadedModel
+from dynamo.models import LoadedModel, unreadable_reason
 from dynamo.progress import progress_bar
 
 __all__ = [
@@ -210,19 +210,31 @@ class LinearHead:
         try:
             tensors = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
-            raise ValueError(f"cannot read head file {path}: {str(error).splitlines()[0]}") from None
+            raise ValueError(f"cannot read head file {path}: {unreadable_reason(error)}; save the head's weight "
+                             "(classes, F) and bias (classes,) with torch.save or safetensors") from None
         tensors = tensors.get("state_dict", tensors) if isinstance(tensors, dict) else {}
+        tensors = {key: value for key, value in tensors.items() if isinstance(value, torch.Tensor)}
         weights = [key for key in tensors if key.split(".")[-1] == "weight"]
         biases = [key for key in tensors if key.split(".")[-1] == "bias"]
         if len(weights) != 1 or len(biases) != 1:
-            raise ValueError(f"head file {path} should hold one linear layer (weight, bias); it holds {sorted(tensors)[:6]}")
+            raise ValueError(f"head file {path} should hold one linear layer (a weight and a bias tensor); it holds "
+                             f"{sorted(tensors)[:6] or 'no tensors'}")
         weight, bias = tensors[weights[0]].float(), tensors[biases[0]].float()
         head = cls(model)
-        if weight.ndim != 2 or bias.shape != weight.shape[:1] or weight.shape[1] != head.width:
+        view = "[cls ‖ patch mean]" if head.layout.has_cls else "the patch mean (the model has no cls token)"
+        if weight.ndim != 2 or weight.shape[1] != head.width:
             raise ValueError(
-                f"head file {path} has weight {tuple(weight.shape)}, but {head.name}'s head input [cls ‖ patch mean] "
+                f"head file {path} has weight {tuple(weight.shape)}, but {head.name}'s head input {view} "
                 f"is {head.width} wide: use a linear head of shape (classes, {head.width}) for this model"
             )
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"head file {path} has weight {tuple(weight.shape)} but bias {tuple(bias.shape)}: the bias "
+                             f"needs one value per class, shape ({weight.shape[0]},)")
+        if weight.shape[0] < 2:
+            raise ValueError(f"head file {path} has {weight.shape[0]} class; a classifier needs at least 2")
+        bad = [name for name, tensor in (("weight", weight), ("bias", bias)) if not torch.isfinite(tensor).all()]
+        if bad:
+            raise ValueError(f"head file {path}: its {' and '.join(bad)} hold NaN or infinite values; a head must be finite")
         head.weight_, head.bias_ = weight, bias
         head.classes_ = np.arange(weight.shape[0])
         head.train_images_ = np.array([], dtype=np.int64)
@@ -251,6 +263,18 @@ def _check_tokens(head: LinearHead, ds: xr.Dataset) -> None:
         raise ValueError(
             f"the store keeps {ds.sizes['token']} of {head.name}'s {head.layout.num_tokens} tokens; the head's patch "
             "mean needs every token: record without --patch-tokens"
+        )
+
+
+def _check_classes(head: LinearHead, ds: xr.Dataset, path) -> None:
+    """Raise unless every label of the store is one of the head's outputs (output c is class c)."""
+    labels = store_labels(ds)
+    if labels is not None and labels.max() >= len(head.classes_):
+        names = ds.attrs.get("label_names") or []
+        raise ValueError(
+            f"head file {path} has {len(head.classes_)} classes, but the store's labels go up to {labels.max()} "
+            f"({len(np.unique(labels))} classes{': ' + ', '.join(map(str, names[:5])) + ', …' if names else ''}); "
+            "use a head trained on these classes, or no --head (a probe is fitted on the labels)"
         )
 
 
@@ -314,7 +338,9 @@ def resolve_head(ds: xr.Dataset, model: LoadedModel | nn.Module, head_file: str 
         `NO_HEAD`); otherwise a `LinearHead` fitted on the store with ``seed``.
     """
     if head_file is not None:
-        return LinearHead.load(head_file, model)
+        loaded = LinearHead.load(head_file, model)
+        _check_classes(loaded, ds, head_file)
+        return loaded
     module = model.module if isinstance(model, LoadedModel) else model
     if has_classifier(module) or store_labels(ds) is None:
         return None

@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # the layout is read from a model, but the vocabulary needs n
 TOKEN_KINDS = ("cls", "dist", "register", "patch")
 REDUCED_VIEWS = ("cls", "patch_mean", "register_mean")  # per-layer summaries stored beside `hidden`
 ALL_TOKENS = "all"  # the token_kind label of a quantity pooled over every token
+PAPER_TOKENS = "cls+patch_mean"  # the paper's token view: the cls token and the patch mean, averaged
+CLS_LESS_TOKENS = "patch_mean"  # the view of a model without a cls token (SigLIP, gap and map-pooled ViTs)
 
 
 class NotAViTError(TypeError):
@@ -114,6 +116,32 @@ def token_kinds(token_kind) -> np.ndarray:
     """A store's or result's ``token_kind`` values as a plain ``str`` array (zarr may give StringDType)."""
     values = np.asarray(getattr(token_kind, "values", token_kind))
     return np.array([str(v) for v in values.ravel()], dtype=str).reshape(values.shape)
+
+
+def default_tokens(ds, tokens: str | None = None) -> str:
+    """The token view a layer measure reads: ``tokens`` if given, else what the model has.
+
+    The paper's ``cls+patch_mean`` where the store's model has a cls token; ``patch_mean`` where it
+    has none (SigLIP, average- and attention-pooled ViTs, whose pooled readout is not a token of
+    the residual stream).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A trajectory dataset (its ``has_cls`` attr, else its ``cls`` view or ``token_kind``).
+    tokens : str, optional
+        Token groups joined by ``+``, as asked for.
+
+    Returns
+    -------
+    str
+    """
+    if tokens:
+        return tokens
+    has_cls = ds.attrs.get("has_cls")
+    if has_cls is None:
+        has_cls = "cls" in ds.data_vars or ("token_kind" in ds.coords and "cls" in token_kinds(ds["token_kind"]))
+    return PAPER_TOKENS if has_cls else CLS_LESS_TOKENS
 
 
 def token_groups(token_kind, *, pooled: bool = False) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ a recording depends on.
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import hashlib
 import math
@@ -32,6 +33,9 @@ from torch import nn
 
 from dynamo import zoo
 from dynamo.layout import TokenLayout, check_is_vit, token_layout
+
+TIMM_RESERVED = frozenset({"img_size", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path"})
+"""`timm.create_model` options that dynamo sets itself (``timm_options`` may not)."""
 
 PREPROCESS_KEYS = ("resize", "crop", "interpolation", "mean", "std")
 """What ``preprocess=`` (``--preprocess``) may override in a model's timm data config."""
@@ -79,6 +83,9 @@ class LoadedModel:
         empty when the model's own preprocessing is used.
     seed : int or None
         Seed of the random initialisation, for random weights; None when the weights are trained.
+    timm_options : dict
+        Extra `timm.create_model` options the model was built with (``global_pool``, ``depth``,
+        ...; not ``img_size``): part of what rebuilds it, so stores and fits keep them.
     """
 
     module: nn.Module
@@ -90,6 +97,7 @@ class LoadedModel:
     layout: TokenLayout = field(repr=False)
     preprocess: dict = field(default_factory=dict)
     seed: int | None = None
+    timm_options: dict = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:
@@ -165,11 +173,21 @@ def load_model(
             )
         is_trained = True
     else:
+        reserved = sorted(set(timm_kwargs) & TIMM_RESERVED)
+        if reserved:
+            raise ModelLoadError(f"timm option {', '.join(reserved)} is set by dynamo itself (use --img-size, "
+                                 "--checkpoint, --no-pretrained); drop it from the timm options")
+        options = dict(timm_kwargs)
         if img_size is not None:
             timm_kwargs["img_size"] = img_size
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            module = _create_timm_model(name, checkpoint, pretrained, **timm_kwargs)
+            try:
+                module = _create_timm_model(name, checkpoint, pretrained, **timm_kwargs)
+            except TypeError as error:
+                if not options:
+                    raise
+                raise ModelLoadError(f"{name} cannot be built with the timm options {options}: {error}") from None
         is_trained = pretrained or checkpoint is not None
     check_is_vit(module)
     _check_patch_grid(module, name)
@@ -184,6 +202,7 @@ def load_model(
         layout=token_layout(module),
         preprocess=preprocess,
         seed=None if is_trained else seed,
+        timm_options={} if name.startswith(zoo.ZOO_PREFIX) else options,
     )
 
 
@@ -201,14 +220,16 @@ def rebuild_attrs(loaded: LoadedModel) -> dict:
         "image_size": [int(n) for n in loaded.data_config["input_size"][1:]],
         "preprocess_overrides": dict(loaded.preprocess),
         "init_seed": loaded.seed,
+        # only when set, so that the fits and stores of plain models keep the identity they had
+        **({"timm_options": dict(loaded.timm_options)} if loaded.timm_options else {}),
     }
 
 
 def load_recorded_model(attrs: dict) -> LoadedModel:
     """Rebuild the model a trajectory store was recorded with, from the store's attributes.
 
-    Its name, checkpoint, image size, preprocessing overrides and, for random weights, the seed
-    of their initialisation; hub weights are fetched as `load_model` does. Compare
+    Its name, checkpoint, image size, preprocessing overrides, extra timm options
+    (``timm_options``) and, for random weights, the seed of their initialisation; hub weights are fetched as `load_model` does. Compare
     ``weights_sha256`` with the store's to be sure it is the same model.
     """
     image_size = attrs.get("image_size")
@@ -216,6 +237,7 @@ def load_recorded_model(attrs: dict) -> LoadedModel:
         attrs["model"], attrs.get("checkpoint"), pretrained=attrs.get("pretrained", True),
         img_size=None if image_size is None else tuple(image_size),
         preprocess=attrs.get("preprocess_overrides") or None, seed=attrs.get("init_seed") or 0,
+        **(attrs.get("timm_options") or {}),
     )
 
 
@@ -252,6 +274,36 @@ def parse_img_size(text: str | None) -> tuple[int, int] | None:
     if len(size) not in (1, 2) or min(size) <= 0:
         raise ValueError(f"--img-size must be N or H,W in pixels (positive integers), got {text!r}")
     return (size[0], size[0]) if len(size) == 1 else size
+
+
+def parse_timm_options(text: str | None) -> dict:
+    """Command-line ``key=value,...`` extra options of `timm.create_model` (``global_pool=map,depth=2``).
+
+    Values are Python literals where they read as one (``2``, ``0.5``, ``True``, ``None``), else
+    strings.
+
+    Raises
+    ------
+    ValueError
+        A part without ``key=``, an empty key, or a key dynamo sets itself (`TIMM_RESERVED`).
+    """
+    if not text:
+        return {}
+    options = {}
+    for part in (part.strip() for part in str(text).split(",")):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--timm takes key=value pairs such as global_pool=map,depth=2; cannot read {part!r}")
+        try:
+            options[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key] = value.strip()
+    reserved = sorted(set(options) & TIMM_RESERVED)
+    if reserved:
+        raise ValueError(f"--timm {', '.join(reserved)}: set by dynamo itself (use --img-size, --checkpoint or "
+                         "--no-pretrained instead)")
+    return options
 
 
 def parse_preprocess(text: str | None) -> dict:
@@ -522,12 +574,24 @@ def _check_readable(path: Path) -> None:
 
 
 def _unreadable(path: Path, error: Exception) -> ModelLoadError:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelLoadError(
-        f"cannot read checkpoint {path}: {first_line[:300]}. dynamo loads safetensors files, or torch "
-        "files that hold only tensors (weights_only=True); re-save the state dict with "
-        "safetensors.torch.save_file if it contains other objects"
+        f"cannot read checkpoint {path}: {unreadable_reason(error)}. dynamo loads safetensors files, or torch "
+        "files that hold only tensors (read with weights_only=True); re-save the state dict with safetensors.torch.save_file"
     )
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why a torch or safetensors file could not be read, in a few words, from the reader's error.
+
+    Never repeats torch's advice to load with ``weights_only=False`` (that is, to unpickle).
+    """
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:  # a pickle of objects other than tensors (torch's weights-only reader refused it)
+        return f"it holds Python objects other than tensors ({found.group(1)}), which dynamo never unpickles"
+    if isinstance(error, SafetensorError) or "safetensor" in text.lower():
+        return "it is not a valid safetensors file (damaged, truncated or another format)"
+    return "it is not a torch file of tensors (damaged, truncated, text or another format)"
 
 
 def summarize_mismatch(message: str) -> str:

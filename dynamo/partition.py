@@ -193,10 +193,21 @@ def _read_text(text: str) -> list:
     parts = [part.strip() for part in text.split(",") if part.strip()]
     try:
         if any("-" in part for part in parts):
-            return [list(range(int(a), int(b) + 1)) for a, b in (re.fullmatch(r"(\d+)-(\d+)", p).groups() for p in parts)]
+            spans = [re.fullmatch(r"(\d+)(?:-(\d+))?", part).groups() for part in parts]
+            backwards = [part for part, (a, b) in zip(parts, spans) if b is not None and int(b) < int(a)]
+            if backwards:
+                raise _Backwards(backwards)
+            return [list(range(int(a), int(b or a) + 1)) for a, b in spans]
         return [int(part) for part in parts]
+    except _Backwards as error:
+        raise ValueError(f"cannot read partition {text!r}: the phase {error.args[0][0]} runs backwards; write each phase "
+                         "as first-last with first <= last, e.g. '1-6,7-12'") from None
     except (AttributeError, ValueError):
         raise ValueError(f"cannot read partition {text!r}: write phases like '1-7,8-12' or thresholds like '7'") from None
+
+
+class _Backwards(Exception):
+    """Phases a-b of a partition's text with b < a."""
 
 
 def _check_k(num_blocks: int, k: int) -> None:

@@ -60,6 +60,7 @@ def record(
     pretrained: bool = True,
     img_size: int | tuple[int, int] | None = None,
     preprocess: dict | str | None = None,
+    timm_options: dict | None = None,
     batch_size: int = 32,
     dtype: str = "float32",
     layers: Sequence[int] | None = None,
@@ -91,6 +92,9 @@ def record(
     checkpoint, pretrained, img_size, preprocess
         As in `dynamo.load_model`, when ``model`` is a name (random weights are seeded with
         ``seed``). A `LoadedModel` carries its own.
+    timm_options : dict, optional
+        Extra `timm.create_model` options for a model given by name (``global_pool``, ...);
+        kept in the store's attrs and identity.
     batch_size : int
         Images per forward pass, and the store's chunk length along ``image``. ``hidden`` is
         chunked (batch, 1 layer, tokens, features): one write per layer per batch, large
@@ -161,10 +165,10 @@ def record(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     shard = shard if isinstance(shard, Shard) else parse_shard(shard)
-    if isinstance(model, LoadedModel) and (img_size is not None or preprocess is not None):
+    if isinstance(model, LoadedModel) and (img_size is not None or preprocess is not None or timm_options):
         raise ValueError("img_size and preprocess apply to a model given by name; pass them to dynamo.load_model")
     loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, checkpoint, pretrained, img_size=img_size, preprocess=preprocess, seed=seed
+        model, checkpoint, pretrained, img_size=img_size, preprocess=preprocess, seed=seed, **(timm_options or {})
     )
     images = images if isinstance(images, ImageSet) else image_set(images)
     if limit is not None:
@@ -251,6 +255,7 @@ def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, se
         "n_images": len(images),
         # the input size where it is not the model's default: stores at the default resume as before
         **({"image_size": list(size)} if size != native_size else {}),
+        **({"timm_options": jsonable(loaded.timm_options)} if loaded.timm_options else {}),
         "dtype": dtype,
         "layers": layers,
         "tokens": tokens.tolist(),

@@ -51,6 +51,38 @@ class StoreBusyError(StoreError):
     """Another process is writing the store."""
 
 
+def require_contents(ds: xr.Dataset, needs: str, *, every_layer: bool = True, every_token: bool = True) -> None:
+    """Raise a one-line `StoreError` naming what a store lacks that ``needs`` (a command, or its rungs) reads.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A trajectory dataset.
+    needs : str
+        Who needs it, as the message says it: ``"dynamo fit"``, ``"the ladder's rungs identity, linear"``.
+    every_layer, every_token : bool
+        Also require layers 0..L (not recorded with ``--layers``) and every token of the model (not
+        recorded with ``--patch-tokens``); ``hidden`` is always required.
+    """
+    where = ds.encoding.get("source", "the store")
+    if "hidden" not in ds.data_vars:
+        views = ", ".join(name for name in REDUCED_VIEWS if name in ds.data_vars)
+        raise StoreError(f"{needs} need every token at every layer (`hidden`), but {where} holds only the reduced views "
+                         f"({views}; recorded with --summaries-only): record it again without --summaries-only "
+                         "(`dynamo phases` works on this store)")
+    if ds.sizes["image"] == 0:
+        raise StoreError(f"{where} has no recorded images; record some with `dynamo record`")
+    num_blocks = int(ds.attrs.get("num_blocks", ds["layer"].values.max()))
+    layers = [int(layer) for layer in ds["layer"].values]
+    if every_layer and layers != list(range(num_blocks + 1)):
+        raise StoreError(f"{needs} need every layer 0..{num_blocks}, but {where} keeps layers {layers} (recorded with "
+                         "--layers): record it again without --layers")
+    num_tokens = int(ds.attrs.get("num_prefix_tokens", 0)) + int(np.prod(ds.attrs.get("patch_grid", [0])))
+    if every_token and num_tokens and ds.sizes["token"] != num_tokens:
+        raise StoreError(f"{needs} need every token of the model ({num_tokens}), but {where} keeps {ds.sizes['token']} "
+                         "(recorded with --patch-tokens): record it again without --patch-tokens")
+
+
 def create_store(path: str | Path, template: xr.Dataset, encoding: dict) -> None:
     """Write a store's metadata and coordinates; data variables stay unwritten (fill value).
 

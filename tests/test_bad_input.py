@@ -183,3 +183,111 @@ def test_analyze_boundaries_outside_the_depth_are_one_line(store, tmp_path, caps
 def test_a_misspelled_store_path_is_not_taken_for_a_model_name(tmp_path, capsys):
     code, err = run(["profile", tmp_path / "d3.zarr", "--out", tmp_path / "p"], capsys)
     assert code == 2 and "no trajectory store at" in err and "darknet" not in err
+
+
+# ---- issue 27: every number checked where it is parsed; a store missing what a command needs ------------------
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["fit", "S", "--out", "O", "--k", "0"], "--k: expected comma-separated integers of at least 1, got '0'"),
+    (["fit", "S", "--out", "O", "--k", "2,-1"], "--k: expected comma-separated integers of at least 1"),
+    (["ladder", "S", "--out", "O", "--k", "0"], "--k: expected comma-separated integers of at least 1"),
+    (["concepts", "S", "--out", "O", "--concepts", "0"], "--concepts: must be at least 1, got 0"),
+    (["ladder", "S", "--out", "O", "--loop-scales", "0"], "--loop-scales: expected comma-separated finite numbers above 0"),
+    (["ladder", "S", "--out", "O", "--loop-scales", "1,-1"], "finite numbers above 0, got '1,-1'"),
+    (["ladder", "S", "--out", "O", "--loop-scales", "nan"], "finite numbers above 0, got 'nan'"),
+    (["ladder", "S", "--out", "O", "--loop-scales", "inf"], "finite numbers above 0, got 'inf'"),
+    (["record", "--out", "O", "--patch-tokens", "0"], "--patch-tokens: must be at least 1"),
+    (["phases", "S", "--lens", "cosine", "--rank", "0"], "--rank: must be at least 1"),
+    (["record", "--out", "O", "--timm", "global_pool"], "--timm takes key=value pairs"),
+    (["record", "--out", "O", "--timm", "img_size=64"], "set by dynamo itself"),
+])
+def test_zero_negative_and_nan_counts_are_refused_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_backwards_phase_range_is_refused_not_read_as_an_empty_phase(store, tmp_path, capsys):
+    code, err = run(["fit", store, "--surrogate", "identity", "--partition", "6-1,7-12", "--out", tmp_path / "f"], capsys)
+    assert code == 2 and "the phase 6-1 runs backwards" in err and "first <= last" in err
+    # a single block may stand as its own phase beside ranges
+    assert dynamo.Partition.parse("1-2,3", 3) == [[1, 2], [3]]
+
+
+@pytest.fixture
+def partial_stores(tmp_path, digits_folder):
+    """Stores of one tiny model recorded with --summaries-only, --layers 0,6,12 and --patch-tokens 8."""
+    model = tiny_model("cls", img_size=48, depth=12)
+    paths = {}
+    for name, options in (("summaries", {"summaries_only": True}), ("layers", {"layers": [0, 6, 12]}),
+                          ("tokens", {"patch_tokens": 8})):
+        paths[name] = tmp_path / f"{name}.zarr"
+        dynamo.record(model, digits_folder, paths[name], limit=8, batch_size=4, progress=False, **options)
+    return paths
+
+
+def test_a_store_missing_what_a_command_needs_says_what_and_who_needs_it(partial_stores, tmp_path, capsys):
+    summaries, layers, tokens = partial_stores["summaries"], partial_stores["layers"], partial_stores["tokens"]
+    cases = [
+        (["fit", summaries, "--k", "2", "--steps", "1"], ["dynamo fit (Raptor", "holds only the reduced views",
+                                                          "without --summaries-only"]),
+        (["ladder", summaries, "--k", "1"], ["the ladder's rungs identity, linear, dmd, teacher-block, raptor",
+                                             "--summaries-only"]),
+        (["ladder", layers, "--surrogates", "identity,linear,teacher-block", "--k", "1"],
+         ["the ladder's rungs identity, linear, teacher-block", "keeps layers [0, 6, 12]", "without --layers"]),
+        (["ladder", tokens, "--surrogates", "identity,linear,teacher-block", "--k", "1"],
+         ["the ladder's rungs identity, linear, teacher-block", "(recorded with --patch-tokens)"]),
+        (["fit", layers, "--surrogate", "linear", "--k", "1"], ["dynamo fit --surrogate linear", "keeps layers [0, 6, 12]"]),
+        (["phases", layers, "--lens", "cosine,knee"], ["the knee lens", "layers [5, 11] before [6, 12] are missing",
+                                                       "leave knee out"]),
+    ]
+    for number, (argv, expected) in enumerate(cases):
+        out = tmp_path / f"out{number}"
+        code, err = run([*argv, *([] if argv[0] == "phases" else ["--out", out]), "--quiet"], capsys)
+        assert code == 2, (argv, err)
+        assert all(part in err for part in expected), (argv, err)
+        assert "Raptor needs" not in err and "KeyError" not in err and "not in the store" not in err, (argv, err)
+        assert not out.exists() or not any(out.iterdir()), argv
+
+
+def test_phases_k_beyond_the_maxcut_names_no_flag_that_does_not_exist(store, capsys):
+    code, err = run(["phases", store, "--k", "12", "--bootstrap", "0"], capsys)
+    assert code == 2 and "--min-size" not in err and "cannot be reached" in err and "--method contiguous" in err
+
+
+def test_figures_and_results_are_never_written_into_a_store(store, capsys):
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    for flag, path in (("--figure", store / "hidden" / "x.png"), ("--out", store / "hidden" / "p.zarr")):
+        code, err = run(["phases", store, flag, path, "--bootstrap", "0", "--quiet"], capsys)
+        assert code == 2 and "a trajectory store, which a result never replaces" in err
+        code, err = run(["phases", store, "--lens", "cosine", flag, path, "--quiet"], capsys)
+        assert code == 2 and "a trajectory store" in err
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+
+
+def test_a_second_ladder_into_the_same_out_is_refused_while_the_first_runs(store, tmp_path, capsys):
+    from dynamo.store import writer_lock
+    out = tmp_path / "ladder"
+    with writer_lock(out):  # as a first `dynamo ladder --out` holds it
+        code, err = run(["ladder", store, "--out", out, "--k", "1", "--surrogates", "identity", "--quiet"], capsys)
+    assert code == 2 and f"another process is writing {out}" in err and not out.exists()
+    code, err = run(["ladder", store, "--out", out, "--k", "1", "--surrogates", "identity", "--bootstrap", "10",
+                     "--loop-scales", "1", "--quiet"], capsys)
+    assert code == 0 and (out / "ladder.csv").exists()
+
+
+def test_the_installed_script_prints_one_line_as_a_user_types_it(store, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(sys.executable).with_name("dynamo")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for argv, message in ((["ladder", str(store), "--out", str(tmp_path / "l"), "--loop-scales", "nan"], "finite numbers above 0"),
+                          (["fit", str(store), "--surrogate", "identity", "--partition", "6-1,7-12", "--out", str(tmp_path / "f")],
+                           "runs backwards")):
+        result = subprocess.run([str(script), *argv], capture_output=True, text=True, env=env, timeout=120)
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+        assert "Traceback" not in result.stderr

@@ -204,3 +204,34 @@ def test_cli_fit_and_profile_name_the_head_or_say_why_there_is_none(stores, digi
             for entry in (basins, swapped, raptor):
                 assert entry["accuracy_note"].startswith("no accuracy") and "accuracy_head" not in entry
             assert "model_accuracy" not in basins and "accuracy_ratio" not in raptor and "no accuracy" in page
+
+
+def test_every_bad_head_file_gets_one_line_naming_the_problem(stores, tmp_path, capsys):
+    """Through the CLI as a user passes them: never an accuracy from a head that does not fit, never torch's
+    advice to unpickle (weights_only=False), never a bare Python error ("pop from empty list")."""
+    model, ds, _ = stores
+    store = ds.encoding["source"]
+    generator = torch.Generator().manual_seed(0)
+    files = {
+        "five_classes.pth": ({"weight": torch.randn(5, 64, generator=generator), "bias": torch.randn(5)},
+                             "has 5 classes, but the store's labels go up to 9"),
+        "nan.pth": ({"weight": torch.full((10, 64), float("nan")), "bias": torch.zeros(10)}, "hold NaN or infinite"),
+        "inf_bias.pth": ({"weight": torch.randn(10, 64), "bias": torch.full((10,), float("inf"))}, "bias hold NaN"),
+        "bias_shape.pth": ({"weight": torch.randn(10, 64), "bias": torch.randn(7)}, "bias (7,)"),
+        "width.pth": ({"weight": torch.randn(10, 32), "bias": torch.randn(10)}, "64 wide"),
+        "numpy.pth": ({"weight": np.zeros((10, 64)), "bias": np.zeros(10)}, "Python objects other than tensors"),
+        "garbage.pth": (bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)), "not a torch file"),
+        "text.pth": (b"weight,bias\n1,2\n", "not a torch file"),
+        "garbage.safetensors": (b"\x00\x01not a header" * 40, "not a valid safetensors file"),
+    }
+    for name, (content, expected) in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        argv = ["fit", store, "--surrogate", "identity", "--k", "1", "--head", str(path), "--out", str(tmp_path / f"o-{name}"),
+                "--quiet"]
+        assert main(argv) == 2, name
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("dynamo fit: error:") and "\n" not in error, (name, error)
+        assert expected in error and str(path) in error, (name, error)
+        assert "weights_only" not in error and "pop from empty" not in error and "Traceback" not in error, (name, error)
+        assert not (tmp_path / f"o-{name}" / "config.json").exists()

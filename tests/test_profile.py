@@ -101,3 +101,77 @@ def test_compare_stacks_profiles_along_a_model_dimension(default_profile, tmp_pa
     for path in printed["figures"].values():
         assert (tmp_path / "cmp" / path.split("/")[-1]).stat().st_size > 0
     assert (tmp_path / "cmp" / "compare.html").read_text().count("data:image/png") == len(printed["figures"])
+
+
+# ---- models without a cls token, end to end (random weights: mechanics only) -----------------------------------
+
+CLS_LESS = {
+    # SigLIP: no cls token, attention (map) pooling by default
+    "siglip": ["vit_base_patch16_siglip_224", "--timm", "depth=2,embed_dim=64,num_heads=2"],
+    # a gap ViT: no cls token, average pooling
+    "gap": ["vit_base_patch16_gap_224", "--timm", "depth=2,embed_dim=64,num_heads=2,global_pool=avg"],
+    # a cls-less ViT built with map pooling by the extra timm option alone
+    "map": ["vit_base_patch16_gap_224", "--timm", "depth=2,embed_dim=64,num_heads=2,class_token=False,global_pool=map"],
+}
+
+
+@pytest.mark.parametrize("kind", list(CLS_LESS))
+def test_a_model_without_a_cls_token_profiles_end_to_end_on_the_patch_mean(kind, tmp_path, digits_folder, capsys, one_thread):
+    out = tmp_path / kind
+    argv = ["profile", *CLS_LESS[kind], "--no-pretrained", "--img-size", "32", "--images", str(digits_folder),
+            "--limit", "20", "--bootstrap", "5", "--only", "basins,tokens,swap",
+            "--out", str(out), "--quiet", "--json"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    store = dynamo.open_trajectories(out / "trajectories.zarr")
+    assert not store.attrs["has_cls"] and "cls" not in store
+    assert printed["tokens"] == "patch_mean" and printed["phases"]["tokens"] == "patch_mean"
+    assert "token view patch_mean" in (out / "report.html").read_text() or "patch_mean" in (out / "report.html").read_text()
+    assert printed["dynamics"]["basins"]["basin_view"] == "patch_mean"
+    # the extra timm options are part of the store and rebuild the same teacher (the live analysis ran on it)
+    options = store.attrs["timm_options"]
+    assert options["depth"] == 2 and store.attrs["identity"]["timm_options"] == options
+    assert dynamo.models.load_recorded_model(store.attrs).weights_sha256 == store.attrs["weights_sha256"]
+    assert printed["dynamics"]["swap"]["within_r2"] is not None  # a live analysis on the rebuilt teacher
+    # the phases match the patch-mean dissimilarity computed directly
+    np.testing.assert_allclose(printed["similarity"], layer_similarity(store, tokens="patch_mean", progress=False).values,
+                               atol=1e-6)
+
+
+# ---- compare reads each profile from its own folder, and never mixes two models --------------------------------
+
+def _tiny_profile(folder, depth: int, seed: int, digits_folder):
+    model = dynamo.load_model("vit_base_patch16_gap_224", pretrained=False, img_size=32, depth=depth, embed_dim=32,
+                              num_heads=2, num_classes=10, seed=seed)
+    return profile(model, folder, images=digits_folder, limit=12, n_bootstrap=3, only=["tokens"], progress=False)
+
+
+def test_compare_reads_a_moved_profile_and_never_mixes_two_of_the_same_name(tmp_path, digits_folder, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    monkeypatch.chdir(first)
+    _tiny_profile("profile", 3, 0, digits_folder)  # summary.json records paths relative to tmp/a
+    monkeypatch.chdir(second)
+    _tiny_profile("profile", 5, 1, digits_folder)
+    # from tmp/b, "profile" is the 5-block model: the one of tmp/a must still be read from its own folder
+    moved = tmp_path / "elsewhere" / "moved"
+    (tmp_path / "a" / "profile").rename(moved.parent.mkdir() or moved)
+    combined = study.load_study([moved, "profile"], labels=["three", "five"])
+    for label, folder in (("three", moved), ("five", second / "profile")):
+        summary = json.loads((folder / "summary.json").read_text())
+        assert int(combined["n_layers"].sel(model=label)) == summary["layers"] - 1
+        assert int(combined["n_phases"].sel(model=label)) == len(summary["partition"])
+        np.testing.assert_allclose(combined["similarity"].sel(model=label).dropna("layer_i", how="all")
+                                   .dropna("layer_j", how="all").values, summary["similarity"], atol=1e-6)
+    assert main(["compare", str(moved), "profile", "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
+
+
+def test_compare_refuses_a_folder_whose_results_are_of_another_model(tmp_path, digits_folder, capsys):
+    _tiny_profile(tmp_path / "three", 3, 0, digits_folder)
+    _tiny_profile(tmp_path / "five", 5, 1, digits_folder)
+    import shutil
+    shutil.rmtree(tmp_path / "three" / "phases.zarr")
+    shutil.copytree(tmp_path / "five" / "phases.zarr", tmp_path / "three" / "phases.zarr")
+    assert main(["compare", str(tmp_path / "three"), str(tmp_path / "five"), "--out", str(tmp_path / "cmp"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "phases result was computed on" in error and "mixes two profiles" in error

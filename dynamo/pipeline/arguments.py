@@ -7,10 +7,14 @@ equal to the default of the analysis function it feeds.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
+    "positive_float_list",
+    "positive_int_list",
+    "timm_options",
     "ANALYSIS_OPTIONS",
     "Option",
     "add_arguments",
@@ -148,3 +152,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if option.name not in seen:
                 option.add_to(parser)
                 seen.add(option.name)
+
+
+def timm_options(text: str) -> dict:
+    """``--timm key=value,...`` as `timm.create_model` options (`dynamo.models.parse_timm_options`)."""
+    try:
+        from dynamo.models import parse_timm_options  # only when --timm is given
+
+        return parse_timm_options(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Command-line ``1,2,3``: integers, each at least 1 (numbers of phases, blocks)."""
+    values = int_list(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 1, got {text!r}")
+    return values
+
+
+def positive_float_list(text: str) -> list[float]:
+    """Command-line ``0.5,1,2``: finite numbers, each above 0 (scales)."""
+    values = float_list(text)
+    if not values or not all(math.isfinite(value) and value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers above 0, got {text!r}")
+    return values

@@ -13,17 +13,20 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from dynamo.pipeline.arguments import (
     ANALYSIS_OPTIONS,
     add_arguments,
     boundary_list,
     comma_list,
-    float_list,
     int_list,
     nonnegative_float,
     nonnegative_int,
+    positive_float_list,
     positive_int,
+    positive_int_list,
+    timm_options,
     torch_device,
 )
 from dynamo.zoo import DEFAULT_MODEL, ZOO_PREFIX, list_models
@@ -58,12 +61,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             SafetensorError)
 
 
+COMPUTE_COMMANDS = ("record", "analyze", "profile", "phases", "fit", "ladder", "concepts")  # take --threads
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from dynamo.pipeline.cluster import connect
     from dynamo.serialize import jsonable
 
+    if args.command in COMPUTE_COMMANDS:
+        from dynamo.threads import set_threads
+
+        set_threads(args.threads)
     try:
         with connect(getattr(args, "cluster", None)), warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
@@ -117,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _source_arguments(rec, f"timm model name or zoo name (default: {DEFAULT_MODEL}); zoo: {', '.join(list_models())}")
     rec.add_argument("--out", required=True, help="store path, e.g. trajectories.zarr")
     rec.add_argument("--layers", type=int_list, help="comma-separated layers to keep (0 = embedding), default all")
-    rec.add_argument("--patch-tokens", type=int, help="keep only N patch tokens, drawn with --seed")
+    rec.add_argument("--patch-tokens", type=positive_int, help="keep only N patch tokens, drawn with --seed")
     rec.add_argument("--seed", type=int, default=0, help="seed of the patch-token draw and of random weights (default 0)")
     rec.add_argument("--compression", choices=["none", "zstd"], default="none")
     rec.add_argument("--device", type=torch_device, default="cpu", help="torch device; with --shard auto under torchrun, 'cuda' means cuda:$LOCAL_RANK")
@@ -176,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--eps", type=nonnegative_float, default=0.1, help="the paper's max-cut fraction f (default 0.1)")
     prof.add_argument("--k", type=positive_int, help="number of phases (overrides --eps)")
     prof.add_argument("--bootstrap", type=nonnegative_int, default=100, help="bootstrap replicates for boundary stability")
+    _tokens_argument(prof)
     prof.add_argument("--only", type=comma_list, help="comma-separated dynamics analyses (default all)")
     prof.add_argument("--fit-raptor", type=positive_int, metavar="K", help="also fit a K-block Raptor surrogate")
-    prof.add_argument("--raptor-steps", type=int, help="Raptor training steps per stage")
+    prof.add_argument("--raptor-steps", type=positive_int, help="Raptor training steps per stage")
     prof.add_argument("--concepts", action="store_true",
                       help="also learn one concept dictionary across depth and analyse it on the phases "
                       "(about a minute on the default store; see dynamo concepts)")
@@ -218,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--eps", type=nonnegative_float, default=0.1, help="the paper's fraction f (0.2/0.1/0.09 -> 2/3/4 phases on DINOv2-B; default 0.1)")
     phases.add_argument("--method", choices=["maxcut", "contiguous"], default="maxcut")
     phases.add_argument("--measure", choices=["cosine", "angular", "mse", "cka"], default="cosine")
-    phases.add_argument("--tokens", default="cls+patch_mean", help="token groups joined by +: cls, patch_mean, register_mean, patch, register, all")
+    _tokens_argument(phases)
     phases.add_argument("--layers", type=int_list, help="comma-separated layers (default: block outputs 1..L, as the paper)")
     phases.add_argument("--bootstrap", type=nonnegative_int, default=200, help="bootstrap resamples of the images for boundary stability (0: none)")
     phases.add_argument("--seed", type=int, default=0)
@@ -237,9 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--model", help="jacobian lens: the live model (default the one the store was recorded with)")
     lens.add_argument("--checkpoint", help="jacobian lens: local weights for --model")
     lens.add_argument("--device", type=torch_device, default="cpu", help="jacobian lens: torch device")
-    lens.add_argument("--jacobian-images", type=int, default=32, help="jacobian lens: images, evenly spaced (default 32)")
-    lens.add_argument("--rank", type=int, default=4, help="jacobian lens: singular directions per block (default 4)")
-    lens.add_argument("--tolerance", type=int, default=1, help="layers by which matching boundaries may differ (default 1)")
+    lens.add_argument("--jacobian-images", type=positive_int, default=32, help="jacobian lens: images, evenly spaced (default 32)")
+    lens.add_argument("--rank", type=positive_int, default=4, help="jacobian lens: singular directions per block (default 4)")
+    lens.add_argument("--tolerance", type=nonnegative_int, default=1, help="layers by which matching boundaries may differ (default 1)")
     phases.set_defaults(run=_phases)
 
     fit = commands.add_parser(
@@ -255,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="raptor (default: trained shared blocks), or a rung of the ladder: identity, linear (a "
                      "ridge map per phase), dmd (exact DMD per phase), teacher-block (the teacher's best own block "
                      "per phase); the training flags (--recipe, --steps, --lr, --baselines, --seeds, ...) apply to raptor only")
-    fit.add_argument("--k", type=int_list, help="number of blocks, or several (2,3,4: stage-1 blocks of shared "
+    fit.add_argument("--k", type=positive_int_list, help="number of blocks, or several (2,3,4: stage-1 blocks of shared "
                      "segments are trained once); default: the partition's length, else 2")
     fit.add_argument("--partition", help="phases '1-7,8-12' or thresholds '7' (default: the max-cut phases when they "
                      "are k contiguous ones, else the exact contiguous split into k phases)")
@@ -264,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "batch 64, 10k warmup, cosine to 1e-6, anneal 25%%, paper losses, clip 1.0, fixed steps); flags override it")
     _raptor_arguments(fit)
     fit.add_argument("--tol", type=float, help="held-out R² gain that counts as an improvement (default 1e-4)")
-    fit.add_argument("--validate-every", type=int, help="steps between validations (default 50)")
+    fit.add_argument("--validate-every", type=positive_int, help="steps between validations (default 50)")
     fit.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
     fit.add_argument("--warmup", type=float, help="linear warmup: a fraction of each segment's steps if below 1, "
                      "else a number of steps (default 0.05)")
@@ -301,11 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ladder.png, ladder_layers.png, loop_count.png, ladder.zarr and ladder.html to --out.",
     )
     lad.add_argument("store")
-    lad.add_argument("--k", type=int_list, default=[1, 2, 3, 4], help="numbers of phases (default 1,2,3,4)")
+    lad.add_argument("--k", type=positive_int_list, default=[1, 2, 3, 4], help="numbers of phases (default 1,2,3,4)")
     lad.add_argument("--out", required=True, help="output folder")
     lad.add_argument("--surrogates", type=comma_list, default=list(LADDER_SURROGATES),
                      help=f"rungs to fit (default all: {','.join(LADDER_SURROGATES)})")
-    lad.add_argument("--loop-scales", type=float_list, default=list(LOOP_SCALES),
+    lad.add_argument("--loop-scales", type=positive_float_list, default=list(LOOP_SCALES),
                      help="loop counts, as multiples of each phase's length (default 0.5,0.75,1,1.25,1.5,2)")
     lad.add_argument("--bootstrap", type=nonnegative_int, default=1000, help="bootstrap resamples of the held-out images for ε (default 1000)")
     lad.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (default: the "
@@ -314,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     lad.add_argument("--raptor-init", choices=RAPTOR_INITS, default="random",
                      help="Raptor's blocks start at random (default, the paper's) or as the teacher-block rung's choice (then "
                      "with the teacher's MLP kind unless --mlp is given)")
+    _tokens_argument(lad)
     lad.add_argument("--seed", type=int, default=0)
     lad.add_argument("--device", type=torch_device, default="cpu")
     lad.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -331,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("store")
     con.add_argument("--out", required=True, help="output folder")
     con.add_argument("--kind", choices=["topk", "rasae"], default="topk", help="TopK SAE or Relaxed Archetypal SAE (default topk)")
-    con.add_argument("--concepts", type=int, help="number of concepts (default 8 x the width)")
+    con.add_argument("--concepts", type=positive_int, help="number of concepts (default 8 x the width)")
     con.add_argument("--k", type=positive_int, help="active concepts per token (default 8)")
     con.add_argument("--steps", type=positive_int, help="training steps (default 1500, batches of 1024 tokens)")
     con.add_argument("--per-phase", action="store_true", help="also fit one dictionary per phase, for comparison")
@@ -343,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--quiet", action="store_true", help="no progress bars")
     con.add_argument("--json", action="store_true", help="print a JSON summary")
     con.set_defaults(run=_concepts)
+    for name in COMPUTE_COMMANDS:
+        commands.choices[name].add_argument("--threads", type=positive_int, help="compute threads (torch, BLAS); default "
+                                            "OMP_NUM_THREADS, else half the cores, the rest reading the store")
     return parser
 
 
@@ -453,13 +468,13 @@ def _profile(args) -> dict:
     from dynamo.store import StoreError, is_trajectory_store
 
     options = dict(
-        phase_method=args.method, eps=args.eps, k=args.k, n_bootstrap=args.bootstrap, only=args.only,
+        phase_method=args.method, eps=args.eps, k=args.k, tokens=args.tokens, n_bootstrap=args.bootstrap, only=args.only,
         fit_raptor=args.fit_raptor, raptor_steps=args.raptor_steps, concepts=args.concepts, head=args.head,
         device=args.device, seed=args.seed, progress=not args.quiet, command=" ".join(sys.argv),
     )
     if is_trajectory_store(args.model):
-        if args.img_size or args.preprocess or args.preset:
-            raise ValueError(f"--img-size, --preprocess and --preset apply when recording a model; {args.model} is "
+        if args.img_size or args.preprocess or args.preset or args.timm:
+            raise ValueError(f"--img-size, --preprocess, --preset and --timm apply when recording a model; {args.model} is "
                              "a recorded store (its image size and preprocessing are fixed): drop them")
         return profile_store(args.model, args.out, **options)
     if not args.model.startswith(ZOO_PREFIX) and (args.model.endswith(".zarr") or os.sep in args.model):  # a path
@@ -538,9 +553,12 @@ def _concepts(args) -> dict:
 
 def _ladder(args) -> dict:
     from dynamo.pipeline.ladder import ladder
+    from dynamo.store import check_output, writer_lock
 
-    return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
-                  n_bootstrap=args.bootstrap, head=args.head, raptor_init=args.raptor_init, seed=args.seed, device=args.device,
+    Path(check_output(args.out, inputs=[args.store])).parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(args.out):  # one ladder per --out: a second would train the same rungs into the same files
+        return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
+                  n_bootstrap=args.bootstrap, head=args.head, raptor_init=args.raptor_init, tokens=args.tokens, seed=args.seed, device=args.device,
                   progress=not args.quiet, command=" ".join(sys.argv), steps=args.steps,
                   stage2_steps=args.stage2_steps, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                   mlp=args.mlp)
@@ -554,6 +572,9 @@ def _source_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--checkpoint", help="local weights for a timm name: .safetensors or a torch file of tensors, in "
                         "timm's names or a transformers ViT/DINOv2 model's, or its ONNX export (docs/checkpoints.md)")
     parser.add_argument("--no-pretrained", action="store_true", help="random weights, seeded with --seed (tests of mechanics only)")
+    parser.add_argument("--timm", type=timm_options, default={}, metavar="KEY=VALUE,...",
+                        help="extra timm.create_model options, e.g. global_pool=map or depth=2,embed_dim=64; kept with "
+                        "the store, so every later command rebuilds the same model")
     _image_arguments(parser)
     parser.add_argument("--limit", type=positive_int, help="use only N images (drawn evenly across classes)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -563,7 +584,7 @@ def _source_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
 def _raptor_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """Raptor's training flags that `fit` and `ladder` share (``prefix`` starts each help); defaults are `RaptorFitter`'s."""
     parser.add_argument("--steps", type=positive_int, help=f"{prefix}most steps per stage-1 block (default 2000)")
-    parser.add_argument("--stage2-steps", type=int, help=f"{prefix}most stage-2 steps (default: --steps)")
+    parser.add_argument("--stage2-steps", type=nonnegative_int, help=f"{prefix}most stage-2 steps (default: --steps)")
     parser.add_argument("--patience", type=nonnegative_int, help=f"{prefix}stop a segment after N validations without a "
                         "held-out R² gain above --tol (default 5; 0: always train --steps)")
     parser.add_argument("--batch-size", type=positive_int, help=f"{prefix}batch size (default 16)")
@@ -589,11 +610,17 @@ def _image_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _image_options(args) -> dict:
-    """``img_size`` and ``preprocess`` for `dynamo.load_model` from `_image_arguments`' flags."""
+    """``img_size``, ``preprocess`` and ``timm_options`` for `dynamo.load_model` from the source flags."""
     from dynamo.models import parse_img_size, preprocess_overrides
 
     preprocess = preprocess_overrides(args.preset, args.preprocess) if (args.preset or args.preprocess) else None
-    return {"img_size": parse_img_size(args.img_size), "preprocess": preprocess}
+    return {"img_size": parse_img_size(args.img_size), "preprocess": preprocess, "timm_options": args.timm}
+
+
+def _tokens_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", help="token view of the layer dissimilarity, groups joined by +: cls, patch_mean, "
+                        "register_mean, patch, register, all (default cls+patch_mean, the paper's; patch_mean for a "
+                        "model without a cls token)")
 
 
 def _cluster_argument(parser: argparse.ArgumentParser) -> None:

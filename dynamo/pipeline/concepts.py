@@ -93,6 +93,9 @@ def concepts(
         partition = Partition.from_thresholds(boundaries, int(ds.attrs["num_blocks"]))
     partition = Partition(find_phases(ds) if partition is None else partition)
     params = {name: value for name, value in (("concepts", n_concepts), ("k", k), ("steps", steps)) if value is not None}
+    small = [f"{name}={value}" for name, value in params.items() if value < 1]
+    if small:
+        raise ValueError(f"{', '.join(small)}: the number of concepts, active concepts and steps must each be at least 1")
     dictionary = ConceptDictionary(kind=kind, seed=seed, device=device, progress=progress,
                                    checkpoint_dir=out / "dictionary" / "checkpoint", **params)
     result = concept_analysis.compute(ds, dictionary, partition=partition, per_phase=per_phase, stability=stability,

@@ -21,7 +21,7 @@ from dynamo.heads import resolve_head
 from dynamo.partition import Partition, from_result
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
-from dynamo.store import check_output, open_trajectories, save_result
+from dynamo.store import check_output, open_trajectories, require_contents, save_result
 from dynamo.surrogates.base import resolve_teacher, split_images
 from dynamo.surrogates.raptor import PAPER_RECIPE, RaptorFitter, partition_baselines
 from dynamo.surrogates.raptor.train import stopping_rule
@@ -57,13 +57,14 @@ def parse_loss(text: str):
 
 
 def default_partition(ds: xr.Dataset, k: int, phases: dict | None = None, progress: bool = False,
-                      images=None) -> tuple[Partition, str]:
+                      images=None, tokens: str | None = None) -> tuple[Partition, str]:
     """The phases Raptor is fitted on by default, and which they are.
 
     The store's phases when a ``phases`` summary (`dynamo.pipeline.phases.phases`) has k
     contiguous ones; else the paper's recursive max-cut stopped at k phases when they are k
     contiguous runs; else the exact contiguous split into k phases of the same dissimilarity
-    (`analyses.phases.contiguous_partition`), as the router needs contiguous phases.
+    (`analyses.phases.contiguous_partition`), as the router needs contiguous phases. The
+    dissimilarity reads the token view ``tokens`` (default `dynamo.layout.default_tokens`).
 
     ``images`` (positions along ``image``, a fit's training images): the phases are found on
     them alone, never on a stored ``phases`` summary of every image.
@@ -82,16 +83,17 @@ def default_partition(ds: xr.Dataset, k: int, phases: dict | None = None, progre
     if phases is not None and phases.get("out"):
         matrix = xr.open_zarr(phases["out"])["dissimilarity"].load()
     else:
-        matrix = layer_similarity(ds, progress=progress)
+        matrix = layer_similarity(ds, tokens=tokens, progress=progress)
+    view = f" of {matrix.attrs.get('tokens', tokens)}"
     try:
         maxcut = Partition(phasing.maxcut_partition(matrix, k=k))
     except ValueError as error:
         why = str(error)
     else:
         if maxcut.is_contiguous:
-            return maxcut, "max-cut phases (the paper's recursive max-cut, stopped at k)"
+            return maxcut, f"max-cut phases{view} (the paper's recursive max-cut, stopped at k)"
         why = f"the max-cut phases {maxcut} are not contiguous"
-    return Partition(phasing.contiguous_partition(matrix, k)), f"exact contiguous split into {k} phases ({why})"
+    return Partition(phasing.contiguous_partition(matrix, k)), f"exact contiguous split{view} into {k} phases ({why})"
 
 
 def fit(
@@ -156,6 +158,8 @@ def fit(
     started = time.perf_counter()
     out = check_output(out, inputs=[store])
     ds = open_trajectories(store)
+    require_contents(ds, "dynamo fit (Raptor: its rollout runs attention over every token from layer 0 and is scored "
+                     "at every layer)")
     num_blocks = int(ds.attrs["num_blocks"])
     if recipe is not None and recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")

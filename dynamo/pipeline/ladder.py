@@ -29,10 +29,11 @@ import xarray as xr
 
 from dynamo.heads import resolve_head
 from dynamo.partition import Partition
+from dynamo.layout import default_tokens
 from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
-from dynamo.store import check_output, open_trajectories, save_result
+from dynamo.store import check_output, open_trajectories, require_contents, save_result
 from dynamo.surrogates import (
     SURROGATES,
     LinearFitter,
@@ -89,6 +90,8 @@ def fit_surrogate(store: str | Path, out: str | Path, surrogate: str, *, k: int 
     started = time.perf_counter()
     out = check_output(out, inputs=[store])
     ds = open_trajectories(store)
+    require_contents(ds, f"dynamo fit --surrogate {surrogate} (a surrogate is scored layer by layer from layer 0, and through "
+                     "the teacher's head on every token)")
     num_blocks = int(ds.attrs["num_blocks"])
     if partition is not None:
         partition, source = Partition.parse(partition, num_blocks), "given"
@@ -147,6 +150,7 @@ def ladder(
     head: str | Path | None = None,
     n_bootstrap: int = 1000,
     raptor_init: str = "random",
+    tokens: str | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
@@ -177,6 +181,9 @@ def ladder(
         Raptor's blocks start at random (near the identity, the paper's) or from the
         ``teacher-block`` rung's choice for the same k (fitted for it if not a rung of this
         ladder; the block then takes the teacher's MLP kind and ratio unless ``mlp`` is given).
+    tokens : str, optional
+        Token view of the dissimilarity the partitions are cut on (`dynamo.layout.default_tokens`:
+        ``cls+patch_mean``, or ``patch_mean`` for a model without a cls token).
     seed : int
         The split (every rung holds out the same 20%), Raptor's initialisation, the bootstrap.
     device : str
@@ -200,16 +207,21 @@ def ladder(
     if unknown:
         raise ValueError(f"unknown surrogates {sorted(unknown)}; choose among {', '.join((*RUNGS, CEILING))}")
     out = check_output(out, inputs=[store])
-    out.mkdir(parents=True, exist_ok=True)
     ds = open_trajectories(store)
+    names = [name for name in (*RUNGS, CEILING) if name in surrogates]
+    require_contents(ds, f"the ladder's rungs {', '.join(names)} (each is scored layer by layer from layer 0, and through "
+                     "the teacher's head on every token)")
+    out.mkdir(parents=True, exist_ok=True)
     num_blocks = int(ds.attrs["num_blocks"])
     ks = [int(k) for k in ks]
     if any(not 1 <= k <= num_blocks for k in ks):
         raise ValueError(f"--k values must be between 1 and the {num_blocks} blocks of {ds.attrs.get('model')}, got {ks}")
     teacher = resolve_teacher(ds.attrs, None)
     linear_head = resolve_head(ds, teacher, head, seed=seed)
+    tokens = default_tokens(ds, tokens)
     training, held_out = split_images(ds["image"].values, 0.2, seed)
-    chosen = {k: default_partition(ds, k, images=np.flatnonzero(np.isin(ds["image"].values, training))) for k in ks}
+    chosen = {k: default_partition(ds, k, images=np.flatnonzero(np.isin(ds["image"].values, training)), tokens=tokens)
+              for k in ks}
     partitions, sources = {k: chosen[k][0] for k in ks}, {k: chosen[k][1] for k in ks}
     scoring = ds.isel(image=np.flatnonzero(np.isin(ds["image"].values, held_out)))
     if scoring["hidden"].nbytes <= IN_MEMORY_BYTES:
@@ -245,7 +257,7 @@ def ladder(
         figures["loop_count"] = plot_loop_count(result, "raptor")
     paths.update({name: str(path) for name, path in save_figures(figures, out).items()})
     seconds = round(time.perf_counter() - started, 2)
-    summary = jsonable({"store": str(store), "out": str(out), "model": ds.attrs.get("model"), "ks": ks,
+    summary = jsonable({"store": str(store), "out": str(out), "model": ds.attrs.get("model"), "ks": ks, "tokens": tokens,
                         "partitions": {str(k): partitions[k] for k in ks},
                         "partition_sources": {str(k): sources[k] for k in ks}, "n_images": int(scoring.sizes["image"]),
                         "accuracy_teacher": result.attrs.get("accuracy_teacher"), "table": rows,

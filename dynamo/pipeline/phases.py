@@ -14,7 +14,7 @@ from dynamo.partition import Partition, from_result
 from dynamo.pipeline.analyze import live_model
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
-from dynamo.store import save_result
+from dynamo.store import check_output, save_result
 from figures.lenses import lens_panels
 from figures.output import save_figures
 from figures.similarity import similarity_heatmap
@@ -54,6 +54,9 @@ def phases(
         `analyses.phases.summarize` of the result, the matrix as nested lists (``similarity``),
         the paths written, and ``text``.
     """
+    for path in (out, figure):  # never into a store (the input's own, or any other)
+        if path is not None:
+            check_output(path, inputs=[ds.encoding["source"]] if "source" in ds.encoding else [])
     result = phasing.phase_analysis(ds, progress=progress, **settings).assign_attrs(analysis="phases")
     summary = phasing.summarize(result)
     summary["similarity"] = np.round(result["dissimilarity"].values, 6).tolist()
@@ -127,6 +130,9 @@ def lenses(
     dict
         `analyses.lenses.summarize` of the result, the paths written, and ``text``.
     """
+    for path in (out, figure):
+        if path is not None:
+            check_output(path, inputs=[ds.encoding["source"]] if "source" in ds.encoding else [])
     loaded = live_model(ds, model, checkpoint, None, device) if "jacobian" in lenses else None
     result = lensing.compute(ds, loaded, lenses, progress=progress, **settings)
     summary = lensing.summarize(result)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from dynamo import zoo
 from dynamo.images import image_set
+from dynamo.layout import CLS_LESS_TOKENS, PAPER_TOKENS, default_tokens
 from dynamo.models import LoadedModel, load_model
 from analyses import concepts as concept_analysis
 from dynamo.pipeline.analyze import analyze
@@ -59,12 +60,14 @@ def profile(
     pretrained: bool = True,
     img_size: int | tuple[int, int] | None = None,
     preprocess: dict | str | None = None,
+    timm_options: dict | None = None,
     limit: int | None = None,
     batch_size: int = 32,
     dtype: str = "float32",
     phase_method: str = "maxcut",
     eps: float = 0.1,
     k: int | None = None,
+    tokens: str | None = None,
     n_bootstrap: int = 100,
     only: list[str] | None = None,
     fit_raptor: int | None = None,
@@ -89,6 +92,8 @@ def profile(
         Default: the zoo's bundled held-out digits (with labels).
     checkpoint, pretrained, img_size, preprocess
         As `dynamo.load_model` (random weights are seeded with ``seed``).
+    timm_options : dict, optional
+        Extra `timm.create_model` options (``global_pool``, ...), kept with the store.
     limit : int, optional
         Use only the first ``limit`` images.
     batch_size, dtype
@@ -96,6 +101,10 @@ def profile(
     phase_method, eps, k
         How depth is partitioned (`analyses.phases.partition_matrix`): the paper's max-cut with
         fraction ``eps`` by default.
+    tokens : str, optional
+        Token view of the layer dissimilarity (`analyses.similarity.layer_similarity`); default
+        `dynamo.layout.default_tokens`: the paper's ``cls+patch_mean``, or ``patch_mean`` for a
+        model without a cls token.
     n_bootstrap : int
         Bootstrap resamples of the images, for the stability of the phase boundaries and for every
         error bar of the dynamics.
@@ -132,7 +141,8 @@ def profile(
     if progress:
         print("[record]", file=sys.stderr, flush=True)
     loaded = model if isinstance(model, LoadedModel) else load_model(
-        model or zoo.DEFAULT_MODEL, checkpoint, pretrained, img_size=img_size, preprocess=preprocess, seed=seed
+        model or zoo.DEFAULT_MODEL, checkpoint, pretrained, img_size=img_size, preprocess=preprocess, seed=seed,
+        **(timm_options or {}),
     )
     store = out / "trajectories.zarr"
     record(
@@ -148,7 +158,7 @@ def profile(
     )
     recorded = time.perf_counter() - started
     return profile_store(
-        store, out, model=loaded, phase_method=phase_method, eps=eps, k=k, n_bootstrap=n_bootstrap, only=only,
+        store, out, model=loaded, phase_method=phase_method, eps=eps, k=k, tokens=tokens, n_bootstrap=n_bootstrap, only=only,
         fit_raptor=fit_raptor, raptor_steps=raptor_steps, concepts=concepts, head=head, device=device, seed=seed,
         progress=progress,
         command=command, timings={"record": recorded},
@@ -163,6 +173,7 @@ def profile_store(
     phase_method: str = "maxcut",
     eps: float = 0.1,
     k: int | None = None,
+    tokens: str | None = None,
     n_bootstrap: int = 100,
     only: list[str] | None = None,
     fit_raptor: int | None = None,
@@ -215,10 +226,12 @@ def profile_store(
         return time.perf_counter()
 
     identity = {"store": store_identity(store, dataset), "n_images": int(dataset.sizes["image"])}
+    tokens = default_tokens(dataset, tokens)
     t = announce("phases")
     phases = _cached(
-        out, "phases", {**identity, "method": phase_method, "eps": eps, "k": k, "n_bootstrap": n_bootstrap, "seed": seed},
-        lambda: phase_stage(dataset, method=phase_method, eps=eps, k=k, n_bootstrap=n_bootstrap, seed=seed,
+        out, "phases", {**identity, "method": phase_method, "eps": eps, "k": k, "n_bootstrap": n_bootstrap, "seed": seed,
+                          "tokens": tokens},
+        lambda: phase_stage(dataset, method=phase_method, eps=eps, k=k, tokens=tokens, n_bootstrap=n_bootstrap, seed=seed,
                             out=out / "phases.zarr", figure=out / "similarity.png", figure_formats=("png", "svg"),
                             progress=progress),
     )
@@ -262,6 +275,7 @@ def profile_store(
         "weights_sha256": dataset.attrs["weights_sha256"],
         "n_images": identity["n_images"],
         "layers": int(dataset.sizes["layer"]),
+        "tokens": tokens,
         "store": str(store),
         "partition": phases["partition"],
         "boundaries": phases["boundaries"],
@@ -342,8 +356,8 @@ def _report(out: Path, summary: dict) -> None:
     sections = [
         Section(
             "Phases of depth",
-            "Layer x layer dissimilarity, the paper's measure (mean over images of mean over the cls "
-            "token and the patch mean of 1 - cos), with the phase partition drawn; boundary frequency "
+            f"Layer x layer dissimilarity: mean over images of mean over the token view {summary['tokens']} of "
+            f"1 - cos ({_view_words(summary['tokens'])}), with the phase partition drawn; boundary frequency "
             "is how often each boundary appears when the images are resampled (bootstrap).",
             [(path, "Layer x layer similarity (1 - dissimilarity) with the phase boundaries dashed.")
              for path in phases.get("figures", [])],
@@ -377,11 +391,20 @@ def _report(out: Path, summary: dict) -> None:
     )
 
 
+def _view_words(tokens: str) -> str:
+    """Whose token view the phases read, in words."""
+    if tokens == PAPER_TOKENS:
+        return "the paper's [cls, patch mean]"
+    if tokens == CLS_LESS_TOKENS:
+        return "the model has no cls token: the patch mean, the default view of such models"
+    return "a view chosen with --tokens"
+
+
 def _text(summary: dict, out: Path) -> str:
     lines = [
         f"{summary['model']}: {summary['n_images']} images, {summary['layers']} layers",
-        f"phases ({summary['phases']['method']}): {format_value(summary['partition'])}; boundaries after layers "
-        f"{summary['boundaries']}",
+        f"phases ({summary['phases']['method']}, token view {summary['tokens']}): {format_value(summary['partition'])}; "
+        f"boundaries after layers {summary['boundaries']}",
     ]
     for name, entry in summary["dynamics"].items():
         scalars = {key: value for key, value in entry.items() if isinstance(value, (int, float, str)) and key != "result"}

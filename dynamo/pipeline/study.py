@@ -159,7 +159,8 @@ def compare(paths: Sequence[str | Path], out: str | Path, *, labels: Sequence[st
     table = headline_table(study)
     figures = {"similarity_grid": compare_figures.plot_similarity_grid(study)}
     for variable, selection, ylabel in COMPARED_CURVES:
-        if variable in study and all(dim in study[variable].dims for dim in selection):
+        if variable in study and all(dim in study[variable].dims and value in study[dim].values
+                                     for dim, value in selection.items()):  # a cls-less study has no cls curve
             key = "_".join([variable, *map(str, selection.values())]).replace("rank_rank", "rank")
             figures[key] = compare_figures.plot_overlaid(study, variable, selection, ylabel)
     paths_written = {key: str(path) for key, path in save_figures(figures, out).items()}
@@ -192,13 +193,46 @@ def _summary(folder: Path) -> dict:
     return summary
 
 
+def _read_result(summary: dict, relative: str, what: str) -> xr.Dataset:
+    """A result a profile wrote, read from the summary's own folder (where `profile_store` puts it, whatever
+    folder the profile ran from or was moved to), checked against the summary's model and weights.
+
+    Raises
+    ------
+    ValueError
+        The result is missing, or was computed on another model or other weights than the summary's.
+    """
+    folder = summary["folder"]
+    path = folder / relative
+    if not path.exists():
+        raise ValueError(f"{folder} is an incomplete profile: its {what} result {path} is missing; run "
+                         f"`dynamo profile ... --out {folder}` again")
+    result = xr.open_zarr(path)
+    expected = (summary.get("model"), summary.get("weights_sha256"))
+    found = (result.attrs.get("model"), result.attrs.get("weights_sha256"))
+    if None not in expected and found != expected:
+        raise ValueError(
+            f"{folder}: its {what} result was computed on {found[0]} (weights {str(found[1])[:12]}), but its "
+            f"summary.json is of {expected[0]} (weights {str(expected[1])[:12]}); the folder mixes two profiles: "
+            f"run `dynamo profile ... --out {folder}` again"
+        )
+    return result
+
+
 def _one_profile(summary: dict) -> xr.Dataset:
-    phases = xr.open_zarr(summary["phases"]["out"]).load()
+    store = summary["folder"] / "trajectories.zarr"
+    if is_trajectory_store(store):
+        recorded = open_trajectories(store).attrs
+        if (recorded.get("model"), recorded.get("weights_sha256")) != (summary.get("model"), summary.get("weights_sha256")):
+            raise ValueError(f"{summary['folder']}: its store holds {recorded.get('model')} (weights "
+                             f"{str(recorded.get('weights_sha256'))[:12]}), but its summary.json is of {summary.get('model')} "
+                             f"(weights {str(summary.get('weights_sha256'))[:12]}): run `dynamo profile` on it again")
+    phases = _read_result(summary, "phases.zarr", "phases").load()
     n_layers = summary["layers"] - 1
     parts = [xr.Dataset({"similarity": phases["dissimilarity"].reset_coords(drop=True)},
                         coords={"layer": np.arange(n_layers + 1)})]
     for name, entry in summary["dynamics"].items():
-        result = xr.open_zarr(entry["result"])
+        result = _read_result(summary, f"dynamics/{name}.zarr", name)
         means = result.mean("image") if "image" in result.dims else result
         parts.append(means.rename({v: f"{name}_{v}" for v in means.data_vars}).drop_vars(
             [c for c in means.coords if c not in means.dims], errors="ignore").load())

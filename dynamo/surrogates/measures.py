@@ -131,6 +131,9 @@ def loop_count(model, ds: xr.Dataset, scales=(0.5, 0.75, 1.0, 1.5, 2.0), images=
         teacher's predictions, ``accuracy_surrogate`` and ``accuracy_ratio``; attrs
         ``accuracy_teacher``, ``accuracy_against``, or ``accuracy_note`` without a head.
     """
+    bad = [scale for scale in scales if not (np.isfinite(scale) and scale > 0)]
+    if bad or not len(scales):
+        raise ValueError(f"loop scales must be finite numbers above 0 (multiples of each phase's length), got {list(scales)}")
     positions = np.arange(ds.sizes["image"]) if images is None else np.asarray(images)
     partition = model.partition
     schedules = [loop_schedule(partition, scale) for scale in scales]
