@@ -21,6 +21,7 @@ from markdown_it import MarkdownIt
 ROOT = Path(__file__).resolve().parents[1]
 SHELL = {"bash", "sh", "shell"}
 PYTHON = {"python", "py"}
+SETUP = "python3 -m venv .venv && .venv/bin/pip install -e "  # the README's install (and test) commands
 SKIP = re.compile(r"<!--\s*skip:\s*(.+?)\s*-->", re.S)
 
 
@@ -49,7 +50,10 @@ def blocks(page: Path) -> list[Block]:
             continue
         before = tokens[i - 1] if i else None
         marker = SKIP.search(before.content) if before is not None and before.type == "html_block" else None
-        found.append(Block(page, token.map[0] + 1, lang, token.content, marker.group(1) if marker else None))
+        reason = marker.group(1) if marker else None
+        if token.content.startswith(SETUP):
+            reason = "sets up the project itself: .ci/run runs it literally on a clean checkout"
+        found.append(Block(page, token.map[0] + 1, lang, token.content, reason))
     return found
 
 
