@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.datasets.folder import make_dataset
 
 IMAGE_EXTENSIONS = frozenset(ext for ext, _ in Image.registered_extensions().items())
 
@@ -52,9 +53,7 @@ class ImageSet:
         return len(self.ids)
 
     def head(self, n: int) -> ImageSet:
-        """``n`` images: the first ``n``, or for labelled images the first of each class in turn
-        (class 0's first, class 1's first, ..., then each class's second, ...), so that every class
-        is represented as evenly as ``n`` allows; kept in their original order.
+        """The first ``n`` images; for labelled images each class's first in turn, then each one's second, ...
 
         Raises
         ------
@@ -74,11 +73,7 @@ class ImageSet:
         return ImageSet([self.ids[i] for i in keep], self.labels[keep], self.label_names, self.source, pixels)
 
     def digest(self) -> str:
-        """sha256 over the images' contents, labels and class names, and their paths relative to
-        the folder they come from: moving or renaming the folder keeps it, changing a file changes it.
-
-        Files are hashed byte for byte (BLAKE2b, about 1 GB/s); array images by their pixels.
-        """
+        """sha256 over the images' bytes (or pixels), labels, class names and paths relative to their folder."""
         content = hashlib.sha256()
         if self._pixels is not None:
             content.update(np.ascontiguousarray(np.asarray(self._pixels)).tobytes())
@@ -144,10 +139,7 @@ class ImageSet:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB image, scaling 16- and 32-bit integer and [0, 1] float modes to 0..255.
-
-    PIL's own ``convert("RGB")`` clips such images (a 16-bit PNG comes out almost white, a float
-    TIFF black), so they are scaled here: 16-bit values by 255/65535, float values in [0, 1] by 255.
+    """An 8-bit RGB image; 16-bit and [0, 1] float images are scaled to 0..255 (PIL's ``convert`` clips them).
 
     Raises
     ------
@@ -177,12 +169,9 @@ def image_set(
     Parameters
     ----------
     images : path, sequence of paths, numpy.ndarray or torch.Tensor
-        - a folder: if it has sub-folders, each sub-folder is a class (sorted by name; label =
-          position, label name = folder name) and its images (searched recursively) are the
-          class's examples; a flat folder gives unlabelled images;
-        - a sequence of image file paths, in the order given;
-        - uint8 array (N, H, W) or (N, H, W, C): raw pixels, preprocessed like files;
-        - float tensor (N, C, H, W): already preprocessed model input, used as is.
+        A folder (each sub-folder a class, sorted by name; a flat folder gives unlabelled images),
+        an image file, a list of files, uint8 pixels (N, H, W[, C]) preprocessed like files, or a
+        float tensor (N, C, H, W) of model input used as is.
     labels : sequence of int, optional
         Labels for a list of paths or arrays, length N.
     label_names : sequence of str, optional
@@ -217,38 +206,29 @@ def image_set(
 
 
 def _folder(root: Path) -> ImageSet:
+    """The images under ``root`` (torchvision's `make_dataset`): one class per sub-folder, or unlabelled if flat."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if classes and loose:
         raise ValueError(
             f"image folder {root} mixes {len(loose)} top-level images ({', '.join(sorted(loose)[:3])}...) with class "
-            f"sub-folders ({', '.join(c.name for c in classes[:3])}); put every image in a class sub-folder, or "
-            "keep the folder flat"
+            f"sub-folders ({', '.join(classes[:3])}); put every image in a class sub-folder, or keep the folder flat"
         )
-    if classes:
-        ids, labels = [], []
-        for label, folder in enumerate(classes):
-            files = _image_files(folder)
-            ids += files
-            labels += [label] * len(files)
-        names = [folder.name for folder in classes]
-        labels = np.array(labels, dtype=np.int64)
-    else:
-        ids, names = _image_files(root), None
-        labels = np.full(len(ids), -1, dtype=np.int64)
-    if not ids:
+    class_to_idx = {name: label for label, name in enumerate(classes)} or {"": -1}  # "": the folder itself
+    samples = make_dataset(str(root), class_to_idx, is_valid_file=_is_image, allow_empty=True)
+    samples = sorted((label, str(Path(path))) for path, label in samples)  # by class, then path
+    if not samples:
         raise FileNotFoundError(
             f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...)"
         )
-    return ImageSet(ids, labels, names, str(root.resolve()))
+    labels = np.array([label for label, _ in samples], dtype=np.int64)
+    return ImageSet([path for _, path in samples], labels, classes or None, str(root.resolve()))
 
 
-def _image_files(folder: Path) -> list[str]:
-    return sorted(
-        str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+def _is_image(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(path)
 
 
 def _file_digest(path: str) -> bytes:

@@ -198,7 +198,7 @@ def load_model(
         checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()),
         pretrained=is_trained,
         weights_sha256=weights_sha256(module),
-        data_config=apply_preprocess(data_config(module), preprocess),
+        data_config=data_config(module, preprocess),
         layout=token_layout(module),
         preprocess=preprocess,
         seed=None if is_trained else seed,
@@ -241,39 +241,58 @@ def load_recorded_model(attrs: dict) -> LoadedModel:
     )
 
 
-def data_config(model: nn.Module) -> dict:
-    """timm's preprocessing for ``model``, with the input size the model was actually built for.
-
-    ``resolve_data_config`` reads the pretrained config, which keeps the default input size
-    when a model is created with another ``img_size``; the patch embedding knows the truth.
-    """
-    config = timm.data.resolve_data_config({}, model=model)
-    built = getattr(model.patch_embed, "img_size", None)
-    if built is not None:
-        config["input_size"] = (config["input_size"][0], *built)
-    return config
-
-
 # ---- image size and preprocessing -----------------------------------------------------------
 
 
-def parse_img_size(text: str | None) -> tuple[int, int] | None:
-    """Command-line ``N`` or ``H,W`` as (height, width) in pixels; None stays None.
+def data_config(model: nn.Module, preprocess: dict | None = None) -> dict:
+    """timm's data config for ``model`` at the input size it was built for, with preprocessing overrides.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A timm ViT; its patch embedding gives the input size.
+    preprocess : dict, optional
+        Overrides from `preprocess_overrides`, given to `timm.data.resolve_model_data_config` as
+        its keys (``resize`` as ``crop_pct`` with ``crop_mode="center"``).
+
+    Returns
+    -------
+    dict
+        The keyword arguments of `timm.data.create_transform`.
+
+    Raises
+    ------
+    ValueError
+        ``crop`` differs from the input size, or ``resize`` does not fit it.
+    """
+    preprocess = preprocess or {}
+    native = timm.data.resolve_model_data_config(model)
+    size = tuple(getattr(model.patch_embed, "img_size", None) or native["input_size"][1:])
+    args = {"input_size": (native["input_size"][0], *size)}
+    args.update({key: preprocess[key] for key in ("interpolation", "mean", "std") if key in preprocess})
+    if "crop" in preprocess and tuple(preprocess["crop"]) != size:
+        raise ValueError(f"preprocessing crop={_text(preprocess['crop'])} differs from the model's input size "
+                         f"{size[0]}x{size[1]}; the crop is the input size, so give one of them")
+    if "resize" in preprocess:
+        _check_resize(preprocess["resize"], size)
+        args.update(crop_pct=crop_pct(size[0], preprocess["resize"]), crop_mode="center")
+    return timm.data.resolve_model_data_config(model, args=args)
+
+
+def parse_img_size(value) -> tuple[int, int] | None:
+    """An input size (``N`` or ``H,W`` text, an int, or (height, width)) as (height, width) in pixels.
 
     Raises
     ------
     ValueError
         Not one or two positive integers.
     """
-    if text is None:
+    if value is None:
         return None
     try:
-        size = tuple(int(part) for part in str(text).split(","))
-    except ValueError:
-        size = ()
-    if len(size) not in (1, 2) or min(size) <= 0:
-        raise ValueError(f"--img-size must be N or H,W in pixels (positive integers), got {text!r}")
-    return (size[0], size[0]) if len(size) == 1 else size
+        return tuple(_size(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"--img-size must be N or H,W in pixels (positive integers), got {value!r}") from None
 
 
 def parse_timm_options(text: str | None) -> dict:
@@ -307,60 +326,50 @@ def parse_timm_options(text: str | None) -> dict:
 
 
 def parse_preprocess(text: str | None) -> dict:
-    """Command-line ``key=value,...`` overrides of the preprocessing, as a dict of raw values.
+    """Command-line ``key=value,...`` preprocessing overrides as raw values (checked by `preprocess_overrides`).
 
-    A value may itself hold commas (``mean=0.485,0.456,0.406``, ``crop=224,196``): a part
-    without ``=`` continues the previous key's value. Values are checked by
-    `preprocess_overrides`.
+    A part without ``=`` continues the previous key's value (``mean=0.485,0.456,0.406``).
 
     Raises
     ------
     ValueError
         A part before any ``key=``, or an empty value.
     """
-    overrides: dict[str, list[str]] = {}
-    key = None
-    for part in (text or "").split(","):
-        part = part.strip()
-        if "=" in part:
-            key, value = (s.strip() for s in part.split("=", 1))
-            overrides[key] = [value] if value else []
-        elif part and key is not None:
-            overrides[key].append(part)
-        elif part:
-            raise ValueError(f"--preprocess takes key=value pairs ({', '.join(PREPROCESS_KEYS)}), got {text!r}")
-    empty = [k for k, v in overrides.items() if not v]
+    overrides = {}
+    for part in re.split(r",(?=[^,]*=)", text or ""):
+        key, has_value, value = part.partition("=")
+        if not has_value:
+            if key.strip(", "):
+                raise ValueError(f"--preprocess takes key=value pairs ({', '.join(PREPROCESS_KEYS)}), got {text!r}")
+            continue
+        overrides[key.strip()] = [v.strip() for v in value.split(",") if v.strip()]
+    empty = [key for key, values in overrides.items() if not values]
     if empty:
         raise ValueError(f"--preprocess {empty[0]}= needs a value, got {text!r}")
-    return {k: v[0] if len(v) == 1 else v for k, v in overrides.items()}
+    return {key: values[0] if len(values) == 1 else values for key, values in overrides.items()}
 
 
 def preprocess_overrides(preset: str | None = None, overrides: dict | str | None = None) -> dict:
-    """The preprocessing overrides of a preset, with ``overrides`` on top, checked and typed.
+    """The overrides of a preset, with ``overrides`` on top, checked and typed.
 
     Parameters
     ----------
     preset : str, optional
-        A name in `PRESETS` (``"paper"``: Resize 256 bicubic, CenterCrop 224, ImageNet mean/std).
+        A name in `PRESETS`.
     overrides : dict or str, optional
-        Keys in `PREPROCESS_KEYS`, or command-line text for `parse_preprocess`:
-
-        - ``resize``: int, the shorter side the image is resized to before the centre crop
-          (at least the crop);
-        - ``crop``: int or (height, width), the centre crop, which is the model's input size;
-        - ``interpolation``: ``bilinear``, ``bicubic``, ``nearest``, ``lanczos``, ``box`` or ``hamming``;
-        - ``mean``, ``std``: three numbers (RGB), or a name in `STATISTICS`.
+        Keys in `PREPROCESS_KEYS` (or text for `parse_preprocess`): ``resize`` the shorter side
+        before the centre crop; ``crop`` N or (height, width), the input size; ``interpolation``
+        a timm name; ``mean``, ``std`` three numbers or a name in `STATISTICS`.
 
     Returns
     -------
     dict
-        Typed overrides: ``resize`` int, ``crop`` [height, width], ``interpolation`` str,
-        ``mean``/``std`` lists of three floats.
+        ``resize`` int, ``crop`` [height, width], ``interpolation`` str, ``mean``/``std`` three floats.
 
     Raises
     ------
     ValueError
-        Unknown preset, unknown key, or a value of the wrong kind.
+        Unknown preset or key, or a value of the wrong kind.
     """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preprocessing preset {preset!r}; presets: {', '.join(PRESETS)}")
@@ -371,68 +380,42 @@ def preprocess_overrides(preset: str | None = None, overrides: dict | str | None
         raise ValueError(f"unknown preprocessing key {unknown[0]!r}; keys: {', '.join(PREPROCESS_KEYS)}")
     checked = {}
     for key, value in merged.items():
+        check, kind = _PREPROCESS_CHECKS[key]
         try:
-            checked[key] = _PREPROCESS_CHECKS[key](value)
+            checked[key] = check(value)
         except (TypeError, ValueError, KeyError):
-            raise ValueError(f"preprocessing {key}={_text(value)} is not {_PREPROCESS_KINDS[key]}") from None
+            raise ValueError(f"preprocessing {key}={_text(value)} is not {kind}") from None
     if "resize" in checked and "crop" in checked:
-        height, width = checked["crop"]
-        if height != width:
-            raise ValueError(f"preprocessing resize= needs a square crop, got crop={height},{width}; drop resize= "
-                             "(the crop is then taken after timm's own resize)")
-        if checked["resize"] < height:
-            raise ValueError(f"preprocessing resize={checked['resize']} is smaller than crop={height}; the image "
-                             "is resized, then the centre crop taken, so resize must be at least the crop")
+        _check_resize(checked["resize"], checked["crop"])
     return checked
 
 
-def apply_preprocess(config: dict, preprocess: dict) -> dict:
-    """A timm data config with preprocessing overrides (from `preprocess_overrides`) applied.
-
-    ``resize`` becomes timm's ``crop_pct`` (crop / resize, so that timm resizes the shorter
-    side to exactly ``resize``); ``crop`` must equal the config's input size (the model is
-    built for it).
-
-    Raises
-    ------
-    ValueError
-        ``crop`` differs from the input size, or ``resize`` is smaller than a non-square input.
-    """
-    config = dict(config)
-    height, width = config["input_size"][1:]
-    if "crop" in preprocess and tuple(preprocess["crop"]) != (height, width):
-        raise ValueError(f"preprocessing crop={_text(preprocess['crop'])} differs from the model's input size "
-                         f"{height}x{width}; the crop is the input size, so give one of them")
-    if "resize" in preprocess:
-        if height != width:
-            raise ValueError(f"preprocessing resize= needs a square input, got {height}x{width}")
-        if preprocess["resize"] < height:
-            raise ValueError(f"preprocessing resize={preprocess['resize']} is smaller than the input size {height}")
-        config["crop_pct"] = crop_pct(height, preprocess["resize"])
-        config["crop_mode"] = "center"
-    for key in ("interpolation", "mean", "std"):
-        if key in preprocess:
-            config[key] = tuple(preprocess[key]) if key != "interpolation" else preprocess[key]
-    return config
-
-
 def crop_pct(crop: int, resize: int) -> float:
-    """timm's ``crop_pct`` for which ``create_transform`` resizes to exactly ``resize`` before
-    cropping ``crop``: timm takes ``floor(crop / crop_pct)``, so crop / resize is nudged down by
-    one float step where rounding would land just under ``resize``."""
+    """timm's ``crop_pct`` that resizes to exactly ``resize`` before cropping ``crop``.
+
+    timm resizes to ``floor(crop / crop_pct)``, so crop / resize is nudged down where rounding
+    would land one pixel short.
+    """
     pct = crop / resize
     while math.floor(crop / pct) < resize:
         pct = math.nextafter(pct, 0.0)
     return pct
 
 
+def _check_resize(resize: int, crop) -> None:
+    """Refuse a ``resize`` that timm's centre crop cannot take: a non-square crop, or one larger than ``resize``."""
+    if crop[0] != crop[1]:
+        raise ValueError(f"preprocessing resize= needs a square crop, got crop={_text(crop)}; drop resize= "
+                         "(the crop is then taken after timm's own resize)")
+    if resize < crop[0]:
+        raise ValueError(f"preprocessing resize={resize} is smaller than crop={crop[0]}; the image is resized, "
+                         "then the centre crop taken, so resize must be at least the crop")
+
+
 def _image_size(img_size, preprocess: dict) -> tuple[int, int] | None:
     """The (height, width) to build the model for: ``img_size``, else the crop of ``preprocess``."""
-    if img_size is not None:
-        img_size = (int(img_size), int(img_size)) if isinstance(img_size, (int, float)) else tuple(map(int, img_size))
-        if len(img_size) != 2 or min(img_size) <= 0:
-            raise ValueError(f"img_size must be N or (height, width) in pixels, got {img_size}")
-    crop = tuple(preprocess["crop"]) if "crop" in preprocess else None
+    img_size, crop = parse_img_size(img_size), preprocess.get("crop")
+    crop = None if crop is None else tuple(crop)
     if img_size is not None and crop is not None and img_size != crop:
         raise ValueError(f"--img-size {img_size[0]},{img_size[1]} differs from the preprocessing crop "
                          f"{crop[0]},{crop[1]}; the crop is the model's input size, so give one of them")
@@ -452,6 +435,22 @@ def _check_patch_grid(module: nn.Module, name: str) -> None:
         )
 
 
+def _positive_int(value) -> int:
+    number = float(value)
+    if not number.is_integer() or number <= 0:
+        raise ValueError
+    return int(number)
+
+
+def _size(value) -> list[int]:
+    """``N``, ``H,W``, a number or a sequence of one or two as [height, width]."""
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    sizes = [_positive_int(part) for part in parts]
+    if len(sizes) not in (1, 2):
+        raise ValueError
+    return sizes * (3 - len(sizes))
+
+
 def _statistics(index: int):
     def check(value):
         if isinstance(value, str) and value.lower() in STATISTICS:
@@ -463,32 +462,17 @@ def _statistics(index: int):
     return check
 
 
-def _positive_int(value) -> int:
-    if isinstance(value, (list, tuple)) or float(value) != int(float(value)) or int(float(value)) <= 0:
-        raise ValueError
-    return int(float(value))
-
-
-def _crop(value) -> list[int]:
-    values = [_positive_int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-    if len(values) not in (1, 2):
-        raise ValueError
-    return values * (3 - len(values))
-
-
 def _interpolation(value) -> str:
     str_to_interp_mode(value)  # KeyError for anything timm does not know
     return value
 
 
-_PREPROCESS_CHECKS = {"resize": _positive_int, "crop": _crop, "interpolation": _interpolation,
-                      "mean": _statistics(0), "std": _statistics(1)}
-_PREPROCESS_KINDS = {
-    "resize": "a positive integer (the shorter side, in pixels)",
-    "crop": "N or H,W in pixels",
-    "interpolation": "one of bilinear, bicubic, nearest, lanczos, box, hamming",
-    "mean": f"three numbers or one of {', '.join(STATISTICS)}",
-    "std": f"three positive numbers or one of {', '.join(STATISTICS)}",
+_PREPROCESS_CHECKS = {
+    "resize": (_positive_int, "a positive integer (the shorter side, in pixels)"),
+    "crop": (_size, "N or H,W in pixels"),
+    "interpolation": (_interpolation, "one of bilinear, bicubic, nearest, lanczos, box, hamming"),
+    "mean": (_statistics(0), f"three numbers or one of {', '.join(STATISTICS)}"),
+    "std": (_statistics(1), f"three positive numbers or one of {', '.join(STATISTICS)}"),
 }
 
 

@@ -64,3 +64,17 @@ def test_corrupt_image_is_skipped_listed_and_the_rest_recorded(tmp_path, photo_f
         tmp_path / "good.zarr", batch_size=4, progress=False,
     )
     np.testing.assert_allclose(dataset["hidden"].values, good["hidden"].values, rtol=1e-5, atol=1e-5)
+
+
+def test_folder_order_hidden_and_empty_classes(tmp_path):
+    """Classes by name (hidden folders skipped, empty ones kept as names), images by path within a class."""
+    from PIL import Image
+
+    for name in ["b/x.png", "b/a0.png", "b/a/z.png", "a/y.png", ".cache/q.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (40, 80, 120)).save(tmp_path / name)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "c").mkdir()
+    images = dynamo.image_set(tmp_path)
+    assert images.ids == [str(tmp_path / name) for name in ["a/y.png", "b/a/z.png", "b/a0.png", "b/x.png"]]
+    assert images.labels.tolist() == [0, 1, 1, 1] and images.label_names == ["a", "b", "c"]

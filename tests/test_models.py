@@ -99,3 +99,35 @@ def test_offline_hub_fails_fast_and_says_what_to_do(monkeypatch, tmp_path):
     with pytest.raises(dynamo.ModelLoadError, match="--checkpoint.*dynamo-zoo/"):
         dynamo.load_model("vit_tiny_patch16_224", pretrained=True)
     assert time.perf_counter() - started < 15
+
+
+@pytest.mark.parametrize(("model", "preset", "text", "img_size", "resize", "crop", "mode", "mean", "std"), [
+    ("vit_tiny_patch16_224", "paper", None, None, 256, 224, "BICUBIC", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("vit_tiny_patch16_224", None, "resize=64,crop=48,interpolation=bilinear,mean=0.5,0.4,0.3,std=0.2,0.25,0.3", None,
+     64, 48, "BILINEAR", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+    ("vit_tiny_patch16_224", "paper", "resize=59,crop=48,interpolation=lanczos,mean=clip,std=inception", None,
+     59, 48, "LANCZOS", (0.48145466, 0.4578275, 0.40821073), (0.5, 0.5, 0.5)),
+    ("vit_tiny_patch16_224", None, None, "48", 53, 48, "BICUBIC", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # its crop_pct 0.9
+    (dynamo.zoo.DEFAULT_MODEL, None, "resize=40,interpolation=bilinear", None, 40, 32, "BILINEAR", None, None),
+])
+def test_preprocessing_is_the_transform_torchvision_builds(model, preset, text, img_size, resize, crop, mode, mean, std):
+    """timm's transform from dynamo's data config equals an independent Resize, CenterCrop, Normalize, bit for bit."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    options = {"pretrained": False, "depth": 1} if model.startswith("vit_") else {}
+    preprocess = dynamo.models.preprocess_overrides(preset, text) if preset or text else None
+    loaded = dynamo.load_model(model, img_size=dynamo.models.parse_img_size(img_size), preprocess=preprocess, **options)
+    if mean is None:  # the zoo model's own statistics
+        mean, std = loaded.module.pretrained_cfg["mean"], loaded.module.pretrained_cfg["std"]
+    expected = transforms.Compose([
+        transforms.Resize(resize, interpolation=getattr(transforms.InterpolationMode, mode)), transforms.CenterCrop(crop),
+        transforms.ToTensor(), transforms.Normalize(mean, std),
+    ])
+    photos = [Image.open(path).convert("RGB") for path in sorted(dynamo.zoo.natural_images().glob("*.png"))[:3]]
+    photos += [photos[0].crop((0, 0, 40, 64)), photos[1].crop((0, 5, 64, 50)),
+               Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8))]
+    built = timm.data.create_transform(**loaded.data_config)  # as dynamo.record builds it
+    for photo in photos:
+        assert torch.equal(built(photo), expected(photo))
