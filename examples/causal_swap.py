@@ -113,7 +113,7 @@ def draw(rows: list[dict], summary: dict, path: Path) -> None:
     family = [row for row in rows if row["role"] == "family"]
     series = sorted((row for row in rows if row["role"] == "series"), key=lambda row: row["epoch"])
     untrained = [row for row in rows if row["role"] == "untrained"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [2.2, 1]}, layout="constrained")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [2, 1.1]}, layout="constrained")
     shown = family + untrained
     for position, row in enumerate(shown):
         null = np.asarray(row["null_values"])
@@ -140,8 +140,8 @@ def draw(rows: list[dict], summary: dict, path: Path) -> None:
     right.set_xticks(epochs, [f"{e:g}" for e in epochs])
     right.minorticks_off()
     trend = summary["series_excess_vs_epoch"]
-    right.set_title(f"Over-training series: ONE run, {trend['n']} checkpoints\nexcess vs epoch: Spearman ρ = {trend['rho']:+.2f}, "
-                    f"{trend['p_method'].split(' (')[0]} p = {trend['p_value']:.3g}", fontsize=9)
+    right.set_title(f"Over-training series: ONE run, {trend['n']} checkpoints (a within-run trend)\nexcess vs epoch: "
+                    f"Spearman ρ = {trend['rho']:+.2f},\n{trend['p_method'].split(' (')[0]} p = {trend['p_value']:.3g}", fontsize=9)
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     figure.savefig(path, dpi=110)
