@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 import numpy as np
@@ -36,6 +37,11 @@ def test_report_files_exist_and_the_page_embeds_every_figure(default_profile):
     assert page.count("data:image/png;base64,") == len(figures)
     assert summary["model"] == zoo.DEFAULT_MODEL and summary["n_images"] == 40
     assert summary["weights_sha256"] in page and "Provenance" in page
+    # the gradient null is on by default, and the page and the terminal say in words what it concludes
+    conclusion = summary["phases"]["gradient_null_conclusion"]
+    assert "exceed a smooth depth gradient" in conclusion and html.escape(conclusion) in page and conclusion in summary["text"]
+    assert summary["phases"]["gradient_null_exceeds"] == (summary["phases"]["gradient_null_p_value"] < 0.05
+                                                          and summary["phases"]["gradient_null_effect"] > 0)
 
 
 def test_summary_numbers_agree_with_the_analyses_called_directly(default_profile):
