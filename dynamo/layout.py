@@ -144,6 +144,38 @@ def default_tokens(ds, tokens: str | None = None) -> str:
     return PAPER_TOKENS if has_cls else CLS_LESS_TOKENS
 
 
+POOLING_WORDS = {
+    "map": "it pools by attention (map), whose pooled token is computed from the last layer only and is not a "
+           "token of the residual stream",
+    "avg": "it pools by averaging its patch tokens (avg)",
+}
+"""Why the patch mean stands for a cls-less model's readout, by its timm ``global_pool``."""
+
+
+def describe_tokens(ds, tokens: str) -> str:
+    """A token view in words, with the reason it is the model's default where it is.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A trajectory dataset (its ``has_cls``, ``global_pool`` and ``timm_options`` attrs).
+    tokens : str
+        The view read (`default_tokens`).
+
+    Returns
+    -------
+    str
+        ``tokens`` followed by its reason in parentheses.
+    """
+    if tokens != default_tokens(ds):
+        return f"{tokens} (chosen with --tokens)"
+    if tokens == PAPER_TOKENS:
+        return f"{tokens} (the paper's [cls, patch mean])"
+    pool = ds.attrs.get("global_pool") or (ds.attrs.get("timm_options") or {}).get("global_pool")
+    reason = f"; {POOLING_WORDS[pool]}" if pool in POOLING_WORDS else ""
+    return f"{tokens} (the model has no cls token{reason})"
+
+
 def token_groups(token_kind, *, pooled: bool = False) -> dict[str, np.ndarray]:
     """Positions along ``token`` of each token kind present, in `TOKEN_KINDS` order.
 

@@ -317,6 +317,7 @@ def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int
         "format": stores.FORMAT,
         **jsonable(rebuild_attrs(loaded)),
         "architecture": type(module).__name__,
+        "global_pool": module.global_pool if isinstance(getattr(module, "global_pool", None), str) else None,
         "num_blocks": loaded.num_blocks,
         "embed_dim": width,
         "patch_size": list(module.patch_embed.patch_size),

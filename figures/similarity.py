@@ -103,13 +103,15 @@ def similarity_heatmap(
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
                         color="black" if value > middle else "white")
     named = _named_partitions(partitions)
+    drawn = False  # a partition of one phase draws no line, so has no legend entry
     for order, ((name, partition), color) in enumerate(zip(named.items(), BOUNDARY_COLORS)):
         width = 1.6 + 1.6 * (len(named) - 1 - order)  # earlier partitions wider, so shared lines show both
         positions = np.searchsorted(layers, Partition(partition).boundaries) + 0.5
         for number, position in enumerate(positions):
             ax.axvline(position, color=color, linestyle="--", linewidth=width, label=name if number == 0 else None)
             ax.axhline(position, color=color, linestyle="--", linewidth=width)
-    if len(named) > 1 or (named and next(iter(named)) != ""):
+            drawn = True
+    if drawn and (len(named) > 1 or (named and next(iter(named)) != "")):
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(named), fontsize=8, frameon=False)
     description = shown.attrs.get("description", shown.name)
     if title is None:

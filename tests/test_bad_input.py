@@ -277,6 +277,33 @@ def test_a_second_ladder_into_the_same_out_is_refused_while_the_first_runs(store
     assert code == 0 and (out / "ladder.csv").exists()
 
 
+def test_ladder_called_from_python_takes_the_writer_lock_itself(store, tmp_path):
+    from dynamo.pipeline.ladder import ladder
+    from dynamo.store import StoreBusyError, writer_lock
+    out = tmp_path / "ladder"
+    with writer_lock(out), pytest.raises(StoreBusyError, match="another process is writing"):
+        ladder(store, out, ks=[1], surrogates=["identity"], n_bootstrap=10, loop_scales=[1.0], progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--directions", "0", "--directions: must be at least 1, got 0"),
+    ("--singular-values", "0", "--singular-values: must be at least 1, got 0"),
+    ("--swap-width", "-1", "--swap-width: must be at least 1, got -1"),
+    ("--jacobian-images", "0", "--jacobian-images: must be at least 1"),
+    ("--perturbation-images", "0", "--perturbation-images: must be at least 1"),
+    ("--swap-images", "0", "--swap-images: must be at least 1"),
+    ("--bootstrap", "-1", "--bootstrap: must be at least 0"),
+    ("--tokens-per-image", "-2", "--tokens-per-image: must be at least 0"),
+    ("--alphas", "0,0.1", "--alphas: expected comma-separated finite numbers above 0"),
+    ("--alphas", "nan", "--alphas: expected comma-separated finite numbers above 0, got 'nan'"),
+    ("--directions", "two", "--directions: expected an integer, got 'two'"),
+])
+def test_analysis_options_are_checked_when_parsed(flag, value, message, capsys):
+    code, err = run(["analyze", "STORE", "--out", "O", flag, value], capsys)
+    assert code == 2 and message in err
+
+
 def test_the_installed_script_prints_one_line_as_a_user_types_it(store, tmp_path):
     import os
     import subprocess

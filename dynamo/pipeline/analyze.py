@@ -124,7 +124,9 @@ def analyze(
     started = time.perf_counter()
     partition = store_partition(ds, boundaries, phase_method)
     loaded = live_model(ds, model, checkpoint, img_size, device) if any(ANALYSES[name].needs_model for name in names) else None
-    linear_head = _accuracy_head(ds, model, checkpoint, img_size, device, loaded, head, seed, progress)
+    scores = any(ANALYSES[name].uses_head for name in names)  # a probe is fitted only for analyses that score with it
+    linear_head = (_accuracy_head(ds, model, checkpoint, img_size, device, loaded, head, seed, progress)
+                   if scores or head is not None else None)
     settings = {**options_for(names, options), "seed": seed, "device": device, "progress": progress, "head": linear_head}
     summary = {
         "store": str(store),

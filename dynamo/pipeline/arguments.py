@@ -55,6 +55,22 @@ def boundary_list(text: str) -> list[int]:
     return [] if text.strip().lower() == "none" else int_list(text)
 
 
+def positive_int_list(text: str) -> list[int]:
+    """Command-line ``1,2,3``: integers, each at least 1 (numbers of phases, blocks)."""
+    values = int_list(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 1, got {text!r}")
+    return values
+
+
+def positive_float_list(text: str) -> list[float]:
+    """Command-line ``0.5,1,2``: finite numbers, each above 0 (scales)."""
+    values = float_list(text)
+    if not values or not all(math.isfinite(value) and value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers above 0, got {text!r}")
+    return values
+
+
 def positive_int(text: str) -> int:
     """A command-line count that must be at least 1."""
     return _bounded(text, int, 1)
@@ -121,25 +137,25 @@ ANALYSIS_OPTIONS: dict[str, tuple[Option, ...]] = {
     "basins": (),
     "tokens": (),
     "rank": (
-        Option("n_bootstrap", 100, "bootstrap resamples of the images for error bars", int, flag="--bootstrap"),
+        Option("n_bootstrap", 100, "bootstrap resamples of the images for error bars", nonnegative_int, flag="--bootstrap"),
         Option("tokens_per_image", 64,
-               "rank: at most N tokens of a kind per image (a seeded subset of kinds with more; 0 for all)", int),
+               "rank: at most N tokens of a kind per image (a seeded subset of kinds with more; 0 for all)", nonnegative_int),
     ),
     "perturbation": (
-        Option("alphas", [0.01, 0.05, 0.1, 0.2], "perturbation: relative sizes", float_list),
+        Option("alphas", [0.01, 0.05, 0.1, 0.2], "perturbation: relative sizes", positive_float_list),
         Option("starts", None, "perturbation: injection layers (default all but the last)", int_list),
-        Option("directions", 2, "perturbation: random draws and principal directions each", int),
-        Option("perturbation_images", None, "perturbation: N images evenly spaced through the store (default all)", int),
+        Option("directions", 2, "perturbation: random draws and principal directions each", positive_int),
+        Option("perturbation_images", None, "perturbation: N images evenly spaced through the store (default all)", positive_int),
         Option("surrogate", None, "perturbation: also run through a saved Raptor fit (folder of `dynamo fit`)", str),
     ),
     "jacobian": (
-        Option("singular_values", 4, "jacobian: singular values per block", int),
+        Option("singular_values", 4, "jacobian: singular values per block", positive_int),
         Option("composed", False, "jacobian: also the map from every layer to the last", bool),
-        Option("jacobian_images", 32, "jacobian: N images evenly spaced through the store", int),
+        Option("jacobian_images", 32, "jacobian: N images evenly spaced through the store", positive_int),
     ),
     "swap": (
-        Option("swap_width", 1, "swap: consecutive layers replaced", int),
-        Option("swap_images", None, "swap: N images evenly spaced through the store (default all)", int),
+        Option("swap_width", 1, "swap: consecutive layers replaced", positive_int),
+        Option("swap_images", None, "swap: N images evenly spaced through the store (default all)", positive_int),
     ),
 }
 
@@ -162,19 +178,3 @@ def timm_options(text: str) -> dict:
         return parse_timm_options(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def positive_int_list(text: str) -> list[int]:
-    """Command-line ``1,2,3``: integers, each at least 1 (numbers of phases, blocks)."""
-    values = int_list(text)
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 1, got {text!r}")
-    return values
-
-
-def positive_float_list(text: str) -> list[float]:
-    """Command-line ``0.5,1,2``: finite numbers, each above 0 (scales)."""
-    values = float_list(text)
-    if not values or not all(math.isfinite(value) and value > 0 for value in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers above 0, got {text!r}")
-    return values

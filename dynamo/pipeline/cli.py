@@ -13,7 +13,6 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from dynamo.pipeline.arguments import (
     ANALYSIS_OPTIONS,
@@ -553,11 +552,8 @@ def _concepts(args) -> dict:
 
 def _ladder(args) -> dict:
     from dynamo.pipeline.ladder import ladder
-    from dynamo.store import check_output, writer_lock
 
-    Path(check_output(args.out, inputs=[args.store])).parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(args.out):  # one ladder per --out: a second would train the same rungs into the same files
-        return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
+    return ladder(args.store, args.out, ks=args.k, surrogates=args.surrogates, loop_scales=args.loop_scales,
                   n_bootstrap=args.bootstrap, head=args.head, raptor_init=args.raptor_init, tokens=args.tokens, seed=args.seed, device=args.device,
                   progress=not args.quiet, command=" ".join(sys.argv), steps=args.steps,
                   stage2_steps=args.stage2_steps, patience=args.patience, batch_size=args.batch_size, lr=args.lr,

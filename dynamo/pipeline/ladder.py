@@ -33,7 +33,7 @@ from dynamo.layout import default_tokens
 from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
-from dynamo.store import check_output, open_trajectories, require_contents, save_result
+from dynamo.store import check_output, open_trajectories, require_contents, save_result, writer_lock
 from dynamo.surrogates import (
     SURROGATES,
     LinearFitter,
@@ -207,69 +207,71 @@ def ladder(
     if unknown:
         raise ValueError(f"unknown surrogates {sorted(unknown)}; choose among {', '.join((*RUNGS, CEILING))}")
     out = check_output(out, inputs=[store])
-    ds = open_trajectories(store)
-    names = [name for name in (*RUNGS, CEILING) if name in surrogates]
-    require_contents(ds, f"the ladder's rungs {', '.join(names)} (each is scored layer by layer from layer 0, and through "
-                     "the teacher's head on every token)")
-    out.mkdir(parents=True, exist_ok=True)
-    num_blocks = int(ds.attrs["num_blocks"])
-    ks = [int(k) for k in ks]
-    if any(not 1 <= k <= num_blocks for k in ks):
-        raise ValueError(f"--k values must be between 1 and the {num_blocks} blocks of {ds.attrs.get('model')}, got {ks}")
-    teacher = resolve_teacher(ds.attrs, None)
-    linear_head = resolve_head(ds, teacher, head, seed=seed)
-    tokens = default_tokens(ds, tokens)
-    training, held_out = split_images(ds["image"].values, 0.2, seed)
-    chosen = {k: default_partition(ds, k, images=np.flatnonzero(np.isin(ds["image"].values, training)), tokens=tokens)
-              for k in ks}
-    partitions, sources = {k: chosen[k][0] for k in ks}, {k: chosen[k][1] for k in ks}
-    scoring = ds.isel(image=np.flatnonzero(np.isin(ds["image"].values, held_out)))
-    if scoring["hidden"].nbytes <= IN_MEMORY_BYTES:
-        scoring = scoring.load()
-    moments, moment_seconds = _timed(lambda: transition_moments(ds, training, device=device, progress=progress)) \
-        if {"linear", "dmd", CEILING} & set(surrogates) else (None, None)
-    rows, reports = [], {}
-    names = [name for name in (*RUNGS, CEILING) if name in surrogates]
-    jobs = [(name, k) for name in names if name != CEILING for k in ks] + ([(CEILING, None)] if CEILING in names else [])
-    starts = {}  # k -> the teacher-block rung's blocks, Raptor's starting point when raptor_init is teacher-block
-    for name, k in jobs:
-        params = raptor_params
-        if name == "raptor" and raptor_init == "teacher-block":
-            if k not in starts:
-                starts[k] = _fit_rung("teacher-block", k, partitions, ds, teacher, linear_head, moments, out, seed,
-                                      device, progress, raptor_params).blocks_
-            params = {**teacher_mlp(teacher.module.blocks[0]), **_given(raptor_params), "init": starts[k]}
-        fitter, seconds = _timed(lambda: _fit_rung(name, k, partitions, ds, teacher, linear_head, moments, out, seed,
-                                                   device, progress, params))
-        if name == "teacher-block":
-            starts[k] = fitter.blocks_
-        report = fitter.evaluate(scoring)
-        errors = epsilon(fitter.model_, scoring, n_bootstrap=n_bootstrap, seed=seed)
-        loops = loop_count(fitter.model_, scoring, loop_scales) if name not in ("identity", CEILING) else None
-        for key in ks if k is None else [k]:
-            reports[name, key] = (report, errors, loops)
-            rows.append(_row(name, key, partitions[key] if k is not None else fitter.partition_, report, errors, seconds, fitter))
-    result = _result(ds, reports, names, ks, partitions, loop_scales)
-    save_result(result, out / "ladder.zarr", inputs=[store])
-    paths = _write_table(rows, out)
-    figures = {"ladder": plot_ladder(result), "ladder_layers": plot_ladder_layers(result)}
-    if "raptor" in names:
-        figures["loop_count"] = plot_loop_count(result, "raptor")
-    paths.update({name: str(path) for name, path in save_figures(figures, out).items()})
-    seconds = round(time.perf_counter() - started, 2)
-    summary = jsonable({"store": str(store), "out": str(out), "model": ds.attrs.get("model"), "ks": ks, "tokens": tokens,
-                        "partitions": {str(k): partitions[k] for k in ks},
-                        "partition_sources": {str(k): sources[k] for k in ks}, "n_images": int(scoring.sizes["image"]),
-                        "accuracy_teacher": result.attrs.get("accuracy_teacher"), "table": rows,
-                        "moments_seconds": None if moments is None else {key: round(value, 2) for key, value in moment_seconds.items()},
-                        "files": paths, "seconds": seconds})
-    section = ladder_section(summary)
-    paths["html"] = str(write_report(out / "ladder.html", f"{summary['model']}: a ladder of surrogates",
-                                     f"{summary['n_images']} held-out images; k = {', '.join(map(str, ks))}; {seconds:.0f} s.",
-                                     [section], _provenance(ds, store, command)))
-    summary["files"] = paths
-    summary["text"] = _text(summary)
-    return summary
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out):  # one ladder per out: a second would train the same rungs into the same files
+        ds = open_trajectories(store)
+        names = [name for name in (*RUNGS, CEILING) if name in surrogates]
+        require_contents(ds, f"the ladder's rungs {', '.join(names)} (each is scored layer by layer from layer 0, and through "
+                         "the teacher's head on every token)")
+        out.mkdir(parents=True, exist_ok=True)
+        num_blocks = int(ds.attrs["num_blocks"])
+        ks = [int(k) for k in ks]
+        if any(not 1 <= k <= num_blocks for k in ks):
+            raise ValueError(f"--k values must be between 1 and the {num_blocks} blocks of {ds.attrs.get('model')}, got {ks}")
+        teacher = resolve_teacher(ds.attrs, None)
+        linear_head = resolve_head(ds, teacher, head, seed=seed)
+        tokens = default_tokens(ds, tokens)
+        training, held_out = split_images(ds["image"].values, 0.2, seed)
+        chosen = {k: default_partition(ds, k, images=np.flatnonzero(np.isin(ds["image"].values, training)), tokens=tokens)
+                  for k in ks}
+        partitions, sources = {k: chosen[k][0] for k in ks}, {k: chosen[k][1] for k in ks}
+        scoring = ds.isel(image=np.flatnonzero(np.isin(ds["image"].values, held_out)))
+        if scoring["hidden"].nbytes <= IN_MEMORY_BYTES:
+            scoring = scoring.load()
+        moments, moment_seconds = _timed(lambda: transition_moments(ds, training, device=device, progress=progress)) \
+            if {"linear", "dmd", CEILING} & set(surrogates) else (None, None)
+        rows, reports = [], {}
+        names = [name for name in (*RUNGS, CEILING) if name in surrogates]
+        jobs = [(name, k) for name in names if name != CEILING for k in ks] + ([(CEILING, None)] if CEILING in names else [])
+        starts = {}  # k -> the teacher-block rung's blocks, Raptor's starting point when raptor_init is teacher-block
+        for name, k in jobs:
+            params = raptor_params
+            if name == "raptor" and raptor_init == "teacher-block":
+                if k not in starts:
+                    starts[k] = _fit_rung("teacher-block", k, partitions, ds, teacher, linear_head, moments, out, seed,
+                                          device, progress, raptor_params).blocks_
+                params = {**teacher_mlp(teacher.module.blocks[0]), **_given(raptor_params), "init": starts[k]}
+            fitter, seconds = _timed(lambda: _fit_rung(name, k, partitions, ds, teacher, linear_head, moments, out, seed,
+                                                       device, progress, params))
+            if name == "teacher-block":
+                starts[k] = fitter.blocks_
+            report = fitter.evaluate(scoring)
+            errors = epsilon(fitter.model_, scoring, n_bootstrap=n_bootstrap, seed=seed)
+            loops = loop_count(fitter.model_, scoring, loop_scales) if name not in ("identity", CEILING) else None
+            for key in ks if k is None else [k]:
+                reports[name, key] = (report, errors, loops)
+                rows.append(_row(name, key, partitions[key] if k is not None else fitter.partition_, report, errors, seconds, fitter))
+        result = _result(ds, reports, names, ks, partitions, loop_scales)
+        save_result(result, out / "ladder.zarr", inputs=[store])
+        paths = _write_table(rows, out)
+        figures = {"ladder": plot_ladder(result), "ladder_layers": plot_ladder_layers(result)}
+        if "raptor" in names:
+            figures["loop_count"] = plot_loop_count(result, "raptor")
+        paths.update({name: str(path) for name, path in save_figures(figures, out).items()})
+        seconds = round(time.perf_counter() - started, 2)
+        summary = jsonable({"store": str(store), "out": str(out), "model": ds.attrs.get("model"), "ks": ks, "tokens": tokens,
+                            "partitions": {str(k): partitions[k] for k in ks},
+                            "partition_sources": {str(k): sources[k] for k in ks}, "n_images": int(scoring.sizes["image"]),
+                            "accuracy_teacher": result.attrs.get("accuracy_teacher"), "table": rows,
+                            "moments_seconds": None if moments is None else {key: round(value, 2) for key, value in moment_seconds.items()},
+                            "files": paths, "seconds": seconds})
+        section = ladder_section(summary)
+        paths["html"] = str(write_report(out / "ladder.html", f"{summary['model']}: a ladder of surrogates",
+                                         f"{summary['n_images']} held-out images; k = {', '.join(map(str, ks))}; {seconds:.0f} s.",
+                                         [section], _provenance(ds, store, command)))
+        summary["files"] = paths
+        summary["text"] = _text(summary)
+        return summary
 
 
 def _progress(name: str, progress: bool) -> dict:

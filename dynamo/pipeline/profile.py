@@ -34,7 +34,7 @@ from pathlib import Path
 
 from dynamo import zoo
 from dynamo.images import image_set
-from dynamo.layout import CLS_LESS_TOKENS, PAPER_TOKENS, default_tokens
+from dynamo.layout import default_tokens, describe_tokens
 from dynamo.models import LoadedModel, load_model
 from analyses import concepts as concept_analysis
 from dynamo.pipeline.analyze import analyze
@@ -276,6 +276,7 @@ def profile_store(
         "n_images": identity["n_images"],
         "layers": int(dataset.sizes["layer"]),
         "tokens": tokens,
+        "token_view": describe_tokens(dataset, tokens),
         "store": str(store),
         "partition": phases["partition"],
         "boundaries": phases["boundaries"],
@@ -356,8 +357,8 @@ def _report(out: Path, summary: dict) -> None:
     sections = [
         Section(
             "Phases of depth",
-            f"Layer x layer dissimilarity: mean over images of mean over the token view {summary['tokens']} of "
-            f"1 - cos ({_view_words(summary['tokens'])}), with the phase partition drawn; boundary frequency "
+            f"Layer x layer dissimilarity: mean over images of mean over the token view {summary['token_view']} of "
+            "1 - cos, with the phase partition drawn; boundary frequency "
             "is how often each boundary appears when the images are resampled (bootstrap). Against a "
             "smooth gradient (the matrix's diagonal average, max-cut re-run on it): "
             + phases.get("gradient_null_conclusion", "not tested") + ".",
@@ -393,19 +394,10 @@ def _report(out: Path, summary: dict) -> None:
     )
 
 
-def _view_words(tokens: str) -> str:
-    """Whose token view the phases read, in words."""
-    if tokens == PAPER_TOKENS:
-        return "the paper's [cls, patch mean]"
-    if tokens == CLS_LESS_TOKENS:
-        return "the model has no cls token: the patch mean, the default view of such models"
-    return "a view chosen with --tokens"
-
-
 def _text(summary: dict, out: Path) -> str:
     lines = [
         f"{summary['model']}: {summary['n_images']} images, {summary['layers']} layers",
-        f"phases ({summary['phases']['method']}, token view {summary['tokens']}): {format_value(summary['partition'])}; "
+        f"phases ({summary['phases']['method']}, token view {summary['token_view']}): {format_value(summary['partition'])}; "
         f"boundaries after layers {summary['boundaries']}",
         *([f"against a smooth gradient: {summary['phases']['gradient_null_conclusion']}"]
           if "gradient_null_conclusion" in summary["phases"] else []),

@@ -65,6 +65,8 @@ class Analysis:
     figures : tuple of FigureSpec
     needs_model : bool
         The analysis runs the model (perturbations, Jacobians, layer swaps).
+    uses_head : bool
+        The analysis scores accuracies (so `dynamo analyze` resolves the head, or fits a probe, for it).
     options : tuple of Option
     accumulate : callable, optional
         ``accumulate(ds, options) -> analyses.streaming.Accumulator``: the analysis' share of the
@@ -76,6 +78,7 @@ class Analysis:
     run: Callable[..., xr.Dataset]
     figures: tuple[FigureSpec, ...]
     needs_model: bool = False
+    uses_head: bool = False
     options: tuple[Option, ...] = field(default_factory=tuple)
     accumulate: Callable[..., Accumulator] | None = None
 
@@ -146,7 +149,7 @@ def _run_swap(ds, model, partition, options) -> xr.Dataset:
 
 ANALYSES: dict[str, Analysis] = {
     "basins": Analysis(
-        module=basins, **_streamed(_accumulate_basins), options=ANALYSIS_OPTIONS["basins"],
+        module=basins, **_streamed(_accumulate_basins), options=ANALYSIS_OPTIONS["basins"], uses_head=True,
         figures=(
             FigureSpec("convergence", basins_figures.plot_convergence,
                        "γ, the cosine of each token to its own final direction, per layer and token kind (10-90% bands over images)."),
@@ -186,7 +189,7 @@ ANALYSES: dict[str, Analysis] = {
         options=ANALYSIS_OPTIONS["jacobian"],
     ),
     "swap": Analysis(
-        module=swap, run=_run_swap, needs_model=True,
+        module=swap, run=_run_swap, needs_model=True, uses_head=True,
         figures=(FigureSpec("accuracy", swap_figures.plot_layer_swap,
                             "Accuracy and last-layer R² when block j runs in layer i's place, within and across phases."),),
         options=ANALYSIS_OPTIONS["swap"],
