@@ -1,8 +1,4 @@
-"""Command-line argument types and the analyses' typed options, importable without torch or xarray.
-
-The option defaults are literals so that ``dynamo --help`` answers at once; a test holds each one
-equal to the default of the analysis function it feeds.
-"""
+"""Command-line argument types and the analyses' typed options, importable without torch or xarray."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""Surrogates of a ViT's L blocks: one `SurrogateFitter` base, the closed-form and teacher-block rungs, Raptor.
-
-- `base`: `SurrogateFitter` (fit, transform, predict, evaluate, score, save, load), the split, the teacher;
-- `recurrence`: `PhaseRecurrence`, the router and rollout every surrogate model shares;
-- `evaluate`: R² per layer and token kind, accuracies;
-- `rungs`: identity, linear, DMD and teacher-block;
-- `raptor`: k trained recurrent blocks;
-- `measures`: ε of the ε-BRH and the loop count.
+"""Surrogates of a ViT's L blocks: one `SurrogateFitter` base (`base`), the shared recurrence, evaluation,
+the closed-form and teacher-block rungs, Raptor, and the ε and loop-count measures.
 """
 
 from dynamo.surrogates.base import FITTERS, SurrogateFitter, split_images
