@@ -26,14 +26,9 @@ class CaptureError(RuntimeError):
 class CapturedBatch:
     """One batch's arrays on the host, possibly still arriving from the device.
 
-    Attributes
-    ----------
-    hidden : list of (B, tokens, D) arrays, one per kept layer, in the storage dtype (empty for summaries only).
-    summaries : dict of (B, layers, D) float32 arrays.
-    logits : (B, C) float32 array or None.
-    peak : (B, layers) float32: the largest |value| of each image's states per kept layer, before the storage cast.
-    status : (B,) int8, recorded or unreadable.
-    ready : CUDA event recorded after the batch's last copy, or None on the CPU.
+    ``hidden``: (B, tokens, D) per kept layer in the storage dtype (empty for summaries only); ``summaries``: (B, layers, D)
+    float32; ``logits``: (B, C) or None; ``peak``: (B, layers) largest |value| before the storage cast; ``status``:
+    (B,) int8; ``ready``: the CUDA event after the last copy, or None on the CPU.
     """
 
     hidden: list
@@ -77,14 +72,8 @@ class CapturedBatch:
 class Capture:
     """Hooks that record one batch per `run` into host arrays for the store.
 
-    Parameters
-    ----------
-    tokens : numpy.ndarray
-        Token positions kept in ``hidden``.
-    keep_hidden : bool
-        Bring the states to the host; False records only the reduced views and logits.
-    slots : int
-        Pinned host buffers in the pool (CUDA only): the recorder's ``writers + 1``.
+    ``tokens`` are the positions kept in ``hidden``; ``keep_hidden=False`` records only reduced views and logits;
+    ``slots`` pinned host buffers (CUDA only) make the pool, the recorder's ``writers + 1``.
     """
 
     def __init__(self, loaded: LoadedModel, layers, tokens, dtype: str, device, *, keep_hidden=True, autocast=None, slots=3):

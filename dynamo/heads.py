@@ -21,19 +21,8 @@ from dynamo.layout import token_layout
 from dynamo.models import LoadedModel, unreadable_reason
 from dynamo.progress import progress_bar
 
-__all__ = [
-    "HEAD_KINDS",
-    "NO_HEAD",
-    "NO_LABELS",
-    "LinearHead",
-    "NoHeadError",
-    "has_classifier",
-    "model_head_attrs",
-    "resolve_head",
-    "scored",
-    "store_accuracy",
-    "store_labels",
-]
+__all__ = ["HEAD_KINDS", "NO_HEAD", "NO_LABELS", "LinearHead", "NoHeadError", "has_classifier", "model_head_attrs", "resolve_head",
+           "scored", "store_accuracy", "store_labels"]
 
 HEAD_KINDS = ("model", "probe")
 NO_HEAD = ("no accuracy: {model} has no classifier head (timm num_classes=0) and no probe was given; fit one on "
@@ -58,14 +47,8 @@ def model_head_attrs(name: str, num_classes: int) -> dict:
 class LinearHead:
     """A linear head on ``[cls ‖ patch mean]`` of the last layer after the model's final norm (registers left out).
 
-    Parameters
-    ----------
-    model : LoadedModel or torch.nn.Module
-        The timm ViT whose final norm and token layout the head reads (not modified).
-    train_fraction : float
-        Share of a store's images `fit` trains on (a stratified split); the rest are scored.
-    max_iter : int
-        Iterations of scikit-learn's `LogisticRegression` (lbfgs).
+    ``train_fraction`` of a store's images (a stratified split) train it in `fit` (``max_iter`` lbfgs iterations of
+    scikit-learn's `LogisticRegression`); the rest are scored.
 
     Attributes
     ----------
@@ -73,10 +56,8 @@ class LinearHead:
         (C, F) with F = (1 + has cls) * D, and (C,).
     classes_ : numpy.ndarray
         (C,) the label of each output (``arange(C)`` for a loaded file).
-    train_images_ : numpy.ndarray
-        ``image`` coordinate values the head was fitted on (empty for a loaded file).
-    source_ : str
-        Where the head came from, in words.
+    train_images_, source_
+        ``image`` values the head was fitted on (empty for a loaded file); where it came from, in words.
     """
 
     kind = "probe"
@@ -117,17 +98,11 @@ class LinearHead:
         return {"accuracy_head": self.kind, "head_source": self.source_,
                 "head_train_images": self.train_images_.tolist()}
 
-    # ---- fitting and loading ------------------------------------------------------------
-
     def fit(self, ds: xr.Dataset, progress: bool = False) -> LinearHead:
         """Fit a logistic-regression probe on a stratified, seeded split of a store's labelled images.
 
-        The features are standardised for the fit and the scaling folded back into ``weight_`` and ``bias_``.
-
-        Raises
-        ------
-        ValueError
-            No labels, a class with a single image, or a store without every token.
+        The features are standardised for the fit and the scaling folded into ``weight_`` and ``bias_``. Raises ValueError
+        for no labels, a class with a single image, or a store without every token.
         """
         labels = store_labels(ds)
         if labels is None:

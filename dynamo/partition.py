@@ -30,23 +30,13 @@ class Partition(list):
             raise ValueError(f"phases overlap in {phases!r}")
         super().__init__(sorted(phases, key=lambda phase: phase[0]))
 
-    # ---- construction ------------------------------------------------------------------------
-
     @classmethod
     def parse(cls, value, num_blocks: int, contiguous: bool = True) -> Partition:
         """A partition of blocks 1..L (``num_blocks``) from any of the forms users write.
 
-        Parameters
-        ----------
-        value : str, Partition, list of list of int, or list of int
-            ``"1-7,8-12"`` or ``[[1, ..., 7], [8, ..., 12]]`` (phases), or the k - 1 router thresholds ``"7"`` / ``[7]``.
-        contiguous : bool
-            Whether the phases must be contiguous runs in order (every surrogate but Raptor, and the CLI).
-
-        Raises
-        ------
-        ValueError
-            If the phases are not contiguous (with ``contiguous``), or do not hold every block 1..L exactly once.
+        ``value``: ``"1-7,8-12"`` or ``[[1, ..., 7], [8, ..., 12]]`` (phases), or the k - 1 router thresholds ``"7"`` /
+        ``[7]``. Raises ValueError if the phases are not contiguous runs (with ``contiguous``, as every surrogate but
+        Raptor and the CLI need), or do not hold every block 1..L exactly once.
         """
         if isinstance(value, str):
             value = _read_text(value)
@@ -88,8 +78,6 @@ class Partition(list):
         cuts = _random_cuts(rng, num_blocks, k)
         return cls(np.split(rng.permutation(np.arange(1, num_blocks + 1)), cuts))
 
-    # ---- reading -----------------------------------------------------------------------------
-
     @property
     def blocks(self) -> np.ndarray:
         """Every block of the partition in depth order, (n,)."""
@@ -115,10 +103,7 @@ class Partition(list):
 
     @property
     def thresholds(self) -> list[int]:
-        """Raptor router thresholds (length k - 1): block t goes to phase i if t ≤ thresholds[i], else the last.
-
-        Raises ValueError if a phase is not a contiguous run of blocks.
-        """
+        """Raptor router thresholds (length k - 1, contiguous phases only): block t goes to phase i if t ≤ thresholds[i], else the last."""
         if not self.is_contiguous:
             raise ValueError(
                 f"partition {list(self)} is not contiguous in depth; Raptor thresholds need contiguous "
@@ -200,10 +185,7 @@ def _random_cuts(rng: np.random.Generator, num_blocks: int, k: int) -> np.ndarra
 
 
 def resolve_partition(partition, k: int | None, num_layers: int) -> Partition:
-    """A fitter's partition: ``partition`` parsed (any `Partition.parse` form), or k uniform phases (2 without k).
-
-    Raises ValueError when ``k`` is given and not the partition's number of phases.
-    """
+    """A fitter's partition: ``partition`` parsed, or k uniform phases (2 without k); k must match a given partition."""
     if partition is None:
         return Partition.uniform(num_layers, 2 if k is None else k)
     partition = Partition.parse(partition, num_layers, contiguous=False)

@@ -68,55 +68,35 @@ def record(
     overwrite: bool = False,
     progress: bool = True,
 ) -> xr.Dataset:
-    """Record trajectories of ``images`` through ``model`` into the zarr store ``out``.
+    """Record trajectories of ``images`` through ``model`` into the zarr store ``out``; return the store, opened lazily.
 
-    Running it again on an interrupted store finishes it, identically to an uninterrupted run; on a finished
-    store it does nothing.
+    Running it again on an interrupted store finishes it, identically to an uninterrupted run; on a finished store
+    it does nothing. Raises `StoreMismatchError` (``out`` recorded with other settings), `StoreBusyError` (another
+    process writes ``out`` or the same shard) and `RecordingError` (a write failed; what was written is kept).
 
     Parameters
     ----------
     model : str or LoadedModel
-        timm or zoo name (see `dynamo.load_model`), or a loaded model.
+        timm or zoo name, or a loaded model; ``checkpoint``, ``pretrained``, ``img_size``, ``preprocess`` and
+        ``timm_options`` are as in `dynamo.load_model` for a name.
     images : folder, list of paths, uint8 array, float tensor, or ImageSet
         See `dynamo.images.image_set`.
-    checkpoint, pretrained, img_size, preprocess, timm_options
-        As in `dynamo.load_model`, when ``model`` is a name.
     batch_size : int
         Images per forward pass and the store's chunk length along ``image`` (a resumed run uses the store's own).
     dtype : {"float32", "float16"}
         Storage type of ``hidden``; reduced views and logits are always float32.
-    layers : sequence of int, optional
-        Layers to keep (0 = input to block 1, l = output of block l); all ``L + 1`` by default.
-    patch_tokens : int, optional
-        Keep only this many patch tokens in ``hidden``, drawn with ``seed`` (prefix tokens are always kept).
+    layers, patch_tokens : optional
+        Layers to keep (0 = input to block 1), and how many patch tokens to keep (drawn with ``seed``); default all.
     summaries_only : bool
-        Store only the reduced views (cls, patch mean, register mean) and logits, not ``hidden``.
+        Store only the reduced views and logits, not ``hidden``.
     seed : int
         Seed of the patch-token draw and of random initialisation for a name built without trained weights.
-    compression : {"none", "zstd"}
-        Chunk compression of ``hidden``.
     autocast : {"bfloat16", "float16"}, optional
         Run the forward under ``torch.autocast`` with this dtype; part of the store's identity.
-    writers : int
-        Threads writing batches to the store.
     shard : Shard or "I/N" or "auto", optional
         Record only shard I of N (`dynamo.shards`); the last shard to finish marks the store complete.
     overwrite : bool
         Replace an existing store recorded with other settings instead of refusing.
-
-    Returns
-    -------
-    xarray.Dataset
-        The store, opened lazily; for a shard whose siblings still run, only the images recorded so far.
-
-    Raises
-    ------
-    StoreMismatchError
-        ``out`` holds a store recorded with another model, images or settings.
-    StoreBusyError
-        Another process is writing ``out`` (or the same shard of it).
-    RecordingError
-        The disk filled up or a write failed; what was written is kept for resuming.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

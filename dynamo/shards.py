@@ -15,7 +15,7 @@ from pathlib import Path
 import filelock
 import numpy as np
 
-from dynamo.store import PENDING, RECORDED, UNREADABLE, StoreBusyError, StoreError, check_store, open_group
+from dynamo.store import PENDING, RECORDED, UNREADABLE, StoreBusyError, StoreError, acquire_lock, check_store, open_group
 
 # (index, count) variables set by common launchers, checked in this order
 LAUNCHER_VARIABLES = (
@@ -82,19 +82,9 @@ def shard_lock(store: str | Path, shard: Shard):
     folder.mkdir(parents=True, exist_ok=True)
     own = folder / f"shard-{shard.index}-of-{shard.count}.lock"
     check_no_shard_running(store, except_count=shard.count)
-    lock = filelock.FileLock(str(own), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        what = "another process" if shard.count == 1 else f"shard {shard} is already running and"
-        raise StoreBusyError(
-            f"{what} is writing {store}; wait for it to finish (or stop it), then run the same "
-            "command again to resume"
-        ) from None
-    try:
+    what = "another process" if shard.count == 1 else f"shard {shard} is already running and"
+    with acquire_lock(own, 0, what, store):
         yield
-    finally:
-        lock.release()
 
 
 def check_no_shard_running(
@@ -132,17 +122,9 @@ class StoreIncompleteError(StoreError):
 def consolidate(path: str | Path, *, require_complete: bool = True) -> dict:
     """Check that every block of a store is written (holding `writer_lock`), and if so mark the store complete.
 
-    Returns
-    -------
-    dict
-        ``complete``, ``recorded``, ``unreadable``, ``pending`` (image counts) and ``pending_blocks``.
-
-    Raises
-    ------
-    StoreIncompleteError
-        Images are pending and ``require_complete``; the message names the blocks and the shards owning them.
-    StoreDamagedError
-        A recorded block's chunks are missing.
+    Returns ``complete``, ``recorded``, ``unreadable``, ``pending`` (image counts) and ``pending_blocks``. Raises
+    `StoreIncompleteError` when images are pending and ``require_complete`` (naming the blocks and their shards),
+    and `StoreDamagedError` when a recorded block's chunks are missing.
     """
     group = open_group(path, mode="r+")
     status = group["status"][:]

@@ -14,13 +14,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from dynamo.heads import (
-    NO_HEAD,
-    LinearHead,
-    NoHeadError,
-    has_classifier,
-    model_head_attrs,
-)
+from dynamo.heads import NO_HEAD, LinearHead, NoHeadError, has_classifier, model_head_attrs
 from dynamo.layout import check_is_vit
 from dynamo.models import LoadedModel, data_config
 
@@ -29,23 +23,11 @@ __all__ = ["BlockStepper", "propagator_for", "rollout"]
 
 def rollout(step, x: torch.Tensor, start: int, stop: int | None, num_layers: int, block_for=None, noise: float = 0.0,
             generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Autoregressive states from layer ``start`` to ``stop``, one ``step(x, layer, block)`` per layer.
+    """Autoregressive states from layer ``start`` to ``stop`` (None: ``num_layers``), one ``step(x, layer, block)`` per layer.
 
-    Parameters
-    ----------
-    step : callable
-        ``step(x, layer, block)``: the state at ``layer`` from the one before (``block`` None: the routed one).
-    x : torch.Tensor
-        (B, T, D), the state at layer ``start``; ``stop`` None is ``num_layers``.
-    block_for : callable or sequence, optional
-        1-based block producing each layer: ``block_for(layer)`` or ``block_for[layer - 1]``.
-    noise : float
-        Standard deviation of Gaussian noise added to each step's input (drawn from ``generator``).
-
-    Returns
-    -------
-    list of torch.Tensor
-        ``stop - start + 1`` states, layers ``start..stop``; the first is ``x``.
+    ``x`` (B, T, D) is the state at ``start``; ``block_for`` gives the 1-based block of each layer (``block_for(layer)``
+    or ``block_for[layer - 1]``; None routes); ``noise`` is the standard deviation of Gaussian noise added to each
+    step's input, drawn from ``generator``. Returns ``stop - start + 1`` states, the first ``x``.
     """
     stop = num_layers if stop is None else stop
     if not 0 <= start <= stop <= num_layers:
@@ -65,14 +47,10 @@ class _Embedded(Exception):
 
 
 class BlockStepper:
-    """A timm ViT split into embedding, blocks and head, in the trajectory store's layer numbers.
+    """A timm ViT-family ``model`` split into embedding, blocks and head, in the trajectory store's layer numbers.
 
-    Parameters
-    ----------
-    model : LoadedModel or torch.nn.Module
-        A timm ViT-family model, used as is (eval mode is the caller's choice) and never modified.
-    head : LinearHead, optional
-        A linear head on ``[cls ‖ patch mean]`` used for logits instead of the model's own classifier.
+    The model is used as is (eval mode is the caller's choice) and never modified; ``head``, a `LinearHead` on
+    ``[cls ‖ patch mean]``, gives logits instead of the model's own classifier.
     """
 
     def __init__(self, model: LoadedModel | nn.Module, head: LinearHead | None = None):
@@ -178,22 +156,11 @@ class BlockStepper:
 
 
 def propagator_for(model, ds: xr.Dataset, head: LinearHead | None = None):
-    """What carries a store's states through the remaining layers: the live model or a surrogate.
+    """What carries a store's (``ds``) states through the remaining layers: the live model or a surrogate.
 
-    Parameters
-    ----------
-    model : LoadedModel, torch.nn.Module, BlockStepper, or any object with ``run(x, start, stop)``
-        A `LoadedModel` (the store's own weights) or timm module is wrapped in a `BlockStepper`; anything
-        with ``run`` (a stepper, a fitted surrogate) is used as it is.
-    ds : xarray.Dataset
-        The store the starting states come from; it must keep every token.
-    head : LinearHead, optional
-        Attached to a `BlockStepper` made here.
-
-    Raises
-    ------
-    ValueError
-        The store was recorded with other weights, lacks tokens, or ``model`` cannot run.
+    A `LoadedModel` (the store's own weights) or timm module is wrapped in a `BlockStepper` with ``head``; anything
+    with ``run(x, start, stop)`` is used as it is. Raises ValueError when the store was recorded with other weights,
+    lacks tokens, or ``model`` cannot run.
     """
     grid, prefix = ds.attrs.get("patch_grid"), ds.attrs.get("num_prefix_tokens")
     if grid is not None and prefix is not None and ds.sizes["token"] != prefix + int(np.prod(grid)):

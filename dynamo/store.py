@@ -130,26 +130,19 @@ def remove_store(path: str | Path) -> None:
 
 @contextlib.contextmanager
 def writer_lock(path: str | Path, wait: float = 0):
-    """Hold the store's OS file lock (``.NAME.lock`` beside it, released by the kernel if the writer dies).
-
-    Raises
-    ------
-    StoreBusyError
-        If another process holds the lock for longer than ``wait`` seconds.
-    """
+    """Hold the store's OS file lock (``.NAME.lock`` beside it; the kernel frees it if the writer dies), waiting ``wait`` s."""
     path = Path(path)
-    lock = filelock.FileLock(str(path.with_name(f".{path.name}.lock")), timeout=wait)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise StoreBusyError(
-            f"another process is writing {path}; wait for it to finish (or stop it), then run "
-            "the same command again to resume"
-        ) from None
-    try:
+    with acquire_lock(path.with_name(f".{path.name}.lock"), wait, "another process", path):
         yield
-    finally:
-        lock.release()
+
+
+def acquire_lock(lock_file: str | Path, wait: float, holder: str, store: str | Path):
+    """The OS file lock ``lock_file``, held until the ``with`` block it opens ends; `StoreBusyError` naming ``holder`` if busy."""
+    try:
+        return filelock.FileLock(str(lock_file), timeout=wait).acquire()
+    except filelock.Timeout:
+        raise StoreBusyError(f"{holder} is writing {store}; wait for it to finish (or stop it), then run the same command "
+                             "again to resume") from None
 
 
 def missing_chunks(path: str | Path, group: zarr.Group) -> list[tuple[str, int, int, int]]:
@@ -196,21 +189,10 @@ def check_store(path: str | Path, group: zarr.Group) -> None:
 
 
 def open_trajectories(path: str | Path, recorded_only: bool = True, validate: bool = True) -> xr.Dataset:
-    """Open a trajectory store lazily (dask-backed) and validate it.
+    """Open a trajectory store lazily (dask-backed) and validate it (`check_store`; ``validate=False`` only to describe a damaged store).
 
-    Parameters
-    ----------
-    recorded_only : bool
-        Drop images that are not recorded (pending in an interrupted store, or unreadable).
-    validate : bool
-        Check the store first (`check_store`); off only to describe a damaged store.
-
-    Raises
-    ------
-    StoreError
-        Not a dynamo store, or missing required variables.
-    StoreDamagedError
-        Recorded data missing from disk, or not of the declared shape and dtype.
+    ``recorded_only`` drops images not recorded (pending or unreadable). Raises `StoreError` (not a dynamo store,
+    or required variables missing) or `StoreDamagedError` (recorded data missing or misshapen).
     """
     group = open_group(path)
     try:

@@ -53,7 +53,7 @@ def analyze(
     progress: bool = True,
     **options,
 ) -> dict:
-    """Run analyses over a trajectory store and write results, figures and a JSON summary.
+    """Run analyses over a trajectory store and write results, figures and ``summary.json`` (returned, with ``text``).
 
     Parameters
     ----------
@@ -65,17 +65,10 @@ def analyze(
         A linear head file the accuracies use (default `dynamo.heads.resolve_head`).
     boundaries : sequence of int, optional
         Blocks after which a new phase begins; default found with ``phase_method`` (``[]`` for none).
-    export : sequence of str
-        Views to export as trials x time x features arrays (see `analyses.export.VIEWS`).
-    export_components, export_sphere
-        Principal directions to project exported features onto; unit-normalised states.
+    export, export_components, export_sphere
+        Views to export as trials x time x features arrays (`analyses.export.VIEWS`), on N principal directions, unit-normalised.
     **options
         The analyses' own options (`dynamo.pipeline.registry.Option` names); missing ones take their defaults.
-
-    Returns
-    -------
-    dict
-        The summary written to ``out/summary.json``, plus ``text``.
     """
     names = list(ANALYSES) if only is None else list(only)
     unknown = [name for name in names if name not in ANALYSES]
@@ -164,7 +157,7 @@ def _accuracy_head(ds: xr.Dataset, model, checkpoint, img_size, device: str, loa
 
 
 def live_model(ds: xr.Dataset, model, checkpoint, img_size, device: str) -> LoadedModel:
-    """The model a store was recorded with, on ``device``: ``model`` if given, else rebuilt; warns if its weights are not the recorded ones."""
+    """The model a store was recorded with, on ``device``: ``model`` if given, else rebuilt; warns if its weights differ."""
     if isinstance(model, LoadedModel):
         loaded = model
     elif (model or ds.attrs.get("model")) is None:
@@ -199,5 +192,3 @@ def _text(summary: dict, out: Path) -> str:
     lines.append(f"results (<name>.zarr), figures (.png) and summary.json in {out} ({summary['seconds']} s)")
     return "\n".join(lines)
 
-
-# --- command line ---------------------------------------------------------------------------

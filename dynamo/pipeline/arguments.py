@@ -7,22 +7,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = [
-    "positive_float_list",
-    "positive_int_list",
-    "timm_options",
-    "ANALYSIS_OPTIONS",
-    "Option",
-    "add_arguments",
-    "boundary_list",
-    "comma_list",
-    "float_list",
-    "int_list",
-    "nonnegative_float",
-    "nonnegative_int",
-    "positive_int",
-    "torch_device",
-]
+__all__ = ["positive_float_list", "positive_int_list", "timm_options", "ANALYSIS_OPTIONS", "Option", "add_arguments", "boundary_list",
+           "comma_list", "float_list", "int_list", "nonnegative_float", "nonnegative_int", "positive_int", "torch_device"]
 
 
 def comma_list(text: str) -> list[str]:

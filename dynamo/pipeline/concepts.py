@@ -54,22 +54,10 @@ def concepts(
 ) -> dict:
     """Fit a concept dictionary across depth on a store, analyse it against the phases, draw it.
 
-    Parameters
-    ----------
-    kind : {"topk", "rasae"}
-    n_concepts, k, steps : int, optional
-        `ConceptDictionary` parameters (None: its defaults).
-    per_phase, stability : bool
-        As `analyses.concepts.compute`.
-    partition : optional
-        Phases in any form `Partition` takes; default the store's max-cut phases.
-    boundaries : list of int, optional
-        Instead of ``partition``: the blocks after which a new phase begins.
-
-    Returns
-    -------
-    dict
-        `analyses.concepts.summarize` of the result, the paths written, ``seconds``, ``notes`` and ``text``.
+    ``kind`` ("topk" or "rasae"), ``n_concepts``, ``k``, ``steps`` are `ConceptDictionary` parameters (None: its
+    defaults); ``per_phase`` and ``stability`` as `analyses.concepts.compute`. Phases come from ``partition`` (any
+    `Partition` form), ``boundaries`` or the store's max-cut. Returns `analyses.concepts.summarize` of the result,
+    the paths written, ``seconds``, ``notes`` and ``text``.
     """
     started = time.perf_counter()
     out = check_output(out, inputs=[store])

@@ -99,36 +99,24 @@ def fit(
 ) -> dict:
     """Fit Raptor surrogates to a store, evaluate them on held-out images, save them with their figures.
 
+    Returns the summary: ``recipe``, ``params``, per fit ``k``, ``seed``, ``partition``, R² per layer and token kind,
+    accuracies, ``segments``; with several fits ``runs`` and ``by_k``; ``baselines``, the paths, ``text``.
+
     Parameters
     ----------
-    out : str or Path
-        Output folder: per fit ``weights.safetensors``, ``config.json``, ``checkpoint/``, ``evaluation.zarr``,
-        ``r2_per_layer.png``; ``stage1/`` (kept stage-1 blocks).
     k : int or list of int, optional
         Number of blocks, or several (default the partition's length, else 2).
-    partition : optional
-        Phases or thresholds in any form `Partition.parse` reads; default `default_partition`.
-    phases : dict, optional
-        The store's phases summary, to take the default partition from.
-    baselines : int
-        Also refit on the uniform partition, this many random contiguous ones and k = 1; one k and one seed only.
-    shuffled : int
-        This many random shuffled partitions (not contiguous in depth; the paper's Fig. 3 protocol).
+    partition, phases : optional
+        Phases in any form `Partition.parse` reads; default `default_partition` (of the ``phases`` summary if given).
+    baselines, shuffled : int
+        Also refit on the uniform partition, this many random contiguous ones and k = 1; and this many random
+        shuffled partitions (the paper's Fig. 3). One k and one seed only.
     seeds : int
         Fits per k, with seeds ``seed .. seed + seeds - 1``, all on the held-out images of ``seed``.
     recipe : {"paper"}, optional
         Start from a named recipe (`RECIPES`); ``params`` given override it.
-    head : str or Path, optional
-        A linear head file for the accuracies (default `dynamo.heads.resolve_head`).
     **params
         `RaptorFitter` parameters; None values take the recipe's, else the fitter's defaults.
-
-    Returns
-    -------
-    dict
-        ``recipe``, ``params``, ``stopping``, per fit ``k``, ``seed``, ``partition``, R² per layer and token kind,
-        ``r2_final``, accuracies, ``segments``; with several fits ``runs`` and ``by_k``; ``baselines``, the
-        paths written, ``seconds`` and ``text``.
     """
     started = time.perf_counter()
     out = check_output(out, inputs=[store])

@@ -23,15 +23,7 @@ from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
 from dynamo.store import check_output, open_trajectories, require_contents, save_result
-from dynamo.surrogates import (
-    SURROGATES,
-    LinearFitter,
-    RaptorFitter,
-    epsilon,
-    loop_count,
-    per_layer,
-    transition_moments,
-)
+from dynamo.surrogates import SURROGATES, LinearFitter, RaptorFitter, epsilon, loop_count, per_layer, transition_moments
 from dynamo.surrogates.base import resolve_teacher, split_images
 from dynamo.surrogates.raptor.block import teacher_mlp
 from figures.ladder import plot_ladder, plot_ladder_layers, plot_loop_count
@@ -53,21 +45,9 @@ def fit_surrogate(store: str | Path, out: str | Path, surrogate: str, *, k: int 
                   n_bootstrap: int = 1000) -> dict:
     """Fit one closed-form or teacher-block rung to a store (``dynamo fit --surrogate``); Raptor is `dynamo.pipeline.fit.fit`.
 
-    Parameters
-    ----------
-    out : str or Path
-        Output folder: ``config.json``, ``weights.safetensors``, ``evaluation.zarr``, ``epsilon.zarr``, ``r2_per_layer.png``.
-    surrogate : {"identity", "linear", "dmd", "teacher-block"}
-    k, partition, head
-        As `dynamo.pipeline.fit.fit`.
-    n_bootstrap : int
-        Resamples for ε's intervals.
-
-    Returns
-    -------
-    dict
-        ``surrogate``, ``k``, ``partition``, R² per layer and token kind, ``r2_final``, the accuracies,
-        ``epsilon_max`` / ``epsilon_mean`` with intervals, the fitted choice, ``seconds``, ``text``.
+    Writes ``config.json``, ``weights.safetensors``, ``evaluation.zarr``, ``epsilon.zarr``, ``r2_per_layer.png`` to
+    ``out``; ``k``, ``partition``, ``head`` as `dynamo.pipeline.fit.fit`; ``n_bootstrap`` resamples for ε's intervals.
+    Returns the summary: R² per layer and token kind, accuracies, ε with intervals, the fitted choice, ``text``.
     """
     if surrogate not in SURROGATES or surrogate == "raptor":
         raise ValueError(f"unknown surrogate {surrogate!r} here; choose one of {', '.join(s for s in SURROGATES if s != 'raptor')}")
@@ -144,7 +124,8 @@ def ladder(
     """Fit every rung of the ladder for every k on one store and compare them (``dynamo ladder``).
 
     Writes ``ladder.zarr``, ``.csv``, ``.json``, ``.png``, ``ladder_layers.png``, ``loop_count.png``, ``ladder.html``
-    and ``raptor-k<K>/`` (each Raptor fit, which a re-run resumes or reuses) to ``out``.
+    and ``raptor-k<K>/`` (each Raptor fit, which a re-run resumes or reuses) to ``out``; returns ``table``,
+    ``partitions``, the paths, ``seconds`` and ``text``.
 
     Parameters
     ----------
@@ -154,21 +135,12 @@ def ladder(
         Rungs among `RUNGS` and `CEILING`.
     loop_scales : sequence of float
         Loop-count scales (each phase's block run ``round(scale * n_j)`` times).
-    head : str or Path, optional
-        A linear head file for the accuracies (default `dynamo.heads.resolve_head`).
     raptor_init : {"random", "teacher-block"}
         Raptor's blocks start at random (the paper's) or from the ``teacher-block`` rung's choice for the same k.
     tokens : str, optional
         Token view of the dissimilarity the partitions are cut on (`dynamo.layout.default_tokens`).
-    seed : int
-        The split (every rung holds out the same 20%), Raptor's initialisation, the bootstrap.
     **raptor_params
         `RaptorFitter` parameters (``steps``, ``stage2_steps``, ``batch_size``, ``lr``, ``mlp``); None takes its defaults.
-
-    Returns
-    -------
-    dict
-        ``table`` (one row per surrogate and k), ``partitions``, the paths written, ``seconds``, ``text``.
     """
     started = time.perf_counter()
     if raptor_init not in RAPTOR_INITS:

@@ -44,13 +44,9 @@ class FigureSpec:
 class Analysis:
     """One analysis of `dynamo analyze`.
 
-    Attributes
-    ----------
-    run : callable
-        ``run(ds, model, partition, options) -> xr.Dataset``; ``model`` a `LoadedModel` when ``needs_model``, ``options``
-        every `Option`'s value plus ``seed``, ``progress``, ``device`` and ``head``.
-    accumulate : callable, optional
-        ``accumulate(ds, options) -> Accumulator``: the analysis' share of the one pass over ``hidden`` (`_streamed`).
+    ``run(ds, model, partition, options) -> xr.Dataset``: ``model`` a `LoadedModel` when ``needs_model``, ``options``
+    every `Option`'s value plus ``seed``, ``progress``, ``device`` and ``head``. ``accumulate(ds, options) ->
+    Accumulator``, optional: the analysis' share of the one pass over ``hidden`` (`_streamed`).
     """
 
     module: ModuleType

@@ -38,15 +38,9 @@ COMPARED_CURVES = (
 def profile_models(models: Sequence, out: str | Path, *, images=None, **options) -> list[Path]:
     """Profile several models into ``out/<label>`` each (resumable); return the folders in the order of ``models``.
 
-    Parameters
-    ----------
-    models : sequence of str or dict
-        Model names, or dicts with ``model``, optionally ``label`` (the folder name) and any per-model option
-        of `dynamo.pipeline.profile.profile` (``checkpoint``, ``pretrained``, ``img_size``, ``preprocess``, ``seed``).
-    images : optional
-        The images every model sees (default the bundled digits).
-    **options
-        Passed to `dynamo.pipeline.profile.profile`.
+    ``models``: names, or dicts with ``model``, optionally ``label`` and any per-model option of
+    `dynamo.pipeline.profile.profile`; ``images`` every model sees (default the bundled digits); ``**options`` go to
+    `dynamo.pipeline.profile.profile`.
     """
     folders = []
     for entry in models:
@@ -61,11 +55,8 @@ def profile_models(models: Sequence, out: str | Path, *, images=None, **options)
 def load_study(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> xr.Dataset:
     """Combine profiles (folders with ``summary.json``) into one Dataset with a ``model`` dimension.
 
-    Returns
-    -------
-    xarray.Dataset
-        ``similarity`` (model, layer_i, layer_j); ``<analysis>_<variable>`` averaged over images; ``phase_<score>``,
-        ``n_phases``, ``n_images`` and any ``raptor_*`` (model); coords ``depth``, ``block_depth`` and ``phase``.
+    It holds ``similarity`` (model, layer_i, layer_j); ``<analysis>_<variable>`` averaged over images; ``phase_<score>``,
+    ``n_phases``, ``n_images`` and any ``raptor_*`` (model); coords ``depth``, ``block_depth`` and ``phase``.
     """
     if not paths:
         raise ValueError("no profiles to compare")

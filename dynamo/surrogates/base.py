@@ -15,12 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 from dynamo.heads import LinearHead
 from dynamo.models import LoadedModel, load_recorded_model, rebuild_attrs
 from dynamo.partition import Partition, resolve_partition
-from dynamo.serialize import (
-    derived_seed,
-    jsonable,
-    read_tensors_and_json,
-    write_tensors_and_json,
-)
+from dynamo.serialize import derived_seed, jsonable, read_tensors_and_json, write_tensors_and_json
 from dynamo.stepping import BlockStepper
 from dynamo.store import open_trajectories
 from dynamo.surrogates.evaluate import evaluate
@@ -145,8 +140,6 @@ class SurrogateFitter(BaseEstimator):
         """Set the fitted attributes from `_state`'s tensors and JSON; the surrogate model."""
         raise NotImplementedError
 
-    # ---- using the fitted surrogate -----------------------------------------------------
-
     @torch.no_grad()
     def transform(self, states) -> torch.Tensor:
         """The surrogate's layers 0..L, (B, L + 1, T, D), from layer-0 states (B, T, D)."""
@@ -170,10 +163,7 @@ class SurrogateFitter(BaseEstimator):
         return None, "all images"
 
     def evaluate(self, ds: xr.Dataset | str | Path, images=None, reference: str = "target", probe: bool = True) -> xr.Dataset:
-        """`dynamo.surrogates.evaluate.evaluate` of the fitted surrogate, on positions ``images`` (default `held_out_positions`).
-
-        The report's attrs ``images`` and ``surrogate`` say which images were used and which fitter.
-        """
+        """`dynamo.surrogates.evaluate.evaluate` of the fitted surrogate on positions ``images`` (default `held_out_positions`)."""
         check_is_fitted(self, "model_", msg=NOT_FITTED)
         ds, _ = open_store(ds)
         if self.model_.teacher is None:
@@ -186,8 +176,6 @@ class SurrogateFitter(BaseEstimator):
     def score(self, ds: xr.Dataset | str | Path, images=None) -> float:
         """Final-layer R² (all tokens, teacher variance) of the rollout from layer 0; see `evaluate`."""
         return float(self.evaluate(ds, images, probe=False).attrs["r2_final"])
-
-    # ---- persistence --------------------------------------------------------------------
 
     def save(self, folder) -> Path:
         """Write ``config.json`` (parameters, partition, teacher, split, fitted state) and ``weights.safetensors``."""

@@ -32,8 +32,6 @@ def evaluate(
 
     Parameters
     ----------
-    model : PhaseRecurrence
-        A surrogate; with a teacher attached, the accuracies use its head.
     images : array-like of int, optional
         Positions along ``image`` to evaluate; default all.
     reference : {"target", "prediction"}
@@ -45,7 +43,7 @@ def evaluate(
     -------
     xarray.Dataset
         ``r2`` (layer, token_kind), ``r2_stacked`` (token_kind), coordinate ``phase``; attrs ``r2_final``,
-        ``n_images``, ``k``, the `accuracies` (or ``accuracy_note``) and any ``probe_accuracy_*``.
+        ``n_images``, ``k``, the `accuracies` through the teacher's head (or ``accuracy_note``), any ``probe_accuracy_*``.
     """
     positions = np.arange(ds.sizes["image"]) if images is None else np.asarray(images)
     groups = token_groups(ds["token_kind"], pooled=True)
@@ -119,22 +117,11 @@ def labels_of(ds: xr.Dataset, positions: np.ndarray) -> np.ndarray | None:
 
 
 def accuracies(teacher, ds: xr.Dataset, positions: np.ndarray, labels, predicted: np.ndarray, surrogate: np.ndarray) -> dict:
-    """Accuracies of teacher and surrogate predictions, leaving out a fitted probe's training images.
+    """Accuracies of teacher and surrogate predictions at ``positions``, leaving out a fitted probe's training images.
 
-    Parameters
-    ----------
-    positions : numpy.ndarray
-        Positions along ``image`` of the predictions.
-    labels : numpy.ndarray or None
-        Against the teacher's predictions when None.
-    predicted, surrogate : numpy.ndarray
-        (N,) classes of the teacher and of the surrogate; ``surrogate`` may be (S, N) for S variants.
-
-    Returns
-    -------
-    dict
-        ``agreement``, ``accuracy_against``, ``accuracy_images``, ``accuracy_teacher``, ``accuracy_surrogate``,
-        ``accuracy_ratio``, or ``accuracy_note``.
+    ``predicted`` (N,) and ``surrogate`` (N,) or (S, N) are classes; they are scored against ``labels``, or against
+    the teacher's predictions when None. Returns ``agreement``, ``accuracy_against``, ``accuracy_images``,
+    ``accuracy_teacher``, ``accuracy_surrogate``, ``accuracy_ratio``, or ``accuracy_note``.
     """
     keep = scored(teacher.linear_head, np.asarray(ds["image"].values)[positions])
     plain = float if np.ndim(surrogate) == 1 else np.asarray

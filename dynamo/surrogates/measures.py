@@ -19,22 +19,9 @@ def epsilon(model, ds: xr.Dataset, images=None, batch_size: int = 64, n_bootstra
             confidence: float = 0.95, seed: int = 0) -> xr.Dataset:
     """ε of the ε-BRH: relative Frobenius errors e_il = ||X^_il - X_il||_F / ||X_il||_F of the rollout from layer 0.
 
-    ε is the mean over images of max_l e_il, with the mean over layers beside it.
-
-    Parameters
-    ----------
-    model
-        A surrogate with ``run(x, start, stop)`` and ``num_layers``.
-    images : array-like of int, optional
-        Positions along ``image``; default all.
-    n_bootstrap : int
-        Resamples of the images for percentile-bootstrap intervals; 0 for none.
-
-    Returns
-    -------
-    xarray.Dataset
-        ``relative_error`` (image, layer); ``epsilon_max``, ``epsilon_mean`` and their ``*_low`` / ``*_high``
-        bounds; ``relative_error_mean`` (layer).
+    ε is the mean over images (positions ``images``, default all) of max_l e_il, with the mean over layers beside it;
+    ``n_bootstrap`` resamples give percentile intervals. Returns ``relative_error`` (image, layer), ``epsilon_max``,
+    ``epsilon_mean`` with ``*_low`` / ``*_high`` bounds, and ``relative_error_mean`` (layer).
     """
     positions = np.arange(ds.sizes["image"]) if images is None else np.asarray(images)
     device = surrogate_device(model)
@@ -91,18 +78,10 @@ def loop_schedule(partition: Partition, scale: float) -> list[tuple[int, float]]
 def loop_count(model, ds: xr.Dataset, scales=(0.5, 0.75, 1.0, 1.5, 2.0), images=None, batch_size: int = 64) -> xr.Dataset:
     """The surrogate run from layer 0 with its phases' blocks repeated ``scale`` times their lengths, against layer L.
 
-    Parameters
-    ----------
-    model
-        A surrogate with ``step(x, layer, block)``, ``partition``, ``num_layers`` (and a teacher head for accuracies).
-    images : array-like of int, optional
-        Positions along ``image``; default all.
-
-    Returns
-    -------
-    xarray.Dataset
-        Over ``scale``: ``steps``, ``repeats`` (scale, phase), ``r2_final``, ``agreement``, ``accuracy_surrogate``,
-        ``accuracy_ratio``; attrs ``accuracy_teacher``, ``accuracy_against``, or ``accuracy_note``.
+    ``model`` has ``step(x, layer, block)``, ``partition``, ``num_layers`` (and a teacher head for accuracies);
+    ``images`` are positions (default all). Returns, over ``scale``: ``steps``, ``repeats`` (scale, phase),
+    ``r2_final``, ``agreement``, ``accuracy_surrogate``, ``accuracy_ratio``; attrs ``accuracy_teacher``,
+    ``accuracy_against``, or ``accuracy_note``.
     """
     bad = [scale for scale in scales if not (np.isfinite(scale) and scale > 0)]
     if bad or not len(scales):

@@ -18,14 +18,9 @@ __all__ = ["PhaseRecurrence"]
 class PhaseRecurrence(nn.Module):
     """The router, the rollout and the teacher's ends; subclasses define `apply` (one map, once).
 
-    Parameters
-    ----------
-    partition : Partition, or list of int
-        The phases of blocks 1..L in any form `Partition.parse` reads (map i serves phase i), or router thresholds.
-    num_layers : int
-        L; `run` covers layers 0..L.
-    teacher : BlockStepper, optional
-        For `embed`, `head`, `predict` and `forward`; a plain attribute, not part of the state dict.
+    ``partition``: the phases of blocks 1..L in any form `Partition.parse` reads (map i serves phase i), or router
+    thresholds; ``num_layers``: L. ``teacher`` (a `BlockStepper`) serves `embed`, `head`, `predict` and `forward`; it
+    is a plain attribute, not part of the state dict.
     """
 
     name = "surrogate"

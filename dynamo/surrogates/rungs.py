@@ -19,21 +19,8 @@ from dynamo.surrogates.base import NOT_FITTED, SurrogateFitter
 from dynamo.surrogates.recurrence import PhaseRecurrence
 from dynamo.progress import progress_bar
 
-__all__ = [
-    "ALPHAS",
-    "AffineSurrogate",
-    "DMDFitter",
-    "IdentityFitter",
-    "IdentitySurrogate",
-    "LinearFitter",
-    "PhaseSurrogate",
-    "TeacherBlockFitter",
-    "TeacherBlockSurrogate",
-    "TransitionMoments",
-    "per_layer",
-    "rollout_scores",
-    "transition_moments",
-]
+__all__ = ["ALPHAS", "AffineSurrogate", "DMDFitter", "IdentityFitter", "IdentitySurrogate", "LinearFitter", "PhaseSurrogate",
+           "TeacherBlockFitter", "TeacherBlockSurrogate", "TransitionMoments", "per_layer", "rollout_scores", "transition_moments"]
 
 ALPHAS = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # ridge penalties `LinearFitter` chooses among
 
@@ -41,9 +28,6 @@ ALPHAS = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # ridge penalties
 def per_layer(num_layers: int) -> Partition:
     """The partition of L one-block phases: a surrogate on it has one map per layer (no recurrence)."""
     return Partition([layer] for layer in range(1, num_layers + 1))
-
-
-# ---- the surrogate models -----------------------------------------------------------------
 
 
 class PhaseSurrogate(PhaseRecurrence):
@@ -105,21 +89,12 @@ class TeacherBlockSurrogate(PhaseSurrogate):
         return self.teacher.step(x, block, block=block)
 
 
-# ---- streamed moments of the store --------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class TransitionMoments:
     """Float64 sums over every token of a set of images, per block l, of its input x (layer l - 1) and output y (layer l).
 
-    Attributes
-    ----------
-    images : numpy.ndarray
-        ``image`` values summed over.
-    count : torch.Tensor
-        (L,) tokens summed.
-    sum_in, sum_out, gram, cross : torch.Tensor
-        (L, D) sums of x and y; (L, D, D) sums of x x^T and x y^T.
+    ``images`` are the ``image`` values summed over, ``count`` (L,) the tokens; ``sum_in``, ``sum_out`` (L, D) sum x
+    and y; ``gram``, ``cross`` (L, D, D) sum x x^T and x y^T.
     """
 
     images: np.ndarray
@@ -173,17 +148,8 @@ def rollout_scores(ds: xr.Dataset, images, partition: Partition, candidates, bat
                  device: str = "cpu", progress: bool = False) -> list[np.ndarray]:
     """R² of each candidate map over each phase, rolled out from the recorded state at the phase's entry.
 
-    Parameters
-    ----------
-    images : array-like
-        ``image`` values to score on.
-    candidates : list of list of callable
-        Per phase, maps (B, T, D) -> (B, T, D), each applied once per layer of the phase.
-
-    Returns
-    -------
-    list of numpy.ndarray
-        Per phase, the R² (teacher variance, all tokens, the phase's layers stacked) of each candidate.
+    ``candidates``: per phase, maps (B, T, D) -> (B, T, D), each applied once per layer of the phase; ``images`` are
+    ``image`` values. Returns, per phase, the R² (teacher variance, all tokens, the phase's layers stacked) of each.
     """
     positions = np.flatnonzero(np.isin(ds["image"].values, np.asarray(images)))
     sums = [[None] * len(maps) for maps in candidates]
@@ -204,9 +170,6 @@ def rollout_scores(ds: xr.Dataset, images, partition: Partition, candidates, bat
 def _selection_images(training: np.ndarray, count: int, seed: int) -> np.ndarray:
     """At most ``count`` training images, drawn with ``seed``, that score a fitter's candidates."""
     return np.sort(np.random.default_rng(seed).permutation(training)[:count])
-
-
-# ---- the fitters --------------------------------------------------------------------------
 
 
 class IdentityFitter(SurrogateFitter):
@@ -265,10 +228,8 @@ class LinearFitter(_AffineFitter):
 
     Parameters
     ----------
-    k : int, optional
-        Phases (default the partition's length, or 2).
-    partition : optional
-        Contiguous phases in any form `Partition.parse` reads; default k uniform phases.
+    k, partition : optional
+        Phases: k uniform ones (default 2), or any form `Partition.parse` reads.
     alpha : float or sequence of float
         Ridge penalties relative to the mean input variance (lambda = alpha * trace(C_xx) / D); several
         are chosen among per phase by rollout R² on training images (0 is least squares, by pseudo-inverse).
@@ -281,10 +242,8 @@ class LinearFitter(_AffineFitter):
     ----------
     weight_, bias_ : numpy.ndarray
         (k, D, D) and (k, D) float64: A_j, b_j.
-    alpha_ : list of float
-        The penalty chosen per phase.
-    scores_ : xarray.DataArray
-        (phase, alpha): R² of each penalty's rollout over each phase, on the selection images.
+    alpha_, scores_
+        The penalty chosen per phase; (phase, alpha) R² of each penalty's rollout on the selection images.
     """
 
     name = "linear"
@@ -341,21 +300,10 @@ class LinearFitter(_AffineFitter):
 class DMDFitter(_AffineFitter):
     """The ``dmd`` rung: exact DMD K = Y Z^+ of each phase's steps with the constant observable appended; p steps are K^p.
 
-    Parameters
-    ----------
-    rank : int or float, optional
-        Singular directions kept: an int r, a float in (0, 1) for the smallest r holding that fraction of
-        the energy (sum of S^2), or None for all (numerical rank). Full rank is `LinearFitter` with alpha = 0.
-        Other parameters as `LinearFitter`'s.
-
-    Attributes
-    ----------
-    weight_, bias_ : numpy.ndarray
-        (k, D, D), (k, D): the top rows of K, [A_j b_j].
-    rank_ : list of int
-        Directions kept per phase.
-    eigenvalues_ : numpy.ndarray
-        (k, D) complex: the eigenvalues of A_j (K's are these and 1).
+    ``rank``: singular directions kept, an int r, a float in (0, 1) for the smallest r holding that fraction of the
+    energy (sum of S^2), or None for all (at full rank, `LinearFitter` with alpha = 0). Other parameters as
+    `LinearFitter`'s. Fitted: ``weight_``, ``bias_`` (the top rows of K, [A_j b_j]), ``rank_`` per phase and
+    ``eigenvalues_`` (k, D) complex, the eigenvalues of A_j.
     """
 
     name = "dmd"
@@ -412,20 +360,9 @@ class DMDFitter(_AffineFitter):
 class TeacherBlockFitter(SurrogateFitter):
     """The ``teacher-block`` rung: each phase runs the teacher block whose rollout over it has the best R² on training images.
 
-    Parameters
-    ----------
-    candidates : {"all", "phase"}
-        Blocks tried for a phase: every block of the teacher, or only the phase's own.
-    selection_images : int
-        At most this many training images (drawn with ``seed``) score the candidates.
-        Other parameters as `LinearFitter`'s.
-
-    Attributes
-    ----------
-    blocks_ : list of int
-        The chosen 1-based teacher block per phase.
-    scores_ : xarray.DataArray
-        (phase, candidate): R² of each candidate over each phase (NaN where not tried).
+    ``candidates``: every block of the teacher (``"all"``) or only the phase's own (``"phase"``); ``selection_images``
+    training images at most score them. Other parameters as `LinearFitter`'s. Fitted: ``blocks_`` (1-based, per
+    phase) and ``scores_`` (phase, candidate), NaN where not tried.
     """
 
     name = "teacher-block"

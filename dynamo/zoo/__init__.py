@@ -11,18 +11,8 @@ DEFAULT_MODEL = "dynamo-zoo/vit-digits-reg4"
 
 _HERE = Path(__file__).parent
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "ZOO_PREFIX",
-    "build_model",
-    "default_images",
-    "fashion_images",
-    "list_models",
-    "load_zoo_model",
-    "model_card",
-    "natural_images",
-    "weights_path",
-]
+__all__ = ["DEFAULT_MODEL", "ZOO_PREFIX", "build_model", "default_images", "fashion_images", "list_models", "load_zoo_model", "model_card",
+           "natural_images", "weights_path"]
 
 
 def list_models() -> list[str]:

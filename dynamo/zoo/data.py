@@ -158,7 +158,7 @@ def split_record(
 
 
 def bundled_test(split: dict, dataset: str = "digits") -> np.ndarray:
-    """The test images shipped in the package, as sorted indices into ``split``: all for the digits, `BUNDLED_PER_CLASS` per fashion class."""
+    """The test images shipped in the package, as sorted indices into ``split``: all digits, `BUNDLED_PER_CLASS` per fashion class."""
     per_class = BUNDLED_PER_CLASS[dataset]
     if per_class is None:
         return np.sort(split["test"])

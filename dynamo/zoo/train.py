@@ -1,7 +1,4 @@
-"""Train a zoo ViT (timm's own VisionTransformer, 4×4 patches) on the digits or Fashion-MNIST, deterministically on CPU.
-
-Command line: ``dynamo train-zoo`` (or ``python -m dynamo.zoo.train``).
-"""
+"""Train a zoo ViT (timm's own VisionTransformer) on the digits or Fashion-MNIST, deterministically: ``dynamo train-zoo``."""
 
 from __future__ import annotations
 
@@ -137,10 +134,7 @@ def augment(x: torch.Tensor, background: torch.Tensor, config: TrainConfig, gene
 
 
 def schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_lr: float) -> CosineLRScheduler:
-    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to ``min_lr`` at step ``total``.
-
-    Call ``step_update(step)`` before update ``step`` (0-based).
-    """
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``; ``step_update(step)`` before each."""
     return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=min_lr, warmup_t=warmup,
                              warmup_prefix=True, t_in_epochs=False)
 
@@ -168,24 +162,12 @@ def train_model(
     data_dir: str | Path | None = None,
     on_checkpoint: Callable[[VisionTransformer, dict], object] | None = None,
 ) -> tuple[VisionTransformer, dict]:
-    """Train one zoo model and measure it on the held-out split, with its weights rounded to float16 as shipped.
+    """Train one zoo model and measure it on the held-out split; return it (eval mode, float16-exact values) and its card.
 
-    Parameters
-    ----------
-    name : str, optional
-        Zoo name without prefix; default `default_name` of ``config``.
-    data_dir : str or Path, optional
-        Folder of the Fashion-MNIST idx files; default `data.FASHION_DIR`. Unused for the digits.
-    on_checkpoint : callable, optional
-        Called as ``on_checkpoint(model, card)`` after each epoch of ``config.checkpoint_epochs`` with a
-        float16-rounded eval copy and its card (name ``<name>-e<epoch>``); training is the same either way.
-
-    Returns
-    -------
-    model : VisionTransformer
-        Trained, in eval mode, float32 holding float16-exact values.
-    card : dict
-        The model card without the ``weights`` entry, which `save_model` adds.
+    ``name`` defaults to `default_name` of ``config``; ``data_dir`` holds the Fashion-MNIST idx files (default
+    `data.FASHION_DIR`). ``on_checkpoint(model, card)`` is called after each epoch of ``config.checkpoint_epochs``
+    with a float16-rounded eval copy and its card (name ``<name>-e<epoch>``); training is the same either way.
+    The card lacks the ``weights`` entry, which `save_model` adds.
     """
     name = name or default_name(config)
     checkpoints = set(checkpoint_list(config)) if on_checkpoint is not None else set()

@@ -27,18 +27,10 @@ def partition_baselines(
 ) -> xr.Dataset:
     """Refit ``fitted``'s recipe on baseline partitions and report them beside it, on the held-out images.
 
-    Parameters
-    ----------
-    random_seeds, shuffled_seeds : int
-        Number of random contiguous and random shuffled partitions (seeds 0..n-1).
-    reuse : sequence of RaptorFitter
-        Fits with the same recipe on this dataset; a baseline whose partition one of them has is not refitted.
-
-    Returns
-    -------
-    xarray.Dataset
-        Over ``fit`` ("fitted", "uniform", "random 0", ..., "k=1") and ``layer``: ``r2``, ``r2_final``,
-        ``accuracy_ratio``, ``agreement``, and each fit's partition as the ``phase`` coordinate.
+    ``random_seeds`` and ``shuffled_seeds`` random contiguous and shuffled partitions (seeds 0..n-1); a baseline whose
+    partition a fit in ``reuse`` (same recipe and dataset) has is not refitted. Returns, over ``fit`` ("fitted",
+    "uniform", "random 0", ..., "k=1") and ``layer``: ``r2``, ``r2_final``, ``accuracy_ratio``, ``agreement``, and
+    each fit's partition as the ``phase`` coordinate.
     """
     num_layers, k = fitted.model_.num_layers, len(fitted.partition_)
     candidates = candidate_partitions(num_layers, k, random_seeds, shuffled_seeds)

@@ -19,10 +19,7 @@ RENAMED = {"fc1.": "mlp.fc1.", "fc2.": "mlp.fc2.", "gamma1": "ls1.gamma", "gamma
 
 
 class DepthScaling(nn.Module):
-    """Three per-feature gains (3 * D) from the target layer index: ``W2 SiLU(W1 t + b1) + b2 + 1``.
-
-    ``init_std`` (the paper's 1e-4) keeps every gain near 1 at initialisation.
-    """
+    """Three per-feature gains (3 * D) from the target layer index, ``W2 SiLU(W1 t + b1) + b2 + 1``, near 1 at initialisation."""
 
     def __init__(self, dim: int, hidden: int = 16, init_std: float = 1e-4):
         super().__init__()
@@ -40,16 +37,9 @@ class DepthScaling(nn.Module):
 class RaptorBlock(nn.Module):
     """One Raptor block, to be applied recurrently over a range of depth.
 
-    Parameters
-    ----------
-    mlp_ratio : float
-        MLP hidden width over D; with ``mlp="swiglu"`` the first linear maps D -> 2 * hidden, as in the paper.
-    mlp : {"swiglu", "gelu"}
-        `timm.layers.SwiGLUPacked` or `timm.layers.Mlp`.
-    layerscale_init : float
-        Initial LayerScale value (the paper's 1e-5: a fresh block is close to the identity).
-    depth_scaling : bool
-        Off reproduces the paper's ablation "without depth scaling" (an autonomous block).
+    ``mlp`` is "swiglu" (`timm.layers.SwiGLUPacked`; the first linear maps D -> 2 * hidden, as in the paper) or
+    "gelu" (`timm.layers.Mlp`); ``layerscale_init`` (the paper's 1e-5) starts a block near the identity;
+    ``depth_scaling=False`` is the paper's ablation "without depth scaling".
     """
 
     def __init__(
@@ -100,10 +90,7 @@ def teacher_mlp(teacher_block: nn.Module) -> dict:
 
 @torch.no_grad()
 def copy_teacher_block(block: RaptorBlock, teacher_block: nn.Module) -> RaptorBlock:
-    """Load a timm ViT block's weights into ``block`` (its depth scaling keeps its initialisation).
-
-    Raises ValueError when the teacher block is not a plain pre-norm ViT block of the same shape and MLP kind.
-    """
+    """Load a plain pre-norm timm ViT block of the same shape and MLP kind into ``block`` (its depth scaling is kept)."""
     attn, dim = teacher_block.attn, block.norm1.normalized_shape[0]
     unsupported = [name for name in ("q_norm", "k_norm", "norm") if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity)]
     if not hasattr(attn, "qkv") or unsupported or getattr(attn, "num_heads", None) != block.attn.num_heads:

@@ -87,16 +87,8 @@ def trajectory_loader(
 ) -> DataLoader:
     """A DataLoader of endless shuffled (batch_size, stop - start + 1, T, D) float32 batches of ``hidden[images, start..stop]``.
 
-    Parameters
-    ----------
-    images : array-like of int
-        Positions along ``image`` to train on.
-    first_step : int
-        Skip this many batches (resume); no data are read for them.
-    buffer_chunks : int
-        Chunks shuffled together (more mixes better, holds more in memory).
-    workers, prefetch : int
-        Reader processes (0: read in this process) and batches each keeps ready.
+    ``images`` are positions; ``first_step`` batches are skipped (resume) without reading; ``buffer_chunks`` chunks are
+    shuffled together; ``workers`` reader processes (0: this one) keep ``prefetch`` batches each ready.
     """
     if len(images) < batch_size:
         raise ValueError(f"{len(images)} training images are fewer than batch_size={batch_size}; lower --batch-size")

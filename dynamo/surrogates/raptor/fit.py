@@ -37,33 +37,23 @@ class RaptorFitter(SurrogateFitter):
         Linear warmup: a fraction of each segment's steps below 1, else a number of steps.
     tf_anneal, tf_floor : float
         Fraction of stage-1 steps over which teacher forcing anneals into rollout, and its final weight.
-    noise : float
-        sigma of Gaussian noise added to block inputs during rollout.
     stage1_loss, stage2_loss : "paper", "mse" or dict
         Token-kind loss weights (`dynamo.surrogates.raptor.loss`); stage 1 also takes a list of k.
-    validation_fraction : float
-        Share of images held out (scored on), and share of the rest kept for early stopping.
-    validation_images : int
-        At most this many early-stopping images (`stopping_split`), leaving at least ``batch_size`` to train on.
+    validation_fraction, validation_images
+        Share of images held out (scored on) and of the rest kept for early stopping, at most ``validation_images``.
     patience, tol
         Stop a segment after ``patience`` validations without a gain above ``tol``; 0 trains every step.
-    checkpoint_dir : optional
-        Where to checkpoint; a fit with the same parameters and store resumes there to the same weights.
-    stage1_cache : optional
-        Where trained stage-1 blocks are kept and reused by fits sharing a segment.
+    checkpoint_dir, stage1_cache : optional
+        Where a fit checkpoints (and resumes to the same weights), and where stage-1 blocks are kept for reuse.
     init : list of int, optional
         One 1-based teacher block per phase to start each block from (`copy_teacher_block`); None: random.
-    split_seed : int, optional
-        Seed of the held-out split when it should not follow ``seed``.
 
     Attributes
     ----------
     stopping_images_ : numpy.ndarray
         ``image`` values validated on for early stopping (from the training split, not trained on).
-    history_ : list of dict
-        One entry per validation: stage, block, step, lr, loss, val_r2 (``stop``, ``reused``).
-    timings_ : dict
-        Per segment: seconds of each step and of its wait for the batch.
+    history_, timings_
+        One dict per validation (stage, block, step, lr, loss, val_r2); per segment, seconds of each step and wait.
     """
 
     name = "raptor"

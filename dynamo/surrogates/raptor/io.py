@@ -6,14 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dynamo.serialize import (
-    digest,
-    jsonable,
-    optimizer_state,
-    read_unit,
-    tensors_of_optimizer,
-    write_unit,
-)
+from dynamo.serialize import digest, jsonable, optimizer_state, read_unit, tensors_of_optimizer, write_unit
 from dynamo.surrogates.raptor.model import Raptor
 
 __all__ = ["block_path", "load_block", "load_checkpoint", "save_block", "save_checkpoint"]
@@ -32,10 +25,7 @@ def save_checkpoint(folder: Path, model: Raptor, config: dict, optimizer: torch.
 
 
 def load_checkpoint(folder: Path, model: Raptor, identity: dict) -> tuple[dict, dict | None] | None:
-    """Load the weights of `save_checkpoint` into ``model``; return its config and optimizer state, or None if absent.
-
-    Raises ValueError if the checkpoint's ``identity`` is not ``identity``.
-    """
+    """Load a checkpoint with this ``identity`` into ``model``; return its config and optimizer state, or None if absent."""
     if not (folder / CHECKPOINT).exists():
         return None
     tensors, config = read_unit(folder / CHECKPOINT)

@@ -12,10 +12,7 @@ __all__ = ["Raptor"]
 
 
 class Raptor(PhaseRecurrence):
-    """k Raptor blocks and the router from layer index to block (`PhaseRecurrence`).
-
-    ``block_config`` holds the keyword arguments of `RaptorBlock`, the same for every block.
-    """
+    """k Raptor blocks, all built from ``block_config`` (`RaptorBlock`'s keyword arguments), and the router (`PhaseRecurrence`)."""
 
     name = "Raptor"
 

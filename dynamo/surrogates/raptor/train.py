@@ -20,18 +20,8 @@ from dynamo.metrics import r2_score
 from dynamo.progress import progress_bar
 from dynamo.serialize import derived_seed, read_hidden
 from dynamo.surrogates.raptor.data import trajectory_loader
-from dynamo.surrogates.raptor.io import (
-    load_block,
-    load_checkpoint,
-    save_block,
-    save_checkpoint,
-)
-from dynamo.surrogates.raptor.loss import (
-    PAPER_STAGE2_WEIGHTS,
-    loss_weights,
-    segment_loss,
-    stage1_weights,
-)
+from dynamo.surrogates.raptor.io import load_block, load_checkpoint, save_block, save_checkpoint
+from dynamo.surrogates.raptor.loss import PAPER_STAGE2_WEIGHTS, loss_weights, segment_loss, stage1_weights
 
 __all__ = ["DONE", "Segment", "phase_runs", "plateaued", "segments", "stopping_rule", "train", "warmup_steps"]
 
