@@ -1,8 +1,6 @@
 """dynamo: the depth of Vision Transformers as a dynamical system.
 
-Record every token's trajectory through every block of any timm ViT into a labelled,
-lazily-opened zarr store; everything else in dynamo reads that store. The public names below are
-imported on first use, so that ``import dynamo`` (and the command line's ``--help``) stays fast.
+Public names are imported on first use, so that ``import dynamo`` (and ``--help``) stays fast.
 """
 
 import importlib

@@ -1,25 +1,7 @@
 """Capture a ViT's residual stream during its own forward pass and bring it to the host.
 
-Forward hooks on ``model.blocks`` see layer 0 (the input to the first block) and the output of
-every block. For each kept layer they
-
-- reduce on the model's device, in float32, from every token: the cls token, the patch mean and
-  the register mean (the store's reduced views), so summaries never need the full states on the
-  host;
-- cast the kept tokens to the storage dtype on the device (float16 halves the bytes moved) and
-  hand them to the host.
-
-How the hand-over works depends on the device:
-
-- CPU: the block's output is one new contiguous (B, T, D) tensor; it is kept by reference, so
-  recording costs no copy.
-- CUDA: every layer is copied into a pinned host buffer on a side stream, asynchronously, while
-  the next blocks compute; a CUDA event marks the end of the batch's copies, and the thread that
-  writes the batch waits on that event, not the GPU. Buffers come from a fixed pool of
-  ``slots``; the GPU waits for the disk only when every slot is still being written.
-
-The model's forward is unchanged (``torch.autocast`` around it where asked), so its logits are
-kept as well.
+Summaries are reduced on the device in float32. On CUDA each layer is copied into a pinned host buffer
+on a side stream while the next blocks compute; on the CPU the block's output is kept by reference.
 """
 
 from __future__ import annotations
@@ -44,17 +26,9 @@ class CaptureError(RuntimeError):
 class CapturedBatch:
     """One batch's arrays on the host, possibly still arriving from the device.
 
-    Attributes
-    ----------
-    hidden : list of (B, tokens, D) arrays, one per kept layer, in the storage dtype (empty
-        when only summaries are recorded).
-    summaries : dict of (B, layers, D) float32 arrays: ``cls``, ``patch_mean``, ``register_mean``
-        as the layout has them.
-    logits : (B, C) float32 array or None.
-    peak : (B, layers) float32: the largest |value| of each image's states at each kept layer,
-        before the storage cast (NaN or inf where the model produced them).
-    status : (B,) int8, recorded or unreadable.
-    ready : CUDA event recorded after the batch's last copy, or None on the CPU.
+    ``hidden``: (B, tokens, D) per kept layer in the storage dtype (empty for summaries only); ``summaries``: (B, layers, D)
+    float32; ``logits``: (B, C) or None; ``peak``: (B, layers) largest |value| before the storage cast; ``status``:
+    (B,) int8; ``ready``: the CUDA event after the last copy, or None on the CPU.
     """
 
     hidden: list
@@ -65,13 +39,7 @@ class CapturedBatch:
     ready: torch.cuda.Event | None = None
 
     def arrays(self) -> dict:
-        """Wait for the device-to-host copies, blank unreadable images (NaN), return every array.
-
-        Returns
-        -------
-        dict
-            ``hidden`` (list over layers), each summary, ``logits`` when present, ``status``.
-        """
+        """Wait for the device-to-host copies, blank unreadable images (NaN), and return every array."""
         if self.ready is not None:
             self.ready.synchronize()
         unreadable = self.status == UNREADABLE
@@ -83,15 +51,7 @@ class CapturedBatch:
         return arrays
 
     def check_finite(self, layers, dtype) -> None:
-        """Raise `CaptureError` if a readable image's states are NaN or inf, or overflow ``dtype``.
-
-        Parameters
-        ----------
-        layers : sequence of int
-            The kept layer numbers, in the order of ``peak``'s columns.
-        dtype : numpy dtype
-            The storage dtype of ``hidden``.
-        """
+        """Raise `CaptureError` if a readable image's states at ``layers`` are NaN or inf, or overflow ``dtype``."""
         peak = self.peak[self.status != UNREADABLE]  # call after `arrays`, which waits for the copies
         if not np.isfinite(peak).all():
             layer = layers[int(np.flatnonzero(~np.isfinite(peak).all(0))[0])]
@@ -112,24 +72,8 @@ class CapturedBatch:
 class Capture:
     """Hooks that record one batch per `run` into host arrays for the store.
 
-    Parameters
-    ----------
-    loaded : LoadedModel
-        The model (already on ``device``).
-    layers : list of int
-        Layers to keep (0 = input to block 1).
-    tokens : numpy.ndarray
-        Token positions kept in ``hidden``.
-    dtype : {"float32", "float16"}
-        Storage dtype of ``hidden``.
-    device : torch.device
-        Where the model runs.
-    keep_hidden : bool
-        Bring the states to the host; False records only the reduced views and logits.
-    autocast : {"bfloat16", "float16"} or None
-        Run the forward under ``torch.autocast`` with this dtype (None: the model's own dtype).
-    slots : int
-        Pinned host buffers in the pool (CUDA only): the recorder's ``writers + 1``.
+    ``tokens`` are the positions kept in ``hidden``; ``keep_hidden=False`` records only reduced views and logits;
+    ``slots`` pinned host buffers (CUDA only) make the pool, the recorder's ``writers + 1``.
     """
 
     def __init__(self, loaded: LoadedModel, layers, tokens, dtype: str, device, *, keep_hidden=True, autocast=None, slots=3):
@@ -162,9 +106,7 @@ class Capture:
     def __enter__(self):
         """Hook the blocks; layer numbers follow the order of block calls in one forward pass.
 
-        Counting calls (rather than fixing a layer per module) keeps a model whose ``blocks``
-        holds one module several times (weights tied across depth) correct: its one hook fires
-        once per application, at successive layers.
+        Counting calls keeps a model whose ``blocks`` holds one module several times (tied weights) correct.
         """
         blocks = self.module.blocks
         self.handles.append(
@@ -188,13 +130,7 @@ class Capture:
         self._keep(self.calls, output[0] if isinstance(output, tuple) else output)
 
     def run(self, pixels: torch.Tensor, readable: np.ndarray) -> CapturedBatch:
-        """Run the model on one batch of pixels (already on the device).
-
-        Raises
-        ------
-        CaptureError
-            The model did not call each of its blocks exactly once.
-        """
+        """Run the model on one batch of pixels on the device; raise `CaptureError` unless it called each block exactly once."""
         b, d, n_layers = pixels.shape[0], self.module.embed_dim, len(self.slot)
         self.states = [None] * n_layers
         self.reduced = {name: torch.empty(b, n_layers, d, device=self.device) for name in self.views}
@@ -282,11 +218,7 @@ class Capture:
 
 
 class _PinnedPool:
-    """A ring of pinned host buffers, one per batch in flight (CUDA only).
-
-    Slot ``i % slots`` serves batch ``i``; the recorder runs batch ``i`` only once batch
-    ``i - slots`` is written, so a slot is never refilled before its batch is on disk.
-    """
+    """A ring of pinned host buffers (CUDA only); slot ``i % slots`` serves batch ``i``, refilled only once it is on disk."""
 
     def __init__(self, slots: int):
         self.buffers = [None] * slots

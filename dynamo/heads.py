@@ -1,23 +1,7 @@
-"""Which head turns a ViT's last layer into classes: the model's own, or a linear probe.
+"""Which head turns a ViT's last layer into classes: the model's own (``"model"``), or a linear probe (``"probe"``).
 
-Every accuracy in dynamo is an argmax over a head's logits, and says which head that was:
-
-- ``"model"``: the model's own final norm, pooling and classifier (timm ``forward_head``), for
-  models that have one (timm ``num_classes > 0``);
-- ``"probe"``: a `LinearHead`, the paper's head: a linear map of ``[cls ‖ mean of the patch
-  tokens]`` of the last layer after the model's final norm (``module.norm``, or timm's
-  ``fc_norm`` on the pooled parts; registers and a distillation token are left out; a model
-  without a cls token uses the patch mean alone). It
-  is fitted on a labelled, stratified, seeded split of a store's images (`LinearHead.fit`), or
-  loaded from a file (`LinearHead.load`: a DINOv2-style ``*_linear_head.pth`` with ``weight``
-  and ``bias``).
-
-A model without a classifier (DINOv2, CLIP/SigLIP image towers, MAE: timm ``num_classes=0``)
-has no logits: ``forward_head`` returns pooled features, and an argmax over those is no class.
-Without a probe, such a model's accuracies are absent and a one-line note (`NO_HEAD`) says why.
-
-A fitted probe's training images are never scored: accuracies with a probe are measured on the
-other images only (`scored`), and results record how many.
+A model without a classifier (timm ``num_classes=0``) has no logits; without a probe its accuracies are
+absent with a note (`NO_HEAD`). A fitted probe's training images are never scored (`scored`).
 """
 
 from __future__ import annotations
@@ -37,19 +21,8 @@ from dynamo.layout import token_layout
 from dynamo.models import LoadedModel, unreadable_reason
 from dynamo.progress import progress_bar
 
-__all__ = [
-    "HEAD_KINDS",
-    "NO_HEAD",
-    "NO_LABELS",
-    "LinearHead",
-    "NoHeadError",
-    "has_classifier",
-    "model_head_attrs",
-    "resolve_head",
-    "scored",
-    "store_accuracy",
-    "store_labels",
-]
+__all__ = ["HEAD_KINDS", "NO_HEAD", "NO_LABELS", "LinearHead", "NoHeadError", "has_classifier", "model_head_attrs", "resolve_head",
+           "scored", "store_accuracy", "store_labels"]
 
 HEAD_KINDS = ("model", "probe")
 NO_HEAD = ("no accuracy: {model} has no classifier head (timm num_classes=0) and no probe was given; fit one on "
@@ -72,39 +45,19 @@ def model_head_attrs(name: str, num_classes: int) -> dict:
 
 
 class LinearHead:
-    """A linear head on ``[cls ‖ patch mean]`` of the last layer after the model's final norm.
+    """A linear head on ``[cls ‖ patch mean]`` of the last layer after the model's final norm (registers left out).
 
-    Parameters
-    ----------
-    model : LoadedModel or torch.nn.Module
-        The timm ViT whose final norm and token layout the head reads (not modified).
-    train_fraction : float
-        Share of a store's images `fit` trains on (a stratified split); the rest are scored.
-    seed : int
-        Seed of the split.
-    max_iter : int
-        Iterations of scikit-learn's `LogisticRegression` (lbfgs).
-    batch_size : int
-        Images per forward of the final norm while reading a store.
+    ``train_fraction`` of a store's images (a stratified split) train it in `fit` (``max_iter`` lbfgs iterations of
+    scikit-learn's `LogisticRegression`); the rest are scored.
 
     Attributes
     ----------
-    weight_ : torch.Tensor
-        (C, F) with F = (1 + has cls) * D.
-    bias_ : torch.Tensor
-        (C,).
+    weight_, bias_ : torch.Tensor
+        (C, F) with F = (1 + has cls) * D, and (C,).
     classes_ : numpy.ndarray
         (C,) the label of each output (``arange(C)`` for a loaded file).
-    train_images_ : numpy.ndarray
-        ``image`` coordinate values the head was fitted on (empty for a loaded file).
-    source_ : str
-        Where the head came from, in words.
-
-    Examples
-    --------
-    >>> head = LinearHead(dynamo.load_model("vit_small_patch14_reg4_dinov2")).fit(ds)
-    >>> head.predict(states_at_layer_L)                  # (B,) labels
-    >>> head = LinearHead.load("dinov2_vits14_reg4_linear_head.pth", model)
+    train_images_, source_
+        ``image`` values the head was fitted on (empty for a loaded file); where it came from, in words.
     """
 
     kind = "probe"
@@ -122,11 +75,7 @@ class LinearHead:
         return (1 + int(self.layout.has_cls)) * int(self.module.embed_dim)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's input from last-layer states: (B, T, D) -> (B, F), after the final norm.
-
-        The final norm is ``module.norm`` on every token; a model that norms after pooling
-        instead (timm's ``fc_norm``, with ``norm`` the identity) gets it on each pooled part.
-        """
+        """The head's input (B, F) from last-layer states (B, T, D), after ``module.norm`` (or timm's ``fc_norm`` on each pooled part)."""
         normed = self.module.norm(x)
         parts = [normed[:, 0]] if self.layout.has_cls else []
         parts.append(normed[:, self.layout.num_prefix:].mean(dim=1))
@@ -149,24 +98,11 @@ class LinearHead:
         return {"accuracy_head": self.kind, "head_source": self.source_,
                 "head_train_images": self.train_images_.tolist()}
 
-    # ---- fitting and loading ------------------------------------------------------------
-
     def fit(self, ds: xr.Dataset, progress: bool = False) -> LinearHead:
         """Fit a logistic-regression probe on a stratified, seeded split of a store's labelled images.
 
-        The features are standardised for the fit and the scaling folded back into ``weight_``
-        and ``bias_``, so the head is one linear map of the raw features.
-
-        Parameters
-        ----------
-        ds : xarray.Dataset
-            A trajectory store of this model with labels, every token and its last layer.
-        progress : bool
-
-        Raises
-        ------
-        ValueError
-            No labels, a class with a single image, or a store without every token.
+        The features are standardised for the fit and the scaling folded into ``weight_`` and ``bias_``. Raises ValueError
+        for no labels, a class with a single image, or a store without every token.
         """
         labels = store_labels(ds)
         if labels is None:
@@ -194,15 +130,10 @@ class LinearHead:
 
     @classmethod
     def load(cls, path: str | Path, model: LoadedModel | nn.Module) -> LinearHead:
-        """A head from a file: a DINOv2-style ``*_linear_head.pth`` (``weight`` (C, F), ``bias`` (C,)).
+        """A head from a DINOv2-style ``*_linear_head.pth`` or ``.safetensors`` (``weight`` (C, F), ``bias`` (C,)); output c is class c.
 
-        Torch files are read with ``weights_only=True`` (never unpickled); ``.safetensors`` too.
-        Output c is class c (compared with the store's ``label`` as is).
-
-        Raises
-        ------
-        ValueError
-            The file holds no single weight/bias pair, or its width is not the model's F.
+        Torch files are read with ``weights_only=True``. Raises ValueError when the file holds no single
+        weight/bias pair, or its width is not the model's F.
         """
         path = Path(path)
         if not path.is_file():
@@ -243,8 +174,7 @@ class LinearHead:
 
 
 def _over_last_layer(function, head: LinearHead, ds: xr.Dataset, positions: np.ndarray, progress: bool) -> torch.Tensor:
-    """``function`` (a head's ``features`` or ``predict``) of the last stored layer of the images at
-    ``positions``, a batch at a time, concatenated on the CPU."""
+    """``function`` of the last stored layer of the images at ``positions``, a batch at a time, concatenated on the CPU."""
     _check_tokens(head, ds)
     parameter = next(head.module.parameters())
     last = ds["hidden"].isel(layer=-1)
@@ -287,8 +217,7 @@ def store_labels(ds: xr.Dataset) -> np.ndarray | None:
 
 
 def scored(head: LinearHead | None, images) -> np.ndarray:
-    """Which of ``images`` (``image`` coordinate values) an accuracy with ``head`` may score: all
-    but a fitted probe's training images. (N,) bool."""
+    """(N,) bool: which of ``images`` (coordinate values) an accuracy with ``head`` may score (not a probe's training images)."""
     images = np.asarray(images)
     if head is None:
         return np.ones(images.shape, bool)
@@ -298,16 +227,8 @@ def scored(head: LinearHead | None, images) -> np.ndarray:
 def store_accuracy(ds: xr.Dataset, head: LinearHead | None = None, progress: bool = False) -> dict:
     """Accuracy of the recorded model on a store's images, from its last stored layer, and its head.
 
-    With ``head``, the probe's predictions on the images it was not fitted on; without, the
-    stored ``logits`` of the model's own head; with neither (a headless model) or without
-    labels, no accuracy but a note.
-
-    Returns
-    -------
-    dict
-        ``model_accuracy``, ``accuracy_images`` (how many were scored), ``accuracy_head``
-        (``model`` / ``probe``), ``head_source`` (and a probe's ``head_train_images``); or
-        ``accuracy_note``.
+    Returns a dict: ``model_accuracy``, ``accuracy_images``, ``accuracy_head``, ``head_source`` (and a probe's
+    ``head_train_images``); or ``accuracy_note`` without a head or labels.
     """
     labels = store_labels(ds)
     if labels is None:
@@ -328,14 +249,9 @@ def store_accuracy(ds: xr.Dataset, head: LinearHead | None = None, progress: boo
 
 def resolve_head(ds: xr.Dataset, model: LoadedModel | nn.Module, head_file: str | Path | None = None,
                  seed: int = 0, progress: bool = False) -> LinearHead | None:
-    """The head a pipeline scores a store with: a file, else the model's own, else a probe fitted on the store.
+    """The head a pipeline scores a store with: ``head_file``, else None for the model's own classifier, else a probe fitted on the store.
 
-    Returns
-    -------
-    LinearHead or None
-        The head loaded from ``head_file``; None when the model has a classifier (its own head is
-        used) or when it has none and the store has no labels (accuracies are then absent, with
-        `NO_HEAD`); otherwise a `LinearHead` fitted on the store with ``seed``.
+    None also when the model has no classifier and the store no labels (accuracies are then absent, with `NO_HEAD`).
     """
     if head_file is not None:
         loaded = LinearHead.load(head_file, model)

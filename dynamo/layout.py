@@ -1,31 +1,7 @@
-"""Token layout of a ViT-family model: which sequence position is which token.
+"""Token layout of a ViT-family model, read off timm's own attributes, and dynamo's one vocabulary.
 
-One description serves every timm ViT-family architecture (``vit_*``, ``deit_*``, DINOv2,
-EVA, ...). It is read off the model's own attributes (``num_prefix_tokens``, ``cls_token``,
-``dist_token``, ``num_reg_tokens``, ``patch_embed.grid_size``), never from a per-model table.
-
-timm orders prefix tokens as ``[cls, dist, registers...]`` before the patch tokens, which
-follow in row-major order over the patch grid.
-
-This module is also dynamo's one vocabulary, shared by the store, the analyses, Raptor and the
-figures: the token kinds, the reduced views stored beside ``hidden``, and the names of the
-dimensions results use.
-
-Dimensions
-----------
-image
-    One input image (coords ``image_id``, ``label``, ``label_name`` where known).
-layer
-    0..L: layer 0 is the input to the first block, layer l the output of block l.
-block
-    1..L: the block that produced layer l, for quantities of one step (speed, update rank,
-    Jacobians); a ``phase`` coordinate over it or over ``layer`` carries the partition.
-token
-    Position in the model's sequence, with coordinate ``token_kind``.
-token_kind
-    A per-kind result's dim, values from `TOKEN_KINDS` (plus ``all`` where a result pools them).
-feature
-    One coordinate of the residual stream.
+Token kinds, the reduced views stored beside ``hidden`` and the dimension names results use: ``image``,
+``layer`` (0..L), ``block`` (1..L, for one-step quantities), ``token`` (with ``token_kind``), ``feature``.
 """
 
 from __future__ import annotations
@@ -52,19 +28,7 @@ class NotAViTError(TypeError):
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where each token sits in the residual stream of a ViT.
-
-    Attributes
-    ----------
-    has_cls : bool
-        Whether position 0 is a class token.
-    has_dist : bool
-        Whether a distillation token follows the class token (DeiT distilled).
-    num_registers : int
-        Number of register tokens, after cls/dist and before the patches.
-    grid : tuple of int
-        Patch grid ``(rows, cols)``; patches follow the prefix tokens in row-major order.
-    """
+    """Where each token sits in the residual stream: timm's ``[cls, dist, registers...]``, then patches row-major over ``grid``."""
 
     has_cls: bool
     has_dist: bool
@@ -119,23 +83,7 @@ def token_kinds(token_kind) -> np.ndarray:
 
 
 def default_tokens(ds, tokens: str | None = None) -> str:
-    """The token view a layer measure reads: ``tokens`` if given, else what the model has.
-
-    The paper's ``cls+patch_mean`` where the store's model has a cls token; ``patch_mean`` where it
-    has none (SigLIP, average- and attention-pooled ViTs, whose pooled readout is not a token of
-    the residual stream).
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        A trajectory dataset (its ``has_cls`` attr, else its ``cls`` view or ``token_kind``).
-    tokens : str, optional
-        Token groups joined by ``+``, as asked for.
-
-    Returns
-    -------
-    str
-    """
+    """The token view a layer measure reads: ``tokens`` if given, else ``cls+patch_mean``, or ``patch_mean`` without a cls token."""
     if tokens:
         return tokens
     has_cls = ds.attrs.get("has_cls")
@@ -177,20 +125,7 @@ def describe_tokens(ds, tokens: str) -> str:
 
 
 def token_groups(token_kind, *, pooled: bool = False) -> dict[str, np.ndarray]:
-    """Positions along ``token`` of each token kind present, in `TOKEN_KINDS` order.
-
-    Parameters
-    ----------
-    token_kind : array-like of str or xarray.DataArray, (T,)
-        The kind of every token (a store's ``token_kind`` coordinate).
-    pooled : bool
-        Put ``all`` (every token) first.
-
-    Returns
-    -------
-    dict of str to numpy.ndarray
-        Kind -> sorted positions; kinds with no token are left out.
-    """
+    """Positions along ``token`` of each kind present in ``token_kind`` (T,), in `TOKEN_KINDS` order; ``pooled`` puts ``all`` first."""
     kinds = token_kinds(token_kind)
     groups = {ALL_TOKENS: np.arange(kinds.size)} if pooled else {}
     groups.update({kind: np.flatnonzero(kinds == kind) for kind in TOKEN_KINDS if (kinds == kind).any()})
@@ -198,22 +133,7 @@ def token_groups(token_kind, *, pooled: bool = False) -> dict[str, np.ndarray]:
 
 
 def token_layout(model: nn.Module) -> TokenLayout:
-    """Read the token layout of a timm ViT-family model.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A timm model with ``patch_embed``, a sequence ``blocks`` and ``num_prefix_tokens``.
-
-    Returns
-    -------
-    TokenLayout
-
-    Raises
-    ------
-    NotAViTError
-        If the model lacks the parts of a ViT-family transformer (a CNN, say).
-    """
+    """Read the token layout of a timm ViT-family model; raises `NotAViTError` for a model without a ViT's parts."""
     check_is_vit(model)
     has_cls = getattr(model, "cls_token", None) is not None
     has_dist = getattr(model, "dist_token", None) is not None

@@ -1,13 +1,7 @@
-"""Scores of a predicted trajectory against a reference one, shared by Raptor and the analyses.
+"""Scores of a predicted trajectory against a reference one, shared by surrogates and the analyses.
 
-R² convention. The paper's code uses ``overcomplete.metrics.r2_score(x, x_hat) = 1 -
-mean((x - x_hat)^2) / mean((x - mean(x))^2)`` with one scalar global mean, called as
-``r2_score(raptor, teacher)``: the denominator is the variance of the *surrogate's* states. dynamo
-keeps the scalar global mean over tokens and features but by default puts the *teacher's*
-variance in the denominator (``reference="target"``: the fraction of the teacher's variance
-explained, which a surrogate cannot raise by being noisier); ``reference="prediction"`` gives the
-paper's order. Sums are accumulated over all evaluated images, so the value is exact over the set
-(the paper averages per-batch values weighted by batch size).
+R² uses one scalar mean over all entries, as the paper's code, but by default the teacher's variance in the
+denominator (``reference="target"``); ``reference="prediction"`` gives the paper's order. Sums are exact over the set.
 """
 
 from __future__ import annotations
@@ -21,20 +15,7 @@ R2_REFERENCES = ("target", "prediction")
 
 
 def r2_score(prediction, target, reference: str = "target") -> float:
-    """R² of a prediction of ``target``, with one scalar mean over all entries.
-
-    Parameters
-    ----------
-    prediction, target : array-like or torch.Tensor
-        Same shape, e.g. (B, T, D) states.
-    reference : {"target", "prediction"}
-        Whose variance is the denominator; "prediction" is the paper's argument order.
-
-    Returns
-    -------
-    float
-        ``1 - mean((prediction - target)^2) / var(reference)``.
-    """
+    """R² ``1 - mean((prediction - target)^2) / var(reference)`` with one scalar mean; ``reference`` picks the denominator."""
     sums = r2_sums(torch.as_tensor(prediction), torch.as_tensor(target), reference, dims=None)
     return float(r2_from_sums(*sums))
 

@@ -1,13 +1,6 @@
 """Partitions of depth into phases: one type, parsed, validated and read in one place.
 
-A partition groups the blocks 1..L (layer l is the output of block l) into phases. It is a list of
-phases, each a sorted list of 1-based block indices, phases ordered by their first block:
-``[[1, 2, 3], [4, 5, 6, 7], [8, ..., 12]]``. Max-cut phases need not be contiguous in depth;
-Raptor's router needs contiguous ones (`Partition.thresholds`).
-
-In results a partition travels as a ``phase`` coordinate over ``layer`` (or ``block``): the phase
-index of every layer, -1 for a layer in no phase (layer 0, the input to the first block). Figures
-and summaries read it back with `from_result`, so they never need to be told the boundaries.
+In results a partition travels as a ``phase`` coordinate over ``layer`` (or ``block``), -1 for a layer in no phase.
 """
 
 from __future__ import annotations
@@ -23,19 +16,9 @@ NO_PHASE = -1
 
 
 class Partition(list):
-    """Phases of 1-based block indices, validated (non-empty, disjoint), sorted by first block.
+    """Phases of 1-based block indices, validated (non-empty, disjoint), sorted by first block; a plain nested `list`.
 
-    A `list` of lists of int, so it compares equal to, and serialises as, the plain nested list.
-
-    Parameters
-    ----------
-    phases : iterable of iterable of int
-        The blocks of each phase, in any order.
-
-    Raises
-    ------
-    ValueError
-        If there is no phase, a phase is empty, or two phases share a block.
+    Raises ValueError if there is no phase, a phase is empty, or two phases share a block.
     """
 
     def __init__(self, phases: Iterable[Iterable[int]]):
@@ -47,29 +30,13 @@ class Partition(list):
             raise ValueError(f"phases overlap in {phases!r}")
         super().__init__(sorted(phases, key=lambda phase: phase[0]))
 
-    # ---- construction ------------------------------------------------------------------------
-
     @classmethod
     def parse(cls, value, num_blocks: int, contiguous: bool = True) -> Partition:
-        """A partition of blocks 1..L from any of the forms users write.
+        """A partition of blocks 1..L (``num_blocks``) from any of the forms users write.
 
-        Parameters
-        ----------
-        value : str, Partition, list of list of int, or list of int
-            ``"1-7,8-12"`` or ``[[1, ..., 7], [8, ..., 12]]`` (phases), or the k - 1 router
-            thresholds ``"7"`` / ``[7]`` (phase i ends at threshold i; the last runs to L).
-        num_blocks : int
-            L, the number of blocks of the model.
-        contiguous : bool
-            Whether the phases must be contiguous runs in order (every surrogate but Raptor,
-            and the CLI); False accepts any phases that hold every block once (``"1,3;2,4"``
-            is not a form: give lists, e.g. a `random_shuffled` partition).
-
-        Raises
-        ------
-        ValueError
-            If the phases are not contiguous runs covering 1..L in order (with ``contiguous``), or
-            do not hold every block 1..L exactly once.
+        ``value``: ``"1-7,8-12"`` or ``[[1, ..., 7], [8, ..., 12]]`` (phases), or the k - 1 router thresholds ``"7"`` /
+        ``[7]``. Raises ValueError if the phases are not contiguous runs (with ``contiguous``, as every surrogate but
+        Raptor and the CLI need), or do not hold every block 1..L exactly once.
         """
         if isinstance(value, str):
             value = _read_text(value)
@@ -106,15 +73,10 @@ class Partition(list):
 
     @classmethod
     def random_shuffled(cls, num_blocks: int, k: int, seed: int) -> Partition:
-        """Blocks 1..L in a random order, cut into k phases at k - 1 random points: phases of random
-        blocks, as a rule not contiguous in depth (the paper's "random shuffled" partitions; how it
-        drew them was not recoverable: this draws the phase sizes as `random_contiguous` does, then
-        the blocks of each phase at random)."""
+        """Blocks 1..L in a random order cut into k phases (sizes drawn as `random_contiguous`'s): the paper's "random shuffled"."""
         rng = np.random.default_rng(seed)
         cuts = _random_cuts(rng, num_blocks, k)
         return cls(np.split(rng.permutation(np.arange(1, num_blocks + 1)), cuts))
-
-    # ---- reading -----------------------------------------------------------------------------
 
     @property
     def blocks(self) -> np.ndarray:
@@ -141,13 +103,7 @@ class Partition(list):
 
     @property
     def thresholds(self) -> list[int]:
-        """Raptor router thresholds (length k - 1): block t goes to phase i if t ≤ thresholds[i], else the last.
-
-        Raises
-        ------
-        ValueError
-            If a phase is not a contiguous run of blocks.
-        """
+        """Raptor router thresholds (length k - 1, contiguous phases only): block t goes to phase i if t ≤ thresholds[i], else the last."""
         if not self.is_contiguous:
             raise ValueError(
                 f"partition {list(self)} is not contiguous in depth; Raptor thresholds need contiguous "
@@ -161,11 +117,7 @@ class Partition(list):
 
 
 def assign_phases(result: xr.Dataset, partition: Partition | None) -> xr.Dataset:
-    """``result`` with a ``phase`` coordinate over its depth dim (``layer``, else ``block``).
-
-    Layers outside the partition (layer 0, blocks left out with ``--layers``) get -1. With no
-    partition, or no depth dim, the result is returned unchanged.
-    """
+    """``result`` with a ``phase`` coordinate over its depth dim (``layer``, else ``block``); -1 outside the partition."""
     dim = next((dim for dim in PHASE_DIMS if dim in result.dims), None)
     if partition is None or dim is None:
         return result
@@ -233,14 +185,7 @@ def _random_cuts(rng: np.random.Generator, num_blocks: int, k: int) -> np.ndarra
 
 
 def resolve_partition(partition, k: int | None, num_layers: int) -> Partition:
-    """A fitter's partition: ``partition`` parsed (any `Partition.parse` form; phases need not be
-    contiguous, a surrogate that needs them says so), or k uniform phases (2 without k).
-
-    Raises
-    ------
-    ValueError
-        ``k`` given and not the partition's number of phases.
-    """
+    """A fitter's partition: ``partition`` parsed, or k uniform phases (2 without k); k must match a given partition."""
     if partition is None:
         return Partition.uniform(num_layers, 2 if k is None else k)
     partition = Partition.parse(partition, num_layers, contiguous=False)

@@ -11,24 +11,8 @@ __all__ = ["LineProgress", "progress_bar"]
 def progress_bar(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool = True, **tqdm_options):
     """A progress bar over ``iterable`` or ``total`` steps; every progress display in dynamo goes through it.
 
-    Parameters
-    ----------
-    iterable : iterable, optional
-        Wrapped and iterated over, as ``tqdm(iterable)``.
-    total : int, optional
-        Number of steps (default ``len(iterable)`` where it has one).
-    desc : str
-        What the work is.
-    enabled : bool
-        False: silent.
-    **tqdm_options
-        Passed to tqdm on a terminal (``initial``, ``unit``, ``leave``, ...).
-
-    Returns
-    -------
-    tqdm or LineProgress
-        A tqdm bar when stderr is a terminal; else a `LineProgress`, which writes one line per
-        tenth of the work and no carriage returns.
+    A tqdm bar (with ``**tqdm_options``) when stderr is a terminal; else a `LineProgress`, one line per tenth of the
+    work; silent when not ``enabled``.
     """
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)

@@ -1,15 +1,7 @@
 """Record every token's trajectory through every block of a ViT into a trajectory store.
 
-Forward hooks (`dynamo.capture`) keep layer 0 (the input to the first block: patch + position
-embedding + prefix tokens, after any pre-norm) and the output of each block, reduce the
-summaries on the model's device and bring the states to the host (asynchronously, through
-pinned buffers, on a GPU). The model's own forward runs unchanged, so its logits are stored as
-well. Batches are loaded one ahead on a thread and written on ``writers`` others, with at most
-``writers + 1`` batches on the host, so memory does not grow with the number of images and the
-model waits for the disk only when every writer is busy.
-
-A recording can be split into shards (`dynamo.shards`): N processes fill disjoint blocks of one
-store, each resumable on its own; the last to finish marks the store complete.
+Batches are loaded one ahead on a thread and written on ``writers`` others, so host memory holds at most
+``writers + 1`` batches.
 """
 
 from __future__ import annotations
@@ -76,83 +68,35 @@ def record(
     overwrite: bool = False,
     progress: bool = True,
 ) -> xr.Dataset:
-    """Record trajectories of ``images`` through ``model`` into the zarr store ``out``.
+    """Record trajectories of ``images`` through ``model`` into the zarr store ``out``; return the store, opened lazily.
 
-    Running the same call again on an interrupted store finishes it, with a result identical
-    to an uninterrupted run; running it on a finished store does nothing.
+    Running it again on an interrupted store finishes it, identically to an uninterrupted run; on a finished store
+    it does nothing. Raises `StoreMismatchError` (``out`` recorded with other settings), `StoreBusyError` (another
+    process writes ``out`` or the same shard) and `RecordingError` (a write failed; what was written is kept).
 
     Parameters
     ----------
     model : str or LoadedModel
-        timm or zoo name (see `dynamo.load_model`), or an already loaded model.
+        timm or zoo name, or a loaded model; ``checkpoint``, ``pretrained``, ``img_size``, ``preprocess`` and
+        ``timm_options`` are as in `dynamo.load_model` for a name.
     images : folder, list of paths, uint8 array, float tensor, or ImageSet
         See `dynamo.images.image_set`.
-    out : str or Path
-        Store path (a directory, conventionally ``*.zarr``).
-    checkpoint, pretrained, img_size, preprocess
-        As in `dynamo.load_model`, when ``model`` is a name (random weights are seeded with
-        ``seed``). A `LoadedModel` carries its own.
-    timm_options : dict, optional
-        Extra `timm.create_model` options for a model given by name (``global_pool``, ...);
-        kept in the store's attrs and identity.
     batch_size : int
-        Images per forward pass, and the store's chunk length along ``image``. ``hidden`` is
-        chunked (batch, 1 layer, tokens, features): one write per layer per batch, large
-        enough for disk bandwidth (ViT-B, batch 32, float16: 9.7 MB) and read one layer at a
-        time by the analyses. A resumed run uses the store's own batch size, so that blocks
-        line up with what was written.
+        Images per forward pass and the store's chunk length along ``image`` (a resumed run uses the store's own).
     dtype : {"float32", "float16"}
-        Storage type of ``hidden``. Reduced views and logits are always float32.
-    layers : sequence of int, optional
-        Layers to keep (0 = input to block 1, l = output of block l); all ``L + 1`` by default.
-    patch_tokens : int, optional
-        Keep only this many patch tokens in ``hidden``, drawn without replacement with ``seed``
-        (prefix tokens are always kept); all by default.
+        Storage type of ``hidden``; reduced views and logits are always float32.
+    layers, patch_tokens : optional
+        Layers to keep (0 = input to block 1), and how many patch tokens to keep (drawn with ``seed``); default all.
     summaries_only : bool
-        Store only the reduced views (cls, patch mean, register mean) and logits, not
-        ``hidden``: about 1/(2 × tokens) of the bytes. Enough for the similarity matrix and
-        phases on the paper's default tokens; analyses of individual tokens need ``hidden``.
+        Store only the reduced views and logits, not ``hidden``.
     seed : int
-        Seed of the patch-token draw, and of the random initialisation when ``model`` is a name
-        built without trained weights (so that a random-weight recording resumes); recorded in
-        the store.
-    compression : {"none", "zstd"}
-        Chunk compression of ``hidden``. Activations compress poorly (about 1.1x), so none is
-        the default: it keeps recording at forward speed.
-    limit : int, optional
-        Record only the first ``limit`` images.
-    device : str
-        Torch device to run the model on (``cuda``, ``cuda:1``, ``cpu``...).
+        Seed of the patch-token draw and of random initialisation for a name built without trained weights.
     autocast : {"bfloat16", "float16"}, optional
-        Run the forward under ``torch.autocast`` with this dtype (faster on a GPU; the stored
-        states then differ from a float32 forward by that dtype's rounding). Part of the
-        store's identity: a resumed run must use the same setting.
-    writers : int
-        Threads writing batches to the store. The next batch runs while ``writers`` are being
-        written, so host memory holds at most ``writers + 1`` batches.
+        Run the forward under ``torch.autocast`` with this dtype; part of the store's identity.
     shard : Shard or "I/N" or "auto", optional
-        Record only shard I of N (a contiguous run of the store's blocks); see
-        `dynamo.shards`. Shards may run at the same time in separate processes or machines
-        sharing ``out``'s filesystem; the last to finish marks the store complete.
+        Record only shard I of N (`dynamo.shards`); the last shard to finish marks the store complete.
     overwrite : bool
         Replace an existing store recorded with other settings instead of refusing.
-    progress : bool
-        Show a progress bar.
-
-    Returns
-    -------
-    xarray.Dataset
-        The store, opened lazily (see `dynamo.open_trajectories`); for a shard whose siblings
-        are still running, only the images recorded so far.
-
-    Raises
-    ------
-    StoreMismatchError
-        ``out`` holds a store recorded with another model, images or settings.
-    StoreBusyError
-        Another process is writing ``out`` (or the same shard of it).
-    RecordingError
-        The disk filled up or a write failed; what was written is kept for resuming.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -403,8 +347,7 @@ def _record_pending(loaded, images, group, plan, shard, device, autocast, writer
 
 
 def _write_block(group, start: int, stop: int, captured: CapturedBatch, failed: threading.Event, plan: dict) -> None:
-    """Check one block's states are finite and fit the storage dtype, write its arrays, then mark
-    its images recorded (so a kill never half-marks).
+    """Check one block's states are finite and fit the storage dtype, write them, then mark its images recorded.
 
     After one write has failed (``failed`` is set) blocks not yet started are skipped.
     """

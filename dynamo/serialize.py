@@ -1,8 +1,5 @@
-"""Written once for every fitted object: JSON conversion, atomic safetensors + JSON files, optimizer
-state as named tensors, derived seeds, and the identity keys that decide whether work can be resumed.
-
-Every write goes to a temporary file renamed into place, so a process killed at any moment leaves
-the previous file or the next one, never a torn one.
+"""Written once for every fitted object: JSON conversion, atomic safetensors + JSON files, optimizer state,
+derived seeds, and the identity keys that decide whether work can be resumed.
 """
 
 from __future__ import annotations
@@ -26,8 +23,7 @@ METADATA_KEY = "dynamo"
 
 
 def jsonable(value):
-    """Tuples → lists, numpy scalars/arrays → Python, NaN and inf → None: a value that is valid JSON
-    and round-trips through it (attrs, configs, summaries)."""
+    """A value that is valid JSON and round-trips: tuples → lists, numpy → Python, NaN and inf → None."""
     def plain(item):
         if isinstance(item, dict):
             return {str(key): plain(v) for key, v in item.items()}
@@ -49,18 +45,7 @@ def derived_seed(*parts) -> int:
 
 
 def fit_identity(estimator, attrs: dict, exclude=("checkpoint_dir", "progress", "device"), **extra) -> dict:
-    """What an interrupted fit must share with a new one to be resumed: parameters, teacher weights, images.
-
-    Parameters
-    ----------
-    estimator : sklearn.base.BaseEstimator
-    attrs : dict
-        The trajectory store's attributes.
-    exclude : sequence of str
-        Parameters that do not change the result.
-    **extra
-        More entries (e.g. the store's size).
-    """
+    """What an interrupted fit must share with a new one to be resumed: parameters but ``exclude``, teacher weights, images, ``extra``."""
     params = {k: v for k, v in estimator.get_params().items() if k not in exclude}
     return jsonable({"params": params, "teacher_weights_sha256": attrs.get("weights_sha256"),
                      "images_sha256": attrs.get("identity", {}).get("images_sha256"), **extra})
@@ -73,8 +58,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = 
 
 
 def write_tensors_and_json(tensor_path: Path, json_path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Tensors to a safetensors file and ``config`` to a JSON file, each atomically, the JSON last
-    (so it names a complete tensor file whenever it exists)."""
+    """Tensors to a safetensors file and ``config`` to a JSON file, each atomically, the JSON last."""
     _save(tensors, Path(tensor_path))
     Path(f"{json_path}.tmp").write_text(json.dumps(jsonable(config), indent=1))
     replace(f"{json_path}.tmp", json_path)

@@ -1,16 +1,7 @@
-"""Splitting one recording across processes: which blocks a shard owns, and its lock.
+"""Splitting one recording across processes: shard ``I`` of ``N`` owns a contiguous run of the store's blocks, and its lock.
 
-A store is written in blocks of ``batch_size`` images (its chunks along ``image``). Shard ``I``
-of ``N`` owns a contiguous run of those blocks, so N processes — on one machine or on many that
-share the store's filesystem — fill disjoint chunks of one store concurrently and never write
-the same file. Any launcher works: a shell loop, a SLURM array, torchrun, a dask cluster.
-
-Each shard holds its own lock (``.NAME.locks/shard-I-of-N.lock`` beside the store) while it
-writes, so running the same shard twice is refused, and resuming a shard is running its command
-again. Shards of different layouts (say 0/2 and 1/4) would overlap, so a run refuses to start
-while a shard of another layout holds its lock; once they are done, any layout (or a single
-process) may finish what is left. `consolidate` checks that every shard's blocks are on disk
-and marks the store complete.
+Shards of different layouts would overlap, so a run refuses to start while a shard of another layout holds
+its lock; `consolidate` checks every shard's blocks are on disk and marks the store complete.
 """
 
 from __future__ import annotations
@@ -24,7 +15,7 @@ from pathlib import Path
 import filelock
 import numpy as np
 
-from dynamo.store import PENDING, RECORDED, UNREADABLE, StoreBusyError, StoreError, check_store, open_group
+from dynamo.store import PENDING, RECORDED, UNREADABLE, StoreBusyError, StoreError, acquire_lock, check_store, open_group
 
 # (index, count) variables set by common launchers, checked in this order
 LAUNCHER_VARIABLES = (
@@ -62,13 +53,8 @@ class Shard:
 def parse_shard(text: str | None, environ=os.environ) -> Shard:
     """A `Shard` from ``"I/N"``, from ``"auto"`` (the launcher's environment), or None (one shard).
 
-    ``auto`` reads SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT (an sbatch array starting at 0),
-    RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS (srun), the first pair present.
-
-    Raises
-    ------
-    ValueError
-        Malformed text, an index out of range, or ``auto`` with no launcher variables.
+    ``auto`` reads SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, the
+    first pair present. Raises ValueError for malformed text, an index out of range, or no launcher variables.
     """
     if text is None:
         return Shard()
@@ -91,30 +77,14 @@ def lock_folder(store: str | Path) -> Path:
 
 @contextlib.contextmanager
 def shard_lock(store: str | Path, shard: Shard):
-    """Hold ``shard``'s lock on ``store``; call it holding the store's `writer_lock`.
-
-    Raises
-    ------
-    StoreBusyError
-        The same shard is running elsewhere, or a shard of another layout is.
-    """
+    """Hold ``shard``'s lock on ``store`` (holding `writer_lock`); `StoreBusyError` if it or another layout runs."""
     folder = lock_folder(store)
     folder.mkdir(parents=True, exist_ok=True)
     own = folder / f"shard-{shard.index}-of-{shard.count}.lock"
     check_no_shard_running(store, except_count=shard.count)
-    lock = filelock.FileLock(str(own), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        what = "another process" if shard.count == 1 else f"shard {shard} is already running and"
-        raise StoreBusyError(
-            f"{what} is writing {store}; wait for it to finish (or stop it), then run the same "
-            "command again to resume"
-        ) from None
-    try:
+    what = "another process" if shard.count == 1 else f"shard {shard} is already running and"
+    with acquire_lock(own, 0, what, store):
         yield
-    finally:
-        lock.release()
 
 
 def check_no_shard_running(
@@ -122,9 +92,7 @@ def check_no_shard_running(
 ) -> None:
     """Raise `StoreBusyError` if a shard (of a layout other than ``except_count`` shards) writes ``store``.
 
-    Lock files of shards that have stopped are removed. Call it holding the store's `writer_lock`,
-    so that no shard can start meanwhile: before replacing a store (``--overwrite``), and before a
-    shard of one layout starts while shards of another might run. ``advice`` ends the message.
+    Lock files of stopped shards are removed. Call it holding `writer_lock`; ``advice`` ends the message.
     """
     for other in sorted(lock_folder(store).glob("shard-*-of-*.lock")):
         if except_count is not None and other.name.endswith(f"-of-{except_count}.lock"):
@@ -152,35 +120,11 @@ class StoreIncompleteError(StoreError):
 
 
 def consolidate(path: str | Path, *, require_complete: bool = True) -> dict:
-    """Check that every block of a store is written, and if so mark the store complete.
+    """Check that every block of a store is written (holding `writer_lock`), and if so mark the store complete.
 
-    A recording written by several shards is finished when the last block is: this is the
-    check each shard runs when it is done (the last one to finish completes the store), and
-    what ``dynamo record --consolidate`` runs to validate a store once all shards have stopped.
-    Call it holding `writer_lock`.
-
-    Every image must be recorded or unreadable (``status``), and every block with a recorded
-    image must have all its chunks on disk (a block is marked only after its chunks are
-    written, so a missing chunk means the store was damaged or copied in part).
-
-    Parameters
-    ----------
-    require_complete : bool
-        Raise if images are pending; otherwise return the counts.
-
-    Returns
-    -------
-    dict
-        ``complete``, ``recorded``, ``unreadable``, ``pending`` (image counts) and
-        ``pending_blocks``: [first image, stop) of each block still to record.
-
-    Raises
-    ------
-    StoreIncompleteError
-        Images are pending and ``require_complete``; the message names the blocks and, for a
-        sharded recording, the shards that own them.
-    StoreDamagedError
-        A recorded block's chunks are missing.
+    Returns ``complete``, ``recorded``, ``unreadable``, ``pending`` (image counts) and ``pending_blocks``. Raises
+    `StoreIncompleteError` when images are pending and ``require_complete`` (naming the blocks and their shards),
+    and `StoreDamagedError` when a recorded block's chunks are missing.
     """
     group = open_group(path, mode="r+")
     status = group["status"][:]

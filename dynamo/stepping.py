@@ -1,23 +1,8 @@
-"""Run a live timm ViT one piece at a time: embedding, any block, final norm and head.
+"""Run a live timm ViT one piece at a time (embedding, any block, final norm and head) in the store's layer numbers.
 
-Perturbation experiments, layer swaps and Raptor evaluation all need to enter the residual
-stream at some layer, change it, and carry on through the model's own remaining blocks.
-`BlockStepper` does that for any timm ViT-family model, with the layer numbering of the
-trajectory store: layer 0 is the input to the first block, layer l the output of block l.
-
-The extra arguments a model passes to its blocks (EVA's rotary embedding, an attention mask)
-are captured once from the model's own forward on a blank image of its input size, and passed
-to every block in the same way, so no per-architecture code is needed. (They assume every image
-has the model's default input size, as the recorder's preprocessing gives.)
-
-The head is part of stepping: `BlockStepper.head` gives logits from the last layer with the
-model's own classifier, or with a `dynamo.heads.LinearHead` attached for a model that has none
-(timm ``num_classes=0``), and is None when there is neither, so that no code can take an argmax
-over pooled features and call it a class (`BlockStepper.predict` then raises `NoHeadError`).
-
-`propagator_for` is the one place that turns a model into what the live-model analyses push
-states through: a `LoadedModel` or timm module becomes a `BlockStepper`; anything else with
-``run(x, start, stop)`` and ``head`` (a fitted Raptor) is used as it is.
+Extra block arguments (EVA's rotary embedding, an attention mask) are captured once from the model's own
+forward, so no per-architecture code is needed. Without a classifier or linear head, `BlockStepper.head` is
+None, so no code can take an argmax over pooled features and call it a class.
 """
 
 from __future__ import annotations
@@ -29,13 +14,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from dynamo.heads import (
-    NO_HEAD,
-    LinearHead,
-    NoHeadError,
-    has_classifier,
-    model_head_attrs,
-)
+from dynamo.heads import NO_HEAD, LinearHead, NoHeadError, has_classifier, model_head_attrs
 from dynamo.layout import check_is_vit
 from dynamo.models import LoadedModel, data_config
 
@@ -44,26 +23,11 @@ __all__ = ["BlockStepper", "propagator_for", "rollout"]
 
 def rollout(step, x: torch.Tensor, start: int, stop: int | None, num_layers: int, block_for=None, noise: float = 0.0,
             generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Autoregressive states from layer ``start`` to ``stop``, one ``step(x, layer, block)`` per layer.
+    """Autoregressive states from layer ``start`` to ``stop`` (None: ``num_layers``), one ``step(x, layer, block)`` per layer.
 
-    Parameters
-    ----------
-    step : callable
-        ``step(x, layer, block)``: the state at ``layer`` from the one before (``block`` None: the routed one).
-    x : torch.Tensor
-        (B, T, D), the state at layer ``start``.
-    start, stop : int
-        0 <= start <= stop <= num_layers; ``stop`` None is ``num_layers``.
-    num_layers : int
-    block_for : callable or sequence, optional
-        1-based block producing each layer: ``block_for(layer)`` or ``block_for[layer - 1]``.
-    noise : float
-        Standard deviation of Gaussian noise added to each step's input (drawn from ``generator``).
-
-    Returns
-    -------
-    list of torch.Tensor
-        ``stop - start + 1`` states, layers ``start..stop``; the first is ``x``.
+    ``x`` (B, T, D) is the state at ``start``; ``block_for`` gives the 1-based block of each layer (``block_for(layer)``
+    or ``block_for[layer - 1]``; None routes); ``noise`` is the standard deviation of Gaussian noise added to each
+    step's input, drawn from ``generator``. Returns ``stop - start + 1`` states, the first ``x``.
     """
     stop = num_layers if stop is None else stop
     if not 0 <= start <= stop <= num_layers:
@@ -83,23 +47,10 @@ class _Embedded(Exception):
 
 
 class BlockStepper:
-    """A timm ViT split into embedding, blocks and head, in the trajectory store's layer numbers.
+    """A timm ViT-family ``model`` split into embedding, blocks and head, in the trajectory store's layer numbers.
 
-    Parameters
-    ----------
-    model : LoadedModel or torch.nn.Module
-        A timm ViT-family model (``patch_embed``, ``blocks``, ``num_prefix_tokens``); it is used
-        as is (eval mode is the caller's choice) and never modified.
-    head : LinearHead, optional
-        A linear head on ``[cls ‖ patch mean]`` (`dynamo.heads`) used for logits instead of the
-        model's own classifier; needed for accuracies of a model without one.
-
-    Examples
-    --------
-    >>> stepper = BlockStepper(dynamo.load_model("dynamo-zoo/vit-digits-reg4"))
-    >>> x = stepper.embed(pixels)                       # layer 0, (B, T, D)
-    >>> states = stepper.run(x, start=0, stop=12)       # layers 0..12, each (B, T, D)
-    >>> logits = stepper.head(states[-1])               # the model's own logits
+    The model is used as is (eval mode is the caller's choice) and never modified; ``head``, a `LinearHead` on
+    ``[cls ‖ patch mean]``, gives logits instead of the model's own classifier.
     """
 
     def __init__(self, model: LoadedModel | nn.Module, head: LinearHead | None = None):
@@ -119,18 +70,7 @@ class BlockStepper:
         return len(self.module.blocks)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Layer 0 of preprocessed images: exactly the first block's input in the model's forward.
-
-        Parameters
-        ----------
-        pixels : torch.Tensor
-            (B, C, H, W), preprocessed with the model's own data config.
-
-        Returns
-        -------
-        torch.Tensor
-            (B, T, D): patch embedding, position embedding and prefix tokens, after any pre-norm.
-        """
+        """Layer 0, (B, T, D), of (B, C, H, W) preprocessed images: exactly the first block's input in the model's forward."""
         return self._first_block_input(pixels)[0]
 
     def _first_block_input(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -157,17 +97,7 @@ class BlockStepper:
         return captured["x"], captured["kwargs"]
 
     def step(self, x: torch.Tensor, layer: int, block: int | None = None) -> torch.Tensor:
-        """The state at ``layer`` from the state at ``layer - 1``.
-
-        Parameters
-        ----------
-        x : torch.Tensor
-            (B, T, D), the residual stream at layer ``layer - 1``.
-        layer : int
-            1..L, the layer to produce.
-        block : int, optional
-            1-based index of the block to apply instead of block ``layer`` (a layer swap).
-        """
+        """The state at ``layer`` (1..L) from the (B, T, D) state at ``layer - 1``; ``block`` (1-based) swaps in another block."""
         if not 1 <= layer <= self.num_blocks:
             raise ValueError(f"layer must be in 1..{self.num_blocks}, got {layer}")
         index = layer if block is None else block
@@ -181,22 +111,10 @@ class BlockStepper:
         stop: int | None = None,
         block_for: Callable[[int], int] | Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
-        """Carry the state at layer ``start`` through the blocks to layer ``stop``.
+        """Carry the (B, T, D) state at layer ``start`` through the blocks to ``stop`` (default L).
 
-        Parameters
-        ----------
-        x : torch.Tensor
-            (B, T, D), the residual stream at layer ``start``.
-        start, stop : int
-            0 <= start <= stop <= L; ``stop`` defaults to L.
-        block_for : callable or sequence, optional
-            Which block produces each layer: ``block_for(layer)`` or ``block_for[layer - 1]``,
-            1-based block indices. Default: the model's own order.
-
-        Returns
-        -------
-        list of torch.Tensor
-            ``stop - start + 1`` states, layers ``start..stop``, each (B, T, D); the first is ``x``.
+        ``block_for``: the 1-based block producing each layer, ``block_for(layer)`` or ``block_for[layer - 1]``.
+        Returns ``stop - start + 1`` states, layers ``start..stop``; the first is ``x``.
         """
         return rollout(self.step, x, start, stop, self.num_blocks, block_for)
 
@@ -209,11 +127,9 @@ class BlockStepper:
 
     @property
     def head(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Logits from the last layer, (B, T, D) (no final norm) -> (B, classes), or None without a head.
+        """Logits (B, classes) from the last layer (B, T, D), no final norm applied; None without a head.
 
-        The attached linear head's logits, else the model's own final norm, pooling and
-        classifier; None for a model without a classifier (timm ``num_classes=0``, whose
-        ``forward_head`` returns pooled features) when no linear head is attached.
+        The attached linear head's logits, else the model's own final norm, pooling and classifier.
         """
         if self.linear_head is not None:
             return self.linear_head.logits
@@ -223,13 +139,7 @@ class BlockStepper:
         return self.module.forward_head(self.module.norm(x))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Predicted classes from the last layer: (B, T, D) -> (B,) labels.
-
-        Raises
-        ------
-        NoHeadError
-            The model has no classifier and no linear head is attached.
-        """
+        """Predicted classes (B,) from the last layer; raises `NoHeadError` without a classifier or linear head."""
         if self.linear_head is not None:
             return self.linear_head.predict(x)
         if self.head is None:
@@ -246,29 +156,11 @@ class BlockStepper:
 
 
 def propagator_for(model, ds: xr.Dataset, head: LinearHead | None = None):
-    """What carries a store's states through the remaining layers: the live model or a surrogate.
+    """What carries a store's (``ds``) states through the remaining layers: the live model or a surrogate.
 
-    Parameters
-    ----------
-    model : LoadedModel, torch.nn.Module, BlockStepper, or any object with ``run(x, start, stop)``
-        A `LoadedModel` must be the one the store was recorded with (same weights sha256); it
-        and a timm ViT module are wrapped in a `BlockStepper`. Anything with a ``run`` method (a
-        stepper, a fitted Raptor surrogate) is used as it is.
-    ds : xarray.Dataset
-        The trajectory store the starting states come from; it must keep every token.
-    head : LinearHead, optional
-        Attached to a `BlockStepper` made here (see `BlockStepper`); an object that already
-        runs keeps its own.
-
-    Returns
-    -------
-    object
-        Has ``run(x, start, stop) -> list of states`` and, where available, ``head(x)``.
-
-    Raises
-    ------
-    ValueError
-        The store was recorded with other weights, lacks tokens, or ``model`` cannot run.
+    A `LoadedModel` (the store's own weights) or timm module is wrapped in a `BlockStepper` with ``head``; anything
+    with ``run(x, start, stop)`` is used as it is. Raises ValueError when the store was recorded with other weights,
+    lacks tokens, or ``model`` cannot run.
     """
     grid, prefix = ds.attrs.get("patch_grid"), ds.attrs.get("num_prefix_tokens")
     if grid is not None and prefix is not None and ds.sizes["token"] != prefix + int(np.prod(grid)):

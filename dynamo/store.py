@@ -1,19 +1,7 @@
-"""The trajectory store: a zarr group laid out as dynamo's trajectory dataset.
+"""The trajectory store: a zarr group laid out as dynamo's trajectory dataset (design.md), with its checks and locks.
 
-Layout (see ``design.md``, "The trajectory dataset"):
-
-- ``hidden`` (image, layer, token, feature): the residual stream, chunked one batch of images
-  by one layer, so that writes go a batch at a time and reads go a layer at a time;
-- reduced views ``cls``, ``patch_mean``, ``register_mean`` (image, layer, feature), float32,
-  computed from every token at full precision, before any token subsetting or float16 cast;
-- ``logits`` (image, class) from the model's own head;
-- ``status`` (image) int8: 0 pending, 1 recorded, 2 unreadable (skipped);
-- coords ``image_id``, ``label``, ``label_name``; ``layer``; ``token`` (the position in the
-  model's sequence), ``token_kind``, ``patch_row``, ``patch_col``.
-
-A store is written in blocks of ``batch_size`` images aligned with its chunks; a block's
-``status`` is set only after its data are written, so a store whose writer was killed holds
-only whole, correct blocks, and resuming rewrites exactly the blocks that were not marked.
+Blocks of ``batch_size`` images are written aligned with the chunks and ``status`` is set only after a block's
+data, so a killed writer leaves only whole blocks and resuming rewrites exactly the unmarked ones.
 """
 
 from __future__ import annotations
@@ -54,15 +42,7 @@ class StoreBusyError(StoreError):
 def require_contents(ds: xr.Dataset, needs: str, *, every_layer: bool = True, every_token: bool = True) -> None:
     """Raise a one-line `StoreError` naming what a store lacks that ``needs`` (a command, or its rungs) reads.
 
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        A trajectory dataset.
-    needs : str
-        Who needs it, as the message says it: ``"dynamo fit"``, ``"the ladder's rungs identity, linear"``.
-    every_layer, every_token : bool
-        Also require layers 0..L (not recorded with ``--layers``) and every token of the model (not
-        recorded with ``--patch-tokens``); ``hidden`` is always required.
+    ``every_layer`` / ``every_token`` also require layers 0..L (no ``--layers``) and every token (no ``--patch-tokens``).
     """
     where = ds.encoding.get("source", "the store")
     if "hidden" not in ds.data_vars:
@@ -84,19 +64,10 @@ def require_contents(ds: xr.Dataset, needs: str, *, every_layer: bool = True, ev
 
 
 def create_store(path: str | Path, template: xr.Dataset, encoding: dict) -> None:
-    """Write a store's metadata and coordinates; data variables stay unwritten (fill value).
+    """Write a store's metadata and coordinates beside ``path`` and rename it into place; data stay unwritten.
 
-    The store is built beside ``path`` and renamed into place, so a store either exists whole
-    or not at all. Call it holding `writer_lock` (which also guards the temporary path).
-
-    Parameters
-    ----------
-    path : str or Path
-        Where the zarr group goes; must not exist.
-    template : xarray.Dataset
-        Dask-backed dataset with every variable, coord and attr of the finished store.
-    encoding : dict
-        Per-variable zarr encoding (chunks, fill_value, compressors).
+    Call it holding `writer_lock`. ``template`` is a dask-backed dataset of the finished store; ``encoding``
+    the per-variable zarr encoding.
     """
     path = Path(path)
     building = path.with_name(f".{path.name}.creating")
@@ -132,14 +103,7 @@ def is_trajectory_store(path: str | Path) -> bool:
 
 
 def check_identity(group: zarr.Group, identity: dict, path: str | Path) -> None:
-    """Raise `StoreMismatchError` if the store was recorded with other settings.
-
-    Parameters
-    ----------
-    identity : dict
-        What a resumed recording must share with the store: model source and weights hash,
-        preprocessing, image ids and labels, dtype, layers, tokens, batch size.
-    """
+    """Raise `StoreMismatchError` if the store was recorded with other settings than ``identity``."""
     stored = group.attrs.get("identity", {})
     differing = sorted(key for key in identity.keys() | stored.keys() if stored.get(key) != identity.get(key))
     if differing:
@@ -166,45 +130,25 @@ def remove_store(path: str | Path) -> None:
 
 @contextlib.contextmanager
 def writer_lock(path: str | Path, wait: float = 0):
-    """Hold the store's lock for the duration of the block.
-
-    The lock is an OS file lock on a hidden sibling file (``.NAME.lock`` beside the store, so
-    the zarr hierarchy stays clean), released by the kernel if the writer dies: a killed run
-    never leaves a stale lock behind. Recording holds it while it creates or checks the store
-    and while it marks the store complete; each shard of a recording holds its own lock while
-    it writes (`dynamo.shards.shard_lock`).
-
-    Parameters
-    ----------
-    wait : float
-        Seconds to wait for another holder to let go (0: refuse at once).
-
-    Raises
-    ------
-    StoreBusyError
-        If another process holds the lock (for longer than ``wait``).
-    """
+    """Hold the store's OS file lock (``.NAME.lock`` beside it; the kernel frees it if the writer dies), waiting ``wait`` s."""
     path = Path(path)
-    lock = filelock.FileLock(str(path.with_name(f".{path.name}.lock")), timeout=wait)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise StoreBusyError(
-            f"another process is writing {path}; wait for it to finish (or stop it), then run "
-            "the same command again to resume"
-        ) from None
-    try:
+    with acquire_lock(path.with_name(f".{path.name}.lock"), wait, "another process", path):
         yield
-    finally:
-        lock.release()
+
+
+def acquire_lock(lock_file: str | Path, wait: float, holder: str, store: str | Path):
+    """The OS file lock ``lock_file``, held until the ``with`` block it opens ends; `StoreBusyError` naming ``holder`` if busy."""
+    try:
+        return filelock.FileLock(str(lock_file), timeout=wait).acquire()
+    except filelock.Timeout:
+        raise StoreBusyError(f"{holder} is writing {store}; wait for it to finish (or stop it), then run the same command "
+                             "again to resume") from None
 
 
 def missing_chunks(path: str | Path, group: zarr.Group) -> list[tuple[str, int, int, int]]:
     """Chunks of recorded images that are not on disk: ``(variable, layer index, first image, stop)``.
 
-    A block's ``status`` is set only after its chunks are written, so a missing chunk of a
-    recorded block means the store was damaged or copied in part (zarr would silently read its
-    fill value). One ``stat`` per chunk: milliseconds for thousands of chunks.
+    A missing chunk of a recorded block means the store was damaged or copied in part (zarr would read its fill value).
     """
     status = group["status"][:]
     missing = []
@@ -223,11 +167,7 @@ def missing_chunks(path: str | Path, group: zarr.Group) -> list[tuple[str, int, 
 
 
 def check_store(path: str | Path, group: zarr.Group) -> None:
-    """Raise `StoreDamagedError` naming the variable, layer and images of the first damage found.
-
-    Checks that ``hidden`` has the dtype and shape the attrs declare and that every recorded
-    block's chunks are on disk (`missing_chunks`).
-    """
+    """Raise `StoreDamagedError` naming the first damage: ``hidden``'s dtype or shape, or a recorded block's missing chunks."""
     if "hidden" in group:
         hidden, attrs = group["hidden"], group.attrs
         expected = (group["status"].shape[0], len(attrs["identity"]["layers"]), len(attrs["identity"]["tokens"]),
@@ -249,29 +189,10 @@ def check_store(path: str | Path, group: zarr.Group) -> None:
 
 
 def open_trajectories(path: str | Path, recorded_only: bool = True, validate: bool = True) -> xr.Dataset:
-    """Open a trajectory store lazily (dask-backed) and validate it.
+    """Open a trajectory store lazily (dask-backed) and validate it (`check_store`; ``validate=False`` only to describe a damaged store).
 
-    Parameters
-    ----------
-    path : str or Path
-        A store written by `dynamo.record`.
-    recorded_only : bool
-        Drop images that are not recorded (pending in an interrupted store, or unreadable).
-    validate : bool
-        Check the store first (`check_store`); off only to describe a damaged store.
-
-    Returns
-    -------
-    xarray.Dataset
-        The trajectory dataset: ``hidden`` (image, layer, token, feature) and friends; nothing
-        is read into memory until used.
-
-    Raises
-    ------
-    StoreError
-        Not a dynamo store, or missing required variables.
-    StoreDamagedError
-        Recorded data missing from disk, or not of the declared shape and dtype (`check_store`).
+    ``recorded_only`` drops images not recorded (pending or unreadable). Raises `StoreError` (not a dynamo store,
+    or required variables missing) or `StoreDamagedError` (recorded data missing or misshapen).
     """
     group = open_group(path)
     try:
@@ -316,20 +237,7 @@ RESULT_KIND = "dynamo_result"  # attrs key that marks an analysis result and nam
 
 
 def check_output(path: str | Path, inputs=()) -> Path:
-    """Refuse an output path that would overwrite or write into data it must not touch.
-
-    Parameters
-    ----------
-    path : str or Path
-        A result file or folder about to be written.
-    inputs : sequence of str or Path
-        The paths the command reads (a store), which it must never replace.
-
-    Raises
-    ------
-    StoreError
-        ``path`` is a trajectory store, lies inside one, or is one of the inputs.
-    """
+    """Raise `StoreError` if ``path`` is a trajectory store, lies inside one, or is one of the ``inputs``."""
     path = Path(path)
     resolved = path.resolve()
     if any(resolved == Path(source).resolve() for source in inputs):
@@ -355,11 +263,8 @@ def _unreadable_metadata(path: str | Path) -> str | None:
 def save_result(result: xr.Dataset, path: str | Path, inputs=()) -> Path:
     """Write an analysis result to zarr, readable with ``xr.open_zarr(path)``.
 
-    The result is marked with its kind (attrs ``dynamo_result``: its ``analysis`` attr, else
-    ``"result"``) and replaces only a result of the same kind: never a trajectory store, a path
-    inside one, an input (`check_output`), another kind of result or anything else.
-    Fixed-width string coordinates are stored as variable-length strings, which zarr v3 specifies
-    (it has no specification for numpy's fixed-width unicode).
+    It is marked with its kind (attrs ``dynamo_result``) and replaces only a result of the same kind (`check_output`).
+    Fixed-width string coordinates are stored as variable-length strings, which zarr v3 specifies.
     """
     path = check_output(path, inputs)
     kind = str(result.attrs.get("analysis", "result"))
@@ -437,20 +342,8 @@ def _resume_hint(shards: int) -> str:
 def image_positions(dataset: xr.Dataset, images) -> np.ndarray:
     """Positions along ``image`` that an ``images=`` argument names: the one meaning of ``images`` in dynamo.
 
-    Parameters
-    ----------
-    dataset : xarray.Dataset
-        A trajectory store (or anything with an ``image`` dimension).
-    images : None, int or sequence of int
-        None: every image; an int n: n images evenly spaced along ``image`` (stores recorded from
-        class folders are ordered by class, so the first n would often be one class); a sequence:
-        those positions. Coordinate values become positions with
-        ``dataset.indexes["image"].get_indexer(values)``.
-
-    Returns
-    -------
-    numpy.ndarray
-        int64 positions, in the order given.
+    ``images``: None for every image; an int n for n images evenly spaced along ``image`` (class-folder stores
+    are ordered by class); a sequence for those positions. Returns int64 positions, in the order given.
     """
     n = dataset.sizes["image"]
     if images is None:

@@ -22,22 +22,8 @@ def available_cores() -> int:
 def set_threads(threads: int | None = None) -> dict:
     """Share the cores between compute (torch intra-op, BLAS) and the store's reader threads (dask).
 
-    Parameters
-    ----------
-    threads : int, optional
-        Compute threads. Default: ``OMP_NUM_THREADS`` when set, else half the available cores (at
-        least 1), the other half left to the readers; on two cores this is one compute thread,
-        never slower than ``OMP_NUM_THREADS=1``.
-
-    Returns
-    -------
-    dict
-        ``compute`` and ``readers`` (threads), ``cores``.
-
-    Raises
-    ------
-    ValueError
-        ``threads`` below 1.
+    ``threads`` defaults to ``OMP_NUM_THREADS``, else half the available cores (at least 1). Returns ``compute``,
+    ``readers`` and ``cores``; raises ValueError for ``threads`` below 1.
     """
     cores = available_cores()
     if threads is None:

@@ -14,26 +14,26 @@ import numpy as np
 import pytest
 import timm
 import torch
+import xarray as xr
 from safetensors.torch import save_file
 from sklearn.base import clone
 from sklearn.metrics import r2_score as sklearn_r2
 from torch import nn
 
 import dynamo
-from dynamo import zoo
+from dynamo import serialize, zoo
+from dynamo.metrics import r2_score
 from dynamo.models import weights_sha256
 from dynamo.partition import Partition, from_result
 from dynamo.pipeline import fit as pipeline_fit
 from dynamo.pipeline.cli import main
 from dynamo.pipeline.fit import parse_loss
-from dynamo.metrics import r2_score
+from dynamo.serialize import read_unit
+from dynamo.stepping import BlockStepper
 from dynamo.surrogates.raptor import PAPER_RECIPE, Raptor, RaptorBlock, RaptorFitter
-from dynamo import serialize
 from dynamo.surrogates.raptor import train as raptor_train
 from dynamo.surrogates.raptor.data import batch_plan, trajectory_loader
-from dynamo.serialize import read_unit
 from dynamo.surrogates.raptor.loss import PAPER_STAGE1_LAST_WEIGHTS, loss_weights, stage1_weights, token_loss
-from dynamo.stepping import BlockStepper
 from tests.conftest import tiny_model
 
 DEPTH = 4
@@ -541,11 +541,11 @@ def test_a_segment_stops_when_its_held_out_r2_stops_improving():
 
 def test_default_partition_is_the_max_cut_phases_when_contiguous(monkeypatch):
     blocks = np.array([0, 0, 0, 1, 1, 1])
-    monkeypatch.setattr(pipeline_fit, "layer_similarity", lambda ds, progress: (blocks[:, None] != blocks[None]).astype(float))
+    monkeypatch.setattr(pipeline_fit, "layer_similarity", lambda ds, progress, tokens=None: _matrix((blocks[:, None] != blocks[None]).astype(float)))
     partition, source = pipeline_fit.default_partition(None, 2)
     assert partition == [[1, 2, 3], [4, 5, 6]] and source.startswith("max-cut")
     alternating = np.array([0, 1, 0, 1, 0, 1])  # max-cut pairs layers 1, 3, 5 against 2, 4, 6
-    monkeypatch.setattr(pipeline_fit, "layer_similarity", lambda ds, progress: (alternating[:, None] != alternating[None]).astype(float))
+    monkeypatch.setattr(pipeline_fit, "layer_similarity", lambda ds, progress, tokens=None: _matrix((alternating[:, None] != alternating[None]).astype(float)))
     partition, source = pipeline_fit.default_partition(None, 2)
     assert partition.is_contiguous and len(partition) == 2 and "not contiguous" in source
 
@@ -568,3 +568,8 @@ def test_tied_test_vit_converges_with_the_defaults(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert min(summary["r2_per_layer"]) > 0.99, summary["r2_per_layer"]
     assert "stops earlier once" in summary["stopping"]
+
+
+def _matrix(values: np.ndarray) -> xr.DataArray:
+    """A stand-in layer dissimilarity, shaped as `analyses.similarity.layer_similarity` returns it."""
+    return xr.DataArray(values, dims=("layer_i", "layer_j"), attrs={"tokens": "cls+patch_mean"})

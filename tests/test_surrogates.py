@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -107,7 +108,7 @@ def test_a_fits_phases_are_found_on_its_training_images(store, tmp_path, monkeyp
     teacher, path = store
     seen = []
     monkeypatch.setattr(pipeline_fit, "layer_similarity",
-                        lambda ds, progress: seen.append(ds["image"].values) or np.abs(np.subtract.outer(np.arange(4.0), np.arange(4.0))))
+                        lambda ds, progress, tokens=None: seen.append(ds["image"].values) or _matrix(np.abs(np.subtract.outer(np.arange(4.0), np.arange(4.0)))))
 
     class Stop(Exception):
         pass
@@ -137,3 +138,8 @@ def test_serialization_helpers_round_trip():
             torch.testing.assert_close(torch.as_tensor(restored.state_dict()["state"][param][name]), torch.as_tensor(value))
     assert derived_seed(0, "init", 0, 4) == derived_seed(0, "init", 0, 4) != derived_seed(1, "init", 0, 4)
     assert digest({"b": 1, "a": (1, 2)}) == digest({"a": [1, 2], "b": 1}) and len(digest({}, 20)) == 20
+
+
+def _matrix(values: np.ndarray) -> xr.DataArray:
+    """A stand-in layer dissimilarity, shaped as `analyses.similarity.layer_similarity` returns it."""
+    return xr.DataArray(values, dims=("layer_i", "layer_j"), attrs={"tokens": "cls+patch_mean"})

@@ -1,10 +1,4 @@
-"""``dynamo analyze``: run the registered analyses over a trajectory store and write their results.
-
-`analyze` writes, under ``out``: ``<name>.zarr`` per analysis (an xarray Dataset carrying its
-phases as a ``phase`` coordinate: ``xr.open_zarr(path)``), ``<name>_<figure>.png`` per figure,
-``summary.json`` (each analysis' headline numbers, the phase boundaries, the paths written), and,
-with ``export``, trials x time x features arrays for other dynamics tools (`analyses.export`).
-"""
+"""``dynamo analyze``: run the registered analyses over a trajectory store and write results, figures and ``summary.json``."""
 
 from __future__ import annotations
 
@@ -33,8 +27,7 @@ __all__ = ["analyze", "store_partition"]
 
 
 def store_partition(ds: xr.Dataset, boundaries: Sequence[int] | None = None, method: str = "maxcut") -> Partition:
-    """The phases drawn on every depth plot: contiguous phases ending at ``boundaries`` if given,
-    else `analyses.phases.find_phases` on the store with ``method``."""
+    """The phases drawn on every depth plot: contiguous phases ending at ``boundaries``, else `find_phases` with ``method``."""
     num_blocks = int(ds.attrs.get("num_blocks", ds["layer"].values.max()))
     if boundaries is not None:
         return Partition.from_thresholds(boundaries, num_blocks)
@@ -60,49 +53,22 @@ def analyze(
     progress: bool = True,
     **options,
 ) -> dict:
-    """Run analyses over a trajectory store and write results, figures and a JSON summary.
+    """Run analyses over a trajectory store and write results, figures and ``summary.json`` (returned, with ``text``).
 
     Parameters
     ----------
-    store : str or Path
-        A trajectory store written by `dynamo.record`.
-    out : str or Path
-        Output folder (created).
     only : sequence of str, optional
         Names from `dynamo.pipeline.registry.ANALYSES` to run; default all.
-    model, checkpoint
-        The live model for analyses that need one (a name, as in `dynamo.load_model`, or a
-        `LoadedModel`); default the model the store was recorded with (its checkpoint, image
-        size and, for random weights, their seed: `dynamo.models.load_recorded_model`).
-    img_size : int or (int, int), optional
-        Input size to build ``model`` (a name) for; default the store's image size.
+    model, checkpoint, img_size
+        The live model for analyses that need one; default the store's own (`dynamo.models.load_recorded_model`).
     head : str or Path, optional
-        A linear head file (`dynamo.heads.LinearHead.load`) the accuracies use; default the
-        model's own classifier, or for a model without one a probe fitted on the store's labels
-        (`dynamo.heads.resolve_head`; no labels: no accuracy, with a note).
+        A linear head file the accuracies use (default `dynamo.heads.resolve_head`).
     boundaries : sequence of int, optional
-        Blocks after which a new phase begins, drawn on every depth plot; default found by
-        `analyses.phases.find_phases` with ``phase_method`` (pass ``[]`` for none).
-    export : sequence of str
-        Views to export as trials x time x features arrays (see `analyses.export.VIEWS`).
-    export_components : int, optional
-        Project exported features onto this many principal directions.
-    export_sphere : bool
-        Export unit-normalised states.
-    seed : int
-        Seed of every random draw.
-    device : str
-        Torch device of the live model.
-    progress : bool
-        Show progress bars.
+        Blocks after which a new phase begins; default found with ``phase_method`` (``[]`` for none).
+    export, export_components, export_sphere
+        Views to export as trials x time x features arrays (`analyses.export.VIEWS`), on N principal directions, unit-normalised.
     **options
-        The analyses' own options (`dynamo.pipeline.registry.Option` names); missing ones take
-        their defaults.
-
-    Returns
-    -------
-    dict
-        The summary written to ``out/summary.json``, plus ``text`` (a human summary).
+        The analyses' own options (`dynamo.pipeline.registry.Option` names); missing ones take their defaults.
     """
     names = list(ANALYSES) if only is None else list(only)
     unknown = [name for name in names if name not in ANALYSES]
@@ -172,10 +138,7 @@ def analyze(
 def _accuracy_head(ds: xr.Dataset, model, checkpoint, img_size, device: str, loaded, head, seed: int, progress: bool):
     """The linear head of the accuracies (`dynamo.heads.resolve_head`), or None for the model's own classifier.
 
-    Only a head file, or a store of a model without a classifier (no ``logits``) that has labels,
-    needs one; the live model (for its final norm) is loaded then if it is not already. A probe
-    whose model cannot be loaded, or is not the recorded one, is left out with a warning (its
-    accuracies then carry the note); a head file then is an error.
+    A probe whose model cannot be loaded, or is not the recorded one, is left out with a warning; a head file then is an error.
     """
     if head is None and ("logits" in ds.data_vars or store_labels(ds) is None):
         return None
@@ -196,12 +159,7 @@ def _accuracy_head(ds: xr.Dataset, model, checkpoint, img_size, device: str, loa
 
 
 def live_model(ds: xr.Dataset, model, checkpoint, img_size, device: str) -> LoadedModel:
-    """The model a store was recorded with, for the analyses that run it, on ``device``.
-
-    ``model`` (a `LoadedModel`, or a name with ``checkpoint`` and ``img_size``) when given, else
-    rebuilt from the store's attributes (`dynamo.models.load_recorded_model`). Warns when its
-    weights are not the recorded ones (live and stored trajectories would then differ).
-    """
+    """The model a store was recorded with, on ``device``: ``model`` if given, else rebuilt; warns if its weights differ."""
     if isinstance(model, LoadedModel):
         loaded = model
     elif (model or ds.attrs.get("model")) is None:
@@ -236,5 +194,3 @@ def _text(summary: dict, out: Path) -> str:
     lines.append(f"results (<name>.zarr), figures (.png) and summary.json in {out} ({summary['seconds']} s)")
     return "\n".join(lines)
 
-
-# --- command line ---------------------------------------------------------------------------

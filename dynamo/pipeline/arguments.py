@@ -1,8 +1,4 @@
-"""Command-line argument types and the analyses' typed options, importable without torch or xarray.
-
-The option defaults are literals so that ``dynamo --help`` answers at once; a test holds each one
-equal to the default of the analysis function it feeds.
-"""
+"""Command-line argument types and the analyses' typed options, importable without torch or xarray."""
 
 from __future__ import annotations
 
@@ -11,22 +7,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = [
-    "positive_float_list",
-    "positive_int_list",
-    "timm_options",
-    "ANALYSIS_OPTIONS",
-    "Option",
-    "add_arguments",
-    "boundary_list",
-    "comma_list",
-    "float_list",
-    "int_list",
-    "nonnegative_float",
-    "nonnegative_int",
-    "positive_int",
-    "torch_device",
-]
+__all__ = ["positive_float_list", "positive_int_list", "timm_options", "ANALYSIS_OPTIONS", "Option", "add_arguments", "boundary_list",
+           "comma_list", "float_list", "int_list", "nonnegative_float", "nonnegative_int", "positive_int", "torch_device"]
 
 
 def comma_list(text: str) -> list[str]:

@@ -1,7 +1,6 @@
 """The ``dynamo`` command: one subcommand per step of the data flow.
 
-Each subcommand prints a human summary, or one JSON object with ``--json``; errors print one
-line naming the problem and what to do, and exit with status 2.
+Each prints a human summary, or one JSON object with ``--json``; errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -14,20 +13,8 @@ import sys
 import time
 import warnings
 
-from dynamo.pipeline.arguments import (
-    ANALYSIS_OPTIONS,
-    add_arguments,
-    boundary_list,
-    comma_list,
-    int_list,
-    nonnegative_float,
-    nonnegative_int,
-    positive_float_list,
-    positive_int,
-    positive_int_list,
-    timm_options,
-    torch_device,
-)
+from dynamo.pipeline.arguments import (ANALYSIS_OPTIONS, add_arguments, boundary_list, comma_list, int_list, nonnegative_float,
+                                       nonnegative_int, positive_float_list, positive_int, positive_int_list, timm_options, torch_device)
 from dynamo.zoo import DEFAULT_MODEL, ZOO_PREFIX, list_models
 from dynamo.zoo.config import configure_parser as configure_zoo_parser
 
@@ -60,6 +47,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             SafetensorError)
 
 
+HEAD_HELP = ("linear head on [cls ‖ patch mean] for the accuracies (a DINOv2 *_linear_head.pth); default the model's own, "
+             "or a probe fitted on the labels of a headless model")
 COMPUTE_COMMANDS = ("record", "analyze", "profile", "phases", "fit", "ladder", "concepts")  # take --threads
 
 
@@ -139,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'auto' reads SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/NTASKS",
     )
     rec.add_argument("--overwrite", action="store_true", help="replace a store recorded with other settings")
-    rec.add_argument("--quiet", action="store_true", help="no progress bar")
-    rec.add_argument("--json", action="store_true", help="print a JSON summary")
-    rec.set_defaults(run=_record)
+    _common_arguments(rec, _record, quiet="no progress bar")
 
     cons = commands.add_parser(
         "consolidate",
@@ -150,18 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(or unreadable) and every recorded block's chunks on disk. Names the shards to run again otherwise.",
     )
     cons.add_argument("store")
-    cons.add_argument("--json", action="store_true")
-    cons.set_defaults(run=_consolidate)
+    _common_arguments(cons, _consolidate, quiet=None)
 
     info = commands.add_parser("info", help="describe a trajectory store")
     info.add_argument("store")
-    info.add_argument("--json", action="store_true")
-    info.set_defaults(run=_info)
+    _common_arguments(info, _info, quiet=None)
 
     train = commands.add_parser("train-zoo", help="train a zoo ViT on the bundled digits or on Fashion-MNIST (--dataset fashion)")
     configure_zoo_parser(train)
-    train.add_argument("--json", action="store_true")
-    train.set_defaults(run=_train_zoo)
+    _common_arguments(train, _train_zoo, quiet=None)
 
     analyze = commands.add_parser(
         "analyze",
@@ -171,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _analyze_arguments(analyze)
     _cluster_argument(analyze)
-    analyze.add_argument("--json", action="store_true", help="print a JSON summary")
-    analyze.set_defaults(run=_analyze)
+    _common_arguments(analyze, _analyze, quiet=None)
     prof = commands.add_parser(
         "profile",
         help="record, phases, dynamics (and Raptor) of a ViT, as a report",
@@ -192,15 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--concepts", action="store_true",
                       help="also learn one concept dictionary across depth and analyse it on the phases "
                       "(about a minute on the default store; see dynamo concepts)")
-    prof.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for every accuracy (a DINOv2 "
-                      "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
-    prof.add_argument("--seed", type=int, default=0)
-    prof.add_argument("--device", type=torch_device, default="cpu")
+    prof.add_argument("--head", metavar="FILE", help=HEAD_HELP)
     prof.add_argument("--overwrite", action="store_true", help="replace a store in --out recorded with other settings")
-    prof.add_argument("--quiet", action="store_true", help="no progress")
     _cluster_argument(prof)
-    prof.add_argument("--json", action="store_true", help="print summary.json")
-    prof.set_defaults(run=_profile)
+    _common_arguments(prof, _profile, seed=True, device=True, quiet="no progress")
 
     comp = commands.add_parser(
         "compare",
@@ -211,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("paths", nargs="+", help="profile folders (dynamo profile --out) or trajectory stores")
     comp.add_argument("--out", required=True)
     comp.add_argument("--labels", type=comma_list, help="comma-separated model labels")
-    comp.add_argument("--quiet", action="store_true")
-    comp.add_argument("--json", action="store_true")
-    comp.set_defaults(run=_compare)
+    _common_arguments(comp, _compare)
 
     phases = commands.add_parser(
         "phases",
@@ -231,12 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     _tokens_argument(phases)
     phases.add_argument("--layers", type=int_list, help="comma-separated layers (default: block outputs 1..L, as the paper)")
     phases.add_argument("--bootstrap", type=nonnegative_int, default=200, help="bootstrap resamples of the images for boundary stability (0: none)")
-    phases.add_argument("--seed", type=int, default=0)
     phases.add_argument("--figure", help="write the heatmap with phase boundaries to this PNG")
     phases.add_argument("--out", help="write the result (matrix, phases, stability) to this .zarr")
-    phases.add_argument("--quiet", action="store_true", help="no progress bar")
     _cluster_argument(phases)
-    phases.add_argument("--json", action="store_true", help="print a JSON summary")
+    _common_arguments(phases, _phases, seed=True, quiet="no progress bar")
     lens = phases.add_argument_group(
         "lenses", "phases under several lenses: every lens segmented into the same k phases (default: as many as "
         "the first lens's max-cut finds at --eps), by max-cut and contiguous DP, and the agreement of each pair",
@@ -250,7 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--jacobian-images", type=positive_int, default=32, help="jacobian lens: images, evenly spaced (default 32)")
     lens.add_argument("--rank", type=positive_int, default=4, help="jacobian lens: singular directions per block (default 4)")
     lens.add_argument("--tolerance", type=nonnegative_int, default=1, help="layers by which matching boundaries may differ (default 1)")
-    phases.set_defaults(run=_phases)
 
     fit = commands.add_parser(
         "fit",
@@ -292,15 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also fit the uniform partition, N random contiguous partitions and k=1, with the same recipe")
     fit.add_argument("--shuffled", type=nonnegative_int, default=0, metavar="N",
                      help="also fit N random shuffled partitions (phases of random blocks, not contiguous; the paper's Fig. 3)")
-    fit.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (a DINOv2 "
-                     "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--head", metavar="FILE", help=HEAD_HELP)
     fit.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="fit each k with seeds S..S+N-1 (same held-out "
                      "images) and report mean ± std per layer")
-    fit.add_argument("--device", type=torch_device, default="cpu")
-    fit.add_argument("--quiet", action="store_true", help="no progress bars")
-    fit.add_argument("--json", action="store_true", help="print a JSON summary")
-    fit.set_defaults(run=_fit)
+    _common_arguments(fit, _fit, seed=True, device=True)
 
     lad = commands.add_parser(
         "ladder",
@@ -318,18 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     lad.add_argument("--loop-scales", type=positive_float_list, default=list(LOOP_SCALES),
                      help="loop counts, as multiples of each phase's length (default 0.5,0.75,1,1.25,1.5,2)")
     lad.add_argument("--bootstrap", type=nonnegative_int, default=1000, help="bootstrap resamples of the held-out images for ε (default 1000)")
-    lad.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (default: the "
-                     "model's own, or a probe fitted on the labels of a headless model)")
+    lad.add_argument("--head", metavar="FILE", help=HEAD_HELP)
     _raptor_arguments(lad, prefix="Raptor: ")
     lad.add_argument("--raptor-init", choices=RAPTOR_INITS, default="random",
                      help="Raptor's blocks start at random (default, the paper's) or as the teacher-block rung's choice (then "
                      "with the teacher's MLP kind unless --mlp is given)")
     _tokens_argument(lad)
-    lad.add_argument("--seed", type=int, default=0)
-    lad.add_argument("--device", type=torch_device, default="cpu")
-    lad.add_argument("--quiet", action="store_true", help="no progress bars")
-    lad.add_argument("--json", action="store_true", help="print a JSON summary")
-    lad.set_defaults(run=_ladder)
+    _common_arguments(lad, _ladder, seed=True, device=True)
 
     con = commands.add_parser(
         "concepts",
@@ -349,11 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--stability", action="store_true",
                      help="also fit a second seed of TopK and of RA-SAE and match their atoms (4 fits in all)")
     con.add_argument("--boundaries", type=int_list, help="phase boundaries, e.g. 4,8 (default: the store's max-cut phases)")
-    con.add_argument("--seed", type=int, default=0)
-    con.add_argument("--device", type=torch_device, default="cpu")
-    con.add_argument("--quiet", action="store_true", help="no progress bars")
-    con.add_argument("--json", action="store_true", help="print a JSON summary")
-    con.set_defaults(run=_concepts)
+    _common_arguments(con, _concepts, seed=True, device=True)
     for name in COMPUTE_COMMANDS:
         commands.choices[name].add_argument("--threads", type=positive_int, help="compute threads (torch, BLAS); default "
                                             "OMP_NUM_THREADS, else half the cores, the rest reading the store")
@@ -446,8 +405,7 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="live model for analyses that need one (default: the store's own model)")
     parser.add_argument("--checkpoint", help="local weights for --model")
     parser.add_argument("--img-size", metavar="N|H,W", help="input size to build --model for (default: the store's image size)")
-    parser.add_argument("--head", metavar="FILE", help="linear head on [cls ‖ patch mean] for the accuracies (a DINOv2 "
-                        "*_linear_head.pth); default the model's own, or a probe fitted on the labels of a headless model")
+    parser.add_argument("--head", metavar="FILE", help=HEAD_HELP)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--boundaries", type=boundary_list,
                         help="comma-separated layers after which a new phase begins (default: found by max-cut; 'none' for none)")
@@ -611,6 +569,19 @@ def _image_options(args) -> dict:
 
     preprocess = preprocess_overrides(args.preset, args.preprocess) if (args.preset or args.preprocess) else None
     return {"img_size": parse_img_size(args.img_size), "preprocess": preprocess, "timm_options": args.timm}
+
+
+def _common_arguments(parser: argparse.ArgumentParser, run, *, seed: bool = False, device: bool = False,
+                      quiet: str | None = "no progress bars") -> None:
+    """The flags commands share (``--seed``, ``--device``, ``--quiet`` where asked, ``--json``) and the function run."""
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+    if device:
+        parser.add_argument("--device", type=torch_device, default="cpu")
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help=quiet)
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.set_defaults(run=run)
 
 
 def _tokens_argument(parser: argparse.ArgumentParser) -> None:

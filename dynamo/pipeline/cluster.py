@@ -1,8 +1,4 @@
-"""Connecting to a dask.distributed cluster for the store-only analyses (``--cluster``).
-
-While a ``distributed.Client`` is open it is dask's default client, and every analysis built on
-`analyses.streaming.fold_image_blocks` runs its blocks there.
-"""
+"""Connecting to a dask.distributed cluster for the store-only analyses (``--cluster``)."""
 
 from __future__ import annotations
 
@@ -30,13 +26,9 @@ def local_cluster(n_workers: int, **options):
 
 @contextlib.contextmanager
 def connect(address: str | None):
-    """A ``distributed.Client`` for ``address`` (the default client while open), closed after.
+    """A ``distributed.Client`` (the default client while open) for ``address``, closed after.
 
-    Parameters
-    ----------
-    address : str or None
-        A scheduler address (``tcp://host:port``), ``local:N`` for a `local_cluster` of N
-        workers that lives as long as the client, or None for no client (in-process).
+    ``address``: a scheduler (``tcp://host:port``), ``local:N`` for a `local_cluster` of N workers, or None for none.
     """
     if address is None:
         yield None

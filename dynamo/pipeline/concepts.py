@@ -1,11 +1,4 @@
-"""``dynamo concepts`` and the concepts section of ``dynamo profile``: a dictionary across depth, its figures.
-
-Fits one `analyses.dictionary.ConceptDictionary` on a store (checkpointed in
-``DIR/dictionary/checkpoint``: a re-run resumes, and a finished fit is reloaded), computes
-`analyses.concepts` on the store's phases, and writes ``DIR/concepts.zarr``, the dictionary
-(``DIR/dictionary/``: ``dictionary.safetensors`` + ``config.json``), the figures and
-``DIR/summary.json``.
-"""
+"""``dynamo concepts`` and the concepts section of ``dynamo profile``: a dictionary across depth (resumable), its analysis and figures."""
 
 from __future__ import annotations
 
@@ -61,28 +54,10 @@ def concepts(
 ) -> dict:
     """Fit a concept dictionary across depth on a store, analyse it against the phases, draw it.
 
-    Parameters
-    ----------
-    store : str or Path
-        A trajectory store with ``hidden``.
-    out : str or Path
-        Output folder.
-    kind : {"topk", "rasae"}
-    n_concepts, k, steps : int, optional
-        `ConceptDictionary` parameters (None: its defaults, 8 x width concepts).
-    per_phase, stability : bool
-        As `analyses.concepts.compute`.
-    partition : optional
-        Phases in any form `dynamo.partition.Partition` takes; default the store's max-cut phases.
-    boundaries : list of int, optional
-        Instead of ``partition``: the blocks after which a new phase begins (contiguous phases).
-    seed, device, progress
-        As `ConceptDictionary`.
-
-    Returns
-    -------
-    dict
-        `analyses.concepts.summarize` of the result, the paths written, ``seconds``, ``notes`` and ``text``.
+    ``kind`` ("topk" or "rasae"), ``n_concepts``, ``k``, ``steps`` are `ConceptDictionary` parameters (None: its
+    defaults); ``per_phase`` and ``stability`` as `analyses.concepts.compute`. Phases come from ``partition`` (any
+    `Partition` form), ``boundaries`` or the store's max-cut. Returns `analyses.concepts.summarize` of the result,
+    the paths written, ``seconds``, ``notes`` and ``text``.
     """
     started = time.perf_counter()
     out = check_output(out, inputs=[store])
@@ -130,11 +105,9 @@ def draw(result: xr.Dataset, images: dict | None = None) -> dict:
 
 
 def example_images(ds: xr.Dataset, result: xr.Dataset) -> dict[str, np.ndarray]:
-    """The example images as the model saw them: ``image_id`` -> (H, W, 3) in [0, 1].
+    """The example images as the model saw them (store's data config, normalisation undone): ``image_id`` -> (H, W, 3) in [0, 1].
 
-    Each file is read and preprocessed with the store's own timm data config, then the
-    normalisation is undone. Images that are not files (arrays recorded from memory) or can no
-    longer be read are left out (their figure cells show the activation map alone).
+    Images that are not files or can no longer be read are left out.
     """
     ids = sorted({str(i) for i in np.asarray(result["top_image_id"].values).ravel() if i and Path(str(i)).is_file()})
     if not ids:

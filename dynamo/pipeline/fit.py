@@ -1,10 +1,7 @@
-"""``dynamo fit`` and the Raptor stage of ``dynamo profile``: fit, evaluate, compare with baselines, save.
+"""``dynamo fit`` and the Raptor stage of ``dynamo profile``: fit every k and seed asked for, evaluate, compare with baselines, save.
 
-One call fits every k asked for, each with every seed asked for, on the same held-out images
-(the split follows the first seed), with stage-1 blocks kept in ``OUT/stage1/`` and reused
-wherever two fits share a segment (`dynamo.surrogates.raptor.train`). With one k and one seed the fit is
-saved in ``OUT`` itself; otherwise each in ``OUT/k<K>-seed<S>/``, and the summary gives the mean
-and standard deviation over seeds of R² per layer.
+One fit is saved in ``OUT``, several in ``OUT/k<K>-seed<S>/``, all on the held-out images of the first seed, with
+stage-1 blocks shared through ``OUT/stage1/``.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ LOSS_KINDS = ("cls", "register", "patch")  # the order of the a/b/c shorthand
 
 
 def parse_loss(text: str):
-    """A loss from the command line: ``paper``, ``mse``, ``a/b/c`` (cls/register/patch weights) or
-    ``cls=a,register=b,patch=c[,dist=d]``."""
+    """A loss from the command line: ``paper``, ``mse``, ``a/b/c`` (cls/register/patch) or ``cls=a,register=b,patch=c[,dist=d]``."""
     text = text.strip()
     if text in ("paper", "mse"):
         return text
@@ -58,21 +54,11 @@ def parse_loss(text: str):
 
 def default_partition(ds: xr.Dataset, k: int, phases: dict | None = None, progress: bool = False,
                       images=None, tokens: str | None = None) -> tuple[Partition, str]:
-    """The phases Raptor is fitted on by default, and which they are.
+    """The phases Raptor is fitted on by default, and a sentence saying which rule gave them.
 
-    The store's phases when a ``phases`` summary (`dynamo.pipeline.phases.phases`) has k
-    contiguous ones; else the paper's recursive max-cut stopped at k phases when they are k
-    contiguous runs; else the exact contiguous split into k phases of the same dissimilarity
-    (`analyses.phases.contiguous_partition`), as the router needs contiguous phases. The
-    dissimilarity reads the token view ``tokens`` (default `dynamo.layout.default_tokens`).
-
-    ``images`` (positions along ``image``, a fit's training images): the phases are found on
-    them alone, never on a stored ``phases`` summary of every image.
-
-    Returns
-    -------
-    (Partition, str)
-        The partition and a sentence saying which rule gave it.
+    The store's ``phases`` summary when it has k contiguous phases; else the recursive max-cut stopped at k when
+    contiguous; else the exact contiguous split into k (`analyses.phases.contiguous_partition`). With ``images``
+    (positions, a fit's training images) the phases are found on those alone.
     """
     if images is not None:
         ds, phases = ds.isel(image=np.asarray(images)), None
@@ -113,47 +99,24 @@ def fit(
 ) -> dict:
     """Fit Raptor surrogates to a store, evaluate them on held-out images, save them with their figures.
 
+    Returns the summary: ``recipe``, ``params``, per fit ``k``, ``seed``, ``partition``, R² per layer and token kind,
+    accuracies, ``segments``; with several fits ``runs`` and ``by_k``; ``baselines``, the paths, ``text``.
+
     Parameters
     ----------
-    store : str or Path
-        A trajectory store.
-    out : str or Path
-        Output folder: per fit ``weights.safetensors``, ``config.json``, ``checkpoint/``,
-        ``evaluation.zarr``, ``r2_per_layer.png``; ``stage1/`` (kept stage-1 blocks).
     k : int or list of int, optional
         Number of blocks, or several (default the partition's length, else 2).
-    partition : optional
-        Phases or thresholds in any form `dynamo.partition.Partition.parse` reads; default
-        `default_partition`.
-    phases : dict, optional
-        The store's phases summary, to take the default partition from.
-    baselines : int
-        Also refit the recipe on the uniform partition, this many random contiguous ones and
-        k = 1 (`dynamo.surrogates.raptor.partition_baselines`); 0 for none. One k and one seed only.
-    shuffled : int
-        With the baselines (or alone), this many random shuffled partitions: phases of blocks
-        drawn at random, not contiguous in depth (the paper's Fig. 3 protocol).
+    partition, phases : optional
+        Phases in any form `Partition.parse` reads; default `default_partition` (of the ``phases`` summary if given).
+    baselines, shuffled : int
+        Also refit on the uniform partition, this many random contiguous ones and k = 1; and this many random
+        shuffled partitions (the paper's Fig. 3). One k and one seed only.
     seeds : int
         Fits per k, with seeds ``seed .. seed + seeds - 1``, all on the held-out images of ``seed``.
     recipe : {"paper"}, optional
         Start from a named recipe (`RECIPES`); ``params`` given override it.
-    head : str or Path, optional
-        A linear head file for the accuracies (`dynamo.heads.LinearHead.load`); default the
-        teacher's own classifier, or a probe fitted on the store's labels for a teacher without one.
-    teacher : LoadedModel, optional
-        The recorded model (default loaded by the store's name).
     **params
-        `dynamo.surrogates.RaptorFitter` parameters (``steps``, ``lr``, ``seed``, ``device``, ...);
-        None values take the recipe's, else the fitter's defaults.
-
-    Returns
-    -------
-    dict
-        ``recipe`` and ``params`` (what was fitted with), ``stopping`` (the rule), per fit ``k``,
-        ``seed``, ``partition`` (and ``partition_source``), R² per layer and token kind,
-        ``r2_final``, accuracies and the head they used (or ``accuracy_note``), ``segments``
-        (steps each trained and why it ended); with several fits ``runs`` and ``by_k`` (mean and
-        std over seeds); ``baselines``, the paths written, ``seconds`` and ``text``.
+        `RaptorFitter` parameters; None values take the recipe's, else the fitter's defaults.
     """
     started = time.perf_counter()
     out = check_output(out, inputs=[store])

@@ -1,17 +1,6 @@
-"""``dynamo ladder`` and ``dynamo fit --surrogate``: the ladder of surrogates on one store, side by side.
+"""``dynamo ladder`` and ``dynamo fit --surrogate``: every rung of the ladder of surrogates and Raptor on one store, side by side.
 
-For every k, every rung of `dynamo.surrogates.rungs` (identity, linear, dmd, teacher-block) and Raptor
-is fitted on the same partition (`dynamo fit`'s default: `dynamo.pipeline.fit.default_partition`),
-on the same training images, and scored on the same held-out images, through the same head, by
-the same `dynamo.surrogates.evaluate`; beside them the non-recurrent linear variant (one
-map per layer), which does not depend on k. Each fit also gets its ε (`dynamo.surrogates.measures.epsilon`)
-and, but for identity and the per-layer map, its loop count (`dynamo.surrogates.measures.loop_count`).
-
-Written to ``DIR``: ``ladder.zarr`` (the xarray result), ``ladder.csv`` and ``ladder.json`` (one
-row per surrogate and k), ``ladder.png`` (final-layer R², accuracy ratio and ε against k),
-``ladder_layers.png`` (R² per layer, one panel per k), ``loop_count.png`` (the Raptors at other
-loop counts), ``ladder.html`` (the report section), and ``raptor-k<K>/`` (each Raptor fit, which a
-re-run resumes or reuses).
+Every rung shares one partition per k, the training and held-out images and the head; each gets ε and a loop count.
 """
 
 from __future__ import annotations
@@ -34,15 +23,7 @@ from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
 from dynamo.store import check_output, open_trajectories, require_contents, save_result, writer_lock
-from dynamo.surrogates import (
-    SURROGATES,
-    LinearFitter,
-    RaptorFitter,
-    epsilon,
-    loop_count,
-    per_layer,
-    transition_moments,
-)
+from dynamo.surrogates import SURROGATES, LinearFitter, RaptorFitter, epsilon, loop_count, per_layer, transition_moments
 from dynamo.surrogates.base import resolve_teacher, split_images
 from dynamo.surrogates.raptor.block import teacher_mlp
 from figures.ladder import plot_ladder, plot_ladder_layers, plot_loop_count
@@ -64,26 +45,9 @@ def fit_surrogate(store: str | Path, out: str | Path, surrogate: str, *, k: int 
                   n_bootstrap: int = 1000) -> dict:
     """Fit one closed-form or teacher-block rung to a store (``dynamo fit --surrogate``); Raptor is `dynamo.pipeline.fit.fit`.
 
-    Parameters
-    ----------
-    store : str or Path
-    out : str or Path
-        Output folder: ``config.json``, ``weights.safetensors``, ``evaluation.zarr``,
-        ``epsilon.zarr``, ``r2_per_layer.png``.
-    surrogate : {"identity", "linear", "dmd", "teacher-block"}
-    k, partition, head
-        As `dynamo.pipeline.fit.fit`: the default partition is `default_partition` of k (default
-        2) phases; the head is the teacher's own, a file, or a probe fitted on the store's labels.
-    seed, device, progress
-    n_bootstrap : int
-        Resamples for ε's intervals.
-
-    Returns
-    -------
-    dict
-        ``surrogate``, ``k``, ``partition`` (and ``partition_source``), R² per layer and token kind, ``r2_final``, the
-        accuracies, ``epsilon_max`` / ``epsilon_mean`` with intervals, the fitted choice
-        (``blocks``, ``alpha``, ``rank``), ``seconds``, ``text``.
+    Writes ``config.json``, ``weights.safetensors``, ``evaluation.zarr``, ``epsilon.zarr``, ``r2_per_layer.png`` to
+    ``out``; ``k``, ``partition``, ``head`` as `dynamo.pipeline.fit.fit`; ``n_bootstrap`` resamples for ε's intervals.
+    Returns the summary: R² per layer and token kind, accuracies, ε with intervals, the fitted choice, ``text``.
     """
     if surrogate not in SURROGATES or surrogate == "raptor":
         raise ValueError(f"unknown surrogate {surrogate!r} here; choose one of {', '.join(s for s in SURROGATES if s != 'raptor')}")
@@ -159,46 +123,24 @@ def ladder(
 ) -> dict:
     """Fit every rung of the ladder for every k on one store and compare them (``dynamo ladder``).
 
+    Writes ``ladder.zarr``, ``.csv``, ``.json``, ``.png``, ``ladder_layers.png``, ``loop_count.png``, ``ladder.html``
+    and ``raptor-k<K>/`` (each Raptor fit, which a re-run resumes or reuses) to ``out``; returns ``table``,
+    ``partitions``, the paths, ``seconds`` and ``text``.
+
     Parameters
     ----------
-    store : str or Path
-        A trajectory store with every layer and token.
-    out : str or Path
-        Output folder (see the module docstring).
     ks : sequence of int
-        Numbers of phases; each k's partition is `dynamo fit`'s default (`default_partition`),
-        shared by every rung.
+        Numbers of phases; each k's partition is `dynamo fit`'s default, shared by every rung.
     surrogates : sequence of str
         Rungs among `RUNGS` and `CEILING`.
     loop_scales : sequence of float
         Loop-count scales (each phase's block run ``round(scale * n_j)`` times).
-    head : str or Path, optional
-        A linear head file for the accuracies; default the teacher's own classifier, or a probe
-        fitted on the store's labels for a teacher without one (`dynamo.heads.resolve_head`).
-    n_bootstrap : int
-        Resamples of the held-out images for ε's intervals.
     raptor_init : {"random", "teacher-block"}
-        Raptor's blocks start at random (near the identity, the paper's) or from the
-        ``teacher-block`` rung's choice for the same k (fitted for it if not a rung of this
-        ladder; the block then takes the teacher's MLP kind and ratio unless ``mlp`` is given).
+        Raptor's blocks start at random (the paper's) or from the ``teacher-block`` rung's choice for the same k.
     tokens : str, optional
-        Token view of the dissimilarity the partitions are cut on (`dynamo.layout.default_tokens`:
-        ``cls+patch_mean``, or ``patch_mean`` for a model without a cls token).
-    seed : int
-        The split (every rung holds out the same 20%), Raptor's initialisation, the bootstrap.
-    device : str
-    progress : bool
-    command : str, optional
-        The command line, for the report's provenance.
+        Token view of the dissimilarity the partitions are cut on (`dynamo.layout.default_tokens`).
     **raptor_params
-        `RaptorFitter` parameters (``steps``, ``stage2_steps``, ``batch_size``, ``lr``, ``mlp``);
-        None takes the fitter's defaults.
-
-    Returns
-    -------
-    dict
-        ``table`` (one row per surrogate and k), ``partitions``, the paths written, ``seconds``,
-        ``text``.
+        `RaptorFitter` parameters (``steps``, ``stage2_steps``, ``batch_size``, ``lr``, ``mlp``); None takes its defaults.
     """
     started = time.perf_counter()
     if raptor_init not in RAPTOR_INITS:

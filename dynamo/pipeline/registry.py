@@ -1,9 +1,4 @@
-"""The analyses `dynamo analyze` and `dynamo profile` run, each described once.
-
-An entry names the analysis module (``DESCRIPTION``, ``compute``, ``summarize``), its figures
-(each with a caption), whether it runs the live model, and its typed options
-(`dynamo.pipeline.arguments.ANALYSIS_OPTIONS`, where their defaults live).
-"""
+"""The analyses `dynamo analyze` and `dynamo profile` run, each described once: module, figures, live model, typed options."""
 
 from __future__ import annotations
 
@@ -31,11 +26,7 @@ __all__ = ["ANALYSES", "Analysis", "FigureSpec", "Option", "options_for", "parti
 
 @dataclass(frozen=True)
 class FigureSpec:
-    """A figure of an analysis: ``plot(result)`` returns a Figure, or a dict of Figures by file name.
-
-    ``needs`` names a result variable without which the figure is skipped (a store without labels
-    has no class structure).
-    """
+    """A figure of an analysis: ``plot(result)`` returns a Figure or a dict of them; skipped without the variable ``needs``."""
 
     name: str
     plot: Callable
@@ -53,25 +44,10 @@ class FigureSpec:
 class Analysis:
     """One analysis of `dynamo analyze`.
 
-    Attributes
-    ----------
-    module : module
-        The analysis module: ``DESCRIPTION``, ``compute``, ``summarize``.
-    run : callable
-        ``run(ds, model, partition, options) -> xr.Dataset``; ``model`` is a `LoadedModel` when
-        ``needs_model`` (else None), ``options`` a dict with every `Option`'s value plus ``seed``,
-        ``progress``, ``device`` and ``head`` (the `dynamo.heads.LinearHead` accuracies use, or
-        None for the model's own classifier).
-    figures : tuple of FigureSpec
-    needs_model : bool
-        The analysis runs the model (perturbations, Jacobians, layer swaps).
-    uses_head : bool
-        The analysis scores accuracies (so `dynamo analyze` resolves the head, or fits a probe, for it).
-    options : tuple of Option
-    accumulate : callable, optional
-        ``accumulate(ds, options) -> analyses.streaming.Accumulator``: the analysis' share of the
-        one pass over ``hidden`` that `dynamo analyze` makes for all such analyses together
-        (`analyses.streaming.stream`); its ``run`` is that pass alone (`_streamed`).
+    ``run(ds, model, partition, options) -> xr.Dataset``: ``model`` a `LoadedModel` when ``needs_model``, ``options``
+    every `Option`'s value plus ``seed``, ``progress``, ``device`` and ``head``. ``accumulate(ds, options) ->
+    Accumulator``, optional: the analysis' share of the one pass over ``hidden`` (`_streamed`).
+    ``uses_head``: it scores accuracies, so `dynamo analyze` resolves the head (or fits a probe) for it.
     """
 
     module: ModuleType

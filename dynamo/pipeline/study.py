@@ -1,15 +1,7 @@
 """Comparative studies: many models, seeds or training settings, profiled and set side by side.
 
->>> from dynamo.pipeline import study
->>> folders = study.profile_models(["dynamo-zoo/vit-digits-p0.0", "dynamo-zoo/vit-digits-p0.5"], "sd-study")
->>> combined = study.load_study(folders)            # one xarray.Dataset with a `model` dimension
->>> combined["tokens_speed"].sel(token_kind="cls")  # (model, block), mean over images
->>> study.compare(folders, "sd-study/compare")      # side-by-side figures, table, HTML + JSON
-
-`load_study` reads what `dynamo profile` wrote (``summary.json`` and each analysis' result) and
-never runs a model. Models of different depths line up on their layer numbers (missing layers
-are NaN); the coordinates ``depth`` and ``block_depth`` give each layer's depth normalised to
-[0, 1] (layer / L), which the comparison figures use as their x axis.
+`load_study` reads what `dynamo profile` wrote and never runs a model; models of different depths line up on
+``depth`` and ``block_depth`` (layer / L).
 """
 
 from __future__ import annotations
@@ -44,25 +36,11 @@ COMPARED_CURVES = (
 
 
 def profile_models(models: Sequence, out: str | Path, *, images=None, **options) -> list[Path]:
-    """Profile several models into ``out/<label>`` each; resumable like `dynamo.pipeline.profile.profile`.
+    """Profile several models into ``out/<label>`` each (resumable); return the folders in the order of ``models``.
 
-    Parameters
-    ----------
-    models : sequence of str or dict
-        Model names (timm or zoo), or dicts with ``model`` and optionally any per-model option of
-        `dynamo.pipeline.profile.profile` (``checkpoint``, ``pretrained``, ``img_size``,
-        ``preprocess``, ``seed``) and ``label`` (the folder name; default derived from the model name).
-    out : str or Path
-        Parent folder of the profiles.
-    images : optional
-        The images every model sees (default the bundled digits).
-    **options
-        Passed to `dynamo.pipeline.profile.profile` (``limit``, ``only``, ``fit_raptor``, ...).
-
-    Returns
-    -------
-    list of Path
-        The profile folders, in the order of ``models``.
+    ``models``: names, or dicts with ``model``, optionally ``label`` and any per-model option of
+    `dynamo.pipeline.profile.profile`; ``images`` every model sees (default the bundled digits); ``**options`` go to
+    `dynamo.pipeline.profile.profile`.
     """
     folders = []
     for entry in models:
@@ -75,27 +53,10 @@ def profile_models(models: Sequence, out: str | Path, *, images=None, **options)
 
 
 def load_study(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> xr.Dataset:
-    """Combine profiles into one Dataset with a ``model`` dimension.
+    """Combine profiles (folders with ``summary.json``) into one Dataset with a ``model`` dimension.
 
-    Parameters
-    ----------
-    paths : sequence of str or Path
-        Folders written by `dynamo profile` (each with ``summary.json``).
-    labels : sequence of str, optional
-        Names along ``model``; default each profile's model name (made unique).
-
-    Returns
-    -------
-    xarray.Dataset
-        - ``similarity`` (model, layer_i, layer_j): the phases' layer dissimilarity;
-        - ``<analysis>_<variable>``: every analysis result variable, averaged over images
-          (e.g. ``basins_gamma`` (model, token_kind, layer), ``tokens_speed`` (model, token_kind, block));
-        - ``phase_<score>`` (model): the phase-structure scores; ``n_phases``, ``n_images``;
-          ``raptor_r2_final``, ``raptor_accuracy_ratio`` where a surrogate was fitted;
-        - coords ``depth`` (model, layer) and ``block_depth`` (model, block): depth / L, and
-          ``phase`` (model, layer): each model's partition (`dynamo.partition.from_result` of
-          ``study.sel(model=m)``);
-        - attrs ``profiles`` (the folders, JSON).
+    It holds ``similarity`` (model, layer_i, layer_j); ``<analysis>_<variable>`` averaged over images; ``phase_<score>``,
+    ``n_phases``, ``n_images`` and any ``raptor_*`` (model); coords ``depth``, ``block_depth`` and ``phase``.
     """
     if not paths:
         raise ValueError("no profiles to compare")
@@ -124,22 +85,10 @@ def headline_table(study: xr.Dataset) -> list[dict]:
 
 def compare(paths: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None,
             progress: bool = True) -> dict:
-    """Side-by-side report of several profiles (or stores): figures, table, HTML and JSON.
+    """Side-by-side report of several profiles (or stores, profiled first from the store alone): figures, table, HTML and JSON.
 
-    Parameters
-    ----------
-    paths : sequence of str or Path
-        Profile folders (`dynamo profile`), or trajectory stores, which are profiled first from
-        the store alone (into ``out/<label>``; analyses that need the live model are skipped).
-    out : str or Path
-        Output folder: ``compare.html``, ``compare.json``, ``study.zarr`` (the `load_study` Dataset), PNG figures.
-    labels : sequence of str, optional
-        Names of the models (default their model names).
-
-    Returns
-    -------
-    dict
-        The content of ``compare.json`` (the headline table, the figures), plus ``text``.
+    Writes ``compare.html``, ``compare.json``, ``study.zarr`` and PNG figures to ``out``; returns ``compare.json``'s
+    content plus ``text``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,13 +143,9 @@ def _summary(folder: Path) -> dict:
 
 
 def _read_result(summary: dict, relative: str, what: str) -> xr.Dataset:
-    """A result a profile wrote, read from the summary's own folder (where `profile_store` puts it, whatever
-    folder the profile ran from or was moved to), checked against the summary's model and weights.
+    """A result a profile wrote, read from the summary's own folder and checked against its model and weights.
 
-    Raises
-    ------
-    ValueError
-        The result is missing, or was computed on another model or other weights than the summary's.
+    Raises ValueError if the result is missing or was computed on another model or other weights.
     """
     folder = summary["folder"]
     path = folder / relative

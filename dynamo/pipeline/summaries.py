@@ -1,8 +1,4 @@
-"""Headline numbers as text: one formatting of values for the terminal, the JSON and the report.
-
-Analyses return flat dicts of numbers (`summarize`); these helpers round them for reading and
-turn them into the lines `dynamo` prints and the rows of the report's tables.
-"""
+"""Headline numbers as text: one formatting of values for the terminal, the JSON and the report."""
 
 from __future__ import annotations
 
@@ -16,8 +12,7 @@ MAX_LIST = 12  # longer lists are cut with "…" on the page and in the terminal
 
 
 def format_value(value) -> str:
-    """A number rounded to 4 significant digits; a partition as ``[1-3][4-6]``; a list as ``[a, b, c]``
-    (cut after `MAX_LIST`)."""
+    """A number rounded to 4 significant digits; a partition as ``[1-3][4-6]``; a list as ``[a, b, c]`` (cut after `MAX_LIST`)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, bool):

@@ -1,8 +1,5 @@
-"""`SurrogateFitter`: what every surrogate's fitter shares, scikit-learn style.
-
-The store checks, the teacher, the partition, the held-out split, evaluation, and one save format
-(``config.json`` + ``weights.safetensors``, nothing pickled) with one `SurrogateFitter.load`.
-Subclasses set ``name`` and implement ``_fit``, ``_state`` and ``_restore``.
+"""`SurrogateFitter`: what every surrogate's fitter shares, scikit-learn style, with one save format
+(``config.json`` + ``weights.safetensors``, nothing pickled) and one `SurrogateFitter.load`.
 """
 
 from __future__ import annotations
@@ -18,12 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 from dynamo.heads import LinearHead
 from dynamo.models import LoadedModel, load_recorded_model, rebuild_attrs
 from dynamo.partition import Partition, resolve_partition
-from dynamo.serialize import (
-    derived_seed,
-    jsonable,
-    read_tensors_and_json,
-    write_tensors_and_json,
-)
+from dynamo.serialize import derived_seed, jsonable, read_tensors_and_json, write_tensors_and_json
 from dynamo.stepping import BlockStepper
 from dynamo.store import open_trajectories
 from dynamo.surrogates.evaluate import evaluate
@@ -39,32 +31,15 @@ FITTERS: dict[str, type[SurrogateFitter]] = {}  # every fitter by name, filled a
 
 
 def split_images(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training and held-out images of a fit: ``round(fraction * n)`` held out, drawn with ``seed``.
-
-    Parameters
-    ----------
-    rows : numpy.ndarray
-        ``image`` coordinate values of the dataset.
-
-    Returns
-    -------
-    (numpy.ndarray, numpy.ndarray)
-        Training and held-out ``image`` values, each sorted.
-    """
+    """The training and held-out ``image`` values (each sorted) of ``rows``: ``round(fraction * n)`` held out, drawn with ``seed``."""
     held_out = np.random.default_rng(seed).permutation(rows)[: int(round(fraction * rows.size))]
     return np.setdiff1d(rows, held_out), np.sort(held_out)
 
 
 def stopping_split(training: np.ndarray, fraction: float, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The images a fit trains on and those it validates on for early stopping, both from its training images.
+    """Trained-on and early-stopping ``image`` values (each sorted) drawn from a fit's training images.
 
-    ``min(limit, round(fraction * n))`` of the ``n`` training images, drawn with a seed derived
-    from ``seed``; disjoint from the held-out images the fit is scored on.
-
-    Returns
-    -------
-    (numpy.ndarray, numpy.ndarray)
-        Trained-on and early-stopping ``image`` values, each sorted.
+    ``min(limit, round(fraction * n))`` of the ``n`` training images validate, drawn with a seed derived from ``seed``.
     """
     count = min(int(limit), int(round(fraction * training.size)))
     stopping = np.random.default_rng(derived_seed(seed, "stopping")).permutation(training)[:count]
@@ -117,13 +92,8 @@ def check_teacher(attrs: dict, identity: dict) -> None:
 class SurrogateFitter(BaseEstimator):
     """Fit a surrogate of a ViT's L blocks to a trajectory dataset; evaluate, score, save and load it.
 
-    Attributes
-    ----------
-    model_ : PhaseRecurrence
-        The fitted surrogate, with the teacher attached.
-    partition_ : Partition
-    training_images_, validation_images_ : numpy.ndarray
-        ``image`` values fitted on / held out (`split_images`; scored on by default).
+    Subclasses set ``name`` and implement ``_fit``, ``_state`` and ``_restore``. Fitted: ``model_`` (the
+    surrogate, teacher attached), ``partition_``, ``training_images_`` and ``validation_images_`` (``image`` values).
     """
 
     name = "surrogate"
@@ -141,22 +111,10 @@ class SurrogateFitter(BaseEstimator):
 
     def fit(self, ds: xr.Dataset | str | Path, teacher: LoadedModel | None = None, head: LinearHead | None = None,
             **data) -> SurrogateFitter:
-        """Fit the surrogate to a trajectory dataset.
+        """Fit the surrogate to a trajectory dataset (or its store's path) with every layer and token; return self.
 
-        Parameters
-        ----------
-        ds : xarray.Dataset, str or Path
-            A trajectory dataset with every layer and token, or its store's path.
-        teacher : LoadedModel, optional
-            The recorded model; default rebuilt from the dataset's attributes (hash checked).
-        head : LinearHead, optional
-            The head the accuracies use, attached to the teacher (`dynamo.heads`).
-        **data
-            Precomputed inputs a fitter accepts (`LinearFitter`, `DMDFitter`: ``moments``).
-
-        Returns
-        -------
-        self, fitted.
+        ``teacher`` defaults to the model rebuilt from the dataset's attributes (hash checked); ``head`` is
+        attached to it for accuracies; ``**data`` are precomputed inputs a fitter accepts (``moments``).
         """
         ds, num_layers = open_store(ds)
         teacher = resolve_teacher(ds.attrs, teacher)
@@ -182,8 +140,6 @@ class SurrogateFitter(BaseEstimator):
         """Set the fitted attributes from `_state`'s tensors and JSON; the surrogate model."""
         raise NotImplementedError
 
-    # ---- using the fitted surrogate -----------------------------------------------------
-
     @torch.no_grad()
     def transform(self, states) -> torch.Tensor:
         """The surrogate's layers 0..L, (B, L + 1, T, D), from layer-0 states (B, T, D)."""
@@ -198,8 +154,7 @@ class SurrogateFitter(BaseEstimator):
         return self.model_.predict(self.model_.run(self.model_.embed(pixels.to(self.device)), 0)[-1])
 
     def held_out_positions(self, ds: xr.Dataset, images=None) -> tuple[np.ndarray | None, str]:
-        """Positions evaluated on by default: ``images`` when given, else the held-out images when ``ds``
-        holds the images fitted on, else all (None). Returns (positions or None, which)."""
+        """Positions evaluated on by default and which they are: ``images``, else the held-out images, else all (None)."""
         if images is not None:
             return np.asarray(images), "given"
         images_sha256 = ds.attrs.get("identity", {}).get("images_sha256")
@@ -208,22 +163,7 @@ class SurrogateFitter(BaseEstimator):
         return None, "all images"
 
     def evaluate(self, ds: xr.Dataset | str | Path, images=None, reference: str = "target", probe: bool = True) -> xr.Dataset:
-        """`dynamo.surrogates.evaluate.evaluate` of the fitted surrogate.
-
-        Parameters
-        ----------
-        ds : xarray.Dataset, str or Path
-            A trajectory dataset of the teacher, or its store's path.
-        images : array-like of int, optional
-            Positions along ``image``; default `held_out_positions`.
-        reference, probe
-            As in `dynamo.surrogates.evaluate.evaluate`.
-
-        Returns
-        -------
-        xarray.Dataset
-            The report, with attrs ``images`` (which were used) and ``surrogate`` (the fitter's name).
-        """
+        """`dynamo.surrogates.evaluate.evaluate` of the fitted surrogate on positions ``images`` (default `held_out_positions`)."""
         check_is_fitted(self, "model_", msg=NOT_FITTED)
         ds, _ = open_store(ds)
         if self.model_.teacher is None:
@@ -236,8 +176,6 @@ class SurrogateFitter(BaseEstimator):
     def score(self, ds: xr.Dataset | str | Path, images=None) -> float:
         """Final-layer R² (all tokens, teacher variance) of the rollout from layer 0; see `evaluate`."""
         return float(self.evaluate(ds, images, probe=False).attrs["r2_final"])
-
-    # ---- persistence --------------------------------------------------------------------
 
     def save(self, folder) -> Path:
         """Write ``config.json`` (parameters, partition, teacher, split, fitted state) and ``weights.safetensors``."""
@@ -259,17 +197,9 @@ class SurrogateFitter(BaseEstimator):
              head: LinearHead | None = None) -> SurrogateFitter:
         """A fitted surrogate from a folder written by `save` (or by a Raptor fit of an older dynamo).
 
-        Parameters
-        ----------
-        folder : str or Path
-        teacher : LoadedModel, optional
-            Default rebuilt from the saved identity (weights hash checked); a teacher with random
-            weights and no recorded seed cannot be: pass it, or get a surrogate without one
-            (``run`` works, ``head`` not).
-        device : str, optional
-            Default the device it was fitted on.
-        head : LinearHead, optional
-            Attached to the teacher, as in `fit`.
+        ``teacher`` defaults to the one rebuilt from the saved identity (hash checked); a random-weight teacher
+        without a recorded seed cannot be rebuilt: pass it, or get a surrogate without one (``run`` works, ``head``
+        not). ``device`` defaults to the one fitted on.
         """
         folder = Path(folder)
         if not (folder / "config.json").exists():

@@ -32,29 +32,18 @@ def evaluate(
 
     Parameters
     ----------
-    model : PhaseRecurrence
-        A surrogate (`dynamo.surrogates.recurrence`); with a teacher attached, the accuracies use
-        its head (`dynamo.stepping.BlockStepper.head`).
-    ds : xarray.Dataset
-        A trajectory dataset (`dynamo.open_trajectories`) of the teacher, all layers and tokens.
     images : array-like of int, optional
-        Positions along ``image`` to evaluate (e.g. held-out images); default all.
-    batch_size : int
+        Positions along ``image`` to evaluate; default all.
     reference : {"target", "prediction"}
         R² denominator, see `dynamo.metrics`.
     probe : bool
-        Also fit a linear probe on the labels (5-fold cross-validated logistic regression on the
-        paper's head input, [cls ‖ patch mean] of the last layer after the teacher's final
-        norm), for the teacher's states and for the surrogate's, when the dataset has labels.
+        Also fit a 5-fold cross-validated logistic probe on [cls ‖ patch mean] for teacher and surrogate states.
 
     Returns
     -------
     xarray.Dataset
-        ``r2`` (layer, token_kind): R² at each layer 0..L, for all tokens ("all") and each kind;
-        ``r2_stacked`` (token_kind): over all layers stacked; coordinate ``phase`` (layer). Attrs:
-        ``model``, ``r2_final`` (all tokens, layer L), ``r2_reference``, ``n_images``, ``k``; with a
-        head, `accuracies`' (else ``accuracy_note``); with labels and ``probe``,
-        ``probe_accuracy_teacher``, ``probe_accuracy_surrogate``, ``probe_accuracy_head``.
+        ``r2`` (layer, token_kind), ``r2_stacked`` (token_kind), coordinate ``phase``; attrs ``r2_final``,
+        ``n_images``, ``k``, the `accuracies` through the teacher's head (or ``accuracy_note``), any ``probe_accuracy_*``.
     """
     positions = np.arange(ds.sizes["image"]) if images is None else np.asarray(images)
     groups = token_groups(ds["token_kind"], pooled=True)
@@ -114,8 +103,7 @@ def evaluate(
 
 
 def surrogate_device(model) -> torch.device:
-    """Where a surrogate's states go: its tensors' (parameters or buffers), else its teacher's (a
-    surrogate without tensors of its own, e.g. `dynamo.surrogates.IdentitySurrogate`)."""
+    """Where a surrogate's states go: its own tensors' device, else its teacher's."""
     teacher = model.teacher.module.parameters() if model.teacher is not None else ()
     return next(itertools.chain(model.parameters(), model.buffers(), teacher), torch.empty(0)).device
 
@@ -129,24 +117,11 @@ def labels_of(ds: xr.Dataset, positions: np.ndarray) -> np.ndarray | None:
 
 
 def accuracies(teacher, ds: xr.Dataset, positions: np.ndarray, labels, predicted: np.ndarray, surrogate: np.ndarray) -> dict:
-    """Accuracies of teacher and surrogate predictions, leaving out a fitted probe's training images.
+    """Accuracies of teacher and surrogate predictions at ``positions``, leaving out a fitted probe's training images.
 
-    Parameters
-    ----------
-    teacher : BlockStepper
-        Whose head made the predictions (its `head_attrs` are recorded).
-    positions : numpy.ndarray
-        Positions along ``image`` of the predictions.
-    labels : numpy.ndarray or None
-        Against the teacher's predictions when None.
-    predicted, surrogate : numpy.ndarray
-        (N,) classes of the teacher and of the surrogate; ``surrogate`` may be (S, N) for S variants.
-
-    Returns
-    -------
-    dict
-        ``agreement``, ``accuracy_against``, ``accuracy_images``, ``accuracy_teacher``,
-        ``accuracy_surrogate``, ``accuracy_ratio`` (arrays over S for (S, N)), or ``accuracy_note``.
+    ``predicted`` (N,) and ``surrogate`` (N,) or (S, N) are classes; they are scored against ``labels``, or against
+    the teacher's predictions when None. Returns ``agreement``, ``accuracy_against``, ``accuracy_images``,
+    ``accuracy_teacher``, ``accuracy_surrogate``, ``accuracy_ratio``, or ``accuracy_note``.
     """
     keep = scored(teacher.linear_head, np.asarray(ds["image"].values)[positions])
     plain = float if np.ndim(surrogate) == 1 else np.asarray

@@ -1,8 +1,4 @@
-"""Measures of the block-recurrent hypothesis for any fitted surrogate: its ε, and its loop count.
-
-`epsilon`: the relative Frobenius error of the rollout from layer 0 at every layer, per image (the
-paper's ε-BRH). `loop_count`: each phase's map repeated fewer or more times than the phase's length.
-"""
+"""Measures of the block-recurrent hypothesis for any fitted surrogate: its ε, and its loop count."""
 
 from __future__ import annotations
 
@@ -21,32 +17,11 @@ __all__ = ["epsilon", "loop_count", "loop_schedule"]
 @torch.no_grad()
 def epsilon(model, ds: xr.Dataset, images=None, batch_size: int = 64, n_bootstrap: int = 1000,
             confidence: float = 0.95, seed: int = 0) -> xr.Dataset:
-    """ε of the ε-BRH: relative Frobenius errors of the surrogate's rollout from each image's layer 0.
+    """ε of the ε-BRH: relative Frobenius errors e_il = ||X^_il - X_il||_F / ||X_il||_F of the rollout from layer 0.
 
-    For image i and layer l (1..L), e_il = ||X^_il - X_il||_F / ||X_il||_F over the image's
-    (T, D) state; the hypothesis's ε is the mean over images of max_l e_il (every block output
-    counts: the intermediate layers and the last), reported with the mean over layers beside it.
-
-    Parameters
-    ----------
-    model
-        A surrogate with ``run(x, start, stop)`` and ``num_layers`` (`PhaseSurrogate`, `Raptor`).
-    ds : xarray.Dataset
-        The teacher's trajectory dataset.
-    images : array-like of int, optional
-        Positions along ``image`` (e.g. held-out images); default all.
-    batch_size : int
-    n_bootstrap : int
-        Resamples of the images for the intervals (percentile bootstrap, `scipy.stats.bootstrap`);
-        0 for none.
-    confidence : float
-    seed : int
-
-    Returns
-    -------
-    xarray.Dataset
-        ``relative_error`` (image, layer); ``epsilon_max``, ``epsilon_mean`` (scalars) and their
-        ``*_low`` / ``*_high`` bounds; ``relative_error_mean`` (layer): mean over images.
+    ε is the mean over images (positions ``images``, default all) of max_l e_il, with the mean over layers beside it;
+    ``n_bootstrap`` resamples give percentile intervals. Returns ``relative_error`` (image, layer), ``epsilon_max``,
+    ``epsilon_mean`` with ``*_low`` / ``*_high`` bounds, and ``relative_error_mean`` (layer).
     """
     positions = np.arange(ds.sizes["image"]) if images is None else np.asarray(images)
     device = surrogate_device(model)
@@ -87,14 +62,9 @@ def _interval(values: np.ndarray, n_bootstrap: int, confidence: float, seed: int
 
 
 def loop_schedule(partition: Partition, scale: float) -> list[tuple[int, float]]:
-    """Steps of a surrogate run with each phase's block repeated ``max(1, round(scale * n_j))`` times.
+    """Per step, the 1-based block and depth signal of a run with phase j's block repeated m_j = ``max(1, round(scale * n_j))`` times.
 
-    Returns
-    -------
-    list of (int, float)
-        Per step, the 1-based block and the depth signal t: phase j spanning layers a..e (n_j of
-        them) run m_j times gets t = a - 1 + s * n_j / m_j for s = 1..m_j, so the depth signal
-        covers the phase's range evenly (t is the layer itself when m_j = n_j).
+    Phase j spanning layers a..e gets t = a - 1 + s * n_j / m_j for s = 1..m_j (the layer itself when m_j = n_j).
     """
     schedule = []
     for index, phase in enumerate(partition):
@@ -106,30 +76,12 @@ def loop_schedule(partition: Partition, scale: float) -> list[tuple[int, float]]
 
 @torch.no_grad()
 def loop_count(model, ds: xr.Dataset, scales=(0.5, 0.75, 1.0, 1.5, 2.0), images=None, batch_size: int = 64) -> xr.Dataset:
-    """The surrogate run with its phases' blocks repeated more or fewer times than the phases' lengths.
+    """The surrogate run from layer 0 with its phases' blocks repeated ``scale`` times their lengths, against layer L.
 
-    Each phase j's block runs m_j = max(1, round(scale * n_j)) times (`loop_schedule`) from the
-    recorded layer 0, and the final state is compared with the teacher's last layer: does the
-    block implement an iterative map that tolerates more or fewer steps?
-
-    Parameters
-    ----------
-    model
-        A surrogate with ``step(x, layer, block)``, ``partition``, ``num_layers``
-        and, for the accuracies, a teacher with a head (`PhaseSurrogate`, `Raptor`).
-    ds : xarray.Dataset
-    scales : sequence of float
-    images : array-like of int, optional
-        Positions along ``image``; default all.
-    batch_size : int
-
-    Returns
-    -------
-    xarray.Dataset
-        Over ``scale``: ``steps`` (total block applications), ``repeats`` (scale, phase),
-        ``r2_final`` (all tokens, teacher variance, against layer L), ``agreement`` with the
-        teacher's predictions, ``accuracy_surrogate`` and ``accuracy_ratio``; attrs
-        ``accuracy_teacher``, ``accuracy_against``, or ``accuracy_note`` without a head.
+    ``model`` has ``step(x, layer, block)``, ``partition``, ``num_layers`` (and a teacher head for accuracies);
+    ``images`` are positions (default all). Returns, over ``scale``: ``steps``, ``repeats`` (scale, phase),
+    ``r2_final``, ``agreement``, ``accuracy_surrogate``, ``accuracy_ratio``; attrs ``accuracy_teacher``,
+    ``accuracy_against``, or ``accuracy_note``.
     """
     bad = [scale for scale in scales if not (np.isfinite(scale) and scale > 0)]
     if bad or not len(scales):

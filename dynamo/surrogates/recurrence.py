@@ -1,8 +1,6 @@
 """k maps routed over the L layers of a ViT, with the teacher's embedding and head: what every surrogate shares.
 
-Target layer t (1..L) goes to the map of the phase holding block t (for contiguous phases, the
-paper's router thresholds). `run` and `head` have `dynamo.stepping.BlockStepper`'s signatures, so
-code that pushes states through a ViT takes a surrogate unchanged.
+`run` and `head` have `BlockStepper`'s signatures, so code that pushes states through a ViT takes a surrogate unchanged.
 """
 
 from __future__ import annotations
@@ -20,17 +18,9 @@ __all__ = ["PhaseRecurrence"]
 class PhaseRecurrence(nn.Module):
     """The router, the rollout and the teacher's ends; subclasses define `apply` (one map, once).
 
-    Parameters
-    ----------
-    partition : Partition, or list of int
-        The phases of blocks 1..L in any form `Partition.parse` reads, contiguous or not (map i
-        serves phase i), e.g. a `Partition` or the k - 1 increasing router thresholds of contiguous
-        phases (empty for k = 1).
-    num_layers : int
-        L, the teacher's number of blocks; `run` covers layers 0..L.
-    teacher : BlockStepper, optional
-        For `embed`, `head`, `predict` and `forward`; a plain attribute, not a submodule (its
-        weights are not part of the surrogate's state dict).
+    ``partition``: the phases of blocks 1..L in any form `Partition.parse` reads (map i serves phase i), or router
+    thresholds; ``num_layers``: L. ``teacher`` (a `BlockStepper`) serves `embed`, `head`, `predict` and `forward`; it
+    is a plain attribute, not part of the state dict.
     """
 
     name = "surrogate"
@@ -69,40 +59,14 @@ class PhaseRecurrence(nn.Module):
         raise NotImplementedError
 
     def step(self, x: torch.Tensor, layer: float, block: int | None = None) -> torch.Tensor:
-        """The state at ``layer`` from the state at ``layer - 1``.
-
-        Parameters
-        ----------
-        x : torch.Tensor
-            (B, T, D) at layer ``layer - 1``.
-        layer : float
-            1..L, the layer to produce (a depth-conditioned map's depth signal); any depth when
-            ``block`` is given (as `dynamo.surrogates.measures.loop_count` runs them).
-        block : int, optional
-            1-based map to use instead of the routed one.
-        """
+        """The (B, T, D) state at ``layer`` (1..L) from the one at ``layer - 1``; ``block`` (1-based) overrides the routed map."""
         return self.apply(x, self.block_index(layer) if block is None else block - 1, layer)
 
     def run(self, x: torch.Tensor, start: int, stop: int | None = None, noise: float = 0.0,
             generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Autoregressive rollout from layer ``start`` to layer ``stop``.
+        """Autoregressive rollout from layer ``start`` to ``stop`` (default L): ``stop - start + 1`` states, the first ``x``.
 
-        Parameters
-        ----------
-        x : torch.Tensor
-            (B, T, D), the state at layer ``start``.
-        start, stop : int
-            0 <= start <= stop <= L; ``stop`` defaults to L.
-        noise : float
-            Standard deviation of Gaussian noise added to each map's input (Raptor's training;
-            0 everywhere else).
-        generator : torch.Generator, optional
-            Source of that noise.
-
-        Returns
-        -------
-        list of torch.Tensor
-            ``stop - start + 1`` states, layers ``start..stop``, each (B, T, D); the first is ``x``.
+        ``noise`` is the standard deviation of Gaussian noise added to each map's input, drawn from ``generator``.
         """
         return rollout(self.step, x, start, stop, self.num_layers, noise=noise, generator=generator)
 
@@ -118,8 +82,7 @@ class PhaseRecurrence(nn.Module):
 
     @property
     def head(self):
-        """Logits from the last layer by the teacher's head (`BlockStepper.head`): (B, T, D) -> (B, classes);
-        None without a teacher, or when the teacher has no classifier and no linear head."""
+        """Logits (B, classes) from the last layer by the teacher's head; None without a teacher or head."""
         return None if self.teacher is None else self.teacher.head
 
     @property

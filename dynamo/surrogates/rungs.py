@@ -1,9 +1,4 @@
-"""The rungs below Raptor: identity, closed-form linear and DMD maps per phase, and the teacher's own blocks.
-
-Each rung replaces the blocks of every phase of depth by one map applied once per layer of the
-phase. The closed-form fits stream the store once (`transition_moments`), from which any
-partition's linear and DMD maps follow.
-"""
+"""The rungs below Raptor: identity, closed-form linear and DMD maps per phase, and the teacher's own blocks."""
 
 from __future__ import annotations
 
@@ -24,21 +19,8 @@ from dynamo.surrogates.base import NOT_FITTED, SurrogateFitter
 from dynamo.surrogates.recurrence import PhaseRecurrence
 from dynamo.progress import progress_bar
 
-__all__ = [
-    "ALPHAS",
-    "AffineSurrogate",
-    "DMDFitter",
-    "IdentityFitter",
-    "IdentitySurrogate",
-    "LinearFitter",
-    "PhaseSurrogate",
-    "TeacherBlockFitter",
-    "TeacherBlockSurrogate",
-    "TransitionMoments",
-    "per_layer",
-    "rollout_scores",
-    "transition_moments",
-]
+__all__ = ["ALPHAS", "AffineSurrogate", "DMDFitter", "IdentityFitter", "IdentitySurrogate", "LinearFitter", "PhaseSurrogate",
+           "TeacherBlockFitter", "TeacherBlockSurrogate", "TransitionMoments", "per_layer", "rollout_scores", "transition_moments"]
 
 ALPHAS = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # ridge penalties `LinearFitter` chooses among
 
@@ -48,20 +30,10 @@ def per_layer(num_layers: int) -> Partition:
     return Partition([layer] for layer in range(1, num_layers + 1))
 
 
-# ---- the surrogate models -----------------------------------------------------------------
-
-
 class PhaseSurrogate(PhaseRecurrence):
     """k maps, one per contiguous phase of depth, each applied once per layer of its phase; subclasses define `apply`.
 
-    Parameters
-    ----------
-    partition : Partition
-        Contiguous phases covering blocks 1..L.
-    num_layers : int
-        L.
-    teacher : BlockStepper, optional
-        For `embed`, `head`, `predict`, `forward`; a plain attribute, not a submodule.
+    ``teacher`` (a BlockStepper, optional) serves `embed`, `head`, `predict`, `forward`; it is a plain attribute, not a submodule.
     """
 
     def __init__(self, partition: Partition, num_layers: int, teacher: BlockStepper | None = None):
@@ -78,15 +50,7 @@ class IdentitySurrogate(PhaseSurrogate):
 
 
 class AffineSurrogate(PhaseSurrogate):
-    """Phase i maps every token by x <- A_i x + b_i.
-
-    Parameters
-    ----------
-    weight : torch.Tensor
-        (k, D, D), A_i.
-    bias : torch.Tensor
-        (k, D), b_i.
-    """
+    """Phase i maps every token by x <- A_i x + b_i; ``weight`` is (k, D, D), ``bias`` (k, D)."""
 
     name = "affine"
 
@@ -109,11 +73,7 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
 
 
 class TeacherBlockSurrogate(PhaseSurrogate):
-    """Phase i runs the teacher's own block ``blocks[i]`` (1-based) for every one of its layers.
-
-    The chosen blocks are registered as submodules (they are this surrogate's maps); they stay
-    the teacher's modules, shared, not copies.
-    """
+    """Phase i runs the teacher's own block ``blocks[i]`` (1-based, a shared submodule, not a copy) for each of its layers."""
 
     name = "teacher-block"
 
@@ -129,26 +89,12 @@ class TeacherBlockSurrogate(PhaseSurrogate):
         return self.teacher.step(x, block, block=block)
 
 
-# ---- streamed moments of the store --------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class TransitionMoments:
-    """Sums over every token of a set of images, per block l (1..L), of its input x (layer l - 1)
-    and output y (layer l), in float64: enough for any partition's least-squares maps.
+    """Float64 sums over every token of a set of images, per block l, of its input x (layer l - 1) and output y (layer l).
 
-    Attributes
-    ----------
-    images : numpy.ndarray
-        ``image`` values summed over.
-    count : torch.Tensor
-        (L,) tokens summed (images x tokens).
-    sum_in, sum_out : torch.Tensor
-        (L, D): sum of x, sum of y.
-    gram : torch.Tensor
-        (L, D, D): sum of x x^T.
-    cross : torch.Tensor
-        (L, D, D): sum of x y^T.
+    ``images`` are the ``image`` values summed over, ``count`` (L,) the tokens; ``sum_in``, ``sum_out`` (L, D) sum x
+    and y; ``gram``, ``cross`` (L, D, D) sum x x^T and x y^T.
     """
 
     images: np.ndarray
@@ -169,21 +115,7 @@ def transition_moments(ds: xr.Dataset, images=None, batch_size: int = 32, device
                        progress: bool = False) -> TransitionMoments:
     """Stream a trajectory dataset once and sum each block's input/output moments (`TransitionMoments`).
 
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        A trajectory dataset with every layer 0..L.
-    images : array-like, optional
-        ``image`` values to sum over; default all.
-    batch_size : int
-        Images read at a time.
-    device : str
-        Torch device of the float64 accumulation.
-    progress : bool
-
-    Returns
-    -------
-    TransitionMoments
+    ``images`` are ``image`` values to sum over (default all); ``device`` holds the float64 accumulation.
     """
     images = ds["image"].values if images is None else np.asarray(images)
     positions = np.flatnonzero(np.isin(ds["image"].values, images))
@@ -216,24 +148,8 @@ def rollout_scores(ds: xr.Dataset, images, partition: Partition, candidates, bat
                  device: str = "cpu", progress: bool = False) -> list[np.ndarray]:
     """R² of each candidate map over each phase, rolled out from the recorded state at the phase's entry.
 
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        A trajectory dataset with every layer.
-    images : array-like
-        ``image`` values to score on.
-    partition : Partition
-        Contiguous phases.
-    candidates : list of list of callable
-        Per phase, maps (B, T, D) -> (B, T, D), each applied once per layer of the phase.
-    batch_size : int
-    device : str
-    progress : bool
-
-    Returns
-    -------
-    list of numpy.ndarray
-        Per phase, the R² (teacher variance, all tokens, the phase's layers stacked) of each candidate.
+    ``candidates``: per phase, maps (B, T, D) -> (B, T, D), each applied once per layer of the phase; ``images`` are
+    ``image`` values. Returns, per phase, the R² (teacher variance, all tokens, the phase's layers stacked) of each.
     """
     positions = np.flatnonzero(np.isin(ds["image"].values, np.asarray(images)))
     sums = [[None] * len(maps) for maps in candidates]
@@ -256,20 +172,8 @@ def _selection_images(training: np.ndarray, count: int, seed: int) -> np.ndarray
     return np.sort(np.random.default_rng(seed).permutation(training)[:count])
 
 
-# ---- the fitters --------------------------------------------------------------------------
-
-
 class IdentityFitter(SurrogateFitter):
-    """The ``identity`` rung: nothing is learned; the partition only labels the result.
-
-    Parameters
-    ----------
-    k, partition
-        As `LinearFitter`'s.
-    validation_fraction, seed : float, int
-        The held-out split (`dynamo.surrogates.base.split_images`).
-    device : str
-    """
+    """The ``identity`` rung: nothing is learned; the partition only labels the result (parameters as `LinearFitter`'s)."""
 
     name = "identity"
 
@@ -301,7 +205,6 @@ class _AffineFitter(SurrogateFitter):
                                torch.from_numpy(self.bias_), stepper, name=self.name)
 
     def _maps(self, ds: xr.Dataset, moments: TransitionMoments) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(A_j, b_j) per phase from the moments."""
         raise NotImplementedError
 
     def _state(self) -> tuple[dict, dict]:
@@ -312,8 +215,7 @@ class _AffineFitter(SurrogateFitter):
         return AffineSurrogate(self.partition_, num_layers, tensors["weight"], tensors["bias"], stepper, name=self.name)
 
     def operator(self, phase: int, steps: int = 1) -> np.ndarray:
-        """K^p of phase ``phase`` (0-based) on the augmented state [x; 1]: (D + 1, D + 1), the map of
-        ``steps`` applications, ``K^p [x; 1] = [x_p; 1]``."""
+        """K^p of phase ``phase`` (0-based) on the augmented state [x; 1]: (D + 1, D + 1), ``K^p [x; 1] = [x_p; 1]``."""
         check_is_fitted(self, "weight_", msg=NOT_FITTED)
         width = self.weight_.shape[-1]
         operator = np.eye(width + 1)
@@ -322,42 +224,26 @@ class _AffineFitter(SurrogateFitter):
 
 
 class LinearFitter(_AffineFitter):
-    """The ``linear`` rung: one closed-form ridge regression per phase, x <- A_j x + b_j for every token.
-
-    Fitted on the one-step pairs of the phase's layers (intercept unpenalised) and applied
-    recurrently; each phase's penalty is chosen among ``alpha`` by its rollout's R² on training images.
+    """The ``linear`` rung: one closed-form ridge regression per phase (intercept unpenalised), applied recurrently.
 
     Parameters
     ----------
-    k : int, optional
-        Phases (default the partition's length, or 2).
-    partition : optional
-        Contiguous phases in any form `Partition.parse` reads; default k uniform phases.
+    k, partition : optional
+        Phases: k uniform ones (default 2), or any form `Partition.parse` reads.
     alpha : float or sequence of float
-        Ridge penalties relative to the mean input variance (lambda = alpha * trace(C_xx) / D);
-        one value fixes it, several are chosen among per phase (default `ALPHAS`; 0 is least
-        squares, by pseudo-inverse).
+        Ridge penalties relative to the mean input variance (lambda = alpha * trace(C_xx) / D); several
+        are chosen among per phase by rollout R² on training images (0 is least squares, by pseudo-inverse).
     selection_images : int
         At most this many training images (drawn with ``seed``) score the penalties.
-    batch_size : int
-        Images read at a time.
     validation_fraction, seed
         The held-out split (`dynamo.surrogates.base.split_images`).
-    device : str
-        Where the moments are summed and the surrogate runs.
-    progress : bool
 
     Attributes
     ----------
-    weight_ : numpy.ndarray
-        (k, D, D) float64, A_j.
-    bias_ : numpy.ndarray
-        (k, D) float64, b_j.
-    alpha_ : list of float
-        The penalty chosen per phase.
-    scores_ : xarray.DataArray
-        (phase, alpha): R² of each penalty's rollout over each phase, on the selection images.
-    model_ : AffineSurrogate
+    weight_, bias_ : numpy.ndarray
+        (k, D, D) and (k, D) float64: A_j, b_j.
+    alpha_, scores_
+        The penalty chosen per phase; (phase, alpha) R² of each penalty's rollout on the selection images.
     """
 
     name = "linear"
@@ -412,27 +298,12 @@ class LinearFitter(_AffineFitter):
 
 
 class DMDFitter(_AffineFitter):
-    """The ``dmd`` rung: exact DMD of each phase's steps, with the constant observable appended.
+    """The ``dmd`` rung: exact DMD K = Y Z^+ of each phase's steps with the constant observable appended; p steps are K^p.
 
-    K = Y Z^+ from the streamed moments, truncated to ``rank``; at full rank the least-squares
-    affine map (`LinearFitter` with alpha = 0). p steps are K^p (`operator`).
-
-    Parameters
-    ----------
-    k, partition, validation_fraction, seed, device, progress
-        As `LinearFitter`'s.
-    rank : int or float, optional
-        Singular directions of the snapshots kept: an int r, a float in (0, 1) for the smallest r
-        holding that fraction of the energy (sum of S^2), or None for all (numerical rank).
-
-    Attributes
-    ----------
-    weight_, bias_ : numpy.ndarray
-        (k, D, D), (k, D): the top rows of K, [A_j b_j].
-    rank_ : list of int
-        Directions kept per phase.
-    eigenvalues_ : numpy.ndarray
-        (k, D) complex: the DMD spectrum of each phase, the eigenvalues of A_j (K's are these and 1).
+    ``rank``: singular directions kept, an int r, a float in (0, 1) for the smallest r holding that fraction of the
+    energy (sum of S^2), or None for all (at full rank, `LinearFitter` with alpha = 0). Other parameters as
+    `LinearFitter`'s. Fitted: ``weight_``, ``bias_`` (the top rows of K, [A_j b_j]), ``rank_`` per phase and
+    ``eigenvalues_`` (k, D) complex, the eigenvalues of A_j.
     """
 
     name = "dmd"
@@ -489,23 +360,9 @@ class DMDFitter(_AffineFitter):
 class TeacherBlockFitter(SurrogateFitter):
     """The ``teacher-block`` rung: each phase runs the teacher block whose rollout over it has the best R² on training images.
 
-    Parameters
-    ----------
-    k, partition, validation_fraction, seed, device, progress
-        As `LinearFitter`'s.
-    candidates : {"all", "phase"}
-        Blocks tried for a phase: every block of the teacher, or only the phase's own.
-    selection_images : int
-        At most this many training images (drawn with ``seed``) score the candidates.
-    batch_size : int
-
-    Attributes
-    ----------
-    blocks_ : list of int
-        The chosen 1-based teacher block per phase.
-    scores_ : xarray.DataArray
-        (phase, candidate): R² of each candidate over each phase (NaN where not tried).
-    model_ : TeacherBlockSurrogate
+    ``candidates``: every block of the teacher (``"all"``) or only the phase's own (``"phase"``); ``selection_images``
+    training images at most score them. Other parameters as `LinearFitter`'s. Fitted: ``blocks_`` (1-based, per
+    phase) and ``scores_`` (phase, candidate), NaN where not tried.
     """
 
     name = "teacher-block"

@@ -1,11 +1,4 @@
-"""dynamo's own model zoo: small timm ViTs trained on real handwritten digits and Fashion-MNIST, shipped in the package.
-
-Each model is a ``timm.models.vision_transformer.VisionTransformer`` with float16 safetensors
-weights in ``weights/`` and a JSON model card in ``cards/`` (architecture, data config, split,
-training settings, test accuracy, sha256 of the weights). ``images/`` holds the held-out test
-digits, 1,000 held-out Fashion-MNIST test images and a few public-domain photographs. See
-README.md in this folder for sources and licences.
-"""
+"""dynamo's own model zoo: small timm ViTs trained on digits and Fashion-MNIST, with cards and test images (see README.md here)."""
 
 from __future__ import annotations
 
@@ -18,18 +11,8 @@ DEFAULT_MODEL = "dynamo-zoo/vit-digits-reg4"
 
 _HERE = Path(__file__).parent
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "ZOO_PREFIX",
-    "build_model",
-    "default_images",
-    "fashion_images",
-    "list_models",
-    "load_zoo_model",
-    "model_card",
-    "natural_images",
-    "weights_path",
-]
+__all__ = ["DEFAULT_MODEL", "ZOO_PREFIX", "build_model", "default_images", "fashion_images", "list_models", "load_zoo_model", "model_card",
+           "natural_images", "weights_path"]
 
 
 def list_models() -> list[str]:
@@ -45,13 +28,7 @@ def _stem(name: str) -> str:
 
 
 def model_card(name: str) -> dict:
-    """The model card of a zoo model, named with or without the ``dynamo-zoo/`` prefix.
-
-    Raises
-    ------
-    ValueError
-        The name is not a shipped model; the message lists those that are.
-    """
+    """The model card of a zoo model, with or without the ``dynamo-zoo/`` prefix; ValueError lists the shipped names."""
     return json.loads((_HERE / "cards" / f"{_stem(name)}.json").read_text())
 
 
@@ -70,16 +47,9 @@ def build_model(arch: dict, cfg: dict):
 
 
 def load_zoo_model(name: str):
-    """Build a zoo model from its card and load its shipped weights, in float32 and eval mode.
+    """Build a zoo model from its card and load its sha256-checked shipped weights, in float32 and eval mode.
 
-    The weights are read with ``safetensors.torch.load_file`` (never unpickled) after their
-    sha256 is checked against the card. ``model.pretrained_cfg`` is the card's, so
-    ``timm.data.resolve_data_config({}, model=model)`` gives the transform it was trained with.
-
-    Raises
-    ------
-    ValueError
-        Unknown name (the message lists the shipped models), or weights that do not match the card.
+    Raises ValueError for an unknown name (listing the shipped models) or weights that do not match the card.
     """
     from safetensors.torch import load_file
 
@@ -94,11 +64,7 @@ def load_zoo_model(name: str):
 
 
 def default_images(model: str | None = None) -> Path:
-    """The held-out test images of ``model``'s training data; the test digits for any other model.
-
-    The digits are ``<digit>/<index in load_digits()>.png``, 8×8 grayscale; a zoo model trained
-    on Fashion-MNIST gets `fashion_images`.
-    """
+    """The held-out test images of ``model``'s training data (`fashion_images` or the test digits); the digits for any other model."""
     shipped = model is not None and ZOO_PREFIX + model.removeprefix(ZOO_PREFIX) in list_models()
     if shipped and model_card(model)["training"].get("dataset") == "fashion":
         return fashion_images()
@@ -106,11 +72,7 @@ def default_images(model: str | None = None) -> Path:
 
 
 def fashion_images() -> Path:
-    """1,000 held-out Fashion-MNIST test images, 100 per class: ``<class index>/<index>.png``, 28×28 grayscale.
-
-    ``index`` is 60,000 + the image's position in ``t10k-images-idx3-ubyte.gz``; class names
-    are ``dynamo.zoo.data.FASHION_CLASSES``.
-    """
+    """1,000 held-out Fashion-MNIST test images, 100 per class: ``<class index>/<index>.png``, 28×28 grayscale."""
     return _HERE / "images" / "fashion-test"
 
 

@@ -109,8 +109,7 @@ def checkpoint_list(config: TrainConfig) -> list[int]:
 
 
 def default_name(config: TrainConfig) -> str:
-    """``vit-<dataset>-p<p>`` (``vit-digits-p0.1``, ``vit-fashion-p0.1``), with ``-reg<r>`` for register
-    models and ``-s<seed>`` for nonzero seeds."""
+    """``vit-<dataset>-p<p>``, with ``-reg<r>`` for register models and ``-s<seed>`` for nonzero seeds."""
     name = f"vit-{config.dataset}" + (f"-reg{config.registers}" if config.registers else "")
     name += f"-p{config.drop_path_rate}"
     return name + (f"-s{config.seed}" if config.seed else "")
@@ -120,8 +119,7 @@ def default_name(config: TrainConfig) -> str:
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the trainer's flags: one per `TrainConfig` field, plus --data, --out, --name, --from-card, --quiet.
 
-    A training flag that is not given takes the default of the chosen ``--dataset``
-    (`DATASET_DEFAULTS` over `TrainConfig`), so the flags' parsed namespace holds only those given.
+    A training flag not given takes the chosen ``--dataset``'s default, so the namespace holds only those given.
     """
     kinds = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
     for spec in dataclasses.fields(TrainConfig):

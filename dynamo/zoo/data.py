@@ -1,14 +1,7 @@
-"""The zoo's data: two labelled image sets, their fixed held-out splits, and PNG images.
+"""The zoo's data: scikit-learn's digits and Fashion-MNIST, their fixed held-out splits, and PNG images.
 
-- ``"digits"``: scikit-learn's 8×8 handwritten digits (integers 0..16, stored as
-  ``round(value * 255 / 16)``), a stratified 80/20 split (`digits_split`).
-- ``"fashion"``: Fashion-MNIST, 28×28 uint8 clothes, read from the original idx files
-  (Debian's ``dataset-fashion-mnist``), the original 60,000 / 10,000 split (`fashion_split`).
-
-Every pixel a zoo model sees, in training and in evaluation, takes the same path: the uint8
-image is stored as a grayscale PNG, opened with PIL, converted to RGB and passed through the
-model's timm eval transform. Training encodes and decodes those PNGs in memory; evaluation
-reads the bundled folder.
+Every pixel a zoo model sees takes the same path: a grayscale PNG, opened with PIL as RGB, through the
+model's timm eval transform.
 """
 
 from __future__ import annotations
@@ -80,18 +73,7 @@ NATURAL_IMAGES = {
 def digits_split(seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) -> dict:
     """The fixed, stratified train/test split of ``load_digits()``.
 
-    Parameters
-    ----------
-    seed : int
-        ``random_state`` of scikit-learn's ``train_test_split``.
-    test_fraction : float
-        Share of the 1,797 images held out for testing.
-
-    Returns
-    -------
-    dict
-        ``pixels`` uint8 (1797, 8, 8); ``labels`` int64 (1797,); ``train`` and ``test``: sorted
-        int64 indices into ``load_digits()``, shapes (N_train,) and (N_test,).
+    Returns a dict: ``pixels`` uint8 (1797, 8, 8), ``labels`` int64 (1797,), ``train`` and ``test`` sorted int64 indices.
     """
     digits = load_digits()
     indices = np.arange(len(digits.target))
@@ -109,14 +91,7 @@ def digits_split(seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) -
 def read_idx(path: str | Path) -> np.ndarray:
     """Read a gzipped idx file (the MNIST format): its array, in native byte order.
 
-    The header is two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
-    0x0D float32, 0x0E float64), the number of dimensions, then each size as a big-endian
-    uint32; the data follow, big-endian, in C order.
-
-    Raises
-    ------
-    ValueError
-        The header is not an idx header, or the data are not as long as it says.
+    Raises ValueError when the header is not an idx header, or the data are not as long as it says.
     """
     with gzip.open(path, "rb") as file:
         blob = file.read()
@@ -132,25 +107,10 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def fashion_split(data_dir: str | Path | None = None) -> dict:
-    """Fashion-MNIST's original split, read from its four idx files.
+    """Fashion-MNIST's original split from its four idx files in ``data_dir`` (default `FASHION_DIR`).
 
-    Parameters
-    ----------
-    data_dir : str or Path, optional
-        Folder holding ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
-        ``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz``; default `FASHION_DIR`.
-
-    Returns
-    -------
-    dict
-        As `digits_split`: ``pixels`` uint8 (70000, 28, 28), the 60,000 training images then
-        the 10,000 test images; ``labels`` int64 (70000,); ``train`` = 0..59999 and
-        ``test`` = 60000..69999, int64 indices into both.
-
-    Raises
-    ------
-    FileNotFoundError
-        A file is missing; the message names the folder and how to get the files.
+    Returns a dict as `digits_split`'s: the 60,000 training then 10,000 test images (70000, 28, 28). Raises
+    FileNotFoundError naming the folder and how to get the files.
     """
     root = Path(data_dir) if data_dir is not None else FASHION_DIR
     names = [name for pair in FASHION_FILES.values() for name in pair]
@@ -198,11 +158,7 @@ def split_record(
 
 
 def bundled_test(split: dict, dataset: str = "digits") -> np.ndarray:
-    """The test images shipped in the package: sorted indices into ``split``.
-
-    All of the test split for ``"digits"``; for ``"fashion"``, `BUNDLED_PER_CLASS` per class,
-    evenly spaced through that class's test images in file order.
-    """
+    """The test images shipped in the package, as sorted indices into ``split``: all digits, `BUNDLED_PER_CLASS` per fashion class."""
     per_class = BUNDLED_PER_CLASS[dataset]
     if per_class is None:
         return np.sort(split["test"])
@@ -226,20 +182,7 @@ def pixel_stats(pixels: np.ndarray) -> tuple[float, float]:
 
 
 def png_tensors(pixels: np.ndarray, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    """Encode each image as a grayscale PNG in memory, decode it as RGB and transform it.
-
-    Parameters
-    ----------
-    pixels : numpy.ndarray
-        uint8 images, shape (N, H, W).
-    transform : callable
-        PIL image → tensor (C, H', W'), e.g. timm's eval transform.
-
-    Returns
-    -------
-    torch.Tensor
-        float32, shape (N, C, H', W').
-    """
+    """Encode uint8 images (N, H, W) as grayscale PNGs in memory, decode them as RGB and ``transform``: float32 (N, C, H', W')."""
     out = []
     for image in pixels:
         buffer = io.BytesIO()
@@ -250,15 +193,7 @@ def png_tensors(pixels: np.ndarray, transform: Callable[[Image.Image], torch.Ten
 
 
 def load_folder(root: str | Path, transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a folder of class sub-folders named by class index, as the bundled test images are.
-
-    Returns
-    -------
-    pixels : torch.Tensor
-        float32, shape (N, C, H, W), in sub-folder then file-name order.
-    labels : torch.Tensor
-        int64, shape (N,), the sub-folder name of each image.
-    """
+    """Read a folder of class sub-folders named by class index: float32 pixels (N, C, H, W) and int64 labels (N,)."""
     pixels, labels = [], []
     for folder in sorted(Path(root).iterdir()):
         if not folder.is_dir():
@@ -271,11 +206,7 @@ def load_folder(root: str | Path, transform: Callable[[Image.Image], torch.Tenso
 
 
 def export_images(root: str | Path, split: dict, indices: Sequence[int]) -> None:
-    """Write ``root/<class index>/<index>.png``: grayscale PNGs of ``split["pixels"][index]``.
-
-    ``index`` is the position in ``split``: in ``load_digits()`` for the digits, and
-    60,000 + the position in the t10k files for Fashion-MNIST test images.
-    """
+    """Write ``root/<class index>/<index>.png``: grayscale PNGs of ``split["pixels"][index]``."""
     root = Path(root)
     for index in indices:
         folder = root / str(split["labels"][index])

@@ -1,19 +1,4 @@
-"""Train a zoo ViT on the digits or Fashion-MNIST: timm's own VisionTransformer, deterministic given the seed, on CPU.
-
-The model is ``timm.models.vision_transformer.VisionTransformer`` (12 blocks, class token,
-optional register tokens) in 4×4 patches: on 32×32 RGB inputs for the digits (8×8 resized),
-on 28×28 for Fashion-MNIST (a 7×7 patch grid). Its ``pretrained_cfg`` makes
-``timm.data.resolve_data_config({}, model=model)`` give the transform it was trained with, so
-the rest of dynamo preprocesses its images like any timm model's. Training inputs are the
-training split's PNGs through that very transform, with small random affine jitter (none in
-the Fashion-MNIST defaults).
-
-Command line: ``dynamo train-zoo`` (or ``python -m dynamo.zoo.train``), e.g. ::
-
-    dynamo train-zoo --drop-path-rate 0.2 --seed 0 --out my-zoo
-    dynamo train-zoo --from-card vit-digits-reg4 --out dynamo/zoo   # rebuild a shipped model
-    dynamo train-zoo --dataset fashion --drop-path-rate 0.3 --out my-zoo   # Fashion-MNIST defaults
-"""
+"""Train a zoo ViT (timm's own VisionTransformer) on the digits or Fashion-MNIST, deterministically: ``dynamo train-zoo``."""
 
 from __future__ import annotations
 
@@ -76,15 +61,7 @@ def architecture(config: TrainConfig) -> dict:
 
 
 def pretrained_cfg(mean: float, std: float, img_size: int = IMG_SIZE) -> dict:
-    """timm's pretrained config of a zoo model: what ``resolve_data_config`` reads.
-
-    Parameters
-    ----------
-    mean, std : float
-        Pixel statistics of the training split on the 0..1 scale, used for all three channels.
-    img_size : int
-        Side of the square input: 32 for the digits, 28 for Fashion-MNIST.
-    """
+    """timm's pretrained config of a zoo model (what ``resolve_data_config`` reads); ``mean``, ``std`` on the 0..1 scale."""
     return {
         "input_size": (3, img_size, img_size),
         "interpolation": "bicubic",
@@ -132,15 +109,7 @@ def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def evaluate(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent, rounded to 2 decimals.
-
-    Parameters
-    ----------
-    pixels : torch.Tensor
-        Transformed images, shape (N, 3, H, W).
-    labels : torch.Tensor
-        int64 classes, shape (N,).
-    """
+    """Top-1 accuracy in percent, rounded to 2 decimals, of (N, 3, H, W) transformed images against int64 labels (N,)."""
     return accuracy(predict(model, pixels, batch_size), labels)
 
 
@@ -152,15 +121,7 @@ def float16_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def augment(x: torch.Tensor, background: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random small rotation, zoom and shift of each image; uncovered pixels get ``background``.
-
-    Parameters
-    ----------
-    x : torch.Tensor
-        Normalised images, shape (B, C, H, W).
-    background : torch.Tensor
-        The normalised value of a black pixel, shape (C,).
-    """
+    """Random small rotation, zoom and shift of normalised images (B, C, H, W); uncovered pixels get ``background`` (C,)."""
     u = torch.rand(len(x), 4, generator=generator) * 2 - 1
     angle = u[:, 0] * math.radians(config.max_rotation)
     scale = 1 + u[:, 1] * config.max_scale
@@ -173,22 +134,14 @@ def augment(x: torch.Tensor, background: torch.Tensor, config: TrainConfig, gene
 
 
 def schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_lr: float) -> CosineLRScheduler:
-    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to ``min_lr`` at step ``total``.
-
-    Call ``step_update(step)`` before update ``step`` (0-based): the warm-up takes 0, lr / W, ...,
-    each one step behind the trainer's former schedule (which began at lr / W); the decay is
-    the same, to rounding.
-    """
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``; ``step_update(step)`` before each."""
     return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=min_lr, warmup_t=warmup,
                              warmup_prefix=True, t_in_epochs=False)
 
 
 @contextlib.contextmanager
 def deterministic(seed: int, num_threads: int):
-    """Seed python, numpy and torch, fix the thread count and require deterministic kernels.
-
-    The thread count and the deterministic-algorithms flag are restored on exit.
-    """
+    """Seed python, numpy and torch, fix the thread count and require deterministic kernels (restored on exit)."""
     threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     random.seed(seed)
     np.random.seed(seed)
@@ -209,35 +162,12 @@ def train_model(
     data_dir: str | Path | None = None,
     on_checkpoint: Callable[[VisionTransformer, dict], object] | None = None,
 ) -> tuple[VisionTransformer, dict]:
-    """Train one zoo model and measure it on the held-out split.
+    """Train one zoo model and measure it on the held-out split; return it (eval mode, float16-exact values) and its card.
 
-    The returned weights are rounded to float16 and back, as they are shipped, and the card's
-    test accuracy is measured on exactly those weights, through PNG → PIL RGB → timm transform.
-
-    Parameters
-    ----------
-    config : TrainConfig
-        All settings.
-    name : str, optional
-        Zoo name without prefix; default `default_name` of ``config``.
-    progress : bool
-        Show a tqdm progress bar (on stderr).
-    data_dir : str or Path, optional
-        Folder of the Fashion-MNIST idx files; default `data.FASHION_DIR`. Unused for the digits.
-    on_checkpoint : callable, optional
-        Called as ``on_checkpoint(model, card)`` after each epoch of ``config.checkpoint_epochs``,
-        with a float16-rounded copy of the model in eval mode and its card (name
-        ``<name>-e<epoch>``, test and training-subset accuracy at that epoch, and
-        ``checkpoint = {"of": name, "epoch": epoch, "of_epochs": config.epochs}``), e.g. to
-        `save_model` it. Without it, no checkpoint is measured. Training is the same either way.
-        With checkpoints in ``config``, the final card has the training-subset accuracy too.
-
-    Returns
-    -------
-    model : VisionTransformer
-        Trained, in eval mode, float32 holding float16-exact values.
-    card : dict
-        The model card without the ``weights`` entry, which `save_model` adds.
+    ``name`` defaults to `default_name` of ``config``; ``data_dir`` holds the Fashion-MNIST idx files (default
+    `data.FASHION_DIR`). ``on_checkpoint(model, card)`` is called after each epoch of ``config.checkpoint_epochs``
+    with a float16-rounded eval copy and its card (name ``<name>-e<epoch>``); training is the same either way.
+    The card lacks the ``weights`` entry, which `save_model` adds.
     """
     name = name or default_name(config)
     checkpoints = set(checkpoint_list(config)) if on_checkpoint is not None else set()
@@ -329,9 +259,7 @@ def make_card(
 ) -> dict:
     """The card of ``model`` after ``epoch`` of ``config.epochs`` epochs on ``n_train`` images.
 
-    ``scores`` holds ``test_accuracy`` (on the whole test split), ``bundled_test_accuracy``
-    (on the test images the package ships) and, optionally, ``train_accuracy`` (on the training
-    images used, without augmentation).
+    ``scores``: ``test_accuracy``, ``bundled_test_accuracy`` (the shipped test images) and optionally ``train_accuracy``.
     """
     test_labels = split["labels"][split["test"]]
     return {
@@ -368,15 +296,7 @@ def make_card(
 
 
 def save_model(model: torch.nn.Module, card: dict, out: str | Path) -> tuple[Path, Path]:
-    """Write ``out/weights/<name>.safetensors`` (float16) and ``out/cards/<name>.json``.
-
-    The card gains a ``weights`` entry: file, dtype, size in bytes and sha256 of the file.
-
-    Returns
-    -------
-    weights, card : pathlib.Path
-        The two files written.
-    """
+    """Write ``out/weights/<name>.safetensors`` (float16) and ``out/cards/<name>.json`` (with a ``weights`` entry); return both paths."""
     out = Path(out)
     weights = out / "weights" / f"{card['name']}.safetensors"
     card_path = out / "cards" / f"{card['name']}.json"
@@ -405,15 +325,7 @@ def config_from_card(card: dict) -> TrainConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    """Train from parsed flags, write weights and card (and any checkpoints) under ``args.out``, and summarise.
-
-    Returns
-    -------
-    dict
-        ``name``, ``test_accuracy`` (percent), ``chance_accuracy``, ``train_wall_time_s``,
-        ``weights`` and ``card`` (paths), ``sha256``, ``checkpoints`` (names of the extra
-        checkpoints written) and ``text``, a short summary.
-    """
+    """Train from parsed flags, write weights and card (and any checkpoints) under ``args.out``; return a summary dict with ``text``."""
     if args.from_card:
         from dynamo import zoo
 

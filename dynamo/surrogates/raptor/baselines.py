@@ -25,32 +25,12 @@ def partition_baselines(
     teacher: LoadedModel | None = None,
     reuse: Sequence[RaptorFitter] = (),
 ) -> xr.Dataset:
-    """Refit ``fitted``'s recipe on baseline partitions and report them beside it.
+    """Refit ``fitted``'s recipe on baseline partitions and report them beside it, on the held-out images.
 
-    Parameters
-    ----------
-    ds : xarray.Dataset, str or Path
-        The trajectory dataset ``fitted`` was fitted on, or its store's path.
-    fitted : RaptorFitter
-        A fitted surrogate (its parameters are reused; only the partition changes).
-    random_seeds : int
-        Number of random contiguous partitions (`Partition.random_contiguous`, seeds 0..n-1).
-    shuffled_seeds : int
-        Number of random shuffled partitions (`Partition.random_shuffled`, seeds 0..n-1): phases of
-        blocks drawn at random, not contiguous in depth.
-    teacher : LoadedModel, optional
-        As in `RaptorFitter.fit`.
-    reuse : sequence of RaptorFitter
-        Surrogates already fitted on this dataset with the same recipe (e.g. the k = 1 fit); a
-        baseline whose partition one of them (or ``fitted``) has is not fitted again.
-
-    Returns
-    -------
-    xarray.Dataset
-        Over ``fit`` ("fitted", "uniform", "random 0", ..., "k=1") and ``layer``: ``r2`` (fit, layer),
-        ``r2_final``, ``accuracy_ratio``, ``agreement`` (fit), and each fit's partition as the
-        ``phase`` coordinate (fit, layer); on the held-out images. A baseline whose partition is
-        already fitted repeats its row (the recipe is deterministic given the seed).
+    ``random_seeds`` and ``shuffled_seeds`` random contiguous and shuffled partitions (seeds 0..n-1); a baseline whose
+    partition a fit in ``reuse`` (same recipe and dataset) has is not refitted. Returns, over ``fit`` ("fitted",
+    "uniform", "random 0", ..., "k=1") and ``layer``: ``r2``, ``r2_final``, ``accuracy_ratio``, ``agreement``, and
+    each fit's partition as the ``phase`` coordinate.
     """
     num_layers, k = fitted.model_.num_layers, len(fitted.partition_)
     candidates = candidate_partitions(num_layers, k, random_seeds, shuffled_seeds)
@@ -86,8 +66,7 @@ def partition_baselines(
 
 
 def candidate_partitions(num_layers: int, k: int, random_seeds: int = 3, shuffled_seeds: int = 0) -> dict[str, Partition]:
-    """`partition_baselines`' partitions with k phases by name: ``uniform``, ``random i`` (contiguous),
-    ``shuffled i``; a caller that fits them itself (to save and reuse each) passes them back as ``reuse``."""
+    """`partition_baselines`' partitions with k phases by name: ``uniform``, ``random i``, ``shuffled i``."""
     candidates = {"uniform": Partition.uniform(num_layers, k)}
     candidates.update({f"random {seed}": Partition.random_contiguous(num_layers, k, seed) for seed in range(random_seeds)})
     candidates.update({f"shuffled {seed}": Partition.random_shuffled(num_layers, k, seed) for seed in range(shuffled_seeds)})

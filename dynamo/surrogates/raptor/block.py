@@ -1,10 +1,6 @@
-"""The Raptor block: a pre-LayerNorm timm-style transformer block conditioned on its depth (the paper's ``block.py``).
+"""The Raptor block: a pre-LayerNorm timm-style transformer block whose three gains depend on the target layer t.
 
-A small MLP of the target layer index t gives three gains ``s1, s2, s3``, initialised near 1:
-
-    x <- x + s1 * LS1(Attn(LN1(x)))
-    x <- x + s2 * LS2(MLP(LN2(x)))
-    out = s3 * x
+    x <- x + s1 * LS1(Attn(LN1(x))); x <- x + s2 * LS2(MLP(LN2(x))); out = s3 * x
 """
 
 from __future__ import annotations
@@ -23,18 +19,7 @@ RENAMED = {"fc1.": "mlp.fc1.", "fc2.": "mlp.fc2.", "gamma1": "ls1.gamma", "gamma
 
 
 class DepthScaling(nn.Module):
-    """Three per-feature gains from the target layer index: ``W2 SiLU(W1 t + b1) + b2 + 1``.
-
-    Parameters
-    ----------
-    dim : int
-        Model width D; the output is 3 * D gains.
-    hidden : int
-        Width of the hidden layer (the paper: 16).
-    init_std : float
-        Standard deviation of the last layer's weights and bias at initialisation (the paper:
-        1e-4), so every gain starts within about 1e-3 of 1.
-    """
+    """Three per-feature gains (3 * D) from the target layer index, ``W2 SiLU(W1 t + b1) + b2 + 1``, near 1 at initialisation."""
 
     def __init__(self, dim: int, hidden: int = 16, init_std: float = 1e-4):
         super().__init__()
@@ -52,27 +37,9 @@ class DepthScaling(nn.Module):
 class RaptorBlock(nn.Module):
     """One Raptor block, to be applied recurrently over a range of depth.
 
-    Parameters
-    ----------
-    dim : int
-        Width D of the residual stream (the teacher's).
-    num_heads : int
-        Attention heads (the teacher's by default).
-    mlp_ratio : float
-        MLP hidden width over D. With ``mlp="swiglu"`` the first linear maps D -> 2 * hidden, as
-        in the paper (so a SwiGLU block has about 1.33x the MLP MACs of a GELU one).
-    mlp : {"swiglu", "gelu"}
-        `timm.layers.SwiGLUPacked` (SiLU of the first half of ``fc1`` gates the second) or
-        `timm.layers.Mlp`.
-    layerscale_init : float
-        Initial LayerScale value (the paper: 1e-5, so a fresh block is close to the identity).
-    depth_hidden : int
-        Hidden width of the depth-scaling MLP (the paper: 16).
-    depth_scaling : bool
-        Whether to use the depth scaling at all (off reproduces the paper's ablation row
-        "without depth scaling": the block is then autonomous).
-    norm_eps : float
-        The LayerNorms' epsilon (torch's default; a block copied from a teacher takes the teacher's).
+    ``mlp`` is "swiglu" (`timm.layers.SwiGLUPacked`; the first linear maps D -> 2 * hidden, as in the paper) or
+    "gelu" (`timm.layers.Mlp`); ``layerscale_init`` (the paper's 1e-5) starts a block near the identity;
+    ``depth_scaling=False`` is the paper's ablation "without depth scaling".
     """
 
     def __init__(
@@ -102,20 +69,7 @@ class RaptorBlock(nn.Module):
         self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """Apply the block once.
-
-        Parameters
-        ----------
-        x : torch.Tensor
-            (B, T, D) residual stream at layer t - 1.
-        t : torch.Tensor or float
-            The target layer index (1..L), a scalar or (B,).
-
-        Returns
-        -------
-        torch.Tensor
-            (B, T, D), the block's estimate of layer t.
-        """
+        """The block's estimate (B, T, D) of layer t from layer t - 1; ``t`` is a scalar or (B,)."""
         attended = self.ls1(self.attn(self.norm1(x)))
         if self.depth is None:
             x = x + attended
@@ -128,11 +82,7 @@ class RaptorBlock(nn.Module):
 
 
 def teacher_mlp(teacher_block: nn.Module) -> dict:
-    """``{"mlp": "gelu" | "swiglu", "mlp_ratio": r}``: the `RaptorBlock` MLP of a timm block's shape.
-
-    A gated MLP (``fc1`` twice as wide as ``fc2``'s input, timm's ``SwiGLUPacked``) is "swiglu",
-    any other "gelu"; the ratio is the hidden width over the model width, as `RaptorBlock` takes it.
-    """
+    """``{"mlp": "gelu" | "swiglu", "mlp_ratio": r}``: the `RaptorBlock` MLP of a timm block's shape (gated ``fc1`` is swiglu)."""
     fc1, fc2 = teacher_block.mlp.fc1, teacher_block.mlp.fc2
     gated = fc1.out_features != fc2.in_features
     return {"mlp": "swiglu" if gated else "gelu", "mlp_ratio": fc2.in_features / fc1.in_features}
@@ -140,16 +90,7 @@ def teacher_mlp(teacher_block: nn.Module) -> dict:
 
 @torch.no_grad()
 def copy_teacher_block(block: RaptorBlock, teacher_block: nn.Module) -> RaptorBlock:
-    """Load a timm ViT block's weights into ``block`` (its depth scaling keeps its near-1 initialisation).
-
-    A ``qkv`` without bias gives zero biases, a block without LayerScale gammas of one.
-
-    Raises
-    ------
-    ValueError
-        The teacher block is not a plain pre-norm ViT block of the same shape and MLP kind (the
-        message names the ``mlp``/``mlp_ratio``/``num_heads`` to pass).
-    """
+    """Load a plain pre-norm timm ViT block of the same shape and MLP kind into ``block`` (its depth scaling is kept)."""
     attn, dim = teacher_block.attn, block.norm1.normalized_shape[0]
     unsupported = [name for name in ("q_norm", "k_norm", "norm") if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity)]
     if not hasattr(attn, "qkv") or unsupported or getattr(attn, "num_heads", None) != block.attn.num_heads:

@@ -17,24 +17,9 @@ __all__ = ["PlannedBatches", "TrajectorySegments", "batch_plan", "trajectory_loa
 def batch_plan(
     images: np.ndarray, chunk_size: int, batch_size: int, seed: int, epoch: int, buffer_chunks: int
 ) -> list[np.ndarray]:
-    """The batches of one epoch, as arrays of image positions.
+    """The batches of one epoch, arrays of positions in ``images``, a function of ``seed`` and ``epoch`` alone.
 
-    Parameters
-    ----------
-    images : numpy.ndarray
-        Positions along ``image`` to draw from.
-    chunk_size : int
-        Images per chunk of the dataset's ``hidden``.
-    batch_size : int
-    seed, epoch : int
-        The plan is a function of these alone.
-    buffer_chunks : int
-        Chunks whose images are shuffled together.
-
-    Returns
-    -------
-    list of numpy.ndarray
-        ``len(images) // batch_size`` batches (the incomplete last one is dropped).
+    ``buffer_chunks`` chunks of ``chunk_size`` images are shuffled together; the incomplete last batch is dropped.
     """
     rng = np.random.default_rng([seed, epoch])
     chunks = np.unique(images // chunk_size)
@@ -48,11 +33,7 @@ def batch_plan(
 
 
 class PlannedBatches(Sampler):
-    """Endless `batch_plan` batches, epoch after epoch, from batch ``first_step`` on (resume).
-
-    Yields ``(images, done)``: a batch's positions, and the chunks whose last batch of the epoch
-    it is.
-    """
+    """Endless `batch_plan` batches from ``first_step`` on, yielding ``(images, done)``: positions and the chunks they finish."""
 
     def __init__(self, images, chunk_size: int, batch_size: int, seed: int, first_step: int = 0, buffer_chunks: int = 4):
         self.images = np.sort(np.asarray(images, dtype=np.int64))
@@ -72,10 +53,7 @@ class PlannedBatches(Sampler):
 
 
 class TrajectorySegments(Dataset):
-    """Layers ``start..stop`` of a trajectory dataset's images, read a chunk of images at a time.
-
-    Item ``(images, done)`` (from `PlannedBatches`) is a float32 tensor (B, stop - start + 1, T, D).
-    """
+    """Layers ``start..stop`` of a dataset's images, read a chunk at a time: item ``(images, done)`` -> (B, stop - start + 1, T, D)."""
 
     def __init__(self, hidden: xr.DataArray, start: int, stop: int, chunk_size: int):
         self.hidden = hidden.isel(layer=slice(start, stop + 1))
@@ -107,30 +85,10 @@ def trajectory_loader(
     workers: int = 1,
     prefetch: int = 4,
 ) -> DataLoader:
-    """Endless shuffled batches of ``hidden[images, start..stop]`` as float32 tensors.
+    """A DataLoader of endless shuffled (batch_size, stop - start + 1, T, D) float32 batches of ``hidden[images, start..stop]``.
 
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        A trajectory dataset (`dynamo.open_trajectories`).
-    images : array-like of int
-        Positions along ``image`` to train on.
-    start, stop : int
-        Layers ``start..stop`` (inclusive) of each image are served.
-    batch_size, seed : int
-    first_step : int
-        Skip this many batches (resume); no data are read for them.
-    buffer_chunks : int
-        Chunks shuffled together (more mixes better, holds more in memory).
-    workers : int
-        Reader processes (0: read in this process, between steps).
-    prefetch : int
-        Batches each worker keeps ready.
-
-    Returns
-    -------
-    torch.utils.data.DataLoader
-        Yields (batch_size, stop - start + 1, T, D) float32 tensors, without end.
+    ``images`` are positions; ``first_step`` batches are skipped (resume) without reading; ``buffer_chunks`` chunks are
+    shuffled together; ``workers`` reader processes (0: this one) keep ``prefetch`` batches each ready.
     """
     if len(images) < batch_size:
         raise ValueError(f"{len(images)} training images are fewer than batch_size={batch_size}; lower --batch-size")

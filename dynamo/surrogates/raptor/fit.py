@@ -1,7 +1,4 @@
-"""`RaptorFitter`: fit k shared recurrent blocks to the L blocks of a recorded ViT, scikit-learn style.
-
-The recipe (two stages, the paper's losses and schedule) is `dynamo.surrogates.raptor.train`'s.
-"""
+"""`RaptorFitter`: fit k shared recurrent blocks to the L blocks of a recorded ViT (recipe: `dynamo.surrogates.raptor.train`)."""
 
 from __future__ import annotations
 
@@ -32,70 +29,31 @@ class RaptorFitter(SurrogateFitter):
 
     Parameters
     ----------
-    k : int, optional
-        Number of blocks; default the partition's length, or 2.
     partition : optional
-        Phases in any form `dynamo.partition.Partition.parse` reads (contiguous or not); default
-        k uniform contiguous phases.
-    steps : int
-        Optimizer steps per stage-1 block at most (all of them with ``patience`` 0).
-    stage2_steps : int, optional
-        Steps of stage 2 at most (default ``steps``); 0 skips it.
-    batch_size, lr, weight_decay, min_lr, grad_clip : optional
-        AdamW with cosine decay to ``min_lr`` and gradient clipping.
+        Phases in any form `Partition.parse` reads (contiguous or not); default k uniform contiguous phases.
+    steps, stage2_steps : int
+        Optimizer steps per stage-1 block and of stage 2 at most (stage 2 defaults to ``steps``; 0 skips it).
     warmup : float
         Linear warmup: a fraction of each segment's steps below 1, else a number of steps.
     tf_anneal, tf_floor : float
         Fraction of stage-1 steps over which teacher forcing anneals into rollout, and its final weight.
-    noise : float
-        sigma of Gaussian noise added to block inputs during rollout.
-    stage1_loss : "paper", "mse", dict, or a list of k of them
-        Token-kind loss weights (`dynamo.surrogates.raptor.loss`), one for all segments or one per segment.
-    stage2_loss : "paper", "mse" or dict
-    mlp : {"swiglu", "gelu"}
-    mlp_ratio, num_heads : optional
-        Default the teacher's.
-    layerscale_init : float
-    depth_hidden : int
-        Hidden width of the depth-scaling MLP.
-    depth_scaling : bool
-        Condition the blocks on the layer index.
-    validation_fraction : float
-        Share of images held out (scored on), and share of the rest kept for early stopping.
-    validate_every : int
-        Steps between validations (also at the end of each segment).
-    validation_images : int
-        At most this many early-stopping images (`dynamo.surrogates.base.stopping_split`), and
-        never so many that fewer than ``batch_size`` training images remain.
-    patience : int
-        Stop a segment after this many validations without a gain above ``tol``; 0 trains every step.
-    tol : float
-    checkpoint_dir : optional
-        Where to checkpoint; a fit with the same parameters and store resumes there to the same weights.
-    checkpoint_every : int
-    stage1_cache : optional
-        Where trained stage-1 blocks are kept and reused by fits sharing a segment.
+    stage1_loss, stage2_loss : "paper", "mse" or dict
+        Token-kind loss weights (`dynamo.surrogates.raptor.loss`); stage 1 also takes a list of k.
+    validation_fraction, validation_images
+        Share of images held out (scored on) and of the rest kept for early stopping, at most ``validation_images``.
+    patience, tol
+        Stop a segment after ``patience`` validations without a gain above ``tol``; 0 trains every step.
+    checkpoint_dir, stage1_cache : optional
+        Where a fit checkpoints (and resumes to the same weights), and where stage-1 blocks are kept for reuse.
     init : list of int, optional
         One 1-based teacher block per phase to start each block from (`copy_teacher_block`); None: random.
-    seed : int
-        Initialisation, batch order, noise and the split.
-    split_seed : int, optional
-        Seed of the held-out split when it should not follow ``seed``.
-    device : str
-    progress : bool
 
     Attributes
     ----------
-    model_ : Raptor
-    partition_ : Partition
-    training_images_, validation_images_ : numpy.ndarray
-        ``image`` values trained on / held out and scored on.
     stopping_images_ : numpy.ndarray
         ``image`` values validated on for early stopping (from the training split, not trained on).
-    history_ : list of dict
-        One entry per validation: stage, block, step, lr, loss, val_r2 (``stop``, ``reused``).
-    timings_ : dict
-        Per segment: seconds of each step and of its wait for the batch.
+    history_, timings_
+        One dict per validation (stage, block, step, lr, loss, val_r2); per segment, seconds of each step and wait.
     """
 
     name = "raptor"

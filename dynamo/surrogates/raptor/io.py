@@ -1,9 +1,4 @@
-"""Checkpoints of a running Raptor fit and the stage-1 blocks kept for reuse: one safetensors file each.
-
-A checkpoint holds the weights, the optimizer's state as named tensors and the JSON config
-(position, history) in one file renamed into place once (`dynamo.serialize.write_unit`), so a fit
-killed at any moment leaves the previous checkpoint or the next one.
-"""
+"""Checkpoints of a running Raptor fit and the stage-1 blocks kept for reuse: one atomically written safetensors file each."""
 
 from __future__ import annotations
 
@@ -11,14 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dynamo.serialize import (
-    digest,
-    jsonable,
-    optimizer_state,
-    read_unit,
-    tensors_of_optimizer,
-    write_unit,
-)
+from dynamo.serialize import digest, jsonable, optimizer_state, read_unit, tensors_of_optimizer, write_unit
 from dynamo.surrogates.raptor.model import Raptor
 
 __all__ = ["block_path", "load_block", "load_checkpoint", "save_block", "save_checkpoint"]
@@ -37,13 +25,7 @@ def save_checkpoint(folder: Path, model: Raptor, config: dict, optimizer: torch.
 
 
 def load_checkpoint(folder: Path, model: Raptor, identity: dict) -> tuple[dict, dict | None] | None:
-    """Load the weights of `save_checkpoint` into ``model``; its config and optimizer state, or None if absent.
-
-    Raises
-    ------
-    ValueError
-        If the checkpoint's ``identity`` (the fit's parameters, teacher and images) is not ``identity``.
-    """
+    """Load a checkpoint with this ``identity`` into ``model``; return its config and optimizer state, or None if absent."""
     if not (folder / CHECKPOINT).exists():
         return None
     tensors, config = read_unit(folder / CHECKPOINT)

@@ -1,13 +1,7 @@
 """Raptor's training loss: a token-weighted MSE, and teacher forcing annealed into rollout.
 
-The paper's runs use plain MSE on every stage-1 range but the last, which weights the token
-kinds ``0.34 cls + 0.33 registers + 0.33 patches``, and ``0.45, 0.10, 0.45`` in stage 2 (the
-``"paper"`` loss). Token kinds are those of `dynamo.layout.token_groups`.
-
-Weights are used as given, as the paper's code does (``w_cls MSE(cls) + w_reg MSE(registers) +
-w_patch MSE(patches)``): nothing is renormalised, so a kind the model lacks (registers of a
-plain ViT) simply contributes nothing, and the weights need not sum to 1. A distillation token
-takes the cls weight unless given its own (``dist``).
+Weights are used as given, as the paper's code does: nothing is renormalised, so a kind the model lacks
+contributes nothing; a distillation token takes the cls weight unless given its own (``dist``).
 """
 
 from __future__ import annotations
@@ -26,10 +20,7 @@ PAPER_STAGE2_WEIGHTS = {"cls": 0.45, "register": 0.10, "patch": 0.45}
 
 
 def loss_weights(spec, paper: dict | None) -> dict | None:
-    """The token-kind weights of a loss: ``"paper"`` (``paper``), ``"mse"`` (None) or a dict.
-
-    A distillation token without a weight of its own takes the cls weight.
-    """
+    """The token-kind weights of a loss: ``"paper"`` (``paper``), ``"mse"`` (None) or a dict (dist defaults to cls)."""
     if isinstance(spec, str):
         if spec not in ("paper", "mse"):
             raise ValueError(f"a loss must be 'paper', 'mse' or a dict of token-kind weights, got {spec!r}")
@@ -47,11 +38,7 @@ def loss_weights(spec, paper: dict | None) -> dict | None:
 def stage1_weights(spec, k: int) -> list[dict | None]:
     """The loss weights of each of the k stage-1 segments, in depth order.
 
-    Parameters
-    ----------
-    spec : "paper", "mse", dict, or a sequence of k of ("mse" or dict)
-        "paper": MSE on every segment but the last, which is weighted `PAPER_STAGE1_LAST_WEIGHTS`;
-        "mse" or one dict: the same for every segment; a sequence: one per segment.
+    ``spec``: "paper" (MSE but the last, weighted `PAPER_STAGE1_LAST_WEIGHTS`), "mse" or one dict for all, or one per segment.
     """
     if isinstance(spec, (list, tuple)):
         if len(spec) != k:
@@ -65,17 +52,7 @@ def stage1_weights(spec, k: int) -> list[dict | None]:
 
 
 def token_loss(predicted: torch.Tensor, target: torch.Tensor, weights: dict | None, groups: dict) -> torch.Tensor:
-    """MSE, or the token-kind weighted MSE ``sum_kind w_kind MSE(kind)``, weights as given.
-
-    Parameters
-    ----------
-    predicted, target : torch.Tensor
-        (..., T, D) states.
-    weights : dict or None
-        Kind -> weight (`loss_weights`); None is plain MSE over every token.
-    groups : dict of str to torch.Tensor
-        Kind -> positions along T (`dynamo.layout.token_groups`, as long tensors).
-    """
+    """MSE of (..., T, D) states, or ``sum_kind w_kind MSE(kind)`` with ``weights`` over ``groups`` (kind -> positions)."""
     if weights is None:
         return F.mse_loss(predicted, target)
     present = {kind: w for kind, w in weights.items() if kind in groups and w}
@@ -98,22 +75,10 @@ def segment_loss(
     generator: torch.Generator | None = None,
     ranges: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """``anneal * L_TF + (1 - anneal) * L_AR`` on a batch of layers ``start..start + n``.
+    """``anneal * L_TF + (1 - anneal) * L_AR`` on a batch (B, n + 1, T, D) of layers ``start..start + n``.
 
-    Parameters
-    ----------
-    model : Raptor
-    batch : torch.Tensor
-        (B, n + 1, T, D) recorded layers start..start + n.
-    anneal : float
-        Weight of teacher forcing (the routed block maps each recorded layer to the next); the
-        rest goes to the rollout from layer ``start`` (its loss averaged over the n steps).
-    noise, generator
-        Input noise of the rollout, as `Raptor.run`.
-    ranges : list of (int, int), optional
-        The (a, b) layer ranges within start..start + n that are trained, each rolled out from its
-        own recorded layer a (a phase not contiguous in depth, `dynamo.surrogates.raptor.train.Segment`); the
-        loss is their mean weighted by their steps. Default the one range start..start + n.
+    ``ranges``: the (a, b) layer ranges trained, each rolled out from its own recorded layer a (a phase not
+    contiguous in depth); the loss is their mean weighted by steps. Default the one range start..start + n.
     """
     ranges = ranges or [(start, start + batch.shape[1] - 1)]
     total = sum(b - a for a, b in ranges)

@@ -12,23 +12,7 @@ __all__ = ["Raptor"]
 
 
 class Raptor(PhaseRecurrence):
-    """k Raptor blocks and the router from layer index to block.
-
-    Parameters
-    ----------
-    partition : Partition, or list of int
-        The phases of blocks 1..L (block i, 0-based, serves phase i; phases need not be
-        contiguous), or k - 1 increasing router thresholds (empty for k = 1): target layer t goes to
-        block i for the first i with t <= thresholds[i], and to the last block when t exceeds them
-        all (`dynamo.surrogates.recurrence.PhaseRecurrence`).
-    num_layers : int
-        L, the teacher's number of blocks; `run` covers layers 0..L.
-    block_config : dict
-        Keyword arguments of `RaptorBlock` (dim, num_heads, mlp_ratio, mlp, layerscale_init,
-        depth_hidden, depth_scaling, norm_eps), the same for every block.
-    teacher : BlockStepper, optional
-        The ViT whose embedding and head `embed`, `head` and `forward` use (not a submodule).
-    """
+    """k Raptor blocks, all built from ``block_config`` (`RaptorBlock`'s keyword arguments), and the router (`PhaseRecurrence`)."""
 
     name = "Raptor"
 

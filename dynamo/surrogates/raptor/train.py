@@ -1,15 +1,8 @@
-"""The training loop of a Raptor fit (`RaptorFitter.fit`): stage 1 block by block, then stage 2.
+"""The training loop of a Raptor fit (`RaptorFitter.fit`): stage 1 block by block, then stage 2, with AdamW and a cosine schedule.
 
-- Stage 1 trains one block per phase on that phase's layer range only, with teacher forcing
-  annealed into rollout over the first ``tf_anneal`` of the steps (`dynamo.surrogates.raptor.loss`);
-  a phase that is not contiguous is trained on each of its runs of consecutive blocks.
-- Stage 2 trains all blocks together, purely autoregressively over 0 -> L, through the router.
-- AdamW, linear warmup then cosine decay (`timm.scheduler.CosineLRScheduler`), gradient clipping.
-
-A segment stops at ``steps``, or earlier by `plateaued`, validated on the fit's early-stopping
-images (never on the held-out images it is scored on). Batches, noise and initialisation are
-drawn from seeds of (seed, stage, range), so a stage-1 block can be kept and reused
-(``stage1_cache``), and a checkpointed fit resumes to the same weights.
+Stage 1 trains one block per phase on its layer range, teacher forcing annealed into rollout; stage 2 all blocks
+over 0 -> L. A segment stops at ``steps``, or earlier when `plateaued` on the early-stopping images. Draws come
+from seeds of (seed, stage, range), so stage-1 blocks can be reused and a checkpointed fit resumes to the same weights.
 """
 
 from __future__ import annotations
@@ -27,18 +20,8 @@ from dynamo.metrics import r2_score
 from dynamo.progress import progress_bar
 from dynamo.serialize import derived_seed, read_hidden
 from dynamo.surrogates.raptor.data import trajectory_loader
-from dynamo.surrogates.raptor.io import (
-    load_block,
-    load_checkpoint,
-    save_block,
-    save_checkpoint,
-)
-from dynamo.surrogates.raptor.loss import (
-    PAPER_STAGE2_WEIGHTS,
-    loss_weights,
-    segment_loss,
-    stage1_weights,
-)
+from dynamo.surrogates.raptor.io import load_block, load_checkpoint, save_block, save_checkpoint
+from dynamo.surrogates.raptor.loss import PAPER_STAGE2_WEIGHTS, loss_weights, segment_loss, stage1_weights
 
 __all__ = ["DONE", "Segment", "phase_runs", "plateaued", "segments", "stopping_rule", "train", "warmup_steps"]
 
@@ -50,10 +33,8 @@ NOT_STAGE1 = ("k", "partition", "stage1_loss", "stage2_loss", "stage2_steps", "c
 class Segment:
     """One training segment: stage 1 trains block ``phase`` (0-based) on layers start..stop, stage 2 all blocks on 0..L.
 
-    A phase that is not contiguous in depth (a shuffled partition) is trained on its ``runs``: the
-    (start, stop) layer ranges of its maximal runs of consecutive blocks, each rolled out from its
-    own recorded start; ``start..stop`` then spans them all (what is read from the store). Empty
-    for a contiguous phase: one run, start..stop.
+    A phase not contiguous in depth is trained on its ``runs`` (the layer ranges of its runs of consecutive blocks,
+    each rolled out from its own start); empty for a contiguous phase.
     """
 
     stage: int
@@ -99,7 +80,7 @@ def warmup_steps(fitter, steps: int) -> int:
 
 
 def plateaued(fitter, segment: Segment, entries: list[dict]) -> bool:
-    """Whether a segment stops early: the rule of the module docstring, on its validation ``entries``."""
+    """Whether a segment stops early, by the rule `stopping_rule` states, on its validation ``entries``."""
     if not fitter.patience:
         return False
     settled = max(warmup_steps(fitter, segment.steps), fitter.tf_anneal * segment.steps if segment.stage == 1 else 0)
@@ -122,19 +103,9 @@ def stopping_rule(fitter) -> str:
 
 
 def train(fitter, ds: xr.Dataset, identity: dict) -> None:
-    """Train ``fitter.model_`` by the fitter's recipe, resuming from its ``checkpoint_dir``.
+    """Train ``fitter.model_`` by the fitter's recipe, resuming from its ``checkpoint_dir``; fills ``history_`` and ``timings_``.
 
-    Parameters
-    ----------
-    fitter : RaptorFitter
-        With ``model_``, ``partition_``, ``groups_`` and the image split set (`RaptorFitter.fit`);
-        its ``history_`` (one entry per validation: stage, block, step, lr, loss, val_r2, and
-        ``stop`` on the one that ended a segment early; ``reused`` on a kept block's) and
-        ``timings_`` (per segment: seconds of each step and of its wait for the batch) are filled.
-    ds : xarray.Dataset
-        The trajectory dataset fitted on.
-    identity : dict
-        What a checkpoint must share with this fit to be resumed.
+    ``identity`` is what a checkpoint must share with this fit to be resumed.
     """
     folder = None if fitter.checkpoint_dir is None else Path(fitter.checkpoint_dir)
     saved = None if folder is None else load_checkpoint(folder, fitter.model_, identity)
