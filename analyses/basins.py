@@ -1,23 +1,6 @@
-"""Directional convergence and angular basins (Raptor paper, section 5 (i)).
-
-Norms grow with depth, so everything here is measured on the unit sphere, x̂ = x / ‖x‖, with
-depth (the layer) as time:
-
-- convergence γ_ℓ = ⟨x̂_ℓ, x̂_L⟩, the cosine of a token to its own final direction, averaged
-  over the tokens of each kind (cls, dist, register, patch) in each image;
-- class structure per layer, on the cls token's direction (and on the patch mean's): the mean
-  cosine over pairs of images of the same class and of different classes (and the angle whose
-  cosine that is), computed exactly from per-class sums of unit vectors, so it scales linearly
-  in the number of images;
-- basin accuracy: assign each image at layer ℓ to the nearest *final* class centroid by
-  direction; high accuracy at layer ℓ means the image already sits in its class's final basin.
-  For reference, the same with centroids of layer ℓ itself (nearest-centroid separability).
-  Centroids leave the image itself out, so the accuracy is not inflated by its own vector;
-  ties count as broken at random (an image tied between n centroids scores 1/n);
-- a 2-D principal-component projection of the cls token's unit trajectory, for the basin plot.
-
-The paper does not give its basin protocol; these choices (pairwise mean cosine, leave-one-out
-nearest-centroid accuracy, PCA fitted on all layers' unit cls vectors) follow its [INF] notes.
+"""Directional convergence and angular basins (Raptor paper, section 5 (i)), on the unit sphere with
+depth as time: γ_ℓ = ⟨x̂_ℓ, x̂_L⟩ per token kind, class structure per layer, leave-one-out
+nearest-centroid basin accuracy, and a 2-D projection of the cls trajectories.
 """
 
 from __future__ import annotations
@@ -27,23 +10,9 @@ from functools import partial
 import numpy as np
 import xarray as xr
 
-from analyses.streaming import (
-    Accumulator,
-    Chunk,
-    angle_deg,
-    contiguous,
-    cosines,
-    fold_image_blocks,
-    image_coords,
-    labels_of,
-    principal_directions,
-    provenance,
-    read_block,
-    rounded,
-    stream,
-    unit,
-)
-from dynamo.heads import LinearHead, store_accuracy
+from analyses.streaming import (Accumulator, Chunk, angle_deg, contiguous, cosines, fold_image_blocks, image_coords,
+                                principal_directions, provenance, read_block, rounded, stream, unit)
+from dynamo.heads import LinearHead, store_accuracy, store_labels
 from dynamo.layout import REDUCED_VIEWS, token_groups
 
 DESCRIPTION = (
@@ -52,59 +21,38 @@ DESCRIPTION = (
 )
 
 
-def compute(
-    ds: xr.Dataset,
-    *,
-    fit_layers: str = "all",
-    n_components: int = 2,
-    progress: bool = True,
-    head: LinearHead | None = None,
-) -> xr.Dataset:
+def compute(ds: xr.Dataset, *, fit_layers: str = "all", n_components: int = 2, progress: bool = True,
+            head: LinearHead | None = None) -> xr.Dataset:
     """Directional convergence per token kind, class structure per layer and cls paths in 2-D.
-
-    Reads ``hidden`` one chunk (a block of images, one layer) at a time, and the reduced views
-    ``cls`` / ``patch_mean`` a block of images at a time. With a dask.distributed client open, the
-    blocks are tasks on its workers, with the same result (`analyses.streaming.fold_image_blocks`).
 
     Parameters
     ----------
     ds : xarray.Dataset
-        A trajectory dataset (`dynamo.open_trajectories`).
+        A trajectory dataset.
     fit_layers : {"all", "final"}
-        Unit cls vectors the projection's principal directions are fitted on: all layers'
-        (early and late positions both spread out) or the last layer's (the basins).
+        Unit cls vectors the projection is fitted on: every layer's, or the last layer's.
     n_components : int
         Dimensions of the projection.
-    progress : bool
-        Show a progress bar.
     head : LinearHead, optional
-        The head of the model's own accuracy (`dynamo.heads.store_accuracy`): default the
-        stored ``logits`` of the model's classifier; a model without one needs a linear head.
+        The head of the model's own accuracy (`dynamo.heads.store_accuracy`); default the stored ``logits``.
 
     Returns
     -------
     xarray.Dataset
-        ``gamma`` (image, token_kind, layer): mean cosine of the kind's tokens to their own
-        final direction. With labels, per ``view`` (cls, patch_mean) and layer:
-        ``within_class_cosine``, ``between_class_cosine`` (mean over image pairs),
-        ``within_class_angle``, ``between_class_angle`` (degrees, arccos of those means),
-        ``final_centroid_accuracy``, ``layer_centroid_accuracy`` (fractions). With a cls
-        token: ``projection`` (image, layer, component) and ``explained_variance_ratio``.
-        Attributes: with labels and a head, ``model_accuracy`` and the head it used
-        (``accuracy_head``, ``head_source``, ``accuracy_images``); else ``accuracy_note``.
+        ``gamma`` (image, token_kind, layer). With labels, per ``view`` (cls, patch_mean) and layer:
+        ``within_class_cosine``, ``between_class_cosine`` (mean over image pairs), their angles
+        (degrees), ``final_centroid_accuracy``, ``layer_centroid_accuracy``. With a cls token:
+        ``projection`` (image, layer, component) and ``explained_variance_ratio``. Attrs hold
+        ``model_accuracy`` and its head, or ``accuracy_note``.
     """
     accumulator = Convergence(ds, fit_layers=fit_layers, n_components=n_components, progress=progress, head=head)
     return stream(ds, {"basins": accumulator}, description="basins", progress=progress)["basins"]
 
 
-
-
 class Convergence(Accumulator):
-    """`compute`'s accumulator for `analyses.streaming.stream`.
-
-    The one pass over ``hidden`` gives γ and, from each block's reduced views, the per-class sums
-    of unit vectors and the cls scatter; ``finish`` reads the reduced views once more (small: no
-    ``hidden``) for the nearest-centroid credits and the projection, which need those sums.
+    """`compute`'s accumulator for `analyses.streaming.stream`: γ from ``hidden``, and per-class sums of
+    unit views and the cls scatter from the reduced views; ``finish`` reads the reduced views once
+    more for the nearest-centroid credits and the projection.
     """
 
     reads_final = True
@@ -115,7 +63,7 @@ class Convergence(Accumulator):
             raise ValueError(f"fit_layers must be 'all' or 'final', got {fit_layers!r}")
         groups = token_groups(ds["token_kind"])
         self.groups = {kind: contiguous(positions) for kind, positions in groups.items()}
-        labels = labels_of(ds)
+        labels = store_labels(ds)
         views = [v for v in REDUCED_VIEWS[:2] if v in ds.data_vars and (v != "cls" or "cls" in groups)]  # cls, patch_mean
         self.class_views = views if labels is not None else []
         self.classes = np.unique(labels) if labels is not None else None
@@ -124,12 +72,7 @@ class Convergence(Accumulator):
         self.n_components, self.progress, self.head = n_components, progress, head
 
     def open_block(self, block: xr.Dataset, total: dict) -> dict:
-        """The block's γ (filled by `update`), per-class sums of unit views and cls scatter.
-
-        Holds ``gamma`` [(image, token_kind, layer)]; per class view ``class_sums_<view>`` (layer,
-        class, feature); with a projection, the unit cls rows' ``scatter`` (feature, feature),
-        ``direction_sum`` (feature,) and ``count``.
-        """
+        """The block's γ (filled by `update`), per-class sums of unit views and cls scatter."""
         part = {"gamma": [np.zeros((block.sizes["image"], len(self.groups), block.sizes["layer"]))]}
         if self.class_views:
             one_hot = np.eye(len(self.classes))[_class_index(block, self.classes)]
@@ -147,15 +90,12 @@ class Convergence(Accumulator):
             state["gamma"][0][:, k, chunk.index] = cosine[:, positions].mean(axis=1)
 
     def finish(self, total: dict, dataset: xr.Dataset) -> xr.Dataset:
-        layers, labels, classes, class_views = dataset["layer"].values, labels_of(dataset), self.classes, self.class_views
+        layers, labels, classes, class_views = dataset["layer"].values, store_labels(dataset), self.classes, self.class_views
         result = xr.Dataset(
             {
-                "gamma": (
-                    ("image", "token_kind", "layer"),
-                    np.concatenate(total["gamma"]).astype(np.float32),
-                    {"long_name": "γ: cosine to own final direction", "units": "1",
-                     "description": "mean over the kind's tokens of <x̂_l, x̂_L>, per image"},
-                )
+                "gamma": (("image", "token_kind", "layer"), np.concatenate(total["gamma"]).astype(np.float32),
+                          {"long_name": "γ: cosine to own final direction", "units": "1",
+                           "description": "mean over the kind's tokens of <x̂_l, x̂_L>, per image"})
             },
             coords={"image": dataset["image"].values, "token_kind": list(self.groups), "layer": layers,
                     **{name: ("image", values) for name, values in image_coords(dataset).items()}},
@@ -185,12 +125,7 @@ class Convergence(Accumulator):
 
 
 def _second_pass(block, class_sums, classes, projection) -> dict:
-    """One block's nearest-centroid credits per view and layer, and its cls projection.
-
-    Returns per view ``correct_final_<view>``, ``correct_layer_<view>`` (layer,); with
-    ``projection`` (`principal_directions`' mean, components, ratios), ``projection`` [(image,
-    layer, component)].
-    """
+    """One block's nearest-centroid credits per view and layer, and its cls projection."""
     part = {}
     if class_sums:
         own = _class_index(block, classes)
@@ -227,9 +162,7 @@ def _class_structure(dataset, class_sums, counts, second) -> xr.Dataset:
         squared = np.einsum("lcf,lcf->lc", per_class, per_class)
         overall = per_class.sum(axis=1)
         within[v] = (squared - counts).sum(axis=1) / (counts * (counts - 1)).sum()
-        between[v] = (np.einsum("lf,lf->l", overall, overall) - squared.sum(axis=1)) / (
-            n_images**2 - (counts**2).sum()
-        )
+        between[v] = (np.einsum("lf,lf->l", overall, overall) - squared.sum(axis=1)) / (n_images**2 - (counts**2).sum())
         final_accuracy[v] = second[f"correct_final_{view}"] / n_images
         layer_accuracy[v] = second[f"correct_layer_{view}"] / n_images
     dims = ("view", "layer")
@@ -249,8 +182,7 @@ def _class_structure(dataset, class_sums, counts, second) -> xr.Dataset:
 def _nearest_centroid_credit(directions, class_sums, own_vectors, own_class) -> np.ndarray:
     """Credit for assigning each image to the class centroid nearest by cosine, itself left out.
 
-    Ties (as at layer 0 of the cls token, identical for every image) are broken at random in
-    expectation: an image tied between n centroids, its own among them, scores 1/n.
+    An image tied between n centroids, its own among them, scores 1/n (ties broken at random in expectation).
 
     Parameters
     ----------
@@ -258,25 +190,15 @@ def _nearest_centroid_credit(directions, class_sums, own_vectors, own_class) -> 
     class_sums : (class, feature) sums of unit vectors over each class's images.
     own_vectors : (image, feature) each image's own contribution to its class's sum.
     own_class : (image,) index of each image's class.
-
-    Returns
-    -------
-    numpy.ndarray
-        (image,) in [0, 1]: 1 when its own class's centroid is the only nearest.
     """
     rows = np.arange(len(directions))
     dots = directions @ class_sums.T
     norms = np.broadcast_to(np.linalg.norm(class_sums, axis=1), dots.shape).copy()
     own_sum = class_sums[own_class]
     dots[rows, own_class] -= np.einsum("if,if->i", directions, own_vectors)
-    norms[rows, own_class] = np.sqrt(
-        np.maximum(
-            np.einsum("if,if->i", own_sum, own_sum)
-            - 2 * np.einsum("if,if->i", own_sum, own_vectors)
-            + np.einsum("if,if->i", own_vectors, own_vectors),
-            0.0,
-        )
-    )
+    left_out = (np.einsum("if,if->i", own_sum, own_sum) - 2 * np.einsum("if,if->i", own_sum, own_vectors)
+                + np.einsum("if,if->i", own_vectors, own_vectors))
+    norms[rows, own_class] = np.sqrt(np.maximum(left_out, 0.0))
     scores = np.divide(dots, norms, out=np.full_like(dots, -np.inf), where=norms > 1e-12)
     nearest = scores >= scores.max(axis=1, keepdims=True) - 1e-9
     return nearest[rows, own_class] / nearest.sum(axis=1)
@@ -288,26 +210,17 @@ def _projection_result(dataset, fit_layers, projection, second) -> xr.Dataset:
     n_components = components.shape[1]
     return xr.Dataset(
         {
-            "projection": (
-                ("image", "layer", "component"),
-                np.concatenate(second["projection"]).astype(np.float32),
-                {"long_name": "unit cls direction on principal components", "fit_layers": fit_layers},
-            ),
-            "explained_variance_ratio": (
-                ("component",),
-                explained,
-                {"long_name": "variance fraction of the fitted unit cls vectors"},
-            ),
+            "projection": (("image", "layer", "component"), np.concatenate(second["projection"]).astype(np.float32),
+                           {"long_name": "unit cls direction on principal components", "fit_layers": fit_layers}),
+            "explained_variance_ratio": (("component",), explained, {"long_name": "variance fraction of the fitted unit cls vectors"}),
         },
         coords={"component": np.arange(1, n_components + 1), "layer": dataset["layer"].values},
     )
 
 
 def half_rise_layer(curve: np.ndarray, layers: np.ndarray) -> float | None:
-    """Layer (linearly interpolated) where a curve rising to 1 first covers half its rise.
-
-    The level is halfway between the curve's first value and 1, so it marks the middle of γ's
-    S-curve whatever γ starts at; None if the curve never gets there.
+    """Layer (linearly interpolated) where a curve rising to 1 first covers half its rise from its first
+    value; None if it never gets there.
     """
     level = (curve[0] + 1.0) / 2
     above = np.flatnonzero(curve >= level)

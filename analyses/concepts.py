@@ -1,34 +1,5 @@
-"""Concepts through depth: which concepts of one sparse dictionary are born, peak and die in which phase.
-
-One dictionary (`analyses.dictionary.ConceptDictionary`, TopK SAE or RA-SAE) is fitted on tokens
-pooled over every layer; then one streamed pass encodes every token of every layer and gives:
-
-- **profiles**: each concept's activation frequency (share of tokens on which it is among the k
-  active codes) and mean activation (contribution norm, zeros included) per layer and token kind;
-- **birth, peak, death**: from the mean activation over all tokens (frequency alone would count
-  the weak codes TopK must fill when fewer than k concepts are present): the peak is the layer of
-  highest mean activation; a concept is *alive* at a layer where its mean activation is at least
-  ``alive_fraction`` (default 0.25) of its peak's; birth is the first alive layer, death the
-  last. A concept that never fires is *dead* (birth = peak = death = -1);
-- **the boundary test**: a birth at layer l is an event in the gap (l-1, l), a death at l in the
-  gap (l, l+1); events in gaps between two layers of the partition (not the embedding's gap, not
-  past the last layer) count. The statistic is the fraction of events that fall in a gap where
-  the phase changes; the null places the same number of boundaries at random among those gaps
-  (every placement when there are at most ``n_permutations`` of them, an exact permutation test,
-  else ``n_permutations`` random ones); the p-value is the share of placements whose fraction is
-  at least the observed one (the observed placement included);
-- **class selectivity** (with labels): mutual information in bits between "the concept is
-  active on a token" and the label of the token's image, per layer and token kind;
-- **quality**: reconstruction R² per layer and token kind (`dynamo.metrics`: one scalar mean,
-  the target's variance, in the scaled space) and the fraction of concepts dead at each layer;
-- **examples**: for the top concepts of each phase (peaking in it, firing on patches, not on more
-  than half of them; by mean patch activation at the peak), the images they activate most (max
-  over patches at the peak layer) with the activation over the patch grid.
-
-Options: ``per_phase`` fits one dictionary per phase (its layers only) and compares its R² and
-dead fraction per layer, and how well its atoms match the shared dictionary's (Hungarian-matched
-cosine); ``stability`` fits a second seed of both TopK and RA-SAE and reports the matched cosine
-between the two seeds of each kind (the A-SAE paper's stability).
+"""Concepts through depth: which concepts of one sparse dictionary, fitted on every layer's tokens,
+are born, peak and die in which phase, and whether births and deaths fall at phase boundaries.
 """
 
 from __future__ import annotations
@@ -45,15 +16,8 @@ from sklearn.base import clone
 from analyses.dictionary import KINDS, ConceptDictionary, matched_cosine, require_hidden
 from dynamo.serialize import derived_seed
 from analyses.phases import find_phases
-from analyses.streaming import (
-    fold_image_blocks,
-    image_blocks,
-    image_coords,
-    labels_of,
-    layer_states,
-    provenance,
-    rounded,
-)
+from analyses.streaming import fold_image_blocks, image_blocks, image_coords, layer_states, provenance, rounded
+from dynamo.heads import store_labels
 from dynamo.layout import ALL_TOKENS, token_groups
 from dynamo.metrics import r2_from_sums, r2_sums
 from dynamo.partition import NO_PHASE, Partition, assign_phases
@@ -67,66 +31,41 @@ DESCRIPTION = (
 ALIVE_FRACTION = 0.25
 
 
-def compute(
-    ds: xr.Dataset,
-    dictionary: ConceptDictionary | None = None,
-    *,
-    partition=None,
-    per_phase: bool = False,
-    stability: bool = False,
-    alive_fraction: float = ALIVE_FRACTION,
-    examples_per_phase: int = 4,
-    top_images: int = 6,
-    n_permutations: int = 10000,
-    seed: int = 0,
-    progress: bool = True,
-) -> xr.Dataset:
+def compute(ds: xr.Dataset, dictionary: ConceptDictionary | None = None, *, partition=None, per_phase: bool = False,
+            stability: bool = False, alive_fraction: float = ALIVE_FRACTION, examples_per_phase: int = 4, top_images: int = 6,
+            n_permutations: int = 10000, seed: int = 0, progress: bool = True) -> xr.Dataset:
     """Concept profiles through depth, their births and deaths at phase boundaries, quality and examples.
 
     Parameters
     ----------
-    ds : xarray.Dataset
-        A trajectory dataset with ``hidden`` (`dynamo.open_trajectories`).
     dictionary : ConceptDictionary, optional
-        Fitted, or unfitted (fitted here, on every layer unless its ``layers`` say otherwise);
-        default ``ConceptDictionary()``.
+        Fitted, or unfitted (fitted here); default ``ConceptDictionary()``.
     partition : Partition or nested list, optional
-        The phases of depth; default the store's max-cut phases (`analyses.phases.find_phases`).
+        The phases of depth; default the store's max-cut phases.
     per_phase : bool
-        Also fit one dictionary per phase (clones of ``dictionary`` on the phase's layers).
+        Also fit one dictionary per phase and compare its R², dead fraction and atoms.
     stability : bool
-        Also fit a second seed of each kind (TopK and RA-SAE, the first seed of the other kind
-        too) and Hungarian-match the atoms of the two seeds.
+        Also fit a second seed of each kind (TopK, RA-SAE) and Hungarian-match the two seeds' atoms.
     alive_fraction : float
-        Share of its peak mean activation at which a concept counts as alive at a layer.
-    examples_per_phase, top_images : int
-        Concepts shown per phase, and images per concept.
+        A concept is alive at a layer where its mean activation (all tokens) is at least this share
+        of its peak's; birth and death are the first and last alive layers.
     n_permutations : int
-        Placements of random boundaries in the null (all of them when there are no more).
-    seed : int
-        Seed of the null's random placements (when they are drawn) and of the extra fits.
-    progress : bool
+        Random boundary placements in the null (every placement when there are no more: exact).
 
     Returns
     -------
     xarray.Dataset
-        ``frequency``, ``mean_activation`` (concept, layer, token_kind; ``all`` pools the kinds);
-        ``birth``, ``peak``, ``death`` (concept; layer values, -1 for dead concepts), ``births``,
-        ``deaths`` (layer; counts); ``r2`` (layer, token_kind), ``dead_fraction`` (layer);
-        ``class_information`` (concept, layer, token_kind; bits) with labels; the boundary test
-        (``boundary_fraction``, ``boundary_null_fraction``, ``boundary_p_value``, each for
-        ``event`` = births, deaths, both); ``top_image``, ``top_activation``, ``top_map``
-        (example, rank[, patch_row, patch_col]); with ``per_phase`` ``per_phase_r2``,
-        ``per_phase_dead_fraction``, ``per_phase_match``; with ``stability`` ``stability_cosine``
-        (dictionary_kind, atom) sorted, ``stability``, ``stability_r2``. A ``phase`` coordinate
-        over ``layer``; attrs name the dictionary, thresholds and notes (e.g. no labels).
+        ``frequency``, ``mean_activation``, ``class_information`` (bits, with labels) over (concept,
+        layer, token_kind; ``all`` pools the kinds); ``birth``, ``peak``, ``death`` (-1 for dead);
+        ``births``, ``deaths``, ``dead_fraction`` (layer); ``r2`` (layer, token_kind); ``boundary_*``
+        over ``event``; ``top_*`` examples; ``per_phase_*`` and ``stability*`` when asked.
     """
     require_hidden(ds)
     dictionary = ConceptDictionary(progress=progress) if dictionary is None else dictionary
     if not hasattr(dictionary, "model_"):
         dictionary.fit(ds)
     partition = Partition(find_phases(ds) if partition is None else partition)
-    labels = labels_of(ds)
+    labels = store_labels(ds)
     classes = None if labels is None else np.unique(labels)
     kinds = list(token_groups(ds["token_kind"]))
     sums = profile_sums(ds, dictionary, classes, progress=progress)
@@ -168,58 +107,38 @@ def compute(
     if stability:
         result = result.merge(_stability(ds, dictionary, _pooled_r2(sums), progress))
     return assign_phases(result, partition).assign_attrs(
-        **provenance(ds),
-        analysis="concepts",
-        dictionary_kind=dictionary.kind,
-        concepts=int(frequency.shape[0]),
-        k=int(dictionary.k),
-        steps=int(dictionary.steps),
-        dictionary_seed=int(dictionary.seed),
-        alive_fraction=alive_fraction,
-        n_images=int(ds.sizes["image"]),
-        notes=notes,
+        **provenance(ds), analysis="concepts", dictionary_kind=dictionary.kind, concepts=int(frequency.shape[0]), k=int(dictionary.k),
+        steps=int(dictionary.steps), dictionary_seed=int(dictionary.seed), alive_fraction=alive_fraction,
+        n_images=int(ds.sizes["image"]), notes=notes,
         definitions="birth/death: first/last layer with mean activation >= alive_fraction x the concept's peak "
                     "(all tokens); an event counts at a boundary when its gap between layers is one where the phase changes",
     )
 
 
-# ---- the streamed pass ----------------------------------------------------------------------
-
-
 def profile_sums(ds: xr.Dataset, dictionary: ConceptDictionary, classes: np.ndarray | None, progress: bool = True) -> dict:
     """Counts and sums of every concept's activations over the store, per layer and token kind.
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-    dictionary : ConceptDictionary
-        Fitted; its layers are read.
-    classes : numpy.ndarray or None
-        Sorted class labels, for per-class counts (None: none).
 
     Returns
     -------
     dict
-        ``count``, ``total`` (concept, layer, kind + all): active tokens and summed activations;
-        ``tokens`` (layer, kind + all); ``r2`` (4, layer, kind + all): squared error, sum, sum of
-        squares and count of `dynamo.metrics.r2_sums`; with classes ``class_count`` (concept, layer, kind + all, class) and
-        ``class_tokens`` (kind + all, class).
+        ``count``, ``total`` (concept, layer, kind + all); ``tokens`` (layer, kind + all); ``r2`` (4,
+        layer, kind + all): the `dynamo.metrics.r2_sums`; with ``classes`` (sorted labels)
+        ``class_count`` (concept, layer, kind + all, class) and ``class_tokens`` (kind + all, class).
     """
     groups = token_groups(ds["token_kind"])
     positions = np.flatnonzero(np.isin(ds["layer"].values, dictionary.layers_))
     reader = partial(_block_sums, dictionary=dictionary, groups=groups, positions=positions, classes=classes)
     sums = fold_image_blocks(reader, ds, description="concepts: profiles", progress=progress)
-    for key in ("count", "total", "tokens", "class_count", "class_tokens"):  # "all" = the sum over kinds
+    for key in ("count", "total", "tokens", "r2", "class_count", "class_tokens"):  # "all" = the sum over kinds
         if key in sums:
-            sums[key] = np.concatenate([sums[key], sums[key].sum(axis=-2 if key.startswith("class") else -1, keepdims=True)],
-                                       axis=-2 if key.startswith("class") else -1)
-    sums["r2"] = np.concatenate([sums["r2"], sums["r2"].sum(axis=-1, keepdims=True)], axis=-1)
+            axis = -2 if key.startswith("class") else -1
+            sums[key] = np.concatenate([sums[key], sums[key].sum(axis=axis, keepdims=True)], axis=axis)
     return sums
 
 
 def _block_sums(block: xr.Dataset, dictionary: ConceptDictionary, groups: dict, positions: np.ndarray,
                 classes: np.ndarray | None) -> dict:
-    """`profile_sums` of one block of images (a `fold_image_blocks` partial), from the sparse codes."""
+    """`profile_sums` of one block of images (a `fold_image_blocks` partial)."""
     concepts, n_kinds = dictionary.model_.encoder.out_features, len(groups)
     shape = (concepts, len(positions), n_kinds)
     sums = {"count": np.zeros(shape), "total": np.zeros(shape), "tokens": np.zeros((len(positions), n_kinds)),
@@ -250,20 +169,8 @@ def _block_sums(block: xr.Dataset, dictionary: ConceptDictionary, groups: dict, 
     return sums
 
 
-# ---- births, deaths and the boundary test ----------------------------------------------------
-
-
 def lifetimes(activation: np.ndarray, layers: np.ndarray, alive_fraction: float = ALIVE_FRACTION):
-    """Birth, peak and death layer of each concept from its mean activation per layer.
-
-    Parameters
-    ----------
-    activation : numpy.ndarray, (concept, layer)
-        Mean activation (or any non-negative profile) per layer.
-    layers : numpy.ndarray, (layer,)
-        Layer values.
-    alive_fraction : float
-        Alive where the activation >= alive_fraction x the concept's peak activation.
+    """Birth, peak and death layer of each concept from its (concept, layer) mean activation.
 
     Returns
     -------
@@ -285,21 +192,17 @@ def boundary_test(event_gaps: np.ndarray, boundary_gaps, eligible_gaps, n_permut
     Parameters
     ----------
     event_gaps : numpy.ndarray of int
-        The gap of each event (its index: gap i lies between layers i and i + 1 of the result).
-    boundary_gaps : sequence of int
-        The gaps where the phase changes.
-    eligible_gaps : sequence of int
-        The gaps a boundary may sit in (events elsewhere are left out).
+        The gap of each event (gap i lies between layers i and i + 1); events outside ``eligible_gaps`` are left out.
+    boundary_gaps, eligible_gaps : sequence of int
+        The gaps where the phase changes, and those a boundary may sit in.
     n_permutations : int
-        Enumerate every placement of len(boundary_gaps) boundaries when there are at most this
-        many, else draw this many at random (with ``seed``).
+        Enumerate every placement when there are at most this many, else draw this many (with ``seed``).
 
     Returns
     -------
     dict
-        ``fraction`` (observed), ``null_fraction`` (its mean under the null), ``p_value``
-        (placements with a fraction >= the observed, the observed one counted: exact when
-        enumerated), ``n_events``, ``n_placements``, ``exact``.
+        ``fraction``, ``null_fraction``, ``p_value`` (placements at least as extreme, the observed
+        one counted), ``n_events``, ``n_placements``, ``exact``.
     """
     eligible = np.asarray(sorted(eligible_gaps), dtype=int)
     boundaries = np.asarray(sorted(boundary_gaps), dtype=int)
@@ -352,17 +255,8 @@ def _count_at(values: np.ndarray, layers: np.ndarray) -> np.ndarray:
 def class_information(class_count: np.ndarray, class_tokens: np.ndarray) -> np.ndarray:
     """Mutual information (bits) between a concept being active on a token and the token's image label.
 
-    Parameters
-    ----------
-    class_count : numpy.ndarray, (..., kind, class)
-        Active tokens of images of each class.
-    class_tokens : numpy.ndarray, (kind, class)
-        Tokens of images of each class.
-
-    Returns
-    -------
-    numpy.ndarray, (..., kind)
-        I(A; Y) for the binary activity A and the label Y, 0 log 0 = 0.
+    ``class_count`` (..., kind, class) active tokens and ``class_tokens`` (kind, class) all tokens of
+    each class's images; returns (..., kind).
     """
     n = class_tokens.sum(axis=-1, keepdims=True)
     joint = np.stack([class_count, class_tokens - class_count], axis=-2) / n[..., None, :]  # (..., kind, 2, class)
@@ -373,14 +267,9 @@ def class_information(class_count: np.ndarray, class_tokens: np.ndarray) -> np.n
     return np.clip(terms.sum(axis=(-2, -1)), 0, None)
 
 
-# ---- examples ---------------------------------------------------------------------------------
-
-
 def example_concepts(result: xr.Dataset, partition: Partition, per_phase: int = 4) -> list[tuple[int, int, int]]:
-    """``(phase, concept, peak layer)`` of the top concepts of each phase.
-
-    Candidates peak in the phase, are active on patch tokens at the peak and on at most half of
-    them; ranked by their mean patch activation at the peak.
+    """``(phase, concept, peak layer)`` of the top concepts of each phase: peaking in it, active on at
+    most half of the patches at the peak, ranked by mean patch activation there.
     """
     if "patch" not in result["token_kind"].values:
         return []
@@ -404,16 +293,11 @@ def top_examples(ds: xr.Dataset, dictionary: ConceptDictionary, result: xr.Datas
                  per_phase: int = 4, top_images: int = 6, progress: bool = True) -> xr.Dataset:
     """The images that activate each example concept most at its peak layer, with patch maps.
 
-    Streams the store once more, reading only the example concepts' peak layers and keeping a
-    running top ``top_images`` per concept.
-
     Returns
     -------
     xarray.Dataset
-        ``top_image`` (example, rank; position along ``image``), ``top_activation`` (example,
-        rank; max over patches), ``top_map`` (example, rank, patch_row, patch_col; NaN where a
-        patch was not recorded); coords ``example_concept``, ``example_layer``, ``example_phase``,
-        ``top_image_id`` and, with labels, ``top_label``.
+        ``top_image`` (example, rank; image positions), ``top_activation`` (max over patches),
+        ``top_map`` (example, rank, patch_row, patch_col; NaN where no patch was recorded).
     """
     chosen = example_concepts(result, partition, per_phase)
     rows, cols = ds["patch_row"].values, ds["patch_col"].values
@@ -452,7 +336,7 @@ def top_examples(ds: xr.Dataset, dictionary: ConceptDictionary, result: xr.Datas
         "example_phase": ("example", [phase for phase, _, _ in chosen]),
         "top_image_id": (("example", "rank"), np.where(images >= 0, ids[np.clip(images, 0, None)], "")),
     }
-    labels = labels_of(ds)
+    labels = store_labels(ds)
     if labels is not None:
         names = known.get("label_name", labels).astype(str)
         coords["top_label"] = (("example", "rank"), np.where(images >= 0, names[np.clip(images, 0, None)], ""))
@@ -464,9 +348,6 @@ def top_examples(ds: xr.Dataset, dictionary: ConceptDictionary, result: xr.Datas
         },
         coords=coords,
     )
-
-
-# ---- the per-phase variant and stability ---------------------------------------------------------
 
 
 def _sub(folder, name: str):
@@ -504,11 +385,7 @@ def _pooled_r2(sums: dict) -> float:
 
 
 def _stability(ds: xr.Dataset, dictionary: ConceptDictionary, r2_given: float, progress: bool) -> xr.Dataset:
-    """Two seeds of each dictionary kind: Hungarian-matched cosine between their atoms, and pooled R².
-
-    ``dictionary`` is the first seed of its kind (its pooled R² is ``r2_given``); the others are
-    clones with the kind and seed changed, each checkpointed beside ``dictionary``'s.
-    """
+    """Two seeds of each dictionary kind: matched cosine between their atoms and pooled R² (``r2_given``: ``dictionary``'s)."""
     cosines, means, r2 = [], [], []
     for kind in KINDS:
         fits = []
@@ -529,9 +406,6 @@ def _stability(ds: xr.Dataset, dictionary: ConceptDictionary, r2_given: float, p
         "stability": ("dictionary_kind", means, {"long_name": "mean matched cosine between two seeds"}),
         "stability_r2": ("dictionary_kind", r2, {"long_name": "R² over every layer and token (first seed)"}),
     }, coords={"dictionary_kind": list(KINDS)})
-
-
-# ---- headline numbers -------------------------------------------------------------------------
 
 
 def summarize(result: xr.Dataset) -> dict:
@@ -556,10 +430,8 @@ def summarize(result: xr.Dataset) -> dict:
         peak_phase = np.array([phase[np.searchsorted(layers, p)] if p >= 0 else NO_PHASE for p in result["peak"].values])
         numbers["concepts_peaking_per_phase"] = [int((peak_phase == index).sum()) for index in sorted(set(phase) - {NO_PHASE})]
     for event in result["event"].values:
-        test = result.sel(event=event)
-        numbers[f"boundary_fraction_{event}"] = rounded(float(test["boundary_fraction"]))
-        numbers[f"boundary_null_fraction_{event}"] = rounded(float(test["boundary_null_fraction"]))
-        numbers[f"boundary_p_value_{event}"] = rounded(float(test["boundary_p_value"]))
+        for name in ("boundary_fraction", "boundary_null_fraction", "boundary_p_value"):
+            numbers[f"{name}_{event}"] = rounded(float(result[name].sel(event=event)))
     if "class_information" in result:
         information = result["class_information"].sel(token_kind=ALL_TOKENS)
         numbers["class_information_max_per_layer"] = rounded(information.max("concept").values.astype(float))

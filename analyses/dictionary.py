@@ -1,31 +1,5 @@
-"""One sparse dictionary for every layer of the residual stream: TopK SAE and Relaxed Archetypal SAE.
-
-The residual stream is one space through depth, so one dictionary is learned on tokens pooled
-over all layers (or over one phase's layers, for the per-phase variant). Each layer's tokens are
-scaled to a common norm first (``scale_``: the layer's mean squared token norm becomes 1), then
-the pooled mean is subtracted (``center_``); both are recorded, and `ConceptDictionary.transform`
-applies them to any layer's states.
-
-Models (written here rather than taken from ``overcomplete``, whose 0.3.0 fails to import with
-the matplotlib this project installs, and pulls in OpenCV and scikit-image for plotting; the two
-models are a few lines of torch):
-
-- **TopK SAE** (Gao et al. 2024): codes ``z = TopK_k(ReLU(W_e x + b_e))``, reconstruction
-  ``x̂ = z D`` with unit-norm atoms (rows of D), the encoder initialised to D (tied init).
-- **RA-SAE** (Fel et al. 2025, "Archetypal SAE"): the same encoder; the dictionary is
-  ``D = exp(s) (W C + Λ)`` with C candidate points (k-means centroids of a layer-balanced sample
-  of the tokens), W row-stochastic (projected after every step) and each relaxation row
-  ``‖Λ_i‖ ≤ δ``, so atoms stay near the convex hull of the data; W starts as the identity
-  (atom i = centroid i).
-
-Codes are reported as each concept's *contribution norm* ``z_i ‖D_i‖`` (in units of the layer's
-RMS token norm), so TopK and RA-SAE activations compare.
-
-Streaming. Training batches come from `TokenSampler`: rounds of one chunk of ``hidden`` per
-layer (each layer walks the store's image blocks in its own shuffled order, epoch after epoch),
-the same number of tokens drawn from each layer, pooled and shuffled, cut into batches. Memory
-holds one round, never the store. A round is a function of (seed, round), so a batch is a
-function of (seed, step) and a fit resumes from its checkpoint to the same weights.
+"""One sparse dictionary for every layer of the residual stream: TopK SAE (Gao et al. 2024) and
+Relaxed Archetypal SAE (Fel et al. 2025), trained on layer-balanced tokens streamed from a store.
 """
 
 from __future__ import annotations
@@ -49,7 +23,7 @@ from torch import nn
 
 from analyses.streaming import finite, fold_image_blocks, image_blocks, layer_states, unit
 from dynamo.progress import progress_bar
-from dynamo.serialize import jsonable, optimizer_state, tensors_of_optimizer, write_tensors_and_json
+from dynamo.serialize import fit_identity, optimizer_state, read_tensors_and_json, tensors_of_optimizer, write_tensors_and_json
 
 __all__ = ["KINDS", "ConceptDictionary", "SparseAutoencoder", "TokenSampler", "layer_scales", "matched_cosine",
            "require_hidden"]
@@ -73,26 +47,15 @@ def require_hidden(ds: xr.Dataset) -> None:
         raise ValueError("the store has no recorded images; record some with `dynamo record`")
 
 
-# ---- scaling ------------------------------------------------------------------------------
-
-
 def layer_scales(ds: xr.Dataset, layers: Sequence[int], progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer scales to a common norm, and the pooled mean after scaling, from one streamed pass.
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        A trajectory dataset with ``hidden``.
-    layers : sequence of int
-        Positions along ``layer`` to pool.
-    progress : bool
 
     Returns
     -------
     scale : numpy.ndarray, (len(layers),)
-        ``1 / sqrt(mean ‖x‖²)`` over the layer's tokens: scaled tokens have mean squared norm 1.
+        ``1 / sqrt(mean ‖x‖²)`` over the layer's tokens.
     center : numpy.ndarray, (feature,)
-        Mean of the scaled tokens with every layer weighted equally (as the sampler draws them).
+        Mean of the scaled tokens, every layer weighted equally.
     """
     layers = list(layers)
     moments = fold_image_blocks(partial(_block_moments, layers=layers), ds, description="concepts: layer scales",
@@ -114,31 +77,12 @@ def _block_moments(block: xr.Dataset, layers: list[int]) -> dict:
     return {"squares": squares, "total": total, "count": count}
 
 
-# ---- the training stream ------------------------------------------------------------------
-
-
 class TokenSampler:
-    """Layer-balanced, shuffled batches of scaled tokens, read from the store a round at a time.
+    """Layer-balanced, shuffled batches of scaled, centered tokens, read from the store a round at a time.
 
-    Round r reads one chunk of ``hidden`` (an image block of the store) for each layer: layer l
-    takes the blocks in its own random order per epoch (``[seed, epoch, l]``), so every block of
-    every layer is read once an epoch. From each chunk the same number of tokens is drawn
-    (without replacement, or with it from a short last block), scaled by the layer's scale, the
-    center subtracted; the round's tokens are shuffled and cut into batches (the remainder is
-    dropped). Everything is a function of (seed, round).
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        Trajectory dataset with ``hidden``.
-    layers : sequence of int
-        Positions along ``layer`` to draw from.
-    scale : numpy.ndarray, (len(layers),)
-    center : numpy.ndarray, (feature,)
-    batch_size : int
-    seed : int
-    tokens_per_layer : int
-        Tokens drawn from each layer per round (capped at the largest chunk's tokens).
+    Round r reads one image block of ``hidden`` per layer (each layer walks the blocks in its own
+    seeded order per epoch) and draws ``tokens_per_layer`` tokens from each; everything is a function
+    of (seed, round), so a resumed fit sees the same batches.
     """
 
     def __init__(self, ds: xr.Dataset, layers: Sequence[int], scale: np.ndarray, center: np.ndarray, batch_size: int,
@@ -183,24 +127,10 @@ class TokenSampler:
         return np.concatenate(parts)[:n]
 
 
-# ---- the model ----------------------------------------------------------------------------
-
-
 class SparseAutoencoder(nn.Module):
-    """TopK sparse autoencoder; with ``candidates``, its dictionary is relaxed archetypal (RA-SAE).
+    """TopK sparse autoencoder; with ``candidates`` (n, D), its dictionary is relaxed archetypal (RA-SAE).
 
-    Parameters
-    ----------
-    width : int
-        Feature dimension D.
-    concepts : int
-        Number of atoms C.
-    k : int
-        Non-zero codes per token.
-    candidates : torch.Tensor, optional
-        (n, D) points whose convex hull the atoms stay near (RA-SAE); None: free unit-norm atoms.
-    delta : float
-        RA-SAE: bound on each relaxation row's norm.
+    The RA-SAE dictionary is ``exp(s) (W C + Λ)``: W row-stochastic, each ‖Λ_i‖ ≤ ``delta``.
     """
 
     def __init__(self, width: int, concepts: int, k: int, candidates: torch.Tensor | None = None, delta: float = 0.1):
@@ -239,7 +169,7 @@ class SparseAutoencoder(nn.Module):
             self.atoms.div_(self.atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def sparse_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k largest pre-activations of each row, through a ReLU: values and concept indices, (N, k) each."""
+        """The k largest pre-activations of each row through a ReLU: values and concept indices, (N, k) each."""
         values, indices = self.encoder(x).topk(self.k, dim=-1)
         return F.relu(values), indices
 
@@ -258,52 +188,34 @@ class SparseAutoencoder(nn.Module):
         return F.embedding_bag(indices, dictionary, per_sample_weights=values, mode="sum")
 
 
-# ---- the fitted object ---------------------------------------------------------------------
-
-
 class ConceptDictionary(BaseEstimator):
     """A sparse dictionary of concepts fitted on tokens pooled over layers, scikit-learn style.
+
+    Each layer's tokens are scaled to mean squared norm 1 (``scale_``), then centered (``center_``).
 
     Parameters
     ----------
     kind : {"topk", "rasae"}
-        TopK SAE, or Relaxed Archetypal SAE.
     concepts : int, optional
         Number of atoms; default 8 x the width.
     k : int
-        Non-zero codes per token (raise it for wide models: Gao et al. use 32 at width 768).
-    steps : int
-        Optimizer steps (the default gives about 5 passes over the zoo's 360-image store).
-    batch_size : int
-        Tokens per step.
+        Non-zero codes per token.
     lr : float
-        Adam's peak learning rate; cosine decay to 10% of it over the steps.
+        Adam's peak learning rate; cosine decay to 10% of it.
     layers : sequence of int, optional
-        Layers (values of the ``layer`` coordinate) to pool; default all. One phase's layers
-        give the per-phase variant.
-    candidates : int, optional
-        RA-SAE: number of k-means centroids the atoms are built from; default ``concepts``.
-    delta : float
-        RA-SAE: bound on each atom's relaxation norm (in units of the RMS token norm).
+        Values of ``layer`` to pool; default all (one phase's layers: the per-phase variant).
+    candidates, delta
+        RA-SAE: k-means centroids the atoms are built from (default ``concepts``), and the bound on
+        each atom's relaxation norm in RMS token norms.
     checkpoint_dir : str or Path, optional
-        Where to checkpoint; a fit with the same parameters on the same store resumes there and
-        ends with the same weights.
-    checkpoint_every : int
-    seed : int
-        Initialisation, k-means and the batch order.
-    device : str
-    progress : bool
+        A fit with the same parameters on the same store resumes there to the same weights.
 
     Attributes
     ----------
     model_ : SparseAutoencoder
-    layers_ : numpy.ndarray
-        Layer values the dictionary was fitted on.
-    scale_ : numpy.ndarray
-        Scale of each of ``layers_``.
-    center_ : numpy.ndarray, (feature,)
+    layers_, scale_, center_ : numpy.ndarray
     history_ : list of dict
-        ``step``, ``loss`` (mean squared error per token over mean squared norm, on the batch).
+        ``step``, ``loss`` (squared error over squared norm, on the batch).
     """
 
     def __init__(self, kind: str = "topk", concepts: int | None = None, k: int = 8, steps: int = 1500,
@@ -315,16 +227,8 @@ class ConceptDictionary(BaseEstimator):
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.seed, self.device, self.progress = seed, device, progress
 
-    # ---- fitting ------------------------------------------------------------------------
-
     def fit(self, ds: xr.Dataset) -> ConceptDictionary:
-        """Fit the dictionary to a trajectory dataset, streaming it (resumes from ``checkpoint_dir``).
-
-        Raises
-        ------
-        ValueError
-            Unknown kind, bad sizes, or a dataset without ``hidden``.
-        """
+        """Fit the dictionary to a trajectory dataset, streaming it (resumes from ``checkpoint_dir``)."""
         require_hidden(ds)
         if self.kind not in KINDS:
             raise ValueError(f"unknown dictionary kind {self.kind!r}; expected one of {KINDS}")
@@ -369,24 +273,18 @@ class ConceptDictionary(BaseEstimator):
         return kmeans.fit(tokens).cluster_centers_.astype(np.float32)
 
     def _identity(self, ds: xr.Dataset, concepts: int) -> dict:
-        params = {k: v for k, v in self.get_params().items() if k not in ("checkpoint_dir", "checkpoint_every", "progress", "device")}
-        return jsonable({
-            "params": {**params, "concepts": concepts},
-            "weights_sha256": ds.attrs.get("weights_sha256"),
-            "images_sha256": ds.attrs.get("identity", {}).get("images_sha256"),
-            "images": ds.sizes["image"],
-            "layers": self.layers_,
-        })
+        return fit_identity(self, ds.attrs, ("checkpoint_dir", "checkpoint_every", "progress", "device"),
+                            concepts=concepts, images=ds.sizes["image"], layers=self.layers_)
 
     def _read_checkpoint(self, identity: dict) -> dict | None:
         folder = None if self.checkpoint_dir is None else Path(self.checkpoint_dir)
         if folder is None or not (folder / "checkpoint.json").exists():
             return None
-        config = json.loads((folder / "checkpoint.json").read_text())
+        tensors, config = read_tensors_and_json(folder / "checkpoint.safetensors", folder / "checkpoint.json")
         if config["identity"] != identity:
             raise ValueError(f"{folder} holds a checkpoint of a dictionary with other parameters or another store; "
                              "use another checkpoint directory, or delete it to start over")
-        return {"config": config, "tensors": load_file(str(folder / "checkpoint.safetensors"))}
+        return {"config": config, "tensors": tensors}
 
     def _train(self, sampler: TokenSampler, identity: dict, saved: dict | None) -> None:
         model = self.model_
@@ -425,8 +323,6 @@ class ConceptDictionary(BaseEstimator):
         config = {"identity": identity, "step": step, "history": self.history_, "param_groups": param_groups}
         _write(Path(self.checkpoint_dir), "checkpoint", tensors, config)
 
-    # ---- using the dictionary -----------------------------------------------------------
-
     @property
     def atoms_(self) -> np.ndarray:
         """Unit atoms (concept directions in the scaled, centered space), (concepts, feature)."""
@@ -435,7 +331,7 @@ class ConceptDictionary(BaseEstimator):
             return unit(self.model_.dictionary().cpu().numpy().astype(np.float64))
 
     def scaled(self, states, layer: int) -> torch.Tensor:
-        """States of one layer (value of ``layer``) scaled and centered as the dictionary sees them, (N, D)."""
+        """States of one layer (a ``layer`` value) scaled and centered as the dictionary sees them, (N, D)."""
         check_is_fitted(self, "model_", msg=NOT_FITTED)
         where = np.flatnonzero(self.layers_ == layer)
         if where.size == 0:
@@ -445,22 +341,11 @@ class ConceptDictionary(BaseEstimator):
 
     @torch.no_grad()
     def encode(self, states, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The active concepts of one layer's states, their reconstruction and the scaled states.
+        """The active concepts of one layer's (..., feature) states, their reconstruction and the scaled states.
 
-        Parameters
-        ----------
-        states : array-like, (..., feature)
-        layer : int
-            The states' layer (a value of ``layer``).
-
-        Returns
-        -------
-        activations : torch.Tensor, (N, k)
-            Contribution norms ``z_i ‖D_i‖`` of each token's k selected concepts (0 where the ReLU cut).
-        concepts : torch.Tensor of int64, (N, k)
-            Which concepts (k distinct per token).
-        reconstruction, target : torch.Tensor, (N, feature)
-            In the scaled, centered space.
+        Returns ``activations`` (N, k), the contribution norms ``z_i ‖D_i‖`` of each token's k selected
+        concepts (0 where the ReLU cut); ``concepts`` (N, k) int64; ``reconstruction`` and ``target``
+        (N, feature) in the scaled, centered space.
         """
         x = self.scaled(states, layer).to(self.device)
         dictionary = self.model_.dictionary()
@@ -477,8 +362,6 @@ class ConceptDictionary(BaseEstimator):
         values, indices, _, _ = self.encode(states, layer)
         dense = torch.zeros(len(values), self.model_.encoder.out_features)
         return dense.scatter_(1, indices, values).numpy()
-
-    # ---- persistence --------------------------------------------------------------------
 
     def save(self, folder) -> Path:
         """Write ``config.json`` and ``dictionary.safetensors`` into ``folder``; see `load`."""
@@ -512,21 +395,14 @@ class ConceptDictionary(BaseEstimator):
 
 
 def matched_cosine(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hungarian-matched cosine between the atoms of two dictionaries (the A-SAE paper's stability).
-
-    Parameters
-    ----------
-    first, second : numpy.ndarray
-        (C1, D) and (C2, D) atoms as rows.
+    """Hungarian-matched cosine between the (C1, D) and (C2, D) atoms of two dictionaries.
 
     Returns
     -------
     cosine : numpy.ndarray, (min(C1, C2),)
-        Cosine of each matched pair, pairs chosen to maximise the total (scipy's
-        ``linear_sum_assignment``), in the order of ``first``'s matched atoms.
+        Cosine of each matched pair, in the order of ``first``'s matched atoms.
     match : numpy.ndarray, (min(C1, C2),)
-        Index in ``second`` of the atom matched to each of ``first``'s (``first``'s in order when
-        C1 <= C2).
+        Index in ``second`` of the atom matched to each of ``first``'s.
     """
     cosine = unit(np.asarray(first, np.float64)) @ unit(np.asarray(second, np.float64)).T
     rows, cols = linear_sum_assignment(cosine, maximize=True)
@@ -547,5 +423,5 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) ->
 
 
 def _write(folder: Path, stem: str, tensors: dict[str, torch.Tensor], config: dict, config_name: str | None = None) -> None:
-    """``folder/<stem>.safetensors`` and ``folder/<config_name or stem>.json``, each renamed into place (JSON last)."""
+    """``folder/<stem>.safetensors`` and ``folder/<config_name or stem>.json``, JSON last."""
     write_tensors_and_json(folder / f"{stem}.safetensors", folder / f"{config_name or stem}.json", tensors, config)

@@ -1,17 +1,5 @@
-"""Trajectories as trials x time x features arrays, for other dynamics tools.
-
-Tools such as DSA (Dynamical Similarity Analysis, Ostrow et al. 2023), dynamical-systems
-fitting packages or plain numpy code expect an array of shape (trials, time, features). Here a
-trial is one image's path (for a reduced view: ``cls``, ``patch_mean``, ``register_mean``) or
-one token's path in one image (for a token kind: ``patch``, ``register``, ``dist``), time is
-depth (the store's layers) and features are the residual-stream dimensions, optionally on the
-unit sphere and/or projected on the top principal directions of all (trial, time) states.
-
-Everything stays lazy (dask) until written, and `export_trajectories` streams the array into a
-``.npy`` file a chunk at a time (``numpy.load(path, mmap_mode="r")`` reads it back without
-loading it), next to a ``.json`` file saying what each axis holds. A token view without a
-projection is written by an `Export` accumulator inside the store's one pass
-(`analyses.streaming.stream`), so it costs no read of its own (`in_one_pass`).
+"""Trajectories as (trial, time, feature) arrays for other dynamics tools (e.g. DSA), kept lazy and
+streamed into a ``.npy`` file with a ``.json`` that says what each axis holds.
 """
 
 from __future__ import annotations
@@ -28,36 +16,25 @@ from analyses.streaming import Accumulator, Chunk, cluster_client, contiguous, i
 from dynamo.layout import REDUCED_VIEWS, TOKEN_KINDS, token_groups
 from dynamo.progress import progress_bar
 
-DESCRIPTION = "Trajectories as (trial, time, feature) arrays, optionally on the sphere and on principal directions, for other dynamics tools."
+DESCRIPTION = ("Trajectories as (trial, time, feature) arrays, optionally on the sphere and on principal directions, "
+               "for other dynamics tools.")
 TOKEN_VIEWS = tuple(kind for kind in TOKEN_KINDS if kind != "cls")  # one trial per token (cls: the `cls` view)
 VIEWS = REDUCED_VIEWS + TOKEN_VIEWS
 
 
-def trajectories(
-    ds: xr.Dataset, view: str = "cls", *, sphere: bool = False, n_components: int | None = None
-) -> xr.DataArray:
-    """A lazy (trial, time, feature) array of trajectories.
+def trajectories(ds: xr.Dataset, view: str = "cls", *, sphere: bool = False, n_components: int | None = None) -> xr.DataArray:
+    """A lazy (trial, time, feature) float32 array of trajectories; time is the layer.
 
     Parameters
     ----------
-    ds : xarray.Dataset
-        A trajectory dataset (`dynamo.open_trajectories`).
     view : str
-        A reduced view (``cls``, ``patch_mean``, ``register_mean``: one trial per image) or a
-        token kind (``dist``, ``register``, ``patch``: one trial per token per image).
+        A reduced view (``cls``, ``patch_mean``, ``register_mean``: one trial per image) or a token
+        kind (``dist``, ``register``, ``patch``: one trial per token per image).
     sphere : bool
         Divide every state by its norm first.
     n_components : int, optional
-        Project the features on this many principal directions of all (trial, time) states
-        (computed with a chunked pass over the data); ``feature`` becomes ``component``.
-
-    Returns
-    -------
-    xarray.DataArray
-        (trial, time, feature) float32, dask-backed; coords ``time`` (the layer), per-trial
-        ``image``, ``image_id``, ``label`` (where known) and, for token views, ``token``. With
-        ``n_components``, attrs ``components`` (feature x component) and
-        ``explained_variance_ratio``.
+        Project on this many principal directions of all (trial, time) states; ``feature`` becomes
+        ``component``, and attrs hold ``components`` and ``explained_variance_ratio``.
     """
     if view in REDUCED_VIEWS:
         if view not in ds.data_vars:
@@ -70,9 +47,7 @@ def trajectories(
         if view not in groups:
             raise ValueError(f"the store has no {view!r} tokens; its token kinds are {list(groups)}")
         positions = groups[view]
-        tokens = ds["hidden"].isel(token=positions).drop_vars(
-            [c for c in ds["hidden"].coords if c not in ("image", "layer", "token")]
-        )
+        tokens = ds["hidden"].isel(token=positions).drop_vars([c for c in ds["hidden"].coords if c not in ("image", "layer", "token")])
         array = tokens.stack(trial=("image", "token")).transpose("trial", "layer", "feature").rename(layer="time")
         array = array.drop_vars(["trial", "image", "token"]).assign_coords(
             image=("trial", np.repeat(ds["image"].values, len(positions))),
@@ -90,12 +65,8 @@ def trajectories(
     if sphere:
         norm = np.sqrt((array**2).sum("feature"))
         array = array / norm.where(norm > 0, 1.0)
-    array.attrs = {
-        "view": view,
-        "sphere": sphere,
-        "model": str(ds.attrs.get("model")),
-        "weights_sha256": str(ds.attrs.get("weights_sha256")),
-    }
+    array.attrs = {"view": view, "sphere": sphere, "model": str(ds.attrs.get("model")),
+                   "weights_sha256": str(ds.attrs.get("weights_sha256"))}
     if n_components:
         array = _project(array, n_components)
     return array
@@ -112,29 +83,14 @@ def _project(array: xr.DataArray, n_components: int) -> xr.DataArray:
         dims=("trial", "time", "component"),
         coords={**{k: v for k, v in array.coords.items()}, "component": np.arange(1, n_components + 1)},
     )
-    return projected.assign_attrs(
-        array.attrs,
-        components=basis.tolist(),
-        explained_variance_ratio=explained.tolist(),
-    )
+    return projected.assign_attrs(array.attrs, components=basis.tolist(), explained_variance_ratio=explained.tolist())
 
 
-def export_trajectories(
-    ds: xr.Dataset,
-    out: str | Path,
-    view: str = "cls",
-    *,
-    sphere: bool = False,
-    n_components: int | None = None,
-    progress: bool = True,
-) -> list[Path]:
-    """Write `trajectories` to ``out/trajectories_<view>.npy`` (streamed) and a ``.json`` beside it.
+def export_trajectories(ds: xr.Dataset, out: str | Path, view: str = "cls", *, sphere: bool = False,
+                        n_components: int | None = None, progress: bool = True) -> list[Path]:
+    """Write `trajectories` to ``out/trajectories_<view>.npy`` (streamed) and a ``.json`` beside it; both paths.
 
-    Returns
-    -------
-    list of Path
-        The ``.npy`` array (trial, time, feature) float32 and its ``.json`` description
-        (view, dims, time = layers, per-trial image ids, labels and tokens, projection).
+    A token view without projection is written inside the store's one pass (`Export`, `in_one_pass`).
     """
     if in_one_pass(view, n_components):
         return stream(ds, {"export": Export(ds, out, view, sphere=sphere)}, description="export", progress=progress)["export"]
@@ -159,11 +115,8 @@ def in_one_pass(view: str, n_components: int | None = None) -> bool:
 
 
 class Export(Accumulator):
-    """`export_trajectories` of a token view (no projection) as a share of `analyses.streaming.stream`.
-
-    Each chunk's tokens of the view (divided by their norms with ``sphere``) are written into the
-    ``.npy`` file as the chunk is read; ``finish`` writes the ``.json`` and returns both paths. It
-    writes a local file, so it runs in this process only (`in_one_pass`).
+    """`export_trajectories` of an unprojected token view as a share of `analyses.streaming.stream`:
+    each chunk is written into the ``.npy`` as it is read; a local file, so in this process only.
     """
 
     def __init__(self, ds: xr.Dataset, out: str | Path, view: str, *, sphere: bool = False):
@@ -196,7 +149,7 @@ class Export(Accumulator):
 
 
 def _target(array: xr.DataArray, out: str | Path) -> tuple[np.ndarray, tuple[Path, Path]]:
-    """The ``.npy`` memory map (trial, time, feature) float32 for ``array`` under ``out``, and its and the ``.json``'s paths."""
+    """The ``.npy`` float32 memory map for ``array`` under ``out``, and its and the ``.json``'s paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     attrs = array.attrs
@@ -222,9 +175,8 @@ def _describe(array: xr.DataArray, paths: tuple[Path, Path]) -> list[Path]:
 
 
 def _store_from_cluster(client, array: da.Array, target: np.ndarray, progress: bool) -> None:
-    """Write ``array`` into a local ``target`` a chunk of trials at a time, computed on the cluster.
-
-    (``da.store`` would send the memory-mapped target to the workers and write their copies.)
+    """Write ``array`` into a local ``target`` a chunk of trials at a time, computed on the cluster
+    (``da.store`` would write the workers' copies of the memory map).
     """
     from distributed import as_completed
 

@@ -1,25 +1,5 @@
-"""Local linearisation: the top singular values of each block's Jacobian along real trajectories.
-
-A block maps the whole residual stream of an image, X_{l-1} in R^{T x D}, to X_l. Its Jacobian
-J_l = dX_l / dX_{l-1} at the real state is a (T D) x (T D) matrix; its top singular value
-sigma_1 is the most a small perturbation can grow through that block, and log sigma_1 is a
-finite-depth, Lyapunov-like expansion rate. The composed Jacobian from layer l0 to the last
-layer L does the same for a perturbation injected at l0, the small-alpha limit of
-`analyses.perturbation` (its ``gain``): sigma_1 < 1 there turns "self-correcting" into a number.
-
-No Jacobian is ever formed. Each is reached only through Jacobian-vector products
-(`torch.func.jvp`) and vector-Jacobian products (`torch.func.vjp`), and its top singular values
-come from randomized block Krylov iteration (Musco & Musco 2015): block Lanczos on J^T J with
-full reorthogonalisation, then Rayleigh-Ritz. Krylov rather than plain subspace (power)
-iteration because a residual block's spectrum is clustered near 1, where power iteration
-barely moves. It is batched over images: several probe vectors per image ride in one batch
-through the block, so one forward-mode and one reverse-mode pass serve every image at once.
-(scipy's ``svds`` takes such an operator too, but one image at a time.) Attention runs on PyTorch's math kernel while
-differentiating, because the fused kernels have no forward-mode derivative.
-
-Because norms grow with depth, ``norm_growth`` |X_l| / |X_{l-1}| is reported beside sigma_1;
-``relative_expansion`` = log sigma_1 - log norm_growth is the rate for perturbations measured
-relative to the state, as `analyses.perturbation` measures them.
+"""Local linearisation: the top singular values of each block's Jacobian along real trajectories,
+by randomized block Krylov iteration (Musco & Musco 2015) on JVPs and VJPs; no Jacobian is formed.
 """
 
 from __future__ import annotations
@@ -44,48 +24,20 @@ DESCRIPTION = (
 )
 
 
-def top_singular_values(
-    function: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    k: int = 4,
-    oversample: int = 6,
-    n_iter: int = 6,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Top singular values of the Jacobian of ``function`` at every sample of ``x``.
-
-    `top_singular_triplets` without the vectors; same parameters.
-    """
+def top_singular_values(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, k: int = 4, oversample: int = 6,
+                        n_iter: int = 6, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Top singular values of the Jacobian of ``function`` at every sample of ``x``: `top_singular_triplets` without the vectors."""
     return top_singular_triplets(function, x, k, oversample, n_iter, generator)[1]
 
 
-def top_singular_triplets(
-    function: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    k: int = 4,
-    oversample: int = 6,
-    n_iter: int = 6,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular_triplets(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, k: int = 4, oversample: int = 6,
+                          n_iter: int = 6, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top singular triplets of the Jacobian of ``function`` at every sample of ``x``.
 
-    Parameters
-    ----------
-    function : callable
-        Maps (N, ...) to (N, ...) sample by sample (sample i of the output depends only on
-        sample i of the input), as a ViT block does for images.
-    x : torch.Tensor
-        (B, ...), the points of linearisation.
-    k : int
-        Number of singular values wanted.
-    oversample : int
-        Extra probe vectors per Krylov block; more makes the k values more accurate.
-    n_iter : int
-        Krylov steps; each costs one JVP and one VJP pass of ``k + oversample`` probes. The
-        estimates approach the true values from below; 6 gives the top value to about 1e-6
-        relative on a random timm block (tests/test_jacobian.py holds it to a full Jacobian).
-    generator : torch.Generator, optional
-        For the random start.
+    Block Lanczos on JᵀJ with full reorthogonalisation, then Rayleigh-Ritz (Krylov, as a residual
+    block's spectrum clusters near 1); attention runs on the math kernel, as the fused kernels have no
+    forward-mode derivative. ``function`` maps (N, ...) to (N, ...) sample by sample; each of
+    ``n_iter`` steps costs one JVP and one VJP pass of ``k + oversample`` probes.
 
     Returns
     -------
@@ -94,13 +46,8 @@ def top_singular_triplets(
     values : torch.Tensor
         (B, k) singular values, largest first, of the (n x n) Jacobian per sample, n = x[0].numel().
     right : torch.Tensor
-        (B, n, k) right singular vectors (input directions), orthonormal columns.
-
-    Notes
-    -----
-    The vectors are the Ritz vectors of the Krylov space Q: with J Q = U S W^T, the left ones
-    are U and the right ones Q W. A vector is determined only up to sign, and only up to a
-    rotation among singular values that are equal; compare subspaces, not single vectors.
+        (B, n, k) right singular vectors (input directions). Vectors are defined up to sign and up
+        to rotation among equal singular values: compare subspaces.
     """
     b, n = x.shape[0], x[0].numel()
     p = min(k + oversample, n)
@@ -143,63 +90,41 @@ def top_singular_triplets(
 def _orthonormal(matrix: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning (B, n, p) ``matrix``, with zero columns where it has no rank left.
 
-    Directions whose singular value is rounding noise relative to ``before`` (the block before
-    reorthogonalisation) are dropped: there the Krylov space has closed (an invariant subspace,
-    as for J = a I), and normalising the noise would bring back directions already in the basis.
+    Directions at rounding noise relative to ``before`` are dropped: there the Krylov space has
+    closed, and normalising the noise would bring back directions already in the basis.
     """
     u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
     scale = before.norm(dim=1).amax(dim=1, keepdim=True)
     return u * (s > 100 * torch.finfo(matrix.dtype).eps * scale).unsqueeze(1)
 
 
-def compute(
-    ds: xr.Dataset,
-    model,
-    n_singular: int = 4,
-    blocks: Sequence[int] | None = None,
-    composed: bool = False,
-    images: int | Sequence[int] | None = 32,
-    oversample: int = 6,
-    n_iter: int = 6,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-) -> xr.Dataset:
+def compute(ds: xr.Dataset, model, n_singular: int = 4, blocks: Sequence[int] | None = None, composed: bool = False,
+            images: int | Sequence[int] | None = 32, oversample: int = 6, n_iter: int = 6, batch_size: int = 8, seed: int = 0,
+            progress: bool = True) -> xr.Dataset:
     """Top singular values of every block's Jacobian at every image's real state.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        Trajectory store with every token; the points of linearisation are its ``hidden``.
+        Trajectory store with ``hidden``: the points of linearisation.
     model : LoadedModel, timm ViT, BlockStepper or surrogate
-        See `dynamo.stepping.propagator_for`; block l (producing layer l) is ``run(x, l - 1, l)``.
-    n_singular : int
-        Singular values per Jacobian.
+        See `dynamo.stepping.propagator_for`.
     blocks : sequence of int, optional
         The blocks to linearise, 1..L (block l produces layer l); default all.
     composed : bool
-        Also linearise the map from every layer l0 in 0..L-1 to the last layer L (costs about
-        (L+1)/2 times the per-block spectra).
+        Also linearise the map from every layer l0 in 0..L-1 to the last layer L.
     images : int, sequence of int, or None
-        `dynamo.store.image_positions`: by default 32 images evenly spaced over the store (None: all).
+        `dynamo.store.image_positions`; default 32 images evenly spaced (None: all).
     oversample, n_iter : int
-        Randomized block Krylov settings (see `top_singular_values`).
-    batch_size : int
-        Images per pass (each carries n_singular + oversample probes).
-    seed : int
-        Seed of the random probes.
-    progress : bool
-        Show a progress bar.
+        Krylov settings (`top_singular_triplets`).
 
     Returns
     -------
     xarray.Dataset
-        - ``singular_value`` (image, block, component): of dX_l / dX_{l-1}, l the block;
-        - ``expansion_rate`` (image, block): log sigma_1, natural log per block;
-        - ``norm_growth`` (image, block): |X_l| / |X_{l-1}| (Frobenius over tokens);
-        - ``relative_expansion`` (image, block): log sigma_1 - log norm_growth;
-        - with ``composed``: ``singular_value_to_end`` (image, start, component) of dX_L / dX_start,
-          and ``lyapunov_exponent`` (image, start) = log sigma_1 / (L - start).
+        ``singular_value`` (image, block, component) of dX_l / dX_{l-1}; ``expansion_rate`` log
+        sigma_1; ``norm_growth`` |X_l| / |X_{l-1}|; ``relative_expansion`` log sigma_1 - log
+        norm_growth; with ``composed`` ``singular_value_to_end`` (image, start, component) of
+        dX_L / dX_start and ``lyapunov_exponent`` log sigma_1 / (L - start).
     """
     propagator = propagator_for(model, ds)
     ds = select_images(ds, images)
@@ -237,11 +162,8 @@ def compute(
     coords.update({name: ("image", values) for name, values in image_coords(ds).items()})
     result = xr.Dataset(
         {
-            "singular_value": (
-                ("image", "block", "component"),
-                per_block,
-                {"long_name": "singular value of the block Jacobian dX_l / dX_(l-1)"},
-            ),
+            "singular_value": (("image", "block", "component"), per_block,
+                               {"long_name": "singular value of the block Jacobian dX_l / dX_(l-1)"}),
             "norm_growth": (("image", "block"), growth, {"long_name": "|X_l| / |X_(l-1)|, Frobenius over tokens"}),
         },
         coords=coords,
@@ -252,37 +174,28 @@ def compute(
     result["relative_expansion"].attrs["long_name"] = "log sigma_1 - log norm growth (per block)"
     if composed:
         result = result.assign_coords(start=starts)
-        result["singular_value_to_end"] = (
-            ("image", "start", "component"),
-            to_end,
-            {"long_name": f"singular value of dX_{L} / dX_start"},
-        )
-        result["lyapunov_exponent"] = np.log(result["singular_value_to_end"].sel(component=1, drop=True)) / (
-            L - result["start"]
-        )
+        result["singular_value_to_end"] = (("image", "start", "component"), to_end,
+                                           {"long_name": f"singular value of dX_{L} / dX_start"})
+        top = result["singular_value_to_end"].sel(component=1, drop=True)
+        result["lyapunov_exponent"] = np.log(top) / (L - result["start"])
         result["lyapunov_exponent"].attrs["long_name"] = "finite-depth Lyapunov exponent log sigma_1 / (L - start)"
-    result.attrs = {
-        "analysis": "jacobian_spectrum",
-        "model": ds.attrs.get("model", ""),
-        "propagator": type(propagator).__name__,
-        "num_blocks": L,
-        "method": f"randomized block Krylov on JVP/VJP, {n_singular}+{oversample} probes, {n_iter} steps",
-        "seed": seed,
-    }
+    result.attrs = {"analysis": "jacobian_spectrum", "model": ds.attrs.get("model", ""), "propagator": type(propagator).__name__,
+                    "num_blocks": L, "method": f"randomized block Krylov on JVP/VJP, {n_singular}+{oversample} probes, {n_iter} steps",
+                    "seed": seed}
     return result
 
 
 def _spectrum(propagator, x, start, stop, k, oversample, n_iter, generator) -> np.ndarray:
     """(B, k) top singular values of the map from layer ``start`` to ``stop`` at ``x``."""
-    values = top_singular_values(
-        lambda z: propagator.run(z, start, stop)[-1], x, k=k, oversample=oversample, n_iter=n_iter, generator=generator
-    )
+    values = top_singular_values(lambda z: propagator.run(z, start, stop)[-1], x, k=k, oversample=oversample, n_iter=n_iter,
+                                 generator=generator)
     return values.float().cpu().numpy()
 
 
 def summarize(result: xr.Dataset) -> dict:
-    """Headline numbers, medians over images: ``sigma_1`` and ``relative_expansion`` per block,
-    ``most_expanding_block``, and with composed maps ``lyapunov_exponent`` per start."""
+    """Medians over images: ``sigma_1`` and ``relative_expansion`` per block, ``most_expanding_block``,
+    and with composed maps ``lyapunov_exponent`` per start.
+    """
     sigma = result["singular_value"].sel(component=1).median("image")
     summary = {
         "sigma_1": rounded(sigma.values),

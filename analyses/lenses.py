@@ -1,27 +1,5 @@
-"""Phases under several lenses: do the partitions of depth agree when depth is looked at differently?
-
-Four lenses on the same store, each a view of which layers belong together:
-
-- ``cosine``: the paper's representational matrix, 1 − cos over [cls, patch mean]
-  (`analyses.similarity.layer_similarity`);
-- ``cka``: 1 − linear CKA between the layers' representations (the same function, ``measure="cka"``);
-- ``jacobian``: a *functional* matrix from the block Jacobians (`jacobian_similarity`): how much
-  block j's most sensitive directions coincide with block i's, at the real states;
-- ``knee``: no matrix; the per-layer angular change of the representation, segmented where its
-  cumulative path bends (`angular_change`, `knee_partition`).
-
-Each matrix lens is segmented twice, by the paper's recursive max-cut and by the exact
-contiguous split (`analyses.phases.partition_matrix`), every segmentation into the same number
-of phases k, and every pair of segmentations is compared by `boundary_f1` (boundaries matched
-one to one within ±``tolerance`` layers) and the adjusted Rand index of the layers' phase labels
-(scikit-learn's ``adjusted_rand_score``).
-
-Example::
-
-    ds = dynamo.open_trajectories("reg4.zarr")
-    model = dynamo.load_recorded_model(ds.attrs)
-    result = compute(ds, model, k=3)              # matrices, segmentations, agreement
-    summarize(result)["adjusted_rand"]            # (segmentation x segmentation), nested lists
+"""Phases under several lenses (cosine, CKA, block-Jacobian matrices and the knees of the angular
+change): each segmented into k phases, and how well the segmentations agree.
 """
 
 from __future__ import annotations
@@ -46,20 +24,8 @@ from dynamo.partition import Partition, assign_phases, from_result
 from dynamo.progress import progress_bar
 from dynamo.stepping import propagator_for
 
-__all__ = [
-    "DESCRIPTION",
-    "LENSES",
-    "adjusted_rand",
-    "agreement",
-    "angular_change",
-    "boundary_f1",
-    "compute",
-    "jacobian_similarity",
-    "knee_partition",
-    "partitions_of",
-    "subspace_overlap",
-    "summarize",
-]
+__all__ = ["DESCRIPTION", "LENSES", "adjusted_rand", "agreement", "angular_change", "boundary_f1", "compute",
+           "jacobian_similarity", "knee_partition", "partitions_of", "subspace_overlap", "summarize"]
 
 DESCRIPTION = (
     "Phases under several lenses: the representational (cosine), CKA and block-Jacobian layer matrices "
@@ -71,89 +37,30 @@ METHODS = ("maxcut", "contiguous")
 SIDES = ("both", "right", "left")
 
 
-# ---- the functional lens: block Jacobians ---------------------------------------------------------
-
-
 def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared cosine of the principal angles between column spaces, batched.
-
-    For orthonormal bases A, B of two r-dimensional subspaces, the cosines of their principal
-    angles are the singular values of AᵀB, so Σ cos²θ = ‖AᵀB‖²_F and the mean is ‖AᵀB‖²_F / r:
-    1 for the same subspace, 0 for orthogonal ones, r/n on average for random ones in R^n.
-
-    Parameters
-    ----------
-    a, b : torch.Tensor
-        (..., n, r) orthonormal columns.
-
-    Returns
-    -------
-    torch.Tensor
-        (...,) in [0, 1].
+    """Mean squared cosine of the principal angles between the column spaces of (..., n, r) orthonormal
+    ``a`` and ``b``, ‖AᵀB‖²_F / r: (...,) in [0, 1], r/n on average for random subspaces.
     """
     return (a.transpose(-1, -2) @ b).square().sum((-1, -2)) / a.shape[-1]
 
 
-def jacobian_similarity(
-    ds: xr.Dataset,
-    model,
-    rank: int = 4,
-    layers: Sequence[int] | None = None,
-    images: int | Sequence[int] | None = 32,
-    side: str = "both",
-    oversample: int = 6,
-    n_iter: int = 6,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-) -> xr.DataArray:
+def jacobian_similarity(ds: xr.Dataset, model, rank: int = 4, layers: Sequence[int] | None = None,
+                        images: int | Sequence[int] | None = 32, side: str = "both", oversample: int = 6, n_iter: int = 6,
+                        batch_size: int = 8, seed: int = 0, progress: bool = True) -> xr.DataArray:
     """Layer × layer functional dissimilarity: how far apart the blocks' top singular subspaces lie.
 
-    For image x and block l (mapping the whole residual stream X_{l−1} ∈ R^{T×D} to X_l), let
-    J_l(x) be its Jacobian at the stored state, and V_l, U_l (n × r, n = T·D) orthonormal bases
-    of its top-r right (input: what the block is most sensitive to) and left (output: where it
-    writes most) singular subspaces, from `analyses.jacobian.top_singular_triplets` (randomized
-    block Krylov on JVPs/VJPs; no Jacobian is formed). The similarity of layers i and j is
-
-        S_ij = mean over images of ½ (‖V_iᵀV_j‖²_F + ‖U_iᵀU_j‖²_F) / r
-
-    (``side="both"``; ``"right"`` or ``"left"`` keep one term), the mean squared cosine of the
-    principal angles between the subspaces (`subspace_overlap`): 1 when two blocks stretch the
-    same directions, about r/n for unrelated ones. The dissimilarity returned is D = 1 − S.
-
-    The subspace is well defined only when σ_r > σ_{r+1}: where the spectrum is flat at the
-    r-th value (J = I, a block that does nothing, has every subspace as its top one) the basis
-    returned is one arbitrary choice among many and S is meaningless there.
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        Trajectory store with every token (``hidden``) at layer l − 1 of every chosen block l.
-    model : LoadedModel, timm ViT, BlockStepper or surrogate
-        What produced the store (`dynamo.stepping.propagator_for`); block l is ``run(x, l − 1, l)``.
-    rank : int
-        r, the singular directions per block.
-    layers : sequence of int, optional
-        The blocks to compare, 1..L (block l produces layer l); default all.
-    images : int, sequence of int, or None
-        `analyses.perturbation.select_images`: by default 32 images evenly spaced over the store.
-    side : {"both", "right", "left"}
-    oversample, n_iter : int
-        Krylov settings (`analyses.jacobian.top_singular_values`); each image and block costs
-        about 2 (n_iter + 1) passes of (rank + oversample) probes through the block.
-    batch_size : int
-        Images per pass.
-    seed : int
-        Seed of the random Krylov starts.
-    progress : bool
-        Show a progress bar.
+    With V_l, U_l the top-``rank`` right and left singular subspaces of block l's Jacobian at the
+    stored state (`analyses.jacobian.top_singular_triplets`, with ``oversample`` and ``n_iter``),
+    S_ij is the mean over images of ½ (‖V_iᵀV_j‖²_F + ‖U_iᵀU_j‖²_F) / r (``side`` "right" or "left"
+    keeps one term), and D = 1 − S; meaningless where the spectrum is flat at the r-th value.
+    ``layers`` are the blocks 1..L to compare (default all); ``images`` as
+    `analyses.perturbation.select_images`.
 
     Returns
     -------
     xarray.DataArray
-        ``jacobian_dissimilarity`` (layer_i, layer_j), float64, 0 on the diagonal; attrs as
-        `analyses.similarity.layer_similarity`'s (``measure="jacobian"``, ``orientation``,
-        ``description``, ``n_images``, ``model``, ``weights_sha256``) plus ``rank`` and ``side``.
+        ``jacobian_dissimilarity`` (layer_i, layer_j), 0 on the diagonal; attrs as
+        `analyses.similarity.layer_similarity`'s plus ``rank`` and ``side``.
     """
     if side not in SIDES:
         raise ValueError(f"unknown side {side!r}; choose one of {', '.join(SIDES)}")
@@ -194,51 +101,23 @@ def jacobian_similarity(
     values = np.clip(1.0 - total / n, 0.0, 1.0)
     values = (values + values.T) / 2
     np.fill_diagonal(values, 0.0)
-    return xr.DataArray(
-        values,
-        dims=("layer_i", "layer_j"),
-        coords={"layer_i": blocks, "layer_j": blocks},
-        name="jacobian_dissimilarity",
-        attrs={
-            "measure": "jacobian",
-            "tokens": "all",
-            "orientation": "dissimilarity",
-            "description": f"1 - mean cos^2 of principal angles between top-{rank} {side} singular subspaces "
-            "of the block Jacobians, mean over images",
-            "n_images": n,
-            "rank": rank,
-            "side": side,
-            "model": ds.attrs.get("model", "unknown model"),
-            "weights_sha256": ds.attrs.get("weights_sha256", ""),
-        },
-    )
+    description = (f"1 - mean cos^2 of principal angles between top-{rank} {side} singular subspaces "
+                   "of the block Jacobians, mean over images")
+    attrs = {"measure": "jacobian", "tokens": "all", "orientation": "dissimilarity", "description": description, "n_images": n,
+             "rank": rank, "side": side, "model": ds.attrs.get("model", "unknown model"),
+             "weights_sha256": ds.attrs.get("weights_sha256", "")}
+    return xr.DataArray(values, dims=("layer_i", "layer_j"), coords={"layer_i": blocks, "layer_j": blocks},
+                        name="jacobian_dissimilarity", attrs=attrs)
 
 
 def _block_output(propagator, block: int, x: torch.Tensor) -> torch.Tensor:
     return propagator.run(x, block - 1, block)[-1]
 
 
-# ---- the knee lens ------------------------------------------------------------------------------
-
-
 def angular_change(ds: xr.Dataset, tokens: str | None = None, layers=None, progress: bool = True) -> xr.DataArray:
-    """How far the representation turns in each block: the angle between layers l − 1 and l.
+    """How far the representation turns in each block: the angle between layers l − 1 and l, in units of π.
 
-    The superdiagonal of `layer_similarity(..., measure="angular")` (arccos(cos) / π, mean over
-    the token groups and images), so in units of π.
-
-    Parameters
-    ----------
-    tokens : str
-        As `analyses.similarity.layer_similarity`.
-    layers : sequence of int, optional
-        Layers l whose change from l − 1 is wanted (each l − 1 must be in the store); default
-        the block outputs 1..L.
-
-    Returns
-    -------
-    xarray.DataArray
-        ``angular_change`` (layer).
+    The superdiagonal of `layer_similarity(..., measure="angular")`; ``layers`` are the l (default 1..L).
     """
     available = ds["layer"].values
     chosen = available[available > 0] if layers is None else np.unique(np.asarray(layers, dtype=int))
@@ -252,28 +131,16 @@ def angular_change(ds: xr.Dataset, tokens: str | None = None, layers=None, progr
     pairs = sorted({*chosen.tolist(), *(chosen - 1).tolist()})
     angles = layer_similarity(ds, "angular", tokens, pairs, progress=progress)
     values = [float(angles.sel(layer_i=layer - 1, layer_j=layer)) for layer in chosen]
-    return xr.DataArray(
-        values,
-        dims="layer",
-        coords={"layer": chosen},
-        name="angular_change",
-        attrs={"units": "pi", "tokens": tokens, "description": "angle between layers l - 1 and l, arccos(cos) / pi"},
-    )
+    return xr.DataArray(values, dims="layer", coords={"layer": chosen}, name="angular_change",
+                        attrs={"units": "pi", "tokens": tokens, "description": "angle between layers l - 1 and l, arccos(cos) / pi"})
 
 
 def knee_partition(change, k: int) -> Partition:
     """Contiguous phases of near-constant angular speed: recursive knees of the cumulative angle.
 
-    The cumulative angle P(l) = Σ_{m ≤ l} change(m) (P = 0 before the first layer) is a path
-    whose slope is the per-layer turning speed; a phase boundary is where the speed changes,
-    a knee of P. With P and the layer axis scaled to [0, 1] (as Kneedle does), the first knee
-    is the point of P farthest from the chord between its end points; the segment is split
-    there, and the segment whose farthest point lies farthest is split next, until k phases
-    (top-down piecewise-linear fitting, Douglas–Peucker). A path of k straight pieces is
-    split exactly at its corners.
-
-    This closed form, not the ``kneed`` package: Kneedle finds knees of one declared kind
-    (concave or convex), while a speed that falls and later rises bends the path both ways.
+    The cumulative angle and the layer axis are scaled to [0, 1]; the segment whose point lies
+    farthest from its chord is split there, until k phases (Douglas–Peucker). Not ``kneed``: a speed
+    that falls and later rises bends the path both ways.
 
     Parameters
     ----------
@@ -281,11 +148,6 @@ def knee_partition(change, k: int) -> Partition:
         Non-negative change per layer (`angular_change`); plain arrays get labels 1..n.
     k : int
         Number of phases, 1..n.
-
-    Returns
-    -------
-    Partition
-        Contiguous phases of the layer labels.
     """
     values = np.asarray(change, dtype=float)
     labels = np.asarray(change["layer"].values) if isinstance(change, xr.DataArray) else np.arange(1, len(values) + 1)
@@ -311,17 +173,11 @@ def knee_partition(change, k: int) -> Partition:
     return Partition(labels[a:b] for a, b in zip(cuts[:-1], cuts[1:]))
 
 
-# ---- agreement ------------------------------------------------------------------------------------
-
-
 def boundary_f1(a, b, tolerance: int = 1) -> float:
     """F1 of two partitions' boundaries, matched one to one within ± ``tolerance`` layers.
 
-    With m the largest number of pairs (one boundary of ``a``, one of ``b``, |difference| ≤
-    tolerance) in a one-to-one matching (scipy's ``linear_sum_assignment``), precision m/|A|
-    and recall m/|B| give F1 = 2m / (|A| + |B|). Boundaries are `Partition.boundaries`: every
-    change of phase along depth. Two partitions without boundaries agree (1); one without
-    against one with does not (0).
+    2m / (|A| + |B|) with m the largest one-to-one matching; two partitions without boundaries
+    agree (1), one without against one with does not (0).
     """
     first, second = Partition(a).boundaries, Partition(b).boundaries
     if not first and not second:
@@ -343,13 +199,7 @@ def adjusted_rand(a, b) -> float:
 
 
 def agreement(partitions: dict[str, Partition], tolerance: int = 1) -> xr.Dataset:
-    """Pairwise `boundary_f1` and `adjusted_rand` of named partitions.
-
-    Returns
-    -------
-    xarray.Dataset
-        ``boundary_f1`` and ``adjusted_rand`` (segmentation, versus), symmetric, 1 on the diagonal.
-    """
+    """Pairwise `boundary_f1` and `adjusted_rand` of named partitions, as (segmentation, versus) variables."""
     names = list(partitions)
     f1 = [[boundary_f1(partitions[a], partitions[b], tolerance) for b in names] for a in names]
     ari = [[adjusted_rand(partitions[a], partitions[b]) for b in names] for a in names]
@@ -364,65 +214,33 @@ def agreement(partitions: dict[str, Partition], tolerance: int = 1) -> xr.Datase
     )
 
 
-# ---- everything in one result ---------------------------------------------------------------------
-
-
-def compute(
-    ds: xr.Dataset,
-    model=None,
-    lenses: Sequence[str] = LENSES,
-    k: int | None = None,
-    eps: float = 0.1,
-    *,
-    tokens: str | None = None,
-    layers=None,
-    rank: int = 4,
-    side: str = "both",
-    images: int | Sequence[int] | None = 32,
-    tolerance: int = 1,
-    oversample: int = 6,
-    n_iter: int = 6,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-) -> xr.Dataset:
+def compute(ds: xr.Dataset, model=None, lenses: Sequence[str] = LENSES, k: int | None = None, eps: float = 0.1, *,
+            tokens: str | None = None, layers=None, rank: int = 4, side: str = "both", images: int | Sequence[int] | None = 32,
+            tolerance: int = 1, oversample: int = 6, n_iter: int = 6, batch_size: int = 8, seed: int = 0,
+            progress: bool = True) -> xr.Dataset:
     """Every lens's view of depth, its segmentations into k phases, and their pairwise agreement.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        A trajectory store (every token for the jacobian lens; layer l − 1 of every layer l for
-        the knee lens).
+        A trajectory store (``hidden`` for the jacobian lens; layer l − 1 of every layer l for knee).
     model : optional
-        The model the store was recorded with, for the jacobian lens (`jacobian_similarity`).
+        The recorded model, for the jacobian lens.
     lenses : sequence of {"cosine", "cka", "jacobian", "knee"}
-        In the order given; the first matrix lens is the reference.
+        In order; the first matrix lens is the reference.
     k : int, optional
-        Phases of every segmentation. Default: as many as the reference lens's max-cut finds
-        with the fraction ``eps`` (with cosine first, the partition `dynamo phases` prints).
-    eps : float
-        The paper's fraction f, used only to choose k.
-    tokens, layers
-        As `analyses.similarity.layer_similarity` (the jacobian lens uses the whole stream of
-        the same layers).
-    rank, side, images, oversample, n_iter, batch_size, seed
-        As `jacobian_similarity`.
+        Phases of every segmentation; default as many as the reference lens's max-cut finds with ``eps``.
+    tokens, layers; rank, side, images, oversample, n_iter, batch_size, seed
+        As `analyses.similarity.layer_similarity`; as `jacobian_similarity`.
     tolerance : int
-        Layers by which two boundaries may differ and still match (`boundary_f1`).
-    progress : bool
+        Layers by which two boundaries may differ and still match.
 
     Returns
     -------
     xarray.Dataset
-        - ``<lens>_dissimilarity`` (layer_i, layer_j) per matrix lens, with its own attrs;
-        - ``angular_change`` (layer) with the knee lens;
-        - ``phase_of`` (segmentation, layer): each segmentation's phase labels; coords
-          ``segmentation`` (``"<lens>/<method>"``, ``"knee"``), ``lens`` and ``method`` along it;
-        - ``boundary_f1`` and ``adjusted_rand`` (segmentation, versus), `agreement`;
-        - coordinate ``phase`` (layer): the reference segmentation (the first one);
-        - attrs ``analysis="lenses"``, ``k``, ``eps``, ``tolerance``, ``tokens``, ``lenses``,
-          ``n_images``, ``model``, ``weights_sha256``, and with the jacobian lens ``rank``,
-          ``side``, ``jacobian_images``.
+        ``<lens>_dissimilarity`` per matrix lens, ``angular_change``, ``phase_of`` (segmentation,
+        layer) with ``lens`` and ``method`` along ``segmentation``, the `agreement` variables, and
+        the reference segmentation as the ``phase`` coordinate.
     """
     lenses = list(dict.fromkeys(lenses))
     unknown = sorted(set(lenses) - set(LENSES))
@@ -459,36 +277,19 @@ def compute(
     if any(label.tolist() != labels[0].tolist() for label in labels):
         raise ValueError(f"the lenses cover different layers: {[label.tolist() for label in labels]}")
     layer_axis = labels[0]
-    result = xr.Dataset(
-        {f"{lens}_dissimilarity": matrix for lens, matrix in matrices.items()},
-        coords={"layer": layer_axis},
-    )
+    result = xr.Dataset({f"{lens}_dissimilarity": matrix for lens, matrix in matrices.items()}, coords={"layer": layer_axis})
     if change is not None:
         result["angular_change"] = change
-    result["phase_of"] = (
-        ("segmentation", "layer"),
-        np.stack([partition.phase_of(layer_axis) for partition in partitions.values()]),
-        {"description": "phase index (0..k-1) of each layer in each segmentation"},
-    )
+    result["phase_of"] = (("segmentation", "layer"), np.stack([partition.phase_of(layer_axis) for partition in partitions.values()]),
+                          {"description": "phase index (0..k-1) of each layer in each segmentation"})
     result = result.assign_coords(segmentation=list(partitions), lens=("segmentation", lens_of), method=("segmentation", method_of))
     result = result.merge(agreement(partitions, tolerance))
     result = assign_phases(result, next(iter(partitions.values())))
-    attrs = {
-        "analysis": "lenses",
-        "k": int(k),
-        "eps": eps,
-        "tolerance": tolerance,
-        "tokens": tokens,
-        "lenses": lenses,
-        "n_images": int(ds.sizes["image"]),
-        "model": ds.attrs.get("model", ""),
-        "weights_sha256": ds.attrs.get("weights_sha256", ""),
-    }
+    attrs = {"analysis": "lenses", "k": int(k), "eps": eps, "tolerance": tolerance, "tokens": tokens, "lenses": lenses,
+             "n_images": int(ds.sizes["image"]), "model": ds.attrs.get("model", ""), "weights_sha256": ds.attrs.get("weights_sha256", "")}
     if "jacobian" in matrices:
         attrs.update(rank=rank, side=side, jacobian_images=int(matrices["jacobian"].attrs["n_images"]))
     return result.assign_attrs(attrs)
-
-
 
 
 def partitions_of(result: xr.Dataset) -> dict[str, Partition]:
@@ -500,18 +301,8 @@ def partitions_of(result: xr.Dataset) -> dict[str, Partition]:
 
 
 def summarize(result: xr.Dataset) -> dict:
-    """Headline numbers of a `lens_agreement` result, a JSON-able dict.
-
-    Returns
-    -------
-    dict
-        The settings (``model``, ``n_images``, ``k``, ``lenses``, ``tolerance``, and
-        ``jacobian_images``, ``rank`` with the jacobian lens); ``segmentations`` (names),
-        ``partitions`` and ``boundaries`` (in their order); ``boundary_f1`` and
-        ``adjusted_rand`` (nested lists, segmentation × segmentation); the means over pairs of
-        segmentations from different lenses (``mean_f1_between_lenses``,
-        ``mean_ari_between_lenses``) and, for each matrix lens, max-cut against contiguous
-        (``mean_f1_between_methods``, ``mean_ari_between_methods``; None without such pairs).
+    """Headline numbers of a lenses result: settings, the segmentations and their boundaries, the
+    agreement matrices, and their means between lenses and between methods of one lens.
     """
     partitions = partitions_of(result)
     lens = result["lens"].values

@@ -1,28 +1,6 @@
-"""Perturbation recovery: nudge the residual stream at one layer and watch the trajectory.
-
-The paper calls small perturbations of a ViT's trajectory "self-correcting" (section 5 (i) of
-the methods spec) but leaves the protocol unstated. This module makes it a measurement:
-
-1. take the real state X_{l0} of every image at layer l0 from a trajectory store;
-2. add to every token t a perturbation of relative size alpha, delta_t = alpha * |x_t| * u_t,
-   with u_t a unit vector, either an independent random direction per image and token
-   (``"random"``) or one of the top principal directions of the layer's tokens
-   (``"principal"``, the same direction for every token);
-3. carry the clean and the perturbed state through the remaining blocks, with the live model
-   (`dynamo.stepping.BlockStepper`) or any surrogate with the same ``run`` method (a fitted
-   Raptor), and measure at every later layer the angle and the relative distance between the
-   perturbed and the clean token;
-4. the recovery ratio is the relative gap at the last layer over the injected one (alpha):
-   below 1 the trajectory bends back, above 1 the perturbation grows.
-
-Choices the paper leaves open, made here and exposed as parameters: the perturbation size is
-relative to each token's own norm (the spec's suggestion, delta = alpha |x| u); every token is
-perturbed unless ``perturb`` names one token kind; the principal directions are those of the
-perturbed tokens at l0, pooled over the selected images (centred, as PCA does), with their
-sign as scikit-learn fixes it; gaps are measured on the residual stream itself (no final norm).
-
-The model becomes a propagator in `dynamo.stepping.propagator_for`; the helpers `select_images`
-and `states_at` are shared with the other live-model analyses (`analyses.jacobian`, `analyses.swap`).
+"""Perturbation recovery: nudge the residual stream at layer l0 by delta_t = alpha |x_t| u_t (u_t a
+random or principal direction), carry clean and perturbed states through the remaining blocks,
+and measure how far every later layer stays from clean.
 """
 
 from __future__ import annotations
@@ -36,6 +14,7 @@ import xarray as xr
 from analyses.streaming import image_coords, principal_directions, rounded
 from dynamo.layout import token_groups
 from dynamo.progress import progress_bar
+from dynamo.serialize import read_hidden
 from dynamo.stepping import propagator_for
 from dynamo.store import image_positions
 
@@ -54,33 +33,14 @@ def select_images(ds: xr.Dataset, images: int | Sequence[int] | None) -> xr.Data
 
 
 def states_at(ds: xr.Dataset, layer: int, batch: slice, like: torch.Tensor | None = None) -> torch.Tensor:
-    """The stored states of a batch of images at one layer, as a tensor for the propagator.
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        Trajectory store (lazy).
-    layer : int
-        A layer present in the store.
-    batch : slice
-        Positions along ``image``.
-    like : torch.Tensor, optional
-        A tensor whose dtype and device the states take (a model parameter); float32 on the CPU
-        by default.
-
-    Returns
-    -------
-    torch.Tensor
-        (B, T, D).
-    """
+    """The stored (B, T, D) states of a batch of images at one layer, with the dtype and device of ``like`` (default float32 on the CPU)."""
     if layer not in ds.indexes["layer"]:
         raise ValueError(
             f"the store has no layer {layer} (it keeps layers {ds['layer'].values.tolist()}); "
             "record the store with every layer (no --layers)"
         )
-    values = ds["hidden"].sel(layer=layer).isel(image=batch).values
-    kwargs = {"dtype": like.dtype, "device": like.device} if like is not None else {"dtype": torch.float32}
-    return torch.as_tensor(values).to(**kwargs)
+    states = read_hidden(ds["hidden"].sel(layer=layer), batch)
+    return states if like is None else states.to(like)
 
 
 def parameter_of(propagator) -> torch.Tensor | None:
@@ -96,62 +56,34 @@ def last_layer(ds: xr.Dataset) -> int:
     return int(ds.attrs.get("num_blocks", ds["layer"].values.max()))
 
 
-def compute(
-    ds: xr.Dataset,
-    model,
-    starts: Sequence[int] | None = None,
-    alphas: Sequence[float] = (0.01, 0.05, 0.1, 0.2),
-    n_directions: int = 2,
-    bases: Sequence[str] = BASES,
-    perturb: str = "all",
-    images: int | Sequence[int] | None = None,
-    batch_size: int = 32,
-    seed: int = 0,
-    progress: bool = True,
-) -> xr.Dataset:
+def compute(ds: xr.Dataset, model, starts: Sequence[int] | None = None, alphas: Sequence[float] = (0.01, 0.05, 0.1, 0.2),
+            n_directions: int = 2, bases: Sequence[str] = BASES, perturb: str = "all",
+            images: int | Sequence[int] | None = None, batch_size: int = 32, seed: int = 0, progress: bool = True) -> xr.Dataset:
     """Inject perturbations at layer l0 and measure how far every later layer stays from clean.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        Trajectory store (`dynamo.open_trajectories`) with every token; the starting states are
-        its ``hidden`` at each l0.
+        Trajectory store with ``hidden``: the starting states.
     model : LoadedModel, timm ViT, BlockStepper or surrogate
-        See `dynamo.stepping.propagator_for`. Clean and perturbed states go through the same propagator.
+        See `dynamo.stepping.propagator_for`.
     starts : sequence of int, optional
-        Injection layers l0, 0 <= l0 < L. Default: 0..L-1.
+        Injection layers l0 in 0..L-1; default all.
     alphas : sequence of float
-        Relative perturbation sizes, |delta_t| / |x_t| (>= 0; 0 gives the clean run).
+        Relative perturbation sizes |delta_t| / |x_t| (0 gives the clean run).
     n_directions : int
-        Random draws, and principal directions (PC 1..n), per basis.
-    bases : sequence of {"random", "principal"}
+        Random draws, and principal directions of the perturbed tokens at l0, per basis.
     perturb : str
-        Which tokens get a perturbation: ``"all"`` or one token kind (``"cls"``, ``"register"``,
-        ``"patch"``, ...). Gaps are measured on every token kind either way.
-    images : int, sequence of int, or None
-        See `select_images`.
-    batch_size : int
-        Images per propagation (each is run once per alpha in one stacked batch).
+        ``"all"`` or the one token kind perturbed; gaps are measured on every kind.
     seed : int
-        Seed of the random directions; each image's draw depends only on (seed, direction,
-        image position), not on the batching.
-    progress : bool
-        Show a progress bar.
+        Each image's random draw depends only on (seed, direction, image position).
 
     Returns
     -------
     xarray.Dataset
-        Dims ``image``, ``token_kind``, ``start`` (l0), ``alpha``, ``basis``, ``direction``,
-        ``layer`` (0..L; NaN before ``start``):
-
-        - ``distance``: mean over the kind's tokens of |x~_l - x_l| / |x_l| (relative gap);
-        - ``angle``: mean over the kind's tokens of the angle between x~_l and x_l, degrees;
-        - ``recovery`` (no ``layer``): ``distance`` at L over alpha (NaN for alpha = 0);
-        - ``gain`` (image, start, alpha, basis, direction): |X~_L - X_L| / |X~_l0 - X_l0| over
-          all tokens (Frobenius), the absolute growth that Jacobian spectra bound;
-        - ``prediction_kept`` (same dims as ``gain``): whether the head's top-1 class is the
-          clean run's (only if the propagator has a ``head``);
-        - ``explained_variance_ratio`` (start, direction): of the principal directions used.
+        ``distance`` (relative gap) and ``angle`` (degrees), means over each kind's tokens, over
+        (image, token_kind, start, alpha, basis, direction, layer); ``recovery``: ``distance`` at L
+        over alpha; ``gain`` |X~_L - X_L| / |X~_l0 - X_l0|; ``prediction_kept`` (with a head).
     """
     propagator = propagator_for(model, ds)
     ds = select_images(ds, images)
@@ -177,10 +109,8 @@ def compute(
     angle = np.full(shape, np.nan, np.float32)
     gain = np.full(shape[:1] + shape[2:-1], np.nan, np.float32)
     kept = np.zeros(gain.shape, bool)
-    principal = {
-        s: _principal_directions(ds, s, perturbed, n_directions, batch_size) if "principal" in bases else None
-        for s in starts
-    }
+    principal = {s: _principal_directions(ds, s, perturbed, n_directions, batch_size) if "principal" in bases else None
+                 for s in starts}
 
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     bar = progress_bar(total=len(batches) * len(starts), desc="perturbation", enabled=progress)
@@ -215,25 +145,14 @@ def compute(
     bar.close()
 
     dims = ("image", "token_kind", "start", "alpha", "basis", "direction", "layer")
-    coords = {
-        "image": ds["image"].values,
-        "token_kind": kinds,
-        "start": starts,
-        "alpha": alphas,
-        "basis": bases,
-        "direction": np.arange(n_directions),
-        "layer": np.arange(L + 1),
-    }
-    coords.update({name: ("image", values) for name, values in image_coords(ds).items()})
+    coords = {"image": ds["image"].values, "token_kind": kinds, "start": starts, "alpha": alphas, "basis": bases,
+              "direction": np.arange(n_directions), "layer": np.arange(L + 1),
+              **{name: ("image", values) for name, values in image_coords(ds).items()}}
     result = xr.Dataset(
         {
             "distance": (dims, distance, {"long_name": "relative gap |x~ - x| / |x|, mean over the kind's tokens"}),
             "angle": (dims, angle, {"long_name": "angle between perturbed and clean token", "units": "degree"}),
-            "gain": (
-                dims[:1] + dims[2:-1],
-                gain,
-                {"long_name": "|X~_L - X_L| / |X~_l0 - X_l0| over all tokens (absolute growth)"},
-            ),
+            "gain": (dims[:1] + dims[2:-1], gain, {"long_name": "|X~_L - X_L| / |X~_l0 - X_l0| over all tokens (absolute growth)"}),
         },
         coords=coords,
     )
@@ -245,21 +164,13 @@ def compute(
     if has_head:
         result["prediction_kept"] = (dims[:1] + dims[2:-1], kept, {"long_name": "top-1 class equals the clean run's"})
     if principal[starts[0]] is not None:
-        result["explained_variance_ratio"] = (
-            ("start", "direction"),
-            np.stack([principal[s][1] for s in starts]),
-            {"long_name": "variance ratio of the principal direction among the perturbed tokens at start"},
-        )
-    result.attrs = {
-        "analysis": "perturbation_recovery",
-        "model": ds.attrs.get("model", ""),
-        "propagator": type(propagator).__name__,
-        "perturb": perturb,
-        "seed": seed,
-        "num_blocks": L,
-        "perturbation": "delta_t = alpha * |x_t| * u_t at layer start; u_t random unit (per image, "
-        "token) or principal direction of the perturbed tokens at start",
-    }
+        ratio = np.stack([principal[s][1] for s in starts])
+        long_name = "variance ratio of the principal direction among the perturbed tokens at start"
+        result["explained_variance_ratio"] = (("start", "direction"), ratio, {"long_name": long_name})
+    result.attrs = {"analysis": "perturbation_recovery", "model": ds.attrs.get("model", ""), "propagator": type(propagator).__name__,
+                    "perturb": perturb, "seed": seed, "num_blocks": L,
+                    "perturbation": "delta_t = alpha * |x_t| * u_t at layer start; u_t random unit (per image, "
+                                    "token) or principal direction of the perturbed tokens at start"}
     return result
 
 
@@ -288,11 +199,7 @@ def _random_directions(ds, batch: slice, n_directions: int, seed: int, perturbed
 
 
 def _principal_directions(ds, layer: int, perturbed: np.ndarray, n: int, batch_size: int):
-    """Top ``n`` principal directions (n, D) of the perturbed tokens at ``layer``, and their variance ratios.
-
-    Streamed over batches of images (moments summed a batch at a time), so a large store is never
-    read whole; signed as scikit-learn signs PCA components (largest-magnitude entry positive).
-    """
+    """Top ``n`` principal directions (n, D) of the perturbed tokens at ``layer``, streamed, and their variance ratios."""
     width = ds.sizes["feature"]
     if n > width:
         raise ValueError(f"n_directions ({n}) exceeds the width of the residual stream ({width})")
@@ -312,19 +219,7 @@ def _principal_directions(ds, layer: int, perturbed: np.ndarray, n: int, batch_s
 
 
 def _gaps(states: torch.Tensor, clean: torch.Tensor, kind_weights: torch.Tensor):
-    """Relative distance and angle (degrees) per token kind.
-
-    Parameters
-    ----------
-    states, clean : torch.Tensor
-        (S, A, B, T, D) and (S, 1, B, T, D).
-    kind_weights : torch.Tensor
-        (K, T), each row averaging over one kind's tokens.
-
-    Returns
-    -------
-    tuple of torch.Tensor
-        Each (S, A, B, K), float32 on the CPU.
+    """Relative distance and angle (degrees) of (S, A, B, T, D) ``states`` to ``clean``, per (K, T) ``kind_weights`` row.
     """
     states, clean = states.float().cpu(), clean.float().cpu()
     clean_norm = clean.norm(dim=-1)
@@ -336,9 +231,9 @@ def _gaps(states: torch.Tensor, clean: torch.Tensor, kind_weights: torch.Tensor)
 
 
 def summarize(result: xr.Dataset) -> dict:
-    """Headline numbers: ``recovery_<kind>_<basis>``, the median recovery ratio over images,
-    directions, starts and alphas > 0, and ``prediction_kept_<basis>``, the mean fraction of top-1
-    classes kept (where the propagator has a head)."""
+    """Median ``recovery_<kind>_<basis>`` over images, directions, starts and alphas > 0, and the mean
+    ``prediction_kept_<basis>`` (with a head).
+    """
     summary = {
         f"recovery_{kind}_{basis}": rounded(float(result["recovery"].sel(token_kind=kind, basis=basis).median()))
         for kind in result["token_kind"].values for basis in result["basis"].values

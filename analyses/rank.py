@@ -1,57 +1,6 @@
-"""Update-rank collapse (Raptor paper, section 5 (iii) and its appendix D).
-
-For each block and token kind, the update matrix U stacks the updates of every token of that
-kind in every image, one row each, and is centred over its rows:
-
-- ``raw``: U = X_{ℓ+1} − X_ℓ;
-- ``sphere``: U = x̂_{ℓ+1} − x̂_ℓ (updates of the directions; the paper's "angular" updates).
-
-With σ² the eigenvalues of the centred scatter UᵀU (the squared singular values of U):
-
-- stable rank ‖U‖_F² / ‖U‖₂² = Σσ² / max σ² (the paper: about 6 in late layers of DINOv2-B);
-- effective rank exp(H(p)), p = σ² / Σσ² (entropy rank, Roy & Vetterli 2007);
-- participation ratio (Σσ²)² / Σσ⁴;
-- the number of directions holding ``variance`` (default 90%) of Σσ².
-
-**One pass, exact estimates.** The scatter, row sums and row counts of every block step are
-summed a chunk at a time in the store's one pass (`analyses.streaming.stream`: each layer is
-read once and serves as the end of one step and the start of the next), so memory does not
-depend on the number of images: 8·F² bytes per step, token kind and space (a chunk's Gram matrix
-is formed in float32 and summed in float64). The estimates are exact for the rows used.
-
-**Token subsampling.** A kind with more than ``tokens_per_image`` tokens per image (ViT-B/14 at
-224 px: 256 patches) contributes a seeded random subset of that many per image (the same tokens
-at every layer, so updates pair up), which bounds the cost per image at ``tokens_per_image``·F²
-per step. Neighbouring patches of one image move together, so the subset loses little: on the
-zoo's trained reg4 model (360 images), a quarter of its patches (16 of 64 per image) moves the
-patch stable rank by a median 0.1 (at most 0.3) of the half-width of its 95% interval
-(``tests/test_rank.py``); 64 of ViT-B/14's 256 is the same quarter. The result's attrs say what
-was used; ``tokens_per_image=None`` uses every token.
-
-**Bootstrap over groups of images.** The images are dealt into ``n_groups`` groups (20, fewer
-when there are fewer images) after a seeded shuffle, so each group samples the whole store
-whatever its order (stores are often sorted by class); each group keeps its own sums, and a
-replicate resamples the groups with replacement (a blocked bootstrap: with independent images
-its spread matches resampling single images, which ``tests/test_rank.py`` checks against the
-Poisson bootstrap this replaces on the zoo's model: at 360 images the median ratio of their
-spreads is 1.06, of their 95% intervals' widths 1.11). Cost and
-memory do not depend on the number of images or grow with replicates times images (the Poisson
-bootstrap added every image into every replicate: N·R·F² work, 8·F²·R bytes per step). What a
-group keeps depends on the width F:
-
-- F ≤ ``sketch_size`` (64; the zoo's models): its full scatter, so every replicate's spectrum
-  is exact;
-- F > ``sketch_size``: its scatter times a fixed random orthonormal F × k test matrix Ω (k =
-  ``sketch_size``), a streamed Nyström sketch (Tropp, Yurtsever, Udell & Cevher 2017,
-  "Fixed-rank approximation of a positive-semidefinite matrix from streaming data"), plus its
-  trace. A replicate's leading k eigenvalues come from the Nyström approximation of its
-  resampled scatter, its remaining variance (exact, from the traces) is spread like the exact
-  estimate's tail, and the replicate's measure is the exact estimate plus the change of that
-  sketched measure from the full data to the replicate, so the sketch's own error cancels
-  to first order. The intervals are accurate when the leading k directions hold most of the
-  variance (the rank collapse this measures); memory is 4·G·F·k bytes per step, kind and space
-  (F = 1024, G = 20, k = 64: 5 MB) and a replicate costs O(G·F·k + F·k²), not an F×F
-  eigendecomposition.
+"""Update-rank collapse (Raptor paper, section 5 (iii), appendix D): rank measures of each block's
+centred update matrix per token kind, raw and on the unit sphere, from one pass over the store,
+with a bootstrap over groups of images (exact scatters, or Nyström sketches for wide models).
 """
 
 from __future__ import annotations
@@ -76,21 +25,13 @@ SKETCH_SIZE = 64
 
 
 def spectrum_measures(eigenvalues: np.ndarray, variance: float = 0.9) -> dict[str, np.ndarray]:
-    """Rank measures of scatter spectra.
-
-    Parameters
-    ----------
-    eigenvalues : numpy.ndarray
-        (..., n) eigenvalues σ² of a scatter matrix (any order; tiny negatives from rounding
-        are treated as 0).
-    variance : float
-        Fraction of the total for ``n_directions``.
+    """Rank measures of (..., n) scatter spectra σ² (any order; tiny negatives count as 0).
 
     Returns
     -------
     dict of numpy.ndarray
-        ``stable_rank``, ``effective_rank``, ``participation_ratio``, ``n_directions``, each
-        of shape (...); NaN where the spectrum is all zero.
+        ``stable_rank`` Σσ²/max σ², ``effective_rank`` exp(H(σ²/Σσ²)), ``participation_ratio``
+        (Σσ²)²/Σσ⁴, ``n_directions`` holding ``variance`` of Σσ²; each (...), NaN for an all-zero spectrum.
     """
     values = np.sort(np.clip(eigenvalues, 0.0, None), axis=-1)[..., ::-1]
     total = values.sum(axis=-1)
@@ -108,70 +49,44 @@ def spectrum_measures(eigenvalues: np.ndarray, variance: float = 0.9) -> dict[st
     return measures
 
 
-def compute(
-    ds: xr.Dataset,
-    *,
-    spaces: tuple[str, ...] = SPACES,
-    n_bootstrap: int = 100,
-    variance: float = 0.9,
-    seed: int = 0,
-    tokens_per_image: int | None = TOKENS_PER_IMAGE,
-    n_groups: int = N_GROUPS,
-    sketch_size: int = SKETCH_SIZE,
-    progress: bool = True,
-) -> xr.Dataset:
+def compute(ds: xr.Dataset, *, spaces: tuple[str, ...] = SPACES, n_bootstrap: int = 100, variance: float = 0.9, seed: int = 0,
+            tokens_per_image: int | None = TOKENS_PER_IMAGE, n_groups: int = N_GROUPS, sketch_size: int = SKETCH_SIZE,
+            progress: bool = True) -> xr.Dataset:
     """Rank measures of the per-block updates, per token kind, with bootstrap error bars.
-
-    Reads ``hidden`` one chunk (a block of images, one layer) at a time, each once
-    (`analyses.streaming.stream`, which also runs it with other analyses in one pass: see
-    `UpdateRank`).
 
     Parameters
     ----------
-    ds : xarray.Dataset
-        A trajectory dataset (`dynamo.open_trajectories`).
     spaces : tuple of {"raw", "sphere"}
-        Updates of the states, and/or of their directions.
+        Updates X_{ℓ+1} − X_ℓ of the states, and/or x̂_{ℓ+1} − x̂_ℓ of their directions.
     n_bootstrap : int
-        Bootstrap replicates over groups of images (0: none).
+        Bootstrap replicates over ``n_groups`` groups of images (a seeded shuffle dealt round; 0: none).
     variance : float
         Variance fraction for ``n_directions``.
-    seed : int
-        Seed of the bootstrap draws, the token subsets and the sketch.
     tokens_per_image : int or None
-        Largest number of tokens of one kind used per image (a seeded subset of a kind with
-        more); None for every token.
-    n_groups : int
-        Groups of images the bootstrap resamples (at most one per image).
+        A kind with more tokens per image contributes a seeded subset of this many per image (the
+        same at every layer); None for every token.
     sketch_size : int
-        Width above which each group's scatter is kept as a rank-``sketch_size`` sketch.
-    progress : bool
-        Show a progress bar.
+        Width above which each group's scatter is kept as a rank-``sketch_size`` Nyström sketch
+        (Tropp et al. 2017), replicates then being shifts of the exact estimate.
 
     Returns
     -------
     xarray.Dataset
-        ``rank`` (measure, token_kind, space, block): the estimates on all images;
-        ``rank_bootstrap`` (replicate, measure, token_kind, space, block) when ``n_bootstrap >
-        0``; ``spectrum`` (token_kind, space, block, component): σ², largest first; ``rows``
-        (token_kind, block): rows of U. ``block`` b is the step from layer ``from_layer`` to b.
-        attrs say how the rows were sampled (``tokens_per_image``, ``subsampled_kinds``) and
-        how the bootstrap was made (``bootstrap``, ``n_groups``, ``sketch_size``).
+        ``rank`` (measure, token_kind, space, block); ``rank_bootstrap`` (replicate, ...);
+        ``spectrum`` (token_kind, space, block, component), largest first; ``rows`` (token_kind,
+        block). ``block`` b is the step from layer ``from_layer`` to b.
     """
     accumulator = UpdateRank(ds, spaces=spaces, n_bootstrap=n_bootstrap, variance=variance, seed=seed,
                              tokens_per_image=tokens_per_image, n_groups=n_groups, sketch_size=sketch_size)
     return stream(ds, {"rank": accumulator}, description="rank", progress=progress)["rank"]
 
 
-
-
 class UpdateRank(Accumulator):
     """`compute`'s accumulator for `analyses.streaming.stream`.
 
-    Its total holds, per step (block), token kind and space: ``scatter`` (upper triangle of UᵀU,
-    float64), ``sums`` and ``rows``; with a bootstrap, ``groups``: per group of images its
-    ``sketch`` (its scatter times Ω, or its upper-triangular scatter when exact; float32),
-    ``sums``, ``trace`` and ``rows``.
+    Its total holds, per step, token kind and space, ``scatter`` (upper triangle of UᵀU, float64),
+    ``sums`` and ``rows``; with a bootstrap, ``groups``: each group's ``sketch`` (its scatter times
+    Ω, or its upper-triangular scatter when exact), ``sums``, ``trace`` and ``rows``.
     """
 
     def __init__(self, ds: xr.Dataset, *, spaces=SPACES, n_bootstrap: int = 100, variance: float = 0.9,
@@ -255,13 +170,10 @@ class UpdateRank(Accumulator):
             total["rows"][step, k] += update.shape[0] * update.shape[1]
 
     def _add(self, state: dict, total: dict, where: tuple, update: np.ndarray) -> None:
-        """Add one block's update rows (image, token, feature) of one step, kind and space into the totals.
+        """Add one block's (image, token, feature) update rows of one step, kind and space into the totals.
 
-        The rows are centred on their float32 mean before their Gram matrix is formed in float32,
-        and the mean's share is added back in float64, so a large common update (a drift shared
-        by every token) costs the exact estimate no precision; so are an exact group's rows. A
-        sketched group's rows are sketched as they are (float32: relative error about 1e-7 times
-        (mean / spread)² of the replicates' spread, not of the estimate).
+        The Gram matrix is formed from rows centred on their float32 mean (`_centred_gram`), so a large
+        common drift costs the exact estimate no precision.
         """
         total["scatter"][where] += _centred_gram(update.reshape(-1, self.n_features))
         total["sums"][where] += update.sum(axis=(0, 1), dtype=np.float64)
@@ -348,14 +260,8 @@ class UpdateRank(Accumulator):
                      "as shifts of the exact estimate"))
         return xr.Dataset(
             variables,
-            coords={
-                "measure": list(MEASURES),
-                "token_kind": list(self.kinds),
-                "space": list(self.spaces),
-                "block": layers[1:],
-                "from_layer": ("block", layers[:-1]),
-                "component": np.arange(1, self.n_features + 1),
-            },
+            coords={"measure": list(MEASURES), "token_kind": list(self.kinds), "space": list(self.spaces), "block": layers[1:],
+                    "from_layer": ("block", layers[:-1]), "component": np.arange(1, self.n_features + 1)},
             attrs={
                 **provenance(dataset),
                 "analysis_detail": "rank of per-block updates, stacked over tokens and images, centred",
@@ -377,10 +283,8 @@ class UpdateRank(Accumulator):
 def _centred_gram(rows: np.ndarray) -> np.ndarray:
     """rowsᵀrows (its upper triangle, float64), formed in float32 from the rows less their mean.
 
-    With rows x = c + m (m their mean, rounded to float32) the mean's share, Σxxᵀ − Σccᵀ =
-    r mᵀ + m rᵀ + n m mᵀ = a mᵀ + m aᵀ with r = Σc and a = r + n m / 2, is added in float64. It
-    is one array, added to a total in one step, so a block adds the same numbers in this process
-    and on a cluster.
+    The mean's share a mᵀ + m aᵀ (a = Σc + n m / 2) is added in float64 as one array, so a block
+    adds the same numbers in this process and on a cluster.
     """
     mean = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
     centred = rows - mean
@@ -397,22 +301,19 @@ def _symmetric(upper: np.ndarray) -> np.ndarray:
 
 
 def nystrom_eigenvalues(sketch: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """Eigenvalues of the Nyström approximations of PSD matrices A from their sketches Y = AΩ.
-
-    Tropp, Yurtsever, Udell & Cevher (2017), Algorithm 3: with a small shift ν for stability,
-    Y_ν = Y + νΩ, Ωᵀ Y_ν = L Lᵀ; the eigenvalues are those of L⁻¹ Y_νᵀ Y_ν L⁻ᵀ, less ν.
+    """Eigenvalues of the Nyström approximations of PSD matrices A from sketches Y = AΩ (Tropp et al. 2017, Alg. 3).
 
     Parameters
     ----------
-    sketch : numpy.ndarray
-        (..., n, k) sketches AΩ (summed in float32: the shift covers that rounding).
-    test : numpy.ndarray
-        (n, k) Ω with orthonormal columns.
+    sketch : numpy.ndarray, (..., n, k)
+        Sketches AΩ (summed in float32: the stabilising shift covers that rounding).
+    test : numpy.ndarray, (n, k)
+        Ω with orthonormal columns.
 
     Returns
     -------
-    numpy.ndarray
-        (..., k) eigenvalues, largest first, at least 0; each at most A's eigenvalue of the same rank.
+    numpy.ndarray, (..., k)
+        Largest first, at least 0; each at most A's eigenvalue of the same rank.
     """
     swap = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
     shift = np.sqrt(test.shape[0]) * np.finfo(np.float32).eps * np.linalg.norm(sketch, axis=(-2, -1))
@@ -426,10 +327,8 @@ def nystrom_eigenvalues(sketch: np.ndarray, test: np.ndarray) -> np.ndarray:
 
 
 def _sketched_measures(sketch: np.ndarray, test: np.ndarray, trace: np.ndarray, tail: np.ndarray, variance: float) -> dict:
-    """Rank measures of spectra made of a sketch's leading eigenvalues and the rest of the trace shaped like ``tail``.
-
-    ``sketch`` (replicate, n, k); ``trace`` (replicate,) exact traces; ``tail`` the exact
-    estimate's eigenvalues beyond the k-th, largest first.
+    """Rank measures of spectra made of a (replicate, n, k) sketch's leading eigenvalues and the rest of
+    each exact ``trace`` shaped like ``tail`` (the exact estimate's eigenvalues beyond the k-th).
     """
     leading = nystrom_eigenvalues(sketch, test)
     rest = np.clip(trace - leading.sum(axis=1), 0.0, None)

@@ -1,16 +1,5 @@
-"""Partitions of depth from a layer × layer dissimilarity: the paper's max-cut and an exact DP.
-
-Both return a `dynamo.partition.Partition` of the matrix's layer labels (1-based block indices
-when the matrix covers blocks 1..L), e.g. ``[[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]``.
-
-Both methods optimise the same quantity, the weight W[i, j] = D[i, j] of pairs that end up in
-different phases (equivalently, they minimise the within-phase dissimilarity, since the two
-add up to the total):
-
-- `maxcut_partition`: the paper's recursive bisection (Raptor notebook
-  ``000_max_cut_dinov2_base``), contiguity not enforced; each bisection is an exact maximum cut
-  (`exact_maxcut`, branch and bound) up to ``EXACT_MAXCUT_LIMIT`` layers, a heuristic above;
-- `contiguous_partition`: the optimal split into k contiguous phases, by dynamic programming.
+"""Partitions of depth from a layer × layer dissimilarity: the paper's recursive max-cut (exact by
+branch and bound up to ``EXACT_MAXCUT_LIMIT`` layers) and the optimal contiguous split by DP.
 """
 
 from __future__ import annotations
@@ -36,13 +25,7 @@ NEWTON_STEPS = 8  # per bound of the exact search (each node's own best eigenval
 
 
 def as_matrix(dissimilarity) -> tuple[np.ndarray, np.ndarray]:
-    """A square symmetric float matrix and its layer labels.
-
-    Parameters
-    ----------
-    dissimilarity : xarray.DataArray or array-like, (n, n)
-        A DataArray from `analyses.similarity.layer_similarity` (its ``layer_i`` coords are the
-        labels) or a plain array (labels 1..n).
+    """A square symmetric float matrix and its layer labels (``layer_i`` of a DataArray, else 1..n).
 
     Raises
     ------
@@ -80,31 +63,11 @@ def to_partition(groups, labels) -> Partition:
 
 
 def exact_maxcut(weights: np.ndarray) -> tuple[float, np.ndarray]:
-    """Maximum cut, exactly, broken as the paper's brute force breaks ties; by branch and bound.
+    """Maximum cut of symmetric (n, n) ``weights`` (n ≤ 64, diagonal ignored), exactly, by branch and bound.
 
-    The maximum over the 2^(n−1) assignments with vertex 0 on the False side. Among tied maxima
-    it returns the first in the paper's order (``itertools.product([0, 1], repeat=n-1)`` over
-    vertices 1..n−1, i.e. the smallest binary number x₁x₂…xₙ₋₁), which is the one the notebook's
-    brute force keeps. Cut values closer than tol = ``TIE_TOLERANCE`` · Σ_{i<j} |W[i, j]| are ties
-    (so rounding cannot decide them): the answer is the first assignment within tol of the best
-    value the search found, itself within tol of the maximum; whenever distinct cut values are
-    more than 2·tol apart (integer weights, and real ones but for coincidences) that is exactly
-    the first maximum.
-
-    The search fixes vertices 1, 2, … in order, the last ``LEAF_VERTICES`` together (all their
-    assignments at once, a matrix product per batch of nodes), and prunes a partial assignment
-    when an upper bound on its best completion is below the best cut known: the eigenvalue bound
-    of the completion (Poljak & Rendl's, with the free block's diagonal shift from the SDP dual
-    at the root and the border term optimised per node on the secular equation, see
-    `_SearchTree.bounds`). Three passes: a beam dive for a first cut, a best-bound-first search
-    for the maximum, and a search in the paper's order for the first assignment reaching it.
-    Up to 48 vertices this takes seconds (``benchmarks/phases.py``); the worst case is
-    exponential.
-
-    Parameters
-    ----------
-    weights : numpy.ndarray, (n, n)
-        Symmetric edge weights (the diagonal is ignored); n ≤ 64.
+    Among tied maxima (within ``TIE_TOLERANCE`` · Σ_{i<j} |W[i, j]|) the first in the order of
+    ``itertools.product([0, 1], repeat=n-1)``, as the paper's brute force keeps. Nodes are pruned by
+    an eigenvalue bound (Poljak & Rendl, `_SearchTree.bounds`); the worst case is exponential.
 
     Returns
     -------
@@ -133,9 +96,8 @@ def exact_maxcut(weights: np.ndarray) -> tuple[float, np.ndarray]:
 class _SearchTree:
     """The branch and bound of `exact_maxcut` over one weight matrix (zero diagonal).
 
-    A batch of nodes at depth d (vertices 0..d−1 fixed, vertex 0 on side 0) is three arrays:
-    ``to_one`` (N, n), each vertex's weight to the fixed vertices on side 1; ``cut`` (N,), the
-    weight cut among the fixed vertices; ``code`` (N,) int64, their bits x₁…x_{d−1} as a number.
+    A batch of nodes at depth d (vertices 0..d−1 fixed, vertex 0 on side 0) is ``to_one`` (N, n),
+    each vertex's weight to the fixed vertices on side 1; ``cut`` (N,); ``code`` (N,) int64, the bits x₁…x_{d−1}.
     """
 
     def __init__(self, weights: np.ndarray):
@@ -161,16 +123,11 @@ class _SearchTree:
     def bounds(self, depth: int, to_one: np.ndarray, cut: np.ndarray) -> np.ndarray:
         """Upper bounds (N,) on the best cut completing each node at ``depth`` (≥ 2).
 
-        With spins y ∈ {±1}^k of the k free vertices R, a completion cuts
-        C + ½ δ·y − ¼ yᵀ W_R y, where δ_v = (weight of v to fixed side 0) − (to fixed side 1)
-        and C = cut + ½ Σ_R (weight to the fixed) + ½ Σ_{u<v ∈ R} W_uv. With y₀ = ±1 and any
-        diagonal diag(u₀, u) this is at most (k + 1)·λ_max(M) − u₀ − Σu for the bordered
-        M = [[u₀, δᵀ/4], [δ/4, diag(u) − W_R/4]]. For λ = λ_max + t above the free block's top
-        eigenvalue λ_max (eigenvectors V), u₀ = λ − Σ cᵢ / (λ − λᵢ), c = (Vᵀδ/4)², makes λ the
-        largest eigenvalue of M, and the bound k·λ + Σ cᵢ / (λ − λᵢ) − Σu is least where
-        φ(t) = Σ cᵢ / (t + gᵢ)² = k (gᵢ = λ_max − λᵢ). Any t > 0 gives a valid bound; t comes
-        from Newton steps on φ^(−1/2) − k^(−1/2), which is concave and increasing in t, so the
-        steps climb from the left to the root without overshooting it.
+        A completion cuts C + ½ δ·y − ¼ yᵀ W_R y over spins y of the free vertices R; for any diagonal
+        shift this is at most (k + 1)·λ_max of the bordered matrix M = [[u₀, δᵀ/4], [δ/4, diag(u) − W_R/4]]
+        minus the shifts. Choosing u₀ so that λ_max + t is M's top eigenvalue, any t > 0 gives a valid
+        bound; the least is where Σ cᵢ / (t + gᵢ)² = k, reached by Newton steps on a concave, increasing
+        function of t, which climb to the root without overshooting it.
         """
         gaps, vectors, constant = self.spectra[depth]
         k = len(gaps)
@@ -186,10 +143,9 @@ class _SearchTree:
     def search(self, floor: float, mode: str, width: int | None = None):
         """Depth-first search, nodes batched.
 
-        ``mode="max"``: the largest cut value, pruning nodes that cannot beat by more than tol the
-        best of ``floor`` and the cuts found, best bound first; with ``width``, only the best
-        ``width`` nodes of each batch are kept (a beam dive: a lower bound, fast). ``"first"``:
-        the code of the first assignment, in the paper's order, whose cut reaches ``floor``.
+        ``mode="max"``: the largest cut value beating ``floor`` by more than tol, best bound first; with
+        ``width``, a beam dive keeping the best ``width`` nodes of each batch. ``"first"``: the code of
+        the first assignment, in the paper's order, whose cut reaches ``floor``.
         """
         best = floor
         if mode == "max":
@@ -228,10 +184,7 @@ class _SearchTree:
 
 
 def _dual_diagonal(weights: np.ndarray) -> np.ndarray:
-    """The diagonal u minimising k·λ_max(diag(u) − W/4) − Σu (the SDP dual of max-cut), by L-BFGS.
-
-    Any u gives a valid bound; this one makes it (nearly) the SDP bound. (k,) for W (k, k).
-    """
+    """The diagonal u minimising k·λ_max(diag(u) − W/4) − Σu (the SDP dual of max-cut), by L-BFGS."""
     k = weights.shape[0]
 
     def objective(shift):
@@ -242,18 +195,12 @@ def _dual_diagonal(weights: np.ndarray) -> np.ndarray:
 
 
 def maxcut_is_exact(n_layers: int, exact_limit: int = EXACT_MAXCUT_LIMIT) -> bool:
-    """Whether `maxcut_partition` of ``n_layers`` layers cuts every cluster exactly.
-
-    Every cluster it cuts is a subset of the layers, so it is exact when they fit the limit.
-    """
+    """Whether `maxcut_partition` of ``n_layers`` layers cuts every cluster exactly."""
     return n_layers <= exact_limit
 
 
 def heuristic_maxcut(weights: np.ndarray, restarts: int = 16, seed: int = 0) -> tuple[float, np.ndarray]:
-    """Large max-cut by networkx's one-exchange local search, best of several random starts.
-
-    Returns the same ``(value, side)`` as `exact_maxcut` (vertex 0 on the False side).
-    """
+    """Large max-cut by networkx's one-exchange local search, best of several random starts; as `exact_maxcut`."""
     graph = nx.from_numpy_array(weights)
     rng = np.random.default_rng(seed)
     best_value, best_side = -np.inf, None
@@ -266,56 +213,15 @@ def heuristic_maxcut(weights: np.ndarray, restarts: int = 16, seed: int = 0) -> 
     return best_value, best_side
 
 
-def maxcut_partition(
-    dissimilarity,
-    eps: float = 0.1,
-    *,
-    k: int | None = None,
-    min_size: int = 2,
-    exact_limit: int = EXACT_MAXCUT_LIMIT,
-    restarts: int = 16,
-    seed: int = 0,
-) -> Partition:
-    """The paper's recursive max-cut bisection of layers into phases.
+def maxcut_partition(dissimilarity, eps: float = 0.1, *, k: int | None = None, min_size: int = 2,
+                     exact_limit: int = EXACT_MAXCUT_LIMIT, restarts: int = 16, seed: int = 0) -> Partition:
+    """The paper's recursive max-cut bisection of layers into phases (the notebook's ``recursive_max_cut``).
 
-    With edge weights W = D and ε = eps · ΣW / 2: start from one cluster of all layers with gain
-    ∞; repeatedly take the cluster of largest gain (stop when it is ≤ ε); a cluster of fewer than
-    ``2·min_size`` layers is not split; otherwise solve its max-cut, and if the cut weight is
-    > ε replace the cluster by its two sides, each inheriting the cut weight as its gain (else
-    mark it final). Contiguity is not enforced. This is the notebook's ``recursive_max_cut``
-    with its brute-force solver, for the same matrix the same partition: each cut is exact
-    (`exact_maxcut`, ties broken as that brute force breaks them) for clusters of up to
-    ``exact_limit`` layers, so for any matrix of up to ``EXACT_MAXCUT_LIMIT`` (48) layers.
-
-    Max-cut favours balanced bisections: with phases of unequal size, a split through the middle
-    of a phase can cut more weight than a split between phases, so the bisection may cut a
-    phase in two. `contiguous_partition` with the same k is the check.
-
-    Parameters
-    ----------
-    dissimilarity : xarray.DataArray or array-like, (n, n)
-        Layer dissimilarity, e.g. `analyses.similarity.layer_similarity`.
-    eps : float
-        The fraction f of the total weight below which a split is not worth making. The paper
-        uses 0.2 (2 phases on DINOv2-B), 0.1 (3) and 0.09 (4).
-    k : int, optional
-        Stop at k phases instead (eps is then not used); splits follow the same priority.
-    min_size : int
-        Clusters smaller than ``2·min_size`` are never split (the paper's 2).
-    exact_limit : int
-        Clusters up to this many layers (at most 64) are cut exactly; larger ones by networkx's
-        one-exchange heuristic with ``restarts`` random starts from ``seed``, which may miss
-        the maximum: a `UserWarning` says so (`maxcut_is_exact` tells in advance).
-
-    Returns
-    -------
-    Partition
-        The phases, as layer labels (the matrix's ``layer_i`` coords, or 1..n).
-
-    Raises
-    ------
-    ValueError
-        Bad matrix, k phases cannot be reached with this ``min_size``, or ``exact_limit`` > 64.
+    The cluster of largest gain is split by its max-cut while the cut weight exceeds ε = eps · ΣW / 2
+    (or until ``k`` phases); clusters of fewer than ``2·min_size`` layers are not split. Contiguity is
+    not enforced and max-cut favours balanced bisections: `contiguous_partition` is the check.
+    Clusters above ``exact_limit`` (≤ 64) layers are cut by `heuristic_maxcut` (``restarts``,
+    ``seed``) with a `UserWarning`. Returns the phases as layer labels.
     """
     weights, labels = as_matrix(dissimilarity)
     if k is not None and not 1 <= k <= len(labels):
@@ -363,13 +269,7 @@ def maxcut_partition(
 
 
 def segment_costs(weights: np.ndarray) -> np.ndarray:
-    """Within-segment weight of every contiguous segment, from 2-D prefix sums.
-
-    Returns
-    -------
-    numpy.ndarray, (n + 1, n + 1)
-        ``cost[a, b]`` = Σ_{a ≤ i < j < b} W[i, j] for a < b (layers a..b−1 by position).
-    """
+    """``cost[a, b]`` = Σ_{a ≤ i < j < b} W[i, j], the within-segment weight of layers a..b−1, (n + 1, n + 1)."""
     n = weights.shape[0]
     prefix = np.zeros((n + 1, n + 1))
     prefix[1:, 1:] = weights.cumsum(0).cumsum(1)
@@ -385,10 +285,9 @@ def contiguous_segmentation(weights: np.ndarray, k_max: int, min_size: int = 1) 
     Returns
     -------
     best : numpy.ndarray, (k_max + 1, n + 1)
-        ``best[j, b]`` = least within-phase weight of the first b layers in j phases (inf where
-        impossible).
+        ``best[j, b]``: least within-phase weight of the first b layers in j phases (inf where impossible).
     start : numpy.ndarray of int, (k_max + 1, n + 1)
-        Where the last phase of that optimum starts (ties: the earliest start).
+        Where the last phase of that optimum starts (ties: the earliest).
     """
     n = weights.shape[0]
     cost = segment_costs(weights)
@@ -407,23 +306,8 @@ def contiguous_segmentation(weights: np.ndarray, k_max: int, min_size: int = 1) 
 def contiguous_partition(dissimilarity, k: int, *, min_size: int = 1) -> Partition:
     """The exact best split of the layers, in their order, into k contiguous phases.
 
-    Minimises the total within-phase dissimilarity Σ_phases Σ_{i<j in phase} D[i, j], which is
-    the same as maximising the k-way cut between phases (the max-cut objective restricted to
-    contiguous partitions). Dynamic programming over segment end points, O(k·n²) time.
-
-    Parameters
-    ----------
-    dissimilarity : xarray.DataArray or array-like, (n, n)
-        Layer dissimilarity; rows in depth order.
-    k : int
-        Number of phases, 1 ≤ k ≤ n / min_size.
-    min_size : int
-        Fewest layers in a phase.
-
-    Returns
-    -------
-    Partition
-        The phases as layer labels.
+    Minimises the within-phase dissimilarity (the max-cut objective restricted to contiguous
+    partitions); ``k`` is 1..n / ``min_size``.
     """
     weights, labels = as_matrix(dissimilarity)
     n = len(labels)
@@ -445,22 +329,9 @@ def _trace_back(start: np.ndarray, k: int, n: int) -> list[range]:
 def choose_k(dissimilarity, rule: str = "fraction", *, eps: float = 0.1, k_max: int | None = None, min_size: int = 1) -> int:
     """Number of contiguous phases by the paper's fraction rule or by the elbow of the cost curve.
 
-    The optimal within-phase weight C(k) falls as k grows. ``"fraction"`` (the contiguous
-    analogue of the max-cut's stopping rule): the smallest k whose next phase would lower C by
-    no more than ε = eps · ΣW / 2, the same ε the max-cut uses. ``"elbow"``: the k farthest
-    below the chord from (1, C(1)) to (k_max, C(k_max)) (the "kneedle" point).
-
-    Parameters
-    ----------
-    rule : {"fraction", "elbow"}
-    eps : float
-        The fraction f for ``"fraction"``.
-    k_max : int, optional
-        Largest k considered; default n // min_size.
-
-    Returns
-    -------
-    int
+    ``"fraction"``: the smallest k whose next phase would lower the optimal within-phase weight by no
+    more than ε = eps · ΣW / 2; ``"elbow"``: the k farthest below the chord of the cost curve up to
+    ``k_max`` (default n // min_size).
     """
     weights, labels = as_matrix(dissimilarity)
     k_max = min(k_max or len(labels), len(labels) // min_size)

@@ -1,21 +1,5 @@
-"""Reading a trajectory store a chunk at a time, and the small helpers the analyses share.
-
-Store-only analyses walk the store one block of images at a time (the store's own chunks along
-``image``) and, inside a block, one layer at a time, so memory holds a few chunks, never the
-whole of ``hidden``.
-
-`stream` is the one pass over ``hidden`` that the analyses share: every chunk (a block of images
-by one layer) is read and decoded once, checked finite, and handed to every analysis that needs
-it, each keeping its own `Accumulator` (``update`` per chunk, ``merge`` of totals, ``finish``
-into a result). Chunks are decoded to float32 (`Chunk`): the arithmetic error (about 1e-7
-relative) stays below the rounding of a float16 store (5e-4), and sums over images are kept in
-float64.
-
-`fold_image_blocks` is the loop over blocks they share for smaller reads (reduced views, a few
-layers): in this process, or, when a ``distributed.Client`` is the default client, as tasks on
-its workers (each reads its own chunks; only small per-block partial results travel), with the
-same numbers either way; `stream` runs on a cluster the same way. `principal_directions` is the
-one PCA of the analyses, from moments summed a block at a time.
+"""Reading a trajectory store a chunk at a time (here or on a dask cluster, with the same numbers),
+and the small helpers the analyses share.
 """
 
 from __future__ import annotations
@@ -59,49 +43,14 @@ def image_blocks(dataset: xr.Dataset, variable: str = "hidden") -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def fold_image_blocks(
-    compute: Callable[[xr.Dataset], Partial],
-    dataset: xr.Dataset,
-    *,
-    blocks: list[slice] | None = None,
-    finish: Callable[[Partial], object] | None = None,
-    description: str = "blocks",
-    progress: bool = True,
-):
-    """Fold ``compute`` over blocks of images, in block order, here or on a dask cluster.
+def fold_image_blocks(compute: Callable[[xr.Dataset], Partial], dataset: xr.Dataset, *, blocks: list[slice] | None = None,
+                      finish: Callable[[Partial], object] | None = None, description: str = "blocks", progress: bool = True):
+    """Fold ``compute`` over blocks of images (default `image_blocks`), in block order, here or on a dask cluster.
 
-    Parameters
-    ----------
-    compute : callable
-        ``compute(dataset.isel(image=block)) -> partial``, a dict whose values are numpy arrays
-        or numbers (summed over blocks) or lists (concatenated over blocks, e.g.
-        ``[per_image_array]``). It reads only its own block. On a cluster it is pickled, so
-        make it a module-level function (or a `functools.partial` of one).
-    dataset : xarray.Dataset
-        A trajectory dataset, dask-backed (a lazily opened store) or in memory.
-    blocks : list of slice, optional
-        Blocks along ``image``; default `image_blocks` (the store's own chunks of ``hidden``).
-    finish : callable, optional
-        Applied to the folded total before it is returned (on the cluster, on a worker, so
-        that only its result travels back: e.g. spectra of a large accumulator).
-    description : str
-        Label of the progress bar (one step per block folded).
-    progress : bool
-        Show a progress bar.
-
-    Returns
-    -------
-    The folded partial (``finish(total)`` with ``finish``).
-
-    Notes
-    -----
-    Without a client, blocks are read and folded one at a time, so memory holds one block and
-    the running total. When ``distributed.default_client()`` finds a client, each block is one
-    task that receives only its slice of the dataset's graph (``dask.optimize``) and computes
-    it with dask's synchronous scheduler inside the task (no tasks submitted from tasks); the
-    partials are folded on the workers in block order by a chain of tasks, so the total is
-    summed in the same order as here and the numbers are the same; the client gathers only
-    the final result. Every worker must be able to read the store's path.
+    ``compute(dataset.isel(image=block))`` returns a dict of arrays or numbers (summed) or lists
+    (concatenated); on a cluster it is pickled (a module-level function or a partial of one), each
+    block is a task and the partials are folded on the workers in block order, so the numbers equal
+    the in-process ones. ``finish`` is applied to the total (on a worker: only its result travels).
     """
     blocks = image_blocks(dataset) if blocks is None else blocks
     finish = finish or _unchanged
@@ -160,21 +109,9 @@ def _unchanged(total: Partial) -> Partial:
 
 
 class Chunk:
-    """One layer of ``hidden`` for a block of images, decoded once and checked finite.
+    """One layer of ``hidden`` for a block of images, decoded once to float32 and checked finite (`finite`).
 
-    Attributes
-    ----------
-    index : int
-        Position of the layer in the dataset's ``layer`` axis.
-    states : numpy.ndarray
-        (image, token, feature) float32.
-    norms : numpy.ndarray
-        (image, token) float32 Euclidean norms of the states.
-
-    Raises
-    ------
-    ValueError
-        One line naming the layer and the images if any value is NaN or infinite (`finite`).
+    ``states`` is (image, token, feature), ``norms`` (image, token); ``index`` is the layer's position.
     """
 
     def __init__(self, values: np.ndarray, index: int, where: xr.DataArray):
@@ -202,16 +139,11 @@ def cosines(a: Chunk, b: Chunk) -> np.ndarray:
 class Accumulator:
     """One analysis' share of `stream`, the one pass over ``hidden``.
 
-    `stream` calls, in this process: ``total = start()``; then per block of images ``state =
-    open_block(block, total)`` (read what else the analysis needs of the block: reduced views,
-    labels), ``update(state, chunk, previous, final)`` for each layer in order (``previous`` is
-    the layer before, None for the first; ``final`` the last layer when ``reads_final``), and
-    ``close_block(state, total)``; finally ``finish(total, dataset)``. A block's contributions
-    go into ``total`` in place (in ``update`` or ``close_block``). On a cluster each block goes
-    into its own ``start()`` on a worker and the blocks are combined in block order by
-    ``merge(total, part)``, which must give the same numbers as the in-place additions: add what
-    the block computed, in the same order, never recompute it. Subclasses are pickled to the
-    workers: keep them small (no dataset).
+    Per block of images `stream` calls ``state = open_block(block, total)``, ``update(state, chunk,
+    previous, final)`` per layer in order (``final`` is the last layer when ``reads_final``), and
+    ``close_block(state, total)``; then ``finish(total, dataset)``. On a cluster each block starts
+    from its own ``start()`` and ``merge(total, part)`` must give the numbers of the in-place
+    additions. Subclasses are pickled to the workers: keep them small.
     """
 
     reads_final = False  # the last layer is read first and given to every `update` as ``final``
@@ -235,39 +167,12 @@ class Accumulator:
         raise NotImplementedError
 
 
-def stream(
-    dataset: xr.Dataset,
-    accumulators: dict[str, Accumulator],
-    *,
-    description: str = "reading hidden",
-    progress: bool = True,
-) -> dict[str, xr.Dataset]:
-    """Read every chunk of ``hidden`` once and feed it to every accumulator; their results.
+def stream(dataset: xr.Dataset, accumulators: dict[str, Accumulator], *, description: str = "reading hidden",
+           progress: bool = True) -> dict[str, xr.Dataset]:
+    """Read every chunk of ``hidden`` once and feed it to every accumulator; each one's ``finish``.
 
-    Parameters
-    ----------
-    dataset : xarray.Dataset
-        A trajectory dataset (`dynamo.open_trajectories`), dask-backed or in memory.
-    accumulators : dict of str to Accumulator
-        The analyses to run, by name.
-    description : str
-        Label of the progress bar (one step per block of images).
-    progress : bool
-        Show a progress bar.
-
-    Returns
-    -------
-    dict of str to xarray.Dataset
-        Each accumulator's ``finish``.
-
-    Notes
-    -----
-    In this process, blocks are read one at a time, each layer once (the last one first when an
-    accumulator needs it), and the next layer is read by a helper thread while the current one
-    is computed; memory holds the totals, a few chunks in float32 and one block's per-image
-    results. With a ``distributed`` default client, each block is a task on a worker and the
-    blocks' totals are merged on the workers in block order (`fold_image_blocks`), so the numbers
-    are those of the in-process run.
+    In this process the next layer is read by a helper thread while the current one is computed; with
+    a ``distributed`` default client, blocks are merged on the workers in block order (`fold_image_blocks`).
     """
     blocks = image_blocks(dataset)
     client = cluster_client()
@@ -299,10 +204,7 @@ def _merge_totals(total: dict, part: dict, accumulators: dict[str, Accumulator])
 def _stream_block(block: xr.Dataset, accumulators: dict[str, Accumulator], totals: dict, reader) -> None:
     """Read a block's layers once, in order, feeding every accumulator; close it into ``totals``.
 
-    The accumulators' BLAS calls run on one thread: the reader thread decodes the next layer on
-    the other core, and many mid-sized products gain nothing from a second thread (measured: a
-    float32 Gram matrix of 2,048 rows × 768 features takes 17 ms on one thread, 48 ms on two while
-    the reader runs).
+    BLAS runs on one thread: the reader thread decodes the next layer on the other core.
     """
     with threadpool_limits(limits=1, user_api="blas"):
         _stream_layers(block, accumulators, totals, reader)
@@ -351,21 +253,8 @@ def contiguous(positions: np.ndarray) -> slice | np.ndarray:
 def token_sample(n_tokens: int, per_image: int | None, images: np.ndarray, seed: int | tuple) -> np.ndarray | None:
     """Seeded subsets of a token kind's positions, one per image, or None to keep every token.
 
-    Parameters
-    ----------
-    n_tokens : int
-        Tokens of the kind in each image.
-    per_image : int or None
-        Tokens to keep per image; None (or at least ``n_tokens``) keeps all.
-    images : numpy.ndarray
-        (image,) positions of the images in the store: each image's subset depends only on the
-        seed and its position, so it is the same in every block layout and on every worker.
-    seed : int
-
-    Returns
-    -------
-    numpy.ndarray or None
-        (image, per_image) sorted indices into the kind's positions.
+    Each image's subset depends only on ``seed`` and its position in ``images``, so it is the same
+    in every block layout and on every worker; returns (image, per_image) sorted indices.
     """
     if per_image is None or per_image >= n_tokens:
         return None
@@ -375,13 +264,7 @@ def token_sample(n_tokens: int, per_image: int | None, images: np.ndarray, seed:
 
 
 def layer_states(block: xr.Dataset, variable: str = "hidden") -> Iterator[np.ndarray]:
-    """Yield ``variable`` of a block of images, one layer at a time, as float64.
-
-    Yields
-    ------
-    numpy.ndarray
-        (image, token, feature) for ``hidden``, (image, feature) for a reduced view.
-    """
+    """Yield ``variable`` of a block of images one layer at a time, as float64 (image, token, feature) or (image, feature)."""
     array = block[variable]
     for index in range(block.sizes["layer"]):
         yield finite(np.asarray(array.isel(layer=index).values, dtype=np.float64), array.isel(layer=index))
@@ -394,7 +277,8 @@ def read_block(block: xr.Dataset, variable: str) -> np.ndarray:
 
 def finite(values: np.ndarray, where: xr.DataArray) -> np.ndarray:
     """``values`` (read from ``where``, image first) if all are finite; else a one-line `ValueError`
-    naming the variable, its layer(s) and the images, so a damaged store never yields numbers."""
+    naming the variable, its layer(s) and the images.
+    """
     bad = ~np.isfinite(values)
     if not bad.any():
         return values
@@ -412,33 +296,15 @@ def finite(values: np.ndarray, where: xr.DataArray) -> np.ndarray:
 
 
 def principal_directions(scatter: np.ndarray, total: np.ndarray, count: int, n_components: int):
-    """Principal directions of a set of rows, from moments summed over them a block at a time.
-
-    Parameters
-    ----------
-    scatter : numpy.ndarray, (feature, feature)
-        Sum over the rows x of the outer products x xᵀ.
-    total : numpy.ndarray, (feature,)
-        Sum of the rows.
-    count : int
-        Number of rows.
-    n_components : int
-        Number of directions, 1..feature.
+    """Principal directions of rows from their moments: ``scatter`` Σxxᵀ (feature, feature), ``total`` Σx, ``count``.
 
     Returns
     -------
     mean : numpy.ndarray, (feature,)
-        Mean row.
     components : numpy.ndarray, (feature, n_components)
-        Unit principal directions as columns, by decreasing variance, each signed so that its
-        largest-magnitude entry is positive.
+        Unit directions as columns by decreasing variance, each with its largest-magnitude entry positive.
     explained_variance_ratio : numpy.ndarray, (n_components,)
-        Variance along each direction over the total variance (nan when the rows do not vary).
-
-    Raises
-    ------
-    ValueError
-        If ``n_components`` is not in 1..feature.
+        nan when the rows do not vary.
     """
     n_features = len(total)
     if not 0 < n_components <= n_features:
@@ -463,14 +329,6 @@ def angle_deg(cosine: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
 
 
-def labels_of(dataset: xr.Dataset) -> np.ndarray | None:
-    """Integer class labels of the images, or None when the store has none (-1 = unknown)."""
-    if "label" not in dataset.coords:
-        return None
-    labels = np.asarray(dataset["label"].values).astype(int)
-    return labels if (labels >= 0).all() and len(np.unique(labels)) > 1 else None
-
-
 def image_coords(dataset: xr.Dataset) -> dict[str, np.ndarray]:
     """The store's per-image coordinates present (``label``, ``label_name``, ``image_id``), as plain (image,) arrays."""
     coords = {name: np.asarray(dataset[name].values) for name in IMAGE_COORDS if name in dataset.coords}
@@ -478,7 +336,7 @@ def image_coords(dataset: xr.Dataset) -> dict[str, np.ndarray]:
 
 
 def rounded(value):
-    """A headline number for `summarize`: floats (also in arrays and lists) to 4 significant digits, nan to None."""
+    """A headline number: floats (also in arrays and lists) to 4 significant digits, nan to None."""
     if isinstance(value, np.ndarray | list | tuple):
         return [rounded(item) for item in value]
     if isinstance(value, float | np.floating):

@@ -1,17 +1,5 @@
-"""Token-specific dynamics (Raptor paper, section 5 (ii)).
-
-On the unit sphere, per token kind (cls, dist, register, patch):
-
-- angular speed s_ℓ = arccos⟨x̂_{ℓ+1}, x̂_ℓ⟩ of each token across each block, averaged over the
-  kind's tokens in each image; the paper finds registers slow, patches moderate, and a sharp
-  late reorientation of cls;
-- patch coherence κ_ℓ = mean over patches p of cos(x_{ℓ,p}, mean_p x_{ℓ,p}) (the paper's formula
-  was not recovered; this is its [INF] reading), and the same for the updates
-  Δx_{ℓ,p} = x_{ℓ+1,p} − x_{ℓ,p} (how much the patches move together);
-- the mean norm of each kind per layer (why the analyses work on the sphere).
-
-With a store that keeps only some layers, a "block" step spans every block between two kept
-layers; ``from_layer`` says where each step starts.
+"""Token-specific dynamics (Raptor paper, section 5 (ii)): angular speed per token kind on the unit
+sphere, patch coherence κ of states and updates, and token norms.
 """
 
 from __future__ import annotations
@@ -34,28 +22,15 @@ DESCRIPTION = (
 def compute(ds: xr.Dataset, *, progress: bool = True) -> xr.Dataset:
     """Angular speed per token kind, patch coherence of states and updates, and norms.
 
-    Reads ``hidden`` one chunk (a block of images, one layer) at a time, each chunk once
-    (`analyses.streaming.stream`, which also runs it with other analyses in one pass: see
-    `TokenDynamics`). With a dask.distributed client open, the blocks are tasks on its workers,
-    with the same result.
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        A trajectory dataset (`dynamo.open_trajectories`).
-    progress : bool
-        Show a progress bar.
-
     Returns
     -------
     xarray.Dataset
         ``speed`` (image, token_kind, block), degrees per block; ``norm`` (image, token_kind,
         layer); with patch tokens, ``coherence`` (image, layer) and ``update_coherence`` (image,
-        block). ``block`` b is the step from layer ``from_layer`` to layer b.
+        block). ``block`` b is the step from layer ``from_layer`` to layer b (several blocks when
+        the store keeps only some layers).
     """
     return stream(ds, {"tokens": TokenDynamics(ds)}, description="tokens", progress=progress)["tokens"]
-
-
 
 
 class TokenDynamics(Accumulator):
@@ -100,9 +75,8 @@ class TokenDynamics(Accumulator):
         return {name: total[name] + part[name] for name in total}
 
     def finish(self, total: dict, dataset: xr.Dataset) -> xr.Dataset:
-        speed, norm, coherence, update_coherence = (
-            np.concatenate(total[name]) for name in ("speed", "norm", "coherence", "update_coherence")
-        )
+        speed, norm, coherence, update_coherence = (np.concatenate(total[name]) for name in
+                                                    ("speed", "norm", "coherence", "update_coherence"))
         layers = dataset["layer"].values
         variables = {
             "speed": (("image", "token_kind", "block"), speed.astype(np.float32),
@@ -117,32 +91,16 @@ class TokenDynamics(Accumulator):
                                              {"long_name": "κ of updates: mean cosine of patch updates to their mean"})
         return xr.Dataset(
             variables,
-            coords={
-                "image": dataset["image"].values,
-                "token_kind": list(self.groups),
-                "layer": layers,
-                "block": layers[1:],
-                "from_layer": ("block", layers[:-1]),
-            },
+            coords={"image": dataset["image"].values, "token_kind": list(self.groups), "layer": layers, "block": layers[1:],
+                    "from_layer": ("block", layers[:-1])},
             attrs={**provenance(dataset),
                    "analysis_detail": "token-specific dynamics on the unit sphere; speeds in degrees per block"},
         )
 
 
 def patch_coherence(vectors: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
-    """κ: mean cosine of each vector to the mean vector of its set.
-
-    Parameters
-    ----------
-    vectors : numpy.ndarray
-        (image, patch, feature): one set of vectors (patch states or patch updates) per image.
-    norms : numpy.ndarray, optional
-        (image, patch) their norms, when already known.
-
-    Returns
-    -------
-    numpy.ndarray
-        (image,) κ in [-1, 1]; 1 when all vectors point the same way (a zero vector counts 0).
+    """κ: mean cosine of each (image, patch, feature) vector to the mean vector of its image's set
+    (``norms`` (image, patch) when known); (image,) in [-1, 1], a zero vector counting 0.
     """
     norms = np.linalg.norm(vectors, axis=-1) if norms is None else norms
     mean = vectors.mean(axis=1)
@@ -154,17 +112,8 @@ def patch_coherence(vectors: np.ndarray, norms: np.ndarray | None = None) -> np.
 def speed_jump_ratio(speed: np.ndarray, blocks: np.ndarray, boundaries: Sequence[int]) -> float | None:
     """Mean |change of speed| across phase boundaries over the mean within phases.
 
-    Parameters
-    ----------
-    speed : (block,) mean speed per block.
-    blocks : (block,) block numbers (block b maps layer b-1 to layer b).
-    boundaries : layers after which a new phase begins.
-
-    Returns
-    -------
-    float or None
-        Above 1 when speed jumps at the boundaries ("near-stationary within a phase, reset at
-        boundaries"); None without boundaries or without a step inside a phase.
+    ``speed`` and ``blocks`` are (block,), block b mapping layer b-1 to b; ``boundaries`` the layers
+    after which a new phase begins. None without boundaries or without a step inside a phase.
     """
     change = np.abs(np.diff(speed))
     crosses = np.isin(blocks[:-1], list(boundaries))  # the step from block b to b+1 crosses b
@@ -187,12 +136,8 @@ def summarize(result: xr.Dataset) -> dict:
         cls_speed = speed.sel(token_kind="cls").values
         turn = int(cls_speed.argmax())
         late = len(blocks) // 2 + int(cls_speed[len(blocks) // 2 :].argmax())  # the paper's late reorientation
-        numbers.update(
-            cls_turn_block=int(blocks[turn]),
-            cls_turn_deg=rounded(cls_speed[turn]),
-            cls_late_turn_block=int(blocks[late]),
-            cls_late_turn_deg=rounded(cls_speed[late]),
-        )
+        numbers.update(cls_turn_block=int(blocks[turn]), cls_turn_deg=rounded(cls_speed[turn]),
+                       cls_late_turn_block=int(blocks[late]), cls_late_turn_deg=rounded(cls_speed[late]))
         if "patch" in kinds:
             numbers["cls_over_patch_speed_at_late_turn"] = rounded(cls_speed[late] / speed.sel(token_kind="patch").values[late])
     if "coherence" in result:

@@ -8,17 +8,6 @@ from figures.similarity import similarity_grid, similarity_heatmap
 from figures.swap import plot_layer_swap
 from figures.tokens import plot_angular_speed, plot_coherence
 
-__all__ = [
-    "plot_angular_speed",
-    "plot_class_structure",
-    "plot_cls_projection",
-    "plot_coherence",
-    "plot_convergence",
-    "plot_jacobian_spectrum",
-    "plot_layer_swap",
-    "plot_perturbation_recovery",
-    "plot_recovery_comparison",
-    "plot_update_rank",
-    "similarity_grid",
-    "similarity_heatmap",
-]
+__all__ = ["plot_angular_speed", "plot_class_structure", "plot_cls_projection", "plot_coherence", "plot_convergence",
+           "plot_jacobian_spectrum", "plot_layer_swap", "plot_perturbation_recovery", "plot_recovery_comparison",
+           "plot_update_rank", "similarity_grid", "similarity_heatmap"]

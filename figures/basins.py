@@ -68,9 +68,8 @@ def plot_class_structure(result: xr.Dataset, fig=None) -> plt.Figure:
 def plot_cls_projection(result: xr.Dataset, fig=None, per_class: int = 5, seed: int = 0) -> plt.Figure:
     """cls unit trajectories on their first two principal components, coloured by class.
 
-    Left: each class's mean path through depth (thick; circle: layer 0, large dot: last layer,
-    squares: the layers at the result's phase boundaries) over the paths of ``per_class`` of its
-    images (thin, drawn with ``seed``). Right: every image's last-layer position, the basins.
+    Left: each class's mean path (squares: the layers at phase boundaries) over ``per_class`` of its
+    images' paths; right: every image's last-layer position, the basins.
     """
     if "projection" not in result:
         raise ValueError("the result has no cls projection (the model has no cls token)")

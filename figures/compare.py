@@ -1,8 +1,4 @@
-"""Comparison figures: several profiled models side by side, depth normalised to [0, 1].
-
-Each model's partition is read from the study's ``phase`` coordinate (model, layer): one
-`dynamo.partition.assign_phases` coordinate per model, NaN past a shallower model's last layer.
-"""
+"""Comparison figures: several profiled models side by side, depth normalised to [0, 1], each with its own phases."""
 
 from __future__ import annotations
 
@@ -17,13 +13,7 @@ __all__ = ["plot_overlaid", "plot_similarity_grid"]
 
 
 def plot_similarity_grid(study: xr.Dataset) -> plt.Figure:
-    """Every model's layer dissimilarity (shown as similarity) with its phase boundaries, on one scale.
-
-    Parameters
-    ----------
-    study : xarray.Dataset
-        From `dynamo.pipeline.study.load_study` (``similarity`` (model, layer_i, layer_j)).
-    """
+    """Every model's layer dissimilarity (shown as similarity) with its phase boundaries, on one scale."""
     partitions = {str(model): from_result(_phase(study, model)) for model in study["model"].values}
     matrices = {}
     for model in study["model"].values:
@@ -34,18 +24,8 @@ def plot_similarity_grid(study: xr.Dataset) -> plt.Figure:
 
 
 def plot_overlaid(study: xr.Dataset, variable: str, selection: dict, ylabel: str) -> plt.Figure:
-    """One curve per model against normalised depth, with each model's phase boundaries dashed.
-
-    Parameters
-    ----------
-    study : xarray.Dataset
-        From `dynamo.pipeline.study.load_study`.
-    variable : str
-        A study variable with a ``layer`` or ``block`` dimension (after ``selection``).
-    selection : dict
-        Coordinates to select (e.g. ``{"token_kind": "cls"}``).
-    ylabel : str
-        Label of the y axis (what the curve measures, with units).
+    """One curve per model of ``variable`` (after ``selection``) against normalised depth, each model's
+    phase boundaries dashed.
     """
     data = study[variable].sel(selection)
     depth_dim = "layer" if "layer" in data.dims else "block"
@@ -70,7 +50,6 @@ def plot_overlaid(study: xr.Dataset, variable: str, selection: dict, ylabel: str
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return figure
-
 
 
 def _phase(study: xr.Dataset, model) -> xr.DataArray:

@@ -22,11 +22,7 @@ def concept_order(result: xr.Dataset) -> np.ndarray:
 
 
 def plot_concept_heatmap(result: xr.Dataset, ax=None) -> plt.Figure:
-    """Each living concept's mean activation per layer over its peak's (all tokens), ordered by peak layer.
-
-    The profile births and deaths are read from: alive where it reaches the result's
-    ``alive_fraction`` of the peak.
-    """
+    """Each living concept's mean activation per layer over its peak's (all tokens), ordered by peak layer."""
     figure, ax = axes(ax, figsize=(6.4, 6.0))
     order = concept_order(result)
     activation = result["mean_activation"].sel(token_kind="all").values[order]
@@ -126,13 +122,8 @@ def plot_concept_quality(result: xr.Dataset, fig=None) -> plt.Figure:
 def plot_concept_examples(result: xr.Dataset, images: Mapping[str, np.ndarray] | None = None, fig=None) -> plt.Figure:
     """The top images of each example concept, with the concept's activation over the patch grid.
 
-    Parameters
-    ----------
-    result : xarray.Dataset
-        An `analyses.concepts` result with examples (``top_map``).
-    images : mapping of str to numpy.ndarray, optional
-        ``image_id`` -> (H, W, 3) or (H, W) image in [0, 1], as the model saw it; without an
-        image the activation map is drawn alone.
+    ``images`` maps ``image_id`` to an (H, W, 3) or (H, W) image in [0, 1] as the model saw it;
+    without one the activation map is drawn alone.
     """
     n_examples, n_top = result.sizes["example"], result.sizes["rank"]
     if n_examples == 0:

@@ -1,7 +1,4 @@
-"""Figure of block Jacobian spectra (`analyses.jacobian`): singular values, expansion rates, composed maps.
-
-Phase boundaries are read from the result's ``phase`` coordinate; the title names the model.
-"""
+"""Figure of block Jacobian spectra (`analyses.jacobian`): singular values, expansion rates, composed maps."""
 
 from __future__ import annotations
 
@@ -15,16 +12,7 @@ __all__ = ["plot_jacobian_spectrum"]
 
 
 def plot_jacobian_spectrum(result: xr.Dataset, fig: plt.Figure | None = None) -> plt.Figure:
-    """Top singular values of each block's Jacobian, expansion rates, and (if computed) the
-    composed map to the last layer, against depth.
-
-    Parameters
-    ----------
-    result : xarray.Dataset
-        From `analyses.jacobian.compute`.
-    fig : matplotlib Figure, optional
-        Drawn into (two panels, three with composed maps); a new one by default.
-    """
+    """Top singular values of each block's Jacobian, expansion rates, and any composed map to the last layer, against depth."""
     composed = "singular_value_to_end" in result
     figure = plt.figure(figsize=(15 if composed else 10.5, 4.2)) if fig is None else fig
     axes = figure.subplots(1, 3 if composed else 2)

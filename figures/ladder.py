@@ -34,13 +34,8 @@ def _label(name: str, ceiling: str | None) -> str:
 def plot_ladder(result: xr.Dataset, fig=None) -> plt.Figure:
     """Final-layer R², accuracy ratio and ε against k, one line per surrogate.
 
-    Parameters
-    ----------
-    result : xarray.Dataset
-        From `dynamo.pipeline.ladder.ladder`: ``r2_final``, ``accuracy_ratio``, ``epsilon_max``
-        (and ``_low``/``_high``), ``epsilon_mean`` over (surrogate, k); attr ``ceiling`` names the
-        k-independent rung, drawn dashed without markers.
-    fig : matplotlib Figure, optional
+    ``result`` is a `dynamo.pipeline.ladder.ladder` result; its attr ``ceiling`` names the
+    k-independent rung, drawn dashed without markers.
     """
     figure = fig or plt.figure(figsize=(12.0, 3.8), constrained_layout=True)
     axes = figure.subplots(1, 3)
@@ -94,15 +89,7 @@ def _clipped(ax, x, y, style: dict, lower: float | None = None, upper: float | N
 
 
 def plot_ladder_layers(result: xr.Dataset, fig=None) -> plt.Figure:
-    """R² of each surrogate's rollout at every layer (all tokens), one panel per k, phase boundaries marked.
-
-    Parameters
-    ----------
-    result : xarray.Dataset
-        From `dynamo.pipeline.ladder.ladder`: ``r2`` (surrogate, k, layer, token_kind) and the
-        ``phase`` coordinate (k, layer) of each k's partition.
-    fig : matplotlib Figure, optional
-    """
+    """R² of each surrogate's rollout at every layer (all tokens), one panel per k, phase boundaries marked."""
     ks = result["k"].values
     figure = fig or plt.figure(figsize=(3.4 * len(ks) + 0.6, 3.6), constrained_layout=True)
     axes = np.atleast_1d(figure.subplots(1, len(ks), sharey=True))
@@ -124,17 +111,7 @@ def plot_ladder_layers(result: xr.Dataset, fig=None) -> plt.Figure:
 
 
 def plot_loop_count(result: xr.Dataset, surrogate: str = "raptor", fig=None) -> plt.Figure:
-    """Final-layer R² and accuracy ratio of one rung run at other loop counts, one line per k.
-
-    Parameters
-    ----------
-    result : xarray.Dataset
-        From `dynamo.pipeline.ladder.ladder`: ``loop_r2_final``, ``loop_accuracy_ratio``
-        (surrogate, k, scale).
-    surrogate : str
-        Which rung.
-    fig : matplotlib Figure, optional
-    """
+    """Final-layer R² and accuracy ratio of one rung run at other loop counts, one line per k."""
     figure = fig or plt.figure(figsize=(9.0, 3.6), constrained_layout=True)
     axes = figure.subplots(1, 2)
     rung = result.sel(surrogate=surrogate)

@@ -1,5 +1,4 @@
-"""Phases under several lenses side by side: each layer matrix with its segmentations, the knee
-lens's angular path, and the agreement of every pair of segmentations (`analyses.lenses`)."""
+"""Phases under several lenses side by side (`analyses.lenses`): matrices with their segmentations, the knee path, agreement."""
 
 from __future__ import annotations
 
@@ -17,21 +16,9 @@ MATRIX_TITLES = {"cosine": "cosine similarity", "cka": "linear CKA", "jacobian":
 
 
 def lens_panels(result: xr.Dataset, fig: plt.Figure | None = None) -> plt.Figure:
-    """One row: each lens's matrix (as a similarity, 1 − D; the colour scale spans its
-    off-diagonal values, so a matrix near 1 only on the diagonal still shows its structure) with
-    its max-cut and contiguous boundaries, the knee lens's angular change and cumulative path with its boundaries, and the
-    agreement matrix (boundary F1 above the diagonal, adjusted Rand index below).
-
-    Parameters
-    ----------
-    result : xarray.Dataset
-        From `analyses.lenses.lens_agreement`.
-    fig : matplotlib Figure, optional
-        Drawn into (cleared first); a new one if not given.
-
-    Returns
-    -------
-    matplotlib Figure
+    """One row: each lens's matrix as a similarity (colours span its off-diagonal values) with its
+    max-cut and contiguous boundaries, the knee lens's angular change and path, and the agreement
+    matrix (boundary F1 above the diagonal, adjusted Rand index below); ``fig`` is cleared first.
     """
     lenses = [lens for lens in result.attrs.get("lenses", []) if f"{lens}_dissimilarity" in result]
     knee = "angular_change" in result
@@ -43,9 +30,8 @@ def lens_panels(result: xr.Dataset, fig: plt.Figure | None = None) -> plt.Figure
     partitions = _partitions(result)
     for ax, lens in zip(axes, lenses):
         dissimilarity = result[f"{lens}_dissimilarity"]
-        similarity = (1.0 - dissimilarity).assign_attrs(
-            {**dissimilarity.attrs, "orientation": "similarity", "description": MATRIX_TITLES[lens]}
-        )
+        similarity = (1.0 - dissimilarity).assign_attrs({**dissimilarity.attrs, "orientation": "similarity",
+                                                         "description": MATRIX_TITLES[lens]})
         named = {method: partitions[f"{lens}/{method}"] for method in ("maxcut", "contiguous")}
         off_diagonal = similarity.values[~np.eye(similarity.shape[0], dtype=bool)]
         similarity_heatmap(similarity, named, ax=ax, as_similarity=False, annotate=False,

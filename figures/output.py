@@ -10,30 +10,11 @@ import matplotlib.pyplot as plt
 __all__ = ["save_figures"]
 
 
-def save_figures(
-    figures: Mapping[str, plt.Figure],
-    folder: str | Path,
-    prefix: str = "",
-    formats: Sequence[str] = ("png",),
-    dpi: int = 130,
-) -> dict[str, Path]:
-    """Write each figure to ``folder/<prefix><name>.<format>`` and close it.
+def save_figures(figures: Mapping[str, plt.Figure], folder: str | Path, prefix: str = "", formats: Sequence[str] = ("png",),
+                 dpi: int = 130) -> dict[str, Path]:
+    """Write each figure to ``folder/<prefix><name>.<format>`` (``dpi`` for raster formats) and close it.
 
-    Parameters
-    ----------
-    figures : mapping of str to matplotlib Figure
-    folder : str or Path
-        Existing output folder.
-    prefix : str
-        Prepended to every file name.
-    formats : sequence of str
-        File formats, e.g. ``("png", "svg")``; raster ones use ``dpi``.
-    dpi : int
-
-    Returns
-    -------
-    dict of str to Path
-        The file of the first format, by figure name.
+    Returns the file of the first format by figure name.
     """
     written = {}
     for name, figure in figures.items():

@@ -1,7 +1,4 @@
-"""Figures of perturbation recovery (`analyses.perturbation`): gaps after injection, and recovery ratios.
-
-Phase boundaries are read from the result's ``phase`` coordinate; titles name the model.
-"""
+"""Figures of perturbation recovery (`analyses.perturbation`): gaps after injection, and recovery ratios."""
 
 from __future__ import annotations
 
@@ -23,27 +20,12 @@ def _default_kind(result: xr.Dataset) -> str:
     return "cls" if "cls" in kinds else kinds[0]
 
 
-def plot_perturbation_recovery(
-    result: xr.Dataset,
-    fig: plt.Figure | None = None,
-    token_kind: str | None = None,
-    alpha: float | None = None,
-    basis: str = "random",
-) -> plt.Figure:
+def plot_perturbation_recovery(result: xr.Dataset, fig: plt.Figure | None = None, token_kind: str | None = None,
+                               alpha: float | None = None, basis: str = "random") -> plt.Figure:
     """Relative gap and angle after injection at every l0, and the recovery ratio against l0.
 
-    Parameters
-    ----------
-    result : xarray.Dataset
-        From `analyses.perturbation.compute`.
-    fig : matplotlib Figure, optional
-        Drawn into (three panels); a new one by default.
-    token_kind : str, optional
-        Whose gaps to draw (default cls where there is one).
-    alpha : float, optional
-        Perturbation size of the two trajectory panels (default the largest).
-    basis : {"random", "principal"}
-        Direction family of the two trajectory panels; the recovery panel shows every basis.
+    ``token_kind`` defaults to cls where there is one, ``alpha`` to the largest; ``alpha`` and
+    ``basis`` choose the two trajectory panels, the recovery panel shows every basis.
     """
     kind = token_kind or _default_kind(result)
     alpha = float(result["alpha"].max()) if alpha is None else alpha
@@ -72,34 +54,21 @@ def plot_perturbation_recovery(
             recovery.plot(starts, median.sel(alpha=a).values, BASIS_STYLES.get(str(b), ":"), color=shade, marker="o",
                           markersize=3, label=f"{b}, alpha={a:g}")
     recovery.axhline(1, color="k", linewidth=0.8, alpha=0.6, label="no recovery (ratio 1)")
-    recovery.set(yscale="log", xlabel="injection layer l0",
-                 ylabel="recovery ratio: gap at L / alpha (median)")
+    recovery.set(yscale="log", xlabel="injection layer l0", ylabel="recovery ratio: gap at L / alpha (median)")
     recovery.set_title(f"{kind} tokens: below 1 the trajectory bends back", fontsize=9)
     recovery.legend(fontsize=6, ncol=2, loc="best")
     for ax in (gaps, angles, recovery):
         mark_phases(ax, result)
         ax.grid(alpha=0.3, which="both")
-    figure.suptitle(title(result, f"perturbation recovery (through {result.attrs.get('propagator', '?')})"),
-                    fontsize=11)
+    figure.suptitle(title(result, f"perturbation recovery (through {result.attrs.get('propagator', '?')})"), fontsize=11)
     figure.tight_layout()
     return figure
 
 
-def plot_recovery_comparison(
-    results: Mapping[str, xr.Dataset],
-    fig: plt.Figure | None = None,
-    token_kind: str | None = None,
-    basis: str = "random",
-) -> plt.Figure:
-    """Recovery ratio against l0 for several propagators of the same store (a ViT and its Raptor).
-
-    Parameters
-    ----------
-    results : mapping of label to Dataset
-        `perturbation_recovery` results with the same starts and alphas, e.g.
-        ``{"ViT": live, "Raptor k=2": surrogate}``; the first one's phases are marked.
-    fig : matplotlib Figure, optional
-        Drawn into (one panel per alpha > 0); a new one by default.
+def plot_recovery_comparison(results: Mapping[str, xr.Dataset], fig: plt.Figure | None = None, token_kind: str | None = None,
+                             basis: str = "random") -> plt.Figure:
+    """Recovery ratio against l0 for several propagators of the same store, e.g. ``{"ViT": live,
+    "Raptor k=2": surrogate}``; the first one's phases are marked.
     """
     first = next(iter(results.values()))
     kind = token_kind or _default_kind(first)

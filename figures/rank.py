@@ -17,10 +17,7 @@ MEASURE_LABELS = {
 
 
 def plot_update_rank(result: xr.Dataset, fig=None, level: float = 0.95) -> plt.Figure:
-    """Rank measures of the updates per block: one row per space (raw, sphere), one column per measure.
-
-    Error bars are percentile bootstrap intervals over images at ``level``.
-    """
+    """Rank measures of the updates per block, one row per space, one column per measure, with bootstrap intervals at ``level``."""
     spaces, measures = result["space"].values, result["measure"].values
     figure = fig or plt.figure(figsize=(4 * len(measures), 3.4 * len(spaces)), layout="constrained")
     grid = figure.subplots(len(spaces), len(measures), squeeze=False)

@@ -11,16 +11,7 @@ __all__ = ["plot_r2_per_layer"]
 
 
 def plot_r2_per_layer(result: xr.Dataset, ax=None) -> plt.Figure:
-    """R² of the surrogate's rollout against the teacher at every layer, one line per token kind.
-
-    Parameters
-    ----------
-    result : xarray.Dataset
-        From `RaptorFitter.evaluate` (``r2`` (layer, token_kind)); the fit's phase boundaries
-        are read from its ``phase`` coordinate.
-    ax : matplotlib Axes, optional
-        Where to draw (default: a new figure).
-    """
+    """R² of a surrogate's rollout (``r2`` (layer, token_kind)) against the teacher at every layer, one line per token kind."""
     figure, ax = axes(ax)
     for kind in result["token_kind"].values.tolist():
         curve = result["r2"].sel(token_kind=kind)

@@ -1,9 +1,4 @@
-"""What every figure shares: token-kind colours, titles that name the model, phase boundaries.
-
-Plot functions take a result Dataset and read its phase boundaries from the result itself (the
-``phase`` coordinate that `dynamo.partition.assign_phases` adds), so a figure is never told them
-separately.
-"""
+"""What every figure shares: token-kind colours, titles that name the model, phase boundaries read from the result."""
 
 from __future__ import annotations
 
@@ -18,16 +13,9 @@ KIND_COLOURS = {"all": "0.2", "cls": "tab:red", "dist": "tab:purple", "register"
 
 
 def mark_boundaries(ax, boundaries: Sequence[int] | None, axis: str = "layer") -> None:
-    """Draw phase boundaries as dotted vertical lines.
+    """Draw phase boundaries (blocks after which a new phase begins) as dotted vertical lines.
 
-    Parameters
-    ----------
-    ax : matplotlib Axes
-    boundaries : sequence of int or None
-        Blocks after which a new phase begins (None or empty: nothing drawn).
-    axis : {"layer", "block"}
-        What the x axis counts: a boundary after block b sits at x = b on a layer axis and at
-        x = b + 0.5 on a block axis (block b maps layer b-1 to layer b).
+    On a ``"block"`` axis (block b maps layer b-1 to b) a boundary after block b sits at b + 0.5.
     """
     for i, boundary in enumerate(boundaries or []):
         ax.axvline(boundary + (0.5 if axis == "block" else 0.0), color="0.35", linestyle=":", linewidth=1.2,

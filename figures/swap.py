@@ -1,7 +1,4 @@
-"""Figure of the causal layer swap (`analyses.swap`): every swap's score, and within- vs across-phase swaps.
-
-Phase boundaries are read from the result's ``phase`` coordinate; the title names the model.
-"""
+"""Figure of the causal layer swap (`analyses.swap`): every swap's score, and within- vs across-phase swaps."""
 
 from __future__ import annotations
 
@@ -16,15 +13,7 @@ __all__ = ["plot_layer_swap"]
 
 
 def plot_layer_swap(result: xr.Dataset, fig: plt.Figure | None = None) -> plt.Figure:
-    """Accuracy (or agreement) and last-layer R² for every swap, and within- vs across-phase swaps.
-
-    Parameters
-    ----------
-    result : xarray.Dataset
-        From `analyses.swap.compute`.
-    fig : matplotlib Figure, optional
-        Drawn into (three panels); a new one by default.
-    """
+    """Accuracy (or agreement) and last-layer R² for every swap, and within- vs across-phase swaps."""
     measure = next((name for name in ("accuracy", "agreement") if name in result), None)
     if measure is None:  # a model without a head: last-layer R² is the only score
         measure = "last-layer R²"
