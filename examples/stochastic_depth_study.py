@@ -27,7 +27,7 @@ Per model:
    re-run with the same settings; stage-1 blocks are shared between fits of the same layer range;
 4. one xarray Dataset with a ``model`` dimension (``OUT/study.zarr``), the numbers, Spearman
    correlations over independent runs (exact permutation p for small n, `analyses.statistics`),
-   and a verdict on each of the paper's claims, Holm-corrected together (``OUT/study.json``, `claims`), and one figure per claim (``OUT/*.png``, `figures.study`).
+   and a verdict on each of the paper's claims, Holm-corrected together (``OUT/study.json``, `claims`), and one figure per claim (``OUT/*.png``, `study_figures`).
 
 Usage::
 
@@ -475,7 +475,8 @@ def draw_figures(study: xr.Dataset, out: Path) -> dict:
 
     matplotlib.use("Agg")
 
-    from figures import study as study_figures
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's figures sit next to this script
+    import study_figures
     from figures.output import save_figures
 
     trained = _by_model(study, ("family", "untrained"))
