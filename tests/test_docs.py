@@ -91,7 +91,7 @@ def sessions(tmp_path_factory):
 
 
 @pytest.mark.parametrize("block", ALL, ids=[f"{b.page.relative_to(ROOT)}:{b.line}" for b in ALL])
-def test_documented_block_runs_as_written(block, sessions):
+def test_documented_block_runs_as_written(block, sessions, one_thread):
     if block.skip:
         pytest.skip(f"{block.page.relative_to(ROOT)}:{block.line}: {block.skip}")
     folder, namespace = sessions(block.page)
