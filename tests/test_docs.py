@@ -117,3 +117,13 @@ def test_a_broken_command_in_a_page_fails(tmp_path):
         run_block(found[1], tmp_path, {})
     with pytest.raises(AttributeError, match="no_such_function"):
         run_block(found[2], tmp_path, {})
+
+
+def test_the_layout_page_names_every_module():
+    """docs/layout.md matches the tree: every module of the three packages is named there."""
+    text = (ROOT / "docs" / "layout.md").read_text()
+    modules = sorted(str(p.relative_to(ROOT)) for package in ("dynamo", "analyses", "figures")
+                     for p in (ROOT / package).rglob("*.py"))
+    named = {m for m in modules if m in text or (m.endswith(("/__init__.py",)) and f"{Path(m).parent}/" in text)
+             or (Path(m).name in text and f"{Path(m).parent}/" in text)}
+    assert sorted(set(modules) - named) == []
