@@ -22,6 +22,7 @@ import xarray as xr
 from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
+from analyses.phase_null import gradient_null, relative_contrast
 from analyses.segmentation import as_matrix, choose_k, contiguous_partition, maxcut_is_exact, maxcut_partition
 from analyses.similarity import PER_IMAGE_MEASURES, layer_similarity
 from analyses.streaming import rounded
@@ -32,11 +33,14 @@ DESCRIPTION = (
     "the partition's phase-structure scores, and its bootstrap stability over images."
 )
 METHODS = ("maxcut", "contiguous")
+GRADIENT_NULL_KEYS = ("score", "score_real", "score_null", "null_partition", "effect", "low", "high", "confidence",
+                      "p_value", "n_permutations", "n_bootstrap", "exceeds", "conclusion")
 
 __all__ = [
     "METHODS",
     "boundaries",
     "boundary_stability",
+    "gradient_null",
     "choose_k",
     "compute",
     "contiguous_partition",
@@ -112,14 +116,18 @@ def compute(
     tokens: str = "cls+patch_mean",
     layers=None,
     n_bootstrap: int = 200,
+    null_permutations: int = 99,
+    null_bootstrap: int = 99,
     seed: int = 0,
     progress: bool = True,
 ) -> xr.Dataset:
-    """Everything about a store's phases in one result: matrix, partition, scores, stability.
+    """Everything about a store's phases in one result: matrix, partition, scores, stability, gradient null.
 
     Parameters are those of `find_phases`, plus ``n_bootstrap`` replicates over images for
-    `boundary_stability` (0 to skip; CKA has no per-image matrices, so it is skipped there too)
-    and its ``seed``.
+    `boundary_stability` (0 to skip; CKA has no per-image matrices, so it is skipped there too),
+    ``null_permutations`` and ``null_bootstrap`` for the smooth-gradient null
+    (`analyses.phase_null.gradient_null`; on by default, 0 permutations to skip; not for CKA) and
+    the ``seed`` of both.
 
     Returns
     -------
@@ -130,10 +138,16 @@ def compute(
         (after_layer), ``coassociation`` (layer_i, layer_j), the coordinate ``consensus_phase``
         (layer) and attr ``consensus_support``, as in `boundary_stability`. attrs: the settings;
         for max-cut, ``maxcut_exact`` (False when the layers exceed the exact limit and the cuts
-        came from a heuristic, `analyses.segmentation.maxcut_is_exact`).
+        came from a heuristic, `analyses.segmentation.maxcut_is_exact`). With the gradient null:
+        ``null_dissimilarity`` (layer_i, layer_j), its best partition as coordinate
+        ``null_phase``, ``null_permutation_effect`` (draw), ``null_bootstrap_effect``
+        (replicate) and attrs ``gradient_null_<name>`` for every attr of `gradient_null`
+        (``effect``, ``low``, ``high``, ``p_value``, ``exceeds``, ``conclusion``, ...); for CKA,
+        ``gradient_null_conclusion`` says why there is none.
     """
     bootstrap = n_bootstrap > 0 and measure in PER_IMAGE_MEASURES
-    if bootstrap:
+    null = null_permutations > 0 and measure in PER_IMAGE_MEASURES and ds.sizes["image"] > 1
+    if bootstrap or null:
         per_image = layer_similarity(ds, measure, tokens, layers, per_image=True, progress=progress)
         matrix = per_image.mean("image", keep_attrs=True)
     else:
@@ -145,6 +159,18 @@ def compute(
         coords={"layer": matrix["layer_i"].values, "score": list(scores)},
     )
     result = assign_phases(result, partition)
+    if null:
+        tested = gradient_null(per_image, lambda m, k_: partition_matrix(m, method, eps=eps, k=k if k_ is None else k_),
+                               n_permutations=null_permutations, n_bootstrap=null_bootstrap, seed=seed)
+        result = result.assign(null_dissimilarity=tested["null_dissimilarity"],
+                               null_permutation_effect=tested["permutation_effect"],
+                               null_bootstrap_effect=tested["bootstrap_effect"])
+        result = result.assign_coords(null_phase=("layer", tested["null_phase"].values,
+                                                  {"description": "best partition of the gradient null"}))
+        result.attrs.update({f"gradient_null_{name}": value for name, value in tested.attrs.items()})
+    elif null_permutations > 0:
+        result.attrs["gradient_null_conclusion"] = (f"no gradient null: {measure} has no per-image matrices to resample"
+                                                    if measure not in PER_IMAGE_MEASURES else "no gradient null: one image")
     if bootstrap:
         stability = boundary_stability(per_image, method, eps=eps, k=k, n_bootstrap=n_bootstrap, seed=seed, progress=progress)
         result = result.assign(boundary_frequency=stability["boundary_frequency"], coassociation=stability["coassociation"])
@@ -180,7 +206,8 @@ def summarize(result: xr.Dataset) -> dict:
         layers); ``partition`` (list of phases), ``thresholds`` (None when the
         phases are not contiguous), ``boundaries``; every `phase_scores` score; with
         bootstrap, ``boundary_frequency`` (of each of ``boundaries``, in their order),
-        ``consensus`` (list of phases) and ``consensus_support``.
+        ``consensus`` (list of phases) and ``consensus_support``; with the gradient null,
+        ``gradient_null_<name>`` for each of `GRADIENT_NULL_KEYS` (``conclusion`` also without one).
     """
     attrs = result.attrs
     partition = from_result(result)
@@ -192,6 +219,10 @@ def summarize(result: xr.Dataset) -> dict:
         **{str(name): rounded(float(value)) for name, value in zip(result["score"].values, result["scores"].values)},
     }
     numbers["n_phases"] = len(partition)
+    for name in GRADIENT_NULL_KEYS:
+        if f"gradient_null_{name}" in attrs:
+            value = attrs[f"gradient_null_{name}"]
+            numbers[f"gradient_null_{name}"] = rounded(value) if isinstance(value, float) else value
     if "maxcut_exact" in attrs:
         numbers["maxcut_exact"] = bool(attrs["maxcut_exact"])
     if "consensus_phase" in result.coords:
@@ -221,6 +252,8 @@ def phase_scores(dissimilarity, partition) -> dict[str, float]:
       paper's "mean off-diagonal similarity" turned around);
     - ``contrast``: mean D between phases − mean D within phases (high = crisp phases; NaN when
       there is one phase or no within-phase pair);
+    - ``relative_contrast``: contrast / mean_dissimilarity, the scale-free contrast (the primary
+      score of `analyses.phase_null`);
     - ``cut_fraction``: Σ D between phases / Σ D, the max-cut objective normalised (in [0, 1]);
     - ``normalized_cut``: the mean over phases of cut(P, rest) / vol(P) on the affinity
       A = 1 − D / max D (Shi & Malik's k-way normalised cut divided by k; in [0, 1], low =
@@ -258,6 +291,7 @@ def phase_scores(dissimilarity, partition) -> dict[str, float]:
         "n_phases": int(k),
         "mean_dissimilarity": float(weights[upper].mean()),
         "contrast": float(between.mean() - within.mean()) if within.size and between.size else float("nan"),
+        "relative_contrast": relative_contrast(dissimilarity, partition),
         "cut_fraction": float(between.sum() / total) if total > 0 else float("nan"),
         "normalized_cut": float(ncut) if k > 1 else float("nan"),
         "silhouette": float(silhouette_score(np.maximum(distances, 0), phase, metric="precomputed"))

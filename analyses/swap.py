@@ -32,7 +32,7 @@ from dynamo.partition import Partition, assign_phases, from_result
 from dynamo.progress import progress_bar
 from dynamo.stepping import BlockStepper, propagator_for
 
-__all__ = ["DESCRIPTION", "compute", "phase_relation", "summarize"]
+__all__ = ["DESCRIPTION", "compute", "matched_drop", "phase_relation", "summarize"]
 
 DESCRIPTION = (
     "Causal layer swap: accuracy, agreement with the clean run and last-layer R² when block j runs in "
@@ -50,6 +50,7 @@ def compute(
     batch_size: int = 64,
     progress: bool = True,
     head: LinearHead | None = None,
+    max_distance: int | None = None,
 ) -> xr.Dataset:
     """Accuracy, agreement and last-layer R² when layers i..i+width-1 are produced by block j.
 
@@ -75,6 +76,9 @@ def compute(
     head : LinearHead, optional
         The head accuracy and agreement use instead of the model's own (`dynamo.heads`); a model
         without a classifier needs one, or they are left out (with ``accuracy_note``).
+    max_distance : int, optional
+        Run only the swaps with |i - j| <= max_distance (the others are NaN, relation "skipped");
+        default every pair.
 
     Returns
     -------
@@ -121,6 +125,9 @@ def compute(
             entries = [states_at(ds, int(target) - 1, b, like) for b in batches]
             replaced = range(int(target), int(target) + width)
             for si, source in enumerate(sources):
+                if max_distance is not None and abs(int(source) - int(target)) > max_distance:
+                    bar.update()
+                    continue
                 block_for = [int(source) if layer in replaced else layer for layer in range(1, L + 1)]
                 final = torch.cat([propagator.run(x, int(target) - 1, L, block_for=block_for)[-1] for x in entries])
                 if has_head:
@@ -134,7 +141,9 @@ def compute(
                 bar.update()
         bar.close()
 
-    relation = np.array([[phase_relation(partition, range(t, t + width), s) for s in sources] for t in targets])
+    relation = np.array([[phase_relation(partition, range(t, t + width), s)
+                          if max_distance is None or abs(int(s) - int(t)) <= max_distance else "skipped"
+                          for s in sources] for t in targets])
     result = xr.Dataset(
         {
             "r2": (
@@ -155,6 +164,7 @@ def compute(
         "width": width,
         "n_images": n,
         "reference": reference,
+        **({} if max_distance is None else {"max_distance": int(max_distance)}),
         **_head_attrs(propagator, has_labels, int(keep.sum())),
     }
     if has_labels:
@@ -178,6 +188,42 @@ def phase_relation(partition: Partition | Sequence[Sequence[int]], replaced: Seq
         return "clean"
     phases = Partition(partition).phase_of([*replaced, source])
     return "within" if (phases == phases[-1]).all() else "across"
+
+
+def matched_drop(result: xr.Dataset, partition: Partition | Sequence[Sequence[int]] | None = None, score: str = "accuracy") -> float:
+    """Across-minus-within drop of a score at matched distance: the mean over |i - j| of (mean within − mean across).
+
+    The score drops by clean − score, so this is mean across-phase drop − mean within-phase drop, each
+    taken at one distance |i - j| and averaged over the distances that have swaps of both kinds (far
+    swaps are more often across phases, so an unmatched mean would reward any partition).
+
+    Parameters
+    ----------
+    result : xarray.Dataset
+        A width-1 `compute` result.
+    partition : Partition or list of list of int, optional
+        Phases classifying the swaps (default the result's own); the swaps are not re-run.
+    score : str
+        ``"accuracy"`` or ``"agreement"``.
+
+    Returns
+    -------
+    float
+        NaN when no distance has both within- and across-phase swaps.
+    """
+    if int(result.attrs.get("width", 1)) != 1:
+        raise ValueError("matched_drop compares single-layer swaps (width 1)")
+    partition = Partition(from_result(result) if partition is None else partition)
+    values = np.asarray(result[score].values, dtype=float)
+    targets, sources = result["target"].values, result["block"].values
+    distance = np.abs(targets[:, None] - sources[None, :])
+    same = partition.phase_of(targets)[:, None] == partition.phase_of(sources)[None, :]
+    differences = []
+    for d in np.unique(distance[(distance > 0) & np.isfinite(values)]):
+        at = (distance == d) & np.isfinite(values)
+        if (at & same).any() and (at & ~same).any():
+            differences.append(values[at & same].mean() - values[at & ~same].mean())
+    return float(np.mean(differences)) if differences else float("nan")
 
 
 def summarize(result: xr.Dataset) -> dict:

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 import dynamo  # noqa: E402
 from analyses import phases as phasing  # noqa: E402
-from analyses.correlation import spearman  # noqa: E402
+from analyses.statistics import correlation as spearman  # noqa: E402
 from dynamo import zoo  # noqa: E402
 from dynamo.partition import Partition  # noqa: E402
 

@@ -26,8 +26,8 @@ Per model:
    (`dynamo.raptor.train.stopping_rule`, stated in ``study.json``), is saved, and is reused on a
    re-run with the same settings; stage-1 blocks are shared between fits of the same layer range;
 4. one xarray Dataset with a ``model`` dimension (``OUT/study.zarr``), the numbers, Spearman
-   correlations over models with bootstrap intervals, and a verdict on each of the paper's claims
-   (``OUT/study.json``, `claims`), and one figure per claim (``OUT/*.png``, `figures.study`).
+   correlations over independent runs (exact permutation p for small n, `analyses.statistics`),
+   and a verdict on each of the paper's claims, Holm-corrected together (``OUT/study.json``, `claims`), and one figure per claim (``OUT/*.png``, `figures.study`).
 
 Usage::
 
@@ -52,11 +52,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from scipy.stats import binomtest, combine_pvalues
 
 import dynamo
 from analyses import phases as phasing
-from analyses.correlation import spearman, verdict
+from analyses import statistics
 from dynamo import zoo
 from dynamo.layout import token_layout
 from dynamo.models import LoadedModel, data_config, weights_sha256
@@ -67,6 +66,7 @@ from dynamo.store import save_result
 from dynamo.zoo.train import build_model
 
 RANDOM_INIT = "random-init"
+RUN_UNIT = "training run"
 SERIES_EPOCHS = (5, 10, 20, 40)  # checkpoints of the over-training series studied, beside its final model
 FAMILIES = {
     "digits": [f"vit-digits-p{rate}" for rate in (0.0, 0.1, 0.2, 0.3, 0.5)] + [RANDOM_INIT],
@@ -233,32 +233,78 @@ def _by_model(study: xr.Dataset, roles: tuple[str, ...]) -> xr.Dataset:
     return study.sel(model=np.isin(study["role"].values, roles))
 
 
-def correlations(study: xr.Dataset) -> dict:
-    """Spearman ρ (`analyses.correlation.spearman`: bootstrap interval over models) of the study's pairs.
+def model_table(study: xr.Dataset) -> dict:
+    """One row per model of what the claims use, as arrays (see `table_from_numbers` for the same from ``study.json``).
 
-    Every correlation has one point per model (n = models, never model × k pairs): per k, and
-    ``"mean"`` for each model's mean over k. Keys: ``<score>_vs_r2`` (each partition score of the
-    Raptor partition against Raptor's final-layer R², over the family and series models),
-    ``p_vs_<y>`` (over the stochastic-depth family) and ``epoch_vs_<y>`` (over the series).
+    Keys: ``model``, ``role``, ``drop_rate``, ``epoch``, ``vit_accuracy``, ``phase_<score>`` (max-cut
+    phases at ``--eps``), ``partition_<score>`` (the Raptor partition, mean over k), ``r2`` and
+    ``accuracy_ratio`` (Raptor, mean over k), ``uniform_r2_gain`` (max-cut minus uniform R², mean over
+    the k where they differ; NaN where they never do). Scores include ``relative_contrast``
+    (contrast / mean dissimilarity, the scale-free primary score of `analyses.phase_null`).
     """
-    trained = _by_model(study, ("family", "series"))
-    family, series = _by_model(study, ("family",)), _by_model(study, ("series",))
+    gains = []
+    for label in study["model"].values.tolist():
+        row = study.sel(model=label)
+        differ = [k for k in study["k"].values.tolist() if from_result(row.sel(k=k, fit="fitted")) != from_result(row.sel(k=k, fit="uniform"))]
+        gains.append(float((row["baseline_r2_final"].sel(k=differ, fit="fitted") - row["baseline_r2_final"].sel(k=differ, fit="uniform")).mean())
+                     if differ else np.nan)
+    table = {"model": study["model"].values.astype(str), "role": study["role"].values.astype(str),
+             **{name: study[name].values.astype(float) for name in ("drop_rate", "epoch", "vit_accuracy")},
+             "r2": study["raptor_r2_final"].mean("k").values, "accuracy_ratio": study["raptor_accuracy_ratio"].mean("k").values,
+             "uniform_r2_gain": np.array(gains)}
+    for where in ("phase", "partition"):
+        for name in SCORES:
+            values = study[f"{where}_{name}"]
+            table[f"{where}_{name}"] = (values.mean("k") if "k" in values.dims else values).values
+        ratio = study[f"{where}_contrast"] / study[f"{where}_mean_dissimilarity"]
+        table[f"{where}_relative_contrast"] = (ratio.mean("k") if "k" in ratio.dims else ratio).values
+    return table
 
-    def per_k(models: xr.Dataset, x: xr.DataArray, y: xr.DataArray) -> dict:
-        result = {str(k): spearman(x.sel(k=k) if "k" in x.dims else x, y.sel(k=k)) for k in models["k"].values.tolist()}
-        result["mean"] = spearman(x.mean("k") if "k" in x.dims else x, y.mean("k"))
-        return result
 
-    result = {f"{name}_vs_r2": per_k(trained, trained[f"partition_{name}"], trained["raptor_r2_final"]) for name in SCORES}
-    for subset, x in (("p", "drop_rate"), ("epoch", "epoch")):
-        models = family if subset == "p" else series
-        if models.sizes["model"] < 3:
-            continue
-        result[f"{subset}_vs_r2"] = per_k(models, models[x], models["raptor_r2_final"])
-        result[f"{subset}_vs_accuracy_ratio"] = per_k(models, models[x], models["raptor_accuracy_ratio"])
-        result[f"{subset}_vs_contrast"] = spearman(models[x], models["phase_contrast"])
-        result[f"{subset}_vs_mean_dissimilarity"] = spearman(models[x], models["phase_mean_dissimilarity"])
-        result[f"{subset}_vs_vit_accuracy"] = spearman(models[x], models["vit_accuracy"])
+def table_from_numbers(numbers: dict) -> dict:
+    """`model_table` from a ``study.json`` (its ``models``), without the study's Dataset."""
+    models = numbers["models"]
+    rows = list(models.values())
+    nan = lambda value: np.nan if value is None else float(value)  # noqa: E731
+    table = {"model": np.array(list(models)), "role": np.array([row["role"] for row in rows]),
+             **{name: np.array([nan(row[name]) for row in rows]) for name in ("drop_rate", "epoch", "vit_accuracy")}}
+    fits = [list(row["raptor"].values()) for row in rows]
+    table["r2"] = np.array([np.mean([fit["r2_final"] for fit in per_k]) for per_k in fits])
+    table["accuracy_ratio"] = np.array([np.mean([fit["accuracy_ratio"] for fit in per_k]) for per_k in fits])
+    gains = []
+    for per_k in fits:
+        differ = [fit for fit in per_k if "uniform" in fit["baselines_r2_final"]]  # the fitted partition is never a baseline
+        gains.append(np.mean([fit["baselines_r2_final"]["fitted"] - fit["baselines_r2_final"]["uniform"] for fit in differ])
+                     if differ else np.nan)
+    table["uniform_r2_gain"] = np.array(gains)
+    for name in SCORES:
+        table[f"phase_{name}"] = np.array([row[f"phase_{name}"] for row in rows])
+        table[f"partition_{name}"] = np.array([np.mean([fit[name] for fit in per_k]) for per_k in fits])
+    table["phase_relative_contrast"] = table["phase_contrast"] / table["phase_mean_dissimilarity"]
+    table["partition_relative_contrast"] = np.array([np.mean([fit["contrast"] / fit["mean_dissimilarity"] for fit in per_k])
+                                                     for per_k in fits])
+    return table
+
+
+def correlations(table: dict) -> dict:
+    """The study's correlations (`analyses.statistics`): exact/Monte Carlo permutation p, Fisher-z intervals.
+
+    The unit is explicit: ``p_vs_<y>`` and ``<score>_vs_r2`` have one point per independent training
+    run of the stochastic-depth family (never model x k rows, never the series' checkpoints);
+    ``epoch_vs_<y>`` is a within-run trend over the checkpoints of the ONE over-training run;
+    ``<score>_vs_r2_given_accuracy`` partials out the ViT's accuracy (a known confound: p moves both).
+    Scores and R² are each model's mean over k.
+    """
+    family, series = table["role"] == "family", table["role"] == "series"
+    result = {}
+    for y in ("r2", "accuracy_ratio", "vit_accuracy", "phase_mean_dissimilarity", "phase_contrast", "phase_relative_contrast"):
+        result[f"p_vs_{y}"] = statistics.correlation(table["drop_rate"][family], table[y][family])
+        if series.sum() >= 3:
+            result[f"epoch_vs_{y}"] = statistics.within_run_trend(table["epoch"][series], table[y][series])
+    for name in (*SCORES, "relative_contrast"):
+        x = table[f"partition_{name}"][family]
+        result[f"{name}_vs_r2"] = statistics.correlation(x, table["r2"][family])
+        result[f"{name}_vs_r2_given_accuracy"] = statistics.partial_correlation(x, table["r2"][family], table["vit_accuracy"][family])
     return result
 
 
@@ -303,79 +349,65 @@ def partition_test(study: xr.Dataset) -> dict:
     return result
 
 
-def claims(study: xr.Dataset, correlation: dict, test: dict) -> list[dict]:
-    """Each of the paper's small-scale claims with its number and a verdict (`analyses.correlation.verdict`)."""
+def claims(table: dict, correlation: dict, test: dict | None = None, *, correction: str = "holm") -> list[dict]:
+    """Each of the paper's small-scale claims with its test, unit, corrected p and verdict (`analyses.statistics.judge`).
+
+    All claims of the study are corrected together (Holm by default). A claim whose premise fails
+    (``precondition`` False, with ``precondition_note``) is undecided whatever its p.
+    """
+    family, series = table["role"] == "family", table["role"] == "series"
     found = []
 
-    def add(claim: str, key: str, sign: int, which: str = "mean"):
-        if key in correlation:
-            entry = correlation[key][which] if which in correlation[key] else correlation[key]
-            found.append({"claim": claim, "measure": f"{key} ({which})" if which in correlation[key] else key,
-                          **entry, "verdict": verdict(entry, sign)})
+    def add(claim: str, key: str, sign: int, **extra):
+        entry = correlation[key]
+        found.append({"claim": claim, "measure": key, **entry, "sign": sign, **extra})
 
-    add("higher stochastic depth p gives more similar layers (mean layer dissimilarity)", "p_vs_mean_dissimilarity", -1)
-    add("higher stochastic depth p gives clearer blocks (max-cut contrast)", "p_vs_contrast", +1)
+    add("higher stochastic depth p gives more similar layers (mean layer dissimilarity)", "p_vs_phase_mean_dissimilarity", -1)
+    add("higher stochastic depth p gives clearer blocks (relative contrast of the max-cut phases)", "p_vs_phase_relative_contrast", +1)
     add("higher p gives higher Raptor R²", "p_vs_r2", +1)
     add("higher p gives higher Raptor accuracy (ratio to the ViT)", "p_vs_accuracy_ratio", +1)
     add("higher p gives higher ViT accuracy", "p_vs_vit_accuracy", +1)
-    series = _by_model(study, ("series",)).sortby("epoch")
-    still_learning = series.sizes["model"] > 0 and float(series["vit_accuracy"][-1]) >= float(series["vit_accuracy"].max())
-    for claim, key in (("over-training degrades block structure (contrast)", "epoch_vs_contrast"),
-                       ("over-training degrades Raptor's fit (R²)", "epoch_vs_r2")):
-        add(claim, key, -1)
-        if still_learning and found and found[-1]["measure"].startswith(key):
-            found[-1]["verdict"] = (f"undecided (the correlation alone says {found[-1]['verdict']}, but the series never "
-                                    "over-trains: its test accuracy is highest at the last checkpoint, so epoch measures training)")
-    add("block structure predicts Raptor's fit (contrast of the Raptor partition vs R²)", "contrast_vs_r2", +1)
-    roles = study["role"].values
-    if "untrained" in roles and "series" in roles:
-        series = _by_model(study, ("series",))
-        last = series.isel(model=int(np.argmax(series["epoch"].values)))
-        untrained = _by_model(study, ("untrained",)).isel(model=0)
-        difference = float(untrained["raptor_r2_final"].mean("k") - last["raptor_r2_final"].mean("k"))
+    order = np.argsort(table["epoch"][series])
+    accuracy = table["vit_accuracy"][series][order]
+    over_trained = bool(accuracy.size and accuracy[-1] < accuracy.max())
+    premise = {"precondition": over_trained, "precondition_note": "" if over_trained else
+               "the series never over-trains: its test accuracy is highest at the last checkpoint, so epoch measures training"}
+    if "epoch_vs_phase_relative_contrast" in correlation:
+        add("over-training degrades block structure (relative contrast, within the one run)", "epoch_vs_phase_relative_contrast", -1, **premise)
+        add("over-training degrades Raptor's fit (R², within the one run)", "epoch_vs_r2", -1, **premise)
+    add("block structure predicts Raptor's fit (relative contrast of the Raptor partition vs R², ViT accuracy partialled out)",
+        "relative_contrast_vs_r2_given_accuracy", +1,
+        without_partialling=correlation["relative_contrast_vs_r2"]["rho"], cut_fraction_rho=correlation["cut_fraction_vs_r2"]["rho"])
+    untrained = table["role"] == "untrained"
+    if untrained.any() and series.any():
+        last = np.flatnonzero(series)[np.argmax(table["epoch"][series])]
         found.append({"claim": "an untrained ViT is easier to reconstruct than an over-trained one",
-                      "measure": f"Raptor R² (mean over k) of the untrained model minus that of {str(last['model'].values)}",
-                      "difference": difference, "n": 1,
-                      "verdict": ("reproduced" if difference > 0 else "refuted") + " (one pair of models, no interval)"})
-    trained = _by_model(study, ("family", "series"))
-    gains = {}  # per model: mean over the k where max-cut differs from uniform of (accuracy ratio gain, R² gain)
-    for label in trained["model"].values.tolist():
-        row = trained.sel(model=label)
-        differ = [k for k in study["k"].values.tolist()
-                  if from_result(row.sel(k=k, fit="fitted")) != from_result(row.sel(k=k, fit="uniform"))]
-        if differ:
-            difference = row.sel(k=differ, fit="fitted") - row.sel(k=differ, fit="uniform")
-            gains[label] = (float(difference["baseline_accuracy_ratio"].mean()), float(difference["baseline_r2_final"].mean()))
-    if gains:
-        accuracy, r2 = np.array(list(gains.values())).T
-        found.append({"claim": "max-cut partitions beat the uniform split (every trained model)",
-                      "measure": "models whose max-cut fits beat the uniform split's in accuracy ratio, mean over the k where the "
-                                 "partitions differ (sign test over models)",
-                      "wins": int((accuracy > 0).sum()), "ties": int((accuracy == 0).sum()), "n": len(gains),
-                      "mean_accuracy_ratio_gain": float(accuracy.mean()), "mean_r2_gain": float(r2.mean()),
-                      "r2_wins": int((r2 > 0).sum()), "verdict": _sign_test(int((accuracy > 0).sum()), int((accuracy != 0).sum()))})
-    for kind, entry in test.items():
+                      "measure": f"Raptor R² (mean over k): untrained minus {table['model'][last]}",
+                      "difference": float(table["r2"][untrained][0] - table["r2"][last]), "n": 1, "unit": "one pair of models",
+                      "test": "none: one pair has no test", "p_value": np.nan, "effect_key": "difference", "sign": +1, **premise})
+    gains = table["uniform_r2_gain"][family]
+    gains = gains[np.isfinite(gains)]
+    found.append({"claim": "max-cut partitions beat the uniform split", "measure": "family runs whose max-cut Raptor R² beats the "
+                  "uniform split's (mean over the k where the partitions differ)", **statistics.sign_test(int((gains > 0).sum()), int((gains != 0).sum())),
+                  "unit": RUN_UNIT, "sign": +1, "precondition": False,
+                  "precondition_note": "a fixed step budget per segment penalises unbalanced phases, and the phases were found on the "
+                                       "scored images: needs the fair partition test (refits)"})
+    for kind, entry in (test or {}).items():
         rows = [row for k_rows in entry.values() for row in k_rows if row["number"] == "accuracy_ratio"]
-        better = combine_pvalues([row["p_better"] for row in rows], method="fisher").pvalue
-        worse = combine_pvalues([row["p_worse"] for row in rows], method="fisher").pvalue
-        label = "reproduced" if better < 0.05 else "refuted" if worse < 0.05 else "undecided"
-        found.append({"claim": f"max-cut partitions beat random {'contiguous' if kind == 'random' else kind} ones "
-                               "(accuracy, the paper's Fig. 3)",
-                      "measure": f"(model, k) cases where max-cut's accuracy ratio exceeds the mean (mean + 1 sd) of the {kind} "
-                                 "partitions; Fisher's combination of the per-case permutation p-values",
-                      "wins": sum(row["beats_mean"] for row in rows), "wins_by_more_than_1sd": sum(row["beats_mean_plus_sd"] for row in rows),
-                      "cases": len(rows), "models": len({row["model"] for row in rows}),
-                      "p_better": float(better), "p_worse": float(worse), "verdict": label})
-    return found
+        found.append({"claim": f"max-cut partitions beat random {'contiguous' if kind == 'random' else kind} ones (the paper's Fig. 3)",
+                      "measure": f"(model, k) cases where max-cut's accuracy ratio beats the {kind} partitions' mean",
+                      "wins": sum(row["beats_mean"] for row in rows), "n": len(rows), "unit": "(model, k) case",
+                      "test": "Fisher's combination of per-case rank p-values", "p_value": np.nan, "effect": np.nan, "sign": +1,
+                      "precondition": False, "precondition_note": "the random draws repeat within and across models, so the cases "
+                      "are not independent and Fisher's combination does not apply: needs the fair partition test (refits)"})
+    return _judged(found, correction)
 
 
-def _sign_test(wins: int, cases: int) -> str:
-    """Reproduced / refuted when a two-sided binomial sign test rejects 1/2 at 5%, else undecided (with its p)."""
-    if cases == 0:
-        return "undecided (no cases)"
-    p_value = binomtest(wins, cases).pvalue
-    label = "undecided" if p_value >= 0.05 else ("reproduced" if wins > cases / 2 else "refuted")
-    return f"{label} (sign test p = {p_value:.3g})"
+def _judged(found: list[dict], correction: str) -> list[dict]:
+    """`analyses.statistics.judge` with each claim's effect under its own key (``rho`` unless ``effect_key``)."""
+    for claim in found:
+        claim.setdefault("effect_key", "rho" if "rho" in claim else "effect")
+    return statistics.judge(found, method=correction)
 
 
 def run_study(args) -> tuple[xr.Dataset, dict]:
@@ -391,7 +423,8 @@ def run_study(args) -> tuple[xr.Dataset, dict]:
     parts = [part for part, _ in results]
     seconds = {label: took for label, (_, took) in zip(args.models, results)}
     study = xr.concat(parts, dim=xr.Variable("model", list(args.models)), coords="all", join="outer")
-    correlation, test = correlations(study), partition_test(study)
+    table = model_table(study)
+    correlation, test = correlations(table), partition_test(study)
     settings = {key: value for key, value in vars(args).items() if key not in ("quiet", "out")}
     rule = stopping_rule(RaptorFitter(steps=args.steps, validate_every=args.validate_every, patience=args.patience, tol=args.tol))
     study.attrs.update(analysis="stochastic_depth_study", correlations=json.dumps(correlation), settings=json.dumps(settings),
@@ -399,7 +432,7 @@ def run_study(args) -> tuple[xr.Dataset, dict]:
                        description="stochastic-depth study: phases and Raptor fits per model (examples/stochastic_depth_study.py)")
     save_result(study, out / "study.zarr")
     numbers = study_numbers(study, settings, seconds, time.perf_counter() - started)
-    numbers.update(stopping_rule=rule, correlations=correlation, partition_test=test, claims=claims(study, correlation, test))
+    numbers.update(stopping_rule=rule, correlations=correlation, partition_test=test, claims=claims(table, correlation, test))
     numbers["figures"] = draw_figures(study, out)
     (out / "study.json").write_text(json.dumps(numbers, indent=2))
     return study, numbers

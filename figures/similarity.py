@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -44,6 +45,7 @@ def similarity_heatmap(
     vmin: float | None = None,
     vmax: float | None = None,
     colorbar: bool = True,
+    note: str | None = None,
 ) -> plt.Figure:
     """Draw a layer × layer matrix with dashed lines at phase boundaries.
 
@@ -69,12 +71,17 @@ def similarity_heatmap(
         Colour limits (shared limits make a grid comparable).
     colorbar : bool
         Draw a colour bar.
+    note : str, optional
+        A line of text under the matrix; default, for a phase-analysis result, its gradient-null
+        conclusion (``gradient_null_conclusion``, `analyses.phase_null`), if any.
 
     Returns
     -------
     matplotlib Figure
     """
     partitions = from_result(dissimilarity) if partitions is None else partitions
+    if note is None and isinstance(dissimilarity, xr.Dataset):
+        note = dissimilarity.attrs.get("gradient_null_conclusion")
     matrix = dissimilarity["dissimilarity"] if isinstance(dissimilarity, xr.Dataset) else dissimilarity
     if matrix.dims != ("layer_i", "layer_j"):
         raise ValueError(f"expected a (layer_i, layer_j) matrix, got dims {matrix.dims}")
@@ -110,6 +117,9 @@ def similarity_heatmap(
     ax.set_title(title, fontsize=9)
     if colorbar:
         plt.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=description)
+    if note:
+        ax.annotate(textwrap.fill(note[0].upper() + note[1:] + ".", 95), (0.5, -0.2 if named else -0.12),
+                    xycoords="axes fraction", ha="center", va="top", fontsize=7)
     return ax.figure
 
 

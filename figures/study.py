@@ -55,11 +55,19 @@ def _untrained(study: xr.Dataset) -> list:
 
 
 def _correlation_text(study: xr.Dataset, key: str, which: str = "mean") -> str:
+    """ρ, its interval (or "interval undefined"), the permutation p with how it was computed, and n with its unit."""
     entry = json.loads(study.attrs.get("correlations", "{}")).get(key)
     if entry is None:
         return ""
     entry = entry.get(which, entry)
-    return f"Spearman ρ = {entry['rho']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}], p = {entry['p_value']:.2g}, n = {entry['n']} models"
+    if entry.get("rho") is None or not np.isfinite(entry["rho"]):
+        return f"ρ undefined (n = {entry.get('n', 0)})"
+    low, high = entry.get("low"), entry.get("high")
+    interval = f"[{low:.2f}, {high:.2f}]" if low is not None and np.isfinite(low) else "(interval undefined)"
+    how = "exact" if str(entry.get("p_method", "")).startswith("exact") else "perm."
+    unit = entry.get("unit", "models")
+    unit = "checkpoints of ONE run" if unit.startswith("checkpoint") else f"{unit}s"
+    return f"Spearman ρ = {entry['rho']:.2f} {interval}, {how} p = {entry['p_value']:.2g}, n = {entry['n']} {unit}"
 
 
 def _colors(study: xr.Dataset) -> dict:
@@ -172,13 +180,14 @@ def plot_score_vs_r2(study: xr.Dataset, score: str = "contrast", ax=None) -> plt
     lines = []
     roles = study["role"].values if "role" in study.coords else np.full(study.sizes["model"], "family")
     for index, k in enumerate(study["k"].values.tolist()):
-        for role, marker in (("family", "o"), ("series", "^"), ("untrained", "x")):
+        for role, marker in (("family", "o"), ("series", "^"), ("untrained", "x")):  # the correlation uses the family runs only
             mine = roles == role
             if mine.any():
                 ax.scatter(study[f"partition_{score}"].sel(k=k)[mine], study["raptor_r2_final"].sel(k=k)[mine], color=plt.cm.tab10(index),
                            marker=marker, s=30, label=f"k = {k}" + ("" if role == "family" else f" ({role})"))
-        lines.append(f"k = {k}: {_correlation_text(study, key, str(k))}")
-    lines.append(f"mean over k: {_correlation_text(study, key, 'mean')}")
+    lines.append(f"family runs, each model's mean over k: {_correlation_text(study, key)}")
+    if f"{key}_given_accuracy" in json.loads(study.attrs.get("correlations", "{}")):
+        lines.append(f"ViT accuracy partialled out: {_correlation_text(study, key + '_given_accuracy')}")
     ax.set_xlabel(f"phase-structure score: {score.replace('_', ' ')} of the Raptor partition")
     ax.set_ylabel("Raptor R² at the last layer (all tokens)")
     ax.grid(alpha=0.3)
@@ -239,7 +248,7 @@ def plot_overtraining(study: xr.Dataset) -> plt.Figure:
     twin.set(ylabel="accuracy", ylim=(0, 1.02))
     handles = [*left.get_legend_handles_labels()[0], *twin.get_legend_handles_labels()[0]]
     left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
-    left.set_title(f"Block structure over training\ncontrast vs epoch: {_correlation_text(study, 'epoch_vs_contrast')}", fontsize=9)
+    left.set_title(f"Block structure over training\ncontrast vs epoch: {_correlation_text(study, 'epoch_vs_phase_contrast')}", fontsize=9)
     for index, k in enumerate(study["k"].values.tolist()):
         right.plot(epochs, series["raptor_r2_final"].sel(k=k), "o-", color=plt.cm.tab10(index), label=f"Raptor k = {k}")
     right.plot(epochs, series["raptor_k1_r2_final"], "x-", color="0.4", label="Raptor k = 1")

@@ -86,3 +86,19 @@ def test_clear_errors(phase_store):
         swap.compute(ds, model, width=6, partition=PHASES, progress=False)
     with pytest.raises(ValueError, match="reordered"):
         swap.compute(ds, exact_raptor(tied_vit()), partition=PHASES, progress=False)
+
+
+def test_near_swaps_only_and_the_matched_drop(phase_store):
+    from analyses.swap import matched_drop
+
+    model, ds = phase_store
+    full = swap.compute(ds, model, partition=PHASES, progress=False)
+    near = swap.compute(ds, model, partition=PHASES, max_distance=1, progress=False)
+    distance = abs(near["target"] - near["block"])
+    assert (near["relation"].where(distance > 1) == "skipped").sum() == int((distance > 1).sum())
+    assert near["agreement"].where(distance > 1).isnull().all()
+    np.testing.assert_allclose(near["agreement"].where(distance <= 1), full["agreement"].where(distance <= 1))
+    # tied phases: a within-phase swap is the same run (agreement 1), so the matched drop is 1 - mean across agreement
+    at = (distance == 1) & (full["relation"] == "across")
+    assert matched_drop(near, score="agreement") == pytest.approx(1 - float(full["agreement"].where(at).mean()))
+    assert np.isnan(matched_drop(near, [[1, 2, 3, 4, 5]], score="agreement"))  # one phase: nothing across

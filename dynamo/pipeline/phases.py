@@ -45,7 +45,8 @@ def phases(
     progress : bool
     **settings
         `analyses.phases.phase_analysis`'s (``method``, ``eps``, ``k``, ``measure``, ``tokens``,
-        ``layers``, ``n_bootstrap``, ``seed``), its defaults (the paper's) where not given.
+        ``layers``, ``n_bootstrap``, ``null_permutations``, ``null_bootstrap``, ``seed``), its
+        defaults (the paper's, and the gradient null on) where not given.
 
     Returns
     -------
@@ -61,7 +62,7 @@ def phases(
         summary["out"] = str(save_result(result, out))
     if figure is not None:
         label = f"{summary['method']} phases, " + (f"k={summary['k']}" if summary.get("k") else f"f={summary['eps']}")
-        heatmap = similarity_heatmap(result["dissimilarity"], {label: from_result(result)})
+        heatmap = similarity_heatmap(result, {label: from_result(result)})
         figure = Path(figure)
         formats = figure_formats or (figure.suffix.lstrip(".") or "png",)
         summary["figures"] = [str(save_figures({figure.stem: heatmap}, figure.parent, formats=formats)[figure.stem])]
@@ -81,6 +82,10 @@ def _text(summary: dict, result: xr.Dataset) -> str:
         else "Raptor thresholds: none (the phases are not contiguous in depth)",
         "scores: " + ", ".join(f"{name} {format_value(summary[name])}" for name in result["score"].values),
     ]
+    if "gradient_null_conclusion" in summary:
+        lines.append("against a smooth gradient: " + summary["gradient_null_conclusion"]
+                     + (f" ({summary['gradient_null_n_permutations']} sign-flip draws over images, "
+                        f"{summary['gradient_null_n_bootstrap']} bootstrap resamples)" if "gradient_null_p_value" in summary else ""))
     if "boundary_frequency" in summary:
         lines.append(f"boundary stability over {summary['n_bootstrap']} bootstrap resamples of the images: "
                      + (", ".join(f"after {b}: {format_value(f)}" for b, f in zip(summary["boundaries"], summary["boundary_frequency"]))

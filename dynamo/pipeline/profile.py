@@ -344,7 +344,9 @@ def _report(out: Path, summary: dict) -> None:
             "Phases of depth",
             "Layer x layer dissimilarity, the paper's measure (mean over images of mean over the cls "
             "token and the patch mean of 1 - cos), with the phase partition drawn; boundary frequency "
-            "is how often each boundary appears when the images are resampled (bootstrap).",
+            "is how often each boundary appears when the images are resampled (bootstrap). Against a "
+            "smooth gradient (the matrix's diagonal average, max-cut re-run on it): "
+            + phases.get("gradient_null_conclusion", "not tested") + ".",
             [(path, "Layer x layer similarity (1 - dissimilarity) with the phase boundaries dashed.")
              for path in phases.get("figures", [])],
             headline_rows({key: value for key, value in phases.items() if key not in ("similarity", "layers", "out", "text")}),
@@ -382,6 +384,8 @@ def _text(summary: dict, out: Path) -> str:
         f"{summary['model']}: {summary['n_images']} images, {summary['layers']} layers",
         f"phases ({summary['phases']['method']}): {format_value(summary['partition'])}; boundaries after layers "
         f"{summary['boundaries']}",
+        *([f"against a smooth gradient: {summary['phases']['gradient_null_conclusion']}"]
+          if "gradient_null_conclusion" in summary["phases"] else []),
     ]
     for name, entry in summary["dynamics"].items():
         scalars = {key: value for key, value in entry.items() if isinstance(value, (int, float, str)) and key != "result"}
