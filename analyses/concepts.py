@@ -42,7 +42,8 @@ import numpy as np
 import xarray as xr
 from sklearn.base import clone
 
-from analyses.dictionary import KINDS, ConceptDictionary, derived_seed, matched_cosine, require_hidden
+from analyses.dictionary import KINDS, ConceptDictionary, matched_cosine, require_hidden
+from dynamo.serialize import derived_seed
 from analyses.phases import find_phases
 from analyses.streaming import (
     fold_image_blocks,

@@ -30,10 +30,8 @@ function of (seed, step) and a fit resumes from its checkpoint to the same weigh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -42,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from scipy.optimize import linear_sum_assignment
 from sklearn.base import BaseEstimator
 from sklearn.cluster import KMeans
@@ -51,7 +49,7 @@ from torch import nn
 
 from analyses.streaming import finite, fold_image_blocks, image_blocks, layer_states, unit
 from dynamo.progress import progress_bar
-from dynamo.store import jsonable
+from dynamo.serialize import jsonable, optimizer_state, tensors_of_optimizer, write_tensors_and_json
 
 __all__ = ["KINDS", "ConceptDictionary", "SparseAutoencoder", "TokenSampler", "layer_scales", "matched_cosine",
            "require_hidden"]
@@ -422,12 +420,9 @@ class ConceptDictionary(BaseEstimator):
         bar.close()
 
     def _write_checkpoint(self, identity: dict, step: int, optimizer: torch.optim.Optimizer) -> None:
-        state = optimizer.state_dict()
-        tensors = {f"model.{name}": value for name, value in self.model_.state_dict().items()}
-        tensors.update({f"optimizer.{param}.{name}": torch.as_tensor(value)
-                        for param, entries in state["state"].items() for name, value in entries.items()})
-        config = {"identity": identity, "step": step, "history": self.history_,
-                  "param_groups": state["param_groups"]}
+        tensors, param_groups = tensors_of_optimizer(optimizer)
+        tensors.update({f"model.{name}": value for name, value in self.model_.state_dict().items()})
+        config = {"identity": identity, "step": step, "history": self.history_, "param_groups": param_groups}
         _write(Path(self.checkpoint_dir), "checkpoint", tensors, config)
 
     # ---- using the dictionary -----------------------------------------------------------
@@ -547,25 +542,10 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) ->
     """Load a checkpoint's weights and optimizer state; the step it was written at."""
     tensors, config = saved["tensors"], saved["config"]
     model.load_state_dict({key.removeprefix("model."): value for key, value in tensors.items() if key.startswith("model.")})
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, param, name = key.split(".", 2)
-            state.setdefault(int(param), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": config["param_groups"]})
+    optimizer.load_state_dict(optimizer_state(tensors, config["param_groups"]))
     return int(config["step"])
 
 
 def _write(folder: Path, stem: str, tensors: dict[str, torch.Tensor], config: dict, config_name: str | None = None) -> None:
     """``folder/<stem>.safetensors`` and ``folder/<config_name or stem>.json``, each renamed into place (JSON last)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensor_path, json_path = folder / f"{stem}.safetensors", folder / f"{config_name or stem}.json"
-    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, f"{tensor_path}.tmp")
-    os.replace(f"{tensor_path}.tmp", tensor_path)
-    Path(f"{json_path}.tmp").write_text(json.dumps(jsonable(config), indent=1))
-    os.replace(f"{json_path}.tmp", json_path)
-
-
-def derived_seed(*parts) -> int:
-    """A seed from several parts (a second seed for stability, one per phase)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+    write_tensors_and_json(folder / f"{stem}.safetensors", folder / f"{config_name or stem}.json", tensors, config)

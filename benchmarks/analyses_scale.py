@@ -203,7 +203,7 @@ def child_fit(store: Path, steps: int, batch_size: int) -> dict:
     import dynamo
     from dynamo.layout import token_groups
     from dynamo.models import load_recorded_model
-    from dynamo.raptor import RaptorFitter
+    from dynamo.surrogates.raptor import RaptorFitter
     from raptor_step import bare_loop
 
     torch.set_num_threads(2)

@@ -29,8 +29,8 @@ import torch
 import dynamo
 from dynamo import zoo
 from dynamo.layout import token_groups
-from dynamo.raptor import RaptorBlock, RaptorFitter
-from dynamo.raptor.loss import PAPER_STAGE1_LAST_WEIGHTS, loss_weights, token_loss
+from dynamo.surrogates.raptor import RaptorBlock, RaptorFitter
+from dynamo.surrogates.raptor.loss import PAPER_STAGE1_LAST_WEIGHTS, loss_weights, token_loss
 
 
 def bare_loop(hidden: torch.Tensor, groups: dict, block_config: dict, steps: int, batch_size: int, lr: float) -> list[float]:

@@ -17,6 +17,7 @@ _HOMES = {
     "RecordingError": "record", "record": "record",
     "StoreBusyError": "store", "StoreError": "store", "StoreMismatchError": "store", "open_trajectories": "store",
     "image_positions": "store",
+    "RaptorFitter": "surrogates", "SurrogateFitter": "surrogates",
 }
 __all__ = sorted(_HOMES)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["R2_REFERENCES", "r2_score", "r2_sums", "r2_from_sums"]
+__all__ = ["R2_REFERENCES", "fold_sums", "r2_from_sums", "r2_score", "r2_sums"]
 
 R2_REFERENCES = ("target", "prediction")
 
@@ -58,3 +58,8 @@ def r2_sums(prediction: torch.Tensor, target: torch.Tensor, reference: str, dims
 def r2_from_sums(squared_error, total, total_squares, count):
     variance = total_squares / count - (total / count) ** 2
     return 1 - (squared_error / count) / variance
+
+
+def fold_sums(total: tuple | None, batch: tuple) -> tuple:
+    """``total`` plus a batch's `r2_sums` (``batch`` itself when ``total`` is None)."""
+    return batch if total is None else tuple(a + b for a, b in zip(total, batch))

@@ -40,7 +40,7 @@ from dynamo.images import ImageSet, image_set
 from dynamo.models import LoadedModel, load_model, rebuild_attrs
 from dynamo.progress import progress_bar
 from dynamo.shards import Shard, check_no_shard_running, consolidate, parse_shard, shard_lock
-from dynamo.store import jsonable
+from dynamo.serialize import jsonable
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 COMPRESSION = {"zstd": {"name": "zstd", "configuration": {"level": 1}}, "none": None}

@@ -29,11 +29,53 @@ import torch
 import xarray as xr
 from torch import nn
 
-from dynamo.heads import NO_HEAD, LinearHead, NoHeadError, has_classifier, model_head_attrs
+from dynamo.heads import (
+    NO_HEAD,
+    LinearHead,
+    NoHeadError,
+    has_classifier,
+    model_head_attrs,
+)
 from dynamo.layout import check_is_vit
 from dynamo.models import LoadedModel, data_config
 
-__all__ = ["BlockStepper", "propagator_for"]
+__all__ = ["BlockStepper", "propagator_for", "rollout"]
+
+
+def rollout(step, x: torch.Tensor, start: int, stop: int | None, num_layers: int, block_for=None, noise: float = 0.0,
+            generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Autoregressive states from layer ``start`` to ``stop``, one ``step(x, layer, block)`` per layer.
+
+    Parameters
+    ----------
+    step : callable
+        ``step(x, layer, block)``: the state at ``layer`` from the one before (``block`` None: the routed one).
+    x : torch.Tensor
+        (B, T, D), the state at layer ``start``.
+    start, stop : int
+        0 <= start <= stop <= num_layers; ``stop`` None is ``num_layers``.
+    num_layers : int
+    block_for : callable or sequence, optional
+        1-based block producing each layer: ``block_for(layer)`` or ``block_for[layer - 1]``.
+    noise : float
+        Standard deviation of Gaussian noise added to each step's input (drawn from ``generator``).
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``stop - start + 1`` states, layers ``start..stop``; the first is ``x``.
+    """
+    stop = num_layers if stop is None else stop
+    if not 0 <= start <= stop <= num_layers:
+        raise ValueError(f"need 0 <= start <= stop <= {num_layers}, got {start}, {stop}")
+    states = [x]
+    for layer in range(start + 1, stop + 1):
+        inp = states[-1]
+        if noise:
+            inp = inp + noise * torch.randn(inp.shape, generator=generator, dtype=inp.dtype, device=inp.device)
+        block = None if block_for is None else block_for(layer) if callable(block_for) else block_for[layer - 1]
+        states.append(step(inp, layer, block))
+    return states
 
 
 class _Embedded(Exception):
@@ -156,19 +198,7 @@ class BlockStepper:
         list of torch.Tensor
             ``stop - start + 1`` states, layers ``start..stop``, each (B, T, D); the first is ``x``.
         """
-        stop = self.num_blocks if stop is None else stop
-        if not 0 <= start <= stop <= self.num_blocks:
-            raise ValueError(f"need 0 <= start <= stop <= {self.num_blocks}, got {start}, {stop}")
-        states = [x]
-        for layer in range(start + 1, stop + 1):
-            if block_for is None:
-                block = None
-            elif callable(block_for):
-                block = block_for(layer)
-            else:
-                block = block_for[layer - 1]
-            states.append(self.step(states[-1], layer, block))
-        return states
+        return rollout(self.step, x, start, stop, self.num_blocks, block_for)
 
     @property
     def head_kind(self) -> str | None:

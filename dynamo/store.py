@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import warnings
 from pathlib import Path
@@ -34,19 +33,6 @@ from dynamo.layout import REDUCED_VIEWS, TOKEN_KINDS
 
 FORMAT = "dynamo-trajectories/1"
 PENDING, RECORDED, UNREADABLE = 0, 1, 2
-
-
-def jsonable(value):
-    """Tuples → lists, numpy scalars/arrays → Python, NaN and inf → None: a value that is valid JSON
-    and round-trips through it (attrs, configs, summaries)."""
-    def plain(item):
-        if isinstance(item, dict):
-            return {str(key): plain(v) for key, v in item.items()}
-        if isinstance(item, list):
-            return [plain(v) for v in item]
-        return None if isinstance(item, float) and not math.isfinite(item) else item
-
-    return plain(json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))))
 
 
 class StoreError(RuntimeError):

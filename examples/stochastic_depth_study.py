@@ -19,11 +19,11 @@ Per model:
    (`analyses.phases.phase_analysis`), and for each k the partition Raptor is fitted on: the
    max-cut with k phases, or the exact contiguous split into k phases
    (`analyses.phases.contiguous_partition`) where the max-cut is not k contiguous phases;
-3. Raptor (`dynamo.raptor.RaptorFitter`) with k = 1 and each k on that partition, on the uniform
+3. Raptor (`dynamo.surrogates.raptor.RaptorFitter`) with k = 1 and each k on that partition, on the uniform
    partition, and, for the models of ``--partition-test`` (default all), on ``--random-seeds``
    random contiguous and ``--shuffled-seeds`` random shuffled partitions (`Partition.random_contiguous`,
    `Partition.random_shuffled`). Every fit follows one recipe with an early-stopping rule
-   (`dynamo.raptor.train.stopping_rule`, stated in ``study.json``), is saved, and is reused on a
+   (`dynamo.surrogates.raptor.train.stopping_rule`, stated in ``study.json``), is saved, and is reused on a
    re-run with the same settings; stage-1 blocks are shared between fits of the same layer range;
 4. one xarray Dataset with a ``model`` dimension (``OUT/study.zarr``), the numbers, Spearman
    correlations over independent runs (exact permutation p for small n, `analyses.statistics`),
@@ -60,8 +60,9 @@ from dynamo import zoo
 from dynamo.layout import token_layout
 from dynamo.models import LoadedModel, data_config, weights_sha256
 from dynamo.partition import Partition, from_result
-from dynamo.raptor import RaptorFitter, baseline_partitions, partition_baselines
-from dynamo.raptor.train import stopping_rule
+from dynamo.surrogates.raptor import RaptorFitter, partition_baselines
+from dynamo.surrogates.raptor.baselines import candidate_partitions
+from dynamo.surrogates.raptor.train import stopping_rule
 from dynamo.store import save_result
 from dynamo.zoo.train import build_model
 
@@ -168,7 +169,7 @@ def study_model(label: str, loaded: LoadedModel, images: Path, out: Path, args, 
         partitions[k], methods[k] = raptor_partition(matrix, k)
         fitters[k] = fitted(store, folder / "raptor" / f"k{k}", loaded, partitions[k], recipe)
     # the baselines seed by seed across k, so that a study stopped early has the first seeds of every k
-    candidates = {k: baseline_partitions(num_layers, k, random_seeds, shuffled_seeds) for k in args.ks}
+    candidates = {k: candidate_partitions(num_layers, k, random_seeds, shuffled_seeds) for k in args.ks}
     for seed in [None, *range(max(random_seeds, shuffled_seeds))]:
         for k in args.ks:
             names = ["uniform"] if seed is None else [f"random {seed}", f"shuffled {seed}"]

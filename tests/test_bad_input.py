@@ -13,7 +13,7 @@ from PIL import Image
 import dynamo
 from dynamo.images import image_set
 from dynamo.pipeline.cli import main
-from dynamo.store import jsonable
+from dynamo.serialize import jsonable
 from tests.conftest import tiny_model
 
 

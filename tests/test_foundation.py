@@ -25,7 +25,7 @@ from dynamo import zoo
 from dynamo.capture import Capture
 from dynamo.models import crop_pct, load_recorded_model, preprocess_overrides
 from dynamo.pipeline.cli import main
-from dynamo.surrogates import load_surrogate
+from dynamo.surrogates import SurrogateFitter
 
 DINO_B = "vit_base_patch14_reg4_dinov2"
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
@@ -298,11 +298,11 @@ def test_fit_rebuilds_the_teacher_at_the_recorded_size_from_the_store_alone(tmp_
     assert main(["fit", str(store), "--k", "1", "--steps", "2", "--stage2-steps", "0", "--batch-size", "2",
                  "--out", str(tmp_path / "fit")]) == 0
     folder = next(path.parent for path in (tmp_path / "fit").rglob("config.json"))
-    loaded = dynamo.raptor.RaptorFitter.load(folder)  # no teacher given: rebuilt from the recorded identity
+    loaded = dynamo.RaptorFitter.load(folder)  # no teacher given: rebuilt from the recorded identity
     assert loaded.teacher_identity_["image_size"] == [32, 32] and loaded.teacher_identity_["init_seed"] == 3
     assert loaded.predict(torch.randn(2, 3, 32, 32)).shape == (2,)
     # a closed-form rung too: fitted, saved and reloaded from the store's record alone
     assert main(["fit", str(store), "--surrogate", "teacher-block", "--k", "1", "--out", str(tmp_path / "tb"), "--quiet"]) == 0
     folder = next(path.parent for path in (tmp_path / "tb").rglob("config.json"))
-    rung = load_surrogate(folder)
+    rung = SurrogateFitter.load(folder)
     assert rung.teacher_identity_["image_size"] == [32, 32] and rung.model_.embed(torch.randn(2, 3, 32, 32)).ndim == 3

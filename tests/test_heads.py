@@ -22,7 +22,7 @@ from analyses import basins as basins_analysis, swap
 from dynamo.heads import NO_HEAD, LinearHead, NoHeadError, resolve_head, store_accuracy
 from dynamo.pipeline.cli import main
 from dynamo.pipeline.profile import profile
-from dynamo.raptor import RaptorFitter
+from dynamo.surrogates.raptor import RaptorFitter
 from dynamo.stepping import BlockStepper
 from tests.conftest import tiny_model
 
@@ -170,7 +170,7 @@ def test_with_a_probe_every_accuracy_names_it_and_skips_its_training_images(stor
 def test_cli_fit_and_profile_name_the_head_or_say_why_there_is_none(stores, digits_folder, tmp_path, capsys, monkeypatch):
     model, ds, unlabelled = stores
     # the CLI loads the teacher by the store's name: stand the random-weight model in for it
-    monkeypatch.setattr("dynamo.raptor.io.load_recorded_model", lambda *args, **kwargs: model)
+    monkeypatch.setattr("dynamo.surrogates.base.load_recorded_model", lambda *args, **kwargs: model)
     for store in (ds, unlabelled):
         path = tmp_path / f"{store.encoding['source'].split('/')[-1]}"
         dynamo.record(dataclasses.replace(model, pretrained=True), dynamo.image_set(

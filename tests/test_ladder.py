@@ -17,17 +17,17 @@ import torch
 from torch import nn
 
 import dynamo
-from dynamo.hypothesis import epsilon, loop_count, loop_schedule
+from dynamo.surrogates.measures import epsilon, loop_count, loop_schedule
 from dynamo.models import weights_sha256
 from dynamo.partition import Partition
-from dynamo.raptor import RaptorFitter
-from dynamo.raptor.data import split_images
+from dynamo.surrogates.raptor import RaptorFitter
+from dynamo.surrogates import split_images
 from dynamo.surrogates import (
     DMDFitter,
     IdentityFitter,
     LinearFitter,
     TeacherBlockFitter,
-    load_surrogate,
+    SurrogateFitter,
     transition_moments,
 )
 from tests.conftest import tiny_model
@@ -197,7 +197,7 @@ def test_fitted_rungs_save_and_load(affine, tmp_path):
     for fitter in (LinearFitter(k=2, progress=False), DMDFitter(k=2, rank=0.999, progress=False),
                    TeacherBlockFitter(k=2, progress=False), IdentityFitter(k=2)):
         fitter.fit(ds, teacher=teacher).save(tmp_path / fitter.name)
-        loaded = load_surrogate(tmp_path / fitter.name, teacher=teacher)
+        loaded = SurrogateFitter.load(tmp_path / fitter.name, teacher=teacher)
         assert type(loaded) is type(fitter) and loaded.partition_ == fitter.partition_
         torch.testing.assert_close(loaded.transform(x), fitter.transform(x))
     assert loaded.evaluate(ds).attrs["images"] == "held-out images of the fit store"
@@ -227,7 +227,7 @@ def test_cli_fit_surrogate_and_ladder(tied, digits_folder, tmp_path, capsys, mon
     # the CLI loads the teacher by the store's name; stand the random-weight teacher in for it
     store = str(tmp_path / "store.zarr")
     dynamo.record(dataclasses.replace(teacher, pretrained=True), dynamo.image_set(digits_folder), store, progress=False)
-    monkeypatch.setattr("dynamo.raptor.io.load_recorded_model", lambda *args, **kwargs: teacher)
+    monkeypatch.setattr("dynamo.surrogates.base.load_recorded_model", lambda *args, **kwargs: teacher)
     assert main(["fit", store, "--surrogate", "teacher-block", "--k", "1", "--out", str(tmp_path / "tb"), "--json", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["blocks"] == [1] and summary["r2_final"] == pytest.approx(1.0, abs=1e-6)

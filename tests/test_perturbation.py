@@ -161,7 +161,7 @@ def test_clear_errors(affine_store, digits_folder, tmp_path):
 
 def exact_raptor(teacher: dynamo.LoadedModel):
     """A k=1 Raptor surrogate carrying the tied teacher's own block: the same map, by construction."""
-    from dynamo.raptor import Raptor
+    from dynamo.surrogates.raptor import Raptor
     from dynamo.stepping import BlockStepper
 
     config = dict(dim=32, num_heads=2, mlp_ratio=4.0, mlp="gelu", layerscale_init=1.0, depth_scaling=False)
@@ -169,11 +169,9 @@ def exact_raptor(teacher: dynamo.LoadedModel):
     ours, theirs = surrogate.blocks[0], teacher.module.blocks[0]
     with torch.no_grad():
         for mine, source in [(ours.norm1, theirs.norm1), (ours.norm2, theirs.norm2), (ours.mlp.fc1, theirs.mlp.fc1),
-                             (ours.mlp.fc2, theirs.mlp.fc2), (ours.attn.out_proj, theirs.attn.proj)]:
+                             (ours.mlp.fc2, theirs.mlp.fc2), (ours.attn.proj, theirs.attn.proj), (ours.attn.qkv, theirs.attn.qkv)]:
             mine.weight.copy_(source.weight)
             mine.bias.copy_(source.bias)
-        ours.attn.in_proj_weight.copy_(theirs.attn.qkv.weight)
-        ours.attn.in_proj_bias.copy_(theirs.attn.qkv.bias)
     return surrogate.eval()
 
 
@@ -188,7 +186,7 @@ def tied_store(digits_folder, tmp_path_factory):
 def test_raptor_surrogates_run_the_same_protocol(tied_store):
     """A Raptor surrogate goes through the same protocol: an exact one gives the teacher's numbers,
     a fitted one gives its own (fitting trajectories does not fix the response off them)."""
-    from dynamo.raptor import RaptorFitter
+    from dynamo.surrogates.raptor import RaptorFitter
 
     teacher, path = tied_store
     ds = dynamo.open_trajectories(path)
@@ -220,7 +218,7 @@ def test_dynamo_analyze_runs_the_live_analyses(digits_folder, tmp_path, capsys):
 
     store = tmp_path / "digits.zarr"
     dynamo.record("dynamo-zoo/vit-digits-reg4", digits_folder, store, limit=6, progress=False)
-    from dynamo.raptor import RaptorFitter
+    from dynamo.surrogates.raptor import RaptorFitter
 
     RaptorFitter(k=2, steps=2, stage2_steps=0, batch_size=2, validation_fraction=0.5, progress=False).fit(store).save(tmp_path / "fit")
     out = tmp_path / "out"

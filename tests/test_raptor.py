@@ -26,12 +26,13 @@ from dynamo.partition import Partition, from_result
 from dynamo.pipeline import fit as pipeline_fit
 from dynamo.pipeline.cli import main
 from dynamo.pipeline.fit import parse_loss
-from dynamo.raptor import PAPER_RECIPE, Raptor, RaptorBlock, RaptorFitter, r2_score
-from dynamo.raptor import io as raptor_io
-from dynamo.raptor import train as raptor_train
-from dynamo.raptor.data import batch_plan, trajectory_loader
-from dynamo.raptor.io import read_unit
-from dynamo.raptor.loss import PAPER_STAGE1_LAST_WEIGHTS, loss_weights, stage1_weights, token_loss
+from dynamo.metrics import r2_score
+from dynamo.surrogates.raptor import PAPER_RECIPE, Raptor, RaptorBlock, RaptorFitter
+from dynamo import serialize
+from dynamo.surrogates.raptor import train as raptor_train
+from dynamo.surrogates.raptor.data import batch_plan, trajectory_loader
+from dynamo.serialize import read_unit
+from dynamo.surrogates.raptor.loss import PAPER_STAGE1_LAST_WEIGHTS, loss_weights, stage1_weights, token_loss
 from dynamo.stepping import BlockStepper
 from tests.conftest import tiny_model
 
@@ -80,11 +81,9 @@ def test_block_reproduces_a_timm_block():
     with torch.no_grad():
         for ours, theirs in [(block.norm1, teacher.norm1), (block.norm2, teacher.norm2),
                              (block.mlp.fc1, teacher.mlp.fc1), (block.mlp.fc2, teacher.mlp.fc2),
-                             (block.attn.out_proj, teacher.attn.proj)]:
+                             (block.attn.proj, teacher.attn.proj), (block.attn.qkv, teacher.attn.qkv)]:
             ours.weight.copy_(theirs.weight)
             ours.bias.copy_(theirs.bias)
-        block.attn.in_proj_weight.copy_(teacher.attn.qkv.weight)
-        block.attn.in_proj_bias.copy_(teacher.attn.qkv.bias)
     x = torch.randn(3, 5, 32)
     torch.testing.assert_close(block(x, 1), teacher(x), atol=1e-5, rtol=1e-5)
     # depth scaling starts near 1: gains within 1e-2 of 1 for every layer index
@@ -208,7 +207,7 @@ def test_routing_follows_any_partition():
 
 def test_segment_loss_over_ranges_is_brute_force():
     """A non-contiguous phase's loss: teacher forcing on its transitions only, rollouts from each run's own start."""
-    from dynamo.raptor.loss import segment_loss
+    from dynamo.surrogates.raptor.loss import segment_loss
 
     config = dict(dim=16, num_heads=2, mlp_ratio=2.0, layerscale_init=0.5)
     torch.manual_seed(0)
@@ -366,7 +365,7 @@ def test_cli_fit_prints_the_report_and_resumes(digits_folder, tmp_path, capsys, 
     # the CLI loads the teacher by the store's name; stand the random-weight teacher in for it
     path = tmp_path / "store.zarr"
     dynamo.record(dataclasses.replace(teacher, pretrained=True), dynamo.image_set(digits_folder), path, progress=False)
-    monkeypatch.setattr("dynamo.raptor.io.load_recorded_model", lambda *args, **kwargs: teacher)
+    monkeypatch.setattr("dynamo.surrogates.base.load_recorded_model", lambda *args, **kwargs: teacher)
     out = tmp_path / "fit"
     argv = ["fit", str(path), "--k", "2", "--partition", "1-1,2-4", "--steps", "6", "--out", str(out), "--json", "--quiet"]
     assert main(argv) == 0
@@ -392,7 +391,7 @@ def test_cli_fit_records_the_paper_recipe_and_reports_seeds_and_several_k(digits
     teacher = _teacher(tied=True)
     path = tmp_path / "store.zarr"
     dynamo.record(dataclasses.replace(teacher, pretrained=True), dynamo.image_set(digits_folder), path, progress=False)
-    monkeypatch.setattr("dynamo.raptor.io.load_recorded_model", lambda *args, **kwargs: teacher)
+    monkeypatch.setattr("dynamo.surrogates.base.load_recorded_model", lambda *args, **kwargs: teacher)
     # --recipe paper: the paper's values in the saved config, flags given as well override them
     out = tmp_path / "paper"
     assert main(["fit", str(path), "--recipe", "paper", "--steps", "3", "--batch-size", "8", "--out", str(out), "--json", "--quiet"]) == 0
@@ -448,7 +447,7 @@ def test_a_fit_killed_at_any_write_step_resumes_to_the_same_weights(tied, tmp_pa
     resumes to the weights and the history of an uninterrupted fit."""
     teacher, path = tied
     params = dict(FAST, steps=2, stage2_steps=2, checkpoint_every=1, validate_every=1, patience=0)
-    real_save, real_replace = raptor_io.save_file, raptor_io.replace
+    real_save, real_replace = serialize.save_file, serialize.replace
     writes = []
 
     def run(folder, kill_at=None):
@@ -465,13 +464,13 @@ def test_a_fit_killed_at_any_write_step_resumes_to_the_same_weights(tied, tmp_pa
                 raise Killed
             real_replace(source, target)
 
-        monkeypatch.setattr(raptor_io, "save_file", save)
-        monkeypatch.setattr(raptor_io, "replace", rename)
+        monkeypatch.setattr(serialize, "save_file", save)
+        monkeypatch.setattr(serialize, "replace", rename)
         try:
             return RaptorFitter(**params, checkpoint_dir=folder / "checkpoint", stage1_cache=folder / "stage1").fit(path, teacher=teacher)
         finally:
-            monkeypatch.setattr(raptor_io, "save_file", real_save)
-            monkeypatch.setattr(raptor_io, "replace", real_replace)
+            monkeypatch.setattr(serialize, "save_file", real_save)
+            monkeypatch.setattr(serialize, "replace", real_replace)
 
     reference = run(tmp_path / "reference")
     n_writes = len(writes)

@@ -11,7 +11,7 @@ import xarray as xr
 import dynamo
 from analyses import phases as phasing
 from dynamo.partition import Partition, from_result
-from dynamo.raptor import RaptorFitter
+from dynamo.surrogates.raptor import RaptorFitter
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "stochastic_depth_study.py"
 

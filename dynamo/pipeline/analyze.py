@@ -25,7 +25,8 @@ from dynamo.models import LoadedModel, ModelLoadError, load_model, load_recorded
 from dynamo.partition import Partition, assign_phases
 from dynamo.pipeline.registry import ANALYSES, options_for, summarize
 from dynamo.pipeline.summaries import headline_lines
-from dynamo.store import check_output, jsonable, open_trajectories, save_result
+from dynamo.serialize import jsonable
+from dynamo.store import check_output, open_trajectories, save_result
 from figures.output import save_figures
 
 __all__ = ["analyze", "store_partition"]

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from dynamo.pipeline.cluster import connect
-    from dynamo.store import jsonable
+    from dynamo.serialize import jsonable
 
     try:
         with connect(getattr(args, "cluster", None)), warnings.catch_warnings():

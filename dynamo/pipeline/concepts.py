@@ -23,7 +23,8 @@ from analyses.phases import find_phases
 from dynamo.images import image_set
 from dynamo.partition import Partition, from_result
 from dynamo.pipeline.summaries import format_value
-from dynamo.store import check_output, jsonable, open_trajectories, save_result
+from dynamo.serialize import jsonable
+from dynamo.store import check_output, open_trajectories, save_result
 from figures import concepts as concept_figures
 from figures.output import save_figures
 

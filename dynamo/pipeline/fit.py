@@ -2,7 +2,7 @@
 
 One call fits every k asked for, each with every seed asked for, on the same held-out images
 (the split follows the first seed), with stage-1 blocks kept in ``OUT/stage1/`` and reused
-wherever two fits share a segment (`dynamo.raptor.train`). With one k and one seed the fit is
+wherever two fits share a segment (`dynamo.surrogates.raptor.train`). With one k and one seed the fit is
 saved in ``OUT`` itself; otherwise each in ``OUT/k<K>-seed<S>/``, and the summary gives the mean
 and standard deviation over seeds of R² per layer.
 """
@@ -20,10 +20,11 @@ from analyses.similarity import layer_similarity
 from dynamo.heads import resolve_head
 from dynamo.partition import Partition, from_result
 from dynamo.pipeline.summaries import format_value
-from dynamo.raptor import PAPER_RECIPE, RaptorFitter, partition_baselines
-from dynamo.raptor.io import resolve_teacher
-from dynamo.raptor.train import stopping_rule
-from dynamo.store import check_output, jsonable, open_trajectories, save_result
+from dynamo.serialize import jsonable
+from dynamo.store import check_output, open_trajectories, save_result
+from dynamo.surrogates.base import resolve_teacher, split_images
+from dynamo.surrogates.raptor import PAPER_RECIPE, RaptorFitter, partition_baselines
+from dynamo.surrogates.raptor.train import stopping_rule
 from figures.output import save_figures
 from figures.raptor import plot_r2_per_layer
 
@@ -55,7 +56,8 @@ def parse_loss(text: str):
     return dict(zip(LOSS_KINDS, values))
 
 
-def default_partition(ds: xr.Dataset, k: int, phases: dict | None = None, progress: bool = False) -> tuple[Partition, str]:
+def default_partition(ds: xr.Dataset, k: int, phases: dict | None = None, progress: bool = False,
+                      images=None) -> tuple[Partition, str]:
     """The phases Raptor is fitted on by default, and which they are.
 
     The store's phases when a ``phases`` summary (`dynamo.pipeline.phases.phases`) has k
@@ -63,11 +65,16 @@ def default_partition(ds: xr.Dataset, k: int, phases: dict | None = None, progre
     contiguous runs; else the exact contiguous split into k phases of the same dissimilarity
     (`analyses.phases.contiguous_partition`), as the router needs contiguous phases.
 
+    ``images`` (positions along ``image``, a fit's training images): the phases are found on
+    them alone, never on a stored ``phases`` summary of every image.
+
     Returns
     -------
     (Partition, str)
         The partition and a sentence saying which rule gave it.
     """
+    if images is not None:
+        ds, phases = ds.isel(image=np.asarray(images)), None
     if k == 1:
         return Partition.uniform(int(ds.attrs["num_blocks"]), 1), "one phase"
     if phases is not None and phases.get("thresholds") is not None and len(phases["partition"]) == k:
@@ -120,7 +127,7 @@ def fit(
         The store's phases summary, to take the default partition from.
     baselines : int
         Also refit the recipe on the uniform partition, this many random contiguous ones and
-        k = 1 (`dynamo.raptor.partition_baselines`); 0 for none. One k and one seed only.
+        k = 1 (`dynamo.surrogates.raptor.partition_baselines`); 0 for none. One k and one seed only.
     shuffled : int
         With the baselines (or alone), this many random shuffled partitions: phases of blocks
         drawn at random, not contiguous in depth (the paper's Fig. 3 protocol).
@@ -134,7 +141,7 @@ def fit(
     teacher : LoadedModel, optional
         The recorded model (default loaded by the store's name).
     **params
-        `dynamo.raptor.RaptorFitter` parameters (``steps``, ``lr``, ``seed``, ``device``, ...);
+        `dynamo.surrogates.RaptorFitter` parameters (``steps``, ``lr``, ``seed``, ``device``, ...);
         None values take the recipe's, else the fitter's defaults.
 
     Returns
@@ -169,9 +176,10 @@ def fit(
     linear_head = resolve_head(ds, teacher, head, seed=seed)
     single = len(ks) == 1 and seeds == 1
     runs, fitters = [], {}
+    training = split_images(ds["image"].values, params.get("validation_fraction", 0.2), seed)[0]
     for kk in ks:
         chosen, source = (partition, "given") if partition is not None else default_partition(
-            ds, kk, phases, progress=params.get("progress", True))
+            ds, kk, phases, progress=params.get("progress", True), images=np.flatnonzero(np.isin(ds["image"].values, training)))
         for s in range(seed, seed + seeds):
             folder = out if single else out / f"k{kk}-seed{s}"
             fitter = RaptorFitter(k=len(chosen), partition=chosen, checkpoint_dir=folder / "checkpoint",

@@ -1,11 +1,11 @@
 """``dynamo ladder`` and ``dynamo fit --surrogate``: the ladder of surrogates on one store, side by side.
 
-For every k, every rung of `dynamo.surrogates` (identity, linear, dmd, teacher-block) and Raptor
+For every k, every rung of `dynamo.surrogates.rungs` (identity, linear, dmd, teacher-block) and Raptor
 is fitted on the same partition (`dynamo fit`'s default: `dynamo.pipeline.fit.default_partition`),
 on the same training images, and scored on the same held-out images, through the same head, by
-the same `dynamo.raptor.evaluate`; beside them the non-recurrent linear variant (one
-map per layer), which does not depend on k. Each fit also gets its ε (`dynamo.hypothesis.epsilon`)
-and, but for identity and the per-layer map, its loop count (`dynamo.hypothesis.loop_count`).
+the same `dynamo.surrogates.evaluate`; beside them the non-recurrent linear variant (one
+map per layer), which does not depend on k. Each fit also gets its ε (`dynamo.surrogates.measures.epsilon`)
+and, but for identity and the per-layer map, its loop count (`dynamo.surrogates.measures.loop_count`).
 
 Written to ``DIR``: ``ladder.zarr`` (the xarray result), ``ladder.csv`` and ``ladder.json`` (one
 row per surrogate and k), ``ladder.png`` (final-layer R², accuracy ratio and ε against k),
@@ -28,17 +28,22 @@ import numpy as np
 import xarray as xr
 
 from dynamo.heads import resolve_head
-from dynamo.hypothesis import epsilon, loop_count
 from dynamo.partition import Partition
 from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
-from dynamo.raptor import RaptorFitter
-from dynamo.raptor.block import teacher_mlp
-from dynamo.raptor.io import resolve_teacher
-from dynamo.store import check_output, jsonable, open_trajectories, save_result
-from dynamo.raptor.data import split_images
-from dynamo.raptor.fit import held_out_positions
-from dynamo.surrogates import SURROGATES, LinearFitter, per_layer, transition_moments
+from dynamo.serialize import jsonable
+from dynamo.store import check_output, open_trajectories, save_result
+from dynamo.surrogates import (
+    SURROGATES,
+    LinearFitter,
+    RaptorFitter,
+    epsilon,
+    loop_count,
+    per_layer,
+    transition_moments,
+)
+from dynamo.surrogates.base import resolve_teacher, split_images
+from dynamo.surrogates.raptor.block import teacher_mlp
 from figures.ladder import plot_ladder, plot_ladder_layers, plot_loop_count
 from figures.output import save_figures
 from figures.raptor import plot_r2_per_layer
@@ -90,14 +95,15 @@ def fit_surrogate(store: str | Path, out: str | Path, surrogate: str, *, k: int 
         if k is not None and k != len(partition):
             raise ValueError(f"--k {k} but the partition {partition} has {len(partition)} phases; give one or the other")
     else:
-        partition, source = default_partition(ds, k or 2)
+        training = split_images(ds["image"].values, 0.2, seed)[0]
+        partition, source = default_partition(ds, k or 2, images=np.flatnonzero(np.isin(ds["image"].values, training)))
     teacher = resolve_teacher(ds.attrs, None)
     fitter = SURROGATES[surrogate](partition=partition, seed=seed, device=device, **_progress(surrogate, progress))
     fitter.fit(ds, teacher=teacher, head=resolve_head(ds, teacher, head, seed=seed))
     fitter.save(out)
     report = fitter.evaluate(ds).assign_attrs(analysis="surrogate_evaluation")
     save_result(report, out / "evaluation.zarr", inputs=[store])
-    errors = epsilon(fitter.model_, ds, held_out_positions(fitter, ds)[0], n_bootstrap=n_bootstrap, seed=seed)
+    errors = epsilon(fitter.model_, ds, fitter.held_out_positions(ds)[0], n_bootstrap=n_bootstrap, seed=seed)
     save_result(errors.assign_attrs(analysis="surrogate_epsilon"), out / "epsilon.zarr", inputs=[store])
     figure = plot_r2_per_layer(report)
     figure.axes[0].set_title(f"{report.attrs['model']}: {surrogate} k = {len(partition)}, R² per layer", fontsize=9)
@@ -202,9 +208,9 @@ def ladder(
         raise ValueError(f"--k values must be between 1 and the {num_blocks} blocks of {ds.attrs.get('model')}, got {ks}")
     teacher = resolve_teacher(ds.attrs, None)
     linear_head = resolve_head(ds, teacher, head, seed=seed)
-    chosen = {k: default_partition(ds, k) for k in ks}
-    partitions, sources = {k: chosen[k][0] for k in ks}, {k: chosen[k][1] for k in ks}
     training, held_out = split_images(ds["image"].values, 0.2, seed)
+    chosen = {k: default_partition(ds, k, images=np.flatnonzero(np.isin(ds["image"].values, training))) for k in ks}
+    partitions, sources = {k: chosen[k][0] for k in ks}, {k: chosen[k][1] for k in ks}
     scoring = ds.isel(image=np.flatnonzero(np.isin(ds["image"].values, held_out)))
     if scoring["hidden"].nbytes <= IN_MEMORY_BYTES:
         scoring = scoring.load()
@@ -327,8 +333,8 @@ def _result(ds, reports: dict, names: list, ks: list, partitions: dict, scales) 
                 values[names.index(name), ks.index(k)] = value
         return values
 
-    attr = lambda key: (lambda report, errors, loops: report.attrs.get(key, np.nan))  # noqa: E731
-    loop = lambda key: (lambda report, errors, loops: None if loops is None or key not in loops else loops[key].values)  # noqa: E731
+    attr = lambda key: (lambda report, errors, loops: report.attrs.get(key, np.nan))
+    loop = lambda key: (lambda report, errors, loops: None if loops is None or key not in loops else loops[key].values)
     result = xr.Dataset(
         {
             "r2": (("surrogate", "k", "layer", "token_kind"),

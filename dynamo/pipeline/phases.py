@@ -13,7 +13,8 @@ from analyses import phases as phasing
 from dynamo.partition import Partition, from_result
 from dynamo.pipeline.analyze import live_model
 from dynamo.pipeline.summaries import format_value
-from dynamo.store import jsonable, save_result
+from dynamo.serialize import jsonable
+from dynamo.store import save_result
 from figures.lenses import lens_panels
 from figures.output import save_figures
 from figures.similarity import similarity_heatmap

@@ -43,7 +43,8 @@ from dynamo.pipeline.phases import phases as phase_stage
 from dynamo.pipeline.registry import ANALYSES
 from dynamo.pipeline.summaries import format_value, headline_rows
 from dynamo.record import record
-from dynamo.store import check_output, jsonable, open_trajectories
+from dynamo.serialize import digest, jsonable
+from dynamo.store import check_output, open_trajectories
 from figures.report import Section, write_report
 
 __all__ = ["profile", "profile_store"]
@@ -284,8 +285,7 @@ def profile_store(
 def store_identity(store: str | Path, dataset) -> str:
     """sha256 of what makes a store's trajectories what they are: its resolved path and its recording
     identity (weights, images and their contents, preprocessing, dtype, layers, tokens, autocast)."""
-    text = json.dumps({"path": str(Path(store).resolve()), **dataset.attrs["identity"]}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return digest({"path": str(Path(store).resolve()), **dataset.attrs["identity"]})
 
 
 def _file_key(path: str | Path | None) -> str | None:

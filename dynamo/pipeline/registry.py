@@ -18,7 +18,7 @@ from analyses import basins, jacobian, perturbation, rank, swap, tokens
 from analyses.streaming import Accumulator, stream
 from dynamo.partition import Partition
 from dynamo.pipeline.arguments import ANALYSIS_OPTIONS, Option
-from dynamo.raptor import RaptorFitter
+from dynamo.surrogates import RaptorFitter
 from figures import basins as basins_figures
 from figures import jacobian as jacobian_figures
 from figures import perturbation as perturbation_figures

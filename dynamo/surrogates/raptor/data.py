@@ -1,17 +1,5 @@
-"""Training batches of trajectory segments: a planned, chunk-aware order served by a DataLoader.
-
-Following the paper's loader (contiguous chunks read in a shuffled chunk order), a batch plan is
-drawn per epoch: the dataset's image chunks in a random order, grouped ``buffer_chunks`` at a
-time, the chosen images of each group permuted, and the sequence cut into batches. The plan
-depends only on (seed, epoch), so a loader can start at any step without reading what comes
-before it: resuming a fit replays the same batches.
-
-`trajectory_loader` serves the plan through a `torch.utils.data.DataLoader`: its sampler
-(`PlannedBatches`) yields each batch's images and the chunks no later batch of the epoch needs;
-its dataset (`TrajectorySegments`) reads each chunk once (only the layers asked for) and frees it
-after its last batch, so memory is bounded by a few chunks whatever the store's size. One worker
-process reads ahead of training.
-"""
+"""Training batches of trajectory segments: a chunk-aware order that depends only on (seed, epoch), served
+by a DataLoader whose reader process reads each chunk once and frees it after its last batch."""
 
 from __future__ import annotations
 
@@ -23,27 +11,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["PlannedBatches", "TrajectorySegments", "batch_plan", "split_images", "trajectory_loader"]
-
-
-def split_images(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training and held-out images of a fit: ``round(fraction * n)`` held out, drawn with ``seed``.
-
-    `dynamo.raptor.RaptorFitter` and every rung of `dynamo.surrogates` draw with it, so fits with
-    one seed and fraction are scored on the same images.
-
-    Parameters
-    ----------
-    rows : numpy.ndarray
-        ``image`` coordinate values of the dataset.
-
-    Returns
-    -------
-    (numpy.ndarray, numpy.ndarray)
-        Training and held-out ``image`` values, each sorted.
-    """
-    held_out = np.random.default_rng(seed).permutation(rows)[: int(round(fraction * rows.size))]
-    return np.setdiff1d(rows, held_out), np.sort(held_out)
+__all__ = ["PlannedBatches", "TrajectorySegments", "batch_plan", "trajectory_loader"]
 
 
 def batch_plan(

@@ -1,15 +1,7 @@
 """Measures of the block-recurrent hypothesis for any fitted surrogate: its ε, and its loop count.
 
-`epsilon` measures the ε of the paper's ε-BRH, which the paper never reports: the relative
-Frobenius error of the surrogate's rollout from layer 0 at every layer, per image; the
-hypothesis's ε is the mean over images of its maximum over layers. `loop_count` runs a fitted
-k-block surrogate with each phase's block repeated fewer or more times than the phase's length
-(the retrofitted-recurrence and Déjà View question: does the block implement an iterative map
-that tolerates more or fewer steps?).
-
-Both take any surrogate with the interface of `dynamo.raptor.Raptor` (``run``, ``step(x, layer,
-block)``, ``partition``, ``num_layers``, ``head``, ``predict``, ``teacher``): a Raptor or a rung
-of `dynamo.surrogates`.
+`epsilon`: the relative Frobenius error of the rollout from layer 0 at every layer, per image (the
+paper's ε-BRH). `loop_count`: each phase's map repeated fewer or more times than the phase's length.
 """
 
 from __future__ import annotations
@@ -19,14 +11,12 @@ import torch
 import xarray as xr
 from scipy import stats
 
-from dynamo.heads import scored
-from dynamo.metrics import r2_from_sums, r2_sums
+from dynamo.metrics import fold_sums, r2_from_sums, r2_sums
 from dynamo.partition import Partition, assign_phases
-from dynamo.raptor.evaluate import surrogate_device
+from dynamo.serialize import read_hidden
+from dynamo.surrogates.evaluate import accuracies, labels_of, surrogate_device
 
 __all__ = ["epsilon", "loop_count", "loop_schedule"]
-
-
 
 @torch.no_grad()
 def epsilon(model, ds: xr.Dataset, images=None, batch_size: int = 64, n_bootstrap: int = 1000,
@@ -63,7 +53,7 @@ def epsilon(model, ds: xr.Dataset, images=None, batch_size: int = 64, n_bootstra
     errors = []
     for begin in range(0, len(positions), batch_size):
         rows = positions[begin : begin + batch_size]
-        target = torch.from_numpy(np.asarray(ds["hidden"].isel(image=rows).values, dtype=np.float32)).to(device)
+        target = read_hidden(ds["hidden"], rows, device)
         states = torch.stack(model.run(target[:, 0], 0)[1:], dim=1)
         truth = target[:, 1:].double()
         errors.append((torch.linalg.vector_norm(states.double() - truth, dim=(-2, -1))
@@ -150,8 +140,7 @@ def loop_count(model, ds: xr.Dataset, scales=(0.5, 0.75, 1.0, 1.5, 2.0), images=
     predictions = [[] for _ in scales]
     teacher_predictions = []
     for begin in range(0, len(positions), batch_size):
-        target = torch.from_numpy(np.asarray(ds["hidden"].isel(image=positions[begin : begin + batch_size], layer=[0, -1]).values,
-                                             dtype=np.float32)).to(device)
+        target = read_hidden(ds["hidden"], positions[begin : begin + batch_size], device, layer=[0, -1])
         if head is not None:
             teacher_predictions.append(model.predict(target[:, 1]).cpu())
         for index, schedule in enumerate(schedules):
@@ -159,7 +148,7 @@ def loop_count(model, ds: xr.Dataset, scales=(0.5, 0.75, 1.0, 1.5, 2.0), images=
             for block, t in schedule:
                 x = model.step(x, t, block=block)
             batch = r2_sums(x, target[:, 1], "target", dims=None)
-            sums[index] = batch if sums[index] is None else tuple(a + b for a, b in zip(sums[index], batch))
+            sums[index] = fold_sums(sums[index], batch)
             if head is not None:
                 predictions[index].append(model.predict(x).cpu())
     repeats = [[sum(1 for b, _ in schedule if b == j + 1) for j in range(len(partition))] for schedule in schedules]
@@ -178,16 +167,10 @@ def loop_count(model, ds: xr.Dataset, scales=(0.5, 0.75, 1.0, 1.5, 2.0), images=
     if head is None:
         return result.assign_attrs(accuracy_note="no accuracy: the surrogate's teacher has no head")
     teacher = torch.cat(teacher_predictions).numpy()
-    keep = scored(model.teacher.linear_head, np.asarray(ds["image"].values)[positions])
-    labels = np.asarray(ds["label"].values)[positions] if "label" in ds.coords else None
-    labels = None if labels is None or (labels < 0).any() else labels
-    truth = teacher[keep] if labels is None else labels[keep]
-    accuracy_teacher = float((teacher[keep] == truth).mean())
-    surrogate = [torch.cat(p).numpy() for p in predictions]
-    accuracy = np.array([float((p[keep] == truth).mean()) for p in surrogate])
-    result["agreement"] = ("scale", np.array([float((p == teacher).mean()) for p in surrogate]))
-    result["accuracy_surrogate"] = ("scale", accuracy)
-    result["accuracy_ratio"] = ("scale", accuracy / accuracy_teacher if accuracy_teacher else np.full(len(scales), np.nan))
-    return result.assign_attrs(accuracy_teacher=accuracy_teacher,
-                               accuracy_against="teacher predictions" if labels is None else "labels")
-
+    surrogate = np.stack([torch.cat(p).numpy() for p in predictions])
+    attrs = accuracies(model.teacher, ds, positions, labels_of(ds, positions), teacher, surrogate)
+    for name in ("agreement", "accuracy_surrogate", "accuracy_ratio"):
+        if name in attrs:
+            result[name] = ("scale", attrs.pop(name))
+    return result.assign_attrs({name: attrs[name] for name in ("accuracy_teacher", "accuracy_against", "accuracy_note")
+                                if name in attrs})

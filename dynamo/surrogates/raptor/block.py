@@ -1,10 +1,6 @@
-"""The Raptor block: a pre-LayerNorm transformer block conditioned on its depth.
+"""The Raptor block: a pre-LayerNorm timm-style transformer block conditioned on its depth (the paper's ``block.py``).
 
-Follows the paper's code (``KempnerInstitute/raptor``, ``block.py``; spec section 2.2): LayerNorm,
-multi-head attention, LayerScale; LayerNorm, MLP (timm's packed SwiGLU by default, GELU
-optional), LayerScale; and the depth scaling ("t_scale") that makes the recurrent system
-non-autonomous: a small MLP of the target layer index t (a raw float, 1..L) gives three gains
-``s1, s2, s3`` (each of the model width), initialised near 1, applied as
+A small MLP of the target layer index t gives three gains ``s1, s2, s3``, initialised near 1:
 
     x <- x + s1 * LS1(Attn(LN1(x)))
     x <- x + s2 * LS2(MLP(LN2(x)))
@@ -15,14 +11,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerScale, Mlp, SwiGLUPacked
+from timm.layers import Attention, LayerScale, Mlp, SwiGLUPacked
 from torch import nn
 
 __all__ = ["DepthScaling", "RaptorBlock", "copy_teacher_block", "teacher_mlp"]
 
 MLP_KINDS = ("swiglu", "gelu")
 # parameter names of fits saved before the block used timm's layers -> their names now
-RENAMED = {"fc1.": "mlp.fc1.", "fc2.": "mlp.fc2.", "gamma1": "ls1.gamma", "gamma2": "ls2.gamma"}
+RENAMED = {"fc1.": "mlp.fc1.", "fc2.": "mlp.fc2.", "gamma1": "ls1.gamma", "gamma2": "ls2.gamma",
+           "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias", "attn.out_proj.": "attn.proj."}
 
 
 class DepthScaling(nn.Module):
@@ -96,7 +93,7 @@ class RaptorBlock(nn.Module):
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.attn = Attention(dim, num_heads, qkv_bias=True)
         self.ls1 = LayerScale(dim, float(layerscale_init))
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = SwiGLUPacked(dim, 2 * hidden, dim) if mlp == "swiglu" else Mlp(dim, hidden)
@@ -119,8 +116,7 @@ class RaptorBlock(nn.Module):
         torch.Tensor
             (B, T, D), the block's estimate of layer t.
         """
-        h = self.norm1(x)
-        attended = self.ls1(self.attn(h, h, h, need_weights=False)[0])
+        attended = self.ls1(self.attn(self.norm1(x)))
         if self.depth is None:
             x = x + attended
             return x + self.ls2(self.mlp(self.norm2(x)))
@@ -144,12 +140,9 @@ def teacher_mlp(teacher_block: nn.Module) -> dict:
 
 @torch.no_grad()
 def copy_teacher_block(block: RaptorBlock, teacher_block: nn.Module) -> RaptorBlock:
-    """Set ``block``'s weights to a timm ViT block's, so that it starts as that block.
+    """Load a timm ViT block's weights into ``block`` (its depth scaling keeps its near-1 initialisation).
 
-    Norms, attention (timm's ``qkv``/``proj`` into torch's packed ``in_proj``/``out_proj``; a
-    ``qkv`` without bias gives zero biases), LayerScale gammas (ones where the teacher has
-    none) and the MLP are copied; the depth scaling keeps its initialisation (gains within about
-    1e-3 of 1), so the copy maps x as the teacher block does to that precision.
+    A ``qkv`` without bias gives zero biases, a block without LayerScale gammas of one.
 
     Raises
     ------
@@ -173,15 +166,13 @@ def copy_teacher_block(block: RaptorBlock, teacher_block: nn.Module) -> RaptorBl
             f"{type(getattr(teacher_block.mlp, 'act', None)).__name__}, {teacher_block.mlp.fc1.out_features} hidden) is not "
             f"this block's; pass mlp={kind['mlp']!r} and mlp_ratio={kind['mlp_ratio']:g}"
         )
-    for ours, theirs in ((block.norm1, teacher_block.norm1), (block.norm2, teacher_block.norm2)):
-        ours.load_state_dict(theirs.state_dict())
-        ours.eps = theirs.eps
-    block.attn.in_proj_weight.copy_(attn.qkv.weight)
-    block.attn.in_proj_bias.copy_(attn.qkv.bias if attn.qkv.bias is not None else torch.zeros(3 * dim))
-    block.attn.out_proj.load_state_dict(attn.proj.state_dict())
-    for ours, theirs in ((block.ls1, teacher_block.ls1), (block.ls2, teacher_block.ls2)):
-        ours.gamma.copy_(theirs.gamma if hasattr(theirs, "gamma") else torch.ones(dim))
-    block.mlp.load_state_dict(teacher_block.mlp.state_dict())
+    defaults = {"attn.qkv.bias": torch.zeros(3 * dim), "ls1.gamma": torch.ones(dim), "ls2.gamma": torch.ones(dim)}
+    state = {**defaults, **teacher_block.state_dict()}
+    missing, unexpected = block.load_state_dict(state, strict=False)
+    if unexpected or any(not key.startswith("depth.") for key in missing):
+        raise ValueError(f"cannot start from the teacher's block: its weights {unexpected} have no place in a Raptor "
+                         f"block, and {[k for k in missing if not k.startswith('depth.')]} are missing")
+    block.norm1.eps, block.norm2.eps = teacher_block.norm1.eps, teacher_block.norm2.eps
     return block
 
 

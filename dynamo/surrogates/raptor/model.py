@@ -1,17 +1,12 @@
-"""Raptor: k blocks applied recurrently in place of the L blocks of a ViT.
-
-The router, the rollout and the teacher's embedding and head are `dynamo.recurrence.PhaseRecurrence`'s
-(block i, 0-based, produces the target layers of phase i); the maps are
-`RaptorBlock`s, conditioned on the layer they produce.
-"""
+"""Raptor: k `RaptorBlock`s applied recurrently, each conditioned on the layer it produces, in place of a ViT's L blocks."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from dynamo.raptor.block import RaptorBlock
-from dynamo.recurrence import PhaseRecurrence
 from dynamo.stepping import BlockStepper
+from dynamo.surrogates.raptor.block import RaptorBlock
+from dynamo.surrogates.recurrence import PhaseRecurrence
 
 __all__ = ["Raptor"]
 
@@ -25,7 +20,7 @@ class Raptor(PhaseRecurrence):
         The phases of blocks 1..L (block i, 0-based, serves phase i; phases need not be
         contiguous), or k - 1 increasing router thresholds (empty for k = 1): target layer t goes to
         block i for the first i with t <= thresholds[i], and to the last block when t exceeds them
-        all (`dynamo.recurrence.PhaseRecurrence`).
+        all (`dynamo.surrogates.recurrence.PhaseRecurrence`).
     num_layers : int
         L, the teacher's number of blocks; `run` covers layers 0..L.
     block_config : dict

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dynamo.layout import TOKEN_KINDS
-from dynamo.raptor.model import Raptor
+from dynamo.surrogates.raptor.model import Raptor
 
 __all__ = ["PAPER_STAGE1_LAST_WEIGHTS", "PAPER_STAGE2_WEIGHTS", "loss_weights", "segment_loss", "stage1_weights",
            "token_loss"]
@@ -112,7 +112,7 @@ def segment_loss(
         Input noise of the rollout, as `Raptor.run`.
     ranges : list of (int, int), optional
         The (a, b) layer ranges within start..start + n that are trained, each rolled out from its
-        own recorded layer a (a phase not contiguous in depth, `dynamo.raptor.train.Segment`); the
+        own recorded layer a (a phase not contiguous in depth, `dynamo.surrogates.raptor.train.Segment`); the
         loss is their mean weighted by their steps. Default the one range start..start + n.
     """
     ranges = ranges or [(start, start + batch.shape[1] - 1)]

@@ -1,9 +1,4 @@
-"""Baselines for a Raptor fit: the same recipe on uniform, random contiguous and random shuffled partitions, and k = 1.
-
-The paper's partition test (spec section 3, its Fig. 3) compares Raptor fitted on max-cut phases
-with Raptor on random contiguous and random shuffled partitions over 10 seeds; the question is whether the phases found in the
-similarity structure are better places to share blocks than arbitrary ones with the same k.
-"""
+"""The paper's partition test: Raptor's recipe refitted on uniform, random contiguous and shuffled partitions, and k = 1."""
 
 from __future__ import annotations
 
@@ -15,9 +10,9 @@ import xarray as xr
 
 from dynamo.models import LoadedModel
 from dynamo.partition import Partition, from_result
-from dynamo.raptor.fit import RaptorFitter
+from dynamo.surrogates.raptor.fit import RaptorFitter
 
-__all__ = ["baseline_partitions", "partition_baselines"]
+__all__ = ["candidate_partitions", "partition_baselines"]
 
 PARTITION_PARAMS = ("k", "partition", "progress", "checkpoint_dir")  # what a baseline may change
 
@@ -52,15 +47,13 @@ def partition_baselines(
     Returns
     -------
     xarray.Dataset
-        Dims ``fit`` ("fitted", "uniform", "random 0", ..., "k=1") and ``layer``: ``r2`` (fit,
-        layer) on all tokens; ``r2_final``, ``accuracy_ratio``, ``agreement`` (fit); coordinate
-        ``phase`` (fit, layer), each fit's partition (``dynamo.partition.from_result(result.sel(fit=name))``
-        reads one back). Evaluated on the held-out images, as `RaptorFitter.evaluate`. A baseline
-        whose partition equals the fitted one (or a reused one) repeats its row: the recipe is
-        deterministic given the seed, so refitting would give the same surrogate.
+        Over ``fit`` ("fitted", "uniform", "random 0", ..., "k=1") and ``layer``: ``r2`` (fit, layer),
+        ``r2_final``, ``accuracy_ratio``, ``agreement`` (fit), and each fit's partition as the
+        ``phase`` coordinate (fit, layer); on the held-out images. A baseline whose partition is
+        already fitted repeats its row (the recipe is deterministic given the seed).
     """
     num_layers, k = fitted.model_.num_layers, len(fitted.partition_)
-    candidates = baseline_partitions(num_layers, k, random_seeds, shuffled_seeds)
+    candidates = candidate_partitions(num_layers, k, random_seeds, shuffled_seeds)
     if k > 1:
         candidates["k=1"] = Partition.uniform(num_layers, 1)
     recipe = _recipe(fitted)
@@ -92,7 +85,7 @@ def partition_baselines(
     )
 
 
-def baseline_partitions(num_layers: int, k: int, random_seeds: int = 3, shuffled_seeds: int = 0) -> dict[str, Partition]:
+def candidate_partitions(num_layers: int, k: int, random_seeds: int = 3, shuffled_seeds: int = 0) -> dict[str, Partition]:
     """`partition_baselines`' partitions with k phases by name: ``uniform``, ``random i`` (contiguous),
     ``shuffled i``; a caller that fits them itself (to save and reuse each) passes them back as ``reuse``."""
     candidates = {"uniform": Partition.uniform(num_layers, k)}

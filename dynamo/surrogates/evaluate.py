@@ -1,8 +1,4 @@
-"""How well a Raptor surrogate reproduces its teacher: R² per layer and token kind, accuracy.
-
-R² is `dynamo.metrics.r2_score` (its docstring states the convention), accumulated over all
-evaluated images so that the value is exact over the set.
-"""
+"""How well any surrogate reproduces its teacher: R² per layer and token kind (`dynamo.metrics`), accuracy."""
 
 from __future__ import annotations
 
@@ -16,16 +12,16 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from dynamo.heads import LinearHead, scored
 from dynamo.layout import token_groups
-from dynamo.metrics import r2_from_sums, r2_sums
+from dynamo.metrics import fold_sums, r2_from_sums, r2_sums
 from dynamo.partition import assign_phases
-from dynamo.raptor.model import Raptor
+from dynamo.serialize import read_hidden
 
-__all__ = ["evaluate", "surrogate_device"]
+__all__ = ["accuracies", "evaluate", "labels_of", "surrogate_device"]
 
 
 @torch.no_grad()
 def evaluate(
-    model: Raptor,
+    model,
     ds: xr.Dataset,
     images=None,
     batch_size: int = 64,
@@ -36,10 +32,9 @@ def evaluate(
 
     Parameters
     ----------
-    model : Raptor
-        With a teacher attached for the accuracy measures (without one they are left out). The
-        accuracies use the teacher's head (`dynamo.stepping.BlockStepper.head`): its own
-        classifier, or the linear head attached to it; a teacher with neither gets none.
+    model : PhaseRecurrence
+        A surrogate (`dynamo.surrogates.recurrence`); with a teacher attached, the accuracies use
+        its head (`dynamo.stepping.BlockStepper.head`).
     ds : xarray.Dataset
         A trajectory dataset (`dynamo.open_trajectories`) of the teacher, all layers and tokens.
     images : array-like of int, optional
@@ -55,19 +50,11 @@ def evaluate(
     Returns
     -------
     xarray.Dataset
-        ``r2`` (layer, token_kind): R² at each layer 0..L of the rollout, for all tokens
-        (``token_kind`` "all") and each token kind present; ``r2_stacked`` (token_kind): over all
-        layers stacked (the paper's bar chart). Coordinate ``phase`` (layer): the model's
-        partition. Attributes: ``model`` (the teacher's name), ``r2_final`` (all tokens, layer
-        L), ``r2_reference``, ``n_images``, ``k``, and with a teacher that has a head:
-        ``accuracy_head`` (``model`` or ``probe``) and ``head_source`` (a fitted probe's
-        ``head_train_images`` too), ``accuracy_teacher``, ``accuracy_surrogate``,
-        ``accuracy_ratio`` (surrogate over teacher, both against the labels; without labels,
-        against the teacher's predictions) on ``accuracy_images`` images (a fitted probe's
-        training images are not scored), ``agreement`` (fraction of all evaluated images where
-        the surrogate's prediction equals the teacher's); without a head, ``accuracy_note``
-        instead. With labels and ``probe``, ``probe_accuracy_teacher`` /
-        ``probe_accuracy_surrogate`` and ``probe_accuracy_head``.
+        ``r2`` (layer, token_kind): R² at each layer 0..L, for all tokens ("all") and each kind;
+        ``r2_stacked`` (token_kind): over all layers stacked; coordinate ``phase`` (layer). Attrs:
+        ``model``, ``r2_final`` (all tokens, layer L), ``r2_reference``, ``n_images``, ``k``; with a
+        head, `accuracies`' (else ``accuracy_note``); with labels and ``probe``,
+        ``probe_accuracy_teacher``, ``probe_accuracy_surrogate``, ``probe_accuracy_head``.
     """
     positions = np.arange(ds.sizes["image"]) if images is None else np.asarray(images)
     groups = token_groups(ds["token_kind"], pooled=True)
@@ -76,17 +63,17 @@ def evaluate(
         raise ValueError(f"the dataset has {hidden.sizes['layer']} layers, the model runs {model.num_layers + 1}")
     device = surrogate_device(model)
     sums = {kind: None for kind in groups}
-    labels = _labels(ds, positions)
+    labels = labels_of(ds, positions)
     probing = probe and labels is not None and model.teacher is not None
     features = LinearHead(model.teacher.module).features if probing else None
     teacher_predictions, surrogate_predictions, teacher_features, surrogate_features = [], [], [], []
     for begin in range(0, len(positions), batch_size):
         rows = positions[begin : begin + batch_size]
-        target = torch.from_numpy(np.asarray(hidden.isel(image=rows).values, dtype=np.float32)).to(device)
+        target = read_hidden(hidden, rows, device)
         states = torch.stack(model.run(target[:, 0], 0), dim=1)
         for kind, index in groups.items():
             batch = r2_sums(states[:, :, index], target[:, :, index], reference, dims=(0, 2, 3))
-            sums[kind] = batch if sums[kind] is None else tuple(a + b for a, b in zip(sums[kind], batch))
+            sums[kind] = fold_sums(sums[kind], batch)
         if model.head is not None:
             teacher_predictions.append(model.predict(target[:, -1]).cpu())
             surrogate_predictions.append(model.predict(states[:, -1]).cpu())
@@ -113,8 +100,11 @@ def evaluate(
             f"denominator: variance of the {reference} with one scalar mean",
         },
     )
-    if model.teacher is not None:
-        result.attrs.update(_accuracies(model, ds, positions, labels, teacher_predictions, surrogate_predictions))
+    if model.teacher is not None and model.head is None:
+        result.attrs.update(model.teacher.head_attrs())  # the note: a headless teacher without a linear head
+    elif model.teacher is not None:
+        teacher, surrogate = torch.cat(teacher_predictions).numpy(), torch.cat(surrogate_predictions).numpy()
+        result.attrs.update(accuracies(model.teacher, ds, positions, labels, teacher, surrogate))
     if probing:
         result.attrs["probe_accuracy_teacher"] = _probe(torch.cat(teacher_features).numpy(), labels)
         result.attrs["probe_accuracy_surrogate"] = _probe(torch.cat(surrogate_features).numpy(), labels)
@@ -130,32 +120,49 @@ def surrogate_device(model) -> torch.device:
     return next(itertools.chain(model.parameters(), model.buffers(), teacher), torch.empty(0)).device
 
 
-def _labels(ds: xr.Dataset, positions: np.ndarray) -> np.ndarray | None:
+def labels_of(ds: xr.Dataset, positions: np.ndarray) -> np.ndarray | None:
+    """The labels of the images at ``positions``, or None when the dataset has none (or any is unknown, -1)."""
     if "label" not in ds.coords:
         return None
     labels = np.asarray(ds["label"].values)[positions]
     return None if (labels < 0).any() else labels
 
 
-def _accuracies(model: Raptor, ds: xr.Dataset, positions: np.ndarray, labels, teacher, surrogate) -> dict:
-    """Accuracies of teacher and surrogate with the teacher's head (and which head), or the note why none."""
-    if model.head is None:
-        return model.teacher.head_attrs()  # the note: a headless teacher without a linear head
-    teacher, surrogate = torch.cat(teacher).numpy(), torch.cat(surrogate).numpy()
-    keep = scored(model.teacher.linear_head, np.asarray(ds["image"].values)[positions])
-    attrs = {**model.teacher.head_attrs(), "agreement": float((surrogate == teacher).mean())}
+def accuracies(teacher, ds: xr.Dataset, positions: np.ndarray, labels, predicted: np.ndarray, surrogate: np.ndarray) -> dict:
+    """Accuracies of teacher and surrogate predictions, leaving out a fitted probe's training images.
+
+    Parameters
+    ----------
+    teacher : BlockStepper
+        Whose head made the predictions (its `head_attrs` are recorded).
+    positions : numpy.ndarray
+        Positions along ``image`` of the predictions.
+    labels : numpy.ndarray or None
+        Against the teacher's predictions when None.
+    predicted, surrogate : numpy.ndarray
+        (N,) classes of the teacher and of the surrogate; ``surrogate`` may be (S, N) for S variants.
+
+    Returns
+    -------
+    dict
+        ``agreement``, ``accuracy_against``, ``accuracy_images``, ``accuracy_teacher``,
+        ``accuracy_surrogate``, ``accuracy_ratio`` (arrays over S for (S, N)), or ``accuracy_note``.
+    """
+    keep = scored(teacher.linear_head, np.asarray(ds["image"].values)[positions])
+    plain = float if np.ndim(surrogate) == 1 else np.asarray
+    attrs = {**teacher.head_attrs(), "agreement": plain((surrogate == predicted).mean(-1))}
     if not keep.any():
         return {**attrs, "accuracy_note": "no accuracy: every evaluated image was used to fit the probe"}
-    truth = teacher[keep] if labels is None else labels[keep]
-    accuracy_teacher = float((teacher[keep] == truth).mean())
-    accuracy_surrogate = float((surrogate[keep] == truth).mean())
+    truth = predicted[keep] if labels is None else labels[keep]
+    accuracy_teacher = float((predicted[keep] == truth).mean())
+    accuracy_surrogate = plain((surrogate[..., keep] == truth).mean(-1))
     return {
         **attrs,
         "accuracy_against": "teacher predictions" if labels is None else "labels",
         "accuracy_images": int(keep.sum()),
         "accuracy_teacher": accuracy_teacher,
         "accuracy_surrogate": accuracy_surrogate,
-        "accuracy_ratio": accuracy_surrogate / accuracy_teacher if accuracy_teacher else float("nan"),
+        "accuracy_ratio": plain(np.divide(accuracy_surrogate, accuracy_teacher) if accuracy_teacher else accuracy_surrogate * np.nan),
     }
 
 

@@ -1,84 +1,46 @@
-"""A ladder of surrogates for a ViT's L blocks, from doing nothing to Raptor, with one interface.
+"""The rungs below Raptor: identity, closed-form linear and DMD maps per phase, and the teacher's own blocks.
 
-How much of a ViT's depth is near-identity, how much merely linear, how much the recurrence of
-one block? Each rung replaces the blocks of every phase of depth (a contiguous partition, as
-Raptor's) by one map applied once per layer of the phase:
-
-- ``identity`` (`IdentityFitter`): each phase passes its input on unchanged;
-- ``linear`` (`LinearFitter`): one closed-form ridge regression per phase, token-wise and affine,
-  applied recurrently, x <- A_j x + b_j; on the partition of L one-block phases
-  (`per_layer`) it is the non-recurrent variant, one map per layer, the ceiling of linear maps;
-- ``dmd`` (`DMDFitter`): exact dynamic mode decomposition per phase over the phase's steps, with
-  the constant observable appended so the map may be affine, optionally truncated to a rank:
-  p steps are K^p (`DMDFitter.operator`), its spectrum `DMDFitter.eigenvalues_`;
-- ``teacher-block`` (`TeacherBlockFitter`): no training; each phase runs one of the teacher's
-  own blocks for all its layers, the one with the best R² over the phase on training images;
-- ``raptor`` (`dynamo.raptor.RaptorFitter`): k trained recurrent blocks with a depth signal.
-
-Every surrogate model (`PhaseSurrogate` and `dynamo.raptor.Raptor`) has the same interface:
-``run(x, start, stop)``, ``step(x, layer, block)``, ``head``, ``predict``, ``embed``,
-``forward``, ``k``, ``partition``, ``num_layers``, ``teacher``, so `dynamo.raptor.evaluate`
-scores any of them and the live-model analyses push states through any of them. Every fitter
-has `RaptorFitter`'s: ``fit(ds, teacher=None, head=None)``, ``evaluate``, ``score``,
-``transform``, ``save``; ``model_``, ``partition_``, and the same held-out images
-(`dynamo.raptor.data.split_images`) for the same ``seed`` and ``validation_fraction``, so rungs fitted with the
-same settings are scored on the same images.
-
-The closed-form fits stream the store: `transition_moments` sums, a chunk of images at a time,
-each block's input and output moments (X^T X and X^T Y over every token), from which any
-partition's linear and DMD maps follow without reading the store again.
-
-`dynamo.hypothesis` measures any of them further: the ε of the paper's ε-BRH, and the loop count.
+Each rung replaces the blocks of every phase of depth by one map applied once per layer of the
+phase. The closed-form fits stream the store once (`transition_moments`), from which any
+partition's linear and DMD maps follow.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
-from safetensors.torch import load_file
-from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
-from tqdm.auto import tqdm
 
-from dynamo.heads import LinearHead
-from dynamo.metrics import r2_from_sums, r2_sums
-from dynamo.models import LoadedModel
+from dynamo.metrics import fold_sums, r2_from_sums, r2_sums
 from dynamo.partition import Partition
-from dynamo.raptor.evaluate import evaluate
-from dynamo.raptor.fit import RaptorFitter, held_out_positions, open_store, start_fit
-from dynamo.raptor.io import check_teacher, resolve_teacher, write_tensors_and_json
-from dynamo.recurrence import PhaseRecurrence
+from dynamo.serialize import read_hidden
 from dynamo.stepping import BlockStepper
+from dynamo.surrogates.base import NOT_FITTED, SurrogateFitter
+from dynamo.surrogates.recurrence import PhaseRecurrence
+from dynamo.progress import progress_bar
 
 __all__ = [
     "ALPHAS",
-    "SURROGATES",
     "AffineSurrogate",
     "DMDFitter",
     "IdentityFitter",
     "IdentitySurrogate",
     "LinearFitter",
     "PhaseSurrogate",
-    "SurrogateFitter",
     "TeacherBlockFitter",
     "TeacherBlockSurrogate",
     "TransitionMoments",
-    "load_surrogate",
     "per_layer",
-    "phase_scores",
+    "rollout_scores",
     "transition_moments",
 ]
 
-FORMAT = "dynamo-surrogate/1"
 ALPHAS = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # ridge penalties `LinearFitter` chooses among
-NOT_FITTED = "this %(name)s is not fitted yet: call fit(ds)"
 
 
 def per_layer(num_layers: int) -> Partition:
@@ -90,10 +52,7 @@ def per_layer(num_layers: int) -> Partition:
 
 
 class PhaseSurrogate(PhaseRecurrence):
-    """k maps, one per contiguous phase of depth, each applied once per layer of its phase.
-
-    The router, rollout and teacher's ends of `dynamo.recurrence.PhaseRecurrence` (Raptor's);
-    subclasses define `apply` (one application of phase i's map).
+    """k maps, one per contiguous phase of depth, each applied once per layer of its phase; subclasses define `apply`.
 
     Parameters
     ----------
@@ -230,11 +189,11 @@ def transition_moments(ds: xr.Dataset, images=None, batch_size: int = 32, device
     positions = np.flatnonzero(np.isin(ds["image"].values, images))
     hidden = ds["hidden"]
     num_layers, width = hidden.sizes["layer"] - 1, hidden.sizes["feature"]
-    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)
     count, sum_in, sum_out = zeros(num_layers), zeros(num_layers, width), zeros(num_layers, width)
     gram, cross = zeros(num_layers, width, width), zeros(num_layers, width, width)
-    for rows in tqdm(_batches(positions, batch_size), desc="moments", disable=not progress, leave=False):
-        states = _read(hidden, rows, device)
+    for rows in progress_bar(_batches(positions, batch_size), desc="moments", enabled=progress, leave=False):
+        states = read_hidden(hidden, rows, device)
         for block in range(num_layers):  # float64 one layer at a time
             x = states[:, block].reshape(-1, width).double()
             y = states[:, block + 1].reshape(-1, width).double()
@@ -252,13 +211,8 @@ def _batches(positions: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return np.split(positions, np.arange(batch_size, positions.size, batch_size))
 
 
-def _read(hidden: xr.DataArray, rows: np.ndarray, device) -> torch.Tensor:
-    """``hidden`` of the images at ``rows`` as float32 (B, L + 1, T, D) on ``device``."""
-    return torch.from_numpy(np.asarray(hidden.isel(image=rows).values, dtype=np.float32)).to(device)
-
-
 @torch.no_grad()
-def phase_scores(ds: xr.Dataset, images, partition: Partition, candidates, batch_size: int = 64,
+def rollout_scores(ds: xr.Dataset, images, partition: Partition, candidates, batch_size: int = 64,
                  device: str = "cpu", progress: bool = False) -> list[np.ndarray]:
     """R² of each candidate map over each phase, rolled out from the recorded state at the phase's entry.
 
@@ -283,8 +237,8 @@ def phase_scores(ds: xr.Dataset, images, partition: Partition, candidates, batch
     """
     positions = np.flatnonzero(np.isin(ds["image"].values, np.asarray(images)))
     sums = [[None] * len(maps) for maps in candidates]
-    for rows in tqdm(_batches(positions, batch_size), desc="candidates", disable=not progress, leave=False):
-        states = _read(ds["hidden"], rows, device)
+    for rows in progress_bar(_batches(positions, batch_size), desc="candidates", enabled=progress, leave=False):
+        states = read_hidden(ds["hidden"], rows, device)
         for index, phase in enumerate(partition):
             target = states[:, phase[0] : phase[-1] + 1]
             for which, apply in enumerate(candidates[index]):
@@ -293,8 +247,7 @@ def phase_scores(ds: xr.Dataset, images, partition: Partition, candidates, batch
                     x = apply(x)
                     rollout.append(x)
                 batch = r2_sums(torch.stack(rollout, 1), target, "target", dims=None)
-                total = sums[index][which]
-                sums[index][which] = batch if total is None else tuple(a + b for a, b in zip(total, batch))
+                sums[index][which] = fold_sums(sums[index][which], batch)
     return [np.array([float(r2_from_sums(*total)) for total in phase]) for phase in sums]
 
 
@@ -306,81 +259,6 @@ def _selection_images(training: np.ndarray, count: int, seed: int) -> np.ndarray
 # ---- the fitters --------------------------------------------------------------------------
 
 
-class SurrogateFitter(BaseEstimator):
-    """What every rung's fitter shares: the store checks, teacher, partition, split, evaluation, saving.
-
-    Subclasses set ``name`` and implement ``_fit(ds, stepper)`` (returning the surrogate model)
-    and ``_state()`` (tensors and JSON of the fitted state, for `save`).
-    """
-
-    name = "surrogate"
-
-    def fit(self, ds: xr.Dataset | str | Path, teacher: LoadedModel | None = None, head: LinearHead | None = None,
-            **data) -> SurrogateFitter:
-        """Fit the surrogate to a trajectory dataset.
-
-        Parameters
-        ----------
-        ds : xarray.Dataset, str or Path
-            A trajectory dataset with every layer and token, or its store's path.
-        teacher : LoadedModel, optional
-            The recorded model; default loaded from the dataset's attributes (hash checked).
-        head : LinearHead, optional
-            The head the accuracies use, attached to the teacher (`dynamo.heads`).
-        **data
-            Precomputed inputs a fitter accepts (`LinearFitter`/`DMDFitter`: ``moments``).
-
-        Returns
-        -------
-        self, fitted.
-        """
-        ds, teacher, _ = start_fit(self, ds, teacher, self.seed)
-        teacher.module.to(self.device)
-        self.model_ = self._fit(ds, BlockStepper(teacher, head), **data).to(self.device)
-        return self
-
-    def _fit(self, ds: xr.Dataset, stepper: BlockStepper, **data) -> PhaseSurrogate:
-        raise NotImplementedError
-
-    def _state(self) -> tuple[dict, dict]:
-        return {}, {}
-
-    @torch.no_grad()
-    def transform(self, states) -> torch.Tensor:
-        """The surrogate's layers 0..L, (B, L + 1, T, D), from layer-0 states (B, T, D)."""
-        check_is_fitted(self, "model_", msg=NOT_FITTED)
-        states = torch.as_tensor(states, dtype=torch.float32, device=self.device)
-        return torch.stack(self.model_.run(states, 0), dim=1)
-
-    def evaluate(self, ds: xr.Dataset | str | Path, images=None, reference: str = "target", probe: bool = True) -> xr.Dataset:
-        """`dynamo.raptor.evaluate.evaluate` of the fitted surrogate, on the held-out images by default
-        (as `RaptorFitter.evaluate`); attrs ``surrogate`` (the rung) and ``images`` added."""
-        check_is_fitted(self, "model_", msg=NOT_FITTED)
-        ds, _ = open_store(ds)
-        check_teacher(ds.attrs, self.teacher_identity_)
-        positions, which = held_out_positions(self, ds, images)
-        report = evaluate(self.model_, ds, positions, reference=reference, probe=probe)
-        return report.assign_attrs(images=which, surrogate=self.name)
-
-    def score(self, ds: xr.Dataset | str | Path, images=None) -> float:
-        """Final-layer R² (all tokens, teacher variance) on held-out images."""
-        return float(self.evaluate(ds, images, probe=False).attrs["r2_final"])
-
-    def save(self, folder) -> Path:
-        """``config.json`` (parameters, partition, teacher, split, fitted state) and ``weights.safetensors``."""
-        check_is_fitted(self, "model_", msg=NOT_FITTED)
-        tensors, state = self._state()
-        config = {
-            "format": FORMAT, "surrogate": self.name, "params": self.get_params(), "partition": self.partition_,
-            "num_layers": self.model_.num_layers, "teacher": self.teacher_identity_, "store": self.store_,
-            "images_sha256": self.images_sha256_, "validation_images": self.validation_images_,
-            "training_images": self.training_images_, "state": state,
-        }
-        folder = Path(folder)
-        write_tensors_and_json(folder / "weights.safetensors", folder / "config.json", tensors, config)
-        return folder
-
-
 class IdentityFitter(SurrogateFitter):
     """The ``identity`` rung: nothing is learned; the partition only labels the result.
 
@@ -389,7 +267,7 @@ class IdentityFitter(SurrogateFitter):
     k, partition
         As `LinearFitter`'s.
     validation_fraction, seed : float, int
-        The held-out split (`dynamo.raptor.data.split_images`).
+        The held-out split (`dynamo.surrogates.base.split_images`).
     device : str
     """
 
@@ -401,6 +279,9 @@ class IdentityFitter(SurrogateFitter):
 
     def _fit(self, ds, stepper, **data) -> PhaseSurrogate:
         return IdentitySurrogate(self.partition_, int(ds.attrs["num_blocks"]), stepper)
+
+    def _restore(self, tensors, state, num_layers, stepper) -> PhaseSurrogate:
+        return IdentitySurrogate(self.partition_, num_layers, stepper)
 
 
 class _AffineFitter(SurrogateFitter):
@@ -426,6 +307,10 @@ class _AffineFitter(SurrogateFitter):
     def _state(self) -> tuple[dict, dict]:
         return {"weight": torch.from_numpy(self.weight_), "bias": torch.from_numpy(self.bias_)}, {}
 
+    def _restore(self, tensors, state, num_layers, stepper) -> PhaseSurrogate:
+        self.weight_, self.bias_ = tensors["weight"].numpy(), tensors["bias"].numpy()
+        return AffineSurrogate(self.partition_, num_layers, tensors["weight"], tensors["bias"], stepper, name=self.name)
+
     def operator(self, phase: int, steps: int = 1) -> np.ndarray:
         """K^p of phase ``phase`` (0-based) on the augmented state [x; 1]: (D + 1, D + 1), the map of
         ``steps`` applications, ``K^p [x; 1] = [x_p; 1]``."""
@@ -439,12 +324,8 @@ class _AffineFitter(SurrogateFitter):
 class LinearFitter(_AffineFitter):
     """The ``linear`` rung: one closed-form ridge regression per phase, x <- A_j x + b_j for every token.
 
-    Fitted on the one-step pairs (layer l - 1 -> layer l) of every layer of the phase, every
-    token of the training images, with the intercept unpenalised (the regression of centred y
-    on centred x), and applied recurrently. The ridge penalty of each phase is chosen among
-    ``alpha`` by the R² of the phase's rollout from its recorded entry state on training images
-    (one-step least squares compounds badly over many steps; shrinking A helps the rollout).
-    On `per_layer` (L one-block phases) it is the non-recurrent variant: one map per layer.
+    Fitted on the one-step pairs of the phase's layers (intercept unpenalised) and applied
+    recurrently; each phase's penalty is chosen among ``alpha`` by its rollout's R² on training images.
 
     Parameters
     ----------
@@ -461,7 +342,7 @@ class LinearFitter(_AffineFitter):
     batch_size : int
         Images read at a time.
     validation_fraction, seed
-        The held-out split (`split_images`, the same as `RaptorFitter`'s).
+        The held-out split (`dynamo.surrogates.base.split_images`).
     device : str
         Where the moments are summed and the surrogate runs.
     progress : bool
@@ -499,7 +380,7 @@ class LinearFitter(_AffineFitter):
             candidates = [[partial(_affine, weight=torch.as_tensor(w, dtype=torch.float32, device=self.device),
                                    bias=torch.as_tensor(b, dtype=torch.float32, device=self.device)) for w, b in phase]
                           for phase in maps]
-            scores = phase_scores(ds, _selection_images(self.training_images_, self.selection_images, self.seed),
+            scores = rollout_scores(ds, _selection_images(self.training_images_, self.selection_images, self.seed),
                                   self.partition_, candidates, self.batch_size, self.device, self.progress)
         best = [0 if len(alphas) == 1 else int(np.argmax(row)) for row in scores]
         self.alpha_ = [alphas[b] for b in best]
@@ -523,16 +404,18 @@ class LinearFitter(_AffineFitter):
         tensors, _ = super()._state()
         return {**tensors, "scores": torch.from_numpy(self.scores_.values)}, {"alpha": self.alpha_}
 
+    def _restore(self, tensors, state, num_layers, stepper) -> PhaseSurrogate:
+        self.alpha_ = state["alpha"]
+        self.scores_ = xr.DataArray(tensors["scores"].numpy(), dims=("phase", "alpha"),
+                                    coords={"alpha": [float(a) for a in np.atleast_1d(self.alpha)]})
+        return super()._restore(tensors, state, num_layers, stepper)
+
 
 class DMDFitter(_AffineFitter):
     """The ``dmd`` rung: exact DMD of each phase's steps, with the constant observable appended.
 
-    For phase j, snapshots z = [x; 1] (every token at every layer l - 1 of the phase) and their
-    successors y (layer l): K = Y Z^+ by the SVD of Z, truncated to ``rank``. From the streamed
-    Gram Z Z^T = U S^2 U^T: K = (Y Z^T) U_r S_r^-2 U_r^T, so nothing but moments is needed. At
-    full rank this is the least-squares affine map (`LinearFitter` with alpha = 0); p steps are
-    K^p (`operator`). Without truncation a rank-deficient phase keeps its numerical rank (the
-    pseudo-inverse's cut-off).
+    K = Y Z^+ from the streamed moments, truncated to ``rank``; at full rank the least-squares
+    affine map (`LinearFitter` with alpha = 0). p steps are K^p (`operator`).
 
     Parameters
     ----------
@@ -596,14 +479,15 @@ class DMDFitter(_AffineFitter):
         tensors, _ = super()._state()
         return tensors, {"rank": self.rank_}
 
+    def _restore(self, tensors, state, num_layers, stepper) -> PhaseSurrogate:
+        model = super()._restore(tensors, state, num_layers, stepper)
+        self.rank_ = state["rank"]
+        self.eigenvalues_ = np.stack([np.linalg.eigvals(weight) for weight in self.weight_])
+        return model
+
 
 class TeacherBlockFitter(SurrogateFitter):
-    """The ``teacher-block`` rung: each phase runs one of the teacher's own blocks for all its layers.
-
-    No training: for every phase and every candidate block c, the phase is rolled out from the
-    recorded state at its entry with block c at each of its layers, and the block with the
-    highest R² (teacher variance, all tokens, the phase's layers stacked) on training images is
-    chosen.
+    """The ``teacher-block`` rung: each phase runs the teacher block whose rollout over it has the best R² on training images.
 
     Parameters
     ----------
@@ -639,7 +523,7 @@ class TeacherBlockFitter(SurrogateFitter):
         num_layers = int(ds.attrs["num_blocks"])
         tried = [list(range(1, num_layers + 1)) if self.candidates == "all" else list(phase) for phase in self.partition_]
         candidates = [[partial(stepper.step, layer=block, block=block) for block in blocks] for blocks in tried]
-        scores = phase_scores(ds, _selection_images(self.training_images_, self.selection_images, self.seed),
+        scores = rollout_scores(ds, _selection_images(self.training_images_, self.selection_images, self.seed),
                               self.partition_, candidates, self.batch_size, self.device, self.progress)
         table = np.full((len(self.partition_), num_layers), np.nan)
         for index, (blocks, row) in enumerate(zip(tried, scores)):
@@ -654,56 +538,10 @@ class TeacherBlockFitter(SurrogateFitter):
     def _state(self) -> tuple[dict, dict]:
         return {"scores": torch.from_numpy(self.scores_.values)}, {"blocks": self.blocks_}
 
-
-SURROGATES = {
-    "identity": IdentityFitter,
-    "linear": LinearFitter,
-    "dmd": DMDFitter,
-    "teacher-block": TeacherBlockFitter,
-    "raptor": RaptorFitter,
-}
-
-
-def load_surrogate(folder, teacher: LoadedModel | None = None, device: str | None = None, head: LinearHead | None = None):
-    """A fitted rung from a folder written by its fitter's ``save``: a `SurrogateFitter` or a `RaptorFitter`.
-
-    The closed-form and teacher-block rungs are rebuilt from their saved state (no data read);
-    ``teacher`` as in `RaptorFitter.load` (default: loaded by the saved name, hash checked).
-    """
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{folder} holds no saved surrogate (no config.json)")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != FORMAT:
-        return RaptorFitter.load(folder, teacher=teacher, device=device, head=head)
-    fitter = SURROGATES[config["surrogate"]](**{**config["params"], **({"device": device} if device else {})})
-    teacher = resolve_teacher(config["teacher"], teacher)  # everything that rebuilds it (`dynamo.models.rebuild_attrs`)
-    teacher.module.to(fitter.device)
-    stepper = BlockStepper(teacher, head)
-    fitter.partition_ = Partition(config["partition"])
-    fitter.teacher_identity_, fitter.store_, fitter.images_sha256_ = config["teacher"], config["store"], config["images_sha256"]
-    fitter.validation_images_ = np.asarray(config["validation_images"], dtype=np.int64)
-    fitter.training_images_ = np.asarray(config["training_images"], dtype=np.int64)
-    tensors = {name: value.numpy() for name, value in load_file(str(folder / "weights.safetensors")).items()}
-    num_layers = config["num_layers"]
-    if isinstance(fitter, _AffineFitter):
-        fitter.weight_, fitter.bias_ = tensors["weight"], tensors["bias"]
-        model = AffineSurrogate(fitter.partition_, num_layers, torch.from_numpy(fitter.weight_),
-                                torch.from_numpy(fitter.bias_), stepper, name=fitter.name)
-        if isinstance(fitter, LinearFitter):
-            fitter.alpha_ = config["state"]["alpha"]
-            fitter.scores_ = xr.DataArray(tensors["scores"], dims=("phase", "alpha"),
-                                          coords={"alpha": [float(a) for a in np.atleast_1d(fitter.alpha)]})
-        if isinstance(fitter, DMDFitter):
-            fitter.rank_ = config["state"]["rank"]
-            fitter.eigenvalues_ = np.stack([np.linalg.eigvals(weight) for weight in fitter.weight_])
-    elif isinstance(fitter, TeacherBlockFitter):
-        fitter.blocks_ = config["state"]["blocks"]
-        fitter.scores_ = xr.DataArray(tensors["scores"], dims=("phase", "candidate"),
-                                      coords={"candidate": np.arange(1, num_layers + 1)})
-        model = TeacherBlockSurrogate(fitter.partition_, num_layers, stepper, fitter.blocks_)
-    else:
-        model = IdentitySurrogate(fitter.partition_, num_layers, stepper)
-    fitter.model_ = model.to(fitter.device)
-    return fitter
+    def _restore(self, tensors, state, num_layers, stepper) -> PhaseSurrogate:
+        if stepper is None:
+            raise ValueError("the teacher-block surrogate runs the teacher's blocks: load it with teacher=")
+        self.blocks_ = state["blocks"]
+        self.scores_ = xr.DataArray(tensors["scores"].numpy(), dims=("phase", "candidate"),
+                                    coords={"candidate": np.arange(1, num_layers + 1)})
+        return TeacherBlockSurrogate(self.partition_, num_layers, stepper, self.blocks_)

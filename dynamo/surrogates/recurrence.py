@@ -1,14 +1,8 @@
 """k maps routed over the L layers of a ViT, with the teacher's embedding and head: what every surrogate shares.
 
-A router sends each target layer t (1..L) to the map of the phase that holds block t: for
-contiguous phases, map i (0-based) for the first i with t <= thresholds[i], the last map beyond
-every threshold (the paper's ``Raptor(blocks, thresholds)``; k - 1 thresholds, as
-`dynamo.partition.Partition.thresholds` gives); any partition of blocks 1..L routes the same way
-(the paper's random shuffled partitions). A surrogate runs between any two layers of the
-trajectory store's numbering (layer 0 = input to the first block) and, with a teacher attached, as
-a whole model: the teacher's embedding, the k maps applied L times, the teacher's final norm and
-head. `run` and `head` have the signatures of `dynamo.stepping.BlockStepper`, so code that pushes
-states through a ViT takes a surrogate unchanged.
+Target layer t (1..L) goes to the map of the phase holding block t (for contiguous phases, the
+paper's router thresholds). `run` and `head` have `dynamo.stepping.BlockStepper`'s signatures, so
+code that pushes states through a ViT takes a surrogate unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +12,7 @@ from torch import nn
 
 from dynamo.heads import NO_HEAD, NoHeadError
 from dynamo.partition import Partition
-from dynamo.stepping import BlockStepper
+from dynamo.stepping import BlockStepper, rollout
 
 __all__ = ["PhaseRecurrence"]
 
@@ -83,7 +77,7 @@ class PhaseRecurrence(nn.Module):
             (B, T, D) at layer ``layer - 1``.
         layer : float
             1..L, the layer to produce (a depth-conditioned map's depth signal); any depth when
-            ``block`` is given (as `dynamo.hypothesis.loop_count` runs them).
+            ``block`` is given (as `dynamo.surrogates.measures.loop_count` runs them).
         block : int, optional
             1-based map to use instead of the routed one.
         """
@@ -110,16 +104,7 @@ class PhaseRecurrence(nn.Module):
         list of torch.Tensor
             ``stop - start + 1`` states, layers ``start..stop``, each (B, T, D); the first is ``x``.
         """
-        stop = self.num_layers if stop is None else stop
-        if not 0 <= start <= stop <= self.num_layers:
-            raise ValueError(f"need 0 <= start <= stop <= {self.num_layers}, got {start}, {stop}")
-        states = [x]
-        for layer in range(start + 1, stop + 1):
-            inp = states[-1]
-            if noise:
-                inp = inp + noise * torch.randn(inp.shape, generator=generator, dtype=inp.dtype, device=inp.device)
-            states.append(self.step(inp, layer))
-        return states
+        return rollout(self.step, x, start, stop, self.num_layers, noise=noise, generator=generator)
 
     def _teacher(self) -> BlockStepper:
         if self.teacher is None:

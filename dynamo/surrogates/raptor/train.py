@@ -1,44 +1,19 @@
 """The training loop of a Raptor fit (`RaptorFitter.fit`): stage 1 block by block, then stage 2.
 
-The recipe is the paper's (spec section 2; official code ``KempnerInstitute/raptor``):
+- Stage 1 trains one block per phase on that phase's layer range only, with teacher forcing
+  annealed into rollout over the first ``tf_anneal`` of the steps (`dynamo.surrogates.raptor.loss`);
+  a phase that is not contiguous is trained on each of its runs of consecutive blocks.
+- Stage 2 trains all blocks together, purely autoregressively over 0 -> L, through the router.
+- AdamW, linear warmup then cosine decay (`timm.scheduler.CosineLRScheduler`), gradient clipping.
 
-- **Stage 1** trains one block per phase of depth, on that phase's layer range s -> e only,
-  with the loss ``lam * L_TF + (1 - lam) * L_AR`` (`dynamo.raptor.loss.segment_loss`): teacher
-  forcing annealed linearly into autoregressive rollout, ``lam`` falling from 1 to ``tf_floor``
-  over the first ``tf_anneal`` (25%) of the steps, then staying there (the paper: 0). A phase that
-  is not contiguous in depth (a random shuffled partition, the paper's Fig. 3 baseline) is trained
-  the same way on each of its runs of consecutive blocks, every run rolled out from its own
-  recorded start layer (the paper's code has no such phases; this is the natural extension).
-- **Stage 2** trains all blocks together, purely autoregressively over the whole depth 0 -> L,
-  through the router.
-- AdamW; linear warmup from 0 over ``warmup`` steps (a fraction of each segment's steps when
-  below 1), then cosine decay to ``min_lr`` at the segment's last step
-  (`timm.scheduler.CosineLRScheduler`, set before each update to its value after the updates
-  done); gradient clipping; optional input noise.
-
-**When a segment stops.** Every ``validate_every`` steps the rollout over the segment's range is
-scored on held-out images (R² at its end layer). A segment stops at ``steps``, or earlier, once
-warmup and teacher-forcing anneal are over, when its last ``patience`` validations have not
-beaten the best validation before them by more than ``tol`` (`plateaued`; ``patience`` 0 or
-None: always ``steps``). The learning-rate schedule is laid out over ``steps`` either way.
-
-**Reuse.** A trained stage-1 block depends only on its layer range, its loss weights, the
-recipe, the teacher, the images and the seed: its initialisation, batches and noise are drawn
-from seeds of (seed, range), not of its position in the partition. With ``stage1_cache`` set,
-each is kept there and reused by any fit (another k, a baseline partition) with the same
-segment.
-
-Determinism and resume. A segment's batches are a function of (seed, stage, range) and the epoch
-(`dynamo.raptor.data.batch_plan`), the rollout noise of step s one of (seed, stage, range, s). A
-checkpoint (every ``checkpoint_every`` steps and at each segment's end; one file, renamed into
-place once, `dynamo.raptor.io.save_checkpoint`) holds the weights, the optimizer's state, the
-position (stage, phase, step) and the history (which also decides early stopping), so an
-interrupted fit resumes to the same final weights.
+A segment stops at ``steps``, or earlier by `plateaued`, validated on the fit's early-stopping
+images (never on the held-out images it is scored on). Batches, noise and initialisation are
+drawn from seeds of (seed, stage, range), so a stage-1 block can be kept and reused
+(``stage1_cache``), and a checkpointed fit resumes to the same weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +22,25 @@ import numpy as np
 import torch
 import xarray as xr
 from timm.scheduler import CosineLRScheduler
-from tqdm.auto import tqdm
 
 from dynamo.metrics import r2_score
-from dynamo.raptor.data import trajectory_loader
-from dynamo.raptor.io import load_block, load_checkpoint, save_block, save_checkpoint
-from dynamo.raptor.loss import PAPER_STAGE2_WEIGHTS, loss_weights, segment_loss, stage1_weights
+from dynamo.progress import progress_bar
+from dynamo.serialize import derived_seed, read_hidden
+from dynamo.surrogates.raptor.data import trajectory_loader
+from dynamo.surrogates.raptor.io import (
+    load_block,
+    load_checkpoint,
+    save_block,
+    save_checkpoint,
+)
+from dynamo.surrogates.raptor.loss import (
+    PAPER_STAGE2_WEIGHTS,
+    loss_weights,
+    segment_loss,
+    stage1_weights,
+)
 
-__all__ = ["DONE", "Segment", "derived_seed", "phase_runs", "plateaued", "segments", "stopping_rule", "train", "warmup_steps"]
+__all__ = ["DONE", "Segment", "phase_runs", "plateaued", "segments", "stopping_rule", "train", "warmup_steps"]
 
 DONE = (3, 0, 0)  # (stage, phase, step) of a finished fit
 NOT_STAGE1 = ("k", "partition", "stage1_loss", "stage2_loss", "stage2_steps", "checkpoint_every", "stage1_cache")
@@ -75,7 +61,7 @@ class Segment:
     start: int
     stop: int
     steps: int
-    weights: dict | None  # token-kind loss weights (`dynamo.raptor.loss.loss_weights`), None for MSE
+    weights: dict | None  # token-kind loss weights (`dynamo.surrogates.raptor.loss.loss_weights`), None for MSE
     runs: tuple[tuple[int, int], ...] = ()
 
     @property
@@ -131,7 +117,7 @@ def stopping_rule(fitter) -> str:
         return f"fixed step count: {steps.removeprefix('at most ')} (patience 0)"
     return (f"{steps}; a segment stops earlier once its last {fitter.patience} validations (every "
             f"{fitter.validate_every} steps: R² at the segment's end layer on up to {fitter.validation_images} "
-            f"held-out images), after warmup and teacher-forcing anneal, gain no more than {fitter.tol:g} over "
+            f"early-stopping images from the training split, disjoint from the scored ones), after warmup and teacher-forcing anneal, gain no more than {fitter.tol:g} over "
             "the best one before them")
 
 
@@ -203,7 +189,7 @@ def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimiz
     span = (segment.stage, segment.start, segment.stop)
     batches = iter(trajectory_loader(ds, images, segment.start, segment.stop, fitter.batch_size,
                                      seed=derived_seed(fitter.seed, *span), first_step=first))
-    bar = tqdm(total=segment.steps, initial=first, desc=segment.name, disable=not fitter.progress, leave=False)
+    bar = progress_bar(total=segment.steps, initial=first, desc=segment.name, enabled=fitter.progress, leave=False)
     anneals = segment.stage == 1 and fitter.tf_anneal > 0
     floor = fitter.tf_floor if segment.stage == 1 else 0.0
     entries = [e for e in fitter.history_ if (e["stage"], e["block"]) == (segment.stage, segment.phase + 1)]
@@ -247,21 +233,15 @@ def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimiz
 
 
 def _validation_states(fitter, ds: xr.Dataset, segment: Segment) -> torch.Tensor | None:
-    """The start and stop layers of each range of at most ``validation_images`` held-out images, (N, 2 × ranges, T, D)."""
-    rows = np.sort(np.random.default_rng(fitter.split_seed_).permutation(fitter.validation_images_)[: fitter.validation_images])
-    if rows.size == 0:
+    """The start and stop layers of each range on the fit's early-stopping images, (N, 2 × ranges, T, D)."""
+    if fitter.stopping_images_.size == 0:
         return None
-    hidden = ds["hidden"].sel(image=rows).isel(layer=[layer for run in segment.ranges for layer in run])
-    return torch.from_numpy(np.asarray(hidden.values, dtype=np.float32)).to(fitter.device)
+    rows = np.flatnonzero(np.isin(ds["image"].values, fitter.stopping_images_))
+    return read_hidden(ds["hidden"], rows, fitter.device, layer=[layer for run in segment.ranges for layer in run])
 
 
 @torch.no_grad()
 def _validate(model, validation: torch.Tensor, segment: Segment) -> float:
-    """R² (teacher variance) of the rollout start -> stop at layer ``stop``, on held-out images; the mean over a phase's ranges."""
+    """R² (teacher variance) of the rollout start -> stop at layer ``stop``, on early-stopping images; the mean over a phase's ranges."""
     return float(np.mean([r2_score(model.run(validation[:, 2 * i], a, b)[-1], validation[:, 2 * i + 1])
                           for i, (a, b) in enumerate(segment.ranges)]))
-
-
-def derived_seed(*parts) -> int:
-    """A 32-bit seed that is a function of ``parts`` alone (a fit's seed and what it seeds)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
