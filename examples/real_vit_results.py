@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import shlex
@@ -157,7 +158,7 @@ def commands(out: Path, checkpoint: str) -> dict:
         "concepts", small, "--steps", 400, "--concepts", 1536, "--out", out / "concepts_photos64", "--quiet", "--json")
     steps["raptor_photos64"] = dynamo_cli(
         "fit", small, "--k", 2, "--steps", RAPTOR_STEPS, "--stage2-steps", RAPTOR_STAGE2, "--patience", 0,
-        "--validate-every", 20, "--batch-size", 8, "--out", out / "raptor_photos64", "--quiet", "--json")
+        "--validate-every", 10, "--batch-size", 8, "--out", out / "raptor_photos64", "--quiet", "--json")
     return steps
 
 
@@ -186,9 +187,6 @@ def swap_stage(out: Path, checkpoint: str) -> dict:
     from dynamo.heads import LinearHead, scored, store_accuracy
     from dynamo.partition import Partition
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from causal_swap import contiguous_partitions
-
     started = time.perf_counter()
     ds = dynamo.open_trajectories(out / "fashion.zarr")
     loaded = dynamo.load_model(MODEL, checkpoint=checkpoint, img_size=224, preprocess="paper")
@@ -206,7 +204,8 @@ def swap_stage(out: Path, checkpoint: str) -> dict:
         pooled[name] = xr.concat([r[name] for r in results], "group").mean("group")
     pooled["r2"] = xr.concat([r["r2"] for r in results], "group").mean("group")
     paper = Partition.from_thresholds([7, 10], 12)
-    null = [matched_drop(pooled, p) for p in contiguous_partitions(12, len(partition))]
+    null = [matched_drop(pooled, Partition.from_thresholds(list(cuts), 12))
+            for cuts in itertools.combinations(range(1, 12), len(partition) - 1)]  # every contiguous partition, same k
     observed = matched_drop(pooled)
     summary = {
         "probe": head.source_, "probe_accuracy_heldout": clean["model_accuracy"], "probe_heldout_images": clean["accuracy_images"],
@@ -271,7 +270,7 @@ def per_image_tests(out: Path, boundaries: list[int]) -> dict:
     coherence = tokens["coherence"].astype(float).transpose("image", "layer").values
     rise = coherence[:, L] - coherence[:, boundaries[-1]]
     perturbation = xr.open_zarr(out / "perturbation_photos" / "perturbation.zarr")["recovery"].astype(float)
-    log_recovery = np.log(perturbation.sel(token_kind="all")).median([d for d in perturbation.dims if d not in ("image", "token_kind")])
+    log_recovery = np.log(perturbation.sel(token_kind="patch")).median([d for d in perturbation.dims if d not in ("image", "token_kind")])
     rank = xr.open_zarr(out / "analyze_photos" / "rank.zarr")
     where = dict(measure="stable_rank", token_kind="patch", space="sphere")
     stable = rank["rank"].sel(where).astype(float)
@@ -358,7 +357,7 @@ def claims(out: Path) -> tuple[list[dict], dict]:
             "cls_minus_patch_speed_last_block": "photos: the cls token turns faster than the patches in the last block (the late turn)",
             "coherence_rise_last_phase": "photos: patch coherence rises over the late phase (κ at layer 12 above κ at the f = 0.2 boundary)",
             "stable_rank_late_minus_early": "photos: late updates (blocks after the f = 0.2 boundary) have lower stable rank than early ones (the paper: ≈ 6 late)",
-            "perturbation_log_recovery": "photos: perturbations shrink by the last layer (relative gap at L below its size α)"}
+            "perturbation_log_recovery": "photos: perturbations of the patch tokens shrink by the last layer (relative gap at L below its size α; median over starts, sizes, random and principal directions)"}
     alternatives = {**{f"gamma_{kind}_rise_before_last": "no rise before the last block" for kind in ("cls", "patch")},
                     "cls_minus_patch_speed_last_block": "cls and patches turn alike",
                     "coherence_rise_last_phase": "no change of coherence",
@@ -398,14 +397,14 @@ def draw_phases(phases: dict, path: Path) -> None:
         ax = axes[0, column]
         similarity = 1 - np.asarray(phases[store]["f0.1"]["dissimilarity"])
         image = ax.imshow(similarity, cmap="viridis", extent=(0.5, 12.5, 12.5, 0.5), vmin=-0.2, vmax=1)
-        _boundary_lines(ax, phases[store]["f0.2"]["boundaries"], "magenta", "-", "max-cut f = 0.2 (this model)", 0.45)
-        _boundary_lines(ax, phases[store]["f0.1"]["boundaries"], "lime", "-", "max-cut f = 0.1 (this model)", 0.55)
+        _boundary_lines(ax, phases[store]["f0.2"]["boundaries"], "magenta", "-", "max-cut f = 0.2 (this model)", 0.4)
+        _boundary_lines(ax, phases[store]["f0.1"]["boundaries"], "lime", "--", "max-cut f = 0.1 (this model)", 0.6)
         _boundary_lines(ax, [7, 10], "white", ":", "DINOv2-B, paper (after 7; 7 and 10)", 0.5)
         ax.set(xticks=range(1, 13), yticks=range(1, 13), xlabel="layer (block output)", ylabel="layer")
         n = phases[store]["f0.1"]["n_images"]
         ax.set_title(f"{'scikit-image photo crops' if store == 'photos' else 'Fashion-MNIST test images'} ({n})\n"
                      f"f = 0.2: {phases[store]['f0.2']['partition']}   f = 0.1: {phases[store]['f0.1']['partition']}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower left", framealpha=0.85)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3)
         figure.colorbar(image, ax=ax, shrink=0.8, label="mean cosine similarity over [cls, patch mean]")
         bars = axes[1, column]
         after = np.arange(1, 12)
@@ -460,13 +459,13 @@ def draw_dynamics(out: Path, boundaries: list[int], path: Path) -> None:
     ax.axhline(6, color="k", linestyle=":", label="paper, late layers of DINOv2-B: ≈ 6")
     ax.set(xlabel="block", ylabel="stable rank of x̂ updates", title="update rank (photos)")
     ax = axes[1, 1]
-    gap = perturbation["distance"].sel(token_kind="all").astype(float)
-    for start in gap["start"].values:
+    gap = perturbation["distance"].sel(token_kind="patch").astype(float)
+    for start, color in zip(gap["start"].values, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")):
         for alpha, style in zip(gap["alpha"].values, ("--", "-")):
             curve = gap.sel(start=start, alpha=alpha).median([d for d in gap.dims if d not in ("layer", "start", "alpha")])
-            ax.plot(curve["layer"], curve / alpha, style, label=f"start {start}, α {alpha:g}")
+            ax.plot(curve["layer"], curve / alpha, style, color=color, label=f"start {start}, α {alpha:g}")
     ax.axhline(1, color="k", linewidth=0.8)
-    ax.set(yscale="log", xlabel="layer", ylabel="relative gap / α (median over images, directions)",
+    ax.set(yscale="log", xlabel="layer", ylabel="patch gap / α (median: images, directions)",
            title=f"perturbation recovery ({perturbation.sizes['image']} photos)")
     ax.legend(fontsize=6, ncol=2)
     ax = axes[1, 2]
@@ -621,7 +620,7 @@ def report(out: Path, docs: Path, checkpoint: str) -> dict:
     return result
 
 
-RAPTOR_STEPS, RAPTOR_STAGE2 = 100, 60
+RAPTOR_STEPS, RAPTOR_STAGE2 = 40, 20
 
 
 def main(argv=None) -> dict:
