@@ -531,6 +531,8 @@ def draw_surrogates(out: Path, path: Path) -> None:
     """The ladder's ε (mean over layers, 95 % bootstrap) per rung and k, and Raptor's held-out R² during training."""
     import matplotlib.pyplot as plt
 
+    from dynamo.partition import Partition
+
     ladder = json.loads((out / "ladder_photos64.json").read_text())
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     rows = ladder["table"]
@@ -543,9 +545,9 @@ def draw_surrogates(out: Path, path: Path) -> None:
         low = np.array([row["epsilon_mean_low"] if row else np.nan for row in chosen], dtype=float)
         high = np.array([row["epsilon_mean_high"] if row else np.nan for row in chosen], dtype=float)
         left.bar(np.arange(len(names)) + (shift - (len(ks) - 1) / 2) * width, mean, width, yerr=[mean - low, high - mean],
-                 capsize=3, label=f"k = {k} ({ladder['partitions'][str(k)] if str(k) in ladder['partitions'] else ladder['partitions'].get(k)})")
+                 capsize=3, label=f"k = {k}: {Partition(ladder['partitions'][str(k)])}")
     left.set_xticks(range(len(names)), names, rotation=20)
-    left.set(ylabel="ε: relative Frobenius error, mean over layers 1..12", yscale="log")
+    left.set(ylabel="ε mean: relative Frobenius error, mean over layers 1..12")
     left.set_title(f"ladder of surrogates on {ladder['n_images']} held-out photo crops (95 % bootstrap over images)", fontsize=9)
     left.legend(fontsize=8)
     left.grid(alpha=0.3, axis="y")
