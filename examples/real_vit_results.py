@@ -610,7 +610,7 @@ def write_verdicts(page: Path, judged: list[dict]) -> None:
             "|---|---|---|---|---|---|---|---|"]
     for number, claim in enumerate(judged, 1):
         units = f"{claim['n']} ({claim['unit']})" if claim.get("n") else claim.get("unit", "")
-        rows.append(f"| {number} | {claim['claim']} | {claim['alternative']} | {claim['effect']:+.3g} | {units} | "
+        rows.append(f"| {number} | {claim['claim'].replace('|', chr(92) + '|')} | {claim['alternative']} | {claim['effect']:+.3g} | {units} | "
                     f"{claim['p_value']:.2g} ({claim['p_method']}) | {claim['p_adjusted']:.2g} | **{claim['verdict']}** |")
     text = page.read_text()
     head, rest = text.split(BEGIN, 1)
