@@ -57,7 +57,7 @@ def run(command: list[str], out: Path, name: str, env: dict | None = None) -> di
         return json.loads(target.read_text())
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {shown}", flush=True)
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise SystemExit(f"{name} failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
     text = result.stdout.strip()
@@ -274,7 +274,7 @@ def per_image_tests(out: Path, boundaries: list[int]) -> dict:
     perturbation = xr.open_zarr(out / "perturbation_photos" / "perturbation.zarr")["recovery"].astype(float)
     log_recovery = np.log(perturbation.sel(token_kind="patch")).median([d for d in perturbation.dims if d not in ("image", "token_kind")])
     rank = xr.open_zarr(out / "analyze_photos" / "rank.zarr")
-    where = dict(measure="stable_rank", token_kind="patch", space="sphere")
+    where = {"measure": "stable_rank", "token_kind": "patch", "space": "sphere"}
     stable = rank["rank"].sel(where).astype(float)
     booted = rank["rank_bootstrap"].sel(where).astype(float)
     late_minus_early = (booted.sel(block=last_phase).mean("block") - booted.sel(block=first_phase).mean("block")).values
@@ -454,7 +454,7 @@ def draw_dynamics(out: Path, boundaries: list[int], path: Path) -> None:
     ax.set(xlabel="layer", ylabel="mean cos(patch, patch mean)", title="patch coherence (photos)")
     ax = axes[1, 0]
     for kind in ("cls", "patch"):
-        where = dict(measure="stable_rank", token_kind=kind, space="sphere")
+        where = {"measure": "stable_rank", "token_kind": kind, "space": "sphere"}
         value = rank["rank"].sel(where).astype(float)
         booted = rank["rank_bootstrap"].sel(where).astype(float).values
         low, high = np.percentile(booted, [2.5, 97.5], axis=0)
