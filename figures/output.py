@@ -18,9 +18,9 @@ def save_figures(figures: Mapping[str, plt.Figure], folder: str | Path, prefix: 
     """
     written = {}
     for name, figure in figures.items():
-        stem = Path(folder) / f"{prefix}{name}"
-        for fmt in formats:
-            figure.savefig(stem.with_suffix(f".{fmt}"), dpi=dpi, bbox_inches="tight")
+        paths = [Path(folder) / f"{prefix}{name}.{fmt}" for fmt in formats]  # a dot in the name is not a suffix
+        for path, fmt in zip(paths, formats):
+            figure.savefig(path, dpi=dpi, bbox_inches="tight")
         plt.close(figure)
-        written[name] = stem.with_suffix(f".{formats[0]}")
+        written[name] = paths[0]
     return written

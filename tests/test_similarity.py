@@ -157,3 +157,14 @@ def test_grid_shares_one_colour_scale(store, tmp_path):
     figure.savefig(tmp_path / "grid.png")
     with pytest.raises(ValueError, match="share a measure"):
         similarity_grid([matrices["cls"], layer_similarity(store, "mse", progress=False)])
+
+
+def test_a_dot_in_a_figure_name_is_kept(tmp_path):
+    """`dynamo phases --figure x_f0.2.png` writes x_f0.2.png and .svg, not x_f0.png (a dot is not a suffix)."""
+    import matplotlib.pyplot as plt
+
+    from figures.output import save_figures
+
+    written = save_figures({"x_f0.2": plt.figure(), "x_f0.1": plt.figure()}, tmp_path, formats=("png", "svg"))
+    assert written == {"x_f0.2": tmp_path / "x_f0.2.png", "x_f0.1": tmp_path / "x_f0.1.png"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_f0.1.png", "x_f0.1.svg", "x_f0.2.png", "x_f0.2.svg"]
