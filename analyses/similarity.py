@@ -34,7 +34,7 @@ import numpy as np
 import xarray as xr
 from scipy.linalg import blas
 
-from analyses.streaming import finite, fold_image_blocks, image_blocks
+from dynamo.blocks import finite, fold_image_blocks, image_blocks
 from dynamo.layout import REDUCED_VIEWS, default_tokens, token_groups
 
 DESCRIPTION = "Layer × layer dissimilarity of the residual stream (cosine, angle, MSE or linear CKA), streamed over the store."
@@ -102,7 +102,7 @@ def layer_similarity(
     stored dtype) and computed in float64 a few images at a time, so memory is about one chunk
     of images × layers × tokens × features whatever the number of images, plus for CKA two
     matrices (the running total and one chunk's) of ``(layers × features)² × 8`` bytes per
-    group. On a dask.distributed client (`analyses.streaming.fold_image_blocks`) each chunk is
+    group. On a dask.distributed client (`dynamo.blocks.fold_image_blocks`) each chunk is
     a task on the workers, with the same result.
     """
     if measure not in MEASURES:

@@ -21,7 +21,7 @@ from sklearn.cluster import KMeans
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from analyses.streaming import finite, fold_image_blocks, image_blocks, layer_states, unit
+from dynamo.blocks import finite, fold_image_blocks, image_blocks, layer_states, unit
 from dynamo.progress import progress_bar
 from dynamo.serialize import fit_identity, optimizer_state, read_tensors_and_json, tensors_of_optimizer, write_tensors_and_json
 
