@@ -10,8 +10,20 @@ from functools import partial
 import numpy as np
 import xarray as xr
 
-from analyses.streaming import (Accumulator, Chunk, angle_deg, contiguous, cosines, fold_image_blocks, image_coords,
-                                principal_directions, provenance, read_block, rounded, stream, unit)
+from analyses.streaming import (
+    Accumulator,
+    Chunk,
+    angle_deg,
+    contiguous,
+    cosines,
+    image_coords,
+    principal_directions,
+    provenance,
+    read_block,
+    rounded,
+    stream,
+)
+from dynamo.blocks import fold_image_blocks, unit
 from dynamo.heads import LinearHead, store_accuracy, store_labels
 from dynamo.layout import REDUCED_VIEWS, token_groups
 

@@ -13,15 +13,16 @@ import numpy as np
 import xarray as xr
 from sklearn.base import clone
 
-from analyses.dictionary import KINDS, ConceptDictionary, matched_cosine, require_hidden
-from dynamo.serialize import derived_seed
 from analyses.phases import find_phases
-from analyses.streaming import fold_image_blocks, image_blocks, image_coords, layer_states, provenance, rounded
+from analyses.streaming import image_coords, provenance, rounded
+from dynamo.blocks import fold_image_blocks, image_blocks, layer_states
+from dynamo.dictionary import KINDS, ConceptDictionary, matched_cosine, require_hidden
 from dynamo.heads import store_labels
 from dynamo.layout import ALL_TOKENS, token_groups
 from dynamo.metrics import r2_from_sums, r2_sums
 from dynamo.partition import NO_PHASE, Partition, assign_phases
 from dynamo.progress import progress_bar
+from dynamo.serialize import derived_seed
 
 DESCRIPTION = (
     "One sparse dictionary (TopK or RA-SAE) over every layer's tokens: each concept's activation "

@@ -12,7 +12,8 @@ import numpy as np
 import xarray as xr
 from dask.diagnostics import ProgressBar
 
-from analyses.streaming import Accumulator, Chunk, cluster_client, contiguous, image_coords, principal_directions, stream
+from analyses.streaming import Accumulator, Chunk, contiguous, image_coords, principal_directions, stream
+from dynamo.blocks import cluster_client
 from dynamo.layout import REDUCED_VIEWS, TOKEN_KINDS, token_groups
 from dynamo.progress import progress_bar
 

@@ -1,31 +1,15 @@
 """Do a store's phases exceed a smooth gradient? Its partition's structure against a gradient null.
 
-Any matrix whose dissimilarity grows with depth distance has a "best" partition into phases,
-blocks or not. The null here is the **smooth-gradient (Toeplitz) null**: the diagonal average
-T(D) of the layer dissimilarity D, T(D)[i, j] = mean of D over the pairs at the same depth
-distance |i − j|: the same decay with distance, no blocks.
-
-**Primary score: relative contrast** = (mean D between phases − mean D within phases) / mean D
-over all pairs (`relative_contrast`). The contrast is what a phase partition promises (pairs in a
-phase closer than pairs across) and what max-cut's cut favours; dividing by the mean
-dissimilarity makes it scale-free, so a model whose layers are all more alike (a uniformly
-shrunken matrix) is not scored as having weaker phases. It is invariant to D → cD, and 0 for a
-partition that does not separate anything.
-
-**Effect**: Δ(D) = S(D, P(D)) − S(T(D), P_k(T(D))), the score of the best partition of the real
-matrix minus the score of the best partition *of the null itself* with the same number of phases
-k (the method is re-run on the null; not the real partition scored on the null). Δ = 0 when the
-real matrix has one phase.
-
-**Spread and p-value**, over images (one matrix per image, from the store's cheap token views):
-
-- interval: percentile bootstrap of Δ over images (images drawn with replacement);
-- p-value: a sign-flip permutation test over images. Each image's deviation from its own
-  diagonal average, R = D_img − T(D_img), has mean 0 under the null (the expected matrix is
-  Toeplitz); flipping the sign of each image's R at random and adding the mean back to T(D)
-  draws null matrices with the real matrix's noise, and Δ is recomputed with the method re-run on
-  each (so max-cut's fit to noise is in the null too). p = (1 + #{Δ_null ≥ Δ}) / (1 + draws),
-  one-sided; it assumes the deviations are symmetric about 0.
+The null is the diagonal average T(D) of the layer dissimilarity D (each entry the mean of D at the
+same depth distance: the same decay with distance, no blocks). The primary score is the **relative
+contrast**, (mean D between phases − mean D within) / mean D over all pairs: the contrast is what a
+phase partition promises and what max-cut favours, and dividing by the mean makes it invariant to
+D → cD, so uniformly more alike layers do not score as weaker phases. The effect Δ is the score of
+the real matrix's best partition minus that of the best same-k partition *of the null* (the method
+re-run on it). Its interval is a percentile bootstrap over images; its p-value a one-sided sign-flip
+test over images, which assumes each image's deviation from its own diagonal average, D_img − T(D_img),
+is symmetric about 0 under the null: flipping the signs and adding the mean back to T(D) draws null
+matrices with the real noise, re-partitioned each time, and p = (1 + #{Δ_null ≥ Δ}) / (1 + draws).
 """
 
 from __future__ import annotations
@@ -43,16 +27,7 @@ ALPHA = 0.05
 
 
 def toeplitz(matrix) -> np.ndarray:
-    """The diagonal average of (a stack of) square matrices: each entry the mean of its diagonal.
-
-    Parameters
-    ----------
-    matrix : array-like, (..., n, n)
-
-    Returns
-    -------
-    numpy.ndarray, (..., n, n)
-    """
+    """The diagonal average of (a stack of) square matrices (..., n, n): each entry the mean of its diagonal."""
     matrix = np.asarray(matrix, dtype=float)
     n = matrix.shape[-1]
     offsets = np.arange(n)[None, :] - np.arange(n)[:, None]
@@ -76,19 +51,10 @@ def relative_contrast(dissimilarity, partition) -> float:
 
 
 def excess(matrix: np.ndarray, layers, partition_of) -> tuple[float, float, float, Partition, Partition]:
-    """Δ of one matrix: its best partition's score minus the best same-k partition's score on its Toeplitz null.
+    """Δ of one (n, n) matrix with row labels ``layers``: its best partition's score minus the best same-k
+    partition's score on its Toeplitz null, as (effect, score, null_score, partition, null_partition).
 
-    Parameters
-    ----------
-    matrix : numpy.ndarray, (n, n)
-    layers : array-like, (n,)
-        Layer labels of the rows.
-    partition_of : callable
-        ``partition_of(DataArray, k)`` → Partition; k None means the method's own rule.
-
-    Returns
-    -------
-    (effect, score, null_score, partition, null_partition)
+    ``partition_of(DataArray, k)`` → Partition; k None means the method's own rule.
     """
     real = _labelled(matrix, layers)
     partition = partition_of(real, None)
@@ -100,15 +66,8 @@ def excess(matrix: np.ndarray, layers, partition_of) -> tuple[float, float, floa
     return score - null_score, score, null_score, partition, null_partition
 
 
-def gradient_null(
-    per_image: xr.DataArray,
-    partition_of,
-    *,
-    n_permutations: int = 99,
-    n_bootstrap: int = 99,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> xr.Dataset:
+def gradient_null(per_image: xr.DataArray, partition_of, *, n_permutations: int = 99, n_bootstrap: int = 99,
+                  confidence: float = 0.95, seed: int = 0) -> xr.Dataset:
     """The store's phases against the smooth-gradient null: effect, bootstrap interval, sign-flip p-value.
 
     Parameters
@@ -122,9 +81,6 @@ def gradient_null(
         Sign-flip draws for the p-value (its smallest value is 1 / (draws + 1)).
     n_bootstrap : int
         Bootstrap resamples of the images for the interval (0: none).
-    confidence : float
-        Level of the interval.
-    seed : int
 
     Returns
     -------

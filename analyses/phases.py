@@ -1,19 +1,5 @@
-"""Phases of depth: partitions of a trajectory store's layers, their scores and their stability.
-
-A partition is a `dynamo.partition.Partition` of layer numbers (1-based block indices for the
-default layers 1..L), e.g. ``[[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]``. The partitioning
-methods live in `analyses.segmentation` and are re-exported here:
-
-- `maxcut_partition`: the paper's recursive max-cut (``eps`` = its fraction f, or ``k``);
-- `contiguous_partition`: the exact optimal contiguous split into k phases.
-
-Example::
-
-    ds = dynamo.open_trajectories("reg4.zarr")
-    partition = find_phases(ds, method="maxcut", eps=0.1)
-    thresholds(partition)                  # Raptor router thresholds
-    summarize(phase_analysis(ds))          # partition, thresholds, scores, bootstrap stability
-"""
+"""Phases of depth: partitions of a trajectory store's layers (`analyses.segmentation`'s max-cut or contiguous
+split), their scores, their bootstrap stability and their gradient null, in one result (`compute`)."""
 
 from __future__ import annotations
 
@@ -37,22 +23,8 @@ METHODS = ("maxcut", "contiguous")
 GRADIENT_NULL_KEYS = ("score", "score_real", "score_null", "null_partition", "effect", "low", "high", "confidence",
                       "p_value", "n_permutations", "n_bootstrap", "exceeds", "conclusion")
 
-__all__ = [
-    "METHODS",
-    "boundaries",
-    "boundary_stability",
-    "gradient_null",
-    "choose_k",
-    "compute",
-    "contiguous_partition",
-    "find_phases",
-    "maxcut_partition",
-    "partition_matrix",
-    "phase_analysis",
-    "phase_scores",
-    "summarize",
-    "thresholds",
-]
+__all__ = ["METHODS", "boundaries", "boundary_stability", "gradient_null", "choose_k", "compute", "contiguous_partition",
+           "find_phases", "maxcut_partition", "partition_matrix", "phase_analysis", "phase_scores", "summarize", "thresholds"]
 
 
 def partition_matrix(
@@ -60,9 +32,8 @@ def partition_matrix(
 ) -> Partition:
     """Partition a dissimilarity matrix by either method, given eps (fraction f) or k.
 
-    For ``"contiguous"`` without k, k is chosen by the fraction rule with the same ``eps``
-    (`choose_k`). ``min_size`` defaults to each method's own (2 for max-cut as the paper, 1
-    for contiguous).
+    For ``"contiguous"`` without k, k is chosen by the fraction rule with the same ``eps`` (`choose_k`).
+    ``min_size`` defaults to each method's own (2 for max-cut as the paper, 1 for contiguous).
     """
     if method == "maxcut":
         return maxcut_partition(dissimilarity, eps, k=k, min_size=min_size or 2)
@@ -73,78 +44,33 @@ def partition_matrix(
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def find_phases(
-    ds: xr.Dataset,
-    method: str = "maxcut",
-    eps: float = 0.1,
-    k: int | None = None,
-    *,
-    measure: str = "cosine",
-    tokens: str | None = None,
-    layers=None,
-    progress: bool = False,
-) -> Partition:
-    """Phases of a trajectory dataset: its layer dissimilarity, partitioned.
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        A trajectory dataset (`dynamo.open_trajectories`).
-    method : {"maxcut", "contiguous"}
-    eps : float
-        The paper's fraction f (0.2, 0.1, 0.09 gave 2, 3, 4 phases on DINOv2-B); for
-        ``"contiguous"`` it chooses k by the same rule (`choose_k`).
-    k : int, optional
-        Number of phases (overrides eps).
-    measure, tokens, layers
-        Passed to `analyses.similarity.layer_similarity`; the defaults are the paper's.
-
-    Returns
-    -------
-    Partition
-    """
+def find_phases(ds: xr.Dataset, method: str = "maxcut", eps: float = 0.1, k: int | None = None, *, measure: str = "cosine",
+                tokens: str | None = None, layers=None, progress: bool = False) -> Partition:
+    """Phases of a trajectory dataset: its layer dissimilarity (`analyses.similarity.layer_similarity` with
+    ``measure``, ``tokens``, ``layers``; the paper's by default) partitioned by `partition_matrix`."""
     matrix = layer_similarity(ds, measure, tokens, layers, progress=progress)
     return partition_matrix(matrix, method, eps=eps, k=k)
 
 
-def compute(
-    ds: xr.Dataset,
-    method: str = "maxcut",
-    eps: float = 0.1,
-    k: int | None = None,
-    *,
-    measure: str = "cosine",
-    tokens: str | None = None,
-    layers=None,
-    n_bootstrap: int = 200,
-    null_permutations: int = 99,
-    null_bootstrap: int = 99,
-    seed: int = 0,
-    progress: bool = True,
-) -> xr.Dataset:
+def compute(ds: xr.Dataset, method: str = "maxcut", eps: float = 0.1, k: int | None = None, *, measure: str = "cosine",
+            tokens: str | None = None, layers=None, n_bootstrap: int = 200, null_permutations: int = 99,
+            null_bootstrap: int = 99, seed: int = 0, progress: bool = True) -> xr.Dataset:
     """Everything about a store's phases in one result: matrix, partition, scores, stability, gradient null.
 
     Parameters are those of `find_phases`, plus ``n_bootstrap`` replicates over images for
-    `boundary_stability` (0 to skip; CKA has no per-image matrices, so it is skipped there too),
-    ``null_permutations`` and ``null_bootstrap`` for the smooth-gradient null
-    (`analyses.phase_null.gradient_null`; on by default, 0 permutations to skip; not for CKA) and
-    the ``seed`` of both.
+    `boundary_stability` (0 to skip), ``null_permutations`` (0 to skip) and ``null_bootstrap`` for
+    `analyses.phase_null.gradient_null`, and the ``seed`` of both; neither runs for CKA (no per-image matrices).
 
     Returns
     -------
     xarray.Dataset
-        ``dissimilarity`` (layer_i, layer_j); coordinate ``phase`` (layer), the partition
-        (`dynamo.partition.assign_phases`; read it back with `dynamo.partition.from_result`);
-        ``scores`` (score), the `phase_scores`; with bootstrap, ``boundary_frequency``
-        (after_layer), ``coassociation`` (layer_i, layer_j), the coordinate ``consensus_phase``
-        (layer) and attr ``consensus_support``, as in `boundary_stability`. attrs: the settings;
-        for max-cut, ``maxcut_exact`` (False when the layers exceed the exact limit and the cuts
-        came from a heuristic, `analyses.segmentation.maxcut_is_exact`). With the gradient null:
-        ``null_dissimilarity`` (layer_i, layer_j), its best partition as coordinate
-        ``null_phase``, ``null_permutation_effect`` (draw), ``null_bootstrap_effect``
-        (replicate) and attrs ``gradient_null_<name>`` for every attr of `gradient_null`
-        (``effect``, ``low``, ``high``, ``p_value``, ``exceeds``, ``conclusion``, ...); for CKA,
-        ``gradient_null_conclusion`` says why there is none.
+        ``dissimilarity`` (layer_i, layer_j), the partition as coordinate ``phase`` (layer) and its
+        ``scores`` (score); with bootstrap, `boundary_stability`'s ``boundary_frequency``,
+        ``coassociation``, ``consensus_phase`` and ``consensus_support``; with the gradient null,
+        ``null_dissimilarity``, coordinate ``null_phase``, ``null_permutation_effect``,
+        ``null_bootstrap_effect`` and attrs ``gradient_null_<name>`` for every attr of `gradient_null`
+        (without one, ``gradient_null_conclusion`` says why). attrs: the settings and, for max-cut,
+        ``maxcut_exact`` (False when a heuristic cut the layers).
     """
     tokens = default_tokens(ds, tokens)
     bootstrap = n_bootstrap > 0 and measure in PER_IMAGE_MEASURES
@@ -179,17 +105,10 @@ def compute(
         result = result.assign_coords(consensus_phase=("layer", stability["phase"].values, {"description": "the consensus partition"}))
         result.attrs["consensus_support"] = stability.attrs["consensus_support"]
     result.attrs.update(
-        method=method,
-        eps=eps,
-        **({} if k is None else {"k": k}),
-        n_bootstrap=n_bootstrap if bootstrap else 0,
+        method=method, eps=eps, **({} if k is None else {"k": k}), n_bootstrap=n_bootstrap if bootstrap else 0,
         **({"maxcut_exact": maxcut_is_exact(len(partition.blocks))} if method == "maxcut" else {}),
-        seed=seed,
-        measure=measure,
-        tokens=tokens,
-        n_images=int(ds.sizes["image"]),
-        model=ds.attrs.get("model", ""),
-        weights_sha256=ds.attrs.get("weights_sha256", ""),
+        seed=seed, measure=measure, tokens=tokens, n_images=int(ds.sizes["image"]),
+        model=ds.attrs.get("model", ""), weights_sha256=ds.attrs.get("weights_sha256", ""),
     )
     return result
 
@@ -198,19 +117,10 @@ phase_analysis = compute
 
 
 def summarize(result: xr.Dataset) -> dict:
-    """Headline numbers of a `phase_analysis` result, a flat JSON-able dict.
-
-    Returns
-    -------
-    dict
-        The settings (``model``, ``n_images``, ``measure``, ``tokens``, ``method``, ``eps``,
-        ``k``, ``n_bootstrap``; for max-cut ``maxcut_exact``, False when a heuristic cut the
-        layers); ``partition`` (list of phases), ``thresholds`` (None when the
-        phases are not contiguous), ``boundaries``; every `phase_scores` score; with
-        bootstrap, ``boundary_frequency`` (of each of ``boundaries``, in their order),
-        ``consensus`` (list of phases) and ``consensus_support``; with the gradient null,
-        ``gradient_null_<name>`` for each of `GRADIENT_NULL_KEYS` (``conclusion`` also without one).
-    """
+    """Headline numbers of a `phase_analysis` result, a flat JSON-able dict: the settings, ``partition``,
+    ``thresholds`` (None when the phases are not contiguous), ``boundaries``, every `phase_scores` score; with
+    bootstrap, ``boundary_frequency`` (of each boundary), ``consensus`` and ``consensus_support``; with the
+    gradient null, ``gradient_null_<name>`` for each of `GRADIENT_NULL_KEYS`."""
     attrs = result.attrs
     partition = from_result(result)
     numbers = {
@@ -245,33 +155,13 @@ def thresholds(partition) -> list[int]:
 
 
 def phase_scores(dissimilarity, partition) -> dict[str, float]:
-    """Scalar phase-structure scores of a partition of a dissimilarity matrix.
+    """Scalar phase-structure scores of a partition (of all the matrix's layer labels) of an (n, n) dissimilarity D.
 
-    The paper reports that "phase-structure metrics correlate with" Raptor's fit but gives no
-    formula; these are defined here (pairs i < j, diagonal excluded, D the dissimilarity):
-
-    - ``mean_dissimilarity``: mean D over all pairs; partition-free (low = layers alike, the
-      paper's "mean off-diagonal similarity" turned around);
-    - ``contrast``: mean D between phases − mean D within phases (high = crisp phases; NaN when
-      there is one phase or no within-phase pair);
-    - ``relative_contrast``: contrast / mean_dissimilarity, the scale-free contrast (the primary
-      score of `analyses.phase_null`);
-    - ``cut_fraction``: Σ D between phases / Σ D, the max-cut objective normalised (in [0, 1]);
-    - ``normalized_cut``: the mean over phases of cut(P, rest) / vol(P) on the affinity
-      A = 1 − D / max D (Shi & Malik's k-way normalised cut divided by k; in [0, 1], low =
-      phases well separated);
-    - ``silhouette``: scikit-learn's silhouette score with D as the precomputed distance
-      (in [−1, 1], high = each layer closer to its phase than to the next; needs 2 ≤ k < n).
-
-    Parameters
-    ----------
-    dissimilarity : xarray.DataArray or array-like, (n, n)
-    partition : Partition or list of list of int
-        Phases of the matrix's layer labels (all of them).
-
-    Returns
-    -------
-    dict of str to float
+    Over pairs i < j: ``mean_dissimilarity`` (partition-free); ``contrast``, mean D between phases − mean D
+    within (NaN without both kinds of pair); ``relative_contrast``, contrast / mean D (the primary score of
+    `analyses.phase_null`); ``cut_fraction``, Σ D between / Σ D; ``normalized_cut``, the mean over phases
+    of cut(P, rest) / vol(P) on the affinity 1 − D / max D (low = well separated); ``silhouette``,
+    scikit-learn's with D as the distance (needs 2 ≤ k < n).
     """
     weights, labels = as_matrix(dissimilarity)
     partition = Partition(partition)
@@ -296,51 +186,25 @@ def phase_scores(dissimilarity, partition) -> dict[str, float]:
         "relative_contrast": relative_contrast(dissimilarity, partition),
         "cut_fraction": float(between.sum() / total) if total > 0 else float("nan"),
         "normalized_cut": float(ncut) if k > 1 else float("nan"),
-        "silhouette": float(silhouette_score(np.maximum(distances, 0), phase, metric="precomputed"))
-        if 2 <= k < n
+        "silhouette": float(silhouette_score(np.maximum(distances, 0), phase, metric="precomputed")) if 2 <= k < n
         else float("nan"),
     }
 
 
-def boundary_stability(
-    per_image: xr.DataArray,
-    method: str = "maxcut",
-    *,
-    eps: float = 0.1,
-    k: int | None = None,
-    n_bootstrap: int = 200,
-    seed: int = 0,
-    progress: bool = True,
-) -> xr.Dataset:
+def boundary_stability(per_image: xr.DataArray, method: str = "maxcut", *, eps: float = 0.1, k: int | None = None,
+                       n_bootstrap: int = 200, seed: int = 0, progress: bool = True) -> xr.Dataset:
     """Bootstrap over images: how often each boundary appears, and a consensus partition.
 
-    Each replicate draws the images with replacement, averages their matrices (so a replicate
-    is the store's matrix on a resampled image set) and partitions it with the same method and
-    settings.
-
-    Parameters
-    ----------
-    per_image : xarray.DataArray, (image, layer_i, layer_j)
-        From ``layer_similarity(..., per_image=True)``.
-    method, eps, k
-        As `partition_matrix`.
-    n_bootstrap : int
-        Number of bootstrap replicates.
-    seed : int
-        Seed of the resampling.
+    Each replicate averages a resample (with replacement) of the per-image (image, layer_i, layer_j) matrices
+    and partitions it by `partition_matrix` with ``method``, ``eps``, ``k``.
 
     Returns
     -------
     xarray.Dataset
-        - ``boundary_frequency`` (after_layer): fraction of replicates in which a new phase
-          begins after this layer (every layer but the last);
-        - ``coassociation`` (layer_i, layer_j): fraction of replicates with i and j in the
-          same phase;
-        - coordinate ``phase`` (layer): the consensus partition (`dynamo.partition.assign_phases`),
-          the replicate partition with the least total pair disagreement (Mirkin distance) to
-          all replicates (a medoid: always a partition the method itself produced);
-        - attrs ``consensus_support`` (fraction of replicates equal to it), ``n_bootstrap``,
-          ``method``, ``eps``, ``k`` (when given).
+        ``boundary_frequency`` (after_layer): fraction of replicates in which a new phase begins after the
+        layer; ``coassociation`` (layer_i, layer_j): fraction with i and j in one phase; coordinate ``phase``:
+        the consensus, the replicate partition with the least total pair disagreement (Mirkin distance) to
+        all replicates; attrs ``consensus_support`` (fraction of replicates equal to it) and the settings.
     """
     if per_image.dims != ("image", "layer_i", "layer_j"):
         raise ValueError(f"expected per-image matrices (image, layer_i, layer_j), got {per_image.dims}")
@@ -367,29 +231,13 @@ def boundary_stability(
     for partition, weight in zip(partitions, weights):
         frequency[np.searchsorted(layers, partition.boundaries)] += weight
     stability = xr.Dataset(
-        {
-            "boundary_frequency": (
-                "after_layer",
-                frequency / n_bootstrap,
-                {"description": "fraction of replicates in which a new phase begins after this layer"},
-            ),
-            "coassociation": (
-                ("layer_i", "layer_j"),
-                coassociation,
-                {"description": "fraction of replicates with both layers in one phase"},
-            ),
-        },
+        {"boundary_frequency": ("after_layer", frequency / n_bootstrap,
+                                {"description": "fraction of replicates in which a new phase begins after this layer"}),
+         "coassociation": (("layer_i", "layer_j"), coassociation,
+                           {"description": "fraction of replicates with both layers in one phase"})},
         coords={"after_layer": layers[:-1], "layer": layers, "layer_i": layers, "layer_j": layers},
-        attrs={
-            "consensus_support": float(weights[best] / n_bootstrap),
-            "n_bootstrap": n_bootstrap,
-            "method": method,
-            "eps": eps,
-            **({} if k is None else {"k": k}),
-            "seed": seed,
-            "measure": per_image.attrs.get("measure", ""),
-            "tokens": per_image.attrs.get("tokens", ""),
-            "model": per_image.attrs.get("model", ""),
-        },
+        attrs={"consensus_support": float(weights[best] / n_bootstrap), "n_bootstrap": n_bootstrap, "method": method,
+               "eps": eps, **({} if k is None else {"k": k}), "seed": seed,
+               **{key: per_image.attrs.get(key, "") for key in ("measure", "tokens", "model")}},
     )
     return assign_phases(stability, partitions[best])

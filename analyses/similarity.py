@@ -1,30 +1,5 @@
-"""Layer × layer (dis)similarity matrices of a trajectory store, computed chunk by chunk.
-
-Every measure here is returned as a **dissimilarity** (0 on the diagonal, larger = less alike),
-so any of them can feed the phase partitions in `analyses.phases` directly (figures show the
-bounded ones as similarities, 1 − D).
-
-Measures (``measure=``):
-
-- ``"cosine"``: 1 − cos(a_i, a_j), the paper's measure (Raptor notebook
-  ``000_max_cut_dinov2_base``: ``1 - clamp(cosine_similarity(a1, a2, eps=1e-8), -1, 1)``);
-- ``"angular"``: arccos(cos(a_i, a_j)) / π, the angle in units of π (a metric, in [0, 1]);
-- ``"mse"``: mean over features of (a_i − a_j)², the paper's second matrix;
-- ``"cka"``: 1 − linear CKA (Kornblith et al. 2019) between the layers' representations, with
-  the images (or image × token pairs) as samples; computed exactly in feature space from
-  streamed sums, so it runs over stores larger than memory.
-
-Token sets (``tokens=``): names joined by ``+``. Each name is one *group* of vectors per image:
-
-- ``cls``, ``patch_mean``, ``register_mean``: the store's reduced views (one vector per image);
-- any ``token_kind`` (``patch``, ``register``, ``dist``) or ``all``: every such token of
-  ``hidden``, each a vector.
-
-The per-vector measures (cosine, angular, mse) are averaged over the vectors of a group, then
-over the groups, then over the images: with the default ``"cls+patch_mean"`` this is exactly
-the paper's "mean over images of mean over [cls, patch-mean]". CKA is computed per group and
-averaged over groups.
-"""
+"""Layer × layer dissimilarity matrices of a trajectory store (0 on the diagonal, larger = less alike),
+streamed a block of images at a time, so any of them can feed the phase partitions of `analyses.phases`."""
 
 from __future__ import annotations
 
@@ -34,7 +9,7 @@ import numpy as np
 import xarray as xr
 from scipy.linalg import blas
 
-from analyses.streaming import finite, fold_image_blocks, image_blocks
+from dynamo.blocks import finite, fold_image_blocks, image_blocks
 from dynamo.layout import REDUCED_VIEWS, default_tokens, token_groups
 
 DESCRIPTION = "Layer × layer dissimilarity of the residual stream (cosine, angle, MSE or linear CKA), streamed over the store."
@@ -51,67 +26,44 @@ DESCRIPTIONS = {
 }
 
 
-def layer_similarity(
-    ds: xr.Dataset,
-    measure: str = "cosine",
-    tokens: str | None = None,
-    layers=None,
-    *,
-    per_image: bool = False,
-    progress: bool = True,
-) -> xr.DataArray:
+def layer_similarity(ds: xr.Dataset, measure: str = "cosine", tokens: str | None = None, layers=None, *,
+                     per_image: bool = False, progress: bool = True) -> xr.DataArray:
     """Layer × layer dissimilarity of a trajectory dataset, read a chunk of images at a time.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        A trajectory dataset (`dynamo.open_trajectories`); may be larger than memory.
+        A trajectory dataset; may be larger than memory (on a dask.distributed client each chunk is a task).
     measure : {"cosine", "angular", "mse", "cka"}
-        See the module docstring. The default, with the default ``tokens``, is the paper's
-        exact matrix: mean over images of mean over [cls, patch-mean] of 1 − cos.
+        1 − cos (the paper's), arccos(cos) / π, mean over features of (a_i − a_j)², or 1 − linear CKA with
+        the images (or image × token pairs) as samples, exact from streamed sums in feature space.
+        Per-vector measures are averaged over a group's vectors, then groups, then images: with the default
+        tokens, the paper's "mean over images of mean over [cls, patch-mean]". CKA is averaged over groups.
     tokens : str, optional
-        Token groups joined by ``+``: reduced views (``cls``, ``patch_mean``,
-        ``register_mean``), token kinds (``patch``, ``register``, ``dist``) or ``all``.
-        Default `dynamo.layout.default_tokens`: ``cls+patch_mean``, or ``patch_mean`` for a
-        model without a cls token.
+        Token groups joined by ``+``: reduced views (``cls``, ``patch_mean``, ``register_mean``: one vector
+        per image), token kinds (``patch``, ``register``, ``dist``) or ``all``; default
+        `dynamo.layout.default_tokens`.
     layers : sequence of int, optional
-        Layer numbers (``ds.layer`` values) to compare. Default: the block outputs 1..L, as the
-        paper (layer 0, the embedding, is left out of its max-cut). Pass ``ds.layer.values`` to
-        include layer 0.
+        Layer numbers to compare; default the block outputs 1..L, as the paper.
     per_image : bool
-        Return one matrix per image, dims (image, layer_i, layer_j), whose mean over images is
-        the default result (cosine, angular and mse only); used for bootstrap stability.
-    progress : bool
-        Show a progress bar over chunks.
+        One matrix per image, (image, layer_i, layer_j), whose mean is the default result (not for CKA).
 
     Returns
     -------
     xarray.DataArray
-        Named ``{measure}_dissimilarity``, dims (layer_i, layer_j) (or (image, layer_i,
-        layer_j)), coords the layer numbers, float64; attrs ``measure``, ``tokens``,
-        ``orientation="dissimilarity"``, ``description``, ``n_images``, ``model``.
+        ``{measure}_dissimilarity``, (layer_i, layer_j) or (image, layer_i, layer_j), float64; attrs
+        ``measure``, ``tokens``, ``orientation="dissimilarity"``, ``description``, ``n_images``, ``model``.
 
     Raises
     ------
     ValueError
         Unknown measure or token group, layers not in the store, or ``per_image`` with CKA.
-
-    Notes
-    -----
-    The store is read one chunk of images at a time (all chosen layers of that chunk, in the
-    stored dtype) and computed in float64 a few images at a time, so memory is about one chunk
-    of images × layers × tokens × features whatever the number of images, plus for CKA two
-    matrices (the running total and one chunk's) of ``(layers × features)² × 8`` bytes per
-    group. On a dask.distributed client (`analyses.streaming.fold_image_blocks`) each chunk is
-    a task on the workers, with the same result.
     """
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
     if per_image and measure not in PER_IMAGE_MEASURES:
-        raise ValueError(
-            f"per_image matrices exist only for {', '.join(PER_IMAGE_MEASURES)}: {measure} is not "
-            "a mean over images; bootstrap stability needs one of those measures"
-        )
+        raise ValueError(f"per_image matrices exist only for {', '.join(PER_IMAGE_MEASURES)}: {measure} is not "
+                         "a mean over images; bootstrap stability needs one of those measures")
     layers = _layer_numbers(ds, layers)
     tokens = default_tokens(ds, tokens)
     groups = _token_groups(ds, tokens, layers)
@@ -141,29 +93,15 @@ def layer_similarity(
         )
         values = np.concatenate(folded["matrices"]) if per_image else folded["sum"] / n_images
 
-    dims = ("layer_i", "layer_j")
-    coords = {"layer_i": layers, "layer_j": layers}
-    if per_image:
-        dims = ("image", *dims)
-        coords["image"] = ds["image"].values
+    dims = ("image", "layer_i", "layer_j") if per_image else ("layer_i", "layer_j")
+    coords = {"layer_i": layers, "layer_j": layers, **({"image": ds["image"].values} if per_image else {})}
     diagonal = np.arange(len(layers))
     values[..., diagonal, diagonal] = 0.0  # exactly, not up to rounding
-    return xr.DataArray(
-        values,
-        dims=dims,
-        coords=coords,
-        name=f"{measure}_dissimilarity",
-        attrs={
-            "measure": measure,
-            "tokens": tokens,
-            "orientation": "dissimilarity",
-            "description": f"{DESCRIPTIONS[measure]}, tokens {tokens}"
-            + ("" if measure == "cka" else ", mean over vectors, groups and images"),
-            "n_images": n_images,
-            "model": ds.attrs.get("model", "unknown model"),
-            "weights_sha256": ds.attrs.get("weights_sha256", ""),
-        },
-    )
+    description = f"{DESCRIPTIONS[measure]}, tokens {tokens}" + ("" if measure == "cka" else ", mean over vectors, groups and images")
+    return xr.DataArray(values, dims=dims, coords=coords, name=f"{measure}_dissimilarity", attrs={
+        "measure": measure, "tokens": tokens, "orientation": "dissimilarity", "description": description,
+        "n_images": n_images, "model": ds.attrs.get("model", "unknown model"), "weights_sha256": ds.attrs.get("weights_sha256", ""),
+    })
 
 
 def _layer_numbers(ds: xr.Dataset, layers) -> np.ndarray:
@@ -187,10 +125,8 @@ def _token_groups(ds: xr.Dataset, tokens: str, layers: np.ndarray) -> list[xr.Da
     for name in (part.strip() for part in tokens.split("+")):
         if name in REDUCED_VIEWS:
             if name not in ds:
-                raise ValueError(
-                    f"token group {name!r}: this store has no {name} view (the model has no such "
-                    "token); try tokens='patch_mean'"
-                )
+                raise ValueError(f"token group {name!r}: this store has no {name} view (the model has no such "
+                                 "token); try tokens='patch_mean'")
             group = ds[name].sel(layer=layers).expand_dims("sample", axis=2)
         elif name in positions:
             if "hidden" not in ds:
@@ -204,13 +140,8 @@ def _token_groups(ds: xr.Dataset, tokens: str, layers: np.ndarray) -> list[xr.Da
 
 
 def _pieces(group: xr.DataArray):
-    """Read a group of a block of images (stored dtype), yield it as float64 a few images at a time.
-
-    Yields
-    ------
-    numpy.ndarray
-        (image, layer, sample, feature), float64, at most about ``PIECE_BYTES``.
-    """
+    """Read a group of a block of images (stored dtype), yield it as float64 (image, layer, sample, feature)
+    pieces of at most about ``PIECE_BYTES``."""
     block = np.asarray(group.values)
     step = max(1, PIECE_BYTES // max(1, block[0].size * 8)) if len(block) else 1
     for start in range(0, len(block), step):

@@ -1,19 +1,6 @@
-"""Statistics for a study's claims that cannot overstate: exact small-n tests, honest intervals, corrections.
-
-The unit of every correlation is explicit: one point per independent training run
-(``unit="training run"``). A checkpoint series of one run is a within-run trend
-(`within_run_trend`, ``n_runs = 1``), never pooled with runs. p-values are permutation
-p-values (`scipy.stats.permutation_test`): exact, over all n! pairings, up to ``EXACT_MAX_N``
-points, else Monte Carlo with ``n_resamples`` (stated in the result). Intervals are Fisher-z
-intervals (Fieller, Hartley & Pearson 1957 standard errors) and are *undefined* (NaN, with the
-reason) where they would degenerate: |r| = 1 or too few points. Claims are corrected together
-(`judge`: Holm's step-down by default, Benjamini–Hochberg on request), and `verdict` turns a
-corrected p and the effect's direction into exactly one of `VERDICTS`.
-
-    r = correlation(p, r2)                        # {"rho", "p_value", "p_method", "low", "high", "n", "unit", ...}
-    correlation([1, 2, 3, 4, 5], [5, 4, 3, 2, 1])["p_value"]   # 2/120 = 0.0167, exact
-    judge([{"claim": ..., **r, "sign": +1}, ...])  # adds p_adjusted and verdict to each claim
-"""
+"""Statistics for a study's claims: permutation correlations with an explicit unit (one point per independent
+training run), Fisher-z intervals that are NaN where they would degenerate, Holm / Benjamini–Hochberg corrections
+and computed verdicts."""
 
 from __future__ import annotations
 
@@ -22,18 +9,8 @@ import math
 import numpy as np
 from scipy import stats
 
-__all__ = [
-    "EXACT_MAX_N",
-    "VERDICTS",
-    "adjust",
-    "correlation",
-    "judge",
-    "partial_correlation",
-    "sign_test",
-    "signed_rank",
-    "verdict",
-    "within_run_trend",
-]
+__all__ = ["EXACT_MAX_N", "VERDICTS", "adjust", "correlation", "judge", "partial_correlation", "sign_test", "signed_rank",
+           "verdict", "within_run_trend"]
 
 VERDICTS = ("reproduced", "refuted", "undecided")
 EXACT_MAX_N = 9  # 9! = 362,880 pairings, enumerated; beyond, Monte Carlo
@@ -41,10 +18,6 @@ RUN = "training run"
 CHECKPOINT = "checkpoint of one training run"
 # standard errors of Fisher's z of a rank correlation (Fieller, Hartley & Pearson 1957): (scale, dof offset)
 FISHER_SE = {"spearman": (1.06, 3), "kendall": (0.437, 4), "pearson": (1.0, 3)}
-
-
-def _ranks(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    return stats.rankdata(values, axis=axis)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -68,7 +41,7 @@ def _kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _statistic(method: str):
     if method == "spearman":
-        return lambda a, b: _pearson(_ranks(a), _ranks(b))
+        return lambda a, b: _pearson(stats.rankdata(a, axis=-1), stats.rankdata(b, axis=-1))
     if method == "kendall":
         return _kendall
     if method == "pearson":
@@ -112,18 +85,28 @@ def _paired(x, y, *others) -> list[np.ndarray]:
     return [a[keep] for a in arrays]
 
 
-def correlation(
-    x,
-    y,
-    method: str = "spearman",
-    *,
-    unit: str = RUN,
-    alternative: str = "two-sided",
-    n_resamples: int = 9999,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict:
+def _correlated(x, y, statistic, method: str, base: dict, constant: str, alternative: str, n_resamples: int,
+                confidence: float, seed: int, covariates: int = 0) -> dict:
+    """`correlation`'s result for paired values: the coefficient, its permutation p and its Fisher-z interval."""
+    rho = float(statistic(x, y))
+    if not np.isfinite(rho):
+        p_value, p_method = np.nan, f"none: {constant}"
+    else:
+        p_value, p_method = _permutation_p(x, y, statistic, alternative, n_resamples, seed)
+    low, high, how = _fisher_interval(rho, x.size, method, confidence, covariates)
+    return {"rho": rho, "p_value": p_value, "p_method": p_method, "low": low, "high": high, "interval": how, **base}
+
+
+def _too_few(base: dict, what: str) -> dict:
+    return {"rho": np.nan, "p_value": np.nan, "p_method": f"none: fewer than {what}", "low": np.nan, "high": np.nan,
+            "interval": f"undefined: fewer than {what}", **base}
+
+
+def correlation(x, y, method: str = "spearman", *, unit: str = RUN, alternative: str = "two-sided", n_resamples: int = 9999,
+                confidence: float = 0.95, seed: int = 0) -> dict:
     """A rank (or Pearson) correlation of paired values with a permutation p-value and a Fisher-z interval.
+
+    The p-value is exact over all n! pairings up to `EXACT_MAX_N` points, else Monte Carlo with ``n_resamples``.
 
     Parameters
     ----------
@@ -132,13 +115,6 @@ def correlation(
     method : {"spearman", "kendall", "pearson"}
     unit : str
         What one point is (default ``"training run"``: one independent run per point).
-    alternative : {"two-sided", "greater", "less"}
-    n_resamples : int
-        Monte Carlo permutations where n > `EXACT_MAX_N`.
-    confidence : float
-        Level of the interval.
-    seed : int
-        Seed of the Monte Carlo permutations.
 
     Returns
     -------
@@ -148,102 +124,44 @@ def correlation(
         ``test``. Below 3 pairs everything but ``n`` is NaN.
     """
     x, y = _paired(x, y)
-    n = int(x.size)
-    base = {"n": n, "unit": unit, "test": f"{method} correlation, {alternative}"}
-    if n < 3:
-        return {"rho": np.nan, "p_value": np.nan, "p_method": "none: fewer than 3 pairs", "low": np.nan, "high": np.nan,
-                "interval": "undefined: fewer than 3 pairs", **base}
-    statistic = _statistic(method)
-    rho = float(statistic(x, y))
-    if not np.isfinite(rho):
-        p_value, p_method = np.nan, "none: a side is constant"
-    else:
-        p_value, p_method = _permutation_p(x, y, statistic, alternative, n_resamples, seed)
-    low, high, how = _fisher_interval(rho, n, method, confidence)
-    return {"rho": rho, "p_value": p_value, "p_method": p_method, "low": low, "high": high, "interval": how, **base}
+    base = {"n": int(x.size), "unit": unit, "test": f"{method} correlation, {alternative}"}
+    if x.size < 3:
+        return _too_few(base, "3 pairs")
+    return _correlated(x, y, _statistic(method), method, base, "a side is constant", alternative, n_resamples,
+                       confidence, seed)
 
 
 def within_run_trend(steps, values, method: str = "spearman", **options) -> dict:
-    """A trend along the checkpoints of ONE training run: `correlation` with the checkpoint as its unit.
-
-    Its p tests the order of this run's checkpoints, not a population of runs: ``n_runs`` is 1,
-    and a claim about training in general needs several runs.
-
-    Parameters
-    ----------
-    steps : array-like, (n,)
-        Epoch or step of each checkpoint.
-    values : array-like, (n,)
-    method, **options
-        As `correlation`.
-
-    Returns
-    -------
-    dict
-        `correlation`'s keys, ``unit`` = ``"checkpoint of one training run"``, ``n_runs`` = 1.
-    """
+    """A trend of ``values`` along the ``steps`` of ONE training run: `correlation` with the checkpoint as its unit
+    and ``n_runs`` = 1 (its p tests this run's order; a claim about training in general needs several runs)."""
     return {**correlation(steps, values, method, unit=CHECKPOINT, **options), "n_runs": 1}
 
 
-def partial_correlation(
-    x,
-    y,
-    covariate,
-    method: str = "spearman",
-    *,
-    unit: str = RUN,
-    alternative: str = "two-sided",
-    n_resamples: int = 9999,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict:
+def partial_correlation(x, y, covariate, method: str = "spearman", *, unit: str = RUN, alternative: str = "two-sided",
+                        n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0) -> dict:
     """The correlation of x and y with a known confound (e.g. accuracy) partialled out.
 
-    For Spearman the values are ranked first; each side is then regressed (least squares, with
-    an intercept) on the (ranked) covariate, and the residuals are correlated (Pearson). The
-    p-value permutes the pairing of the residuals (exact up to `EXACT_MAX_N`); the interval is
-    Fisher's z with one dof less per covariate.
-
-    Parameters
-    ----------
-    x, y, covariate : array-like, (n,)
-    method : {"spearman", "pearson"}
-    Others as `correlation`.
-
-    Returns
-    -------
-    dict
-        As `correlation`, with ``test`` naming the covariate's role.
+    For Spearman the values are ranked first; each side is regressed (least squares, with an intercept) on
+    the covariate and the residuals are correlated (Pearson), their pairing permuted for p; the Fisher-z
+    interval has one dof less. ``method`` is ``"spearman"`` or ``"pearson"``; the rest as `correlation`.
     """
     if method not in ("spearman", "pearson"):
         raise ValueError(f"partial correlation supports spearman or pearson, not {method!r}")
     x, y, z = _paired(x, y, covariate)
-    n = int(x.size)
-    base = {"n": n, "unit": unit, "test": f"partial {method} correlation given a covariate, {alternative}"}
-    if n < 4:
-        return {"rho": np.nan, "p_value": np.nan, "p_method": "none: fewer than 4 points", "low": np.nan, "high": np.nan,
-                "interval": "undefined: fewer than 4 points", **base}
+    base = {"n": int(x.size), "unit": unit, "test": f"partial {method} correlation given a covariate, {alternative}"}
+    if x.size < 4:
+        return _too_few(base, "4 points")
     if method == "spearman":
-        x, y, z = _ranks(x), _ranks(y), _ranks(z)
-    design = np.column_stack([np.ones(n), z])
-    residual = [v - design @ np.linalg.lstsq(design, v, rcond=None)[0] for v in (x, y)]
-    rho = float(_pearson(*residual))
-    if not np.isfinite(rho):
-        p_value, p_method = np.nan, "none: a residual is constant"
-    else:
-        p_value, p_method = _permutation_p(residual[0], residual[1], _pearson, alternative, n_resamples, seed)
-    low, high, how = _fisher_interval(rho, n, method, confidence, covariates=1)
-    return {"rho": rho, "p_value": p_value, "p_method": p_method, "low": low, "high": high, "interval": how, **base}
+        x, y, z = stats.rankdata(x), stats.rankdata(y), stats.rankdata(z)
+    design = np.column_stack([np.ones(x.size), z])
+    x, y = (v - design @ np.linalg.lstsq(design, v, rcond=None)[0] for v in (x, y))
+    return _correlated(x, y, _pearson, method, base, "a residual is constant", alternative, n_resamples, confidence,
+                       seed, covariates=1)
 
 
 def sign_test(wins: int, cases: int) -> dict:
-    """Exact two-sided binomial sign test of ``wins`` among ``cases`` (ties left out) against 1/2.
-
-    Returns
-    -------
-    dict
-        ``wins``, ``n`` (cases), ``effect`` (wins / cases − 1/2), ``p_value``, ``p_method``, ``test``.
-    """
+    """Exact two-sided binomial sign test of ``wins`` among ``cases`` (ties left out) against 1/2; ``effect`` is
+    wins / cases − 1/2."""
     if cases == 0:
         return {"wins": wins, "n": 0, "effect": np.nan, "p_value": np.nan, "p_method": "none: no cases", "test": "sign test"}
     return {"wins": int(wins), "n": int(cases), "effect": wins / cases - 0.5, "p_value": float(stats.binomtest(wins, cases).pvalue),
@@ -253,17 +171,8 @@ def sign_test(wins: int, cases: int) -> dict:
 def signed_rank(values, *, unit: str = RUN, alternative: str = "two-sided") -> dict:
     """Wilcoxon's signed-rank test that per-unit differences centre on 0 (exact distribution where scipy has it).
 
-    Parameters
-    ----------
-    values : array-like, (n,)
-        One difference per unit (non-finite values dropped; zeros left out by Wilcoxon's rule).
-    unit : str
-    alternative : {"two-sided", "greater", "less"}
-
-    Returns
-    -------
-    dict
-        ``effect`` (median difference), ``statistic``, ``p_value``, ``p_method``, ``n``, ``unit``, ``test``.
+    ``values`` holds one difference per unit (non-finite dropped; zeros left out by Wilcoxon's rule); ``effect``
+    is their median.
     """
     values = np.asarray(values, dtype=float).ravel()
     values = values[np.isfinite(values)]
@@ -306,18 +215,8 @@ def adjust(p_values, method: str = "holm") -> np.ndarray:
 def verdict(p_adjusted: float, effect: float, sign: int, alpha: float = 0.05) -> str:
     """One of `VERDICTS` from a claim's corrected p and its effect's direction.
 
-    ``"reproduced"`` when p < alpha and the effect has the claimed sign, ``"refuted"`` when p <
+    ``"reproduced"`` when p < alpha and the effect has the claimed ``sign`` (+1 or -1), ``"refuted"`` when p <
     alpha and it has the opposite sign, else ``"undecided"`` (also for a NaN p or effect).
-
-    Parameters
-    ----------
-    p_adjusted : float
-        The claim's p-value, corrected across the study's claims (`adjust`).
-    effect : float
-        Its signed effect (a correlation, a median difference, ...).
-    sign : int
-        +1 if the claim is that the effect is positive, -1 negative.
-    alpha : float
     """
     if sign not in (-1, 1):
         raise ValueError(f"sign must be +1 or -1, got {sign}")
@@ -332,14 +231,10 @@ def judge(claims: list[dict], *, method: str = "holm", alpha: float = 0.05, effe
     Parameters
     ----------
     claims : list of dict
-        Each with ``p_value``, ``sign`` (the claimed direction) and its effect under the key
-        ``effect`` or the claim's own ``effect_key``; a claim with ``precondition`` = False (a
-        premise that does not hold, stated in ``precondition_note``) is judged undecided.
+        Each with ``p_value``, ``sign`` (the claimed direction) and its effect under the key ``effect`` or
+        its own ``effect_key``; a claim with ``precondition`` = False is judged undecided.
     method : {"holm", "bh"}
         The correction (`adjust`).
-    alpha : float
-    effect : str
-        Default key of the effect.
 
     Returns
     -------

@@ -1,111 +1,18 @@
-"""Reading a trajectory store a chunk at a time (here or on a dask cluster, with the same numbers),
-and the small helpers the analyses share.
-"""
+"""The one pass over a store's ``hidden`` that feeds every accumulator, and small helpers the analyses share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-import dask
 import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
+from dynamo.blocks import Partial, add_partials, cluster_client, finite, fold_on_cluster, image_blocks
 from dynamo.progress import progress_bar
 
-Partial = dict  # str -> numpy array (summed over blocks) or list (concatenated over blocks)
 IMAGE_COORDS = ("label", "label_name", "image_id")
-
-
-def _add_partials(total: Partial, part: Partial, in_place: bool = False) -> Partial:
-    """Sum arrays and numbers, concatenate lists; ``in_place`` reuses ``total``'s arrays."""
-    if total.keys() != part.keys():
-        raise ValueError(f"partials of different blocks hold different keys: {sorted(total)} vs {sorted(part)}")
-    if not in_place:
-        return {key: total[key] + part[key] for key in total}
-    for key, value in part.items():
-        if isinstance(total[key], np.ndarray) and total[key].flags.writeable:
-            np.add(total[key], value, out=total[key])  # the same sum as total + part, without a copy
-        else:
-            total[key] = total[key] + value
-    return total
-
-
-def image_blocks(dataset: xr.Dataset, variable: str = "hidden") -> list[slice]:
-    """Slices along ``image`` that follow ``variable``'s chunks (one slice if not chunked)."""
-    data = dataset[variable].data
-    chunks = getattr(data, "chunks", None)
-    if chunks is None:
-        return [slice(0, dataset.sizes["image"])]
-    edges = np.cumsum((0,) + chunks[dataset[variable].dims.index("image")])
-    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-
-
-def fold_image_blocks(compute: Callable[[xr.Dataset], Partial], dataset: xr.Dataset, *, blocks: list[slice] | None = None,
-                      finish: Callable[[Partial], object] | None = None, description: str = "blocks", progress: bool = True):
-    """Fold ``compute`` over blocks of images (default `image_blocks`), in block order, here or on a dask cluster.
-
-    ``compute(dataset.isel(image=block))`` returns a dict of arrays or numbers (summed) or lists
-    (concatenated); on a cluster it is pickled (a module-level function or a partial of one), each
-    block is a task and the partials are folded on the workers in block order, so the numbers equal
-    the in-process ones. ``finish`` is applied to the total (on a worker: only its result travels).
-    """
-    blocks = image_blocks(dataset) if blocks is None else blocks
-    finish = finish or _unchanged
-    client = cluster_client()
-    with progress_bar(total=len(blocks), desc=description, enabled=progress, leave=False) as bar:
-        if client is None:
-            total = None
-            for images in blocks:
-                part = compute(dataset.isel(image=images))
-                total = part if total is None else _add_partials(total, part, in_place=True)
-                bar.update()
-            return finish(total)
-        return _fold_on_cluster(client, compute, dataset, blocks, finish, bar)
-
-
-def _fold_on_cluster(client, compute, dataset, blocks, finish, bar, merge=_add_partials):
-    """`fold_image_blocks` on a distributed client: one task per block, a chain of ``merge``s."""
-    from distributed import as_completed
-
-    folded = []  # futures, one per block: its partial added to the total so far
-    total = None
-    for images in blocks:
-        (block,) = dask.optimize(dataset.isel(image=images))
-        part = client.submit(_compute_block, compute, block, pure=False)
-        # a fold step outranks further blocks, so partials are summed as they arrive
-        total = part if total is None else client.submit(merge, total, part, pure=False, priority=1)
-        folded.append(total)
-    del part
-    result = client.submit(finish, total, pure=False, priority=1)
-    del total
-    finished = as_completed(folded)
-    folded.clear()  # from here only `finished` holds each running total, until it is folded in
-    for _ in finished:
-        bar.update()
-    return result.result()
-
-
-def cluster_client():
-    """The default ``distributed.Client``, or None (no client, or distributed not installed)."""
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def _compute_block(compute, block: xr.Dataset) -> Partial:
-    """One block's partial, read and computed inside this task (no nested cluster tasks)."""
-    with dask.config.set(scheduler="synchronous"):
-        return compute(block)
-
-
-def _unchanged(total: Partial) -> Partial:
-    return total
 
 
 class Chunk:
@@ -158,10 +65,10 @@ class Accumulator:
         raise NotImplementedError
 
     def close_block(self, state, total: Partial) -> None:
-        _add_partials(total, state, in_place=True) if total else total.update(state)
+        add_partials(total, state, in_place=True) if total else total.update(state)
 
     def merge(self, total: Partial, part: Partial) -> Partial:
-        return _add_partials(total, part)
+        return add_partials(total, part)
 
     def finish(self, total: Partial, dataset: xr.Dataset) -> xr.Dataset:
         raise NotImplementedError
@@ -184,8 +91,8 @@ def stream(dataset: xr.Dataset, accumulators: dict[str, Accumulator], *, descrip
                     _stream_block(dataset.isel(image=images), accumulators, totals, reader)
                     bar.update()
         else:
-            totals = _fold_on_cluster(client, partial(_block_totals, accumulators=accumulators), dataset, blocks,
-                                      _unchanged, bar, merge=partial(_merge_totals, accumulators=accumulators))
+            totals = fold_on_cluster(client, partial(_block_totals, accumulators=accumulators), dataset, blocks, bar,
+                                     merge=partial(_merge_totals, accumulators=accumulators))
     return {name: accumulator.finish(totals[name], dataset) for name, accumulator in accumulators.items()}
 
 
@@ -263,36 +170,9 @@ def token_sample(n_tokens: int, per_image: int | None, images: np.ndarray, seed:
                      for image in images])
 
 
-def layer_states(block: xr.Dataset, variable: str = "hidden") -> Iterator[np.ndarray]:
-    """Yield ``variable`` of a block of images one layer at a time, as float64 (image, token, feature) or (image, feature)."""
-    array = block[variable]
-    for index in range(block.sizes["layer"]):
-        yield finite(np.asarray(array.isel(layer=index).values, dtype=np.float64), array.isel(layer=index))
-
-
 def read_block(block: xr.Dataset, variable: str) -> np.ndarray:
     """A small per-image variable (a reduced view) of a block of images, as float64."""
     return finite(np.asarray(block[variable].values, dtype=np.float64), block[variable])
-
-
-def finite(values: np.ndarray, where: xr.DataArray) -> np.ndarray:
-    """``values`` (read from ``where``, image first) if all are finite; else a one-line `ValueError`
-    naming the variable, its layer(s) and the images.
-    """
-    bad = ~np.isfinite(values)
-    if not bad.any():
-        return values
-    images = where["image"].values[bad.reshape(len(values), -1).any(1)]
-    if "layer" in where.dims:
-        axis = where.dims.index("layer")
-        layers = where["layer"].values[bad.any(axis=tuple(i for i in range(bad.ndim) if i != axis))].tolist()
-    else:
-        layers = where["layer"].values.tolist() if "layer" in where.coords else "all"
-    raise ValueError(
-        f"the store holds non-finite values (NaN or inf) in `{where.name}` at layer(s) {layers}, images "
-        f"{images.min()}-{images.max()} ({len(images)} images): re-record them (`dynamo record` the same "
-        "command with --overwrite, or into a new store); if they come back, the model produces them"
-    )
 
 
 def principal_directions(scatter: np.ndarray, total: np.ndarray, count: int, n_components: int):
@@ -316,12 +196,6 @@ def principal_directions(scatter: np.ndarray, total: np.ndarray, count: int, n_c
     components *= np.sign(components[np.abs(components).argmax(axis=0), range(n_components)])
     with np.errstate(invalid="ignore", divide="ignore"):
         return mean, components, eigenvalues[order] / eigenvalues.sum()
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """Unit vectors along the last axis; zero vectors stay zero."""
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
 def angle_deg(cosine: np.ndarray) -> np.ndarray:

@@ -1,18 +1,6 @@
-"""The causal layer-swap test: run a block in another block's place and see what breaks.
-
-The paper's causal test of its phases (methods spec section 3, camera-ready Fig. 15): replace
-one, two or three layers of the ViT by another layer; replacement within a phase keeps
-accuracy, replacement across phases collapses it. Here layer i (the output of block i) is
-produced by block j instead, for every pair (i, j), or a run of ``width`` consecutive layers
-i..i+width-1 is produced by block j, each run continuing through the model's own remaining
-blocks. Each swap is scored by top-1 accuracy (where the store has labels), agreement with the
-clean run's top-1 class, and R² of the last layer against the clean run's last layer, per
-token kind (R² as `dynamo.metrics.r2_score`: one global mean, the clean run's variance in the
-denominator by default).
-
-The clean run is the live model's own, from the same stored states, so R² = 1 and agreement =
-1 on the diagonal (j = i). A swap enters at the store's layer i - 1, which no swap changes.
-"""
+"""The causal layer-swap test (the paper's Fig. 15): layer i (or a run of ``width`` layers from i) produced by
+block j instead, scored by accuracy, agreement with the clean run's top-1 and last-layer R², per token kind.
+The clean run starts from the same stored states, so the diagonal (j = i) has R² = 1 and agreement = 1."""
 
 from __future__ import annotations
 
@@ -40,18 +28,9 @@ DESCRIPTION = (
 )
 
 
-def compute(
-    ds: xr.Dataset,
-    model,
-    width: int = 1,
-    partition: Partition | Sequence[Sequence[int]] | None = None,
-    images: int | Sequence[int] | None = None,
-    reference: str = "target",
-    batch_size: int = 64,
-    progress: bool = True,
-    head: LinearHead | None = None,
-    max_distance: int | None = None,
-) -> xr.Dataset:
+def compute(ds: xr.Dataset, model, width: int = 1, partition: Partition | Sequence[Sequence[int]] | None = None,
+            images: int | Sequence[int] | None = None, reference: str = "target", batch_size: int = 64, progress: bool = True,
+            head: LinearHead | None = None, max_distance: int | None = None) -> xr.Dataset:
     """Accuracy, agreement and last-layer R² when layers i..i+width-1 are produced by block j.
 
     Parameters
@@ -59,44 +38,33 @@ def compute(
     ds : xarray.Dataset
         Trajectory store with every token; swaps start from its ``hidden`` at layer i - 1.
     model : LoadedModel, timm ViT or BlockStepper
-        The ViT the store was recorded with (see `dynamo.stepping.propagator_for`); it must run
-        a chosen block at a chosen layer (``run(..., block_for=...)``).
+        The ViT the store was recorded with (`dynamo.stepping.propagator_for`).
     width : int
         Number of consecutive layers replaced by the same block (the paper used 1, 2, 3).
     partition : Partition or list of list of int, optional
-        Phases (1-based block indices, covering 1..L) that classify each swap as within or
-        across phases; default `analyses.phases.find_phases` on the store.
+        Phases covering blocks 1..L that classify each swap; default `analyses.phases.find_phases`.
     images : int, sequence of int, or None
-        See `analyses.perturbation.select_images`. The last layers of these images for one
-        swap are held in memory at once (for R²).
+        See `analyses.perturbation.select_images`; their last layers for one swap are held in memory.
     reference : {"target", "prediction"}
         R² denominator: the clean run's variance, or the swapped run's (the paper's order).
-    batch_size : int
-    progress : bool
     head : LinearHead, optional
-        The head accuracy and agreement use instead of the model's own (`dynamo.heads`); a model
-        without a classifier needs one, or they are left out (with ``accuracy_note``).
+        The head for accuracy and agreement instead of the model's own; without any they are left out.
     max_distance : int, optional
-        Run only the swaps with |i - j| <= max_distance (the others are NaN, relation "skipped");
-        default every pair.
+        Run only the swaps with |i - j| <= max_distance (the others NaN, relation "skipped").
 
     Returns
     -------
     xarray.Dataset
-        Dims ``target`` (first replaced layer i, 1..L-width+1) and ``block`` (block j run in
-        its place, 1..L, with the partition as its ``phase`` coordinate): ``accuracy`` (if
-        labelled), ``agreement`` (with a head), ``r2`` (target, block, token_kind; ``all``
-        pools every token), with ``relation`` (target, block) in {"clean", "within", "across"}
-        as a coordinate. Attributes: ``clean_accuracy``, ``accuracy_head`` (``model`` or
-        ``probe``), ``head_source``, ``accuracy_images`` (a fitted probe's training images are
-        not scored), or ``accuracy_note`` when there is no head or no label.
+        Dims ``target`` (first replaced layer i) and ``block`` (block j, with the ``phase`` coordinate):
+        ``accuracy`` (if labelled), ``agreement`` (with a head), ``r2`` (target, block, token_kind; ``all``
+        pools every token), coordinate ``relation`` in {"clean", "within", "across"}; attrs
+        ``clean_accuracy`` and the head's (``accuracy_images`` leaves out a probe's training images), or
+        ``accuracy_note`` when there is no head or no label.
     """
     propagator = propagator_for(model, ds, head)
     if not isinstance(propagator, BlockStepper):
-        raise ValueError(
-            f"a layer swap needs a model whose blocks can be reordered (a LoadedModel, timm ViT or BlockStepper), "
-            f"not a {type(propagator).__name__}"
-        )
+        raise ValueError(f"a layer swap needs a model whose blocks can be reordered (a LoadedModel, timm ViT or "
+                         f"BlockStepper), not a {type(propagator).__name__}")
     ds = select_images(ds, images)
     L = last_layer(ds)
     if not 1 <= width <= L:
@@ -145,28 +113,17 @@ def compute(
                           if max_distance is None or abs(int(s) - int(t)) <= max_distance else "skipped"
                           for s in sources] for t in targets])
     result = xr.Dataset(
-        {
-            "r2": (
-                ("target", "block", "token_kind"),
-                r2,
-                {"long_name": f"R² of the last layer against the clean run (reference: {reference})"},
-            ),
-        },
+        {"r2": (("target", "block", "token_kind"), r2,
+                {"long_name": f"R² of the last layer against the clean run (reference: {reference})"})},
         coords={"target": targets, "block": sources, "token_kind": list(groups), "relation": (("target", "block"), relation)},
     )
     if has_head:
         result["agreement"] = (("target", "block"), agreement, {"long_name": "fraction of images with the clean top-1 class"})
     if has_labels:
         result["accuracy"] = (("target", "block"), accuracy, {"long_name": "top-1 accuracy"})
-    result.attrs = {
-        "analysis": "layer_swap",
-        "model": ds.attrs.get("model", ""),
-        "width": width,
-        "n_images": n,
-        "reference": reference,
-        **({} if max_distance is None else {"max_distance": int(max_distance)}),
-        **_head_attrs(propagator, has_labels, int(keep.sum())),
-    }
+    result.attrs = {"analysis": "layer_swap", "model": ds.attrs.get("model", ""), "width": width, "n_images": n,
+                    "reference": reference, **({} if max_distance is None else {"max_distance": int(max_distance)}),
+                    **_head_attrs(propagator, has_labels, int(keep.sum()))}
     if has_labels:
         result.attrs["clean_accuracy"] = float((clean_top1[keep] == labels[keep]).mean())
     return assign_phases(result, partition)
@@ -191,25 +148,11 @@ def phase_relation(partition: Partition | Sequence[Sequence[int]], replaced: Seq
 
 
 def matched_drop(result: xr.Dataset, partition: Partition | Sequence[Sequence[int]] | None = None, score: str = "accuracy") -> float:
-    """Across-minus-within drop of a score at matched distance: the mean over |i - j| of (mean within − mean across).
+    """Across-minus-within drop of ``score`` (accuracy or agreement) in a width-1 result, at matched distance.
 
-    The score drops by clean − score, so this is mean across-phase drop − mean within-phase drop, each
-    taken at one distance |i - j| and averaged over the distances that have swaps of both kinds (far
-    swaps are more often across phases, so an unmatched mean would reward any partition).
-
-    Parameters
-    ----------
-    result : xarray.Dataset
-        A width-1 `compute` result.
-    partition : Partition or list of list of int, optional
-        Phases classifying the swaps (default the result's own); the swaps are not re-run.
-    score : str
-        ``"accuracy"`` or ``"agreement"``.
-
-    Returns
-    -------
-    float
-        NaN when no distance has both within- and across-phase swaps.
+    The mean over distances |i - j| with swaps of both kinds of (mean within − mean across): far swaps are more
+    often across phases, so an unmatched mean would reward any partition. ``partition`` reclassifies the swaps
+    (default the result's own). NaN when no distance has both kinds.
     """
     if int(result.attrs.get("width", 1)) != 1:
         raise ValueError("matched_drop compares single-layer swaps (width 1)")
@@ -227,10 +170,8 @@ def matched_drop(result: xr.Dataset, partition: Partition | Sequence[Sequence[in
 
 
 def summarize(result: xr.Dataset) -> dict:
-    """Headline numbers: ``width``, ``partition``, ``clean_accuracy`` and the ``accuracy_head`` it
-    used (or the ``accuracy_note`` why there is none), and the mean ``accuracy`` (if labelled),
-    ``agreement`` (with a head) and ``r2`` (all tokens) and ``n_swaps`` of ``within`` and
-    ``across`` phase swaps (keys ``within_accuracy``, ..., ``across_n_swaps``)."""
+    """Headline numbers: ``width``, ``partition``, ``clean_accuracy``, ``accuracy_head`` or ``accuracy_note``, and
+    the mean ``accuracy``, ``agreement``, ``r2`` (all tokens) and ``n_swaps`` of within- and across-phase swaps."""
     summary = {"width": int(result.attrs["width"]), "partition": str(from_result(result))}
     for name in ("clean_accuracy", "accuracy_head", "accuracy_note"):
         if name in result.attrs:

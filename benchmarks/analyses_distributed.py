@@ -92,7 +92,7 @@ def child(store: Path, workers: int, out: Path) -> None:
 
 def block_task_bytes(store: Path) -> tuple[int, int, int]:
     """Pickled bytes of one block's dataset after ``dask.optimize``, of the whole store's, and the chunk count."""
-    from analyses.streaming import image_blocks
+    from dynamo.blocks import image_blocks
 
     dataset = dynamo.open_trajectories(store)
     (block,) = dask.optimize(dataset.isel(image=image_blocks(dataset)[0]))

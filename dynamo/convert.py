@@ -1,13 +1,5 @@
-"""Hugging Face transformers checkpoints (state dicts and ONNX exports) as timm ViTs.
-
-A state dict of transformers' ``ViTModel``, ``Dinov2Model`` or ``Dinov2WithRegistersModel``
-(safetensors, or a torch file read with ``weights_only=True``), alone or inside a bigger model
-(``vit.``, ``dinov2.``, ``backbone.``, ...), and an ONNX export of such a model, read by its
-node names, are converted to the matching timm architecture by one table of parameter names
-(`RULES`). A position embedding made for another grid is resampled as the source model
-resamples it (transformers' ``interpolate_pos_encoding``, or the export's own ``Resize``
-node), so that the timm model computes what the source computes at the requested input size.
-"""
+"""Hugging Face transformers ViT / DINOv2 checkpoints (state dicts and ONNX exports) as timm ViTs, by one table
+of parameter names (`RULES`); position embeddings are resampled as the source model resamples them."""
 
 from __future__ import annotations
 
@@ -66,14 +58,7 @@ token (masked training only) and ViT's tanh pooler (after the final norm)."""
 
 @dataclass(frozen=True)
 class Resampling:
-    """How a source model resamples its patch position embedding to another grid.
-
-    Attributes
-    ----------
-    antialias : bool
-        ``antialias=`` of ``torch.nn.functional.interpolate`` (bicubic, ``align_corners=False``,
-        to the target grid's size).
-    """
+    """How a source model resamples its patch position embedding: bicubic ``interpolate`` with this ``antialias``."""
 
     antialias: bool = False
 
@@ -99,22 +84,8 @@ def is_transformers_checkpoint(path: str | Path) -> bool:
 
 
 def create_converted(name: str, path: str | Path, **timm_kwargs) -> nn.Module:
-    """Build timm model ``name`` with the weights of a transformers state dict or ONNX export.
-
-    Parameters
-    ----------
-    name : str
-        timm architecture of the same kind (``vit_small_patch14_dinov2`` for a DINOv2-S/14).
-    path : str or Path
-        ``.onnx`` export, ``.safetensors`` or torch state dict of a transformers backbone.
-    **timm_kwargs
-        Passed to `timm.create_model` (``img_size=``, ...); ``num_classes`` defaults to 0, as
-        these backbones have no classifier.
-
-    Returns
-    -------
-    torch.nn.Module
-        The timm model with every parameter set from the checkpoint.
+    """Build timm model ``name`` (``vit_small_patch14_dinov2`` for a DINOv2-S/14) with every parameter set from
+    a transformers ``.onnx``, ``.safetensors`` or torch state dict; ``num_classes`` defaults to 0 (no classifier).
 
     Raises
     ------
@@ -135,7 +106,8 @@ def create_converted(name: str, path: str | Path, **timm_kwargs) -> nn.Module:
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as error:  # a shape mismatch
-        raise ModelLoadError(f"checkpoint {path} (a transformers {family} backbone) does not fit {name}: {summarize_mismatch(str(error))}") from None
+        raise ModelLoadError(f"checkpoint {path} (a transformers {family} backbone) does not fit {name}: "
+                             f"{summarize_mismatch(str(error))}") from None
     if missing or unexpected:
         first = (f"timm's {missing[0]} is set by no parameter of the checkpoint" if missing
                  else f"the checkpoint sets timm's {unexpected[0]}, which {name} has not")
@@ -159,19 +131,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def transformers_to_timm(
-    state_dict: dict[str, torch.Tensor], model: nn.Module, resampling: Resampling | None = None
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Rename a transformers backbone's parameters to timm's and fit its position embedding to ``model``.
-
-    Parameters
-    ----------
-    state_dict : dict
-        transformers parameter names (with any prefix before ``embeddings.``) → tensors.
-    model : torch.nn.Module
-        The timm model the weights are for: its grid and token layout (``no_embed_class``).
-    resampling : Resampling, optional
-        How the source resamples position embeddings; default the family's transformers code.
+def transformers_to_timm(state_dict: dict[str, torch.Tensor], model: nn.Module,
+                         resampling: Resampling | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename a transformers backbone's parameters (any prefix before ``embeddings.``) to timm's, with the
+    position embedding fitted to ``model``'s grid (by ``resampling``, default the family's transformers code).
 
     Returns
     -------
@@ -231,24 +194,8 @@ def transformers_to_timm(
 
 
 def resample_position_embedding(patches: torch.Tensor, grid: tuple[int, int], resampling: Resampling) -> torch.Tensor:
-    """A square grid of patch position embeddings resampled to ``grid`` as transformers does.
-
-    Bicubic ``interpolate`` in float32 to the target size with ``align_corners=False`` and the
-    source's ``antialias``; unchanged when the grid is already ``grid``.
-
-    Parameters
-    ----------
-    patches : torch.Tensor
-        (1, side * side, dim), row-major.
-    grid : (int, int)
-        Target (rows, columns) of patches.
-    resampling : Resampling
-
-    Returns
-    -------
-    torch.Tensor
-        (1, rows * columns, dim), in the input's dtype.
-    """
+    """A square grid of patch position embeddings (1, side * side, dim) resampled to ``grid`` (rows, columns) as
+    transformers does (bicubic in float32, ``align_corners=False``): (1, rows * columns, dim) in the input's dtype."""
     _, count, dim = patches.shape
     side = math.isqrt(count)
     if side * side != count:
@@ -261,17 +208,12 @@ def resample_position_embedding(patches: torch.Tensor, grid: tuple[int, int], re
     return resampled.permute(0, 2, 3, 1).reshape(1, -1, dim).to(patches.dtype)
 
 
-# ---- ONNX exports -----------------------------------------------------------------------------
-
-
 def read_onnx(path: Path) -> tuple[dict[str, torch.Tensor], Resampling | None]:
     """transformers-named parameters of the backbone in an ONNX export, and its position resampling.
 
-    Named initializers keep their names; a ``.../<module>/MatMul`` node whose second input is an
-    initializer (input × output) gives ``<module>.weight`` (transposed to output × input); the
-    class and patch position embeddings are the unnamed initializers that a ``Concat`` and a
-    ``Reshape`` in the ``embeddings`` scope read; the ``Resize`` there says how the graph
-    resamples them. Nodes outside the backbone (a task head) are not read.
+    Named initializers keep their names; a ``.../<module>/MatMul`` node's initializer gives
+    ``<module>.weight`` (transposed); the position embeddings are the unnamed initializers that a
+    ``Concat`` and a ``Reshape`` in the ``embeddings`` scope read, resampled by the ``Resize`` there.
 
     Raises
     ------

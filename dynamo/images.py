@@ -1,9 +1,6 @@
-"""Images in: a folder (class sub-folders give labels), a list of paths, or arrays.
+"""Images in: a folder (class sub-folders give labels), a list of paths, or arrays, as an `ImageSet`.
 
-An `ImageSet` knows every image's id and label up front, and loads any subset as a batch
-through the model's preprocessing. An unreadable image never stops the run: it comes back
-flagged, with a warning, so the recorder can list it and carry on.
-"""
+An unreadable image never stops the run: it comes back flagged, with a warning, for the recorder to list."""
 
 from __future__ import annotations
 
@@ -29,19 +26,8 @@ class UnreadableImageWarning(UserWarning):
 
 @dataclass
 class ImageSet:
-    """An ordered collection of images with ids and optional labels.
-
-    Attributes
-    ----------
-    ids : list of str
-        Path (or ``array:<index>``) of each image, shape (N,).
-    labels : numpy.ndarray
-        Integer class of each image, shape (N,); -1 where unknown.
-    label_names : list of str or None
-        Name of each class index, or None when the images carry no labels.
-    source : str
-        What the set was built from, for provenance.
-    """
+    """An ordered collection of images: ``ids`` (path or ``array:<index>``, (N,)), integer ``labels`` ((N,), -1
+    where unknown), ``label_names`` (per class index, or None) and the ``source`` it was built from."""
 
     ids: list[str]
     labels: np.ndarray
@@ -53,13 +39,7 @@ class ImageSet:
         return len(self.ids)
 
     def head(self, n: int) -> ImageSet:
-        """The first ``n`` images; for labelled images each class's first in turn, then each one's second, ...
-
-        Raises
-        ------
-        ValueError
-            ``n`` < 1.
-        """
+        """The first ``n`` (>= 1) images; for labelled images each class's first in turn, then each one's second, ..."""
         if n < 1:
             raise ValueError(f"--limit must be at least 1, got {n}")
         order = np.arange(len(self))
@@ -91,17 +71,8 @@ class ImageSet:
         """True when the images are float tensors already in model input space."""
         return isinstance(self._pixels, torch.Tensor)
 
-    def load_batch(
-        self, indices: Sequence[int], transform: Callable[[Image.Image], torch.Tensor]
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """Load and preprocess images.
-
-        Parameters
-        ----------
-        indices : sequence of int
-            Positions in the set, length B.
-        transform : callable
-            PIL image → tensor (C, H, W); ignored for preprocessed tensors.
+    def load_batch(self, indices: Sequence[int], transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+        """Load and preprocess the images at ``indices`` with ``transform`` (PIL image → (C, H, W) tensor).
 
         Returns
         -------
@@ -117,23 +88,15 @@ class ImageSet:
             try:
                 tensors.append(transform(self._open(index)))
             except Exception as error:  # any decoder failure: skip the image, never the run
-                warnings.warn(
-                    f"skipping unreadable image {self.ids[index]}: {error}",
-                    UnreadableImageWarning,
-                    stacklevel=2,
-                )
+                warnings.warn(f"skipping unreadable image {self.ids[index]}: {error}", UnreadableImageWarning, stacklevel=2)
                 readable[slot] = False
                 tensors.append(None)
-        shape = next((t.shape for t in tensors if t is not None), None)
-        if shape is None:
-            shape = transform(Image.new("RGB", (8, 8))).shape
-        pixels = torch.stack([torch.zeros(shape) if t is None else t for t in tensors])
-        return pixels, readable
+        shape = next((t.shape for t in tensors if t is not None), None) or transform(Image.new("RGB", (8, 8))).shape
+        return torch.stack([torch.zeros(shape) if t is None else t for t in tensors]), readable
 
     def _open(self, index: int) -> Image.Image:
         if self._pixels is not None:
-            array = np.asarray(self._pixels[index])
-            return Image.fromarray(array).convert("RGB")
+            return Image.fromarray(np.asarray(self._pixels[index])).convert("RGB")
         with Image.open(self.ids[index]) as image:
             return to_rgb(image)
 
@@ -159,11 +122,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_set(
-    images: str | Path | Sequence[str | Path] | np.ndarray | torch.Tensor,
-    labels: Sequence[int] | None = None,
-    label_names: Sequence[str] | None = None,
-) -> ImageSet:
+def image_set(images: str | Path | Sequence[str | Path] | np.ndarray | torch.Tensor, labels: Sequence[int] | None = None,
+              label_names: Sequence[str] | None = None) -> ImageSet:
     """Build an `ImageSet` from any supported source.
 
     Parameters
@@ -172,10 +132,8 @@ def image_set(
         A folder (each sub-folder a class, sorted by name; a flat folder gives unlabelled images),
         an image file, a list of files, uint8 pixels (N, H, W[, C]) preprocessed like files, or a
         float tensor (N, C, H, W) of model input used as is.
-    labels : sequence of int, optional
-        Labels for a list of paths or arrays, length N.
-    label_names : sequence of str, optional
-        Class names indexed by label.
+    labels, label_names : optional
+        Labels (length N) for a list of paths or arrays, and class names indexed by label.
 
     Raises
     ------

@@ -1,12 +1,5 @@
-"""Load a ViT to study: a timm name (hub weights, a local checkpoint, or random init) or a zoo name.
-
-Every command that takes a model goes through `load_model`, so a timm name
-(``vit_small_patch14_reg4_dinov2``), a timm name with ``checkpoint=`` a local file, and a
-name from dynamo's own zoo (``dynamo-zoo/vit-digits-reg4``) all behave alike. The input size
-(``img_size=``) and the preprocessing (``preprocess=``: overrides of the model's timm data
-config, or the paper's preset) are chosen here too, so that one `LoadedModel` says everything
-a recording depends on.
-"""
+"""Load a ViT to study: a timm name (hub weights, a local checkpoint, or random init) or a zoo name,
+with its input size and preprocessing, so that one `LoadedModel` says everything a recording depends on."""
 
 from __future__ import annotations
 
@@ -26,8 +19,6 @@ import timm.data
 import torch
 from huggingface_hub import constants as hub
 from safetensors import SafetensorError, safe_open
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.data.transforms import str_to_interp_mode
 from torch import nn
 
@@ -41,15 +32,15 @@ PREPROCESS_KEYS = ("resize", "crop", "interpolation", "mean", "std")
 """What ``preprocess=`` (``--preprocess``) may override in a model's timm data config."""
 
 STATISTICS = {
-    "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
-    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "imagenet": (timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD),
+    "inception": (timm.data.IMAGENET_INCEPTION_MEAN, timm.data.IMAGENET_INCEPTION_STD),
+    "clip": (timm.data.OPENAI_CLIP_MEAN, timm.data.OPENAI_CLIP_STD),
 }
 """Named normalisation statistics accepted for ``mean=`` and ``std=`` (timm's constants)."""
 
 PRESETS = {
     "paper": {"resize": 256, "crop": 224, "interpolation": "bicubic",
-              "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD},
+              "mean": timm.data.IMAGENET_DEFAULT_MEAN, "std": timm.data.IMAGENET_DEFAULT_STD},
 }
 """Preprocessing presets: ``paper`` is the Raptor paper's (Resize 256 bicubic, CenterCrop 224, ImageNet statistics)."""
 
@@ -60,32 +51,22 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    """A model ready for recording, with what identifies it.
+    """A model ready for recording (``module`` in eval mode), with what identifies it.
 
     Attributes
     ----------
-    module : torch.nn.Module
-        The timm model, in eval mode.
     source : str
         The name it was loaded by (timm name or zoo name).
-    checkpoint : str or None
-        Local checkpoint file the weights came from, if any.
     pretrained : bool
-        Whether the weights are trained ones (hub, checkpoint or zoo) rather than random init.
-    weights_sha256 : str
-        sha256 over the state dict (names, dtypes, shapes and bytes, in name order).
+        Trained weights (hub, checkpoint or zoo) rather than random init.
     data_config : dict
-        timm's preprocessing for the model (input_size, interpolation, mean, std, crop_pct, ...),
-        with ``preprocess`` applied: what `timm.data.create_transform` is called with.
-    layout : TokenLayout
+        timm's data config with ``preprocess`` applied: the arguments of `timm.data.create_transform`.
     preprocess : dict
-        The overrides of timm's data config that were asked for (``resize``, ``crop``, ...);
-        empty when the model's own preprocessing is used.
+        The overrides of timm's data config asked for; empty for the model's own preprocessing.
     seed : int or None
-        Seed of the random initialisation, for random weights; None when the weights are trained.
+        Seed of the random initialisation; None for trained weights.
     timm_options : dict
-        Extra `timm.create_model` options the model was built with (``global_pool``, ``depth``,
-        ...; not ``img_size``): part of what rebuilds it, so stores and fits keep them.
+        Extra `timm.create_model` options (not ``img_size``): part of what rebuilds the model.
     """
 
     module: nn.Module
@@ -104,16 +85,9 @@ class LoadedModel:
         return len(self.module.blocks)
 
 
-def load_model(
-    name: str,
-    checkpoint: str | Path | None = None,
-    pretrained: bool = True,
-    *,
-    img_size: int | tuple[int, int] | None = None,
-    preprocess: dict | str | None = None,
-    seed: int = 0,
-    **timm_kwargs,
-) -> LoadedModel:
+def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = True, *,
+               img_size: int | tuple[int, int] | None = None, preprocess: dict | str | None = None, seed: int = 0,
+               **timm_kwargs) -> LoadedModel:
     """Build a ViT-family model by name and load its weights.
 
     Parameters
@@ -121,30 +95,20 @@ def load_model(
     name : str
         A timm model name (with an optional ``.tag``), or a zoo name starting with ``dynamo-zoo/``.
     checkpoint : str or Path, optional
-        Local weights for a timm name: ``.safetensors`` (preferred) or a torch file, which is
-        loaded with ``weights_only=True`` and so never unpickles arbitrary objects. It is loaded
-        as timm loads pretrained weights (``pretrained_cfg_overlay=dict(file=...)``): wrappers
-        (``model``, ``state_dict``, EMA) are unwrapped and the architecture's own checkpoint
-        filter converts original formats (DINOv2 torch-hub files, OpenCLIP visual towers,
-        DeiT / DeiT-3) and resamples position embeddings trained at another image size.
-        Loading is strict: every weight of the model must come from the file. A transformers
-        ViT / DINOv2 state dict or ONNX export is converted by `dynamo.convert`.
+        Local weights for a timm name: ``.safetensors`` or a torch file (``weights_only=True``),
+        loaded strictly as timm loads pretrained weights (wrappers unwrapped, the architecture's
+        checkpoint filter, position embeddings resampled); transformers ViT / DINOv2 state dicts
+        and ONNX exports through `dynamo.convert`.
     pretrained : bool
-        For a timm name without a checkpoint: fetch the hub weights (needs the internet or a
-        local hub cache). False builds random weights, which suit tests of mechanics only.
+        For a timm name without a checkpoint: fetch the hub weights; False builds random weights
+        (for tests of mechanics only).
     img_size : int or (int, int), optional
-        Input size (height, width) in pixels to build a timm model for; default the model's own,
-        or the ``crop`` of ``preprocess``. Must be a multiple of the patch size. Trained
-        position embeddings are resampled to it with timm's ``resample_abs_pos_embed``.
+        Input (height, width) in pixels, a multiple of the patch size; default the model's own, or
+        the ``crop`` of ``preprocess``.
     preprocess : dict or str, optional
-        Overrides of the model's timm data config (keys in `PREPROCESS_KEYS`: ``resize`` the
-        shorter side before the centre crop, ``crop`` the input size, ``interpolation``,
-        ``mean``, ``std``), or a preset name in `PRESETS` (``"paper"``); see
-        `preprocess_overrides`.
+        Overrides of the model's timm data config, or a preset name; see `preprocess_overrides`.
     seed : int
-        Seed of the random initialisation (random weights, and any weight a checkpoint does not
-        set); the global torch RNG is left as it was. The same name, options and seed give
-        the same weights.
+        Seed of the random initialisation (the global torch RNG is left as it was).
     **timm_kwargs
         Passed to `timm.create_model` (``num_classes=``, ``depth=``, ...).
 
@@ -207,11 +171,7 @@ def load_model(
 
 
 def rebuild_attrs(loaded: LoadedModel) -> dict:
-    """What rebuilds ``loaded`` with `load_recorded_model`: the attributes a store (or a fit) records.
-
-    Name, checkpoint, whether trained, weights hash, input size (pixels, height and width),
-    preprocessing overrides and the seed of a random initialisation; JSON-ready.
-    """
+    """What rebuilds ``loaded`` with `load_recorded_model`: the JSON-ready attributes a store (or a fit) records."""
     return {
         "model": loaded.source,
         "checkpoint": loaded.checkpoint,
@@ -226,12 +186,7 @@ def rebuild_attrs(loaded: LoadedModel) -> dict:
 
 
 def load_recorded_model(attrs: dict) -> LoadedModel:
-    """Rebuild the model a trajectory store was recorded with, from the store's attributes.
-
-    Its name, checkpoint, image size, preprocessing overrides, extra timm options
-    (``timm_options``) and, for random weights, the seed of their initialisation; hub weights are fetched as `load_model` does. Compare
-    ``weights_sha256`` with the store's to be sure it is the same model.
-    """
+    """Rebuild the model a store (or fit) was recorded with from its `rebuild_attrs`; compare ``weights_sha256``."""
     image_size = attrs.get("image_size")
     return load_model(
         attrs["model"], attrs.get("checkpoint"), pretrained=attrs.get("pretrained", True),
@@ -241,24 +196,9 @@ def load_recorded_model(attrs: dict) -> LoadedModel:
     )
 
 
-# ---- image size and preprocessing -----------------------------------------------------------
-
-
 def data_config(model: nn.Module, preprocess: dict | None = None) -> dict:
-    """timm's data config for ``model`` at the input size it was built for, with preprocessing overrides.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A timm ViT; its patch embedding gives the input size.
-    preprocess : dict, optional
-        Overrides from `preprocess_overrides`, given to `timm.data.resolve_model_data_config` as
-        its keys (``resize`` as ``crop_pct`` with ``crop_mode="center"``).
-
-    Returns
-    -------
-    dict
-        The keyword arguments of `timm.data.create_transform`.
+    """timm's data config (the arguments of `timm.data.create_transform`) for ``model`` at its input size,
+    with `preprocess_overrides` applied (``resize`` as ``crop_pct`` with ``crop_mode="center"``).
 
     Raises
     ------
@@ -296,10 +236,7 @@ def parse_img_size(value) -> tuple[int, int] | None:
 
 
 def parse_timm_options(text: str | None) -> dict:
-    """Command-line ``key=value,...`` extra options of `timm.create_model` (``global_pool=map,depth=2``).
-
-    Values are Python literals where they read as one (``2``, ``0.5``, ``True``, ``None``), else
-    strings.
+    """Command-line ``key=value,...`` extra options of `timm.create_model`; values are Python literals, else strings.
 
     Raises
     ------
@@ -326,9 +263,8 @@ def parse_timm_options(text: str | None) -> dict:
 
 
 def parse_preprocess(text: str | None) -> dict:
-    """Command-line ``key=value,...`` preprocessing overrides as raw values (checked by `preprocess_overrides`).
-
-    A part without ``=`` continues the previous key's value (``mean=0.485,0.456,0.406``).
+    """Command-line ``key=value,...`` preprocessing overrides as raw values; a part without ``=`` continues
+    the previous key's value (``mean=0.485,0.456,0.406``).
 
     Raises
     ------
@@ -350,21 +286,11 @@ def parse_preprocess(text: str | None) -> dict:
 
 
 def preprocess_overrides(preset: str | None = None, overrides: dict | str | None = None) -> dict:
-    """The overrides of a preset, with ``overrides`` on top, checked and typed.
+    """The overrides of a preset (a name in `PRESETS`), with ``overrides`` on top, checked and typed.
 
-    Parameters
-    ----------
-    preset : str, optional
-        A name in `PRESETS`.
-    overrides : dict or str, optional
-        Keys in `PREPROCESS_KEYS` (or text for `parse_preprocess`): ``resize`` the shorter side
-        before the centre crop; ``crop`` N or (height, width), the input size; ``interpolation``
-        a timm name; ``mean``, ``std`` three numbers or a name in `STATISTICS`.
-
-    Returns
-    -------
-    dict
-        ``resize`` int, ``crop`` [height, width], ``interpolation`` str, ``mean``/``std`` three floats.
+    ``overrides`` (a dict, or text for `parse_preprocess`) may set ``resize`` (the shorter side
+    before the centre crop), ``crop`` (N or H,W: the input size), ``interpolation`` (a timm name),
+    ``mean`` and ``std`` (three numbers or a name in `STATISTICS`).
 
     Raises
     ------
@@ -391,11 +317,7 @@ def preprocess_overrides(preset: str | None = None, overrides: dict | str | None
 
 
 def crop_pct(crop: int, resize: int) -> float:
-    """timm's ``crop_pct`` that resizes to exactly ``resize`` before cropping ``crop``.
-
-    timm resizes to ``floor(crop / crop_pct)``, so crop / resize is nudged down where rounding
-    would land one pixel short.
-    """
+    """timm's ``crop_pct`` that resizes to exactly ``resize`` (timm's ``floor(crop / crop_pct)``) before cropping ``crop``."""
     pct = crop / resize
     while math.floor(crop / pct) < resize:
         pct = math.nextafter(pct, 0.0)
@@ -480,9 +402,6 @@ def _text(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-# ---- building and loading -------------------------------------------------------------------
-
-
 def _create_timm_model(name: str, checkpoint, pretrained: bool, **timm_kwargs) -> nn.Module:
     if not timm.is_model(name):
         family = [m for m in timm.list_models() if m.split("_")[0] == name.split("_")[0]]
@@ -512,14 +431,9 @@ def _create_timm_model(name: str, checkpoint, pretrained: bool, **timm_kwargs) -
 
 
 def _create_from_checkpoint(name: str, path: Path, **timm_kwargs) -> nn.Module:
-    """Build ``name`` with weights from a local file, exactly as timm loads pretrained weights.
+    """Build ``name`` with weights from a local file as timm loads pretrained weights (``pretrained_cfg_overlay``).
 
-    ``create_model(pretrained=True, pretrained_cfg_overlay=dict(file=path))``: timm's
-    ``load_state_dict`` (``weights_only=True``; ``model``/``state_dict``/EMA wrappers and
-    ``module.`` prefixes removed), the model's own ``checkpoint_filter_fn`` (original formats,
-    position embeddings resampled to the model's grid), then a strict ``load_state_dict``. The
-    head is kept strict too: ``num_classes`` is set in the overlay, so that timm never drops a
-    checkpoint's head for a random one.
+    ``num_classes`` is set in the overlay too, so that timm never drops a checkpoint's head for a random one.
     """
     if path.is_dir():
         raise ModelLoadError(f"checkpoint {path} is a folder; pass the weights file inside it (.safetensors, .pth)")
@@ -565,10 +479,7 @@ def _unreadable(path: Path, error: Exception) -> ModelLoadError:
 
 
 def unreadable_reason(error: Exception) -> str:
-    """Why a torch or safetensors file could not be read, in a few words, from the reader's error.
-
-    Never repeats torch's advice to load with ``weights_only=False`` (that is, to unpickle).
-    """
+    """Why a torch or safetensors file could not be read, in a few words (never torch's advice to unpickle)."""
     text = str(error)
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:  # a pickle of objects other than tensors (torch's weights-only reader refused it)

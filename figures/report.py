@@ -1,8 +1,4 @@
-"""The report page: one self-contained HTML file of figures, key numbers and provenance.
-
-Figures are embedded as base64 PNG data, so the page can be mailed, archived or opened from any
-folder; the PNG files beside it stay available for papers and slides.
-"""
+"""The report page: one self-contained HTML file of figures (embedded PNG data), key numbers and provenance."""
 
 from __future__ import annotations
 
@@ -34,19 +30,8 @@ nav a { margin-right: 1em; font-size: 0.9em; }
 
 @dataclass
 class Section:
-    """One section of the report.
-
-    Attributes
-    ----------
-    title : str
-    text : str
-        A paragraph saying what the section shows and how to read it (plain text).
-    figures : sequence of (Path, str)
-        PNG files and their one-sentence captions, embedded in order.
-    numbers : mapping of str to str, or of str to mapping of str to str
-        Headline numbers, already formatted, as a table of one row per quantity; with mappings
-        as values, one column per inner key (e.g. one per model).
-    """
+    """One section of the report: a ``title``, a plain-text paragraph, (PNG file, caption) ``figures`` and
+    formatted headline ``numbers`` (one row per quantity; with mappings as values, one column per inner key)."""
 
     title: str
     text: str = ""
@@ -55,24 +40,8 @@ class Section:
 
 
 def write_report(path: str | Path, title: str, lede: str, sections: Sequence[Section], provenance: Mapping) -> Path:
-    """Write a self-contained HTML report.
-
-    Parameters
-    ----------
-    path : str or Path
-        The ``.html`` file to write.
-    title : str
-        Page title (the model name belongs here).
-    lede : str
-        One line under the title.
-    sections : sequence of Section
-    provenance : mapping of str to str
-        Model, weights hash, images, versions, command line, ...: shown as the last table.
-
-    Returns
-    -------
-    Path
-    """
+    """Write a self-contained HTML report to ``path``: ``title``, a one-line ``lede``, the sections and a last
+    ``provenance`` table (model, weights hash, images, versions, command line, ...)."""
     path = Path(path)
     anchors = [f"s{i}" for i in range(len(sections))]
     parts = [

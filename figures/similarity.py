@@ -18,13 +18,7 @@ SIMILARITIES = {"cosine": "cosine similarity", "angular": "1 - angle/pi", "cka":
 
 
 def to_similarity(dissimilarity: xr.DataArray) -> xr.DataArray:
-    """The similarity matching a bounded dissimilarity, for display: 1 − D (mean cos, CKA, 1 − angle/π).
-
-    Raises
-    ------
-    ValueError
-        For ``mse``, which has no bounded similarity; plot it as a dissimilarity.
-    """
+    """The similarity matching a bounded dissimilarity, for display: 1 − D (mean cos, CKA, 1 − angle/π); not for mse."""
     measure = dissimilarity.attrs.get("measure")
     if measure not in SIMILARITIES:
         raise ValueError(f"{measure!r} has no bounded similarity; use the dissimilarity itself")
@@ -34,50 +28,25 @@ def to_similarity(dissimilarity: xr.DataArray) -> xr.DataArray:
     return similarity
 
 
-def similarity_heatmap(
-    dissimilarity: xr.DataArray | xr.Dataset,
-    partitions=None,
-    ax: plt.Axes | None = None,
-    *,
-    title: str | None = None,
-    as_similarity: bool = True,
-    annotate: bool | None = None,
-    vmin: float | None = None,
-    vmax: float | None = None,
-    colorbar: bool = True,
-    note: str | None = None,
-) -> plt.Figure:
+def similarity_heatmap(dissimilarity: xr.DataArray | xr.Dataset, partitions=None, ax: plt.Axes | None = None, *,
+                       title: str | None = None, as_similarity: bool = True, annotate: bool | None = None,
+                       vmin: float | None = None, vmax: float | None = None, colorbar: bool = True,
+                       note: str | None = None) -> plt.Figure:
     """Draw a layer × layer matrix with dashed lines at phase boundaries.
 
     Parameters
     ----------
     dissimilarity : xarray.DataArray (layer_i, layer_j), or xarray.Dataset
-        From `analyses.similarity.layer_similarity`, or a `analyses.phases.phase_analysis`
-        result (its ``dissimilarity``, with its partition).
+        A `analyses.similarity.layer_similarity` matrix, or a `analyses.phases.phase_analysis` result.
     partitions : Partition, list of list of int, or mapping of str to partition, optional
-        One partition, or several by name (e.g. ``{"2 phases": p2, "3 phases": p3}``, as the
-        paper's Figure 2), each drawn in its own colour with a legend. Default: the partition
-        the result carries (its ``phase`` coordinate), if any; ``{}`` draws none.
-    ax : matplotlib Axes, optional
-        Where to draw; a new figure if not given.
-    title : str, optional
-        Default: the model name and what the matrix is.
+        One partition, or several by name (as the paper's Figure 2), each in its own colour with a legend;
+        default the partition the result carries; ``{}`` draws none.
     as_similarity : bool
-        Show 1 − D (cosine similarity, CKA, 1 − angle/π) as the paper's figures do; ignored for
-        MSE, which is shown as it is.
+        Show 1 − D as the paper's figures do; ignored for MSE.
     annotate : bool, optional
         Print the values in the cells; default for matrices of at most 16 layers.
-    vmin, vmax : float, optional
-        Colour limits (shared limits make a grid comparable).
-    colorbar : bool
-        Draw a colour bar.
     note : str, optional
-        A line of text under the matrix; default, for a phase-analysis result, its gradient-null
-        conclusion (``gradient_null_conclusion``, `analyses.phase_null`), if any.
-
-    Returns
-    -------
-    matplotlib Figure
+        A line of text under the matrix; default a phase-analysis result's ``gradient_null_conclusion``.
     """
     partitions = from_result(dissimilarity) if partitions is None else partitions
     if note is None and isinstance(dissimilarity, xr.Dataset):
@@ -125,34 +94,17 @@ def similarity_heatmap(
     return ax.figure
 
 
-def similarity_grid(
-    matrices: Mapping[str, xr.DataArray | xr.Dataset] | Sequence[xr.DataArray | xr.Dataset],
-    partitions: Mapping[str, object] | Sequence | None = None,
-    *,
-    ncols: int = 3,
-    as_similarity: bool = True,
-    suptitle: str | None = None,
-) -> plt.Figure:
+def similarity_grid(matrices: Mapping[str, xr.DataArray | xr.Dataset] | Sequence[xr.DataArray | xr.Dataset],
+                    partitions: Mapping[str, object] | Sequence | None = None, *, ncols: int = 3, as_similarity: bool = True,
+                    suptitle: str | None = None) -> plt.Figure:
     """Several models' matrices side by side, on one colour scale, each with its boundaries.
 
     Parameters
     ----------
     matrices : mapping of panel title to matrix, or sequence of matrices
-        Matrices or phase-analysis results, as `similarity_heatmap`; sequences are titled with
-        each matrix's model name.
+        Matrices or phase-analysis results, as `similarity_heatmap`; a sequence is titled by model name.
     partitions : mapping or sequence, optional
-        One partition per panel (same keys or order as ``matrices``); default the partition
-        each result carries.
-    ncols : int
-        Panels per row.
-    as_similarity : bool
-        As `similarity_heatmap`.
-    suptitle : str, optional
-        Figure title; default names the measure and tokens.
-
-    Returns
-    -------
-    matplotlib Figure
+        One partition per panel (same keys or order as ``matrices``); default each result's own.
     """
     if not isinstance(matrices, Mapping):
         names = [matrix.attrs.get("model", "matrix") for matrix in matrices]
@@ -191,6 +143,4 @@ def similarity_grid(
 def _named_partitions(partitions) -> dict[str, list[list[int]]]:
     if partitions is None:
         return {}
-    if isinstance(partitions, Mapping):
-        return dict(partitions)
-    return {"": partitions}
+    return dict(partitions) if isinstance(partitions, Mapping) else {"": partitions}

@@ -20,7 +20,7 @@ from sklearn.metrics import mutual_info_score
 
 import dynamo
 from analyses import concepts
-from analyses.dictionary import ConceptDictionary, SparseAutoencoder, TokenSampler, layer_scales, matched_cosine
+from dynamo.dictionary import ConceptDictionary, SparseAutoencoder, TokenSampler, layer_scales, matched_cosine
 from dynamo.metrics import r2_score
 from dynamo.partition import Partition
 from dynamo.pipeline import profile as profiling

@@ -11,8 +11,9 @@ from distributed import Client, get_task_stream
 
 import dynamo
 from analyses import basins, export, phases, rank, similarity, tokens
-from analyses.streaming import image_blocks, stream
+from analyses.streaming import stream
 from dynamo import zoo
+from dynamo.blocks import image_blocks
 from dynamo.pipeline.cli import main
 from dynamo.pipeline.cluster import local_cluster
 from tests.synthetic import one_blas_thread  # noqa: F401 (autouse fixture)

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dynamo", "analyses", "figures")
 DATA_CONTRACT = {"dynamo.layout", "dynamo.partition", "dynamo.store", "dynamo.stepping", "dynamo.metrics", "dynamo.heads",
-                 "dynamo.progress", "dynamo.serialize"}
+                 "dynamo.progress", "dynamo.serialize", "dynamo.blocks", "dynamo.dictionary"}
 VOCABULARY = {"dynamo.layout", "dynamo.partition"}
 MODEL_LIBRARIES = {"torch", "timm", "torchvision"}
 

@@ -11,8 +11,8 @@ import timm
 import xarray as xr
 
 from analyses import concepts as concept_analysis
-from analyses.dictionary import ConceptDictionary, require_hidden
 from analyses.phases import find_phases
+from dynamo.dictionary import ConceptDictionary, require_hidden
 from dynamo.images import image_set
 from dynamo.partition import Partition, from_result
 from dynamo.pipeline.summaries import format_value

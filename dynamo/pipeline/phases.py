@@ -22,15 +22,8 @@ from figures.similarity import similarity_heatmap
 __all__ = ["lenses", "phases"]
 
 
-def phases(
-    ds: xr.Dataset,
-    *,
-    out: str | Path | None = None,
-    figure: str | Path | None = None,
-    figure_formats: tuple[str, ...] | None = None,
-    progress: bool = True,
-    **settings,
-) -> dict:
+def phases(ds: xr.Dataset, *, out: str | Path | None = None, figure: str | Path | None = None,
+           figure_formats: tuple[str, ...] | None = None, progress: bool = True, **settings) -> dict:
     """Layer dissimilarity, partition, scores and bootstrap stability of a store (`analyses.phases`).
 
     Parameters
@@ -43,7 +36,6 @@ def phases(
         Write the heatmap with the phase boundaries to this file.
     figure_formats : tuple of str, optional
         Formats to write the heatmap in (default the suffix of ``figure``), e.g. ``("png", "svg")``.
-    progress : bool
     **settings
         `analyses.phases.phase_analysis`'s (``method``, ``eps``, ``k``, ``measure``, ``tokens``,
         ``layers``, ``n_bootstrap``, ``null_permutations``, ``null_bootstrap``, ``seed``), its
@@ -55,24 +47,33 @@ def phases(
         `analyses.phases.summarize` of the result, the matrix as nested lists (``similarity``),
         the paths written, and ``text``.
     """
-    for path in (out, figure):  # never into a store (the input's own, or any other)
-        if path is not None:
-            check_output(path, inputs=[ds.encoding["source"]] if "source" in ds.encoding else [])
+    _check_outputs(ds, out, figure)
     result = phasing.phase_analysis(ds, progress=progress, **settings).assign_attrs(analysis="phases")
     summary = phasing.summarize(result)
     summary["similarity"] = np.round(result["dissimilarity"].values, 6).tolist()
     summary["layers"] = result["layer"].values.tolist()
+    label = f"{summary['method']} phases, " + (f"k={summary['k']}" if summary.get("k") else f"f={summary['eps']}")
+    summary = _write(summary, result, out, figure, figure_formats, lambda: similarity_heatmap(result, {label: from_result(result)}))
+    summary["text"] = _text(summary, result)
+    return summary
+
+
+def _check_outputs(ds: xr.Dataset, *paths) -> None:
+    """Refuse to write into a store (the input's own, or any other)."""
+    for path in paths:
+        if path is not None:
+            check_output(path, inputs=[ds.encoding["source"]] if "source" in ds.encoding else [])
+
+
+def _write(summary: dict, result: xr.Dataset, out, figure, figure_formats, draw) -> dict:
+    """Save ``result`` to ``out`` and ``draw()`` to ``figure`` (in ``figure_formats``, default its suffix); JSON-ready."""
     if out is not None:
         summary["out"] = str(save_result(result, out))
     if figure is not None:
-        label = f"{summary['method']} phases, " + (f"k={summary['k']}" if summary.get("k") else f"f={summary['eps']}")
-        heatmap = similarity_heatmap(result, {label: from_result(result)})
         figure = Path(figure)
         formats = figure_formats or (figure.suffix.lstrip(".") or "png",)
-        summary["figures"] = [str(save_figures({figure.stem: heatmap}, figure.parent, formats=formats)[figure.stem])]
-    summary = jsonable(summary)
-    summary["text"] = _text(summary, result)
-    return summary
+        summary["figures"] = [str(save_figures({figure.stem: draw()}, figure.parent, formats=formats)[figure.stem])]
+    return jsonable(summary)
 
 
 def _text(summary: dict, result: xr.Dataset) -> str:
@@ -100,25 +101,13 @@ def _text(summary: dict, result: xr.Dataset) -> str:
     return "\n".join(lines)
 
 
-def lenses(
-    ds: xr.Dataset,
-    lenses: list[str],
-    *,
-    model=None,
-    checkpoint: str | Path | None = None,
-    device: str = "cpu",
-    out: str | Path | None = None,
-    figure: str | Path | None = None,
-    figure_formats: tuple[str, ...] | None = None,
-    progress: bool = True,
-    **settings,
-) -> dict:
+def lenses(ds: xr.Dataset, lenses: list[str], *, model=None, checkpoint: str | Path | None = None, device: str = "cpu",
+           out: str | Path | None = None, figure: str | Path | None = None, figure_formats: tuple[str, ...] | None = None,
+           progress: bool = True, **settings) -> dict:
     """Phases of a store under several lenses and how well they agree (`analyses.lenses`).
 
     Parameters
     ----------
-    ds : xarray.Dataset
-        A trajectory dataset.
     lenses : list of str
         Of ``cosine``, ``cka``, ``jacobian``, ``knee``.
     model : str or LoadedModel, optional
@@ -135,19 +124,10 @@ def lenses(
     dict
         `analyses.lenses.summarize` of the result, the paths written, and ``text``.
     """
-    for path in (out, figure):
-        if path is not None:
-            check_output(path, inputs=[ds.encoding["source"]] if "source" in ds.encoding else [])
+    _check_outputs(ds, out, figure)
     loaded = live_model(ds, model, checkpoint, None, device) if "jacobian" in lenses else None
     result = lensing.compute(ds, loaded, lenses, progress=progress, **settings)
-    summary = lensing.summarize(result)
-    if out is not None:
-        summary["out"] = str(save_result(result, out))
-    if figure is not None:
-        figure = Path(figure)
-        formats = figure_formats or (figure.suffix.lstrip(".") or "png",)
-        summary["figures"] = [str(save_figures({figure.stem: lens_panels(result)}, figure.parent, formats=formats)[figure.stem])]
-    summary = jsonable(summary)
+    summary = _write(lensing.summarize(result), result, out, figure, figure_formats, lambda: lens_panels(result))
     summary["text"] = _lens_text(summary)
     return summary
 

@@ -1,24 +1,8 @@
 """``dynamo profile``: one command from a model and images to a report of figures and numbers.
 
-Stages, each shown as it runs and each resumable:
-
-1. **record** the trajectories into ``DIR/trajectories.zarr`` (an interrupted recording resumes;
-   an existing store is reused only if it was recorded with the same weights, preprocessing and
-   images: `dynamo.record` refuses any other);
-2. **phases**: the paper's layer dissimilarity, a partition of depth, its scores and its
-   bootstrap stability, and the heatmap;
-3. **dynamics**: every `dynamo.pipeline.analyze` analysis (basins, token motion, update rank, and with
-   the live model perturbation recovery, Jacobian spectra and layer swaps), with the phase
-   boundaries drawn on every depth plot;
-4. **raptor** (with ``fit_raptor=k``): a k-block Raptor surrogate fitted on the store;
-   **concepts** (with ``concepts=True``): one sparse dictionary across depth, its concepts against
-   the phases (`dynamo.pipeline.concepts`; 40 s of CPU on the default store and over a minute of
-   wall time on a busy machine, so opt-in);
-5. **report**: ``DIR/report.html`` (self-contained), ``DIR/summary.json``.
-
-A finished stage leaves ``DIR/stages/<stage>.json`` holding its summary and the key it was
-computed for (the store's weights hash and image count, and the stage's settings); a re-run
-reuses a stage whose key still matches and recomputes the others.
+Stages record, phases, dynamics, raptor (opt-in), concepts (opt-in) and report; a finished stage leaves
+``DIR/stages/<stage>.json`` with its summary and the key it was computed for, and a re-run reuses a stage
+whose key still matches.
 """
 
 from __future__ import annotations
@@ -29,14 +13,14 @@ import platform
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from analyses import concepts as concept_analysis
 from dynamo import zoo
 from dynamo.images import image_set
 from dynamo.layout import default_tokens, describe_tokens
 from dynamo.models import LoadedModel, load_model
-from analyses import concepts as concept_analysis
 from dynamo.pipeline.analyze import analyze
 from dynamo.pipeline.concepts import concepts as concept_stage
 from dynamo.pipeline.fit import fit
@@ -51,36 +35,12 @@ from figures.report import Section, write_report
 __all__ = ["profile", "profile_store"]
 
 
-def profile(
-    model: str | LoadedModel | None = None,
-    out: str | Path = "profile",
-    *,
-    images=None,
-    checkpoint: str | Path | None = None,
-    pretrained: bool = True,
-    img_size: int | tuple[int, int] | None = None,
-    preprocess: dict | str | None = None,
-    timm_options: dict | None = None,
-    limit: int | None = None,
-    batch_size: int = 32,
-    dtype: str = "float32",
-    phase_method: str = "maxcut",
-    eps: float = 0.1,
-    k: int | None = None,
-    tokens: str | None = None,
-    n_bootstrap: int = 100,
-    only: list[str] | None = None,
-    fit_raptor: int | None = None,
-    raptor_steps: int | None = None,
-    concepts: bool = False,
-    head: str | Path | None = None,
-    device: str = "cpu",
-    overwrite: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    command: str | None = None,
-) -> dict:
-    """Profile a ViT: record, phases, dynamics, optionally Raptor, and a report.
+def profile(model: str | LoadedModel | None = None, out: str | Path = "profile", *, images=None,
+            checkpoint: str | Path | None = None, pretrained: bool = True, img_size: int | tuple[int, int] | None = None,
+            preprocess: dict | str | None = None, timm_options: dict | None = None, limit: int | None = None,
+            batch_size: int = 32, dtype: str = "float32", device: str = "cpu", overwrite: bool = False, seed: int = 0,
+            progress: bool = True, **options) -> dict:
+    """Profile a ViT: record, phases, dynamics, optionally Raptor and concepts, and a report.
 
     Parameters
     ----------
@@ -96,18 +56,50 @@ def profile(
         Extra `timm.create_model` options (``global_pool``, ...), kept with the store.
     limit : int, optional
         Use only the first ``limit`` images.
-    batch_size, dtype
+    batch_size, dtype, overwrite
         As `dynamo.record`.
+    **options
+        As `profile_store` (``phase_method``, ``eps``, ``k``, ``tokens``, ``n_bootstrap``, ``only``,
+        ``fit_raptor``, ``raptor_steps``, ``concepts``, ``head``, ``command``), which returns the summary.
+    """
+    out = check_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if progress:
+        print("[record]", file=sys.stderr, flush=True)
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model or zoo.DEFAULT_MODEL, checkpoint, pretrained, img_size=img_size, preprocess=preprocess, seed=seed,
+        **(timm_options or {}),
+    )
+    store = out / "trajectories.zarr"
+    record(loaded, image_set(images if images is not None else zoo.default_images(loaded.source)), store,
+           batch_size=batch_size, dtype=dtype, limit=limit, device=device, overwrite=overwrite, progress=progress)
+    return profile_store(store, out, model=loaded, device=device, seed=seed, progress=progress,
+                         timings={"record": time.perf_counter() - started}, **options)
+
+
+def profile_store(store: str | Path, out: str | Path, *, model: str | LoadedModel | None = None, phase_method: str = "maxcut",
+                  eps: float = 0.1, k: int | None = None, tokens: str | None = None, n_bootstrap: int = 100,
+                  only: list[str] | None = None, fit_raptor: int | None = None, raptor_steps: int | None = None,
+                  concepts: bool = False, head: str | Path | None = None, device: str = "cpu", seed: int = 0,
+                  progress: bool = True, command: str | None = None, timings: dict | None = None) -> dict:
+    """Profile an existing trajectory store: phases, dynamics, optionally Raptor and concepts, and a report.
+
+    Parameters
+    ----------
+    store : str or Path
+        A trajectory store (`dynamo.record`).
+    out : str or Path
+        Output folder (may be the store's own parent).
+    model : str or LoadedModel, optional
+        The live model, for the analyses that run it (perturbation, Jacobian, layer swap); without
+        it only the analyses that read the store run.
     phase_method, eps, k
-        How depth is partitioned (`analyses.phases.partition_matrix`): the paper's max-cut with
-        fraction ``eps`` by default.
+        How depth is partitioned (`analyses.phases.partition_matrix`).
     tokens : str, optional
-        Token view of the layer dissimilarity (`analyses.similarity.layer_similarity`); default
-        `dynamo.layout.default_tokens`: the paper's ``cls+patch_mean``, or ``patch_mean`` for a
-        model without a cls token.
+        Token view of the layer dissimilarity; default `dynamo.layout.default_tokens`.
     n_bootstrap : int
-        Bootstrap resamples of the images, for the stability of the phase boundaries and for every
-        error bar of the dynamics.
+        Bootstrap resamples of the images, for the phase boundaries and every error bar of the dynamics.
     only : list of str, optional
         Dynamics analyses to run (names in `dynamo.pipeline.registry.ANALYSES`); default all.
     fit_raptor : int, optional
@@ -121,86 +113,13 @@ def profile(
         model's own classifier, or a probe fitted on the labels for a model without one.
     device : str
         Torch device for the live model.
-    overwrite : bool
-        Replace a store in ``out`` that was recorded with another model or images.
     seed : int
         Seed of every random draw (random weights, bootstrap, perturbation directions, Raptor).
     progress : bool
-        Show progress bars.
     command : str, optional
         The command line, for the provenance table (default ``sys.argv``).
-
-    Returns
-    -------
-    dict
-        The content of ``summary.json``, plus ``text``, a human summary.
-    """
-    out = check_output(out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    if progress:
-        print("[record]", file=sys.stderr, flush=True)
-    loaded = model if isinstance(model, LoadedModel) else load_model(
-        model or zoo.DEFAULT_MODEL, checkpoint, pretrained, img_size=img_size, preprocess=preprocess, seed=seed,
-        **(timm_options or {}),
-    )
-    store = out / "trajectories.zarr"
-    record(
-        loaded,
-        image_set(images if images is not None else zoo.default_images(loaded.source)),
-        store,
-        batch_size=batch_size,
-        dtype=dtype,
-        limit=limit,
-        device=device,
-        overwrite=overwrite,
-        progress=progress,
-    )
-    recorded = time.perf_counter() - started
-    return profile_store(
-        store, out, model=loaded, phase_method=phase_method, eps=eps, k=k, tokens=tokens, n_bootstrap=n_bootstrap, only=only,
-        fit_raptor=fit_raptor, raptor_steps=raptor_steps, concepts=concepts, head=head, device=device, seed=seed,
-        progress=progress,
-        command=command, timings={"record": recorded},
-    )
-
-
-def profile_store(
-    store: str | Path,
-    out: str | Path,
-    *,
-    model: str | LoadedModel | None = None,
-    phase_method: str = "maxcut",
-    eps: float = 0.1,
-    k: int | None = None,
-    tokens: str | None = None,
-    n_bootstrap: int = 100,
-    only: list[str] | None = None,
-    fit_raptor: int | None = None,
-    raptor_steps: int | None = None,
-    concepts: bool = False,
-    head: str | Path | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-    command: str | None = None,
-    timings: dict | None = None,
-) -> dict:
-    """Profile an existing trajectory store: phases, dynamics, optionally Raptor, and a report.
-
-    Parameters
-    ----------
-    store : str or Path
-        A trajectory store (`dynamo.record`).
-    out : str or Path
-        Output folder (may be the store's own parent).
-    model : str or LoadedModel, optional
-        The live model, for the analyses that run it (perturbation, Jacobian, layer swap); without
-        it only the analyses that read the store run.
     timings : dict, optional
         Seconds already spent by earlier stages (``record``), carried into the summary.
-
-    Other parameters are as `profile`.
 
     Returns
     -------
@@ -220,54 +139,44 @@ def profile_store(
         only = [name for name, entry in ANALYSES.items() if model is not None or not entry.needs_model]
     stages = ["phases", "dynamics", *(["raptor"] if fit_raptor else []), *(["concepts"] if concepts else []), "report"]
 
-    def announce(stage: str) -> float:
+    def announce(stage: str) -> None:
         if progress:
             print(f"[{stages.index(stage) + 1}/{len(stages)}] {stage}", file=sys.stderr, flush=True)
-        return time.perf_counter()
+
+    def run(stage: str, key: dict, compute, invalidates=()) -> dict:
+        announce(stage)
+        t = time.perf_counter()
+        summary = _cached(out, stage, {**identity, **key}, compute, invalidates)
+        timings[stage] = time.perf_counter() - t
+        return summary
 
     identity = {"store": store_identity(store, dataset), "n_images": int(dataset.sizes["image"])}
     tokens = default_tokens(dataset, tokens)
-    t = announce("phases")
-    phases = _cached(
-        out, "phases", {**identity, "method": phase_method, "eps": eps, "k": k, "n_bootstrap": n_bootstrap, "seed": seed,
-                          "tokens": tokens},
+    phases = run(
+        "phases", {"method": phase_method, "eps": eps, "k": k, "n_bootstrap": n_bootstrap, "seed": seed, "tokens": tokens},
         lambda: phase_stage(dataset, method=phase_method, eps=eps, k=k, tokens=tokens, n_bootstrap=n_bootstrap, seed=seed,
                             out=out / "phases.zarr", figure=out / "similarity.png", figure_formats=("png", "svg"),
                             progress=progress),
     )
-    timings["phases"] = time.perf_counter() - t
-
-    t = announce("dynamics")
-    dynamics = _cached(
-        out, "dynamics", {**identity, "only": only, "boundaries": phases["boundaries"], "seed": seed,
-                                "n_bootstrap": n_bootstrap, "head": _file_key(head)},
+    dynamics = run(
+        "dynamics", {"only": only, "boundaries": phases["boundaries"], "seed": seed, "n_bootstrap": n_bootstrap,
+                     "head": _file_key(head)},
         lambda: analyze(store, out / "dynamics", only=only, model=model, boundaries=phases["boundaries"],
                         head=head, device=device, seed=seed, n_bootstrap=n_bootstrap, progress=progress),
     )
-    timings["dynamics"] = time.perf_counter() - t
-
-    raptor = None
-    if fit_raptor:
-        t = announce("raptor")
-        raptor = _cached(
-            out, "raptor", {**identity, "k": fit_raptor, "steps": raptor_steps, "seed": seed,
-                            "partition": phases["partition"], "head": _file_key(head)},
-            lambda: fit(store, out / "raptor", k=fit_raptor, phases=phases, steps=raptor_steps, device=device,
-                        seed=seed, progress=progress, head=head, teacher=model),
-            invalidates=[out / "raptor"],
-        )
-        timings["raptor"] = time.perf_counter() - t
-
-    concept_summary = None
-    if concepts:
-        t = announce("concepts")
-        concept_summary = _cached(
-            out, "concepts", {**identity, "partition": phases["partition"], "seed": seed},
-            lambda: concept_stage(store, out / "concepts", partition=phases["partition"], seed=seed, device=device,
-                                  progress=progress),
-            invalidates=[out / "concepts"],
-        )
-        timings["concepts"] = time.perf_counter() - t
+    raptor = run(
+        "raptor", {"k": fit_raptor, "steps": raptor_steps, "seed": seed, "partition": phases["partition"],
+                   "head": _file_key(head)},
+        lambda: fit(store, out / "raptor", k=fit_raptor, phases=phases, steps=raptor_steps, device=device,
+                    seed=seed, progress=progress, head=head, teacher=model),
+        invalidates=[out / "raptor"],
+    ) if fit_raptor else None
+    concept_summary = run(
+        "concepts", {"partition": phases["partition"], "seed": seed},
+        lambda: concept_stage(store, out / "concepts", partition=phases["partition"], seed=seed, device=device,
+                              progress=progress),
+        invalidates=[out / "concepts"],
+    ) if concepts else None
 
     announce("report")
     summary = {
@@ -298,8 +207,7 @@ def profile_store(
 
 
 def store_identity(store: str | Path, dataset) -> str:
-    """sha256 of what makes a store's trajectories what they are: its resolved path and its recording
-    identity (weights, images and their contents, preprocessing, dtype, layers, tokens, autocast)."""
+    """sha256 of a store's resolved path and its recording identity (weights, images, preprocessing, dtype, ...)."""
     return digest({"path": str(Path(store).resolve()), **dataset.attrs["identity"]})
 
 
@@ -311,10 +219,8 @@ def _file_key(path: str | Path | None) -> str | None:
 
 
 def _cached(out: Path, stage: str, key: dict, compute, invalidates=()) -> dict:
-    """A stage's summary: reused from ``out/stages/<stage>.json`` if its key matches, else computed.
-
-    ``invalidates`` are paths (a stage's checkpoints) removed before a stale stage is computed again.
-    """
+    """A stage's summary: reused from ``out/stages/<stage>.json`` if its key matches, else computed after removing
+    ``invalidates`` (a stale stage's checkpoints)."""
     path = out / "stages" / f"{stage}.json"
     key = jsonable(key)
     if path.exists():
@@ -333,22 +239,20 @@ def _cached(out: Path, stage: str, key: dict, compute, invalidates=()) -> dict:
 
 def _provenance(dataset, command: str | None) -> dict:
     attrs = dataset.attrs
+
+    def named(*keys):
+        return {key: attrs.get(key) for key in keys}
+
     return {
-        "model": attrs.get("model"),
-        "checkpoint": attrs.get("checkpoint"),
-        "weights_sha256": attrs.get("weights_sha256"),
-        "pretrained": attrs.get("pretrained"),
+        **named("model", "checkpoint", "weights_sha256", "pretrained"),
         "images": attrs.get("images_source", attrs.get("images")),
         "n_images": int(dataset.sizes["image"]),
-        "image_size": attrs.get("image_size"),
-        "preprocessing": attrs.get("preprocessing"),
+        **named("image_size", "preprocessing"),
         "preprocess_overrides": attrs.get("preprocess_overrides") or None,
-        "init_seed": attrs.get("init_seed"),
-        "dtype": attrs.get("dtype"),
-        "versions": attrs.get("versions"),
+        **named("init_seed", "dtype", "versions"),
         "command": command or " ".join(sys.argv),
         "python": platform.python_version(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

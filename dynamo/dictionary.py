@@ -21,7 +21,7 @@ from sklearn.cluster import KMeans
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from analyses.streaming import finite, fold_image_blocks, image_blocks, layer_states, unit
+from dynamo.blocks import finite, fold_image_blocks, image_blocks, layer_states, unit
 from dynamo.progress import progress_bar
 from dynamo.serialize import fit_identity, optimizer_state, read_tensors_and_json, tensors_of_optimizer, write_tensors_and_json
 
@@ -294,8 +294,8 @@ class ConceptDictionary(BaseEstimator):
             first = _restore(model, optimizer, saved)
             self.history_ = saved["config"]["history"]
         batches = sampler.batches(first)
-        bar = progress_bar(total=self.steps, initial=first, desc=f"concepts: {self.kind} dictionary", enabled=self.progress,
-                   leave=False)
+        bar = progress_bar(total=self.steps, initial=first, desc=f"concepts: {self.kind} dictionary",
+                           enabled=self.progress, leave=False)
         model.train()
         for step in range(first, self.steps):
             x = next(batches).to(self.device)
@@ -321,7 +321,8 @@ class ConceptDictionary(BaseEstimator):
         tensors, param_groups = tensors_of_optimizer(optimizer)
         tensors.update({f"model.{name}": value for name, value in self.model_.state_dict().items()})
         config = {"identity": identity, "step": step, "history": self.history_, "param_groups": param_groups}
-        _write(Path(self.checkpoint_dir), "checkpoint", tensors, config)
+        folder = Path(self.checkpoint_dir)
+        write_tensors_and_json(folder / "checkpoint.safetensors", folder / "checkpoint.json", tensors, config)
 
     @property
     def atoms_(self) -> np.ndarray:
@@ -370,7 +371,7 @@ class ConceptDictionary(BaseEstimator):
                   "concepts": self.model_.encoder.out_features, "width": len(self.center_),
                   "candidates": len(self.model_.candidates) if self.model_.archetypal else None,
                   "layers": self.layers_, "scale": self.scale_, "center": self.center_, "history": self.history_}
-        _write(Path(folder), "dictionary", self.model_.state_dict(), config, config_name="config")
+        write_tensors_and_json(Path(folder) / "dictionary.safetensors", Path(folder) / "config.json", self.model_.state_dict(), config)
         return Path(folder)
 
     @classmethod
@@ -421,7 +422,3 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) ->
     optimizer.load_state_dict(optimizer_state(tensors, config["param_groups"]))
     return int(config["step"])
 
-
-def _write(folder: Path, stem: str, tensors: dict[str, torch.Tensor], config: dict, config_name: str | None = None) -> None:
-    """``folder/<stem>.safetensors`` and ``folder/<config_name or stem>.json``, JSON last."""
-    write_tensors_and_json(folder / f"{stem}.safetensors", folder / f"{config_name or stem}.json", tensors, config)
