@@ -199,12 +199,12 @@ def child_fit(store: Path, steps: int, batch_size: int) -> dict:
     """Raptor's fitter on ``store`` (stage 1, one block, rollout over every layer, as benchmarks/raptor_step.py)
     and a bare PyTorch loop of the same block, loss and optimizer on batches already in memory."""
     import torch
+    from raptor_step import bare_loop
 
     import dynamo
     from dynamo.layout import token_groups
     from dynamo.models import load_recorded_model
     from dynamo.surrogates.raptor import RaptorFitter
-    from raptor_step import bare_loop
 
     torch.set_num_threads(2)
     dataset = dynamo.open_trajectories(store)

@@ -24,9 +24,9 @@ import os
 import resource
 
 import numpy as np
+from analyses_memory import capped_run, size_gb, small_and_large_stores
 
 import dynamo
-from analyses_memory import capped_run, size_gb, small_and_large_stores
 
 CONCEPTS = ["-m", "dynamo.pipeline.cli", "concepts", "--quiet", "--json"]
 
@@ -42,7 +42,7 @@ def main() -> None:
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         runs[name] = (summary, peak, seconds, store, cpu)
     print(f"data-memory cap (RLIMIT_DATA) per run: {args.cap_gb:.2f} GB; one BLAS/OpenMP thread")
-    for name, (summary, peak, seconds, store, cpu) in runs.items():
+    for name, (_, peak, seconds, store, cpu) in runs.items():
         images = dynamo.open_trajectories(store).sizes["image"]
         print(f"{name} store: {images:>6} images, {size_gb(store):.2f} GB on disk, peak RSS {peak:.2f} GB, "
               f"{seconds:.0f} s wall, {cpu:.0f} s CPU (fit, profiles, examples, figures; load average "

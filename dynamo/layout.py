@@ -7,7 +7,6 @@ Token kinds, the reduced views stored beside ``hidden`` and the dimension names 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -15,7 +15,7 @@ import warnings
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -27,12 +27,12 @@ import torch
 import xarray as xr
 
 from dynamo import store as stores
-from dynamo.capture import AUTOCAST_DTYPES, Capture, CaptureError, CapturedBatch
+from dynamo.capture import AUTOCAST_DTYPES, Capture, CapturedBatch, CaptureError
 from dynamo.images import ImageSet, image_set
 from dynamo.models import LoadedModel, load_model, rebuild_attrs
 from dynamo.progress import progress_bar
-from dynamo.shards import Shard, check_no_shard_running, consolidate, parse_shard, shard_lock
 from dynamo.serialize import jsonable
+from dynamo.shards import Shard, check_no_shard_running, consolidate, parse_shard, shard_lock
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 COMPRESSION = {"zstd": {"name": "zstd", "configuration": {"level": 1}}, "none": None}
@@ -178,7 +178,7 @@ def _plan(loaded: LoadedModel, images: ImageSet, dtype, layers, patch_tokens, se
     """Decide which layers and tokens are kept, and what identifies this recording."""
     layout = loaded.layout
     n_layers = loaded.num_blocks + 1
-    layers = list(range(n_layers)) if layers is None else sorted({int(l) for l in layers})
+    layers = list(range(n_layers)) if layers is None else sorted({int(layer) for layer in layers})
     if not layers or layers[0] < 0 or layers[-1] >= n_layers:
         raise ValueError(f"layers must lie in 0..{n_layers - 1} for this {loaded.num_blocks}-block model")
     tokens = np.arange(layout.num_tokens)
@@ -249,7 +249,7 @@ def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int
         "label": ("image", images.labels),
         "label_name": (
             "image",
-            np.array([label_names[l] if 0 <= l < len(label_names) else "" for l in images.labels], dtype=object),
+            np.array([label_names[i] if 0 <= i < len(label_names) else "" for i in images.labels], dtype=object),
         ),
         "layer": np.array(layers),
         "token": tokens,
@@ -274,7 +274,7 @@ def _template(loaded: LoadedModel, images: ImageSet, plan: dict, batch_size: int
         "images_source": images.source,
         "label_names": label_names,
         "versions": _versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "identity": plan["identity"],
         "complete": False,

@@ -38,13 +38,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from stochastic_depth_study import RANDOM_INIT, model_facts, random_init_model  # noqa: E402
+
 import dynamo  # noqa: E402
 from analyses import phases as phasing  # noqa: E402
 from analyses.statistics import signed_rank, within_run_trend  # noqa: E402
-from analyses.swap import compute as layer_swap, matched_drop  # noqa: E402
+from analyses.swap import compute as layer_swap  # noqa: E402
+from analyses.swap import matched_drop
 from dynamo import zoo  # noqa: E402
 from dynamo.partition import Partition  # noqa: E402
-from stochastic_depth_study import RANDOM_INIT, model_facts, random_init_model  # noqa: E402
 
 FAMILY = [f"vit-fashion-reg4-p{rate}{seed}" for rate in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9) for seed in ("", "-s1")]
 SERIES = [f"vit-fashion-reg4-n500-p0.0-e{epoch}" for epoch in (5, 10, 20, 30, 40, 60, 80)] + ["vit-fashion-reg4-n500-p0.0"]

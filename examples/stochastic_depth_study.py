@@ -60,10 +60,10 @@ from dynamo import zoo
 from dynamo.layout import token_layout
 from dynamo.models import LoadedModel, data_config, weights_sha256
 from dynamo.partition import Partition, from_result
+from dynamo.store import save_result
 from dynamo.surrogates.raptor import RaptorFitter, partition_baselines
 from dynamo.surrogates.raptor.baselines import candidate_partitions
 from dynamo.surrogates.raptor.train import stopping_rule
-from dynamo.store import save_result
 from dynamo.zoo import build_model
 
 RANDOM_INIT = "random-init"
@@ -477,6 +477,7 @@ def draw_figures(study: xr.Dataset, out: Path) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's figures sit next to this script
     import study_figures
+
     from figures.output import save_figures
 
     trained = _by_model(study, ("family", "untrained"))

@@ -19,7 +19,7 @@ def save_figures(figures: Mapping[str, plt.Figure], folder: str | Path, prefix: 
     written = {}
     for name, figure in figures.items():
         paths = [Path(folder) / f"{prefix}{name}.{fmt}" for fmt in formats]  # a dot in the name is not a suffix
-        for path, fmt in zip(paths, formats):
+        for path in paths:
             figure.savefig(path, dpi=dpi, bbox_inches="tight")
         plt.close(figure)
         written[name] = paths[0]

@@ -18,12 +18,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import dynamo
-from analyses import basins as basins_analysis, swap
+from analyses import basins as basins_analysis
+from analyses import swap
 from dynamo.heads import NO_HEAD, LinearHead, NoHeadError, resolve_head, store_accuracy
 from dynamo.pipeline.cli import main
 from dynamo.pipeline.profile import profile
-from dynamo.surrogates.raptor import RaptorFitter
 from dynamo.stepping import BlockStepper
+from dynamo.surrogates.raptor import RaptorFitter
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,6 +13,7 @@ from scipy.linalg import subspace_angles
 from torch import nn
 
 import dynamo
+from analyses import lenses as lensing
 from analyses.lenses import (
     adjusted_rand,
     agreement,
@@ -22,7 +23,6 @@ from analyses.lenses import (
     subspace_overlap,
     summarize,
 )
-from analyses import lenses as lensing
 from analyses.phases import partition_matrix
 from dynamo import zoo
 from dynamo.pipeline.cli import main

@@ -161,8 +161,8 @@ def test_clear_errors(affine_store, digits_folder, tmp_path):
 
 def exact_raptor(teacher: dynamo.LoadedModel):
     """A k=1 Raptor surrogate carrying the tied teacher's own block: the same map, by construction."""
-    from dynamo.surrogates.raptor import Raptor
     from dynamo.stepping import BlockStepper
+    from dynamo.surrogates.raptor import Raptor
 
     config = dict(dim=32, num_heads=2, mlp_ratio=4.0, mlp="gelu", layerscale_init=1.0, depth_scaling=False)
     surrogate = Raptor([], num_layers=DEPTH, block_config=config, teacher=BlockStepper(teacher))

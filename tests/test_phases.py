@@ -27,7 +27,6 @@ from analyses.segmentation import exact_maxcut, heuristic_maxcut
 from dynamo.partition import from_result
 from dynamo.pipeline.cli import main
 
-
 # --- independent references ------------------------------------------------------------------
 
 
@@ -195,7 +194,7 @@ def test_contiguous_dp_on_48_layers_equals_a_plain_recursion():
     W = random_dissimilarity(np.random.default_rng(22), 48)
     n, k = 48, 8
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def best(start: int, phases: int) -> tuple[float, tuple[int, ...]]:  # layers start+1..n in `phases` phases
         if phases == 1:
             return within_weight(W, [range(start + 1, n + 1)]), (n,)

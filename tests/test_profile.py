@@ -14,9 +14,9 @@ from analyses import phases as phasing
 from analyses.similarity import layer_similarity
 from dynamo import zoo
 from dynamo.pipeline import study
-from dynamo.pipeline.registry import ANALYSES, options_for
 from dynamo.pipeline.cli import main
 from dynamo.pipeline.profile import profile
+from dynamo.pipeline.registry import ANALYSES, options_for
 
 FAST = dict(limit=40, n_bootstrap=5, only=["basins", "tokens", "rank"], progress=False)
 

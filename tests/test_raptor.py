@@ -198,7 +198,7 @@ def test_routing_follows_any_partition():
         state = model.blocks[block](state, layer)
     torch.testing.assert_close(model.run(x, 0)[-1], state)
     with pytest.raises(ValueError, match="not contiguous"):
-        model.thresholds
+        _ = model.thresholds
     with pytest.raises(ValueError, match="every block 1..6 once"):
         Raptor(Partition([[1, 2], [4, 5, 6]]), num_layers=6, block_config=config)
     assert raptor_train.phase_runs([2, 5, 6, 9]) == ((1, 2), (4, 6), (8, 9))

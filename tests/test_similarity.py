@@ -82,7 +82,7 @@ def gram_cka_dissimilarity(layers: np.ndarray) -> np.ndarray:
     layers : (layer, sample, feature)
     """
     grams = [centred_gram(x) for x in layers]
-    return np.array([[1 - (k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()) for l in grams] for k in grams])
+    return np.array([[1 - (k * g).sum() / np.sqrt((k * k).sum() * (g * g).sum()) for g in grams] for k in grams])
 
 
 def test_streamed_cka_equals_the_full_gram_computation(store, hidden):

@@ -13,8 +13,8 @@ from torch import nn
 import dynamo
 from analyses import swap
 from analyses.swap import phase_relation, summarize
-from dynamo.partition import from_result
 from dynamo.models import weights_sha256
+from dynamo.partition import from_result
 from tests.conftest import tiny_model
 from tests.test_perturbation import exact_raptor, tied_vit
 

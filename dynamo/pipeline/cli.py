@@ -13,8 +13,20 @@ import sys
 import time
 import warnings
 
-from dynamo.pipeline.arguments import (ANALYSIS_OPTIONS, add_arguments, boundary_list, comma_list, int_list, nonnegative_float,
-                                       nonnegative_int, positive_float_list, positive_int, positive_int_list, timm_options, torch_device)
+from dynamo.pipeline.arguments import (
+    ANALYSIS_OPTIONS,
+    add_arguments,
+    boundary_list,
+    comma_list,
+    int_list,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float_list,
+    positive_int,
+    positive_int_list,
+    timm_options,
+    torch_device,
+)
 from dynamo.zoo import DEFAULT_MODEL, ZOO_PREFIX, list_models
 from dynamo.zoo.config import configure_parser as configure_zoo_parser
 

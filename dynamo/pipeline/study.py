@@ -176,7 +176,7 @@ def _one_profile(summary: dict) -> xr.Dataset:
     n_layers = summary["layers"] - 1
     parts = [xr.Dataset({"similarity": phases["dissimilarity"].reset_coords(drop=True)},
                         coords={"layer": np.arange(n_layers + 1)})]
-    for name, entry in summary["dynamics"].items():
+    for name in summary["dynamics"]:
         result = _read_result(summary, f"dynamics/{name}.zarr", name)
         means = result.mean("image") if "image" in result.dims else result
         parts.append(means.rename({v: f"{name}_{v}" for v in means.data_vars}).drop_vars(

@@ -7,9 +7,21 @@ from dynamo.surrogates.evaluate import evaluate
 from dynamo.surrogates.measures import epsilon, loop_count, loop_schedule
 from dynamo.surrogates.raptor import PAPER_RECIPE, Raptor, RaptorBlock, RaptorFitter, partition_baselines
 from dynamo.surrogates.recurrence import PhaseRecurrence
-from dynamo.surrogates.rungs import (ALPHAS, AffineSurrogate, DMDFitter, IdentityFitter, IdentitySurrogate, LinearFitter, PhaseSurrogate,
-                                     TeacherBlockFitter, TeacherBlockSurrogate, TransitionMoments, per_layer, rollout_scores,
-                                     transition_moments)
+from dynamo.surrogates.rungs import (
+                                     ALPHAS,
+                                     AffineSurrogate,
+                                     DMDFitter,
+                                     IdentityFitter,
+                                     IdentitySurrogate,
+                                     LinearFitter,
+                                     PhaseSurrogate,
+                                     TeacherBlockFitter,
+                                     TeacherBlockSurrogate,
+                                     TransitionMoments,
+                                     per_layer,
+                                     rollout_scores,
+                                     transition_moments,
+)
 
 SURROGATES = {name: FITTERS[name] for name in ("identity", "linear", "dmd", "teacher-block", "raptor")}
 

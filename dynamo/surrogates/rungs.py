@@ -13,11 +13,11 @@ from torch import nn
 
 from dynamo.metrics import fold_sums, r2_from_sums, r2_sums
 from dynamo.partition import Partition
+from dynamo.progress import progress_bar
 from dynamo.serialize import read_hidden
 from dynamo.stepping import BlockStepper
 from dynamo.surrogates.base import NOT_FITTED, SurrogateFitter
 from dynamo.surrogates.recurrence import PhaseRecurrence
-from dynamo.progress import progress_bar
 
 __all__ = ["ALPHAS", "AffineSurrogate", "DMDFitter", "IdentityFitter", "IdentitySurrogate", "LinearFitter", "PhaseSurrogate",
            "TeacherBlockFitter", "TeacherBlockSurrogate", "TransitionMoments", "per_layer", "rollout_scores", "transition_moments"]
@@ -121,7 +121,10 @@ def transition_moments(ds: xr.Dataset, images=None, batch_size: int = 32, device
     positions = np.flatnonzero(np.isin(ds["image"].values, images))
     hidden = ds["hidden"]
     num_layers, width = hidden.sizes["layer"] - 1, hidden.sizes["feature"]
-    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def zeros(*shape):
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+
     count, sum_in, sum_out = zeros(num_layers), zeros(num_layers, width), zeros(num_layers, width)
     gram, cross = zeros(num_layers, width, width), zeros(num_layers, width, width)
     for rows in progress_bar(_batches(positions, batch_size), desc="moments", enabled=progress, leave=False):

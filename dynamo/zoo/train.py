@@ -14,7 +14,7 @@ import platform
 import random
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from dynamo.zoo.config import (  # noqa: F401  (the trainer's settings, re-expor
     configure_parser,
     default_name,
 )
+
 
 def architecture(config: TrainConfig) -> dict:
     """Keyword arguments of `VisionTransformer` for ``config``."""
@@ -291,7 +292,7 @@ def make_card(
             "timm": timm.__version__,
             "numpy": np.__version__,
         },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
