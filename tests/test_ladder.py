@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from torch import nn
 
 import dynamo
@@ -110,7 +111,7 @@ def test_teacher_block_reproduces_a_tied_vit_and_identity_does_not(tied):
     np.testing.assert_allclose(fitter.scores_.values, fitter.scores_.values[0, 0], atol=1e-9)
     assert fitter.blocks_ == [1]
     errors = epsilon(fitter.model_, ds, n_bootstrap=50)
-    assert float(errors["epsilon_max"]) < 1e-5
+    assert float(errors["epsilon_strict"].max()) < 1e-5 and float(errors["skill"].min()) > 1 - 1e-5
     identity = IdentityFitter(k=1).fit(ds, teacher=teacher).evaluate(ds)
     assert identity.attrs["r2_final"] < 0.9 and (identity["r2"].sel(token_kind="all")[1:] < 1 - 1e-3).all()
     # the loop count at scale 1 is the ordinary rollout
@@ -128,11 +129,13 @@ def test_every_rung_is_exact_when_the_blocks_are_identities(still):
         fitter.fit(ds, teacher=teacher)
         report = fitter.evaluate(ds, probe=False)
         np.testing.assert_allclose(report["r2"].values, 1.0, atol=1e-9, err_msg=fitter.name)
-        assert float(epsilon(fitter.model_, ds, n_bootstrap=0)["epsilon_max"]) < 1e-6, fitter.name
+        assert float(epsilon(fitter.model_, ds, n_bootstrap=0)["epsilon_strict"].max()) < 1e-6, fitter.name
     # Raptor is trained, so only close: its fresh blocks start near the identity and learn it
     raptor = RaptorFitter(k=2, steps=30, stage2_steps=30, patience=0, mlp="gelu", progress=False).fit(ds, teacher=teacher)
     assert raptor.evaluate(ds, probe=False).attrs["r2_final"] > 0.999
-    assert float(epsilon(raptor.model_, ds, n_bootstrap=0)["epsilon_max"]) < 0.05
+    errors = epsilon(raptor.model_, ds, n_bootstrap=0)
+    assert float(errors["epsilon_strict"].max()) < 0.05
+    assert np.isnan(errors["skill"]).all()  # the identity is exact here: no skill to measure
     # every rung is scored on the images Raptor holds out
     np.testing.assert_array_equal(raptor.validation_images_, fitters[1].validation_images_)
     np.testing.assert_array_equal(split_images(ds["image"].values, 0.2, 0)[1], raptor.validation_images_)
@@ -175,19 +178,20 @@ def test_moments_are_streamed_sums_and_ridge_shrinks(affine):
 def test_epsilon_is_the_relative_frobenius_error(affine):
     teacher, ds, _ = affine
     model = IdentityFitter(k=1).fit(ds, teacher=teacher).model_
-    result = epsilon(model, ds, images=np.arange(10), n_bootstrap=200)
+    result = epsilon(model, ds, images=np.arange(10), n_bootstrap=200).sel(token_kind="all")
     hidden = ds["hidden"].isel(image=np.arange(10)).values.astype(np.float64)
     errors = np.linalg.norm(hidden[:, 1:] - hidden[:, :1], axis=(2, 3)) / np.linalg.norm(hidden[:, 1:], axis=(2, 3))
     np.testing.assert_allclose(result["relative_error"].values, errors, rtol=1e-6)
-    assert float(result["epsilon_max"]) == pytest.approx(errors.max(axis=1).mean(), rel=1e-6)
+    assert float(result["epsilon"]) == pytest.approx(errors.mean(axis=0).max(), rel=1e-6)
+    assert float(result["epsilon_strict"]) == pytest.approx(errors.max(axis=1).mean(), rel=1e-6)
     assert float(result["epsilon_mean"]) == pytest.approx(errors.mean(), rel=1e-6)
-    assert float(result["epsilon_max_low"]) <= float(result["epsilon_max"]) <= float(result["epsilon_max_high"])
+    assert float(result["epsilon_low"]) <= float(result["epsilon"]) <= float(result["epsilon_high"])
 
 
 def test_loop_schedule_scales_every_phase_evenly():
     phases = Partition([[1, 2, 3], [4, 5]])
     assert loop_schedule(phases, 1.0) == [(1, 1.0), (1, 2.0), (1, 3.0), (2, 4.0), (2, 5.0)]
-    assert loop_schedule(phases, 2.0) == [(1, t) for t in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)] + [(2, t) for t in (3.5, 4.0, 4.5, 5.0)]
+    assert loop_schedule(phases, 2.0, "interpolated") == [(1, t) for t in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)] + [(2, t) for t in (3.5, 4.0, 4.5, 5.0)]
     assert loop_schedule(phases, 0.1) == [(1, 3.0), (2, 5.0)]  # at least once each
 
 
@@ -231,7 +235,7 @@ def test_cli_fit_surrogate_and_ladder(tied, digits_folder, tmp_path, capsys, mon
     assert main(["fit", store, "--surrogate", "teacher-block", "--k", "1", "--out", str(tmp_path / "tb"), "--json", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["blocks"] == [1] and summary["r2_final"] == pytest.approx(1.0, abs=1e-6)
-    assert summary["epsilon_max"] < 1e-5 and (tmp_path / "tb" / "r2_per_layer.png").exists()
+    assert summary["epsilon"] < 1e-5 and summary["skill"] > 1 - 1e-5 and (tmp_path / "tb" / "r2_per_layer.png").exists()
     assert main(["fit", store, "--surrogate", "linear", "--steps", "5", "--out", str(tmp_path / "x")]) == 2
     assert "--steps apply to --surrogate raptor only" in capsys.readouterr().err
     argv = ["ladder", store, "--k", "2", "--out", str(tmp_path / "ladder"), "--steps", "3", "--patience", "0",
@@ -241,6 +245,13 @@ def test_cli_fit_surrogate_and_ladder(tied, digits_folder, tmp_path, capsys, mon
     rows = {(row["surrogate"], row["k"]): row for row in summary["table"]}
     assert len(rows) == 6 and rows["teacher-block", 2]["r2_final"] == pytest.approx(1.0, abs=1e-6)
     assert rows["identity", 2]["r2_final"] < 0.9
+    assert rows["identity", 2]["skill"] == 0 and rows["teacher-block", 2]["skill"] == pytest.approx(1.0, abs=1e-4)
+    assert rows["identity", 2]["epsilon_strict"] >= rows["identity", 2]["epsilon"] > 0
+    assert {"epsilon_cls", "epsilon_patch", "skill_cls", "skill_patch", "epsilon_low"} <= set(rows["raptor", 2])
+    result = xr.open_zarr(tmp_path / "ladder" / "ladder.zarr")
+    assert result["loop_r2_final"].dims == ("surrogate", "k", "depth_signal", "scale")
+    assert float(result["epsilon"].sel(surrogate="identity", k=2, token_kind="all")) == pytest.approx(rows["identity", 2]["epsilon"], abs=1e-4)
+    assert "skill" in summary["text"] and "ε strict" in summary["text"]
     for name in ("csv", "json", "ladder", "ladder_layers", "loop_count", "html"):
         assert (tmp_path / "ladder" / summary["files"][name].split("/")[-1]).exists()
     assert "A ladder of surrogates" in (tmp_path / "ladder" / "ladder.html").read_text()

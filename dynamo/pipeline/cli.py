@@ -286,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ladder",
         help="fit a ladder of surrogates (identity, linear, dmd, teacher-block, raptor) for several k and compare them",
         description="For each k, fit every rung on the same partition and training images and score it on the same "
-        "held-out images: R² per layer and token kind, accuracy through the teacher's head, ε (relative Frobenius "
-        "error, max and mean over layers, bootstrap intervals) and the loop count. Writes ladder.csv/.json, "
+        "held-out images: R² per layer and token kind, accuracy through the teacher's head, ε (the ε-BRH's max over "
+        "layers of the mean relative Frobenius error, the stricter mean of each image's max, per token kind, with "
+        "the skill over the identity x_l = x_0 and bootstrap intervals) and the loop count under each depth signal. Writes ladder.csv/.json, "
         "ladder.png, ladder_layers.png, loop_count.png, ladder.zarr and ladder.html to --out.",
     )
     lad.add_argument("store")

@@ -18,13 +18,14 @@ import xarray as xr
 
 from dynamo.heads import resolve_head
 from dynamo.partition import Partition
-from dynamo.layout import default_tokens
+from dynamo.layout import TOKEN_KINDS, default_tokens
 from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
 from dynamo.store import check_output, open_trajectories, require_contents, save_result, writer_lock
 from dynamo.surrogates import SURROGATES, LinearFitter, RaptorFitter, epsilon, loop_count, per_layer, transition_moments
 from dynamo.surrogates.base import resolve_teacher, split_images
+from dynamo.surrogates.measures import DEPTH_SIGNALS
 from dynamo.surrogates.raptor.block import teacher_mlp
 from figures.ladder import plot_ladder, plot_ladder_layers, plot_loop_count
 from figures.output import save_figures
@@ -98,7 +99,7 @@ def fit_surrogate(store: str | Path, out: str | Path, surrogate: str, *, k: int 
         f"r2_final {format_value(summary['r2_final'])}" + (
             f"  accuracy_ratio {format_value(summary['accuracy_ratio'])}  agreement {format_value(summary['agreement'])}"
             if "accuracy_ratio" in summary else ""),
-        f"epsilon_max {_interval_text(summary, 'epsilon_max')}  epsilon_mean {_interval_text(summary, 'epsilon_mean')}",
+        _epsilon_text(summary),
         f"saved to {out} in {summary['seconds']} s",
     ])
     return summary
@@ -134,7 +135,8 @@ def ladder(
     surrogates : sequence of str
         Rungs among `RUNGS` and `CEILING`.
     loop_scales : sequence of float
-        Loop-count scales (each phase's block run ``round(scale * n_j)`` times).
+        Loop-count scales (each phase's block run ``round(scale * n_j)`` times), with every depth signal of
+        `dynamo.surrogates.measures.DEPTH_SIGNALS`.
     raptor_init : {"random", "teacher-block"}
         Raptor's blocks start at random (the paper's) or from the ``teacher-block`` rung's choice for the same k.
     tokens : str, optional
@@ -189,7 +191,9 @@ def ladder(
                 starts[k] = fitter.blocks_
             report = fitter.evaluate(scoring)
             errors = epsilon(fitter.model_, scoring, n_bootstrap=n_bootstrap, seed=seed)
-            loops = loop_count(fitter.model_, scoring, loop_scales) if name not in ("identity", CEILING) else None
+            loops = None if name in ("identity", CEILING) else xr.concat(
+                [loop_count(fitter.model_, scoring, loop_scales, depth_signal=signal) for signal in DEPTH_SIGNALS],
+                dim=xr.DataArray(list(DEPTH_SIGNALS), dims="depth_signal"), combine_attrs="drop_conflicts")
             for key in ks if k is None else [k]:
                 reports[name, key] = (report, errors, loops)
                 rows.append(_row(name, key, partitions[key] if k is not None else fitter.partition_, report, errors, seconds, fitter))
@@ -263,9 +267,30 @@ def _row(name, k, partition, report: xr.Dataset, errors: xr.Dataset, seconds: di
     return jsonable({key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()})
 
 
+EPSILON_COLUMNS = ("epsilon", "epsilon_strict", "epsilon_mean", "epsilon_identity", "skill", "skill_strict")
+EPSILON_KIND_COLUMNS = ("epsilon", "epsilon_strict", "skill")
+
+
 def _epsilon_numbers(errors: xr.Dataset) -> dict:
-    return {name: float(errors[name]) for name in ("epsilon_max", "epsilon_max_low", "epsilon_max_high",
-                                                   "epsilon_mean", "epsilon_mean_low", "epsilon_mean_high")}
+    """The ε columns of a row: `EPSILON_COLUMNS` (all tokens) with intervals, `EPSILON_KIND_COLUMNS` per token kind."""
+    numbers = {f"{name}{end}": float(errors[f"{name}{end}"].sel(token_kind="all"))
+               for name in EPSILON_COLUMNS for end in ("", "_low", "_high")}
+    numbers["epsilon_layer"] = int(errors["epsilon_layer"].sel(token_kind="all"))
+    numbers.update({f"{name}_{kind}": float(errors[name].sel(token_kind=kind)) for name in EPSILON_KIND_COLUMNS
+                    for kind in errors["token_kind"].values.tolist() if kind != "all"})
+    return numbers
+
+
+def _epsilon_text(row: dict) -> str:
+    """ε, its stricter variant, the skill over the identity and ε per token kind, in one line."""
+    return (f"epsilon {_interval_text(row, 'epsilon')} (layer {row['epsilon_layer']})  epsilon_strict "
+            f"{_interval_text(row, 'epsilon_strict')}  identity {format_value(row['epsilon_identity'])}  skill "
+            f"{_interval_text(row, 'skill')}" + "".join(f"  {kind} {format_value(row[f'epsilon_{kind}'])}" for kind in _kinds(row)))
+
+
+def _kinds(row: dict) -> list[str]:
+    """The token kinds a row has ε for."""
+    return [kind for kind in TOKEN_KINDS if f"epsilon_{kind}" in row]
 
 
 def _choice(fitter) -> dict:
@@ -277,7 +302,7 @@ def _choice(fitter) -> dict:
 
 def _result(ds, reports: dict, names: list, ks: list, partitions: dict, scales) -> xr.Dataset:
     """One Dataset over (surrogate, k, layer, token_kind, scale) from every rung's evaluation, ε and loop count."""
-    first = next(iter(reports.values()))[0]
+    first, first_errors = next(iter(reports.values()))[:2]
     layers, kinds = first["layer"].values, first["token_kind"].values.tolist()
     shape = (len(names), len(ks))
 
@@ -289,6 +314,7 @@ def _result(ds, reports: dict, names: list, ks: list, partitions: dict, scales) 
                 values[names.index(name), ks.index(k)] = value
         return values
 
+    epsilon_names = [name for name in first_errors.data_vars if name.startswith(("epsilon", "skill"))]
     attr = lambda key: (lambda report, errors, loops: report.attrs.get(key, np.nan))
     loop = lambda key: (lambda report, errors, loops: None if loops is None or key not in loops else loops[key].values)
     result = xr.Dataset(
@@ -296,17 +322,19 @@ def _result(ds, reports: dict, names: list, ks: list, partitions: dict, scales) 
             "r2": (("surrogate", "k", "layer", "token_kind"),
                    grid(lambda report, errors, loops: report["r2"].values, (len(layers), len(kinds)))),
             "relative_error": (("surrogate", "k", "block"),
-                               grid(lambda report, errors, loops: errors["relative_error_mean"].values, (len(layers) - 1,))),
+                               grid(lambda report, errors, loops: errors["relative_error_mean"].sel(token_kind="all").values,
+                                    (len(layers) - 1,))),
             **{key: (("surrogate", "k"), grid(attr(key))) for key in
                ("r2_final", "accuracy_surrogate", "accuracy_ratio", "agreement", "probe_accuracy_surrogate")},
-            **{key: (("surrogate", "k"), grid(lambda report, errors, loops, key=key: float(errors[key])))
-               for key in _epsilon_numbers(next(iter(reports.values()))[1])},
-            **{f"loop_{key}": (("surrogate", "k", "scale"), grid(loop(key), (len(scales),)))
+            **{key: (("surrogate", "k", "token_kind"),
+                     grid(lambda report, errors, loops, key=key: errors[key].sel(token_kind=kinds).values, (len(kinds),)))
+               for key in epsilon_names},
+            **{f"loop_{key}": (("surrogate", "k", "depth_signal", "scale"), grid(loop(key), (len(DEPTH_SIGNALS), len(scales))))
                for key in ("r2_final", "accuracy_ratio", "agreement")},
         },
         coords={
             "surrogate": names, "k": ks, "layer": layers, "token_kind": kinds, "block": layers[1:],
-            "scale": np.asarray(scales, dtype=float),
+            "scale": np.asarray(scales, dtype=float), "depth_signal": list(DEPTH_SIGNALS),
             "phase": (("k", "layer"), np.stack([partitions[k].phase_of(layers) for k in ks])),
             "partition": ("k", [str(partitions[k]) for k in ks]),
         },
@@ -314,9 +342,12 @@ def _result(ds, reports: dict, names: list, ks: list, partitions: dict, scales) 
                "r2_reference": first.attrs["r2_reference"], "ceiling": CEILING,
                **{key: first.attrs[key] for key in ("accuracy_teacher", "accuracy_against", "accuracy_head",
                                                     "head_source", "probe_accuracy_teacher") if key in first.attrs},
+               "epsilon_description": first_errors.attrs["description"],
+               **{f"depth_signal_{name}": rule for name, rule in DEPTH_SIGNALS.items()},
                "description": "every rung fitted on the same partitions and training images, scored on the same "
                               "held-out images: R² (teacher variance) per layer, accuracy through the teacher's head, "
-                              "ε (relative Frobenius error, max and mean over layers) and loop count"},
+                              "ε per token kind with its skill over the identity (epsilon_description), and the loop "
+                              "count with each depth signal (depth_signal_*)"},
     )
     return result
 
@@ -343,21 +374,30 @@ def ladder_section(summary: dict) -> Section:
             "R² last layer": format_value(row["r2_final"]),
             "accuracy ratio": format_value(row.get("accuracy_ratio")),
             "agreement": format_value(row.get("agreement")),
-            "ε max [95%]": _interval_text(row, "epsilon_max"),
-            "ε mean [95%]": _interval_text(row, "epsilon_mean"),
+            "ε [95%]": _interval_text(row, "epsilon"),
+            "ε strict [95%]": _interval_text(row, "epsilon_strict"),
+            "skill over identity [95%]": _interval_text(row, "skill"),
+            "ε per token kind": " / ".join(f"{kind} {format_value(row[f'epsilon_{kind}'])}" for kind in _kinds(row)),
+            "skill per token kind": " / ".join(f"{kind} {format_value(row[f'skill_{kind}'])}" for kind in _kinds(row)),
             "fit s (cpu s)": f"{row['fit_seconds']:.1f} ({row['fit_cpu_seconds']:.1f})",
             "chosen": "; ".join(f"{key} {row[key]}" for key in ("blocks", "alpha", "rank") if key in row),
         }
         for row in summary["table"]
     }
-    figures = [(files["ladder"], "Final-layer R², accuracy ratio (surrogate over teacher, teacher's head) and ε "
-                                 "(mean over held-out images of the max over layers of the relative Frobenius error, "
-                                 "95% bootstrap interval) against k, one line per surrogate."),
+    figures = [(files["ladder"], "Top: final-layer R², accuracy ratio (surrogate over teacher, teacher's head), ε "
+                                 "(the ε-BRH's: max over layers of the mean over held-out images of the relative "
+                                 "Frobenius error; dotted: the stricter mean over images of each image's max over "
+                                 "layers) and its skill over the identity x_l = x_0 (1 − ε / ε of the identity), "
+                                 "against k, one line per surrogate, 95% bootstrap intervals over images. Bottom: ε "
+                                 "of each token kind's rows alone."),
                (files["ladder_layers"], "R² of each surrogate's rollout from layer 0 at every layer, one panel per k, "
                                         "phase boundaries dotted.")]
     if "loop_count" in files:
         figures.append((files["loop_count"], "Raptor run with each phase's block repeated scale x its phase's length: "
-                                             "final-layer R² and accuracy ratio against the scale."))
+                                             "final-layer R² and accuracy ratio against the scale. Solid: each step "
+                                             "takes the depth signal of a layer of its phase (only values seen in "
+                                             "training); dashed: evenly spaced signals, unseen at non-integer "
+                                             "multiples, which confound what the scale alone does."))
     return Section(
         "A ladder of surrogates",
         "Each rung replaces the blocks of every phase by one map applied once per layer: identity (nothing), "
@@ -366,7 +406,10 @@ def ladder_section(summary: dict) -> Section:
         "raptor (trained shared blocks with a depth signal); linear-per-layer is the non-recurrent linear variant, "
         "one map per layer, the same for every k. All are fitted on the same partitions and training images and "
         f"scored on the same {summary['n_images']} held-out images; the teacher's own accuracy there is "
-        f"{format_value(summary.get('accuracy_teacher'))}.",
+        f"{format_value(summary.get('accuracy_teacher'))}. ε is the ε-BRH's bound, the largest over layers of the "
+        "expected relative Frobenius error; being relative to the uncentred norm it is small wherever the states "
+        "hardly move, so each ε comes with its skill over the identity on the same images (1: exact; 0: no better "
+        "than not moving at all; NaN where the identity is itself exact).",
         figures,
         numbers,
     )
@@ -383,18 +426,25 @@ def _provenance(ds, store, command) -> dict:
 
 
 def _text(summary: dict) -> str:
-    header = (f"{'surrogate':<17} {'k':>2}  {'R² last':>8}  {'acc ratio':>9}  {'agree':>6}  {'ε max [95%]':>24}  "
-              f"{'ε mean':>7}  {'fit s':>6}  {'cpu s':>6}")
+    kinds = _kinds(summary["table"][0]) if summary["table"] else []
+    header = (f"{'surrogate':<17} {'k':>2}  {'R² last':>8}  {'acc ratio':>9}  {'agree':>6}  {'ε [95%]':>24}  "
+              f"{'ε strict':>8}  {'skill [95%]':>24}  " + "".join(f"{'ε ' + kind:>10}  " for kind in kinds)
+              + f"{'fit s':>6}  {'cpu s':>6}")
     lines = [f"ladder of surrogates on {summary['store']} ({summary['model']}), {summary['n_images']} held-out images",
              *(f"  k={k}: {format_value(p)} ({summary['partition_sources'][k]})" for k, p in summary["partitions"].items()),
              header]
     for row in summary["table"]:
         lines.append(f"{row['surrogate']:<17} {row['k']:>2}  {row['r2_final']:>8.3f}  {row.get('accuracy_ratio', float('nan')):>9.3f}  "
-                     f"{row.get('agreement', float('nan')):>6.3f}  {_interval_text(row, 'epsilon_max'):>24}  "
-                     f"{row['epsilon_mean']:>7.3f}  {row['fit_seconds']:>6.1f}  {row['fit_cpu_seconds']:>6.1f}")
+                     f"{row.get('agreement', float('nan')):>6.3f}  {_interval_text(row, 'epsilon'):>24}  "
+                     f"{format_value(row['epsilon_strict']):>8}  {_interval_text(row, 'skill'):>24}  "
+                     + "".join(f"{format_value(row[f'epsilon_{kind}']):>10}  " for kind in kinds)
+                     + f"{row['fit_seconds']:>6.1f}  {row['fit_cpu_seconds']:>6.1f}")
     if summary["moments_seconds"] is not None:
         lines.append(f"the one pass over the store's training images that the linear and dmd fits share took "
                      f"{summary['moments_seconds']['wall']:.1f} s ({summary['moments_seconds']['cpu']:.1f} s of CPU), "
                      "not counted in their fit s")
+    lines.append("ε: max over layers of the mean over images of ||X^ - X||_F / ||X||_F (the ε-BRH's); ε strict: mean "
+                 "over images of each image's max over layers; skill: 1 - ε / ε of the identity x_l = x_0 on the same "
+                 "images; ε per token kind: that kind's rows alone")
     lines.append(f"written to {summary['out']} (ladder.html, ladder.csv, ladder.png, ...) in {summary['seconds']} s")
     return "\n".join(lines)
