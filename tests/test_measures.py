@@ -15,7 +15,7 @@ from dynamo.partition import Partition
 from dynamo.surrogates import IdentityFitter, IdentitySurrogate, RaptorFitter, epsilon, loop_count, loop_schedule
 from dynamo.surrogates.measures import DEPTH_SIGNALS
 from tests.synthetic import contract_dataset
-from tests.test_perturbation import DEPTH, exact_raptor, tied_vit
+from tests.test_perturbation import exact_raptor, tied_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

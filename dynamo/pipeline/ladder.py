@@ -10,15 +10,15 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from dynamo.heads import resolve_head
-from dynamo.partition import Partition
 from dynamo.layout import TOKEN_KINDS, default_tokens
+from dynamo.partition import Partition
 from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
@@ -172,7 +172,8 @@ def ladder(
         scoring = ds.isel(image=np.flatnonzero(np.isin(ds["image"].values, held_out)))
         if scoring["hidden"].nbytes <= IN_MEMORY_BYTES:
             scoring = scoring.load()
-        moments, moment_seconds = _timed(lambda: transition_moments(ds, training, device=device, progress=progress)) \
+        training_positions = np.flatnonzero(np.isin(ds["image"].values, training))
+        moments, moment_seconds = _timed(lambda: transition_moments(ds, training_positions, device=device, progress=progress)) \
             if {"linear", "dmd", CEILING} & set(surrogates) else (None, None)
         rows, reports = [], {}
         names = [name for name in (*RUNGS, CEILING) if name in surrogates]
@@ -185,8 +186,8 @@ def ladder(
                     starts[k] = _fit_rung("teacher-block", k, partitions, ds, teacher, linear_head, moments, out, seed,
                                           device, progress, raptor_params).blocks_
                 params = {**teacher_mlp(teacher.module.blocks[0]), **_given(raptor_params), "init": starts[k]}
-            fitter, seconds = _timed(lambda: _fit_rung(name, k, partitions, ds, teacher, linear_head, moments, out, seed,
-                                                       device, progress, params))
+            fitter, seconds = _timed(_fit_rung, name, k, partitions, ds, teacher, linear_head, moments, out, seed, device,
+                                     progress, params)
             if name == "teacher-block":
                 starts[k] = fitter.blocks_
             report = fitter.evaluate(scoring)
@@ -224,10 +225,10 @@ def _progress(name: str, progress: bool) -> dict:
     return {} if name == "identity" else {"progress": progress}
 
 
-def _timed(work):
-    """``(work(), {"wall": s, "cpu": s})``: wall-clock and CPU seconds (this process and finished children)."""
+def _timed(work, *args):
+    """``(work(*args), {"wall": s, "cpu": s})``: wall-clock and CPU seconds (this process and finished children)."""
     wall, before = time.perf_counter(), os.times()
-    value = work()
+    value = work(*args)
     after = os.times()
     cpu = sum(after[:4]) - sum(before[:4])
     return value, {"wall": time.perf_counter() - wall, "cpu": cpu}
@@ -315,8 +316,13 @@ def _result(ds, reports: dict, names: list, ks: list, partitions: dict, scales) 
         return values
 
     epsilon_names = [name for name in first_errors.data_vars if name.startswith(("epsilon", "skill"))]
-    attr = lambda key: (lambda report, errors, loops: report.attrs.get(key, np.nan))
-    loop = lambda key: (lambda report, errors, loops: None if loops is None or key not in loops else loops[key].values)
+
+    def attr(key):
+        return lambda report, errors, loops: report.attrs.get(key, np.nan)
+
+    def loop(key):
+        return lambda report, errors, loops: None if loops is None or key not in loops else loops[key].values
+
     result = xr.Dataset(
         {
             "r2": (("surrogate", "k", "layer", "token_kind"),
@@ -421,7 +427,7 @@ def _provenance(ds, store, command) -> dict:
         "store": str(store), "model": attrs.get("model"), "weights_sha256": attrs.get("weights_sha256"),
         "n_images": int(ds.sizes["image"]), "versions": json.dumps(attrs.get("versions")),
         "command": command or " ".join(sys.argv),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }.items()}
 
 

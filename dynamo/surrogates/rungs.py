@@ -16,6 +16,7 @@ from dynamo.partition import Partition
 from dynamo.progress import progress_bar
 from dynamo.serialize import read_hidden
 from dynamo.stepping import BlockStepper
+from dynamo.store import image_positions
 from dynamo.surrogates.base import NOT_FITTED, SurrogateFitter
 from dynamo.surrogates.recurrence import PhaseRecurrence
 
@@ -115,10 +116,10 @@ def transition_moments(ds: xr.Dataset, images=None, batch_size: int = 32, device
                        progress: bool = False) -> TransitionMoments:
     """Stream a trajectory dataset once and sum each block's input/output moments (`TransitionMoments`).
 
-    ``images`` are ``image`` values to sum over (default all); ``device`` holds the float64 accumulation.
+    ``images`` are positions along ``image`` to sum over (`dynamo.store.image_positions`, default all);
+    ``device`` holds the float64 accumulation.
     """
-    images = ds["image"].values if images is None else np.asarray(images)
-    positions = np.flatnonzero(np.isin(ds["image"].values, images))
+    positions = image_positions(ds, images)
     hidden = ds["hidden"]
     num_layers, width = hidden.sizes["layer"] - 1, hidden.sizes["feature"]
 
@@ -152,9 +153,9 @@ def rollout_scores(ds: xr.Dataset, images, partition: Partition, candidates, bat
     """R² of each candidate map over each phase, rolled out from the recorded state at the phase's entry.
 
     ``candidates``: per phase, maps (B, T, D) -> (B, T, D), each applied once per layer of the phase; ``images`` are
-    ``image`` values. Returns, per phase, the R² (teacher variance, all tokens, the phase's layers stacked) of each.
+    positions along ``image``. Returns, per phase, the R² (teacher variance, all tokens, the phase's layers stacked) of each.
     """
-    positions = np.flatnonzero(np.isin(ds["image"].values, np.asarray(images)))
+    positions = image_positions(ds, images)
     sums = [[None] * len(maps) for maps in candidates]
     for rows in progress_bar(_batches(positions, batch_size), desc="candidates", enabled=progress, leave=False):
         states = read_hidden(ds["hidden"], rows, device)
@@ -170,9 +171,10 @@ def rollout_scores(ds: xr.Dataset, images, partition: Partition, candidates, bat
     return [np.array([float(r2_from_sums(*total)) for total in phase]) for phase in sums]
 
 
-def _selection_images(training: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """At most ``count`` training images, drawn with ``seed``, that score a fitter's candidates."""
-    return np.sort(np.random.default_rng(seed).permutation(training)[:count])
+def _selection_positions(ds: xr.Dataset, training: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Positions of at most ``count`` training images (``image`` values), drawn with ``seed``, that score candidates."""
+    drawn = np.random.default_rng(seed).permutation(training)[:count]
+    return np.flatnonzero(np.isin(ds["image"].values, drawn))
 
 
 class IdentityFitter(SurrogateFitter):
@@ -196,10 +198,11 @@ class _AffineFitter(SurrogateFitter):
 
     def _fit(self, ds, stepper, moments: TransitionMoments | None = None) -> PhaseSurrogate:
         if moments is None:
-            moments = transition_moments(ds, self.training_images_, device=self.device, progress=self.progress)
+            training = np.flatnonzero(np.isin(ds["image"].values, self.training_images_))
+            moments = transition_moments(ds, training, device=self.device, progress=self.progress)
         elif not np.array_equal(np.sort(moments.images), self.training_images_):
             raise ValueError("the moments given were summed over other images than this fit's training images; "
-                             "compute them with transition_moments(ds, fitter's training images)")
+                             "compute them with transition_moments(ds, positions of the fitter's training images)")
         maps = self._maps(ds, moments)
         self.weight_ = np.stack([weight for weight, _ in maps])
         self.bias_ = np.stack([bias for _, bias in maps])
@@ -269,8 +272,8 @@ class LinearFitter(_AffineFitter):
             candidates = [[partial(_affine, weight=torch.as_tensor(w, dtype=torch.float32, device=self.device),
                                    bias=torch.as_tensor(b, dtype=torch.float32, device=self.device)) for w, b in phase]
                           for phase in maps]
-            scores = rollout_scores(ds, _selection_images(self.training_images_, self.selection_images, self.seed),
-                                  self.partition_, candidates, self.batch_size, self.device, self.progress)
+            scores = rollout_scores(ds, _selection_positions(ds, self.training_images_, self.selection_images, self.seed),
+                                    self.partition_, candidates, self.batch_size, self.device, self.progress)
         best = [0 if len(alphas) == 1 else int(np.argmax(row)) for row in scores]
         self.alpha_ = [alphas[b] for b in best]
         self.scores_ = xr.DataArray(np.stack(scores), dims=("phase", "alpha"),
@@ -383,8 +386,8 @@ class TeacherBlockFitter(SurrogateFitter):
         num_layers = int(ds.attrs["num_blocks"])
         tried = [list(range(1, num_layers + 1)) if self.candidates == "all" else list(phase) for phase in self.partition_]
         candidates = [[partial(stepper.step, layer=block, block=block) for block in blocks] for blocks in tried]
-        scores = rollout_scores(ds, _selection_images(self.training_images_, self.selection_images, self.seed),
-                              self.partition_, candidates, self.batch_size, self.device, self.progress)
+        scores = rollout_scores(ds, _selection_positions(ds, self.training_images_, self.selection_images, self.seed),
+                                self.partition_, candidates, self.batch_size, self.device, self.progress)
         table = np.full((len(self.partition_), num_layers), np.nan)
         for index, (blocks, row) in enumerate(zip(tried, scores)):
             table[index, np.asarray(blocks) - 1] = row
