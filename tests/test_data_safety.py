@@ -39,7 +39,7 @@ def _hold_shard_lock(out):
 def test_phases_out_onto_a_store_is_refused_and_the_store_kept(store, tmp_path, capsys):
     other = tmp_path / "other.zarr"
     shutil.copytree(store, other)
-    for target, reason in ((other, "is a trajectory store"), (store, "is a trajectory store"), (store / "phases.zarr", "lies inside")):
+    for target, reason in ((other, "is a trajectory store"), (store, "own input"), (store / "phases.zarr", "lies inside")):
         assert main(["phases", str(store), "--out", str(target), "--bootstrap", "0", "--quiet"]) == 2
         assert reason in capsys.readouterr().err
     assert dynamo.open_trajectories(other).sizes["image"] == 12
