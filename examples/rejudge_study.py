@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -58,11 +59,70 @@ def table(before: list[dict], after: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def study_from_numbers(numbers: dict, correlation: dict) -> xr.Dataset:
+    """The part of the study Dataset that `study_figures` draws, rebuilt from a ``study.json`` (dims ``model``, ``k``, ``fit``).
+
+    Per model: ``role``, ``drop_rate``, ``seed``, ``epoch``, ``partition_test`` (coordinates), ``vit_accuracy``,
+    ``raptor_k1_r2_final``, ``phase_<score>`` and ``phase_relative_contrast``; per model and k: ``raptor_r2_final``,
+    ``raptor_accuracy_ratio``, ``raptor_accuracy_surrogate``, ``partition_<score>``; per model, k and fit:
+    ``baseline_r2_final`` (NaN where a fit was not made). ``correlation`` goes to the attribute ``correlations``.
+    """
+    models = numbers["models"]
+    labels = list(models)
+    ks = sorted({int(key.split("=")[1]) for row in models.values() for key in row["raptor"]})
+    fits = sorted({fit for row in models.values() for per_k in row["raptor"].values() for fit in per_k["baselines_r2_final"]},
+                  key=lambda fit: (fit != "fitted", fit))
+    nan = lambda value: np.nan if value is None else float(value)  # noqa: E731
+    per_model = lambda key: ("model", np.array([nan(models[label].get(key)) for label in labels]))  # noqa: E731
+    per_k = lambda key: (("model", "k"), np.array([[nan(models[label]["raptor"][f"k={k}"].get(key)) for k in ks]  # noqa: E731
+                                                   for label in labels]))
+    scores = ("contrast", "cut_fraction", "normalized_cut", "silhouette", "mean_dissimilarity")
+    tested = {entry["model"] for cases in (numbers.get("partition_test") or {}).values() for per in cases.values() for entry in per}
+    study = xr.Dataset(
+        {"vit_accuracy": per_model("vit_accuracy"), "raptor_k1_r2_final": per_model("raptor_k1_r2_final"),
+         **{f"phase_{name}": per_model(f"phase_{name}") for name in scores},
+         "raptor_r2_final": per_k("r2_final"), "raptor_accuracy_ratio": per_k("accuracy_ratio"),
+         "raptor_accuracy_surrogate": per_k("accuracy_surrogate"),
+         **{f"partition_{name}": per_k(name) for name in scores},
+         "baseline_r2_final": (("model", "k", "fit"), np.array([[[nan(models[label]["raptor"][f"k={k}"]["baselines_r2_final"].get(fit))
+                                                                   for fit in fits] for k in ks] for label in labels])),
+         "n_heldout": numbers["n_heldout"], "n_images": numbers["n_images"]},
+        coords={"model": labels, "k": ks, "fit": fits, "role": ("model", [models[label]["role"] for label in labels]),
+                **{name: per_model(name) for name in ("drop_rate", "seed", "epoch")},
+                "partition_test": ("model", [label in tested for label in labels])},
+        attrs={"correlations": json.dumps(correlation, default=float)})
+    return study.assign(phase_relative_contrast=study["phase_contrast"] / study["phase_mean_dissimilarity"])
+
+
+def draw(study: xr.Dataset, out: Path, prefix: str = "") -> dict:
+    """The study's figures from `study_from_numbers` as PNGs ``out/<prefix><name>.png``; returns their paths by name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import study_figures
+
+    from figures.output import save_figures
+
+    def by_role(*roles):
+        return study.sel(model=np.isin(study["role"].values, roles))
+
+    figures = {
+        "r2_vs_drop_rate": study_figures.plot_raptor_vs_drop_rate(study),
+        "accuracy_vs_drop_rate": study_figures.plot_accuracy_vs_drop_rate(by_role("family", "untrained")),
+        "score_vs_r2": study_figures.plot_score_vs_r2(by_role("family", "series"), "relative_contrast"),
+        "overtraining": study_figures.plot_overtraining(study),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    return {name: str(path) for name, path in save_figures(figures, out, prefix=prefix, dpi=120).items()}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="a study.json")
     parser.add_argument("--json", help="write the new claims here")
     parser.add_argument("--markdown", help="write the before -> after table here")
+    parser.add_argument("--figures", help="redraw the study's figures from the JSON into this folder")
+    parser.add_argument("--prefix", default="", help="file-name prefix of the figures (e.g. fashion_study_)")
     args = parser.parse_args(argv)
     numbers = json.loads(Path(args.study).read_text())
     model_table = table_from_numbers(numbers)
@@ -73,7 +133,7 @@ def main(argv=None) -> list[dict]:
     text = table(numbers["claims"], after)
     if args.markdown:
         Path(args.markdown).write_text(
-            "# Verdicts of the Fashion-MNIST study, before and after the statistics of issue 30\n\n"
+            "# Verdicts of the Fashion-MNIST study: before and after exact tests, units and Holm's correction\n\n"
             f"Re-judged from `{args.study}` (no refit) by `python examples/rejudge_study.py {args.study} --json "
             f"{args.json} --markdown {args.markdown}`. After: exact permutation p where n <= 9 (Monte Carlo, 9999 resamples, "
             "beyond), Fisher-z intervals (undefined on monotone samples), one point per independent training run (the 14 "
@@ -82,6 +142,9 @@ def main(argv=None) -> list[dict]:
             "confounds, Holm's correction across all claims, and a verdict computed from the corrected p and the "
             "effect's direction. Claims whose premise or design fails are undecided whatever their p (the reason is given).\n\n"
             + text + "\n")
+    if args.figures:
+        for name, path in draw(study_from_numbers(numbers, correlation), Path(args.figures), args.prefix).items():
+            print(f"{name}: {path}")
     print(text)
     return after
 

@@ -486,7 +486,7 @@ def draw_figures(study: xr.Dataset, out: Path) -> dict:
         "r2_per_layer": study_figures.plot_r2_per_drop_rate(trained),
         "r2_vs_drop_rate": study_figures.plot_raptor_vs_drop_rate(study),
         "accuracy_vs_drop_rate": study_figures.plot_accuracy_vs_drop_rate(trained),
-        "score_vs_r2": study_figures.plot_score_vs_r2(_by_model(study, ("family", "series")), "contrast"),
+        "score_vs_r2": study_figures.plot_score_vs_r2(_by_model(study, ("family", "series")), "relative_contrast"),
     }
     if study["partition_test"].values.any():
         figures["maxcut_vs_random"] = study_figures.plot_partition_baselines(study)

@@ -137,12 +137,13 @@ def plot_raptor_vs_drop_rate(study: xr.Dataset) -> plt.Figure:
         for index, k in enumerate(study["k"].values.tolist()):
             _per_seed(ax, family, family[variable].sel(k=k), plt.cm.tab10(index), f"k = {k}")
         k1 = "raptor_k1_r2_final" if variable == "raptor_r2_final" else "raptor_k1_accuracy_ratio"
-        _per_seed(ax, family, family[k1], "0.4", "k = 1")
+        if k1 in family:
+            _per_seed(ax, family, family[k1], "0.4", "k = 1")
         for label in _untrained(study):
             ax.axhline(float(study[variable].sel(model=label).mean("k")), color="k", linestyle=":",
                        label=f"{label} (mean over k)")
         ax.set(xlabel=f"stochastic-depth rate p{_seed_note(family)}", ylabel=name)
-        ax.set_title(f"{name.split(' (')[0]} vs p\n{_correlation_text(study, key)} (mean over k)", fontsize=9)
+        ax.set_title(f"{name.split(' (')[0]} vs p (each run's mean over k)\n{_correlation_text(study, key)}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.suptitle(f"Does stochastic depth make the ViT easier to fold into Raptor? ({family.sizes['model']} models, "
@@ -177,6 +178,8 @@ def plot_score_vs_r2(study: xr.Dataset, score: str = "contrast", ax=None) -> plt
     """A phase-structure score of each model's Raptor partition against Raptor's final-layer R², one colour per k, with Spearman ρ per k."""
     figure, ax = axes(ax, figsize=(6.8, 4.8))
     key = f"{score}_vs_r2"
+    if score == "relative_contrast" and "partition_relative_contrast" not in study:
+        study = study.assign(partition_relative_contrast=study["partition_contrast"] / study["partition_mean_dissimilarity"])
     lines = []
     roles = study["role"].values if "role" in study.coords else np.full(study.sizes["model"], "family")
     for index, k in enumerate(study["k"].values.tolist()):
@@ -205,13 +208,14 @@ def plot_partition_baselines(study: xr.Dataset, fig: plt.Figure | None = None) -
     tested = study.sel(model=study["partition_test"].values.astype(bool)) if "partition_test" in study.coords else study
     ks = study["k"].values.tolist()
     labels = tested["model"].values.tolist()
-    figure = fig or plt.figure(figsize=(max(5.6, 1.2 * len(labels) + 2.5) * len(ks), 7.6), layout="constrained")
-    panels = figure.subplots(2, len(ks), squeeze=False, sharey="row")
+    rows = [(variable, ylabel) for variable, ylabel in (("baseline_accuracy_ratio", "Raptor accuracy / ViT accuracy"),
+                                                       ("baseline_r2_final", "R² at the last layer (all tokens)")) if variable in study]
+    figure = fig or plt.figure(figsize=(max(5.6, 1.2 * len(labels) + 2.5) * len(ks), 3.8 * len(rows) + 0.4), layout="constrained")
+    panels = figure.subplots(len(rows), len(ks), squeeze=False, sharey="row")
     styles = {"fitted": ("*", "crimson", 160, 0.0), "uniform": ("s", "tab:blue", 70, 0.0), "k=1": ("x", "black", 50, 0.0),
               "random": ("o", "tab:grey", 22, -0.18), "shuffled": ("^", "tab:orange", 22, 0.18)}
     names = {"fitted": "max-cut phases", "random": "random contiguous", "shuffled": "random shuffled"}
-    for row, (variable, ylabel) in enumerate((("baseline_accuracy_ratio", "Raptor accuracy / ViT accuracy"),
-                                             ("baseline_r2_final", "R² at the last layer (all tokens)"))):
+    for row, (variable, ylabel) in enumerate(rows):
         for ax, k in zip(panels[row], ks):
             shown = set()
             for position, label in enumerate(labels):
@@ -241,14 +245,19 @@ def plot_overtraining(study: xr.Dataset) -> plt.Figure:
     figure = plt.figure(figsize=(11, 4.2), layout="constrained")
     left, right = figure.subplots(1, 2)
     left.plot(epochs, series["phase_contrast"], "o-", color="tab:purple", label="max-cut contrast (f = 0.1)")
-    left.set(xlabel="training epoch (log)", ylabel="max-cut contrast", xscale="log")
+    if "phase_relative_contrast" in series:
+        left.plot(epochs, series["phase_relative_contrast"], "D-", color="tab:red", label="relative contrast (contrast / mean dissimilarity)")
+    left.set(xlabel="training epoch (log)", ylabel="phase score", xscale="log")
     twin = left.twinx()
     twin.plot(epochs, series["vit_accuracy"], "s--", color="tab:blue", label="ViT accuracy, held-out test images")
-    twin.plot(epochs, series["train_accuracy"] / 100, "^:", color="tab:green", label="ViT accuracy, its training images")
+    if "train_accuracy" in series:
+        twin.plot(epochs, series["train_accuracy"] / 100, "^:", color="tab:green", label="ViT accuracy, its training images")
     twin.set(ylabel="accuracy", ylim=(0, 1.02))
     handles = [*left.get_legend_handles_labels()[0], *twin.get_legend_handles_labels()[0]]
     left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
-    left.set_title(f"Block structure over training\ncontrast vs epoch: {_correlation_text(study, 'epoch_vs_phase_contrast')}", fontsize=9)
+    score = "phase_relative_contrast" if "phase_relative_contrast" in series else "phase_contrast"
+    left.set_title(f"Block structure over training\n{score.removeprefix('phase_').replace('_', ' ')} vs epoch: "
+                   f"{_correlation_text(study, 'epoch_vs_' + score)}", fontsize=8)
     for index, k in enumerate(study["k"].values.tolist()):
         right.plot(epochs, series["raptor_r2_final"].sel(k=k), "o-", color=plt.cm.tab10(index), label=f"Raptor k = {k}")
     right.plot(epochs, series["raptor_k1_r2_final"], "x-", color="0.4", label="Raptor k = 1")
@@ -259,9 +268,9 @@ def plot_overtraining(study: xr.Dataset) -> plt.Figure:
     for ax in (left, right):
         ax.set_xticks(epochs, [f"{epoch:g}" for epoch in epochs])
         ax.minorticks_off()
-    right.set_title(f"Raptor's fit over training\nR² vs epoch: {_correlation_text(study, 'epoch_vs_r2')} (mean over k)", fontsize=9)
+    right.set_title(f"Raptor's fit over training (mean over k)\nR² vs epoch: {_correlation_text(study, 'epoch_vs_r2')}", fontsize=8)
     right.grid(alpha=0.3)
     right.legend(fontsize=7)
-    figure.suptitle(f"Over-training series ({', '.join(str(m) for m in series['model'].values[:1])} ... "
-                    f"{series['model'].values[-1]}; {int(study['n_heldout'].max())} held-out images)")
+    figure.suptitle(f"Over-training series: {series.sizes['model']} checkpoints of ONE training run ({series['model'].values[0]} ... "
+                    f"{series['model'].values[-1]}; {int(study['n_heldout'].max())} held-out images)", fontsize=10)
     return figure
