@@ -9,7 +9,14 @@ from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
 from analyses.phase_null import gradient_null, relative_contrast
-from analyses.segmentation import as_matrix, choose_k, contiguous_partition, maxcut_is_exact, maxcut_partition
+from analyses.segmentation import (
+    EXACT_MAXCUT_LIMIT,
+    as_matrix,
+    choose_k,
+    contiguous_partition,
+    maxcut_is_exact,
+    maxcut_partition,
+)
 from analyses.similarity import PER_IMAGE_MEASURES, layer_similarity
 from analyses.streaming import rounded
 from dynamo.layout import default_tokens
@@ -87,7 +94,8 @@ def compute(ds: xr.Dataset, method: str = "maxcut", eps: float = 0.1, k: int | N
         coords={"layer": matrix["layer_i"].values, "score": list(scores)},
     )
     result = assign_phases(result, partition)
-    if null:
+    heuristic = method == "maxcut" and not maxcut_is_exact(len(partition.blocks))
+    if null and not heuristic:
         tested = gradient_null(per_image, lambda m, k_: partition_matrix(m, method, eps=eps, k=k if k_ is None else k_),
                                n_permutations=null_permutations, n_bootstrap=null_bootstrap, seed=seed)
         result = result.assign(null_dissimilarity=tested["null_dissimilarity"],
@@ -96,6 +104,9 @@ def compute(ds: xr.Dataset, method: str = "maxcut", eps: float = 0.1, k: int | N
         result = result.assign_coords(null_phase=("layer", tested["null_phase"].values,
                                                   {"description": "best partition of the gradient null"}))
         result.attrs.update({f"gradient_null_{name}": value for name, value in tested.attrs.items()})
+    elif null:  # max-cut above its exact limit: the null would re-run the heuristic on every draw
+        result.attrs["gradient_null_conclusion"] = (f"no gradient null: above {EXACT_MAXCUT_LIMIT} layers max-cut is a "
+                                                    "heuristic; the contiguous method's partition can be tested")
     elif null_permutations > 0:
         result.attrs["gradient_null_conclusion"] = (f"no gradient null: {measure} has no per-image matrices to resample"
                                                     if measure not in PER_IMAGE_MEASURES else "no gradient null: one image")

@@ -164,6 +164,7 @@ def test_above_the_limit_the_heuristic_warns_and_the_summary_says_so(tmp_path, d
     with pytest.warns(UserWarning, match="heuristic"):
         deep = phase_analysis(ds, "maxcut", k=3, n_bootstrap=0, progress=False)
     assert deep.attrs["maxcut_exact"] is False and summarize(deep)["maxcut_exact"] is False
+    assert "heuristic" in deep.attrs["gradient_null_conclusion"] and "null_dissimilarity" not in deep  # not re-run per draw
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         shallow = phase_analysis(ds, "maxcut", k=3, layers=range(1, 25), n_bootstrap=0, progress=False)
