@@ -36,3 +36,15 @@ def test_a_missing_store_path_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "dynamo profile: error: no trajectory store at nowhere/store.zarr; check the path (or pass a timm or zoo model name)"]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_model_argument_is_resolved_by_what_it_is(tmp_path):
+    """A weights file and a folder that is not a store each get their own one-line error; nothing is written."""
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"not really")
+    (tmp_path / "photos").mkdir()
+    for argument, message in ((weights.name, "is a file, not a model name or a trajectory store: pass weights with --checkpoint"),
+                              ("photos", "no trajectory store at photos")):
+        result = _dynamo("profile", argument, "--out", "x", cwd=tmp_path)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert not (tmp_path / "x").exists()

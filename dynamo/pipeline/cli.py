@@ -27,7 +27,7 @@ from dynamo.pipeline.arguments import (
     timm_options,
     torch_device,
 )
-from dynamo.zoo import DEFAULT_MODEL, ZOO_PREFIX, list_models
+from dynamo.zoo import DEFAULT_MODEL, list_models
 from dynamo.zoo.config import configure_parser as configure_zoo_parser
 
 # Choices and defaults the parser shows, as literals so that --help imports nothing heavy; tests hold
@@ -435,7 +435,7 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _profile(args) -> dict:
     from dynamo.pipeline.profile import profile, profile_store
-    from dynamo.store import StoreError, is_trajectory_store
+    from dynamo.store import is_trajectory_store
 
     options = dict(
         phase_method=args.method, eps=args.eps, k=args.k, tokens=args.tokens, n_bootstrap=args.bootstrap, only=args.only,
@@ -447,12 +447,26 @@ def _profile(args) -> dict:
             raise ValueError(f"--img-size, --preprocess, --preset and --timm apply when recording a model; {args.model} is "
                              "a recorded store (its image size and preprocessing are fixed): drop them")
         return profile_store(args.model, args.out, **options)
-    if not args.model.startswith(ZOO_PREFIX) and (args.model.endswith(".zarr") or os.sep in args.model):  # a path
-        raise StoreError(f"no trajectory store at {args.model}; check the path (or pass a timm or zoo model name)")
+    _check_model_name(args.model)
     return profile(
         args.model, args.out, images=args.images, checkpoint=args.checkpoint, pretrained=not args.no_pretrained,
         **_image_options(args), limit=args.limit, batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, **options,
     )
+
+
+def _check_model_name(model: str) -> None:
+    """A model argument by what it is: a zoo name, a timm name (or ``hf-hub:``), else a path that must exist."""
+    import timm
+
+    from dynamo.store import StoreError
+
+    if model in list_models() or model.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(model):
+        return
+    if os.path.isfile(model):
+        raise ValueError(f"{model} is a file, not a model name or a trajectory store: pass weights with --checkpoint "
+                         "and the timm architecture as the model")
+    if os.path.exists(model) or model.endswith(".zarr") or os.sep in model:
+        raise StoreError(f"no trajectory store at {model}; check the path (or pass a timm or zoo model name)")
 
 
 def _compare(args) -> dict:
