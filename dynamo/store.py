@@ -339,6 +339,11 @@ def _resume_hint(shards: int) -> str:
     return "run the same record command to resume"
 
 
+def positions_of(dataset: xr.Dataset, values) -> np.ndarray:
+    """Sorted positions along ``image`` of the images whose ``image`` coordinate is among ``values``."""
+    return np.flatnonzero(np.isin(dataset["image"].values, values))
+
+
 def image_positions(dataset: xr.Dataset, images) -> np.ndarray:
     """Positions along ``image`` that an ``images=`` argument names: the one meaning of ``images`` in dynamo.
 

@@ -18,7 +18,7 @@ from dynamo.heads import resolve_head
 from dynamo.partition import Partition, from_result
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
-from dynamo.store import check_output, open_trajectories, require_contents, save_result
+from dynamo.store import check_output, open_trajectories, positions_of, require_contents, save_result
 from dynamo.surrogates.base import resolve_teacher, split_images
 from dynamo.surrogates.raptor import PAPER_RECIPE, RaptorFitter, partition_baselines
 from dynamo.surrogates.raptor.train import stopping_rule
@@ -146,7 +146,7 @@ def fit(
     training = split_images(ds["image"].values, params.get("validation_fraction", 0.2), seed)[0]
     for kk in ks:
         chosen, source = (partition, "given") if partition is not None else default_partition(
-            ds, kk, phases, progress=params.get("progress", True), images=np.flatnonzero(np.isin(ds["image"].values, training)))
+            ds, kk, phases, progress=params.get("progress", True), images=positions_of(ds, training))
         for s in range(seed, seed + seeds):
             folder = out if single else out / f"k{kk}-seed{s}"
             fitter = RaptorFitter(k=len(chosen), partition=chosen, checkpoint_dir=folder / "checkpoint",

@@ -22,7 +22,7 @@ from dynamo.partition import Partition
 from dynamo.pipeline.fit import ACCURACY_KEYS, default_partition
 from dynamo.pipeline.summaries import format_value
 from dynamo.serialize import jsonable
-from dynamo.store import check_output, open_trajectories, require_contents, save_result, writer_lock
+from dynamo.store import check_output, open_trajectories, positions_of, require_contents, save_result, writer_lock
 from dynamo.surrogates import SURROGATES, LinearFitter, RaptorFitter, epsilon, loop_count, per_layer, transition_moments
 from dynamo.surrogates.base import resolve_teacher, split_images
 from dynamo.surrogates.measures import DEPTH_SIGNALS
@@ -64,7 +64,7 @@ def fit_surrogate(store: str | Path, out: str | Path, surrogate: str, *, k: int 
             raise ValueError(f"--k {k} but the partition {partition} has {len(partition)} phases; give one or the other")
     else:
         training = split_images(ds["image"].values, 0.2, seed)[0]
-        partition, source = default_partition(ds, k or 2, images=np.flatnonzero(np.isin(ds["image"].values, training)))
+        partition, source = default_partition(ds, k or 2, images=positions_of(ds, training))
     teacher = resolve_teacher(ds.attrs, None)
     fitter = SURROGATES[surrogate](partition=partition, seed=seed, device=device, **_progress(surrogate, progress))
     fitter.fit(ds, teacher=teacher, head=resolve_head(ds, teacher, head, seed=seed))
@@ -166,13 +166,13 @@ def ladder(
         linear_head = resolve_head(ds, teacher, head, seed=seed)
         tokens = default_tokens(ds, tokens)
         training, held_out = split_images(ds["image"].values, 0.2, seed)
-        chosen = {k: default_partition(ds, k, images=np.flatnonzero(np.isin(ds["image"].values, training)), tokens=tokens)
+        chosen = {k: default_partition(ds, k, images=positions_of(ds, training), tokens=tokens)
                   for k in ks}
         partitions, sources = {k: chosen[k][0] for k in ks}, {k: chosen[k][1] for k in ks}
-        scoring = ds.isel(image=np.flatnonzero(np.isin(ds["image"].values, held_out)))
+        scoring = ds.isel(image=positions_of(ds, held_out))
         if scoring["hidden"].nbytes <= IN_MEMORY_BYTES:
             scoring = scoring.load()
-        training_positions = np.flatnonzero(np.isin(ds["image"].values, training))
+        training_positions = positions_of(ds, training)
         moments, moment_seconds = _timed(lambda: transition_moments(ds, training_positions, device=device, progress=progress)) \
             if {"linear", "dmd", CEILING} & set(surrogates) else (None, None)
         rows, reports = [], {}

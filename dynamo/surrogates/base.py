@@ -17,7 +17,7 @@ from dynamo.models import LoadedModel, load_recorded_model, rebuild_attrs
 from dynamo.partition import Partition, resolve_partition
 from dynamo.serialize import derived_seed, jsonable, read_tensors_and_json, write_tensors_and_json
 from dynamo.stepping import BlockStepper
-from dynamo.store import open_trajectories
+from dynamo.store import open_trajectories, positions_of
 from dynamo.surrogates.evaluate import evaluate
 from dynamo.surrogates.recurrence import PhaseRecurrence
 
@@ -159,7 +159,7 @@ class SurrogateFitter(BaseEstimator):
             return np.asarray(images), "given"
         images_sha256 = ds.attrs.get("identity", {}).get("images_sha256")
         if images_sha256 is not None and images_sha256 == self.images_sha256_ and self.validation_images_.size:
-            return np.flatnonzero(np.isin(ds["image"].values, self.validation_images_)), "held-out images of the fit store"
+            return positions_of(ds, self.validation_images_), "held-out images of the fit store"
         return None, "all images"
 
     def evaluate(self, ds: xr.Dataset | str | Path, images=None, reference: str = "target", probe: bool = True) -> xr.Dataset:

@@ -16,7 +16,7 @@ from dynamo.partition import Partition
 from dynamo.progress import progress_bar
 from dynamo.serialize import read_hidden
 from dynamo.stepping import BlockStepper
-from dynamo.store import image_positions
+from dynamo.store import image_positions, positions_of
 from dynamo.surrogates.base import NOT_FITTED, SurrogateFitter
 from dynamo.surrogates.recurrence import PhaseRecurrence
 
@@ -174,7 +174,7 @@ def rollout_scores(ds: xr.Dataset, images, partition: Partition, candidates, bat
 def _selection_positions(ds: xr.Dataset, training: np.ndarray, count: int, seed: int) -> np.ndarray:
     """Positions of at most ``count`` training images (``image`` values), drawn with ``seed``, that score candidates."""
     drawn = np.random.default_rng(seed).permutation(training)[:count]
-    return np.flatnonzero(np.isin(ds["image"].values, drawn))
+    return positions_of(ds, drawn)
 
 
 class IdentityFitter(SurrogateFitter):
@@ -198,7 +198,7 @@ class _AffineFitter(SurrogateFitter):
 
     def _fit(self, ds, stepper, moments: TransitionMoments | None = None) -> PhaseSurrogate:
         if moments is None:
-            training = np.flatnonzero(np.isin(ds["image"].values, self.training_images_))
+            training = positions_of(ds, self.training_images_)
             moments = transition_moments(ds, training, device=self.device, progress=self.progress)
         elif not np.array_equal(np.sort(moments.images), self.training_images_):
             raise ValueError("the moments given were summed over other images than this fit's training images; "

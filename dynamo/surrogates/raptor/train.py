@@ -19,6 +19,7 @@ from timm.scheduler import CosineLRScheduler
 from dynamo.metrics import r2_score
 from dynamo.progress import progress_bar
 from dynamo.serialize import derived_seed, read_hidden
+from dynamo.store import positions_of
 from dynamo.surrogates.raptor.data import trajectory_loader
 from dynamo.surrogates.raptor.io import load_block, load_checkpoint, save_block, save_checkpoint
 from dynamo.surrogates.raptor.loss import PAPER_STAGE2_WEIGHTS, loss_weights, segment_loss, stage1_weights
@@ -156,7 +157,7 @@ def _train_segment(fitter, ds: xr.Dataset, segment: Segment, first: int, optimiz
         optimizer.load_state_dict(optimizer_state)
     validation = _validation_states(fitter, ds, segment)
     timing = fitter.timings_.setdefault(segment.name, {"step_seconds": [], "wait_seconds": []})
-    images = np.flatnonzero(np.isin(ds["image"].values, fitter.training_images_))
+    images = positions_of(ds, fitter.training_images_)
     span = (segment.stage, segment.start, segment.stop)
     batches = iter(trajectory_loader(ds, images, segment.start, segment.stop, fitter.batch_size,
                                      seed=derived_seed(fitter.seed, *span), first_step=first))
@@ -207,7 +208,7 @@ def _validation_states(fitter, ds: xr.Dataset, segment: Segment) -> torch.Tensor
     """The start and stop layers of each range on the fit's early-stopping images, (N, 2 × ranges, T, D)."""
     if fitter.stopping_images_.size == 0:
         return None
-    rows = np.flatnonzero(np.isin(ds["image"].values, fitter.stopping_images_))
+    rows = positions_of(ds, fitter.stopping_images_)
     return read_hidden(ds["hidden"], rows, fitter.device, layer=[layer for run in segment.ranges for layer in run])
 
 
