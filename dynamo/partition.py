@@ -5,6 +5,7 @@ In results a partition travels as a ``phase`` coordinate over ``layer`` (or ``bl
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -65,6 +66,12 @@ class Partition(list):
         """Blocks 1..L cut into k contiguous phases of (nearly) equal length, longer ones first."""
         _check_k(num_blocks, k)
         return cls(np.array_split(np.arange(1, num_blocks + 1), k))
+
+    @classmethod
+    def every_contiguous(cls, num_blocks: int, k: int) -> list[Partition]:
+        """Every partition of blocks 1..L into k contiguous phases, C(L - 1, k - 1) of them, in order of their cut points."""
+        _check_k(num_blocks, k)
+        return [cls.from_thresholds(cuts, num_blocks) for cuts in itertools.combinations(range(1, num_blocks), k - 1)]
 
     @classmethod
     def random_contiguous(cls, num_blocks: int, k: int, seed: int) -> Partition:

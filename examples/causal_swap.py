@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -53,10 +52,6 @@ SERIES = [f"vit-fashion-reg4-n500-p0.0-e{epoch}" for epoch in (5, 10, 20, 30, 40
 MAX_DISTANCE = 2
 
 
-def contiguous_partitions(num_blocks: int, k: int) -> list[Partition]:
-    """Every partition of blocks 1..L into k contiguous phases (C(L - 1, k - 1) of them)."""
-    return [Partition.from_thresholds(list(cuts), num_blocks) for cuts in itertools.combinations(range(1, num_blocks), k - 1)]
-
 
 def one_model(label: str, out: Path, eps: float, seed: int, limit: int) -> dict:
     started = time.perf_counter()
@@ -68,7 +63,7 @@ def one_model(label: str, out: Path, eps: float, seed: int, limit: int) -> dict:
     partition = phasing.find_phases(store.isel(image=phase_images), "maxcut", eps=eps)
     result = layer_swap(store, loaded, partition=partition, images=swap_images, max_distance=MAX_DISTANCE, progress=False)
     observed = matched_drop(result)
-    null = np.array([matched_drop(result, p) for p in contiguous_partitions(loaded.num_blocks, len(partition))])
+    null = np.array([matched_drop(result, p) for p in Partition.every_contiguous(loaded.num_blocks, len(partition))])
     null = null[np.isfinite(null)]
     distance = np.abs(result["target"].values[:, None] - result["block"].values[None, :])
     accuracy = result["accuracy"].values

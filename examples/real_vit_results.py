@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import itertools
 import json
 import os
 import shlex
@@ -206,8 +205,7 @@ def swap_stage(out: Path, checkpoint: str) -> dict:
         pooled[name] = xr.concat([r[name] for r in results], "group").mean("group")
     pooled["r2"] = xr.concat([r["r2"] for r in results], "group").mean("group")
     paper = Partition.from_thresholds([7, 10], 12)
-    null = [matched_drop(pooled, Partition.from_thresholds(list(cuts), 12))
-            for cuts in itertools.combinations(range(1, 12), len(partition) - 1)]  # every contiguous partition, same k
+    null = [matched_drop(pooled, other) for other in Partition.every_contiguous(12, len(partition))]
     observed = matched_drop(pooled)
     summary = {
         "probe": head.source_, "probe_accuracy_heldout": clean["model_accuracy"], "probe_heldout_images": clean["accuracy_images"],

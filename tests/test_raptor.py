@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import multiprocessing
+import types
 from pathlib import Path
 
 import numpy as np
@@ -537,6 +539,35 @@ def test_a_segment_stops_when_its_held_out_r2_stops_improving():
     assert raptor_train.plateaued(fitter, stage2, validations([0.5] * 5))  # stage 2 has no anneal, only the warmup
     assert not raptor_train.plateaued(RaptorFitter(patience=0), stage1, flat)
     assert "stops earlier once its last 3 validations" in raptor_train.stopping_rule(fitter)
+
+
+def test_a_per_layer_step_budget_gives_every_partition_of_a_k_the_same_stage1_steps():
+    """step_budget="layer": a phase of n blocks trains n * steps in stage 1, so [1][2-12] and [1-6][7-12] both train 12 * steps."""
+    totals = {}
+    for partition in ("1-1,2-12", "1-6,7-12", "1-11,12-12"):
+        fitter = RaptorFitter(steps=5, step_budget="layer", stage2_steps=7)
+        fitter.partition_, fitter.model_ = Partition.parse(partition, 12), types.SimpleNamespace(num_layers=12)
+        found = raptor_train.segments(fitter)
+        assert [s.steps for s in found if s.stage == 1] == [5 * len(phase) for phase in fitter.partition_]
+        assert found[-1].stage == 2 and found[-1].steps == 7
+        totals[partition] = sum(s.steps for s in found if s.stage == 1)
+    assert set(totals.values()) == {60}
+    fitter.step_budget = "segment"
+    assert [s.steps for s in raptor_train.segments(fitter) if s.stage == 1] == [5, 5]
+    assert "per block of a stage-1 segment's phase" in raptor_train.stopping_rule(RaptorFitter(step_budget="layer", patience=2))
+    fitter.step_budget = "phase"
+    with pytest.raises(ValueError, match="step_budget must be 'segment' or 'layer'"):
+        raptor_train.segments(fitter)
+
+
+def test_reader_processes_fork_even_where_the_caller_spawns(tied):
+    """A fit inside a spawned worker (the study scripts' process pools) must not re-import torch for every segment's reader."""
+    _, path = tied
+    ds = dynamo.open_trajectories(path)
+    context = multiprocessing.get_context("spawn")
+    loader = trajectory_loader(ds, np.arange(ds.sizes["image"]), 0, 2, batch_size=4)
+    assert loader.multiprocessing_context.get_start_method() == "fork"
+    assert context.get_start_method() == "spawn"  # the caller's own context is left as it is
 
 
 def test_default_partition_is_the_max_cut_phases_when_contiguous(monkeypatch):

@@ -3,6 +3,7 @@ by a DataLoader whose reader process reads each chunk once and frees it after it
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
 
 import dask
@@ -100,8 +101,18 @@ def trajectory_loader(
         batch_size=None,
         num_workers=workers,
         prefetch_factor=prefetch if workers else None,
+        multiprocessing_context=reader_context() if workers else None,
         generator=torch.Generator().manual_seed(seed),  # leaves the global torch RNG alone
     )
+
+
+def reader_context():
+    """The reader processes' start method: fork where the platform has it, whatever the caller's default.
+
+    A loader is made per training segment; under ``spawn`` (the default inside a spawned worker, e.g. a
+    ``ProcessPoolExecutor`` running fits) each reader would import torch again, costing seconds per segment.
+    """
+    return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _stored_hidden(ds: xr.Dataset) -> xr.DataArray:

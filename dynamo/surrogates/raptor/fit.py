@@ -33,6 +33,9 @@ class RaptorFitter(SurrogateFitter):
         Phases in any form `Partition.parse` reads (contiguous or not); default k uniform contiguous phases.
     steps, stage2_steps : int
         Optimizer steps per stage-1 block and of stage 2 at most (stage 2 defaults to ``steps``; 0 skips it).
+    step_budget : "segment" or "layer"
+        ``steps`` per stage-1 segment, or per block of its phase (a phase of n blocks trains ``n * steps``: every
+        partition with the same k gets the same stage-1 budget, so unbalanced phases are not penalised).
     warmup : float
         Linear warmup: a fraction of each segment's steps below 1, else a number of steps.
     tf_anneal, tf_floor : float
@@ -64,6 +67,7 @@ class RaptorFitter(SurrogateFitter):
         partition=None,
         steps: int = 2000,
         stage2_steps: int | None = None,
+        step_budget: str = "segment",
         batch_size: int = 16,
         lr: float = 2e-3,
         weight_decay: float = 1e-4,
@@ -96,7 +100,7 @@ class RaptorFitter(SurrogateFitter):
         progress: bool = True,
     ):
         self.k, self.partition = k, partition
-        self.steps, self.stage2_steps, self.batch_size = steps, stage2_steps, batch_size
+        self.steps, self.stage2_steps, self.step_budget, self.batch_size = steps, stage2_steps, step_budget, batch_size
         self.lr, self.weight_decay, self.warmup, self.min_lr = lr, weight_decay, warmup, min_lr
         self.grad_clip, self.tf_anneal, self.tf_floor, self.noise = grad_clip, tf_anneal, tf_floor, noise
         self.stage1_loss, self.stage2_loss = stage1_loss, stage2_loss

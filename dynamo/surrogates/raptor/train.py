@@ -68,8 +68,11 @@ def segments(fitter) -> list[Segment]:
     """The segments of a `RaptorFitter`'s recipe with any steps, in training order."""
     partition = fitter.partition_
     weights = stage1_weights(fitter.stage1_loss, len(partition))
-    stage1 = [Segment(1, index, phase[0] - 1, phase[-1], fitter.steps, weights[index], phase_runs(phase))
-              for index, phase in enumerate(partition)]
+    if fitter.step_budget not in ("segment", "layer"):
+        raise ValueError(f"step_budget must be 'segment' or 'layer', got {fitter.step_budget!r}")
+    per_layer = fitter.step_budget == "layer"
+    stage1 = [Segment(1, index, phase[0] - 1, phase[-1], fitter.steps * (len(phase) if per_layer else 1), weights[index],
+                      phase_runs(phase)) for index, phase in enumerate(partition)]
     steps = fitter.steps if fitter.stage2_steps is None else fitter.stage2_steps
     stage2 = Segment(2, 0, 0, fitter.model_.num_layers, steps, loss_weights(fitter.stage2_loss, PAPER_STAGE2_WEIGHTS))
     return [segment for segment in [*stage1, stage2] if segment.steps]
@@ -93,7 +96,8 @@ def plateaued(fitter, segment: Segment, entries: list[dict]) -> bool:
 
 def stopping_rule(fitter) -> str:
     """`plateaued`'s rule with a fitter's numbers, in words."""
-    steps = f"at most {fitter.steps} steps per stage-1 segment" + (
+    unit = "block of a stage-1 segment's phase" if fitter.step_budget == "layer" else "stage-1 segment"
+    steps = f"at most {fitter.steps} steps per {unit}" + (
         f" and {fitter.stage2_steps} in stage 2" if fitter.stage2_steps is not None else " and in stage 2")
     if not fitter.patience:
         return f"fixed step count: {steps.removeprefix('at most ')} (patience 0)"

@@ -1,0 +1,308 @@
+"""A fair partition test of Raptor on the Fashion-MNIST family, and the spread of its fit over seeds.
+
+The paper's Fig. 3 asks whether Raptor fits better on the max-cut phases than on random partitions of depth.
+This script asks it so that the answer can be trusted, on the 14 stochastic-depth models (14 independent
+training runs, the unit of every test here), each on its 1,000 bundled held-out test images:
+
+1. one held-out split per model (`dynamo.surrogates.base.split_images`, seed ``--split-seed``) shared by every fit;
+   the max-cut phases (f = ``--eps``, or the exact contiguous split where max-cut is not k contiguous phases)
+   are found on the training images alone;
+2. the alternatives, per model and k: at k = 2 every contiguous partition (11 for 12 blocks, enumerated);
+   at k >= 3, ``--draws`` distinct random contiguous partitions drawn for this model and k alone (seeded by
+   both), none equal to max-cut, plus the uniform split;
+3. every fit follows one recipe with a per-layer step budget (`RaptorFitter(step_budget="layer")`): a phase of
+   n blocks trains n x ``--steps`` stage-1 steps, so every partition with the same k gets the same stage-1
+   budget and unbalanced phases are not penalised; stage 2 trains ``--stage2-steps`` for all;
+4. per model and k: max-cut's held-out final-layer R² and accuracy ratio minus the median of the
+   alternatives (its excess) and its exact rank p; across the 14 runs an exact Wilcoxon signed-rank test
+   of the excesses; Holm across the claims (`analyses.statistics.judge`);
+5. the spread over fit seeds: max-cut fits with ``--seeds`` seeds on ``--seed-models`` (same split), their
+   ε (`dynamo.surrogates.measures.epsilon`: max over layers of the mean relative error, the strict form, and
+   the skill over the identity), R² and accuracy ratio — the noise floor any partition difference must clear.
+
+Every fit is saved under ``OUT/<model>/`` and reused on a re-run with the same settings (resumable).
+
+Usage::
+
+    python examples/partition_test.py --out partition-test --docs docs      # the study (hours on two cores)
+    python examples/partition_test.py --out /tmp/pt-fast --fast             # smoke run, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from causal_swap import FAMILY  # noqa: E402
+from stochastic_depth_study import fitted, raptor_partition  # noqa: E402
+
+import dynamo  # noqa: E402
+from analyses import phases as phasing  # noqa: E402
+from analyses import statistics  # noqa: E402
+from dynamo import zoo  # noqa: E402
+from dynamo.partition import Partition  # noqa: E402
+from dynamo.serialize import derived_seed  # noqa: E402
+from dynamo.store import positions_of  # noqa: E402
+from dynamo.surrogates.base import split_images  # noqa: E402
+from dynamo.surrogates.measures import epsilon  # noqa: E402
+from dynamo.surrogates.raptor import RaptorFitter  # noqa: E402
+from dynamo.surrogates.raptor.train import stopping_rule  # noqa: E402
+
+NUMBERS = ("r2_final", "accuracy_ratio")
+EPSILONS = ("epsilon", "epsilon_strict", "skill")
+MAXCUT = "max-cut"
+
+
+def alternatives(num_blocks: int, k: int, maxcut: Partition, draws: int, label: str) -> dict[str, Partition]:
+    """The partitions max-cut is tested against, by name: every contiguous one at k = 2, else ``draws`` distinct random ones and uniform.
+
+    The draws are seeded by the model's ``label`` and k, so no two models or ks share them, and none equals max-cut.
+    """
+    if k == 2:
+        return {f"cut {p[0][-1]}": p for p in Partition.every_contiguous(num_blocks, k) if p != maxcut}
+    possible = len(Partition.every_contiguous(num_blocks, k)) - 1
+    if draws > possible:
+        raise ValueError(f"--draws {draws}: only {possible} contiguous partitions with {k} phases besides max-cut")
+    rng = np.random.default_rng(derived_seed("partition test", label, k))
+    found: dict[str, Partition] = {}
+    while len(found) < draws:
+        partition = Partition.random_contiguous(num_blocks, k, int(rng.integers(2**31)))
+        if partition != maxcut and partition not in found.values():
+            found[f"random {len(found)}"] = partition
+    uniform = Partition.uniform(num_blocks, k)
+    if uniform != maxcut and uniform not in found.values():
+        found["uniform"] = uniform
+    return found
+
+
+@functools.lru_cache(maxsize=2)
+def _model(label: str):
+    return dynamo.load_model(zoo.ZOO_PREFIX + label)
+
+
+def fit_one(task: dict) -> dict:
+    """One fit of a task (model, k, name, partition, seed): fitted or reloaded, scored on the held-out images."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    loaded = _model(task["model"])
+    folder = Path(task["out"]) / task["model"]
+    store = folder / "trajectories.zarr"
+    ds = dynamo.open_trajectories(store)
+    partition = Partition(task["partition"])
+    recipe = {**task["recipe"], "seed": task["seed"]}
+    fitter = fitted(store, folder / "raptor" / f"k{task['k']}-{task['name'].replace(' ', '')}-s{task['seed']}", loaded, partition, recipe)
+    report = fitter.evaluate(ds, probe=False)
+    held_out, _ = fitter.held_out_positions(ds)
+    errors = epsilon(fitter.model_, ds, images=held_out, n_bootstrap=0).sel(token_kind="all")
+    return {**{key: task[key] for key in ("model", "k", "name", "seed")}, "partition": str(partition),
+            **{name: float(report.attrs[name]) for name in NUMBERS},
+            **{name: float(errors[name]) for name in EPSILONS},
+            "stopped_early": sum("stop" in entry for entry in fitter.history_),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def plan(args) -> tuple[list[dict], dict]:
+    """Record every model, find its max-cut phases on its training images, and list the fits (max-cut and seed fits first)."""
+    recipe = {"steps": args.steps, "step_budget": "layer", "stage2_steps": args.stage2_steps, "validate_every": args.validate_every,
+              "patience": args.patience, "tol": args.tol, "split_seed": args.split_seed, "progress": False}
+    first, seeds, rest, partitions = [], [], [], {}
+    for label in args.models:
+        loaded = _model(label)
+        folder = Path(args.out) / label
+        ds = dynamo.record(loaded, zoo.default_images(label), folder / "trajectories.zarr", limit=args.limit, batch_size=100,
+                           progress=False)
+        training, _ = split_images(ds["image"].values, RaptorFitter().validation_fraction, args.split_seed)
+        matrix = phasing.compute(ds.isel(image=positions_of(ds, training)), "maxcut", eps=args.eps, n_bootstrap=0,
+                                 null_permutations=0, progress=False)["dissimilarity"]
+        recipe_here = {**recipe, "stage1_cache": str(folder / "stage1")}
+        partitions[label] = {}
+        for k in args.ks:
+            maxcut, method = raptor_partition(matrix, k)
+            others = alternatives(loaded.num_blocks, k, maxcut, args.draws, label)
+            partitions[label][k] = {"method": method, MAXCUT: str(maxcut), **{name: str(p) for name, p in others.items()}}
+            task = {"model": label, "k": k, "out": args.out, "recipe": recipe_here}
+            first.append({**task, "name": MAXCUT, "partition": maxcut, "seed": args.seed})
+            if label in args.seed_models:
+                seeds += [{**task, "name": MAXCUT, "partition": maxcut, "seed": seed} for seed in range(args.seed + 1, args.seed + args.seeds)]
+            rest += [{**task, "name": name, "partition": p, "seed": args.seed} for name, p in others.items()]
+    # the alternatives in rounds over models, so that a study stopped early has the first of every model
+    rest.sort(key=lambda task: (list(partitions[task["model"]][task["k"]]).index(task["name"]), task["k"], args.models.index(task["model"])))
+    return first + seeds + rest, partitions
+
+
+def run_fits(tasks: list[dict], out: Path, jobs: int) -> list[dict]:
+    """Every task's row, in parallel processes; each row is appended to ``OUT/fits.jsonl`` as it finishes."""
+    rows, log = [], out / "fits.jsonl"
+    log.write_text("")
+    print(f"partition test: {len(tasks)} fits on {jobs} processes", file=sys.stderr, flush=True)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(fit_one, task) for task in tasks]
+        for done, future in enumerate(as_completed(futures), 1):
+            row = future.result()
+            rows.append(row)
+            with log.open("a") as stream:
+                stream.write(json.dumps(row) + "\n")
+            if done % max(1, len(tasks) // 20) == 0 or done == len(tasks):
+                print(f"partition test: {done}/{len(tasks)} fits", file=sys.stderr, flush=True)
+    return rows
+
+
+def per_case(rows: list[dict], seed: int) -> list[dict]:
+    """Per (model, k, number): max-cut's value, the alternatives' median and spread, its excess and exact rank p."""
+    cases = []
+    for model in sorted({row["model"] for row in rows}):
+        for k in sorted({row["k"] for row in rows}):
+            fits = [row for row in rows if row["model"] == model and row["k"] == k and row["seed"] == seed]
+            best = [row for row in fits if row["name"] == MAXCUT]
+            others = [row for row in fits if row["name"] != MAXCUT]
+            if not best or not others:
+                continue
+            for number in NUMBERS:
+                value, values = best[0][number], np.array([row[number] for row in others])
+                uniform = [row[number] for row in others if row["partition"] == str(Partition.uniform(12, k))]
+                cases.append({"model": model, "k": k, "number": number, "maxcut": value, "partition": best[0]["partition"],
+                              "alternatives": int(values.size), "median": float(np.median(values)), "min": float(values.min()),
+                              "max": float(values.max()), "excess": float(value - np.median(values)),
+                              "excess_over_uniform": float(value - uniform[0]) if uniform else np.nan,
+                              "rank": int((values >= value).sum()) + 1,
+                              "p_rank": float((1 + (values >= value).sum()) / (values.size + 1))})
+    return cases
+
+
+def claims(cases: list[dict]) -> list[dict]:
+    """Max-cut beats the alternatives (per k and number) and the uniform split: one excess per training run, Wilcoxon, Holm."""
+    found = []
+    for number in NUMBERS:
+        for k in sorted({case["k"] for case in cases}):
+            excess = [case["excess"] for case in cases if case["k"] == k and case["number"] == number]
+            against = "every other contiguous partition" if k == 2 else "distinct random contiguous partitions and the uniform split"
+            found.append({"claim": f"max-cut phases beat {against} at k = {k} ({number})",
+                          "measure": f"per run: max-cut's held-out {number} minus the alternatives' median", "k": k, "number": number,
+                          **statistics.signed_rank(excess), "sign": +1, "effect_key": "effect"})
+    by_model: dict[str, list[float]] = {}
+    for case in cases:
+        if case["number"] == "r2_final" and np.isfinite(case["excess_over_uniform"]):
+            by_model.setdefault(case["model"], []).append(case["excess_over_uniform"])
+    found.append({"claim": "max-cut phases beat the uniform split (r2_final)", "number": "r2_final",
+                  "measure": "per run: max-cut's held-out R² minus the uniform split's, mean over the k where they differ",
+                  **statistics.signed_rank([np.mean(v) for v in by_model.values()]), "sign": +1, "effect_key": "effect"})
+    return statistics.judge(found)
+
+
+def seed_spread(rows: list[dict]) -> list[dict]:
+    """Per (model, k) fitted with several seeds: mean, sd, min and max over seeds of each number and ε."""
+    spread = []
+    for model in sorted({row["model"] for row in rows}):
+        for k in sorted({row["k"] for row in rows}):
+            fits = [row for row in rows if row["model"] == model and row["k"] == k and row["name"] == MAXCUT]
+            if len(fits) < 2:
+                continue
+            entry = {"model": model, "k": k, "seeds": sorted(row["seed"] for row in fits)}
+            for name in (*NUMBERS, *EPSILONS):
+                values = np.array([row[name] for row in fits])
+                entry[name] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)), "min": float(values.min()),
+                               "max": float(values.max())}
+            spread.append(entry)
+    return spread
+
+
+def draw(cases: list[dict], path: Path) -> Path:
+    """One panel per k: each run's alternatives (grey) and max-cut (red), held-out final-layer R²."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({case["k"] for case in cases})
+    models = sorted({case["model"] for case in cases}, key=FAMILY.index)
+    figure, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 4.2), sharey=True, squeeze=False)
+    for axis, k in zip(axes[0], ks):
+        for x, model in enumerate(models):
+            case = next((c for c in cases if c["model"] == model and c["k"] == k and c["number"] == "r2_final"), None)
+            if case is None:
+                continue
+            axis.plot([x, x], [case["min"], case["max"]], color="0.7", lw=4, solid_capstyle="round")
+            axis.plot(x, case["median"], "_", color="0.3", ms=12)
+            axis.plot(x, case["maxcut"], "o", color="tab:red", ms=5)
+        axis.set_xticks(range(len(models)), [m.removeprefix("vit-fashion-reg4-") for m in models], rotation=90, fontsize=7)
+        axis.set_title(f"k = {k}")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out R² at the last layer")
+    axes[0][0].plot([], [], color="0.7", lw=4, label="alternatives (range)")
+    axes[0][0].plot([], [], "_", color="0.3", ms=12, label="alternatives (median)")
+    axes[0][0].plot([], [], "o", color="tab:red", label="max-cut")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    figure.suptitle("Raptor on max-cut phases vs other contiguous partitions, per-layer step budget (14 Fashion runs)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="partition-test", help="output folder (fits reused on a re-run)")
+    parser.add_argument("--docs", default=None, help="also write partition_test.json and partition_test.png here")
+    parser.add_argument("--models", nargs="+", default=FAMILY, help="zoo models (one training run each)")
+    parser.add_argument("--ks", nargs="+", type=int, default=[2, 3, 4], help="Raptor block counts")
+    parser.add_argument("--draws", type=int, default=10, help="distinct random contiguous partitions per model at k >= 3")
+    parser.add_argument("--steps", type=int, default=8, help="stage-1 steps per block of a phase (the per-layer budget)")
+    parser.add_argument("--stage2-steps", type=int, default=48, help="stage-2 steps, the same for every fit")
+    parser.add_argument("--validate-every", type=int, default=16, help="early-stopping R² every this many steps")
+    parser.add_argument("--patience", type=int, default=3, help="stop a segment after this many validations without gain")
+    parser.add_argument("--tol", type=float, default=1e-3, help="the early-stopping R² gain that counts")
+    parser.add_argument("--eps", type=float, default=0.1, help="max-cut fraction f")
+    parser.add_argument("--seed", type=int, default=0, help="the fit seed of the partition test")
+    parser.add_argument("--seeds", type=int, default=3, help="fit seeds of the seed spread (seed, seed + 1, ...)")
+    parser.add_argument("--seed-models", nargs="*", default=["vit-fashion-reg4-p0.0", "vit-fashion-reg4-p0.5", "vit-fashion-reg4-p0.9"],
+                        help="models of the seed spread")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split every fit of a model shares")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (default all 1,000)")
+    parser.add_argument("--jobs", type=int, default=2, help="fits in parallel processes (one thread each)")
+    parser.add_argument("--fast", action="store_true", help="smoke run: one model, k = 2 and 3, two draws, 2 steps per layer, 64 images")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.fast:
+        args.models, args.ks, args.draws, args.steps, args.stage2_steps, args.limit = FAMILY[:1], [2, 3], 2, 2, 4, args.limit or 64
+        args.seed_models, args.seeds = FAMILY[:1], 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tasks, partitions = plan(args)
+    rows = run_fits(tasks, out, args.jobs)
+    cases = per_case(rows, args.seed)
+    rule = stopping_rule(RaptorFitter(steps=args.steps, step_budget="layer", stage2_steps=args.stage2_steps,
+                                      validate_every=args.validate_every, patience=args.patience, tol=args.tol))
+    numbers = {"settings": {key: value for key, value in vars(args).items() if key not in ("out", "docs")},
+               "stopping_rule": rule, "unit": "training run", "n_runs": len(args.models), "partitions": partitions,
+               "claims": claims(cases), "seed_spread": seed_spread(rows), "cases": cases, "fits": rows,
+               "seconds": round(time.perf_counter() - started, 1),
+               "fit_seconds": round(sum(row["seconds"] for row in rows), 1)}
+    (out / "partition_test.json").write_text(json.dumps(numbers, indent=2))
+    draw(cases, out / "partition_test.png")
+    if args.docs:
+        docs = Path(args.docs)
+        (docs / "partition_test.json").write_text(json.dumps(numbers, indent=2))
+        draw(cases, docs / "partition_test.png")
+    for claim in numbers["claims"]:
+        print(f"{claim['verdict']:>10}  {claim['claim']}: median excess {claim['effect']:+.4f}, n = {claim['n']}, "
+              f"p = {claim['p_value']:.3g}, Holm {claim['p_adjusted']:.3g}")
+    return numbers
+
+
+if __name__ == "__main__":
+    main()
