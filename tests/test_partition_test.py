@@ -86,3 +86,14 @@ def test_seed_spread_is_over_the_max_cut_fits_of_several_seeds(script):
     (entry,) = script.seed_spread(rows)
     assert entry["seeds"] == [0, 1, 2]
     assert entry["r2_final"]["mean"] == pytest.approx(0.8) and entry["r2_final"]["sd"] == pytest.approx(0.1)
+
+
+def test_the_results_page_carries_the_computed_verdicts(script):
+    rows = _rows(14, 0.2)
+    cases = script.per_case(rows, seed=0)
+    numbers = {"settings": {**vars(script.build_parser().parse_args([])), "ks": [2, 3]}, "cases": cases, "fits": rows,
+               "claims": script.claims(cases), "seed_spread": script.seed_spread(rows), "n_runs": 14, "fit_seconds": 3600.0,
+               "stopping_rule": "a rule"}
+    page = script.markdown(numbers)
+    assert page.count("**reproduced**") == sum(claim["verdict"] == "reproduced" for claim in numbers["claims"]) > 0
+    assert "1,000 bundled" in page and "200 scored, 128 of the other 800 for early stopping" in page

@@ -404,10 +404,11 @@ def test_cli_fit_records_the_paper_recipe_and_reports_seeds_and_several_k(digits
     assert "fixed step count" in summary["stopping"] and "never reaches its peak" in summary["text"]
     # several k and seeds: every fit on the same held-out images, mean ± std per layer over seeds
     out = tmp_path / "seeds"
-    assert main(["fit", str(path), "--k", "1,2", "--seeds", "2", "--steps", "3", "--stage2-steps", "0", "--out", str(out),
-                 "--json", "--quiet"]) == 0
+    assert main(["fit", str(path), "--k", "1,2", "--seeds", "2", "--steps", "3", "--stage2-steps", "0", "--step-budget", "layer",
+                 "--out", str(out), "--json", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [(run["k"], run["seed"]) for run in summary["runs"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert summary["params"]["step_budget"] == "layer" and "per block of a stage-1 segment's phase" in summary["stopping"]
     held_out = {json.dumps(json.loads((out / f"k{k}-seed{s}" / "config.json").read_text())["validation_images"])
                 for k in (1, 2) for s in (0, 1)}
     assert len(held_out) == 1

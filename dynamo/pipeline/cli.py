@@ -41,7 +41,7 @@ RAPTOR_INITS = ("random", "teacher-block")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 PRESETS = ("paper",)
 # `dynamo fit` flags of Raptor's training, with their defaults when not given
-RAPTOR_ONLY = {name: None for name in ("recipe", "steps", "stage2_steps", "patience", "tol", "validate_every", "batch_size",
+RAPTOR_ONLY = {name: None for name in ("recipe", "steps", "stage2_steps", "step_budget", "patience", "tol", "validate_every", "batch_size",
                                        "lr", "weight_decay", "warmup", "min_lr", "tf_anneal", "tf_floor", "noise",
                                        "stage1_loss", "stage2_loss", "grad_clip", "mlp")} | {"baselines": 0, "shuffled": 0, "seeds": 1}
 
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--recipe", choices=RECIPES, help="start from the paper's recipe (AdamW lr 3e-4, wd 1e-4, "
                      "batch 64, 10k warmup, cosine to 1e-6, anneal 25%%, paper losses, clip 1.0, fixed steps); flags override it")
     _raptor_arguments(fit)
+    fit.add_argument("--step-budget", choices=["segment", "layer"], help="--steps per stage-1 segment, or per block of its "
+                     "phase: every partition with the same k then gets the same stage-1 budget (default segment)")
     fit.add_argument("--tol", type=float, help="held-out R² gain that counts as an improvement (default 1e-4)")
     fit.add_argument("--validate-every", type=positive_int, help="steps between validations (default 50)")
     fit.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
@@ -501,8 +503,8 @@ def _fit(args) -> dict:
     if args.surrogate != "raptor":
         return _fit_rung(args)
     params = {name: getattr(args, name) for name in (
-        "steps", "stage2_steps", "patience", "tol", "validate_every", "batch_size", "lr", "weight_decay", "warmup",
-        "min_lr", "tf_anneal", "tf_floor", "noise", "grad_clip", "mlp")}
+        "steps", "stage2_steps", "step_budget", "patience", "tol", "validate_every", "batch_size", "lr", "weight_decay",
+        "warmup", "min_lr", "tf_anneal", "tf_floor", "noise", "grad_clip", "mlp")}
     if args.stage1_loss:
         losses = [parse_loss(text) for text in args.stage1_loss]
         params["stage1_loss"] = losses[0] if len(losses) == 1 else losses

@@ -229,8 +229,8 @@ def _text(summary: dict, model: str) -> str:
     lines = [
         f"Raptor on {summary['store']} ({model}); recipe: {summary['recipe']}",
         "  " + ", ".join(f"{name} {format_value(params[name])}" for name in (
-            "steps", "stage2_steps", "batch_size", "lr", "weight_decay", "warmup", "min_lr", "tf_anneal", "tf_floor",
-            "noise", "stage1_loss", "stage2_loss", "grad_clip", "mlp")),
+            "steps", "stage2_steps", "step_budget", "batch_size", "lr", "weight_decay", "warmup", "min_lr", "tf_anneal",
+            "tf_floor", "noise", "stage1_loss", "stage2_loss", "grad_clip", "mlp")),
         f"stopping: {summary['stopping']}",
     ]
     if params["warmup"] >= 1 and params["warmup"] >= params["steps"]:
