@@ -14,6 +14,7 @@ __all__ = ["EXACT_MAX_N", "VERDICTS", "adjust", "correlation", "judge", "partial
 
 VERDICTS = ("reproduced", "refuted", "undecided")
 EXACT_MAX_N = 9  # 9! = 362,880 pairings, enumerated; beyond, Monte Carlo
+SIGN_FLIP_MAX_N = 16  # 2**16 sign assignments, enumerated, for tied signed ranks
 RUN = "training run"
 CHECKPOINT = "checkpoint of one training run"
 # standard errors of Fisher's z of a rank correlation (Fieller, Hartley & Pearson 1957): (scale, dof offset)
@@ -181,10 +182,16 @@ def signed_rank(values, *, unit: str = RUN, alternative: str = "two-sided") -> d
     if nonzero.size == 0:
         return {"effect": float(np.median(values)) if values.size else np.nan, "statistic": np.nan, "p_value": np.nan,
                 "p_method": "none: no non-zero difference", **base}
-    exact = nonzero.size <= 50 and np.unique(np.abs(nonzero)).size == nonzero.size
-    result = stats.wilcoxon(nonzero, alternative=alternative, method="exact" if exact else "approx")
+    distinct = np.unique(np.abs(nonzero)).size == nonzero.size
+    if nonzero.size <= 50 and distinct:
+        method, named = "exact", "exact"
+    elif nonzero.size <= SIGN_FLIP_MAX_N:  # tied ranks: every sign assignment enumerated
+        method, named = stats.PermutationMethod(n_resamples=np.inf), f"exact sign-flip permutation ({2 ** nonzero.size:,} assignments; tied ranks)"
+    else:
+        method, named = "approx", "normal approximation (tied ranks with n > 16, or n > 50)"
+    result = stats.wilcoxon(nonzero, alternative=alternative, method=method)
     return {"effect": float(np.median(values)), "statistic": float(result.statistic), "p_value": float(result.pvalue),
-            "p_method": "exact" if exact else "normal approximation (ties or n > 50)", **base}
+            "p_method": named, **base}
 
 
 def adjust(p_values, method: str = "holm") -> np.ndarray:

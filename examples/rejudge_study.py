@@ -59,6 +59,20 @@ def table(before: list[dict], after: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def partition_table(numbers: dict, source: str) -> str:
+    """The fair partition test's claims (``partition_test.json``) as a Markdown section: they supersede the study's partition claims."""
+    lines = ["", "## The fair partition test (supersedes the partition claims above)", "",
+             f"From `{source}`, written by `python examples/partition_test.py --out partition-test --docs docs` "
+             f"([its page](partition-test.md)): {numbers['n_runs']} training runs, every contiguous partition at k = 2, "
+             f"{numbers['settings']['draws']} distinct random contiguous partitions per run at k >= 3, a per-layer step budget; "
+             "Holm's correction over these claims.", "",
+             "| # | claim | unit, n | test | median excess | p | Holm p | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for number, claim in enumerate(numbers["claims"], 1):
+        lines.append(f"| {number} | {claim['claim']} | {claim['unit']}, n = {claim['n']} | {claim['test']} ({claim.get('p_method', '')}) | "
+                     f"{_number(claim['effect'])} | {_number(claim['p_value'])} | {_number(claim['p_adjusted'])} | **{claim['verdict']}** |")
+    return "\n".join(lines) + "\n"
+
+
 def study_from_numbers(numbers: dict, correlation: dict) -> xr.Dataset:
     """The part of the study Dataset that `study_figures` draws, rebuilt from a ``study.json`` (dims ``model``, ``k``, ``fit``).
 
@@ -122,6 +136,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", help="write the new claims here")
     parser.add_argument("--markdown", help="write the before -> after table here")
     parser.add_argument("--figures", help="redraw the study's figures from the JSON into this folder")
+    parser.add_argument("--partition-test", help="a partition_test.json (examples/partition_test.py): its claims in a second table")
     parser.add_argument("--prefix", default="", help="file-name prefix of the figures (e.g. fashion_study_)")
     args = parser.parse_args(argv)
     numbers = json.loads(Path(args.study).read_text())
@@ -135,13 +150,15 @@ def main(argv=None) -> list[dict]:
         Path(args.markdown).write_text(
             "# Verdicts of the Fashion-MNIST study: before and after exact tests, units and Holm's correction\n\n"
             f"Re-judged from `{args.study}` (no refit) by `python examples/rejudge_study.py {args.study} --json "
-            f"{args.json} --markdown {args.markdown}`. After: exact permutation p where n <= 9 (Monte Carlo, 9999 resamples, "
+            f"{args.json} --markdown {args.markdown}"
+            f"{f' --partition-test {args.partition_test}' if args.partition_test else ''}`. After: exact permutation p where n <= 9 (Monte Carlo, 9999 resamples, "
             "beyond), Fisher-z intervals (undefined on monotone samples), one point per independent training run (the 14 "
             "stochastic-depth models; the over-training series is one run, a within-run trend), relative contrast "
             "(contrast / mean dissimilarity) as the scale-free phase score, ViT accuracy partialled out where it "
             "confounds, Holm's correction across all claims, and a verdict computed from the corrected p and the "
             "effect's direction. Claims whose premise or design fails are undecided whatever their p (the reason is given).\n\n"
-            + text + "\n")
+            + text + "\n" + (partition_table(json.loads(Path(args.partition_test).read_text()), args.partition_test)
+                             if args.partition_test else ""))
     if args.figures:
         for name, path in draw(study_from_numbers(numbers, correlation), Path(args.figures), args.prefix).items():
             print(f"{name}: {path}")

@@ -392,7 +392,7 @@ def claims(table: dict, correlation: dict, test: dict | None = None, *, correcti
                   "uniform split's (mean over the k where the partitions differ)", **statistics.sign_test(int((gains > 0).sum()), int((gains != 0).sum())),
                   "unit": RUN_UNIT, "sign": +1, "precondition": False,
                   "precondition_note": "a fixed step budget per segment penalises unbalanced phases, and the phases were found on the "
-                                       "scored images: needs the fair partition test (refits)"})
+                                       "scored images: superseded by the fair partition test (examples/partition_test.py)"})
     for kind, entry in (test or {}).items():
         rows = [row for k_rows in entry.values() for row in k_rows if row["number"] == "accuracy_ratio"]
         found.append({"claim": f"max-cut partitions beat random {'contiguous' if kind == 'random' else kind} ones (the paper's Fig. 3)",
@@ -400,7 +400,8 @@ def claims(table: dict, correlation: dict, test: dict | None = None, *, correcti
                       "wins": sum(row["beats_mean"] for row in rows), "n": len(rows), "unit": "(model, k) case",
                       "test": "Fisher's combination of per-case rank p-values", "p_value": np.nan, "effect": np.nan, "sign": +1,
                       "precondition": False, "precondition_note": "the random draws repeat within and across models, so the cases "
-                      "are not independent and Fisher's combination does not apply: needs the fair partition test (refits)"})
+                      "are not independent and Fisher's combination does not apply: superseded by the fair partition test "
+                      "(examples/partition_test.py)"})
     return _judged(found, correction)
 
 

@@ -1,9 +1,11 @@
 """analyses.statistics: exact permutation p-values, intervals that do not degenerate, corrections, three verdicts."""
 
+import itertools
 import math
 
 import numpy as np
 import pytest
+from scipy import stats
 from scipy.stats import kendalltau, spearmanr
 
 from analyses.statistics import (
@@ -104,6 +106,19 @@ def test_verdicts_follow_the_corrected_p_and_the_claimed_sign():
     # Holm over 4 claims: 0.03 is third smallest, 0.03 x 2 = 0.06 > 0.05; a failed premise is undecided whatever its p
     assert [c["verdict"] for c in claims] == ["reproduced", "undecided", "undecided", "undecided"]
     assert {c["verdict"] for c in claims} <= set(VERDICTS)
+
+
+def test_signed_ranks_with_ties_are_exact_by_enumerating_every_sign():
+    """Tied differences (accuracies on a finite image set): p is the share of the 2**n sign assignments whose
+    signed-rank sum is at least as extreme, counted here by brute force."""
+    values = np.array([0.1, 0.1, 0.2, -0.05, 0.3, 0.1, 0.2, 0.15, 0.1, -0.1])
+    result = signed_rank(values)
+    ranks = stats.rankdata(np.abs(values))
+    observed = ranks[values > 0].sum()
+    sums = np.array([ranks[np.array(signs) > 0].sum() for signs in itertools.product([-1, 1], repeat=values.size)])
+    centre = ranks.sum() / 2
+    brute = np.mean(np.abs(sums - centre) >= abs(observed - centre) - 1e-9)
+    assert result["p_value"] == pytest.approx(brute) and "exact sign-flip" in result["p_method"]
 
 
 def test_sign_and_signed_rank_tests_are_exact():
