@@ -143,19 +143,21 @@ def plan(args) -> tuple[list[dict], dict]:
 
 
 def run_fits(tasks: list[dict], out: Path, jobs: int) -> list[dict]:
-    """Every task's row, in parallel processes; each row is appended to ``OUT/fits.jsonl`` as it finishes."""
+    """Every task's row, in ``jobs`` parallel processes (in this one for 1); each row is appended to ``OUT/fits.jsonl`` as it finishes."""
     rows, log = [], out / "fits.jsonl"
     log.write_text("")
     print(f"partition test: {len(tasks)} fits on {jobs} processes", file=sys.stderr, flush=True)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(fit_one, task) for task in tasks]
-        for done, future in enumerate(as_completed(futures), 1):
-            row = future.result()
-            rows.append(row)
-            with log.open("a") as stream:
-                stream.write(json.dumps(row) + "\n")
-            if done % max(1, len(tasks) // 20) == 0 or done == len(tasks):
-                print(f"partition test: {done}/{len(tasks)} fits", file=sys.stderr, flush=True)
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+    finished = as_completed([pool.submit(fit_one, task) for task in tasks]) if pool else (fit_one(task) for task in tasks)
+    for done, result in enumerate(finished, 1):
+        row = result.result() if pool else result
+        rows.append(row)
+        with log.open("a") as stream:
+            stream.write(json.dumps(row) + "\n")
+        if done % max(1, len(tasks) // 20) == 0 or done == len(tasks):
+            print(f"partition test: {done}/{len(tasks)} fits", file=sys.stderr, flush=True)
+    if pool:
+        pool.shutdown()
     return rows
 
 
@@ -357,14 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (default all 1,000)")
     parser.add_argument("--jobs", type=int, default=2, help="fits in parallel processes (one thread each)")
     parser.add_argument("--report-only", action="store_true", help="rewrite --docs from OUT/partition_test.json, no fit")
-    parser.add_argument("--fast", action="store_true", help="smoke run: one model, k = 2 and 3, two draws, 2 steps per layer, 64 images")
+    parser.add_argument("--fast", action="store_true", help="smoke run: one model, k = 2 and 3, two draws, 1 step per layer, 64 images")
     return parser
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.fast:
-        args.models, args.ks, args.draws, args.steps, args.stage2_steps, args.limit = FAMILY[:1], [2, 3], 2, 2, 4, args.limit or 64
+        args.models, args.ks, args.draws, args.steps, args.stage2_steps, args.limit = FAMILY[:1], [2, 3], 2, 1, 2, args.limit or 64
         args.seed_models, args.seeds = FAMILY[:1], 2
     out = Path(args.out)
     if args.report_only:

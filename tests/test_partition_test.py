@@ -97,3 +97,19 @@ def test_the_results_page_carries_the_computed_verdicts(script):
     page = script.markdown(numbers)
     assert page.count("**reproduced**") == sum(claim["verdict"] == "reproduced" for claim in numbers["claims"]) > 0
     assert "1,000 bundled" in page and "200 scored, 128 of the other 800 for early stopping" in page
+
+
+def test_the_smoke_run_fits_every_alternative_and_writes_its_page(script, tmp_path):
+    """--fast on one run: k = 2 against all 10 other contiguous partitions, k = 3 against 2 draws and uniform, a second seed."""
+    numbers = script.main(["--out", str(tmp_path / "pt"), "--docs", str(tmp_path), "--fast", "--jobs", "1"])
+    fits = numbers["fits"]
+    assert sum(row["k"] == 2 and row["seed"] == 0 for row in fits) == 11
+    assert len({row["partition"] for row in fits if row["k"] == 2}) == 11
+    assert sum(row["k"] == 3 and row["seed"] == 0 for row in fits) == 4
+    assert sorted(row["seed"] for row in fits if row["name"] == "max-cut") == [0, 0, 1, 1]
+    assert {case["alternatives"] for case in numbers["cases"]} == {10, 3}
+    assert all(np.isfinite(row["r2_final"]) and np.isfinite(row["epsilon"]) for row in fits)
+    assert [claim["n"] for claim in numbers["claims"]] == [1] * len(numbers["claims"])
+    assert all(claim["verdict"] == "undecided" for claim in numbers["claims"])  # one run has no test
+    assert (tmp_path / "partition-test.md").read_text().startswith("# Results: the fair partition test")
+    assert (tmp_path / "partition_test.png").stat().st_size > 10_000
