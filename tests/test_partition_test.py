@@ -93,10 +93,12 @@ def test_the_results_page_carries_the_computed_verdicts(script):
     cases = script.per_case(rows, seed=0)
     numbers = {"settings": {**vars(script.build_parser().parse_args([])), "ks": [2, 3]}, "cases": cases, "fits": rows,
                "claims": script.claims(cases), "seed_spread": script.seed_spread(rows), "n_runs": 14, "fit_seconds": 3600.0,
+               "partitions": {"m0": {2: {"method": "maxcut"}, 3: {"method": "contiguous"}}},
                "stopping_rule": "a rule"}
     page = script.markdown(numbers)
     assert page.count("**reproduced**") == sum(claim["verdict"] == "reproduced" for claim in numbers["claims"]) > 0
     assert "1,000 bundled" in page and "200 scored, 128 of the other 800 for early stopping" in page
+    assert "stands in for it (m0 k = 3)" in page
 
 
 def test_the_smoke_run_fits_every_alternative_and_writes_its_page(script, tmp_path):
