@@ -205,6 +205,12 @@ def claims(cases: list[dict]) -> list[dict]:
     return statistics.judge(found)
 
 
+def judged(rows: list[dict], seed: int) -> dict:
+    """``cases``, ``claims`` and ``seed_spread`` of a test's fit rows."""
+    cases = per_case(rows, seed)
+    return {"cases": cases, "claims": claims(cases), "seed_spread": seed_spread(rows)}
+
+
 def seed_spread(rows: list[dict]) -> list[dict]:
     """Per (model, k) fitted with several seeds: mean, sd, min and max over seeds of each number and ε."""
     spread = []
@@ -339,6 +345,7 @@ def markdown(numbers: dict) -> str:
 
 def write_docs(numbers: dict, docs: Path) -> None:
     """``partition_test.json``, ``partition_test.png`` and ``partition-test.md`` into ``docs``."""
+    docs.mkdir(parents=True, exist_ok=True)
     (docs / "partition_test.json").write_text(json.dumps(numbers, indent=2))
     draw(numbers["cases"], docs / "partition_test.png")
     (docs / "partition-test.md").write_text(markdown(numbers))
@@ -375,26 +382,31 @@ def main(argv=None) -> dict:
         args.models, args.ks, args.draws, args.steps, args.stage2_steps, args.limit = FAMILY[:1], [2, 3], 2, 1, 2, args.limit or 64
         args.seed_models, args.seeds = FAMILY[:1], 2
     out = Path(args.out)
-    if args.report_only:
+    if args.report_only:  # the statistics recomputed from the saved fits, with this code
         numbers = json.loads((out / "partition_test.json").read_text())
+        numbers.update(judged(numbers["fits"], numbers["settings"]["seed"]))
+        (out / "partition_test.json").write_text(json.dumps(numbers, indent=2))
         write_docs(numbers, Path(args.docs or out))
-        return numbers
+        return _printed(numbers)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tasks, partitions = plan(args)
     rows = run_fits(tasks, out, args.jobs)
-    cases = per_case(rows, args.seed)
     rule = stopping_rule(RaptorFitter(steps=args.steps, step_budget="layer", stage2_steps=args.stage2_steps,
                                       validate_every=args.validate_every, patience=args.patience, tol=args.tol))
     numbers = {"settings": {key: value for key, value in vars(args).items() if key not in ("out", "docs")},
                "stopping_rule": rule, "unit": "training run", "n_runs": len(args.models), "partitions": partitions,
-               "claims": claims(cases), "seed_spread": seed_spread(rows), "cases": cases, "fits": rows,
+               **judged(rows, args.seed), "fits": rows,
                "seconds": round(time.perf_counter() - started, 1),
                "fit_seconds": round(sum(row["seconds"] for row in rows), 1)}
     (out / "partition_test.json").write_text(json.dumps(numbers, indent=2))
     write_docs(numbers, out)
     if args.docs:
         write_docs(numbers, Path(args.docs))
+    return _printed(numbers)
+
+
+def _printed(numbers: dict) -> dict:
     for claim in numbers["claims"]:
         print(f"{claim['verdict']:>10}  {claim['claim']}: median excess {claim['effect']:+.4f}, n = {claim['n']}, "
               f"p = {claim['p_value']:.3g}, Holm {claim['p_adjusted']:.3g}")

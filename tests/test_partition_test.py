@@ -115,3 +115,6 @@ def test_the_smoke_run_fits_every_alternative_and_writes_its_page(script, tmp_pa
     assert all(claim["verdict"] == "undecided" for claim in numbers["claims"])  # one run has no test
     assert (tmp_path / "partition-test.md").read_text().startswith("# Results: the fair partition test")
     assert (tmp_path / "partition_test.png").stat().st_size > 10_000
+    again = script.main(["--out", str(tmp_path / "pt"), "--docs", str(tmp_path / "again"), "--report-only"])  # no fit
+    assert [(c["claim"], c["verdict"], c["n"]) for c in again["claims"]] == [(c["claim"], c["verdict"], c["n"]) for c in numbers["claims"]]
+    assert (tmp_path / "again" / "partition-test.md").read_text() == (tmp_path / "partition-test.md").read_text()
