@@ -254,7 +254,8 @@ def draw(cases: list[dict], path: Path) -> Path:
     axes[0][0].plot([], [], "_", color="0.3", ms=12, label="alternatives (median)")
     axes[0][0].plot([], [], "o", color="tab:red", label="max-cut")
     axes[0][0].legend(fontsize=7, loc="lower left")
-    figure.suptitle("Raptor on max-cut phases vs other contiguous partitions, per-layer step budget (14 Fashion runs)", fontsize=10)
+    figure.suptitle(f"Raptor on max-cut phases vs other contiguous partitions, per-layer step budget ({len(models)} Fashion runs)",
+                    fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
