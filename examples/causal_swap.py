@@ -52,7 +52,6 @@ SERIES = [f"vit-fashion-reg4-n500-p0.0-e{epoch}" for epoch in (5, 10, 20, 30, 40
 MAX_DISTANCE = 2
 
 
-
 def one_model(label: str, out: Path, eps: float, seed: int, limit: int) -> dict:
     started = time.perf_counter()
     loaded = random_init_model(FAMILY[0], seed) if label == RANDOM_INIT else dynamo.load_model(zoo.ZOO_PREFIX + label)

@@ -33,8 +33,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import multiprocessing
 import re
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -73,7 +75,7 @@ def alternatives(num_blocks: int, k: int, maxcut: Partition, draws: int, label: 
     """
     if k == 2:
         return {f"cut {p[0][-1]}": p for p in Partition.every_contiguous(num_blocks, k) if p != maxcut}
-    possible = len(Partition.every_contiguous(num_blocks, k)) - 1
+    possible = math.comb(num_blocks - 1, k - 1) - 1
     if draws > possible:
         raise ValueError(f"--draws {draws}: only {possible} contiguous partitions with {k} phases besides max-cut")
     rng = np.random.default_rng(derived_seed("partition test", label, k))
@@ -344,12 +346,18 @@ def markdown(numbers: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(numbers: dict, docs: Path) -> None:
-    """``partition_test.json``, ``partition_test.png`` and ``partition-test.md`` into ``docs``."""
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "partition_test.json").write_text(json.dumps(numbers, indent=2))
-    draw(numbers["cases"], docs / "partition_test.png")
-    (docs / "partition-test.md").write_text(markdown(numbers))
+DOCS_FILES = ("partition_test.json", "partition_test.png", "partition-test.md")
+
+
+def write_docs(numbers: dict, out: Path, docs: str | None = None) -> None:
+    """`DOCS_FILES` into ``out``, and copies of them into ``docs`` when given."""
+    (out / "partition_test.json").write_text(json.dumps(numbers, indent=2))
+    draw(numbers["cases"], out / "partition_test.png")
+    (out / "partition-test.md").write_text(markdown(numbers))
+    if docs:
+        Path(docs).mkdir(parents=True, exist_ok=True)
+        for name in DOCS_FILES:
+            shutil.copyfile(out / name, Path(docs) / name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split every fit of a model shares")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (default all 1,000)")
     parser.add_argument("--jobs", type=int, default=2, help="fits in parallel processes (one thread each)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite --docs from OUT/partition_test.json, no fit")
+    parser.add_argument("--report-only", action="store_true", help="recompute the statistics from OUT/partition_test.json and "
+                        "rewrite OUT's and --docs' pages, no fit")
     parser.add_argument("--fast", action="store_true", help="smoke run: one model, k = 2 and 3, two draws, 1 step per layer, 64 images")
     return parser
 
@@ -386,8 +395,7 @@ def main(argv=None) -> dict:
     if args.report_only:  # the statistics recomputed from the saved fits, with this code
         numbers = json.loads((out / "partition_test.json").read_text())
         numbers.update(judged(numbers["fits"], numbers["settings"]["seed"]))
-        (out / "partition_test.json").write_text(json.dumps(numbers, indent=2))
-        write_docs(numbers, Path(args.docs or out))
+        write_docs(numbers, out, args.docs)
         return _printed(numbers)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -400,10 +408,7 @@ def main(argv=None) -> dict:
                **judged(rows, args.seed), "fits": rows,
                "seconds": round(time.perf_counter() - started, 1),
                "fit_seconds": round(sum(row["seconds"] for row in rows), 1)}
-    (out / "partition_test.json").write_text(json.dumps(numbers, indent=2))
-    write_docs(numbers, out)
-    if args.docs:
-        write_docs(numbers, Path(args.docs))
+    write_docs(numbers, out, args.docs)
     return _printed(numbers)
 
 
